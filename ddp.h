@@ -111,6 +111,13 @@
        DDP_TIMEOUT                  overrides config.timeout_s (seconds)
        DDP_BACKEND                  shm | nccl | staged (overrides the default)
 */
+/* The implementation uses POSIX and a few GNU calls (shm_open, pthreads,
+   sockets): ask for them before the first system header. A file that defines
+   DDP_IMPLEMENTATION includes ddp.h first (or compiles with -D_GNU_SOURCE). */
+#if defined(DDP_IMPLEMENTATION) && !defined(_WIN32) && !defined(_GNU_SOURCE)
+#  define _GNU_SOURCE 1
+#endif
+
 #ifndef DDP_H_INCLUDED
 #define DDP_H_INCLUDED
 
@@ -119,7 +126,11 @@
 
 #ifndef DDP_API
 #  ifdef DDP_STATIC
-#    define DDP_API static
+#    if defined(__GNUC__) || defined(__clang__)
+#      define DDP_API static __attribute__((unused)) /* a private copy need not use everything */
+#    else
+#      define DDP_API static
+#    endif
 #  else
 #    define DDP_API extern
 #  endif
@@ -367,6 +378,11 @@ DDP_API ddp_result ddp_step_end_stream(ddp_context *ctx, void *stream);
 /* 1: the following steps only accumulate locally; the first step with 0
    reduces the sum of all of them. */
 DDP_API ddp_result ddp_set_no_sync(ddp_context *ctx, int no_sync);
+/* CUDA: the stream (a cudaStream_t; NULL, the default, is the legacy
+   default stream) your forward/backward runs on. Zeroing gradients at the
+   start of a step, the end-of-step wait of ddp_step_end() and the optimizer
+   run on it. */
+DDP_API ddp_result ddp_set_stream(ddp_context *ctx, void *stream);
 /* CUDA: block until every queued collective finished (with the timeout). */
 DDP_API ddp_result ddp_synchronize(ddp_context *ctx);
 
@@ -409,3 +425,4655 @@ DDP_API ddp_result ddp_load_checkpoint(ddp_context *ctx, const char *path);
 }
 #endif
 #endif /* DDP_H_INCLUDED */
+
+/* ======================================================================== */
+/*                              IMPLEMENTATION                              */
+/* ======================================================================== */
+#ifdef DDP_IMPLEMENTATION
+#ifndef DDP__IMPLEMENTED
+#define DDP__IMPLEMENTED
+
+/* ---- switches -------------------------------------------------------------- */
+
+#if defined(__CUDACC__) && !defined(DDP_NO_CUDA) && !defined(DDP_CUDA)
+#  define DDP_CUDA 1
+#endif
+#if defined(DDP_CUDA) && !defined(DDP_NO_NCCL) && !defined(DDP_NCCL)
+#  define DDP_NCCL 1
+#endif
+#if defined(DDP_CUDA) && !defined(__CUDACC__)
+#  error "ddp.h: DDP_CUDA needs the implementation file to be compiled by nvcc (a .cu file)"
+#endif
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <stdarg.h>
+#include <math.h>
+#include <errno.h>
+#include <limits.h>
+
+#if defined(_WIN32)
+#  error "ddp.h: the Windows platform layer (threads, shared memory, sockets) is not written yet"
+#endif
+#include <unistd.h>
+#include <pthread.h>
+#include <time.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <sched.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <arpa/inet.h>
+#include <netdb.h>
+#include <poll.h>
+
+#ifndef DDP_ASSERT
+#  include <assert.h>
+#  define DDP_ASSERT(c) assert(c)
+#endif
+
+#if defined(DDP_CUDA)
+#  include <cuda_runtime.h>
+#  if defined(DDP_NCCL)
+#    include <nccl.h>
+#  endif
+#  ifndef DDP_KERNELS_IMPLEMENTATION
+#    define DDP_KERNELS_IMPLEMENTATION
+#  endif
+#  include "ddp_kernels.cuh"
+#endif
+
+#if defined(__cplusplus)
+#  define DDP__TLS thread_local
+#elif defined(__STDC_VERSION__) && __STDC_VERSION__ >= 201112L
+#  define DDP__TLS _Thread_local
+#else
+#  define DDP__TLS __thread
+#endif
+
+/* Atomics on shared memory: the GCC/Clang builtins work in C99, C++ and for
+   nvcc's host compiler alike. */
+#define DDP__LOAD_ACQ(p)      __atomic_load_n((p), __ATOMIC_ACQUIRE)
+#define DDP__STORE_REL(p, v)  __atomic_store_n((p), (v), __ATOMIC_RELEASE)
+#define DDP__FETCH_ADD(p, v)  __atomic_fetch_add((p), (v), __ATOMIC_ACQ_REL)
+
+#if defined(__x86_64__) || defined(__i386__)
+#  define DDP__PAUSE() __builtin_ia32_pause()
+#elif defined(__aarch64__)
+#  define DDP__PAUSE() __asm__ __volatile__("yield")
+#else
+#  define DDP__PAUSE() ((void)0)
+#endif
+
+#define DDP__ALIGN       256u               /* parameter offsets in flat buffers */
+#define DDP__CACHELINE   128u
+#define DDP__MAX_NAME    128
+#define DDP__MAX_NDIM    8
+#define DDP__ERRLEN      1024
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+static size_t ddp__align_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
+
+static double ddp__now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static void ddp__sleep_us(long us) {
+    struct timespec ts;
+    ts.tv_sec = us / 1000000;
+    ts.tv_nsec = (us % 1000000) * 1000;
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR) { }
+}
+
+static void ddp__copy_str(char *dst, size_t cap, const char *src) {
+    size_t n = strlen(src);
+    if (n >= cap) n = cap - 1;
+    memcpy(dst, src, n);
+    dst[n] = 0;
+}
+
+/* ---- results ------------------------------------------------------------------ */
+
+DDP_API const char *ddp_result_string(ddp_result r) {
+    switch (r) {
+    case DDP_SUCCESS:                return "DDP_SUCCESS";
+    case DDP_ERROR_INVALID_ARGUMENT: return "DDP_ERROR_INVALID_ARGUMENT";
+    case DDP_ERROR_INVALID_STATE:    return "DDP_ERROR_INVALID_STATE";
+    case DDP_ERROR_OUT_OF_MEMORY:    return "DDP_ERROR_OUT_OF_MEMORY";
+    case DDP_ERROR_TIMEOUT:          return "DDP_ERROR_TIMEOUT";
+    case DDP_ERROR_PEER:             return "DDP_ERROR_PEER";
+    case DDP_ERROR_MISMATCH:         return "DDP_ERROR_MISMATCH";
+    case DDP_ERROR_IO:               return "DDP_ERROR_IO";
+    case DDP_ERROR_CORRUPT:          return "DDP_ERROR_CORRUPT";
+    case DDP_ERROR_NETWORK:          return "DDP_ERROR_NETWORK";
+    case DDP_ERROR_ENVIRONMENT:      return "DDP_ERROR_ENVIRONMENT";
+    case DDP_ERROR_SYSTEM:           return "DDP_ERROR_SYSTEM";
+    case DDP_ERROR_CUDA:             return "DDP_ERROR_CUDA";
+    case DDP_ERROR_NCCL:             return "DDP_ERROR_NCCL";
+    case DDP_ERROR_UNSUPPORTED:      return "DDP_ERROR_UNSUPPORTED";
+    case DDP_ERROR_USER:             return "DDP_ERROR_USER";
+    }
+    return "DDP_ERROR_UNKNOWN";
+}
+
+DDP_API size_t ddp_dtype_size(ddp_dtype t) {
+    switch (t) {
+    case DDP_DTYPE_DEFAULT: case DDP_F32: case DDP_I32: return 4;
+    case DDP_F64: return 8;
+    case DDP_F16: case DDP_BF16: return 2;
+    default: return 0;
+    }
+}
+
+DDP_API const char *ddp_dtype_name(ddp_dtype t) {
+    switch (t) {
+    case DDP_DTYPE_DEFAULT: case DDP_F32: return "f32";
+    case DDP_F64: return "f64";
+    case DDP_F16: return "f16";
+    case DDP_BF16: return "bf16";
+    case DDP_I32: return "i32";
+    default: return "unknown";
+    }
+}
+
+DDP_API const char *ddp_backend_name(ddp_backend b) {
+    switch (b) {
+    case DDP_BACKEND_DEFAULT: return "default";
+    case DDP_BACKEND_SHM: return "shm";
+    case DDP_BACKEND_NCCL: return "nccl";
+    case DDP_BACKEND_STAGED: return "staged";
+    }
+    return "unknown";
+}
+
+/* 16-bit float conversions for the CPU paths (round to nearest even). */
+static float ddp__bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+static uint16_t ddp__f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+static float ddp__f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, u;
+    float f;
+    if (exp == 0) {
+        if (man == 0) u = sign;
+        else { /* subnormal: normalise */
+            exp = 1;
+            while (!(man & 0x400u)) { man <<= 1; exp--; }
+            man &= 0x3ffu;
+            u = sign | ((exp + 112u) << 23) | (man << 13);
+        }
+    } else if (exp == 31) u = sign | 0x7f800000u | (man << 13);
+    else u = sign | ((exp + 112u) << 23) | (man << 13);
+    memcpy(&f, &u, 4);
+    return f;
+}
+static uint16_t ddp__f32_to_f16(float f) {
+    uint32_t u, sign, man;
+    int exp;
+    memcpy(&u, &f, 4);
+    sign = (u >> 16) & 0x8000u;
+    exp = (int)((u >> 23) & 0xffu) - 127 + 15;
+    man = u & 0x7fffffu;
+    if (((u >> 23) & 0xffu) == 0xffu) return (uint16_t)(sign | 0x7c00u | (man ? 0x200u : 0u));
+    if (exp >= 31) return (uint16_t)(sign | 0x7c00u);
+    if (exp <= 0) {
+        uint32_t shift, half, rem, r;
+        if (exp < -10) return (uint16_t)sign;
+        man |= 0x800000u;
+        shift = (uint32_t)(14 - exp);
+        r = man >> shift;
+        rem = man & ((1u << shift) - 1u);
+        half = 1u << (shift - 1);
+        if (rem > half || (rem == half && (r & 1u))) r++;
+        return (uint16_t)(sign | r);
+    }
+    {
+        uint32_t r = ((uint32_t)exp << 10) | (man >> 13), rem = man & 0x1fffu;
+        if (rem > 0x1000u || (rem == 0x1000u && (r & 1u))) r++; /* may carry into exp: correct */
+        return (uint16_t)(sign | r);
+    }
+}
+
+/* ---- the context ------------------------------------------------------------- */
+
+typedef struct ddp__param {
+    char      name[DDP__MAX_NAME];
+    size_t    numel;
+    ddp_dtype dtype;
+    int       ndim;
+    int64_t   shape[DDP__MAX_NDIM];
+    const void *init;
+    size_t    offset;   /* bytes into the flat buffers */
+    int       bucket;
+    int       marked;   /* in this step */
+} ddp__param;
+
+typedef struct ddp__bucket {
+    size_t    offset;   /* bytes into the flat buffers */
+    size_t    bytes;    /* padded span of the bucket */
+    size_t    numel;    /* elements in the span (bytes / dtype size) */
+    ddp_dtype dtype;
+    int       num_params;
+    int       pending;  /* parameters not yet marked this step */
+    int       launched;
+} ddp__bucket;
+
+struct ddp__shm_ctrl;
+struct ddp__store_server;
+struct ddp__cuda_state;
+typedef struct ddp__backend_ops ddp__backend_ops;
+
+/* The shared-memory communicator: one control segment with per-rank
+   counters and staging, and (after finalize) one segment holding every
+   rank's flat gradient buffer. */
+typedef struct ddp__shm {
+    struct ddp__shm_ctrl *ctrl;
+    size_t   ctrl_bytes;
+    char     ctrl_name[64];
+    unsigned char *staging;      /* world * staging_bytes */
+    size_t   staging_bytes;      /* per rank */
+    unsigned char *grads;        /* world * grad_stride */
+    size_t   grads_bytes;
+    size_t   grad_stride;
+    char     grads_name[64];
+    uint64_t seq;                /* collectives issued by this rank */
+    uint64_t half_last[2];       /* seq that last wrote each staging half */
+} ddp__shm;
+
+struct ddp_context {
+    ddp_config cfg;
+    int rank, world, local_rank, local_world;
+    int broken;                  /* a collective failed: only destroy is allowed (atomic) */
+    char err[DDP__ERRLEN];
+    char comm_err[DDP__ERRLEN];  /* written by the communication thread */
+
+    /* rendezvous */
+    struct ddp__store_server *server;
+    void    *store;              /* ddp__store*, NULL for world 1 */
+    char     key_prefix[96];
+    char     addr[256];
+    int      agent_store;
+    int      from_env;           /* rank and world came from the environment */
+
+    const ddp__backend_ops *ops;
+    ddp__shm shm;
+
+    /* parameters */
+    ddp__param *params;
+    int      num_params, cap_params;
+    int      finalized;
+    ddp__bucket *buckets;
+    int      num_buckets;
+    size_t   flat_bytes;
+    unsigned char *flat_params;
+    unsigned char *flat_grads;   /* host: points into shm.grads for shm */
+    int      owns_flat_grads;
+
+    /* the step */
+    int      in_step;
+    int      no_sync;
+    int      accum_steps;        /* micro-steps accumulated since the last reduce */
+    int      next_bucket;        /* next bucket to launch, in order */
+    int      grads_dirty;        /* gradients hold data: don't zero at begin */
+
+    /* communication thread */
+    pthread_t comm_thread;
+    int      comm_started;
+    pthread_mutex_t mu;
+    pthread_cond_t  cv_work, cv_done;
+    int      q_head, q_tail;     /* buckets queued: [q_head, q_tail) in launch order */
+    int      q_stop;
+    int      q_busy;
+    ddp_result q_err;
+    int      *queue;             /* num_buckets entries */
+    float    q_scale;
+
+    /* optimizer */
+    int64_t  opt_steps;
+    void     *opt_m, *opt_v, *opt_master; /* same layout as the flat buffer, state type per bucket */
+    size_t   opt_state_bytes;
+    size_t   *opt_state_off;      /* per bucket: byte offset into the state buffers */
+
+    struct ddp__cuda_state *cuda;
+};
+
+static DDP__TLS char ddp__create_err[DDP__ERRLEN];
+
+static void ddp__log(const ddp_context *ctx, ddp_log_level lvl, const char *msg) {
+    if (ctx && ctx->cfg.logger.func && lvl <= ctx->cfg.logger.level)
+        ctx->cfg.logger.func(lvl, ctx->rank, msg, ctx->cfg.logger.user);
+}
+
+/* The error buffer of the calling thread: the communication thread keeps
+   its own, copied into ctx->err when the step collects its result. */
+static char *ddp__errbuf(ddp_context *ctx) {
+    int on_comm = ctx->comm_started && pthread_equal(pthread_self(), ctx->comm_thread);
+    return on_comm ? ctx->comm_err : ctx->err;
+}
+
+#if defined(__GNUC__)
+__attribute__((format(printf, 3, 4)))
+#endif
+static ddp_result ddp__fail(ddp_context *ctx, ddp_result code, const char *fmt, ...) {
+    char buf[DDP__ERRLEN];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    if (ctx) {
+        memcpy(ddp__errbuf(ctx), buf, sizeof buf);
+        ddp__log(ctx, DDP_LOG_ERROR, buf);
+    } else {
+        memcpy(ddp__create_err, buf, sizeof buf);
+    }
+    return code;
+}
+
+DDP_API const char *ddp_create_error(void) { return ddp__create_err; }
+DDP_API const char *ddp_last_error(const ddp_context *ctx) { return ctx ? ctx->err : "ctx is NULL"; }
+
+static void *ddp__alloc(const ddp_context *ctx, size_t n) {
+    if (ctx->cfg.allocator.alloc) return ctx->cfg.allocator.alloc(n, ctx->cfg.allocator.user);
+    return malloc(n);
+}
+static void *ddp__calloc(const ddp_context *ctx, size_t n) {
+    void *p = ddp__alloc(ctx, n ? n : 1);
+    if (p) memset(p, 0, n);
+    return p;
+}
+static void ddp__free(const ddp_context *ctx, void *p) {
+    if (!p) return;
+    if (ctx->cfg.allocator.free) ctx->cfg.allocator.free(p, ctx->cfg.allocator.user);
+    else free(p);
+}
+
+/* ---- configuration and environment ------------------------------------------- */
+
+DDP_API ddp_config ddp_config_defaults(const ddp_config *in) {
+    ddp_config c;
+    const char *t;
+    if (in) c = *in; else memset(&c, 0, sizeof c);
+    if (c.timeout_s <= 0) {
+        c.timeout_s = 300.0;
+        t = getenv("DDP_TIMEOUT");
+        if (t && *t) { char *end; double v = strtod(t, &end); if (*end == 0 && v > 0) c.timeout_s = v; }
+    }
+    if (c.connect_timeout_s <= 0) c.connect_timeout_s = c.timeout_s;
+    if (c.first_bucket_bytes == 0) c.first_bucket_bytes = (size_t)1 << 20;
+    if (c.bucket_bytes == 0) c.bucket_bytes = (size_t)25 << 20;
+    if (c.staging_bytes == 0) c.staging_bytes = (size_t)16 << 20;
+    if (c.optimizer.lr == 0) c.optimizer.lr = 1e-3f;
+    if (c.optimizer.beta1 == 0) c.optimizer.beta1 = 0.9f;
+    if (c.optimizer.beta2 == 0) c.optimizer.beta2 = 0.999f;
+    if (c.optimizer.eps == 0) c.optimizer.eps = 1e-8f;
+    return c;
+}
+
+DDP_API ddp_config ddp_query_config(const ddp_context *ctx) {
+    ddp_config c;
+    memset(&c, 0, sizeof c);
+    if (!ctx) return c;
+    c = ctx->cfg;
+    c.rank = ctx->rank;
+    c.world_size = ctx->world;
+    c.local_rank = ctx->local_rank;
+    c.local_world_size = ctx->local_world;
+    return c;
+}
+
+/* A strict integer from the environment: NULL if unset, an error naming the
+   variable if it is not a whole decimal number in [lo, hi]. */
+static ddp_result ddp__env_int(const char *name, long lo, long hi, int *found, long *out) {
+    const char *s = getenv(name);
+    char *end;
+    long v;
+    *found = 0;
+    if (!s) return DDP_SUCCESS;
+    errno = 0;
+    v = strtol(s, &end, 10);
+    if (*s == 0 || *end != 0 || errno == ERANGE)
+        return ddp__fail(NULL, DDP_ERROR_ENVIRONMENT,
+                         "environment variable %s='%.64s' is not an integer", name, s);
+    if (v < lo || v > hi)
+        return ddp__fail(NULL, DDP_ERROR_ENVIRONMENT,
+                         "environment variable %s=%ld is out of range [%ld, %ld]", name, v, lo, hi);
+    *found = 1;
+    *out = v;
+    return DDP_SUCCESS;
+}
+
+#define DDP__TRY(expr) do { ddp_result ddp__r_ = (expr); if (ddp__r_ != DDP_SUCCESS) return ddp__r_; } while (0)
+
+/* Rank and world from the first launcher whose variables are present. */
+static ddp_result ddp__resolve_identity(ddp_config *c) {
+    static const char *const sets[4][4] = {
+        { "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE" },                 /* torchrun, ddprun */
+        { "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE",
+          "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE" },             /* Open MPI */
+        { "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS" },           /* MPICH, Intel MPI */
+        { "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE" } /* srun */
+    };
+    int i;
+    if (c->world_size > 0) {
+        if (c->local_world_size <= 0) c->local_world_size = c->world_size;
+        if (c->local_world_size == c->world_size && c->local_rank == 0) c->local_rank = c->rank;
+    } else if (c->world_size < 0) {
+        return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "config.world_size is %d: must be >= 0 (0 reads the environment)", c->world_size);
+    } else {
+        for (i = 0; i < 4; i++) {
+            int fr, fw, flr, flw;
+            long r = 0, w = 0, lr = 0, lw = 0;
+            DDP__TRY(ddp__env_int(sets[i][1], INT_MIN, INT_MAX, &fw, &w));
+            DDP__TRY(ddp__env_int(sets[i][0], INT_MIN, INT_MAX, &fr, &r));
+            if (!fw && !fr) continue;
+            if (fw != fr)
+                return ddp__fail(NULL, DDP_ERROR_ENVIRONMENT, "%s is set but %s is not",
+                                 fr ? sets[i][0] : sets[i][1], fr ? sets[i][1] : sets[i][0]);
+            if (w < 1)
+                return ddp__fail(NULL, DDP_ERROR_ENVIRONMENT, "environment variable %s=%ld: the world size must be at least 1", sets[i][1], w);
+            if (r < 0 || r >= w)
+                return ddp__fail(NULL, DDP_ERROR_ENVIRONMENT, "environment variable %s=%ld is not a rank of a world of %ld (%s)", sets[i][0], r, w, sets[i][1]);
+            DDP__TRY(ddp__env_int(sets[i][2], 0, w - 1, &flr, &lr));
+            if (i == 3 && getenv(sets[i][3]) && strchr(getenv(sets[i][3]), '(')) flw = 0; /* "2(x3)": per-node list */
+            else DDP__TRY(ddp__env_int(sets[i][3], 1, w, &flw, &lw));
+            if (!flw) { lw = w; if (!flr) lr = r; }
+            if (!flr) lr = r % lw;
+            if (lr >= lw)
+                return ddp__fail(NULL, DDP_ERROR_ENVIRONMENT, "local rank %ld (%s) is not below the local world size %ld (%s)", lr, sets[i][2], lw, sets[i][3]);
+            c->rank = (int)r; c->world_size = (int)w; c->local_rank = (int)lr; c->local_world_size = (int)lw;
+            break;
+        }
+        if (i == 4) { c->rank = 0; c->world_size = 1; c->local_rank = 0; c->local_world_size = 1; }
+    }
+    if (c->rank < 0 || c->rank >= c->world_size)
+        return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "config.rank %d is not a rank of a world of %d", c->rank, c->world_size);
+    if (c->local_world_size > c->world_size || c->local_rank < 0 || c->local_rank >= c->local_world_size)
+        return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "config.local_rank %d / local_world_size %d do not fit a world of %d",
+                         c->local_rank, c->local_world_size, c->world_size);
+    return DDP_SUCCESS;
+}
+
+static ddp_result ddp__resolve_address(ddp_config *c, char *addr_buf, size_t cap) {
+    if (!c->master_addr) {
+        const char *a = getenv("MASTER_ADDR");
+        if (a && *a) c->master_addr = a;
+        else c->master_addr = "127.0.0.1";
+    }
+    if (strlen(c->master_addr) == 0 || strlen(c->master_addr) >= cap)
+        return ddp__fail(NULL, DDP_ERROR_ENVIRONMENT, "master address '%.64s' is empty or too long", c->master_addr);
+    ddp__copy_str(addr_buf, cap, c->master_addr);
+    c->master_addr = addr_buf;
+    if (c->master_port == 0) {
+        int f; long p = 29500;
+        DDP__TRY(ddp__env_int("MASTER_PORT", 1, 65535, &f, &p));
+        c->master_port = (int)p;
+    }
+    if (c->master_port < 1 || c->master_port > 65535)
+        return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "config.master_port %d is not a TCP port (1..65535)", c->master_port);
+    return DDP_SUCCESS;
+}
+
+static ddp_result ddp__resolve_backend(ddp_config *c) {
+    const char *b = getenv("DDP_BACKEND");
+    if (b && *b && c->backend == DDP_BACKEND_DEFAULT) {
+        if (!strcmp(b, "shm")) c->backend = DDP_BACKEND_SHM;
+        else if (!strcmp(b, "nccl")) c->backend = DDP_BACKEND_NCCL;
+        else if (!strcmp(b, "staged")) c->backend = DDP_BACKEND_STAGED;
+        else return ddp__fail(NULL, DDP_ERROR_ENVIRONMENT, "environment variable DDP_BACKEND='%.32s' is not one of shm, nccl, staged", b);
+    }
+    if ((int)c->backend < 0 || c->backend > DDP_BACKEND_STAGED)
+        return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "config.backend %d is not a ddp_backend", (int)c->backend);
+    if ((int)c->device < 0 || c->device > DDP_DEVICE_CUDA)
+        return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "config.device %d is not a ddp_device", (int)c->device);
+    if ((int)c->optimizer.type < 0 || c->optimizer.type > DDP_OPTIM_ADAMW)
+        return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "config.optimizer.type %d is not a ddp_optimizer", (int)c->optimizer.type);
+    if (c->compress != DDP_DTYPE_DEFAULT && c->compress != DDP_F32 && c->compress != DDP_BF16 && c->compress != DDP_F16)
+        return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "config.compress %d must be DDP_BF16, DDP_F16 or 0", (int)c->compress);
+    if (c->optimizer.nesterov && c->optimizer.momentum <= 0 && c->optimizer.type == DDP_OPTIM_SGD)
+        return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "config.optimizer.nesterov needs a momentum > 0");
+    if (c->optimizer.lr < 0 || c->optimizer.momentum < 0 || c->optimizer.weight_decay < 0 ||
+        !(c->optimizer.beta1 < 1) || !(c->optimizer.beta2 < 1) || c->optimizer.eps < 0)
+        return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "config.optimizer has a negative lr/momentum/weight_decay/eps or a beta >= 1");
+#if !defined(DDP_CUDA)
+    if (c->device == DDP_DEVICE_CUDA)
+        return ddp__fail(NULL, DDP_ERROR_UNSUPPORTED, "config.device is DDP_DEVICE_CUDA but this implementation was compiled without CUDA (compile the DDP_IMPLEMENTATION file with nvcc)");
+    c->device = DDP_DEVICE_CPU;
+    if (c->backend == DDP_BACKEND_NCCL || c->backend == DDP_BACKEND_STAGED)
+        return ddp__fail(NULL, DDP_ERROR_UNSUPPORTED, "backend '%s' needs a CUDA build of the implementation", ddp_backend_name(c->backend));
+    c->backend = DDP_BACKEND_SHM;
+#endif
+    return DDP_SUCCESS;
+}
+
+/* store.inc.c -- ddp.h rendezvous layer: a TCP key-value store that speaks
+ * PyTorch's TCPStore wire protocol (server + client).
+ *
+ * C99 + POSIX fragment, #included by the implementation part of ddp.h (or by a
+ * test). Every symbol is static and prefixed ddp__store_ / DDP__STORE_.
+ *
+ * WHAT IT IS FOR
+ *   (a) rank 0 runs ddp__store_server_start() and every rank (rank 0 too)
+ *       connects a ddp__store client to it, to exchange small blobs
+ *       (ncclUniqueId, shared-memory names, shapes) and to run barriers;
+ *   (b) under torchrun (TORCHELASTIC_USE_AGENT_STORE=True) the agent already
+ *       owns MASTER_ADDR:MASTER_PORT, so every rank is a client of the agent's
+ *       TCPStore instead.
+ *
+ * WIRE PROTOCOL (verified against torch 1.13 by logging the bytes between a
+ * torch client and a torch server; all integers in host order, which is
+ * little-endian on every platform torch ships for)
+ *   string/blob = u64 length, bytes          key list = u64 count, strings
+ *   SET         0  key, value                 -> (no reply)
+ *   COMPARE_SET 1  key, expected, desired     -> blob (value now stored)
+ *   GET         2  key                        -> blob  (missing key: server
+ *                                                 drops the connection; torch
+ *                                                 clients always WAIT first)
+ *   ADD         3  key, i64 delta             -> i64 new value (stored as
+ *                                                 decimal text)
+ *   CHECK       4  key list                   -> u8 0 READY / 1 NOT_READY
+ *   WAIT        5  key list                   -> u8 0 STOP_WAITING, sent only
+ *                                                 once every key exists
+ *   GETNUMKEYS  6                             -> i64
+ *   WATCH_KEY   7  (callback client; unused, not served)
+ *   DELETE_KEY  8  key                        -> i64 number deleted (0/1)
+ *   torch 2.x source (not verifiable here) adds APPEND 9 (key, blob; no
+ *   reply), MULTI_GET 10 (key list -> blobs), MULTI_SET 11 (count, then
+ *   key+blob pairs; no reply), CANCEL_WAIT 12 (-> u8 1 WAIT_CANCELED).
+ *
+ *   Two wire versions exist (DDP__STORE_PROTO_*):
+ *   V1  torch 1.x up to the first 2.x releases: the table above, no handshake.
+ *   V2  current torch (classic and libuv backends): enum VALIDATE=0 inserted
+ *       at the front, WATCH_KEY removed, so SET..GETNUMKEYS are shifted by +1
+ *       (SET=1 .. GETNUMKEYS=7) and DELETE_KEY=8 and up keep their numbers;
+ *       PING=13 (u32 nonce -> same u32). A connection must start with
+ *       VALIDATE + u32 0x3C85F7CE (no reply); the classic backend drops a
+ *       connection whose first byte is anything else, the libuv backend
+ *       ignores it silently. The torch client sends VALIDATE then PING.
+ *   AUTO (the default) opens two connections at once: one sends a V1
+ *   GETNUMKEYS, the other the V2 VALIDATE + PING; the first correct answer
+ *   wins and the other connection is closed. A V2 server drops (classic) or
+ *   ignores (libuv) the V1 probe; a V1 server drops the V2 opening because
+ *   the PING nonce always has 0xFF in bits 16..23, so it parses as a SET whose
+ *   key length exceeds any vector's max_size (verified with torch 1.13: it
+ *   resets that connection and keeps serving).
+ *   The server here accepts both versions on every port: a connection whose
+ *   first 5 bytes are VALIDATE+magic is V2, anything else V1.
+ *
+ * KEYS
+ *   Keys go on the wire verbatim, after the client's prefix (see
+ *   ddp__store_set_prefix). A torch TCPStore prepends "/" to user keys (not to
+ *   its own "init/" counter), and PrefixStore(p) sends p + "/" + key; so the
+ *   key "k" of a torchrun worker's store (PrefixStore("/worker/attempt_N",
+ *   TCPStore)) is "//worker/attempt_N/k" on the wire.
+ *
+ * ERRORS
+ *   Every fallible call returns 0 or -1 and writes one sentence naming what was
+ *   attempted into err[errlen] (may be NULL/0). A WAIT or GET that times out
+ *   leaves the server with a pending answer, so the client drops that
+ *   connection and reconnects (to list the missing keys); when that fails the
+ *   store is marked broken and the next call tries to reconnect first.
+ *
+ * THREAD SAFETY
+ *   A ddp__store is used by one thread at a time. The server runs on its own
+ *   thread (all signals blocked there) and shares no memory with clients.
+ */
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/types.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifndef MSG_NOSIGNAL
+#define MSG_NOSIGNAL 0 /* macOS: SO_NOSIGPIPE is set on every socket instead */
+#endif
+
+#if defined(__GNUC__) || defined(__clang__)
+#define DDP__STORE_UNUSED __attribute__((unused))
+#define DDP__STORE_PRINTF(f, a) __attribute__((format(printf, f, a)))
+#else
+#define DDP__STORE_UNUSED
+#define DDP__STORE_PRINTF(f, a)
+#endif
+
+/* Limits the server enforces on what a client may send (a connection that
+ * exceeds one is dropped, as torch's libuv backend does). */
+#ifndef DDP__STORE_MAX_KEY_LEN
+#define DDP__STORE_MAX_KEY_LEN (64u * 1024u)
+#endif
+#ifndef DDP__STORE_MAX_VALUE_LEN
+#define DDP__STORE_MAX_VALUE_LEN (1024u * 1024u * 1024u)
+#endif
+#ifndef DDP__STORE_MAX_KEYS
+#define DDP__STORE_MAX_KEYS (128u * 1024u)
+#endif
+
+enum {
+    DDP__STORE_PROTO_AUTO = 0,
+    DDP__STORE_PROTO_V1 = 1, /* torch 1.x .. early 2.x: no handshake */
+    DDP__STORE_PROTO_V2 = 2  /* current torch: VALIDATE + shifted enum */
+};
+
+/* Query numbers as V1 sends them; the server maps V2 bytes onto these. */
+enum {
+    DDP__STORE_Q_SET = 0,
+    DDP__STORE_Q_COMPARE_SET = 1,
+    DDP__STORE_Q_GET = 2,
+    DDP__STORE_Q_ADD = 3,
+    DDP__STORE_Q_CHECK = 4,
+    DDP__STORE_Q_WAIT = 5,
+    DDP__STORE_Q_GETNUMKEYS = 6,
+    DDP__STORE_Q_WATCH_KEY = 7,
+    DDP__STORE_Q_DELETE_KEY = 8,
+    DDP__STORE_Q_APPEND = 9,
+    DDP__STORE_Q_MULTI_GET = 10,
+    DDP__STORE_Q_MULTI_SET = 11,
+    DDP__STORE_Q_CANCEL_WAIT = 12,
+    DDP__STORE_Q_PING = 13,      /* V2 only */
+    DDP__STORE_Q_VALIDATE = 100  /* V2 byte 0; internal number */
+};
+
+#define DDP__STORE_MAGIC 0x3C85F7CEu
+
+/* ------------------------------------------------------------------------ */
+/* small helpers                                                             */
+
+static DDP__STORE_PRINTF(3, 4) int ddp__store_fail(char *err, size_t errlen,
+                                                   const char *fmt, ...) {
+    if (err && errlen) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(err, errlen, fmt, ap);
+        va_end(ap);
+    }
+    return -1;
+}
+
+static DDP__STORE_PRINTF(3, 4) void ddp__store_appendf(char *err, size_t errlen,
+                                                       const char *fmt, ...) {
+    size_t n;
+    va_list ap;
+    if (!err || !errlen) return;
+    n = strlen(err);
+    if (n + 1 >= errlen) return;
+    va_start(ap, fmt);
+    vsnprintf(err + n, errlen - n, fmt, ap);
+    va_end(ap);
+}
+
+static double ddp__store_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* A deadline of "timeout_s from now"; timeout_s <= 0 means never. */
+static double ddp__store_deadline(double timeout_s) {
+    return timeout_s > 0 ? ddp__store_now() + timeout_s : 1e300;
+}
+
+/* poll() milliseconds until deadline, rounded up; -1 when there is none. */
+static int ddp__store_ms_left(double deadline) {
+    double left;
+    if (deadline >= 1e299) return -1;
+    left = deadline - ddp__store_now();
+    if (left <= 0) return 0;
+    if (left > 1e6) return 1000000000;
+    return (int)(left * 1000.0) + 1;
+}
+
+static void ddp__store_sleep(double s) {
+    struct timespec ts;
+    if (s <= 0) return;
+    ts.tv_sec = (time_t)s;
+    ts.tv_nsec = (long)((s - (double)ts.tv_sec) * 1e9);
+    nanosleep(&ts, NULL); /* an early wake-up only shortens one back-off */
+}
+
+static void ddp__store_sock_setup(int fd) {
+    fcntl(fd, F_SETFD, fcntl(fd, F_GETFD) | FD_CLOEXEC);
+    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+#ifdef SO_NOSIGPIPE
+    {
+        int one = 1;
+        setsockopt(fd, SOL_SOCKET, SO_NOSIGPIPE, &one, sizeof one);
+    }
+#endif
+}
+
+/* Growable byte buffer; a failed allocation sticks in .oom. */
+typedef struct {
+    unsigned char *p;
+    size_t n, cap;
+    int oom;
+} ddp__store_buf;
+
+static void ddp__store_buf_put(ddp__store_buf *b, const void *d, size_t n) {
+    if (b->oom || n == 0) return;
+    if (n > (size_t)-1 / 2 - b->n) { b->oom = 1; return; }
+    if (b->n + n > b->cap) {
+        size_t cap = b->cap ? b->cap : 64;
+        void *q;
+        while (cap < b->n + n) cap *= 2;
+        q = realloc(b->p, cap);
+        if (!q) { b->oom = 1; return; }
+        b->p = (unsigned char *)q;
+        b->cap = cap;
+    }
+    memcpy(b->p + b->n, d, n);
+    b->n += n;
+}
+
+static void ddp__store_buf_u8(ddp__store_buf *b, unsigned v) {
+    unsigned char c = (unsigned char)v;
+    ddp__store_buf_put(b, &c, 1);
+}
+
+static void ddp__store_buf_u32(ddp__store_buf *b, uint32_t v) { ddp__store_buf_put(b, &v, 4); }
+static void ddp__store_buf_u64(ddp__store_buf *b, uint64_t v) { ddp__store_buf_put(b, &v, 8); }
+
+static void ddp__store_buf_blob(ddp__store_buf *b, const void *d, size_t n) {
+    ddp__store_buf_u64(b, (uint64_t)n);
+    ddp__store_buf_put(b, d, n);
+}
+
+/* ======================================================================== */
+/* SERVER                                                                    */
+
+typedef struct ddp__store_kv {
+    struct ddp__store_kv *next;
+    uint64_t hash;
+    unsigned char *val;
+    size_t vlen, klen;
+    char *key; /* klen bytes + NUL, in the same allocation, after the struct */
+} ddp__store_kv;
+
+typedef struct ddp__store_conn {
+    int fd;
+    int proto;  /* 0 until the first bytes tell */
+    int eof;    /* peer closed (or read error): serve what is buffered, then drop */
+    int dead;
+    unsigned char *in;
+    size_t in_off, in_len, in_cap;
+    ddp__store_buf out;
+    size_t out_off;
+    /* a pending WAIT: the keys still missing */
+    char **wkeys;
+    size_t *wlens;
+    size_t nwait;
+    int waiting;
+} ddp__store_conn;
+
+typedef struct ddp__store_server {
+    pthread_t thread;
+    int listen_fd;
+    int wake[2];
+    int port;
+    ddp__store_kv **buckets;
+    size_t nbuckets, nkeys;
+    ddp__store_conn **conns;
+    size_t nconns, conns_cap;
+} ddp__store_server;
+
+static uint64_t ddp__store_hash(const void *p, size_t n) {
+    const unsigned char *s = (const unsigned char *)p;
+    uint64_t h = 1469598103934665603ull;
+    size_t i;
+    for (i = 0; i < n; i++) { h ^= s[i]; h *= 1099511628211ull; }
+    return h;
+}
+
+static ddp__store_kv *ddp__store_kv_find(ddp__store_server *sv, const void *key, size_t klen) {
+    uint64_t h = ddp__store_hash(key, klen);
+    ddp__store_kv *e = sv->buckets[h & (sv->nbuckets - 1)];
+    for (; e; e = e->next)
+        if (e->hash == h && e->klen == klen && memcmp(e->key, key, klen) == 0) return e;
+    return NULL;
+}
+
+static void ddp__store_kv_grow(ddp__store_server *sv) {
+    size_t n = sv->nbuckets * 2, i;
+    ddp__store_kv **nb = (ddp__store_kv **)calloc(n, sizeof *nb);
+    if (!nb) return; /* keep the longer chains */
+    for (i = 0; i < sv->nbuckets; i++) {
+        ddp__store_kv *e = sv->buckets[i], *next;
+        for (; e; e = next) {
+            next = e->next;
+            e->next = nb[e->hash & (n - 1)];
+            nb[e->hash & (n - 1)] = e;
+        }
+    }
+    free(sv->buckets);
+    sv->buckets = nb;
+    sv->nbuckets = n;
+}
+
+/* Find or create the entry for key (value empty when created); NULL on OOM. */
+static ddp__store_kv *ddp__store_kv_get(ddp__store_server *sv, const void *key, size_t klen,
+                                        int *created) {
+    ddp__store_kv *e = ddp__store_kv_find(sv, key, klen);
+    size_t b;
+    *created = 0;
+    if (e) return e;
+    e = (ddp__store_kv *)malloc(sizeof *e + klen + 1);
+    if (!e) return NULL;
+    e->key = (char *)(e + 1);
+    e->val = NULL;
+    e->vlen = 0;
+    e->klen = klen;
+    e->hash = ddp__store_hash(key, klen);
+    memcpy(e->key, key, klen);
+    e->key[klen] = 0;
+    b = e->hash & (sv->nbuckets - 1);
+    e->next = sv->buckets[b];
+    sv->buckets[b] = e;
+    sv->nkeys++;
+    *created = 1;
+    if (sv->nkeys > sv->nbuckets) ddp__store_kv_grow(sv);
+    return e;
+}
+
+static int ddp__store_kv_del(ddp__store_server *sv, const void *key, size_t klen) {
+    uint64_t h = ddp__store_hash(key, klen);
+    ddp__store_kv **pp = &sv->buckets[h & (sv->nbuckets - 1)];
+    for (; *pp; pp = &(*pp)->next) {
+        ddp__store_kv *e = *pp;
+        if (e->hash == h && e->klen == klen && memcmp(e->key, key, klen) == 0) {
+            *pp = e->next;
+            free(e->val);
+            free(e);
+            sv->nkeys--;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* Replace (or, with append, extend) the value; creates the key. -1 on OOM. */
+static int ddp__store_kv_put(ddp__store_server *sv, const void *key, size_t klen,
+                             const void *val, size_t vlen, int append) {
+    int created;
+    ddp__store_kv *e = ddp__store_kv_get(sv, key, klen, &created);
+    unsigned char *nv;
+    size_t base;
+    if (!e) return -1;
+    base = append ? e->vlen : 0;
+    nv = (unsigned char *)malloc(base + vlen + 1);
+    if (!nv) {
+        if (created) ddp__store_kv_del(sv, key, klen);
+        return -1;
+    }
+    if (base) memcpy(nv, e->val, base);
+    if (vlen) memcpy(nv + base, val, vlen);
+    free(e->val);
+    e->val = nv;
+    e->vlen = base + vlen;
+    return 0;
+}
+
+static void ddp__store_conn_send(ddp__store_conn *c, const void *d, size_t n) {
+    ddp__store_buf_put(&c->out, d, n);
+    if (c->out.oom) c->dead = 1;
+}
+
+static void ddp__store_conn_send_u8(ddp__store_conn *c, unsigned v) {
+    unsigned char b = (unsigned char)v;
+    ddp__store_conn_send(c, &b, 1);
+}
+
+static void ddp__store_conn_send_i64(ddp__store_conn *c, int64_t v) { ddp__store_conn_send(c, &v, 8); }
+
+static void ddp__store_conn_send_blob(ddp__store_conn *c, const void *d, size_t n) {
+    uint64_t len = (uint64_t)n;
+    ddp__store_conn_send(c, &len, 8);
+    ddp__store_conn_send(c, d, n);
+}
+
+static void ddp__store_conn_clear_wait(ddp__store_conn *c) {
+    size_t i;
+    for (i = 0; i < c->nwait; i++) free(c->wkeys[i]);
+    free(c->wkeys);
+    free(c->wlens);
+    c->wkeys = NULL;
+    c->wlens = NULL;
+    c->nwait = 0;
+    c->waiting = 0;
+}
+
+/* A key appeared: drop it from every pending WAIT; answer the WAITs it completes
+ * (torch counts a key as arrived once, even if it is deleted later). */
+static void ddp__store_wake(ddp__store_server *sv, const void *key, size_t klen) {
+    size_t i, j;
+    for (i = 0; i < sv->nconns; i++) {
+        ddp__store_conn *c = sv->conns[i];
+        if (!c->waiting) continue;
+        for (j = 0; j < c->nwait;) {
+            if (c->wlens[j] == klen && memcmp(c->wkeys[j], key, klen) == 0) {
+                free(c->wkeys[j]);
+                c->wkeys[j] = c->wkeys[c->nwait - 1];
+                c->wlens[j] = c->wlens[c->nwait - 1];
+                c->nwait--;
+            } else {
+                j++;
+            }
+        }
+        if (c->nwait == 0) {
+            ddp__store_conn_clear_wait(c);
+            ddp__store_conn_send_u8(c, 0); /* STOP_WAITING */
+        }
+    }
+}
+
+/* Cursor over a connection's unparsed input. Readers return 1 ok, 0 need more
+ * bytes, -1 the client broke a limit (drop it). */
+typedef struct {
+    const unsigned char *p;
+    size_t n, off;
+} ddp__store_rd;
+
+static int ddp__store_rd_u64(ddp__store_rd *r, uint64_t *v) {
+    if (r->n - r->off < 8) return 0;
+    memcpy(v, r->p + r->off, 8);
+    r->off += 8;
+    return 1;
+}
+
+static int ddp__store_rd_blob(ddp__store_rd *r, uint64_t max, const unsigned char **p, size_t *len) {
+    uint64_t l;
+    if (!ddp__store_rd_u64(r, &l)) return 0;
+    if (l > max) return -1;
+    if (r->n - r->off < l) return 0;
+    *p = r->p + r->off;
+    *len = (size_t)l;
+    r->off += (size_t)l;
+    return 1;
+}
+
+#define DDP__STORE_RD(call)            \
+    do {                               \
+        int rr_ = (call);              \
+        if (rr_ <= 0) return rr_;      \
+    } while (0)
+
+/* Checks that a whole key list has arrived (and obeys the limits). */
+static int ddp__store_rd_keys(ddp__store_rd *r, uint64_t *count) {
+    uint64_t n, i;
+    const unsigned char *k;
+    size_t kl;
+    DDP__STORE_RD(ddp__store_rd_u64(r, &n));
+    if (n > DDP__STORE_MAX_KEYS) return -1;
+    for (i = 0; i < n; i++) DDP__STORE_RD(ddp__store_rd_blob(r, DDP__STORE_MAX_KEY_LEN, &k, &kl));
+    *count = n;
+    return 1;
+}
+
+static int ddp__store_parse_i64(const unsigned char *p, size_t n, int64_t *out) {
+    char tmp[32];
+    char *end;
+    long long v;
+    if (n == 0 || n >= sizeof tmp) return -1;
+    memcpy(tmp, p, n);
+    tmp[n] = 0;
+    errno = 0;
+    v = strtoll(tmp, &end, 10);
+    if (end == tmp || errno == ERANGE) return -1;
+    *out = (int64_t)v;
+    return 0;
+}
+
+/* Serve one complete command from c's input: 1 served, 0 incomplete, -1 drop. */
+static int ddp__store_serve_one(ddp__store_server *sv, ddp__store_conn *c) {
+    ddp__store_rd r;
+    const unsigned char *k = NULL, *v = NULL, *v2 = NULL;
+    size_t kl = 0, vl = 0, vl2 = 0;
+    uint64_t n, i;
+    int op;
+    ddp__store_kv *e;
+
+    r.p = c->in + c->in_off;
+    r.n = c->in_len - c->in_off;
+    r.off = 1;
+    if (r.n == 0) return 0;
+    if (c->proto == 0) {
+        /* A V2 client starts with VALIDATE (0) + magic; a V1 SET (also 0) has an
+         * 8-byte length there, which cannot hold the magic for any sane key. */
+        uint32_t m;
+        if (r.p[0] == 0) {
+            if (r.n < 5) return 0;
+            memcpy(&m, r.p + 1, 4);
+            c->proto = m == DDP__STORE_MAGIC ? 2 : 1;
+        } else {
+            c->proto = 1;
+        }
+    }
+    op = r.p[0];
+    if (c->proto == 2) op = op == 0 ? DDP__STORE_Q_VALIDATE : op <= 7 ? op - 1 : op;
+
+    switch (op) {
+    case DDP__STORE_Q_VALIDATE: {
+        uint32_t m;
+        if (r.n - r.off < 4) return 0;
+        memcpy(&m, r.p + r.off, 4);
+        if (m != DDP__STORE_MAGIC) return -1;
+        r.off += 4;
+        break;
+    }
+    case DDP__STORE_Q_PING: {
+        if (r.n - r.off < 4) return 0;
+        ddp__store_conn_send(c, r.p + r.off, 4);
+        r.off += 4;
+        break;
+    }
+    case DDP__STORE_Q_SET:
+    case DDP__STORE_Q_APPEND:
+        DDP__STORE_RD(ddp__store_rd_blob(&r, DDP__STORE_MAX_KEY_LEN, &k, &kl));
+        DDP__STORE_RD(ddp__store_rd_blob(&r, DDP__STORE_MAX_VALUE_LEN, &v, &vl));
+        if (ddp__store_kv_put(sv, k, kl, v, vl, op == DDP__STORE_Q_APPEND) != 0) return -1;
+        ddp__store_wake(sv, k, kl);
+        break;
+    case DDP__STORE_Q_COMPARE_SET:
+        DDP__STORE_RD(ddp__store_rd_blob(&r, DDP__STORE_MAX_KEY_LEN, &k, &kl));
+        DDP__STORE_RD(ddp__store_rd_blob(&r, DDP__STORE_MAX_VALUE_LEN, &v, &vl));
+        DDP__STORE_RD(ddp__store_rd_blob(&r, DDP__STORE_MAX_VALUE_LEN, &v2, &vl2));
+        e = ddp__store_kv_find(sv, k, kl);
+        if (!e) {
+            /* torch: a missing key is created only when expected is empty;
+             * otherwise the reply is the expected value (its own "lie"). */
+            if (vl == 0) {
+                if (ddp__store_kv_put(sv, k, kl, v2, vl2, 0) != 0) return -1;
+                ddp__store_conn_send_blob(c, v2, vl2);
+                ddp__store_wake(sv, k, kl);
+            } else {
+                ddp__store_conn_send_blob(c, v, vl);
+            }
+        } else {
+            if (e->vlen == vl && (vl == 0 || memcmp(e->val, v, vl) == 0)) {
+                if (ddp__store_kv_put(sv, k, kl, v2, vl2, 0) != 0) return -1;
+                e = ddp__store_kv_find(sv, k, kl);
+            }
+            ddp__store_conn_send_blob(c, e->val, e->vlen);
+        }
+        break;
+    case DDP__STORE_Q_GET:
+        DDP__STORE_RD(ddp__store_rd_blob(&r, DDP__STORE_MAX_KEY_LEN, &k, &kl));
+        e = ddp__store_kv_find(sv, k, kl);
+        if (!e) return -1; /* as torch: GET of a missing key drops the client */
+        ddp__store_conn_send_blob(c, e->val, e->vlen);
+        break;
+    case DDP__STORE_Q_ADD: {
+        uint64_t d;
+        int64_t cur = 0, sum;
+        char text[32];
+        DDP__STORE_RD(ddp__store_rd_blob(&r, DDP__STORE_MAX_KEY_LEN, &k, &kl));
+        DDP__STORE_RD(ddp__store_rd_u64(&r, &d));
+        e = ddp__store_kv_find(sv, k, kl);
+        if (e && ddp__store_parse_i64(e->val, e->vlen, &cur) != 0) return -1;
+        sum = (int64_t)((uint64_t)cur + d); /* wraps like torch's int64 */
+        snprintf(text, sizeof text, "%lld", (long long)sum);
+        if (ddp__store_kv_put(sv, k, kl, text, strlen(text), 0) != 0) return -1;
+        ddp__store_conn_send_i64(c, sum);
+        ddp__store_wake(sv, k, kl);
+        break;
+    }
+    case DDP__STORE_Q_CHECK:
+    case DDP__STORE_Q_WAIT: {
+        size_t start = r.off, missing = 0;
+        DDP__STORE_RD(ddp__store_rd_keys(&r, &n));
+        r.off = start + 8;
+        for (i = 0; i < n; i++) {
+            ddp__store_rd_blob(&r, DDP__STORE_MAX_KEY_LEN, &k, &kl);
+            if (!ddp__store_kv_find(sv, k, kl)) missing++;
+        }
+        if (op == DDP__STORE_Q_CHECK || missing == 0) {
+            ddp__store_conn_send_u8(c, missing == 0 ? 0 : 1); /* READY/STOP_WAITING : NOT_READY */
+            break;
+        }
+        ddp__store_conn_clear_wait(c);
+        c->wkeys = (char **)calloc(missing, sizeof *c->wkeys);
+        c->wlens = (size_t *)calloc(missing, sizeof *c->wlens);
+        if (!c->wkeys || !c->wlens) return -1;
+        r.off = start + 8;
+        for (i = 0; i < n; i++) {
+            ddp__store_rd_blob(&r, DDP__STORE_MAX_KEY_LEN, &k, &kl);
+            if (ddp__store_kv_find(sv, k, kl)) continue;
+            c->wkeys[c->nwait] = (char *)malloc(kl + 1);
+            if (!c->wkeys[c->nwait]) return -1;
+            memcpy(c->wkeys[c->nwait], k, kl);
+            c->wlens[c->nwait++] = kl;
+        }
+        c->waiting = 1;
+        break;
+    }
+    case DDP__STORE_Q_CANCEL_WAIT:
+        ddp__store_conn_clear_wait(c);
+        ddp__store_conn_send_u8(c, 1); /* WAIT_CANCELED */
+        break;
+    case DDP__STORE_Q_GETNUMKEYS:
+        ddp__store_conn_send_i64(c, (int64_t)sv->nkeys);
+        break;
+    case DDP__STORE_Q_DELETE_KEY:
+        DDP__STORE_RD(ddp__store_rd_blob(&r, DDP__STORE_MAX_KEY_LEN, &k, &kl));
+        ddp__store_conn_send_i64(c, ddp__store_kv_del(sv, k, kl));
+        break;
+    case DDP__STORE_Q_MULTI_GET: {
+        size_t start = r.off;
+        DDP__STORE_RD(ddp__store_rd_keys(&r, &n));
+        r.off = start + 8;
+        for (i = 0; i < n; i++) {
+            ddp__store_rd_blob(&r, DDP__STORE_MAX_KEY_LEN, &k, &kl);
+            e = ddp__store_kv_find(sv, k, kl);
+            if (!e) return -1;
+            ddp__store_conn_send_blob(c, e->val, e->vlen);
+        }
+        break;
+    }
+    case DDP__STORE_Q_MULTI_SET: {
+        size_t start = r.off;
+        DDP__STORE_RD(ddp__store_rd_u64(&r, &n));
+        if (n > DDP__STORE_MAX_KEYS) return -1;
+        for (i = 0; i < n; i++) {
+            DDP__STORE_RD(ddp__store_rd_blob(&r, DDP__STORE_MAX_KEY_LEN, &k, &kl));
+            DDP__STORE_RD(ddp__store_rd_blob(&r, DDP__STORE_MAX_VALUE_LEN, &v, &vl));
+        }
+        r.off = start + 8;
+        for (i = 0; i < n; i++) {
+            ddp__store_rd_blob(&r, DDP__STORE_MAX_KEY_LEN, &k, &kl);
+            ddp__store_rd_blob(&r, DDP__STORE_MAX_VALUE_LEN, &v, &vl);
+            if (ddp__store_kv_put(sv, k, kl, v, vl, 0) != 0) return -1;
+            ddp__store_wake(sv, k, kl);
+        }
+        break;
+    }
+    default: /* WATCH_KEY (torch's callback client) and unknown bytes */
+        return -1;
+    }
+    c->in_off += r.off;
+    return 1;
+}
+
+static void ddp__store_conn_flush(ddp__store_conn *c) {
+    while (!c->dead && c->out_off < c->out.n) {
+        ssize_t w = send(c->fd, c->out.p + c->out_off, c->out.n - c->out_off,
+                         MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (w > 0) { c->out_off += (size_t)w; continue; }
+        if (w < 0 && errno == EINTR) continue;
+        if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
+        c->dead = 1; /* EPIPE, ECONNRESET, ...: the peer is gone */
+    }
+    if (c->out_off == c->out.n) c->out_off = c->out.n = 0;
+}
+
+/* Read what is there, serve every complete command, note EOF. */
+static void ddp__store_conn_input(ddp__store_server *sv, ddp__store_conn *c) {
+    for (;;) {
+        ssize_t got;
+        if (c->in_cap - c->in_len < 65536) {
+            size_t cap = c->in_cap ? c->in_cap : 65536;
+            unsigned char *q;
+            while (cap - c->in_len < 65536) cap *= 2;
+            q = (unsigned char *)realloc(c->in, cap);
+            if (!q) { c->dead = 1; return; }
+            c->in = q;
+            c->in_cap = cap;
+        }
+        got = recv(c->fd, c->in + c->in_len, c->in_cap - c->in_len, 0);
+        if (got > 0) { c->in_len += (size_t)got; break; }
+        if (got < 0 && errno == EINTR) continue;
+        if (got < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
+        c->eof = 1; /* 0 = orderly close; errors count as a close too */
+        break;
+    }
+    for (;;) {
+        int rc = ddp__store_serve_one(sv, c);
+        if (rc < 0) { c->dead = 1; break; }
+        if (rc == 0) break;
+    }
+    if (c->in_off == c->in_len) {
+        c->in_off = c->in_len = 0;
+    } else if (c->in_off > 0) {
+        memmove(c->in, c->in + c->in_off, c->in_len - c->in_off);
+        c->in_len -= c->in_off;
+        c->in_off = 0;
+    }
+    /* shrink after a large value so idle connections do not hold memory */
+    if (c->in_len == 0 && c->in_cap > (1u << 20)) {
+        free(c->in);
+        c->in = NULL;
+        c->in_cap = 0;
+    }
+}
+
+static void ddp__store_conn_free(ddp__store_conn *c) {
+    close(c->fd);
+    ddp__store_conn_clear_wait(c);
+    free(c->in);
+    free(c->out.p);
+    free(c);
+}
+
+static void ddp__store_server_accept(ddp__store_server *sv, int *paused) {
+    for (;;) {
+        int fd = accept(sv->listen_fd, NULL, NULL), one = 1;
+        ddp__store_conn *c;
+        if (fd < 0) {
+            if (errno == EINTR || errno == ECONNABORTED) continue;
+            if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM)
+                *paused = 1; /* retry in a while instead of spinning on POLLIN */
+            return;
+        }
+        ddp__store_sock_setup(fd);
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        c = (ddp__store_conn *)calloc(1, sizeof *c);
+        if (c && sv->nconns == sv->conns_cap) {
+            size_t cap = sv->conns_cap ? sv->conns_cap * 2 : 16;
+            ddp__store_conn **q = (ddp__store_conn **)realloc(sv->conns, cap * sizeof *q);
+            if (q) { sv->conns = q; sv->conns_cap = cap; }
+        }
+        if (!c || sv->nconns == sv->conns_cap) {
+            free(c);
+            close(fd);
+            *paused = 1;
+            return;
+        }
+        c->fd = fd;
+        sv->conns[sv->nconns++] = c;
+    }
+}
+
+static void *ddp__store_server_main(void *arg) {
+    ddp__store_server *sv = (ddp__store_server *)arg;
+    struct pollfd *pfd = NULL;
+    size_t pcap = 0;
+    int paused = 0;
+    for (;;) {
+        size_t i, n = sv->nconns, live;
+        int rc;
+        if (n + 2 > pcap) {
+            size_t cap = (n + 2) * 2;
+            struct pollfd *q = (struct pollfd *)realloc(pfd, cap * sizeof *q);
+            if (q) { pfd = q; pcap = cap; }
+        }
+        if (n + 2 > pcap) { ddp__store_sleep(0.01); continue; }
+        pfd[0].fd = sv->listen_fd;
+        pfd[0].events = paused ? 0 : POLLIN;
+        pfd[1].fd = sv->wake[0];
+        pfd[1].events = POLLIN;
+        for (i = 0; i < n; i++) {
+            pfd[2 + i].fd = sv->conns[i]->fd;
+            pfd[2 + i].events = (short)(POLLIN | (sv->conns[i]->out.n ? POLLOUT : 0));
+        }
+        for (i = 0; i < n + 2; i++) pfd[i].revents = 0;
+        rc = poll(pfd, (nfds_t)(n + 2), paused ? 100 : -1);
+        if (rc < 0) {
+            if (errno != EINTR) ddp__store_sleep(0.01);
+            continue;
+        }
+        paused = 0;
+        if (pfd[1].revents) break;
+        if (pfd[0].revents & POLLIN) ddp__store_server_accept(sv, &paused);
+        for (i = 0; i < n; i++) { /* connections accepted just now wait a round */
+            ddp__store_conn *c = sv->conns[i];
+            short re = pfd[2 + i].revents;
+            if (re & POLLOUT) ddp__store_conn_flush(c);
+            if (re & (POLLIN | POLLHUP | POLLERR)) ddp__store_conn_input(sv, c);
+        }
+        /* answers may have been queued on any connection (WAITs woken) */
+        for (live = 0, i = 0; i < sv->nconns; i++) {
+            ddp__store_conn *c = sv->conns[i];
+            ddp__store_conn_flush(c);
+            if (c->dead || c->eof) {
+                ddp__store_conn_free(c);
+            } else {
+                sv->conns[live++] = c;
+            }
+        }
+        sv->nconns = live;
+    }
+    free(pfd);
+    return NULL;
+}
+
+static int ddp__store_listen_on(const struct sockaddr *sa, socklen_t len, int *fd_out, int *err_no) {
+    int one = 1, zero = 0;
+    int fd = socket(sa->sa_family, SOCK_STREAM, 0);
+    if (fd < 0) { *err_no = errno; return -1; }
+    ddp__store_sock_setup(fd);
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one); /* restart within TIME_WAIT */
+    if (sa->sa_family == AF_INET6) setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof zero);
+    if (bind(fd, sa, len) != 0 || listen(fd, 4096) != 0) {
+        *err_no = errno;
+        close(fd);
+        return -1;
+    }
+    *fd_out = fd;
+    return 0;
+}
+
+/* Listen on bind_host (NULL: every interface, IPv6 dual-stack when available)
+ * and serve on a background thread. port 0 picks a free port (see
+ * ddp__store_server_port). Fails, naming the port, when it is taken. */
+static DDP__STORE_UNUSED int ddp__store_server_start(const char *bind_host, int port,
+                                                     ddp__store_server **out, char *err,
+                                                     size_t errlen) {
+    ddp__store_server *sv;
+    int fd = -1, err_no = 0, rc;
+    sigset_t all, old;
+    union {
+        struct sockaddr sa;
+        struct sockaddr_in in4;
+        struct sockaddr_in6 in6;
+        struct sockaddr_storage ss;
+    } addr;
+    socklen_t alen;
+
+    *out = NULL;
+    if (port < 0 || port > 65535) return ddp__store_fail(err, errlen, "cannot listen on port %d: not a TCP port (0..65535)", port);
+    if (!bind_host || !*bind_host) {
+        memset(&addr, 0, sizeof addr);
+        addr.in6.sin6_family = AF_INET6;
+        addr.in6.sin6_addr = in6addr_any;
+        addr.in6.sin6_port = htons((uint16_t)port);
+        if (ddp__store_listen_on(&addr.sa, sizeof addr.in6, &fd, &err_no) != 0 &&
+            err_no != EADDRINUSE && err_no != EACCES) {
+            memset(&addr, 0, sizeof addr); /* no IPv6 on this host */
+            addr.in4.sin_family = AF_INET;
+            addr.in4.sin_addr.s_addr = htonl(INADDR_ANY);
+            addr.in4.sin_port = htons((uint16_t)port);
+            ddp__store_listen_on(&addr.sa, sizeof addr.in4, &fd, &err_no);
+        }
+        if (fd < 0) return ddp__store_fail(err, errlen, "cannot listen on port %d: %s", port, strerror(err_no));
+    } else {
+        struct addrinfo hints, *res = NULL, *ai;
+        char ps[16];
+        memset(&hints, 0, sizeof hints);
+        hints.ai_family = AF_UNSPEC;
+        hints.ai_socktype = SOCK_STREAM;
+        hints.ai_flags = AI_PASSIVE;
+        snprintf(ps, sizeof ps, "%d", port);
+        rc = getaddrinfo(bind_host, ps, &hints, &res);
+        if (rc != 0)
+            return ddp__store_fail(err, errlen, "cannot listen on %s:%d: cannot resolve '%s': %s",
+                                   bind_host, port, bind_host, gai_strerror(rc));
+        for (ai = res; ai && fd < 0; ai = ai->ai_next)
+            ddp__store_listen_on(ai->ai_addr, ai->ai_addrlen, &fd, &err_no);
+        freeaddrinfo(res);
+        if (fd < 0) return ddp__store_fail(err, errlen, "cannot listen on %s:%d: %s", bind_host, port, strerror(err_no));
+    }
+
+    sv = (ddp__store_server *)calloc(1, sizeof *sv);
+    if (sv) sv->buckets = (ddp__store_kv **)calloc(64, sizeof *sv->buckets);
+    if (!sv || !sv->buckets) {
+        if (sv) free(sv);
+        close(fd);
+        return ddp__store_fail(err, errlen, "cannot start store server on port %d: out of memory", port);
+    }
+    sv->nbuckets = 64;
+    sv->listen_fd = fd;
+    alen = sizeof addr;
+    if (getsockname(fd, &addr.sa, &alen) == 0)
+        sv->port = ntohs(addr.sa.sa_family == AF_INET6 ? addr.in6.sin6_port : addr.in4.sin_port);
+    if (pipe(sv->wake) != 0) {
+        err_no = errno;
+        close(fd);
+        free(sv->buckets);
+        free(sv);
+        return ddp__store_fail(err, errlen, "cannot start store server on port %d: pipe: %s", port, strerror(err_no));
+    }
+    fcntl(sv->wake[0], F_SETFD, FD_CLOEXEC);
+    fcntl(sv->wake[1], F_SETFD, FD_CLOEXEC);
+    /* the server thread takes no signals: they belong to the user's threads */
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    rc = pthread_create(&sv->thread, NULL, ddp__store_server_main, sv);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc != 0) {
+        close(fd);
+        close(sv->wake[0]);
+        close(sv->wake[1]);
+        free(sv->buckets);
+        free(sv);
+        return ddp__store_fail(err, errlen, "cannot start store server thread: %s", strerror(rc));
+    }
+    *out = sv;
+    return 0;
+}
+
+static DDP__STORE_UNUSED int ddp__store_server_port(const ddp__store_server *sv) { return sv ? sv->port : 0; }
+
+/* Stop serving, drop every connection (blocked clients see the close), free. */
+static DDP__STORE_UNUSED void ddp__store_server_stop(ddp__store_server *sv) {
+    size_t i;
+    char b = 1;
+    if (!sv) return;
+    while (write(sv->wake[1], &b, 1) < 0 && errno == EINTR) {
+    }
+    pthread_join(sv->thread, NULL);
+    for (i = 0; i < sv->nconns; i++) ddp__store_conn_free(sv->conns[i]);
+    free(sv->conns);
+    for (i = 0; i < sv->nbuckets; i++) {
+        ddp__store_kv *e = sv->buckets[i], *next;
+        for (; e; e = next) {
+            next = e->next;
+            free(e->val);
+            free(e);
+        }
+    }
+    free(sv->buckets);
+    close(sv->listen_fd);
+    close(sv->wake[0]);
+    close(sv->wake[1]);
+    free(sv);
+}
+
+/* ======================================================================== */
+/* CLIENT                                                                    */
+
+typedef struct ddp__store {
+    int fd;           /* -1 when not connected */
+    int proto;        /* resolved wire version: DDP__STORE_PROTO_V1 or _V2 */
+    int broken;       /* the connection's state is unknown: reconnect first */
+    double timeout_s; /* per call (connect, reply, key wait); <= 0: forever */
+    int port;
+    char host[256];
+    char prefix[256]; /* prepended verbatim to every key (ddp__store_set_prefix) */
+} ddp__store;
+
+enum { DDP__STORE_IO_OK, DDP__STORE_IO_TIMEOUT, DDP__STORE_IO_CLOSED, DDP__STORE_IO_ERROR };
+
+static int ddp__store_poll1(int fd, short ev, double deadline, int *err_no) {
+    for (;;) {
+        struct pollfd p;
+        int ms = ddp__store_ms_left(deadline), r;
+        p.fd = fd;
+        p.events = ev;
+        p.revents = 0;
+        r = poll(&p, 1, ms);
+        if (r > 0) return DDP__STORE_IO_OK; /* POLLHUP/POLLERR: the next call says */
+        if (r == 0) {
+            if (ms >= 0 && ddp__store_now() >= deadline) return DDP__STORE_IO_TIMEOUT;
+            continue;
+        }
+        if (errno == EINTR) continue;
+        *err_no = errno;
+        return DDP__STORE_IO_ERROR;
+    }
+}
+
+static int ddp__store_send_all(int fd, const void *buf, size_t n, double deadline, int *err_no) {
+    const unsigned char *p = (const unsigned char *)buf;
+    while (n > 0) {
+        ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
+        if (w > 0) { p += w; n -= (size_t)w; continue; }
+        if (w < 0 && errno == EINTR) continue;
+        if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            int r = ddp__store_poll1(fd, POLLOUT, deadline, err_no);
+            if (r != DDP__STORE_IO_OK) return r;
+            continue;
+        }
+        *err_no = w < 0 ? errno : EIO;
+        return (*err_no == EPIPE || *err_no == ECONNRESET) ? DDP__STORE_IO_CLOSED : DDP__STORE_IO_ERROR;
+    }
+    return DDP__STORE_IO_OK;
+}
+
+static int ddp__store_recv_all(int fd, void *buf, size_t n, double deadline, int *err_no) {
+    unsigned char *p = (unsigned char *)buf;
+    while (n > 0) {
+        ssize_t r = recv(fd, p, n, 0);
+        if (r > 0) { p += r; n -= (size_t)r; continue; }
+        if (r == 0) { *err_no = 0; return DDP__STORE_IO_CLOSED; }
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            int rc = ddp__store_poll1(fd, POLLIN, deadline, err_no);
+            if (rc != DDP__STORE_IO_OK) return rc;
+            continue;
+        }
+        *err_no = errno;
+        return errno == ECONNRESET ? DDP__STORE_IO_CLOSED : DDP__STORE_IO_ERROR;
+    }
+    return DDP__STORE_IO_OK;
+}
+
+/* Open a TCP connection, retrying refusals and failed look-ups until deadline
+ * (the server may start after us). why receives the last failure. */
+static int ddp__store_tcp_connect(const char *host, int port, double deadline, int *fd_out,
+                                  char *why, size_t whylen) {
+    char ps[16];
+    double backoff = 0.01;
+    snprintf(ps, sizeof ps, "%d", port);
+    snprintf(why, whylen, "no attempt made");
+    for (;;) {
+        struct addrinfo hints, *res = NULL, *ai;
+        int rc, left_ms;
+        memset(&hints, 0, sizeof hints);
+        hints.ai_family = AF_UNSPEC;
+        hints.ai_socktype = SOCK_STREAM;
+        rc = getaddrinfo(host, ps, &hints, &res);
+        if (rc != 0) {
+            snprintf(why, whylen, "cannot resolve '%s': %s", host,
+                     rc == EAI_SYSTEM ? strerror(errno) : gai_strerror(rc));
+        }
+        for (ai = rc == 0 ? res : NULL; ai; ai = ai->ai_next) {
+            int fd = socket(ai->ai_family, ai->ai_socktype, ai->ai_protocol), e = 0, one = 1;
+            if (fd < 0) { snprintf(why, whylen, "%s", strerror(errno)); continue; }
+            ddp__store_sock_setup(fd);
+            if (connect(fd, ai->ai_addr, ai->ai_addrlen) != 0) {
+                e = errno;
+                if (e == EINPROGRESS || e == EINTR) {
+                    /* one address may black-hole: give the others a chance */
+                    double now = ddp__store_now();
+                    double d = deadline < now + 5.0 ? deadline : now + 5.0;
+                    socklen_t sl = sizeof e;
+                    int pr = ddp__store_poll1(fd, POLLOUT, d, &e);
+                    if (pr == DDP__STORE_IO_TIMEOUT) e = ETIMEDOUT;
+                    else if (pr == DDP__STORE_IO_OK && getsockopt(fd, SOL_SOCKET, SO_ERROR, &e, &sl) != 0) e = errno;
+                }
+            }
+            if (e == 0) {
+                setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+                freeaddrinfo(res);
+                *fd_out = fd;
+                return 0;
+            }
+            snprintf(why, whylen, "%s", strerror(e));
+            close(fd);
+        }
+        if (rc == 0) freeaddrinfo(res);
+        left_ms = ddp__store_ms_left(deadline);
+        if (left_ms == 0) return -1;
+        ddp__store_sleep(left_ms > 0 && backoff * 1000.0 > left_ms ? left_ms / 1000.0 : backoff);
+        backoff = backoff * 2 > 0.5 ? 0.5 : backoff * 2;
+    }
+}
+
+/* The V2 opening: VALIDATE + magic, then PING with a nonce whose bits 16..23
+ * are 0xFF, so that a V1 server parses it as a SET with a key length beyond
+ * any vector's max_size and drops the connection (verified on torch 1.13). */
+static void ddp__store_v2_hello(ddp__store_buf *b, uint32_t *nonce) {
+    *nonce = ((uint32_t)getpid() & 0xFF00FFFFu) | 0x00FF0000u;
+    ddp__store_buf_u8(b, 0); /* VALIDATE */
+    ddp__store_buf_u32(b, DDP__STORE_MAGIC);
+    ddp__store_buf_u8(b, DDP__STORE_Q_PING);
+    ddp__store_buf_u32(b, *nonce);
+}
+
+/* AUTO: one connection sends a V1 GETNUMKEYS, another the V2 opening; the
+ * first complete, correct answer decides (a V1 server drops the V2 opening; a
+ * V2 server drops or ignores the V1 probe), the other connection is closed.
+ * Parallel, so a silent (libuv) V2 server costs no probe timeout. */
+static int ddp__store_probe(ddp__store *s, double deadline, double timeout_s, int *fd_out,
+                            int *proto_out, char *err, size_t errlen) {
+    int fd[2] = {-1, -1}, alive[2] = {0, 0}, i, e = 0, win = -1;
+    unsigned char got[2][8];
+    size_t have[2] = {0, 0}, need[2] = {8, 4};
+    uint32_t nonce = 0;
+    char why[200];
+    ddp__store_buf hello = {NULL, 0, 0, 0};
+    unsigned char q = DDP__STORE_Q_GETNUMKEYS;
+
+    ddp__store_v2_hello(&hello, &nonce);
+    for (i = 0; i < 2; i++) {
+        if (ddp__store_tcp_connect(s->host, s->port, deadline, &fd[i], why, sizeof why) != 0) {
+            if (i == 1) close(fd[0]);
+            free(hello.p);
+            return ddp__store_fail(err, errlen, "cannot connect to store at %s:%d within %.1f s: %s",
+                                   s->host, s->port, timeout_s, why);
+        }
+        alive[i] = ddp__store_send_all(fd[i], i == 0 ? &q : hello.p, i == 0 ? 1 : hello.n, deadline, &e) ==
+                   DDP__STORE_IO_OK;
+    }
+    free(hello.p);
+    while (win < 0 && (alive[0] || alive[1])) {
+        struct pollfd p[2];
+        int np = 0, r, ms = ddp__store_ms_left(deadline);
+        for (i = 0; i < 2; i++) {
+            if (!alive[i]) continue;
+            p[np].fd = fd[i];
+            p[np].events = POLLIN;
+            p[np].revents = 0;
+            np++;
+        }
+        r = poll(p, (nfds_t)np, ms);
+        if (r < 0 && errno != EINTR) break;
+        if (r == 0 && ms >= 0 && ddp__store_now() >= deadline) break;
+        for (i = 0; i < 2 && win < 0; i++) {
+            ssize_t n;
+            if (!alive[i]) continue;
+            n = recv(fd[i], got[i] + have[i], need[i] - have[i], 0);
+            if (n > 0) {
+                have[i] += (size_t)n;
+                if (have[i] < need[i]) continue;
+                if (i == 0 || memcmp(got[1], &nonce, 4) == 0) win = i;
+                else alive[i] = 0; /* a PING answer that is not ours */
+            } else if (n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
+                alive[i] = 0; /* dropped: not this version */
+            }
+        }
+    }
+    for (i = 0; i < 2; i++)
+        if (i != win) close(fd[i]);
+    if (win < 0)
+        return ddp__store_fail(err, errlen,
+                               alive[0] || alive[1]
+                                   ? "store at %s:%d answered neither the torch 1.x nor the torch 2.x protocol within %.1f s"
+                                   : "store at %s:%d dropped both the torch 1.x and the torch 2.x protocol probes (%.1f s)",
+                               s->host, s->port, timeout_s);
+    *fd_out = fd[win];
+    *proto_out = win == 0 ? DDP__STORE_PROTO_V1 : DDP__STORE_PROTO_V2;
+    return 0;
+}
+
+/* Connect and agree on the wire version (s->host/port already set). */
+static int ddp__store_open(ddp__store *s, int proto, double timeout_s, char *err, size_t errlen) {
+    double deadline = ddp__store_deadline(timeout_s);
+    char why[200];
+    int fd = -1, e = 0, r;
+    if (s->fd >= 0) close(s->fd);
+    s->fd = -1;
+    s->broken = 1;
+    if (proto == DDP__STORE_PROTO_AUTO) {
+        if (ddp__store_probe(s, deadline, timeout_s, &fd, &proto, err, errlen) != 0) return -1;
+    } else if (ddp__store_tcp_connect(s->host, s->port, deadline, &fd, why, sizeof why) != 0) {
+        return ddp__store_fail(err, errlen, "cannot connect to store at %s:%d within %.1f s: %s",
+                               s->host, s->port, timeout_s, why);
+    } else if (proto == DDP__STORE_PROTO_V2) {
+        ddp__store_buf b = {NULL, 0, 0, 0};
+        uint32_t nonce, back = 0;
+        ddp__store_v2_hello(&b, &nonce);
+        r = b.oom ? DDP__STORE_IO_ERROR : ddp__store_send_all(fd, b.p, b.n, deadline, &e);
+        free(b.p);
+        if (r == DDP__STORE_IO_OK) r = ddp__store_recv_all(fd, &back, 4, deadline, &e);
+        if (r != DDP__STORE_IO_OK || back != nonce) {
+            close(fd);
+            return ddp__store_fail(err, errlen,
+                                   "store at %s:%d did not complete the torch 2.x handshake (VALIDATE + PING): %s",
+                                   s->host, s->port,
+                                   r == DDP__STORE_IO_TIMEOUT ? "no answer"
+                                   : r == DDP__STORE_IO_CLOSED ? "it closed the connection (a torch 1.x store? use protocol V1)"
+                                   : r == DDP__STORE_IO_OK ? "wrong PING answer" : strerror(e));
+        }
+    }
+    s->fd = fd;
+    s->proto = proto;
+    s->broken = 0;
+    return 0;
+}
+
+/* Connect to the store at host:port, retrying until timeout_s (<= 0: forever);
+ * proto is DDP__STORE_PROTO_AUTO, _V1 or _V2. timeout_s also bounds every
+ * later call (change s->timeout_s to adjust). */
+static DDP__STORE_UNUSED int ddp__store_connect_proto(ddp__store *s, const char *host, int port,
+                                                      double timeout_s, int proto, char *err,
+                                                      size_t errlen) {
+    memset(s, 0, sizeof *s);
+    s->fd = -1;
+    s->broken = 1;
+    s->timeout_s = timeout_s;
+    if (!host || !*host) return ddp__store_fail(err, errlen, "cannot connect to store: no host given");
+    if (strlen(host) >= sizeof s->host)
+        return ddp__store_fail(err, errlen, "cannot connect to store: host name longer than %d bytes", (int)sizeof s->host - 1);
+    if (port <= 0 || port > 65535)
+        return ddp__store_fail(err, errlen, "cannot connect to store at %s:%d: not a TCP port (1..65535)", host, port);
+    if (proto < DDP__STORE_PROTO_AUTO || proto > DDP__STORE_PROTO_V2)
+        return ddp__store_fail(err, errlen, "cannot connect to store at %s:%d: unknown protocol %d", host, port, proto);
+    strcpy(s->host, host);
+    s->port = port;
+    return ddp__store_open(s, proto, timeout_s, err, errlen);
+}
+
+static DDP__STORE_UNUSED int ddp__store_connect(ddp__store *s, const char *host, int port,
+                                                double timeout_s, char *err, size_t errlen) {
+    return ddp__store_connect_proto(s, host, port, timeout_s, DDP__STORE_PROTO_AUTO, err, errlen);
+}
+
+static DDP__STORE_UNUSED void ddp__store_close(ddp__store *s) {
+    if (s->fd >= 0) close(s->fd);
+    s->fd = -1;
+    s->broken = 1;
+}
+
+static DDP__STORE_UNUSED int ddp__store_set_prefix(ddp__store *s, const char *prefix, char *err,
+                                                   size_t errlen) {
+    if (!prefix) prefix = "";
+    if (strlen(prefix) >= sizeof s->prefix)
+        return ddp__store_fail(err, errlen, "store key prefix '%.40s...' is longer than %d bytes", prefix, (int)sizeof s->prefix - 1);
+    strcpy(s->prefix, prefix);
+    return 0;
+}
+
+/* Request building: the op byte for the connection's wire version, keys with
+ * the prefix. */
+static void ddp__store_req(ddp__store *s, ddp__store_buf *b, int op) {
+    b->p = NULL;
+    b->n = b->cap = 0;
+    b->oom = 0;
+    if (s->proto == DDP__STORE_PROTO_V2 && op <= DDP__STORE_Q_GETNUMKEYS) op += 1;
+    ddp__store_buf_u8(b, (unsigned)op);
+}
+
+static void ddp__store_req_key(ddp__store *s, ddp__store_buf *b, const char *key) {
+    size_t pl = strlen(s->prefix), kl = strlen(key);
+    ddp__store_buf_u64(b, (uint64_t)(pl + kl));
+    ddp__store_buf_put(b, s->prefix, pl);
+    ddp__store_buf_put(b, key, kl);
+}
+
+static const char *ddp__store_op_name(int op) {
+    switch (op) {
+    case DDP__STORE_Q_SET: return "SET";
+    case DDP__STORE_Q_COMPARE_SET: return "COMPARE_SET";
+    case DDP__STORE_Q_GET: return "GET";
+    case DDP__STORE_Q_ADD: return "ADD";
+    case DDP__STORE_Q_CHECK: return "CHECK";
+    case DDP__STORE_Q_WAIT: return "WAIT";
+    case DDP__STORE_Q_GETNUMKEYS: return "GETNUMKEYS";
+    case DDP__STORE_Q_DELETE_KEY: return "DELETE_KEY";
+    default: return "request";
+    }
+}
+
+/* Turn an I/O failure into a message; the connection is no longer usable. */
+static int ddp__store_io_fail(ddp__store *s, int why, int err_no, int op, const char *key,
+                              char *err, size_t errlen) {
+    char what[160];
+    if (key) snprintf(what, sizeof what, "%s '%s'", ddp__store_op_name(op), key);
+    else snprintf(what, sizeof what, "%s", ddp__store_op_name(op));
+    s->broken = 1;
+    if (why == DDP__STORE_IO_TIMEOUT)
+        return ddp__store_fail(err, errlen, "timed out after %.1f s waiting for the store at %s:%d to answer %s",
+                               s->timeout_s, s->host, s->port, what);
+    if (why == DDP__STORE_IO_CLOSED)
+        return ddp__store_fail(err, errlen, "store at %s:%d closed the connection during %s%s%s", s->host,
+                               s->port, what, err_no ? ": " : "", err_no ? strerror(err_no) : "");
+    return ddp__store_fail(err, errlen, "I/O error talking to store at %s:%d during %s: %s", s->host,
+                           s->port, what, strerror(err_no));
+}
+
+/* Reconnect when an earlier failure left the connection in an unknown state. */
+static int ddp__store_ready(ddp__store *s, char *err, size_t errlen) {
+    if (!s->host[0]) return ddp__store_fail(err, errlen, "store client is not connected");
+    if (s->fd >= 0 && !s->broken) return 0;
+    return ddp__store_open(s, s->proto, s->timeout_s, err, errlen);
+}
+
+/* Send req (freed here) and read a fixed-size reply (nreply may be 0). */
+static int ddp__store_rpc(ddp__store *s, ddp__store_buf *req, int op, const char *key, void *reply,
+                          size_t nreply, char *err, size_t errlen) {
+    int e = 0, r;
+    double deadline;
+    if (req->oom) {
+        free(req->p);
+        return ddp__store_fail(err, errlen, "out of memory building %s for the store", ddp__store_op_name(op));
+    }
+    if (ddp__store_ready(s, err, errlen) != 0) {
+        free(req->p);
+        return -1;
+    }
+    deadline = ddp__store_deadline(s->timeout_s);
+    r = ddp__store_send_all(s->fd, req->p, req->n, deadline, &e);
+    free(req->p);
+    if (r == DDP__STORE_IO_OK && nreply) r = ddp__store_recv_all(s->fd, reply, nreply, deadline, &e);
+    if (r != DDP__STORE_IO_OK) return ddp__store_io_fail(s, r, e, op, key, err, errlen);
+    return 0;
+}
+
+/* Read a u64-length-prefixed blob reply into malloc'd memory (NUL-terminated). */
+static int ddp__store_recv_blob(ddp__store *s, int op, const char *key, void **val, size_t *len,
+                                char *err, size_t errlen) {
+    double deadline = ddp__store_deadline(s->timeout_s);
+    uint64_t n;
+    unsigned char *p;
+    int e = 0, r = ddp__store_recv_all(s->fd, &n, 8, deadline, &e);
+    if (r != DDP__STORE_IO_OK) return ddp__store_io_fail(s, r, e, op, key, err, errlen);
+    if (n > DDP__STORE_MAX_VALUE_LEN) {
+        s->broken = 1;
+        return ddp__store_fail(err, errlen, "store at %s:%d answered %s '%s' with an implausible length %llu (protocol mismatch?)",
+                               s->host, s->port, ddp__store_op_name(op), key, (unsigned long long)n);
+    }
+    p = (unsigned char *)malloc((size_t)n + 1);
+    if (!p) {
+        s->broken = 1;
+        return ddp__store_fail(err, errlen, "out of memory reading %llu bytes of key '%s' from the store", (unsigned long long)n, key);
+    }
+    r = ddp__store_recv_all(s->fd, p, (size_t)n, deadline, &e);
+    if (r != DDP__STORE_IO_OK) {
+        free(p);
+        return ddp__store_io_fail(s, r, e, op, key, err, errlen);
+    }
+    p[n] = 0;
+    *val = p;
+    *len = (size_t)n;
+    return 0;
+}
+
+static DDP__STORE_UNUSED int ddp__store_set(ddp__store *s, const char *key, const void *val, size_t len,
+                                            char *err, size_t errlen) {
+    ddp__store_buf b;
+    ddp__store_req(s, &b, DDP__STORE_Q_SET);
+    ddp__store_req_key(s, &b, key);
+    ddp__store_buf_blob(&b, val, len);
+    return ddp__store_rpc(s, &b, DDP__STORE_Q_SET, key, NULL, 0, err, errlen);
+}
+
+static DDP__STORE_UNUSED int ddp__store_add(ddp__store *s, const char *key, int64_t delta, int64_t *out,
+                                            char *err, size_t errlen) {
+    ddp__store_buf b;
+    int64_t v = 0;
+    ddp__store_req(s, &b, DDP__STORE_Q_ADD);
+    ddp__store_req_key(s, &b, key);
+    ddp__store_buf_u64(&b, (uint64_t)delta);
+    if (ddp__store_rpc(s, &b, DDP__STORE_Q_ADD, key, &v, 8, err, errlen) != 0) return -1;
+    if (out) *out = v;
+    return 0;
+}
+
+/* *ready = 1 when every key exists. */
+static DDP__STORE_UNUSED int ddp__store_check(ddp__store *s, const char *const *keys, int nkeys, int *ready,
+                                              char *err, size_t errlen) {
+    ddp__store_buf b;
+    unsigned char v = 1;
+    int i;
+    ddp__store_req(s, &b, DDP__STORE_Q_CHECK);
+    ddp__store_buf_u64(&b, (uint64_t)(nkeys > 0 ? nkeys : 0));
+    for (i = 0; i < nkeys; i++) ddp__store_req_key(s, &b, keys[i]);
+    if (ddp__store_rpc(s, &b, DDP__STORE_Q_CHECK, nkeys > 0 ? keys[0] : NULL, &v, 1, err, errlen) != 0) return -1;
+    if (v > 1) {
+        s->broken = 1;
+        return ddp__store_fail(err, errlen, "store at %s:%d answered CHECK with %u (protocol mismatch?)", s->host, s->port, v);
+    }
+    *ready = v == 0;
+    return 0;
+}
+
+static DDP__STORE_UNUSED int ddp__store_delete(ddp__store *s, const char *key, int *deleted, char *err,
+                                               size_t errlen) {
+    ddp__store_buf b;
+    int64_t v = 0;
+    ddp__store_req(s, &b, DDP__STORE_Q_DELETE_KEY);
+    ddp__store_req_key(s, &b, key);
+    if (ddp__store_rpc(s, &b, DDP__STORE_Q_DELETE_KEY, key, &v, 8, err, errlen) != 0) return -1;
+    if (deleted) *deleted = v != 0;
+    return 0;
+}
+
+/* Number of keys in the whole store (every prefix, torch's own keys too). */
+static DDP__STORE_UNUSED int ddp__store_num_keys(ddp__store *s, int64_t *out, char *err, size_t errlen) {
+    ddp__store_buf b;
+    ddp__store_req(s, &b, DDP__STORE_Q_GETNUMKEYS);
+    return ddp__store_rpc(s, &b, DDP__STORE_Q_GETNUMKEYS, NULL, out, 8, err, errlen);
+}
+
+/* torch semantics: sets desired when the value equals expected (or the key is
+ * missing and expected is empty); *val receives the value now stored (for a
+ * missing key with non-empty expected: expected). *val is malloc'd. */
+static DDP__STORE_UNUSED int ddp__store_compare_set(ddp__store *s, const char *key, const void *expected,
+                                                    size_t elen, const void *desired, size_t dlen,
+                                                    void **val, size_t *len, char *err, size_t errlen) {
+    ddp__store_buf b;
+    ddp__store_req(s, &b, DDP__STORE_Q_COMPARE_SET);
+    ddp__store_req_key(s, &b, key);
+    ddp__store_buf_blob(&b, expected, elen);
+    ddp__store_buf_blob(&b, desired, dlen);
+    if (ddp__store_rpc(s, &b, DDP__STORE_Q_COMPARE_SET, key, NULL, 0, err, errlen) != 0) return -1;
+    return ddp__store_recv_blob(s, DDP__STORE_Q_COMPARE_SET, key, val, len, err, errlen);
+}
+
+/* After a WAIT timed out the server still owes an answer, so this connection
+ * cannot be reused: open a fresh one (short timeout). note gets the failure. */
+static int ddp__store_recover(ddp__store *s, char *note, size_t notelen) {
+    double t = s->timeout_s > 0 && s->timeout_s < 5.0 ? s->timeout_s : 5.0;
+    return ddp__store_open(s, s->proto, t, note, notelen);
+}
+
+/* WAIT for keys until deadline. On timeout: *timed_out = 1, the connection is
+ * replaced (err gets a reconnect failure, if any) and -1 is returned. */
+static int ddp__store_wait_until(ddp__store *s, const char *const *keys, int nkeys, double deadline,
+                                 int *timed_out, char *err, size_t errlen) {
+    ddp__store_buf b;
+    unsigned char v = 0;
+    int e = 0, r, i;
+    *timed_out = 0;
+    ddp__store_req(s, &b, DDP__STORE_Q_WAIT);
+    ddp__store_buf_u64(&b, (uint64_t)(nkeys > 0 ? nkeys : 0));
+    for (i = 0; i < nkeys; i++) ddp__store_req_key(s, &b, keys[i]);
+    if (ddp__store_rpc(s, &b, DDP__STORE_Q_WAIT, nkeys > 0 ? keys[0] : NULL, NULL, 0, err, errlen) != 0) return -1;
+    r = ddp__store_recv_all(s->fd, &v, 1, deadline, &e);
+    if (r == DDP__STORE_IO_TIMEOUT) {
+        *timed_out = 1;
+        if (err && errlen) err[0] = 0;
+        s->broken = 1;
+        if (ddp__store_recover(s, err, errlen) != 0) return -1;
+        if (err && errlen) err[0] = 0;
+        return -1;
+    }
+    if (r != DDP__STORE_IO_OK) return ddp__store_io_fail(s, r, e, DDP__STORE_Q_WAIT, nkeys > 0 ? keys[0] : NULL, err, errlen);
+    if (v != 0) {
+        s->broken = 1;
+        return ddp__store_fail(err, errlen, "store at %s:%d answered WAIT with %u (protocol mismatch?)", s->host, s->port, v);
+    }
+    return 0;
+}
+
+/* The message for a timed-out wait: which keys, and which of them are still
+ * missing (asked on the fresh connection). note: reconnect failure or "". */
+static int ddp__store_wait_timeout_msg(ddp__store *s, const char *const *keys, int nkeys, const char *note,
+                                       char *err, size_t errlen) {
+    int i, listed = 0;
+    char buf[1024];
+    buf[0] = 0;
+    ddp__store_appendf(buf, sizeof buf, "timed out after %.1f s waiting for key%s", s->timeout_s, nkeys == 1 ? "" : "s");
+    for (i = 0; i < nkeys && i < 8; i++) ddp__store_appendf(buf, sizeof buf, "%s '%s'", i ? "," : "", keys[i]);
+    if (nkeys > 8) ddp__store_appendf(buf, sizeof buf, ", ... (%d keys)", nkeys);
+    if (note[0]) {
+        ddp__store_appendf(buf, sizeof buf, "; then %s", note);
+    } else if (nkeys > 1) {
+        for (i = 0; i < nkeys; i++) {
+            int ready = 0;
+            if (ddp__store_check(s, &keys[i], 1, &ready, NULL, 0) != 0) break;
+            if (ready) continue;
+            if (listed < 8) ddp__store_appendf(buf, sizeof buf, "%s'%s'", listed ? ", " : " (missing: ", keys[i]);
+            listed++;
+        }
+        if (listed > 8) ddp__store_appendf(buf, sizeof buf, ", ... %d in all", listed);
+        if (listed) ddp__store_appendf(buf, sizeof buf, ")");
+    }
+    return ddp__store_fail(err, errlen, "%s", buf);
+}
+
+/* Wait until every key exists, for at most s->timeout_s. */
+static DDP__STORE_UNUSED int ddp__store_wait(ddp__store *s, const char *const *keys, int nkeys, char *err,
+                                             size_t errlen) {
+    int timed_out;
+    char note[512];
+    if (ddp__store_wait_until(s, keys, nkeys, ddp__store_deadline(s->timeout_s), &timed_out, note, sizeof note) == 0)
+        return 0;
+    if (!timed_out) return ddp__store_fail(err, errlen, "%s", note);
+    return ddp__store_wait_timeout_msg(s, keys, nkeys, note, err, errlen);
+}
+
+/* Wait (up to s->timeout_s) for key, then read it into malloc'd *val (one
+ * extra NUL byte after the *len bytes, for text values). */
+static DDP__STORE_UNUSED int ddp__store_get(ddp__store *s, const char *key, void **val, size_t *len,
+                                            char *err, size_t errlen) {
+    ddp__store_buf b;
+    *val = NULL;
+    *len = 0;
+    if (ddp__store_wait(s, &key, 1, err, errlen) != 0) return -1;
+    ddp__store_req(s, &b, DDP__STORE_Q_GET);
+    ddp__store_req_key(s, &b, key);
+    if (ddp__store_rpc(s, &b, DDP__STORE_Q_GET, key, NULL, 0, err, errlen) != 0) return -1;
+    return ddp__store_recv_blob(s, DDP__STORE_Q_GET, key, val, len, err, errlen);
+}
+
+/* Barrier of world ranks on name, reusable: ADD "<name>/count" gives each
+ * arrival a ticket; generation g = (ticket-1)/world; the rank records
+ * "<name>/<g>/arrived/<rank>" and the world-th arrival sets "<name>/<g>/done",
+ * which everyone waits for (s->timeout_s in all). Every rank must call it the
+ * same number of times. On timeout the message says who is missing. */
+static DDP__STORE_UNUSED int ddp__store_barrier(ddp__store *s, const char *name, int rank, int world,
+                                                char *err, size_t errlen) {
+    char count_key[320], key[320], note[512];
+    const char *done = key;
+    int64_t ticket, gen, total = 0;
+    double deadline = ddp__store_deadline(s->timeout_s);
+    int timed_out, r = 0, listed = 0, i;
+    char buf[768];
+
+    if (world < 1 || rank < 0 || rank >= world)
+        return ddp__store_fail(err, errlen, "barrier '%s': rank %d is outside a world of %d", name, rank, world);
+    if (strlen(name) > 256) return ddp__store_fail(err, errlen, "barrier '%.40s...': name longer than 256 bytes", name);
+    snprintf(count_key, sizeof count_key, "%s/count", name);
+    if (ddp__store_add(s, count_key, 1, &ticket, err, errlen) != 0) return -1;
+    gen = (ticket - 1) / world;
+    snprintf(key, sizeof key, "%s/%lld/arrived/%d", name, (long long)gen, rank);
+    if (ddp__store_set(s, key, "1", 1, err, errlen) != 0) return -1;
+    snprintf(key, sizeof key, "%s/%lld/done", name, (long long)gen);
+    if (ticket % world == 0 && ddp__store_set(s, key, "1", 1, err, errlen) != 0) return -1;
+    if (ddp__store_wait_until(s, &done, 1, deadline, &timed_out, note, sizeof note) == 0) return 0;
+    if (!timed_out) return ddp__store_fail(err, errlen, "barrier '%s': %s", name, note);
+
+    buf[0] = 0;
+    ddp__store_appendf(buf, sizeof buf, "barrier '%s' timed out after %.1f s", name, s->timeout_s);
+    if (note[0] || ddp__store_add(s, count_key, 0, &total, NULL, 0) != 0) {
+        ddp__store_appendf(buf, sizeof buf, "; then %s", note[0] ? note : "the store did not answer");
+        return ddp__store_fail(err, errlen, "%s", buf);
+    }
+    total -= gen * world;
+    if (total < 0) total = 0;
+    if (total > world) total = world;
+    ddp__store_appendf(buf, sizeof buf, ": %lld of %d ranks arrived", (long long)total, world);
+    for (i = 0; i < world && i < 4096; i++) {
+        const char *k = key;
+        snprintf(key, sizeof key, "%s/%lld/arrived/%d", name, (long long)gen, i);
+        if (ddp__store_check(s, &k, 1, &r, NULL, 0) != 0) break;
+        if (r) continue;
+        if (listed < 8) ddp__store_appendf(buf, sizeof buf, "%s%d", listed ? ", " : " (missing: rank ", i);
+        listed++;
+    }
+    if (listed > 8) ddp__store_appendf(buf, sizeof buf, ", ... %d in all", listed);
+    if (listed) ddp__store_appendf(buf, sizeof buf, ")");
+    return ddp__store_fail(err, errlen, "%s", buf);
+}
+
+/* ---- shared-memory backend ------------------------------------------------------
+
+   Every collective has a sequence number, the same on every rank because
+   every rank issues the same collectives in the same order. Each rank owns
+   one cache line of counters in the control segment:
+     arrive  its input for collective seq is in place
+     mid     its part of the reduction for seq is written
+     done    it has finished reading other ranks' staging for seq
+   A rank waits for all counters to reach seq, with a timeout, watching the
+   abort flag and whether the peers' processes still exist.
+
+   Staging (per rank, in the control segment) carries user buffers; it has two
+   halves so that back-to-back small collectives need no extra round trip:
+   before writing a half, a rank waits until everybody finished reading the
+   collective that last used it, which is normally long ago. */
+
+#define DDP__SHM_MAGIC   0x3170706464ull     /* "ddp1" */
+#define DDP__SMALL_BYTES ((size_t)64 << 10)   /* latency path up to this size */
+#define DDP__RED_BLOCK   2048                 /* elements per reduction block */
+
+typedef struct ddp__shm_slot {
+    uint64_t arrive, mid, done;
+    int32_t  pid;
+    int32_t  pad0;
+    char     pad[DDP__CACHELINE - 32];
+} ddp__shm_slot;
+
+typedef struct ddp__shm_ctrl {
+    uint64_t magic;
+    int32_t  world;
+    int32_t  abort_rank;                 /* -1 until somebody aborts */
+    char     abort_msg[512];
+    char     pad[DDP__CACHELINE * 5 - 528];
+} ddp__shm_ctrl;
+
+static ddp__shm_slot *ddp__slot(ddp_context *ctx, int q) {
+    return (ddp__shm_slot *)((unsigned char *)ctx->shm.ctrl + sizeof(ddp__shm_ctrl)) + q;
+}
+
+static size_t ddp__ctrl_header_bytes(int world) {
+    return ddp__align_up(sizeof(ddp__shm_ctrl) + (size_t)world * sizeof(ddp__shm_slot), 4096);
+}
+
+/* Tell every peer that this rank gave up (first message wins). */
+static void ddp__shm_abort(ddp_context *ctx, const char *why) {
+    ddp__shm_ctrl *c = ctx->shm.ctrl;
+    int32_t expect = -1;
+    if (!c) return;
+    if (__atomic_compare_exchange_n(&c->abort_rank, &expect, (int32_t)ctx->rank, 0,
+                                    __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+        ddp__copy_str(c->abort_msg, sizeof c->abort_msg, why);
+        __atomic_thread_fence(__ATOMIC_RELEASE);
+    }
+}
+
+/* Mark the context broken after a failed collective and let the peers know. */
+static ddp_result ddp__break(ddp_context *ctx, ddp_result code) {
+    DDP__STORE_REL(&ctx->broken, 1);
+    if (code != DDP_ERROR_PEER) ddp__shm_abort(ctx, ddp__errbuf(ctx));
+    return code;
+}
+
+static const char *ddp__counter_name(int field) {
+    return field == 0 ? "arrive" : field == 1 ? "mid" : "done";
+}
+
+static uint64_t ddp__counter(ddp__shm_slot *s, int field) {
+    return field == 0 ? DDP__LOAD_ACQ(&s->arrive) : field == 1 ? DDP__LOAD_ACQ(&s->mid) : DDP__LOAD_ACQ(&s->done);
+}
+
+static void ddp__set_counter(ddp_context *ctx, int field, uint64_t v) {
+    ddp__shm_slot *s = ddp__slot(ctx, ctx->rank);
+    if (field == 0) DDP__STORE_REL(&s->arrive, v);
+    else if (field == 1) DDP__STORE_REL(&s->mid, v);
+    else DDP__STORE_REL(&s->done, v);
+}
+
+/* Wait until rank `only` (or every rank when only < 0) has counter >= target. */
+static ddp_result ddp__shm_wait(ddp_context *ctx, int field, uint64_t target, int only, const char *what) {
+    ddp__shm_ctrl *c = ctx->shm.ctrl;
+    double start = 0, deadline = 0;
+    unsigned long spins = 0;
+    int q0 = only < 0 ? 0 : only, q1 = only < 0 ? ctx->world : only + 1;
+    int missing = -1;
+    for (;;) {
+        int q;
+        missing = -1;
+        for (q = q0; q < q1; q++)
+            if (ddp__counter(ddp__slot(ctx, q), field) < target) { missing = q; break; }
+        if (missing < 0) return DDP_SUCCESS;
+        if (DDP__LOAD_ACQ(&c->abort_rank) >= 0) {
+            __atomic_thread_fence(__ATOMIC_ACQUIRE);
+            DDP__STORE_REL(&ctx->broken, 1);
+            return ddp__fail(ctx, DDP_ERROR_PEER, "rank %d gave up while rank %d waited for %s: %s",
+                             (int)DDP__LOAD_ACQ(&c->abort_rank), ctx->rank, what, c->abort_msg);
+        }
+        spins++;
+        if (spins < 2000) { DDP__PAUSE(); continue; }
+        if ((spins & 63) == 0 || spins == 2000) {
+            double now = ddp__now();
+            if (start == 0) { start = now; deadline = now + ctx->cfg.timeout_s; }
+            if (now > deadline) {
+                DDP__STORE_REL(&ctx->broken, 1);
+                ddp__fail(ctx, DDP_ERROR_TIMEOUT, "timed out after %.1f s: rank %d waited for %s; rank %d has not arrived (%s counter %llu < %llu)",
+                          ctx->cfg.timeout_s, ctx->rank, what, missing, ddp__counter_name(field),
+                          (unsigned long long)ddp__counter(ddp__slot(ctx, missing), field), (unsigned long long)target);
+                ddp__shm_abort(ctx, ddp__errbuf(ctx));
+                return DDP_ERROR_TIMEOUT;
+            }
+            if ((spins & 1023) == 0) {
+                int32_t pid = ddp__slot(ctx, missing)->pid;
+                if (pid > 0 && kill(pid, 0) != 0 && errno == ESRCH) {
+                    DDP__STORE_REL(&ctx->broken, 1);
+                    ddp__fail(ctx, DDP_ERROR_PEER, "rank %d (pid %d) exited while rank %d waited for %s",
+                              missing, (int)pid, ctx->rank, what);
+                    ddp__shm_abort(ctx, ddp__errbuf(ctx));
+                    return DDP_ERROR_PEER;
+                }
+            }
+        }
+        if (spins < 20000) sched_yield();
+        else ddp__sleep_us(spins < 100000 ? 20 : 200);
+    }
+}
+
+/* ---- reductions ---- */
+
+static double ddp__load_elem(const void *p, size_t i, ddp_dtype t) {
+    switch (t) {
+    case DDP_F64: return ((const double *)p)[i];
+    case DDP_F16: return ddp__f16_to_f32(((const uint16_t *)p)[i]);
+    case DDP_BF16: return ddp__bf16_to_f32(((const uint16_t *)p)[i]);
+    case DDP_I32: return ((const int32_t *)p)[i];
+    default: return ((const float *)p)[i];
+    }
+}
+
+static void ddp__store_elem(void *p, size_t i, ddp_dtype t, double v) {
+    switch (t) {
+    case DDP_F64: ((double *)p)[i] = v; break;
+    case DDP_F16: ((uint16_t *)p)[i] = ddp__f32_to_f16((float)v); break;
+    case DDP_BF16: ((uint16_t *)p)[i] = ddp__f32_to_bf16((float)v); break;
+    case DDP_I32: ((int32_t *)p)[i] = (int32_t)v; break;
+    default: ((float *)p)[i] = (float)v; break;
+    }
+}
+
+/* dst[d][i] = scale * reduce_q src[q][i] for every d; src and dst may alias
+   element by element. Sums run q = 0..n-1 on every rank: the same bits
+   everywhere. f32 is the hot path; other types go through double (f16/bf16
+   accumulate exactly in it; i32 sums are exact up to 2^53). */
+static void ddp__reduce(void *const *src, int nsrc, void *const *dst, int ndst,
+                        size_t n, ddp_dtype t, ddp_op op, double scale) {
+    size_t b0;
+    int q, d;
+    if (t == DDP_F32 || t == DDP_DTYPE_DEFAULT) {
+        float acc[DDP__RED_BLOCK];
+        float s = (float)scale;
+        for (b0 = 0; b0 < n; b0 += DDP__RED_BLOCK) {
+            size_t m = n - b0 < DDP__RED_BLOCK ? n - b0 : DDP__RED_BLOCK, i;
+            const float *s0 = (const float *)src[0] + b0;
+            memcpy(acc, s0, m * sizeof(float));
+            for (q = 1; q < nsrc; q++) {
+                const float *sq = (const float *)src[q] + b0;
+                if (op == DDP_OP_MAX) { for (i = 0; i < m; i++) acc[i] = sq[i] > acc[i] ? sq[i] : acc[i]; }
+                else if (op == DDP_OP_MIN) { for (i = 0; i < m; i++) acc[i] = sq[i] < acc[i] ? sq[i] : acc[i]; }
+                else { for (i = 0; i < m; i++) acc[i] += sq[i]; }
+            }
+            if (s != 1.0f) for (i = 0; i < m; i++) acc[i] *= s;
+            for (d = 0; d < ndst; d++) memcpy((float *)dst[d] + b0, acc, m * sizeof(float));
+        }
+        return;
+    }
+    {
+        double acc[DDP__RED_BLOCK / 2];
+        size_t blk = DDP__RED_BLOCK / 2;
+        for (b0 = 0; b0 < n; b0 += blk) {
+            size_t m = n - b0 < blk ? n - b0 : blk, i;
+            for (i = 0; i < m; i++) acc[i] = ddp__load_elem(src[0], b0 + i, t);
+            for (q = 1; q < nsrc; q++)
+                for (i = 0; i < m; i++) {
+                    double v = ddp__load_elem(src[q], b0 + i, t);
+                    if (op == DDP_OP_MAX) acc[i] = v > acc[i] ? v : acc[i];
+                    else if (op == DDP_OP_MIN) acc[i] = v < acc[i] ? v : acc[i];
+                    else acc[i] += v;
+                }
+            if (scale != 1.0) {
+                if (t == DDP_I32) for (i = 0; i < m; i++) acc[i] = (double)(int64_t)(acc[i] * scale); /* truncates like C */
+                else for (i = 0; i < m; i++) acc[i] *= scale;
+            }
+            for (d = 0; d < ndst; d++)
+                for (i = 0; i < m; i++) ddp__store_elem(dst[d], b0 + i, t, acc[i]);
+        }
+    }
+}
+
+/* Rank q's slice of n elements: aligned to 32 elements (128 bytes for f32). */
+static void ddp__slice(size_t n, int world, int q, size_t *lo, size_t *hi) {
+    size_t per = ddp__align_up((n + (size_t)world - 1) / (size_t)world, 32);
+    *lo = per * (size_t)q;
+    *hi = *lo + per;
+    if (*lo > n) *lo = n;
+    if (*hi > n) *hi = n;
+}
+
+static unsigned char *ddp__staging(ddp_context *ctx, int q) {
+    return ctx->shm.staging + (size_t)q * ctx->shm.staging_bytes;
+}
+
+static double ddp__op_scale(ddp_context *ctx, ddp_op op) {
+    return op == DDP_OP_AVG ? 1.0 / (double)ctx->world : 1.0;
+}
+
+/* Before writing staging half h (2 = both halves) for collective seq. */
+static ddp_result ddp__shm_claim_staging(ddp_context *ctx, int h, uint64_t seq) {
+    uint64_t *last = ctx->shm.half_last;
+    uint64_t need = h == 2 ? (last[0] > last[1] ? last[0] : last[1]) : last[h];
+    if (need > 0) DDP__TRY(ddp__shm_wait(ctx, 2, need, -1, "the peers to release staging memory"));
+    if (h == 2) last[0] = last[1] = seq;
+    else last[h] = seq;
+    return DDP_SUCCESS;
+}
+
+/* In-place all-reduce of the same byte range of every rank's buffer inside
+   the gradient segment: every rank reduces its slice and writes it back to
+   all buffers. No staging copies. */
+static ddp_result ddp__shm_allreduce_inplace(ddp_context *ctx, size_t offset, size_t n, ddp_dtype t,
+                                             ddp_op op, double scale, const char *what) {
+    uint64_t seq = ++ctx->shm.seq;
+    size_t es = ddp_dtype_size(t), lo, hi;
+    void *src[1024];
+    int q, W = ctx->world;
+    ddp__set_counter(ctx, 0, seq);
+    DDP__TRY(ddp__shm_wait(ctx, 0, seq, -1, what));
+    ddp__slice(n, W, ctx->rank, &lo, &hi);
+    if (hi > lo) {
+        for (q = 0; q < W; q++) src[q] = ctx->shm.grads + (size_t)q * ctx->shm.grad_stride + offset + lo * es;
+        ddp__reduce(src, W, src, W, hi - lo, t, op, scale);
+    }
+    ddp__set_counter(ctx, 1, seq);
+    DDP__TRY(ddp__shm_wait(ctx, 1, seq, -1, what));
+    ddp__set_counter(ctx, 2, seq);
+    return DDP_SUCCESS;
+}
+
+/* All-reduce of a user buffer through staging. */
+static ddp_result ddp__shm_allreduce_staged(ddp_context *ctx, void *buf, size_t n, ddp_dtype t,
+                                            ddp_op op, double scale) {
+    size_t es = ddp_dtype_size(t);
+    int W = ctx->world, q;
+    void *src[1024];
+    if (n * es <= DDP__SMALL_BYTES && n * es <= ctx->shm.staging_bytes / 2) {
+        /* latency path: everybody reduces everything from everybody's staging */
+        uint64_t seq = ++ctx->shm.seq;
+        int h = (int)(seq & 1);
+        size_t half = ctx->shm.staging_bytes / 2;
+        DDP__TRY(ddp__shm_claim_staging(ctx, h, seq));
+        memcpy(ddp__staging(ctx, ctx->rank) + (size_t)h * half, buf, n * es);
+        ddp__set_counter(ctx, 0, seq);
+        DDP__TRY(ddp__shm_wait(ctx, 0, seq, -1, "an all-reduce"));
+        for (q = 0; q < W; q++) src[q] = ddp__staging(ctx, q) + (size_t)h * half;
+        ddp__reduce(src, W, &buf, 1, n, t, op, scale);
+        ddp__set_counter(ctx, 2, seq);
+        return DDP_SUCCESS;
+    } else {
+        /* bandwidth path, per chunk: copy in, reduce my slice in my staging,
+           then gather every slice from its owner's staging */
+        size_t chunk = ctx->shm.staging_bytes / es, c0;
+        for (c0 = 0; c0 < n; c0 += chunk) {
+            size_t m = n - c0 < chunk ? n - c0 : chunk, lo, hi;
+            uint64_t seq = ++ctx->shm.seq;
+            unsigned char *ub = (unsigned char *)buf + c0 * es;
+            void *dst;
+            DDP__TRY(ddp__shm_claim_staging(ctx, 2, seq));
+            memcpy(ddp__staging(ctx, ctx->rank), ub, m * es);
+            ddp__set_counter(ctx, 0, seq);
+            DDP__TRY(ddp__shm_wait(ctx, 0, seq, -1, "an all-reduce"));
+            ddp__slice(m, W, ctx->rank, &lo, &hi);
+            if (hi > lo) {
+                for (q = 0; q < W; q++) src[q] = ddp__staging(ctx, q) + lo * es;
+                dst = src[ctx->rank];
+                ddp__reduce(src, W, &dst, 1, hi - lo, t, op, scale);
+            }
+            ddp__set_counter(ctx, 1, seq);
+            DDP__TRY(ddp__shm_wait(ctx, 1, seq, -1, "an all-reduce"));
+            for (q = 0; q < W; q++) {
+                ddp__slice(m, W, q, &lo, &hi);
+                if (hi > lo) memcpy(ub + lo * es, ddp__staging(ctx, q) + lo * es, (hi - lo) * es);
+            }
+            ddp__set_counter(ctx, 2, seq);
+        }
+        return DDP_SUCCESS;
+    }
+}
+
+static int ddp__in_grad_segment(ddp_context *ctx, const void *buf, size_t bytes) {
+    const unsigned char *p = (const unsigned char *)buf, *mine;
+    if (!ctx->shm.grads) return 0;
+    mine = ctx->shm.grads + (size_t)ctx->rank * ctx->shm.grad_stride;
+    return p >= mine && p + bytes <= mine + ctx->shm.grad_stride;
+}
+
+static ddp_result ddp__shm_allreduce(ddp_context *ctx, void *buf, size_t n, ddp_dtype t, ddp_op op) {
+    double scale = ddp__op_scale(ctx, op);
+    if (ctx->world == 1) {
+        if (scale != 1.0) ddp__reduce(&buf, 1, &buf, 1, n, t, op, scale);
+        return DDP_SUCCESS;
+    }
+    if (ddp__in_grad_segment(ctx, buf, n * ddp_dtype_size(t))) {
+        size_t off = (size_t)((unsigned char *)buf - (ctx->shm.grads + (size_t)ctx->rank * ctx->shm.grad_stride));
+        return ddp__shm_allreduce_inplace(ctx, off, n, t, op, scale, "an all-reduce");
+    }
+    return ddp__shm_allreduce_staged(ctx, buf, n, t, op, scale);
+}
+
+static ddp_result ddp__shm_broadcast(ddp_context *ctx, void *buf, size_t bytes, int root) {
+    size_t chunk = ctx->shm.staging_bytes, c0;
+    if (ctx->world == 1) return DDP_SUCCESS;
+    for (c0 = 0; c0 < bytes; c0 += chunk) {
+        size_t m = bytes - c0 < chunk ? bytes - c0 : chunk;
+        uint64_t seq = ++ctx->shm.seq;
+        DDP__TRY(ddp__shm_claim_staging(ctx, 2, seq));
+        if (ctx->rank == root) {
+            memcpy(ddp__staging(ctx, root), (unsigned char *)buf + c0, m);
+            ddp__set_counter(ctx, 0, seq);
+        } else {
+            ddp__set_counter(ctx, 0, seq);
+            DDP__TRY(ddp__shm_wait(ctx, 0, seq, root, "a broadcast"));
+            memcpy((unsigned char *)buf + c0, ddp__staging(ctx, root), m);
+        }
+        ddp__set_counter(ctx, 1, seq);
+        ddp__set_counter(ctx, 2, seq);
+    }
+    return DDP_SUCCESS;
+}
+
+static ddp_result ddp__shm_allgather(ddp_context *ctx, const void *send, void *recv, size_t bytes) {
+    size_t chunk = ctx->shm.staging_bytes, c0;
+    int q;
+    for (c0 = 0; c0 < bytes || (bytes == 0 && c0 == 0); c0 += chunk) {
+        size_t m = bytes - c0 < chunk ? bytes - c0 : chunk;
+        uint64_t seq = ++ctx->shm.seq;
+        DDP__TRY(ddp__shm_claim_staging(ctx, 2, seq));
+        memcpy(ddp__staging(ctx, ctx->rank), (const unsigned char *)send + c0, m);
+        ddp__set_counter(ctx, 0, seq);
+        DDP__TRY(ddp__shm_wait(ctx, 0, seq, -1, "an all-gather"));
+        for (q = 0; q < ctx->world; q++)
+            memcpy((unsigned char *)recv + (size_t)q * bytes + c0, ddp__staging(ctx, q), m);
+        ddp__set_counter(ctx, 1, seq);
+        ddp__set_counter(ctx, 2, seq);
+        if (bytes == 0) break;
+    }
+    return DDP_SUCCESS;
+}
+
+static ddp_result ddp__shm_reduce_scatter(ddp_context *ctx, const void *send, void *recv, size_t n,
+                                          ddp_dtype t, ddp_op op) {
+    size_t es = ddp_dtype_size(t), chunk = ctx->shm.staging_bytes / es / (size_t)ctx->world, c0;
+    double scale = ddp__op_scale(ctx, op);
+    int q, W = ctx->world;
+    void *src[1024];
+    for (c0 = 0; c0 < n; c0 += chunk) {
+        size_t m = n - c0 < chunk ? n - c0 : chunk;
+        uint64_t seq = ++ctx->shm.seq;
+        void *dst = (unsigned char *)recv + c0 * es;
+        DDP__TRY(ddp__shm_claim_staging(ctx, 2, seq));
+        for (q = 0; q < W; q++)
+            memcpy(ddp__staging(ctx, ctx->rank) + (size_t)q * m * es,
+                   (const unsigned char *)send + ((size_t)q * n + c0) * es, m * es);
+        ddp__set_counter(ctx, 0, seq);
+        DDP__TRY(ddp__shm_wait(ctx, 0, seq, -1, "a reduce-scatter"));
+        for (q = 0; q < W; q++) src[q] = ddp__staging(ctx, q) + (size_t)ctx->rank * m * es;
+        ddp__reduce(src, W, &dst, 1, m, t, op, scale);
+        ddp__set_counter(ctx, 1, seq);
+        ddp__set_counter(ctx, 2, seq);
+    }
+    return DDP_SUCCESS;
+}
+
+static ddp_result ddp__shm_barrier(ddp_context *ctx, const char *what) {
+    uint64_t seq;
+    if (ctx->world == 1) return DDP_SUCCESS;
+    seq = ++ctx->shm.seq;
+    ddp__set_counter(ctx, 0, seq);
+    DDP__TRY(ddp__shm_wait(ctx, 0, seq, -1, what));
+    ddp__set_counter(ctx, 1, seq);
+    ddp__set_counter(ctx, 2, seq);
+    return DDP_SUCCESS;
+}
+
+/* ---- shared-memory segments ---- */
+
+/* Create (rank 0) or open a named segment of `bytes`, fully reserved so that
+   a full /dev/shm is an error here and not a SIGBUS later. */
+static ddp_result ddp__shm_map(ddp_context *ctx, const char *name, size_t bytes, int create, void **out) {
+    int fd, e;
+    void *p;
+    *out = NULL;
+    fd = shm_open(name, create ? (O_RDWR | O_CREAT | O_EXCL) : O_RDWR, 0600);
+    if (fd < 0)
+        return ddp__fail(ctx, DDP_ERROR_SYSTEM, "cannot %s shared memory '%s': %s",
+                         create ? "create" : "open", name, strerror(errno));
+    if (create) {
+        if (ftruncate(fd, (off_t)bytes) != 0) {
+            e = errno; close(fd); shm_unlink(name);
+            return ddp__fail(ctx, DDP_ERROR_SYSTEM, "cannot size shared memory '%s' to %zu bytes: %s", name, bytes, strerror(e));
+        }
+        e = posix_fallocate(fd, 0, (off_t)bytes);
+        if (e != 0 && e != EOPNOTSUPP && e != EINVAL) {
+            close(fd); shm_unlink(name);
+            return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "cannot reserve %zu bytes of shared memory for '%s' (is /dev/shm full or too small?): %s",
+                             bytes, name, strerror(e));
+        }
+    } else {
+        struct stat sb;
+        if (fstat(fd, &sb) != 0 || (size_t)sb.st_size < bytes) {
+            close(fd);
+            return ddp__fail(ctx, DDP_ERROR_SYSTEM, "shared memory '%s' is smaller than the %zu bytes expected", name, bytes);
+        }
+    }
+    p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    e = errno;
+    close(fd);
+    if (p == MAP_FAILED) {
+        if (create) shm_unlink(name);
+        return ddp__fail(ctx, DDP_ERROR_SYSTEM, "cannot map shared memory '%s' (%zu bytes): %s", name, bytes, strerror(e));
+    }
+    *out = p;
+    return DDP_SUCCESS;
+}
+
+/* world 1 needs no name: an anonymous mapping. */
+static ddp_result ddp__anon_map(ddp_context *ctx, size_t bytes, void **out) {
+    void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) {
+        *out = NULL;
+        return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "cannot map %zu bytes: %s", bytes, strerror(errno));
+    }
+    *out = p;
+    return DDP_SUCCESS;
+}
+
+static void ddp__shm_name(ddp_context *ctx, char *out, size_t cap, const char *what) {
+    static int counter = 0;
+    unsigned r = (unsigned)(ddp__now() * 1e9) ^ ((unsigned)getpid() << 8);
+    snprintf(out, cap, "/ddp-%d-%d-%s-%08x", (int)getpid(), __atomic_add_fetch(&counter, 1, __ATOMIC_RELAXED), what, r);
+    (void)ctx;
+}
+
+/* ---- backends ------------------------------------------------------------------ */
+
+struct ddp__backend_ops {
+    const char *name;
+    /* collectives on user buffers (host for shm; device or host for CUDA backends) */
+    ddp_result (*allreduce)(ddp_context *ctx, void *buf, size_t n, ddp_dtype t, ddp_op op);
+    ddp_result (*broadcast)(ddp_context *ctx, void *buf, size_t bytes, int root);
+    ddp_result (*allgather)(ddp_context *ctx, const void *send, void *recv, size_t bytes);
+    ddp_result (*reduce_scatter)(ddp_context *ctx, const void *send, void *recv, size_t n, ddp_dtype t, ddp_op op);
+    ddp_result (*barrier)(ddp_context *ctx, const char *what);
+    /* reduce bucket b of the flat gradients in place, multiplied by scale;
+       runs on the communication thread (or inline) */
+    ddp_result (*bucket_reduce)(ddp_context *ctx, int b, double scale);
+};
+
+static ddp_result ddp__shm_bucket_reduce(ddp_context *ctx, int b, double scale) {
+    const ddp__bucket *bk = &ctx->buckets[b];
+    char what[96];
+    if (ctx->world == 1) {
+        void *p = ctx->flat_grads + bk->offset;
+        if (scale != 1.0) ddp__reduce(&p, 1, &p, 1, bk->numel, bk->dtype, DDP_OP_SUM, scale);
+        return DDP_SUCCESS;
+    }
+    snprintf(what, sizeof what, "gradient bucket %d", b);
+    return ddp__shm_allreduce_inplace(ctx, bk->offset, bk->numel, bk->dtype, DDP_OP_SUM, scale, what);
+}
+
+static const ddp__backend_ops ddp__shm_ops = {
+    "shm",
+    ddp__shm_allreduce,
+    ddp__shm_broadcast,
+    ddp__shm_allgather,
+    ddp__shm_reduce_scatter,
+    ddp__shm_barrier,
+    ddp__shm_bucket_reduce
+};
+
+static int ddp__is_broken(const ddp_context *ctx) { return __atomic_load_n(&ctx->broken, __ATOMIC_ACQUIRE); }
+
+static ddp_result ddp__check_usable(ddp_context *ctx, const char *fn) {
+    if (ddp__is_broken(ctx))
+        return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "%s: the context is broken by an earlier error (%s); only ddp_destroy() is allowed",
+                         fn, ctx->comm_err[0] ? ctx->comm_err : ctx->err);
+    return DDP_SUCCESS;
+}
+
+/* ---- rendezvous -------------------------------------------------------------------- */
+
+static void ddp__key(const ddp_context *ctx, char *out, size_t cap, const char *name) {
+    snprintf(out, cap, "%s%s", ctx->key_prefix, name);
+}
+
+static ddp_result ddp__store_err(ddp_context *ctx, const char *err) {
+    ddp_result code = strstr(err, "timed out") ? DDP_ERROR_TIMEOUT : DDP_ERROR_NETWORK;
+    return ddp__fail(ctx, code, "rank %d: %s", ctx->rank, err);
+}
+
+static ddp_result ddp__kv_set(ddp_context *ctx, const char *name, const void *val, size_t len) {
+    char key[256], err[512];
+    ddp__key(ctx, key, sizeof key, name);
+    if (ddp__store_set((ddp__store *)ctx->store, key, val, len, err, sizeof err) != 0) return ddp__store_err(ctx, err);
+    return DDP_SUCCESS;
+}
+
+static ddp_result ddp__kv_get(ddp_context *ctx, const char *name, void **val, size_t *len) {
+    char key[256], err[512];
+    ddp__key(ctx, key, sizeof key, name);
+    if (ddp__store_get((ddp__store *)ctx->store, key, val, len, err, sizeof err) != 0) return ddp__store_err(ctx, err);
+    return DDP_SUCCESS;
+}
+
+static ddp_result ddp__kv_barrier(ddp_context *ctx, const char *name) {
+    char key[256], err[512];
+    ddp__key(ctx, key, sizeof key, name);
+    if (ddp__store_barrier((ddp__store *)ctx->store, key, ctx->rank, ctx->world, err, sizeof err) != 0)
+        return ddp__store_err(ctx, err);
+    return DDP_SUCCESS;
+}
+
+static ddp_result ddp__rendezvous(ddp_context *ctx) {
+    /* contexts created on the agent's store by this process: the same
+       sequence on every rank, so keys of successive contexts never mix */
+    static int generation = 0;
+    const char *agent = getenv("TORCHELASTIC_USE_AGENT_STORE");
+    char err[512];
+    ddp__store *st;
+    /* only a rank that read its identity from torchrun's variables uses the agent's store */
+    ctx->agent_store = ctx->from_env && agent && (!strcmp(agent, "True") || !strcmp(agent, "true") || !strcmp(agent, "1"));
+    if (ctx->agent_store) {
+        int f, gen = __atomic_add_fetch(&generation, 1, __ATOMIC_RELAXED);
+        long restart = 0;
+        DDP__TRY(ddp__env_int("TORCHELASTIC_RESTART_COUNT", 0, INT_MAX, &f, &restart));
+        snprintf(ctx->key_prefix, sizeof ctx->key_prefix, "/worker/attempt_%ld/ddp/%d/", restart, gen);
+    } else {
+        /* a store of our own, new for every context */
+        snprintf(ctx->key_prefix, sizeof ctx->key_prefix, "ddp/");
+        if (ctx->rank == 0 &&
+            ddp__store_server_start(NULL, ctx->cfg.master_port, &ctx->server, err, sizeof err) != 0)
+            return ddp__fail(ctx, DDP_ERROR_NETWORK, "rank 0 cannot start the rendezvous store: %s", err);
+    }
+    st = (ddp__store *)ddp__calloc(ctx, sizeof *st);
+    if (!st) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for the store client");
+    if (ddp__store_connect(st, ctx->cfg.master_addr, ctx->cfg.master_port, ctx->cfg.connect_timeout_s, err, sizeof err) != 0) {
+        ddp__free(ctx, st);
+        return ddp__fail(ctx, strstr(err, "within") || strstr(err, "timed out") ? DDP_ERROR_TIMEOUT : DDP_ERROR_NETWORK,
+                         "rank %d cannot reach the rendezvous store%s: %s", ctx->rank,
+                         ctx->agent_store ? " of torchrun's agent" : " of rank 0", err);
+    }
+    st->timeout_s = ctx->cfg.connect_timeout_s;
+    ctx->store = st;
+    return DDP_SUCCESS;
+}
+
+/* The control segment: rank 0 creates it and publishes its name; everybody
+   maps it; after a barrier rank 0 removes the name, so nothing is left in
+   /dev/shm whatever happens to the processes later. */
+static ddp_result ddp__shm_setup(ddp_context *ctx) {
+    size_t hdr = ddp__ctrl_header_bytes(ctx->world);
+    size_t bytes = hdr + (size_t)ctx->world * ctx->shm.staging_bytes;
+    void *p = NULL;
+    ddp_result r;
+    ctx->shm.ctrl_bytes = bytes;
+    if (ctx->world == 1) {
+        DDP__TRY(ddp__anon_map(ctx, bytes, &p));
+    } else if (ctx->rank == 0) {
+        ddp__shm_name(ctx, ctx->shm.ctrl_name, sizeof ctx->shm.ctrl_name, "ctrl");
+        DDP__TRY(ddp__shm_map(ctx, ctx->shm.ctrl_name, bytes, 1, &p));
+        r = ddp__kv_set(ctx, "shm/ctrl", ctx->shm.ctrl_name, strlen(ctx->shm.ctrl_name) + 1);
+        if (r != DDP_SUCCESS) { munmap(p, bytes); shm_unlink(ctx->shm.ctrl_name); return r; }
+    } else {
+        void *name = NULL; size_t len = 0;
+        DDP__TRY(ddp__kv_get(ctx, "shm/ctrl", &name, &len));
+        ddp__copy_str(ctx->shm.ctrl_name, sizeof ctx->shm.ctrl_name, len ? (const char *)name : "");
+        free(name);
+        DDP__TRY(ddp__shm_map(ctx, ctx->shm.ctrl_name, bytes, 0, &p));
+    }
+    ctx->shm.ctrl = (ddp__shm_ctrl *)p;
+    ctx->shm.staging = (unsigned char *)p + hdr;
+    if (ctx->rank == 0) {
+        ctx->shm.ctrl->magic = DDP__SHM_MAGIC;
+        ctx->shm.ctrl->world = ctx->world;
+        ctx->shm.ctrl->abort_rank = -1;
+    }
+    ddp__slot(ctx, ctx->rank)->pid = (int32_t)getpid();
+    if (ctx->world > 1) {
+        r = ddp__kv_barrier(ctx, "shm/ctrl-open");
+        if (ctx->rank == 0) shm_unlink(ctx->shm.ctrl_name);
+        if (r != DDP_SUCCESS) return r;
+        if (ctx->shm.ctrl->magic != DDP__SHM_MAGIC || ctx->shm.ctrl->world != ctx->world)
+            return ddp__fail(ctx, DDP_ERROR_MISMATCH, "shared memory '%s' was made for a world of %d, this rank is in a world of %d",
+                             ctx->shm.ctrl_name, (int)ctx->shm.ctrl->world, ctx->world);
+    }
+    return DDP_SUCCESS;
+}
+
+static ddp_result ddp__cuda_setup(ddp_context *ctx);
+static void ddp__cuda_teardown(ddp_context *ctx);
+
+DDP_API ddp_result ddp_create(const ddp_config *config, ddp_context **out) {
+    ddp_config c;
+    ddp_context *ctx;
+    char addr[256];
+    ddp_result r;
+    ddp__create_err[0] = 0;
+    if (!out) return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "ddp_create: out is NULL");
+    *out = NULL;
+    c = ddp_config_defaults(config);
+    DDP__TRY(ddp__resolve_identity(&c));
+    DDP__TRY(ddp__resolve_address(&c, addr, sizeof addr));
+    DDP__TRY(ddp__resolve_backend(&c));
+    if (c.world_size > 1024)
+        return ddp__fail(NULL, DDP_ERROR_UNSUPPORTED, "a world of %d ranks: this version supports up to 1024", c.world_size);
+    if (c.staging_bytes < ((size_t)64 << 10))
+        return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "config.staging_bytes %zu is below the minimum of 65536", c.staging_bytes);
+    c.staging_bytes = ddp__align_up(c.staging_bytes, 4096);
+    if (c.backend != DDP_BACKEND_NCCL && c.local_world_size != c.world_size)
+        return ddp__fail(NULL, DDP_ERROR_UNSUPPORTED,
+                         "backend '%s' works on one host, but this job spans several (LOCAL_WORLD_SIZE %d < WORLD_SIZE %d); use the nccl backend",
+                         c.backend == DDP_BACKEND_DEFAULT ? "shm" : ddp_backend_name(c.backend), c.local_world_size, c.world_size);
+
+    if (c.allocator.alloc) ctx = (ddp_context *)c.allocator.alloc(sizeof *ctx, c.allocator.user);
+    else ctx = (ddp_context *)malloc(sizeof *ctx);
+    if (!ctx) return ddp__fail(NULL, DDP_ERROR_OUT_OF_MEMORY, "out of memory for the context");
+    memset(ctx, 0, sizeof *ctx);
+    ctx->cfg = c;
+    ddp__copy_str(ctx->key_prefix, sizeof ctx->key_prefix, "");
+    ctx->from_env = !config || config->world_size == 0;
+    ctx->rank = c.rank; ctx->world = c.world_size;
+    ctx->local_rank = c.local_rank; ctx->local_world = c.local_world_size;
+    ctx->shm.staging_bytes = c.staging_bytes;
+    ctx->ops = &ddp__shm_ops;
+    pthread_mutex_init(&ctx->mu, NULL);
+    pthread_cond_init(&ctx->cv_work, NULL);
+    pthread_cond_init(&ctx->cv_done, NULL);
+    /* the copied config must not point into the caller's memory */
+    ddp__copy_str(ctx->addr, sizeof ctx->addr, addr);
+    ctx->cfg.master_addr = ctx->addr;
+
+    r = DDP_SUCCESS;
+    if (ctx->world > 1) r = ddp__rendezvous(ctx);
+    if (r == DDP_SUCCESS) r = ddp__cuda_setup(ctx);
+    if (r == DDP_SUCCESS && (ctx->cfg.backend == DDP_BACKEND_SHM || ctx->cfg.backend == DDP_BACKEND_STAGED))
+        r = ddp__shm_setup(ctx);
+    if (r != DDP_SUCCESS) {
+        memcpy(ddp__create_err, ctx->err, sizeof ctx->err);
+        ddp_destroy(ctx);
+        return r;
+    }
+    {
+        char msg[160];
+        snprintf(msg, sizeof msg, "rank %d of %d ready (backend %s, device %s)", ctx->rank, ctx->world,
+                 ddp_backend_name(ctx->cfg.backend), ctx->cfg.device == DDP_DEVICE_CUDA ? "cuda" : "cpu");
+        ddp__log(ctx, DDP_LOG_INFO, msg);
+    }
+    *out = ctx;
+    return DDP_SUCCESS;
+}
+
+static void ddp__comm_stop(ddp_context *ctx) {
+    if (!ctx->comm_started) return;
+    pthread_mutex_lock(&ctx->mu);
+    ctx->q_stop = 1;
+    pthread_cond_broadcast(&ctx->cv_work);
+    pthread_mutex_unlock(&ctx->mu);
+    pthread_join(ctx->comm_thread, NULL);
+    ctx->comm_started = 0;
+}
+
+static void ddp__free_flat_grads(ddp_context *ctx);
+static void ddp__free_device(ddp_context *ctx, void *p);
+
+DDP_API void ddp_destroy(ddp_context *ctx) {
+    if (!ctx) return;
+    ddp__comm_stop(ctx);
+    ddp__free_flat_grads(ctx);
+    if (ctx->shm.grads) munmap(ctx->shm.grads, ctx->shm.grads_bytes);
+    if (ctx->shm.ctrl) {
+        if (ctx->rank == 0 && ctx->world > 1 && ctx->shm.ctrl_name[0]) shm_unlink(ctx->shm.ctrl_name);
+        munmap(ctx->shm.ctrl, ctx->shm.ctrl_bytes);
+    }
+    if (ctx->rank == 0 && ctx->shm.grads_name[0]) shm_unlink(ctx->shm.grads_name);
+    if (ctx->cfg.device == DDP_DEVICE_CUDA) {
+        ddp__free_device(ctx, ctx->flat_params);
+        ddp__free_device(ctx, ctx->opt_m);
+        ddp__free_device(ctx, ctx->opt_v);
+        ddp__free_device(ctx, ctx->opt_master);
+    } else {
+        ddp__free(ctx, ctx->flat_params);
+        ddp__free(ctx, ctx->opt_m);
+        ddp__free(ctx, ctx->opt_v);
+        ddp__free(ctx, ctx->opt_master);
+    }
+    ddp__cuda_teardown(ctx);
+    if (ctx->store) { ddp__store_close((ddp__store *)ctx->store); ddp__free(ctx, ctx->store); }
+    if (ctx->server) ddp__store_server_stop(ctx->server);
+    ddp__free(ctx, ctx->params);
+    ddp__free(ctx, ctx->buckets);
+    ddp__free(ctx, ctx->queue);
+    ddp__free(ctx, ctx->opt_state_off);
+    pthread_mutex_destroy(&ctx->mu);
+    pthread_cond_destroy(&ctx->cv_work);
+    pthread_cond_destroy(&ctx->cv_done);
+    ddp__free(ctx, ctx);
+}
+
+DDP_API int ddp_rank(const ddp_context *ctx) { return ctx ? ctx->rank : -1; }
+DDP_API int ddp_world_size(const ddp_context *ctx) { return ctx ? ctx->world : 0; }
+DDP_API int ddp_local_rank(const ddp_context *ctx) { return ctx ? ctx->local_rank : -1; }
+DDP_API int ddp_local_world_size(const ddp_context *ctx) { return ctx ? ctx->local_world : 0; }
+DDP_API ddp_backend ddp_query_backend(const ddp_context *ctx) { return ctx ? ctx->cfg.backend : DDP_BACKEND_DEFAULT; }
+DDP_API ddp_device ddp_query_device(const ddp_context *ctx) { return ctx ? ctx->cfg.device : DDP_DEVICE_DEFAULT; }
+
+/* ---- collectives on user buffers --------------------------------------------------- */
+
+static ddp_result ddp__coll_check(ddp_context *ctx, const char *fn, const void *a, const void *b,
+                                  ddp_dtype t, ddp_op op) {
+    if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
+    DDP__TRY(ddp__check_usable(ctx, fn));
+    if (ctx->in_step)
+        return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "%s: not allowed between ddp_step_begin() and ddp_step_end()", fn);
+    if (!a || !b) return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "%s: buffer is NULL", fn);
+    if ((int)t < 0 || t >= DDP_DTYPE_COUNT_) return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "%s: dtype %d is not a ddp_dtype", fn, (int)t);
+    if ((int)op < 0 || op > DDP_OP_MIN) return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "%s: op %d is not a ddp_op", fn, (int)op);
+    return DDP_SUCCESS;
+}
+
+static ddp_result ddp__coll_done(ddp_context *ctx, ddp_result r) {
+    if (r != DDP_SUCCESS && r != DDP_ERROR_INVALID_ARGUMENT) return ddp__break(ctx, r);
+    return r;
+}
+
+DDP_API ddp_result ddp_barrier(ddp_context *ctx) {
+    if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
+    DDP__TRY(ddp__coll_check(ctx, "ddp_barrier", ctx, ctx, DDP_F32, DDP_OP_SUM));
+    return ddp__coll_done(ctx, ctx->ops->barrier(ctx, "a barrier"));
+}
+
+DDP_API ddp_result ddp_allreduce(ddp_context *ctx, void *buf, size_t count, ddp_dtype dtype, ddp_op op) {
+    DDP__TRY(ddp__coll_check(ctx, "ddp_allreduce", buf, buf, dtype, op));
+    if (count == 0) return DDP_SUCCESS;
+    if (dtype == DDP_DTYPE_DEFAULT) dtype = DDP_F32;
+    if (op == DDP_OP_DEFAULT) op = DDP_OP_SUM;
+    return ddp__coll_done(ctx, ctx->ops->allreduce(ctx, buf, count, dtype, op));
+}
+
+DDP_API ddp_result ddp_broadcast(ddp_context *ctx, void *buf, size_t count, ddp_dtype dtype, int root) {
+    DDP__TRY(ddp__coll_check(ctx, "ddp_broadcast", buf, buf, dtype, DDP_OP_SUM));
+    if (root < 0 || root >= ctx->world)
+        return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_broadcast: root %d is not a rank of a world of %d", root, ctx->world);
+    if (count == 0) return DDP_SUCCESS;
+    return ddp__coll_done(ctx, ctx->ops->broadcast(ctx, buf, count * ddp_dtype_size(dtype), root));
+}
+
+DDP_API ddp_result ddp_allgather(ddp_context *ctx, const void *send, void *recv, size_t count, ddp_dtype dtype) {
+    DDP__TRY(ddp__coll_check(ctx, "ddp_allgather", send, recv, dtype, DDP_OP_SUM));
+    if (count == 0) return DDP_SUCCESS;
+    return ddp__coll_done(ctx, ctx->ops->allgather(ctx, send, recv, count * ddp_dtype_size(dtype)));
+}
+
+DDP_API ddp_result ddp_reduce_scatter(ddp_context *ctx, const void *send, void *recv, size_t count,
+                                      ddp_dtype dtype, ddp_op op) {
+    DDP__TRY(ddp__coll_check(ctx, "ddp_reduce_scatter", send, recv, dtype, op));
+    if (count == 0) return DDP_SUCCESS;
+    if (dtype == DDP_DTYPE_DEFAULT) dtype = DDP_F32;
+    if (op == DDP_OP_DEFAULT) op = DDP_OP_SUM;
+    return ddp__coll_done(ctx, ctx->ops->reduce_scatter(ctx, send, recv, count, dtype, op));
+}
+
+/* ---- parameters ------------------------------------------------------------------ */
+
+static int ddp__on_gpu(const ddp_context *ctx) { return ctx->cfg.device == DDP_DEVICE_CUDA; }
+
+DDP_API ddp_result ddp_register_param_shape(ddp_context *ctx, const char *name, int ndim,
+                                            const int64_t *shape, ddp_dtype dtype,
+                                            const void *init, int *out_id) {
+    ddp__param *p;
+    size_t numel = 1;
+    int i;
+    if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
+    if (out_id) *out_id = -1;
+    if (ctx->finalized)
+        return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_register_param: parameter '%.64s' registered after ddp_finalize()", name ? name : "(null)");
+    if (!name || !*name) return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_register_param: name is NULL or empty");
+    if (strlen(name) >= DDP__MAX_NAME)
+        return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_register_param: name '%.40s...' is longer than %d characters", name, DDP__MAX_NAME - 1);
+    if (!out_id) return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_register_param: out_id is NULL for parameter '%s'", name);
+    if (ndim < 1 || ndim > DDP__MAX_NDIM || !shape)
+        return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_register_param: parameter '%s' has %d dimensions (1..%d, shape not NULL)", name, ndim, DDP__MAX_NDIM);
+    for (i = 0; i < ndim; i++) {
+        if (shape[i] <= 0)
+            return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_register_param: parameter '%s' has size %lld in dimension %d (must be > 0)",
+                             name, (long long)shape[i], i);
+        if ((uint64_t)shape[i] > ((uint64_t)1 << 40) / numel)
+            return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_register_param: parameter '%s' is too large", name);
+        numel *= (size_t)shape[i];
+    }
+    if (dtype == DDP_DTYPE_DEFAULT) dtype = DDP_F32;
+    if (dtype != DDP_F32 && dtype != DDP_F64 && dtype != DDP_F16 && dtype != DDP_BF16)
+        return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_register_param: parameter '%s' has dtype %d; parameters are DDP_F32, DDP_F64, DDP_F16 or DDP_BF16",
+                         name, (int)dtype);
+    if (dtype == DDP_F64 && ddp__on_gpu(ctx))
+        return ddp__fail(ctx, DDP_ERROR_UNSUPPORTED, "ddp_register_param: parameter '%s' is f64; f64 parameters are CPU-only", name);
+    for (i = 0; i < ctx->num_params; i++)
+        if (!strcmp(ctx->params[i].name, name))
+            return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_register_param: a parameter named '%s' is already registered (id %d)", name, i);
+    if (ctx->num_params == ctx->cap_params) {
+        int cap = ctx->cap_params ? ctx->cap_params * 2 : 16;
+        ddp__param *np = (ddp__param *)ddp__calloc(ctx, (size_t)cap * sizeof *np);
+        if (!np) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory registering '%s'", name);
+        if (ctx->params) memcpy(np, ctx->params, (size_t)ctx->num_params * sizeof *np);
+        ddp__free(ctx, ctx->params);
+        ctx->params = np;
+        ctx->cap_params = cap;
+    }
+    p = &ctx->params[ctx->num_params];
+    memset(p, 0, sizeof *p);
+    ddp__copy_str(p->name, sizeof p->name, name);
+    p->numel = numel;
+    p->dtype = dtype;
+    p->ndim = ndim;
+    for (i = 0; i < ndim; i++) p->shape[i] = shape[i];
+    p->init = init;
+    *out_id = ctx->num_params++;
+    return DDP_SUCCESS;
+}
+
+DDP_API ddp_result ddp_register_param(ddp_context *ctx, const char *name, size_t count,
+                                      ddp_dtype dtype, const void *init, int *out_id) {
+    int64_t shape[1];
+    if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
+    if (count == 0 || count > ((size_t)1 << 40)) {
+        if (out_id) *out_id = -1;
+        return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_register_param: parameter '%.64s' has %zu elements (must be 1..2^40)",
+                         name ? name : "(null)", count);
+    }
+    shape[0] = (int64_t)count;
+    return ddp_register_param_shape(ctx, name, 1, shape, dtype, init, out_id);
+}
+
+/* Reverse registration order, 256-byte aligned offsets; a bucket closes when
+   it reaches its cap or the element type changes. */
+static ddp_result ddp__assign_buckets(ddp_context *ctx) {
+    size_t off = 0;
+    int i, nb = 0;
+    ddp__bucket *bk = (ddp__bucket *)ddp__calloc(ctx, (size_t)ctx->num_params * sizeof *bk);
+    if (!bk) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for %d buckets", ctx->num_params);
+    for (i = ctx->num_params - 1; i >= 0; i--) {
+        ddp__param *p = &ctx->params[i];
+        size_t es = ddp_dtype_size(p->dtype);
+        off = ddp__align_up(off, DDP__ALIGN);
+        if (nb == 0 || bk[nb - 1].dtype != p->dtype ||
+            bk[nb - 1].bytes >= (nb == 1 ? ctx->cfg.first_bucket_bytes : ctx->cfg.bucket_bytes)) {
+            bk[nb].offset = off;
+            bk[nb].dtype = p->dtype;
+            nb++;
+        }
+        p->offset = off;
+        p->bucket = nb - 1;
+        bk[nb - 1].num_params++;
+        off += p->numel * es;
+        bk[nb - 1].bytes = off - bk[nb - 1].offset;
+    }
+    /* spans cover the alignment padding up to the next bucket (zeros) */
+    for (i = 0; i < nb; i++) {
+        size_t end = i + 1 < nb ? bk[i + 1].offset : ddp__align_up(off, DDP__ALIGN);
+        bk[i].bytes = end - bk[i].offset;
+        bk[i].numel = bk[i].bytes / ddp_dtype_size(bk[i].dtype);
+    }
+    ctx->buckets = bk;
+    ctx->num_buckets = nb;
+    ctx->flat_bytes = ddp__align_up(off, 4096);
+    return DDP_SUCCESS;
+}
+
+static void ddp__describe_param(const ddp__param *p, char *out, size_t cap) {
+    int n = snprintf(out, cap, "'%s' %s [", p->name, ddp_dtype_name(p->dtype)), i;
+    for (i = 0; i < p->ndim && n > 0 && (size_t)n < cap; i++)
+        n += snprintf(out + n, cap - (size_t)n, i ? ",%lld" : "%lld", (long long)p->shape[i]);
+    if (n > 0 && (size_t)n < cap) snprintf(out + n, cap - (size_t)n, "]");
+}
+
+/* One line per parameter: what must agree across ranks. */
+static char *ddp__param_table(ddp_context *ctx, size_t *len) {
+    size_t cap = 64 + (size_t)ctx->num_params * (DDP__MAX_NAME + 256), n;
+    char *s = (char *)ddp__alloc(ctx, cap);
+    int i;
+    if (!s) return NULL;
+    n = (size_t)snprintf(s, cap, "%d\n", ctx->num_params);
+    for (i = 0; i < ctx->num_params; i++) {
+        ddp__describe_param(&ctx->params[i], s + n, cap - n);
+        n += strlen(s + n);
+        s[n++] = '\n';
+    }
+    s[n] = 0;
+    *len = n + 1;
+    return s;
+}
+
+/* The i-th line of a table (after the count line), copied into out. */
+static int ddp__table_line(const char *t, int i, char *out, size_t cap) {
+    const char *e;
+    int k;
+    t = strchr(t, '\n');
+    for (k = 0; t && k < i; k++) t = strchr(t + 1, '\n');
+    if (!t || !t[1]) { out[0] = 0; return 0; }
+    t++;
+    e = strchr(t, '\n');
+    if (!e) e = t + strlen(t);
+    if ((size_t)(e - t) >= cap) e = t + cap - 1;
+    memcpy(out, t, (size_t)(e - t));
+    out[e - t] = 0;
+    return 1;
+}
+
+static ddp_result ddp__verify_params(ddp_context *ctx) {
+    size_t len = 0, l0 = 0;
+    char *mine = ddp__param_table(ctx, &len), key[32];
+    void *t0 = NULL;
+    ddp_result r;
+    int q;
+    if (!mine) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for the parameter table");
+    snprintf(key, sizeof key, "params/%d", ctx->rank);
+    r = ddp__kv_set(ctx, key, mine, len);
+    ddp__free(ctx, mine);
+    if (r != DDP_SUCCESS) return r;
+    DDP__TRY(ddp__kv_get(ctx, "params/0", &t0, &l0));
+    /* every rank compares every rank with rank 0, so all report the same error */
+    for (q = 1; q < ctx->world && r == DDP_SUCCESS; q++) {
+        void *tq = NULL;
+        size_t lq = 0;
+        snprintf(key, sizeof key, "params/%d", q);
+        r = ddp__kv_get(ctx, key, &tq, &lq);
+        if (r != DDP_SUCCESS) {
+            if (r == DDP_ERROR_TIMEOUT)
+                r = ddp__fail(ctx, DDP_ERROR_TIMEOUT, "rank %d did not publish its parameters within %.1f s (stuck or dead before ddp_finalize?)",
+                              q, ctx->cfg.connect_timeout_s);
+            break;
+        }
+        if (lq != l0 || memcmp(tq, t0, l0) != 0) {
+            int n0 = atoi((const char *)t0), nq = atoi((const char *)tq), i;
+            char a[512], b[512];
+            for (i = 0; ; i++) {
+                int h0 = ddp__table_line((const char *)t0, i, a, sizeof a);
+                int hq = ddp__table_line((const char *)tq, i, b, sizeof b);
+                if (!h0 && !hq) break;
+                if (!h0 || !hq || strcmp(a, b) != 0) {
+                    if (!h0 || !hq)
+                        r = ddp__fail(ctx, DDP_ERROR_MISMATCH, "models differ: rank 0 registered %d parameters, rank %d registered %d (first extra: parameter %d %s)",
+                                      n0, q, nq, i, h0 ? a : b);
+                    else
+                        r = ddp__fail(ctx, DDP_ERROR_MISMATCH, "models differ at parameter %d: rank 0 has %s, rank %d has %s", i, a, q, b);
+                    break;
+                }
+            }
+            if (r == DDP_SUCCESS)
+                r = ddp__fail(ctx, DDP_ERROR_MISMATCH, "models differ between rank 0 and rank %d", q);
+        }
+        free(tq);
+    }
+    free(t0);
+    /* rank 0 serves the store: keep it until every rank has read the tables */
+    if (r != DDP_ERROR_TIMEOUT) {
+        ddp_result b = ddp__kv_barrier(ctx, "params/read");
+        if (r == DDP_SUCCESS) r = b;
+    }
+    return r;
+}
+
+static ddp_result ddp__cuda_finalize(ddp_context *ctx);
+
+/* Every rank's flat gradients in one shared segment (shm and staged), so
+   reductions read and write peers' buffers directly. */
+static ddp_result ddp__alloc_grad_segment(ddp_context *ctx) {
+    void *p = NULL;
+    ddp_result r;
+    ctx->shm.grad_stride = ctx->flat_bytes;
+    ctx->shm.grads_bytes = ctx->flat_bytes * (size_t)ctx->world;
+    if (ctx->world == 1) {
+        DDP__TRY(ddp__anon_map(ctx, ctx->shm.grads_bytes, &p));
+    } else if (ctx->rank == 0) {
+        ddp__shm_name(ctx, ctx->shm.grads_name, sizeof ctx->shm.grads_name, "grads");
+        DDP__TRY(ddp__shm_map(ctx, ctx->shm.grads_name, ctx->shm.grads_bytes, 1, &p));
+        ctx->shm.grads = (unsigned char *)p;
+        DDP__TRY(ddp__kv_set(ctx, "shm/grads", ctx->shm.grads_name, strlen(ctx->shm.grads_name) + 1));
+    } else {
+        void *name = NULL; size_t len = 0;
+        DDP__TRY(ddp__kv_get(ctx, "shm/grads", &name, &len));
+        ddp__copy_str(ctx->shm.grads_name, sizeof ctx->shm.grads_name, len ? (const char *)name : "");
+        free(name);
+        DDP__TRY(ddp__shm_map(ctx, ctx->shm.grads_name, ctx->shm.grads_bytes, 0, &p));
+        ctx->shm.grads_name[0] = 0; /* only rank 0 unlinks */
+    }
+    ctx->shm.grads = (unsigned char *)p;
+    r = ddp__shm_barrier(ctx, "every rank to map the gradient segment");
+    if (ctx->rank == 0 && ctx->shm.grads_name[0]) { shm_unlink(ctx->shm.grads_name); ctx->shm.grads_name[0] = 0; }
+    return r;
+}
+
+static void *ddp__comm_main(void *arg);
+
+static size_t ddp__state_elem(ddp_dtype t) { return t == DDP_F64 ? 8 : 4; }
+
+static ddp_result ddp__alloc_host_state(ddp_context *ctx) {
+    size_t off = 0;
+    int b;
+    ctx->opt_state_off = (size_t *)ddp__calloc(ctx, (size_t)ctx->num_buckets * sizeof(size_t));
+    if (!ctx->opt_state_off) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for optimizer state offsets");
+    for (b = 0; b < ctx->num_buckets; b++) {
+        ctx->opt_state_off[b] = off;
+        off += ddp__align_up(ctx->buckets[b].numel * ddp__state_elem(ctx->buckets[b].dtype), DDP__ALIGN);
+    }
+    ctx->opt_state_bytes = off;
+    return DDP_SUCCESS;
+}
+
+DDP_API ddp_result ddp_finalize(ddp_context *ctx) {
+    ddp_result r;
+    int i;
+    if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
+    DDP__TRY(ddp__check_usable(ctx, "ddp_finalize"));
+    if (ctx->finalized) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_finalize: called twice");
+    if (ctx->num_params == 0) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_finalize: no parameters registered");
+    DDP__TRY(ddp__assign_buckets(ctx));
+    ctx->queue = (int *)ddp__calloc(ctx, (size_t)ctx->num_buckets * sizeof(int));
+    if (!ctx->queue) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for the bucket queue");
+    if (ctx->world > 1) {
+        r = ddp__verify_params(ctx);
+        if (r != DDP_SUCCESS) return ddp__break(ctx, r);
+    }
+    DDP__TRY(ddp__alloc_host_state(ctx));
+    if (ddp__on_gpu(ctx)) {
+        r = ddp__cuda_finalize(ctx);
+        if (r != DDP_SUCCESS) return ddp__break(ctx, r);
+    } else {
+        r = ddp__alloc_grad_segment(ctx);
+        if (r != DDP_SUCCESS) return ddp__break(ctx, r);
+        ctx->flat_grads = ctx->shm.grads + (size_t)ctx->rank * ctx->shm.grad_stride;
+        ctx->flat_params = (unsigned char *)ddp__calloc(ctx, ctx->flat_bytes);
+        if (!ctx->flat_params) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for %zu bytes of parameters", ctx->flat_bytes);
+        for (i = 0; i < ctx->num_params; i++)
+            if (ctx->params[i].init)
+                memcpy(ctx->flat_params + ctx->params[i].offset, ctx->params[i].init,
+                       ctx->params[i].numel * ddp_dtype_size(ctx->params[i].dtype));
+    }
+    ctx->finalized = 1;
+    r = ddp_sync_params(ctx);
+    if (r != DDP_SUCCESS) return r;
+    /* the communication thread: reduces buckets (shm, staged), or watches
+       NCCL's collectives in flight (nccl, even for a world of one) */
+    if (ctx->cfg.backend == DDP_BACKEND_NCCL || (ctx->world > 1 && !ctx->cfg.no_comm_thread && ctx->ops->bucket_reduce)) {
+        if (pthread_create(&ctx->comm_thread, NULL, ddp__comm_main, ctx) != 0)
+            return ddp__fail(ctx, DDP_ERROR_SYSTEM, "cannot start the communication thread: %s", strerror(errno));
+        ctx->comm_started = 1;
+    }
+    {
+        char msg[160];
+        snprintf(msg, sizeof msg, "%d parameters, %zu bytes, %d buckets", ctx->num_params, ctx->flat_bytes, ctx->num_buckets);
+        ddp__log(ctx, DDP_LOG_INFO, msg);
+    }
+    return DDP_SUCCESS;
+}
+
+DDP_API ddp_result ddp_sync_params(ddp_context *ctx) {
+    if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
+    DDP__TRY(ddp__check_usable(ctx, "ddp_sync_params"));
+    if (!ctx->finalized) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_sync_params: call ddp_finalize() first");
+    if (ctx->in_step) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_sync_params: not allowed inside a step");
+    if (ctx->world == 1) return DDP_SUCCESS;
+    return ddp__coll_done(ctx, ctx->ops->broadcast(ctx, ctx->flat_params, ctx->flat_bytes, 0));
+}
+
+static ddp_result ddp__param_check(const ddp_context *ctx, int id) {
+    return ctx && ctx->finalized && id >= 0 && id < ctx->num_params ? DDP_SUCCESS : DDP_ERROR_INVALID_ARGUMENT;
+}
+
+DDP_API int ddp_param_count(const ddp_context *ctx) { return ctx ? ctx->num_params : 0; }
+DDP_API void *ddp_param_data(ddp_context *ctx, int id) {
+    return ddp__param_check(ctx, id) ? NULL : ctx->flat_params + ctx->params[id].offset;
+}
+DDP_API void *ddp_param_grad(ddp_context *ctx, int id) {
+    return ddp__param_check(ctx, id) ? NULL : ctx->flat_grads + ctx->params[id].offset;
+}
+DDP_API size_t ddp_param_numel(const ddp_context *ctx, int id) {
+    return ctx && id >= 0 && id < ctx->num_params ? ctx->params[id].numel : 0;
+}
+DDP_API const char *ddp_param_name(const ddp_context *ctx, int id) {
+    return ctx && id >= 0 && id < ctx->num_params ? ctx->params[id].name : NULL;
+}
+DDP_API int ddp_param_bucket(const ddp_context *ctx, int id) {
+    return ddp__param_check(ctx, id) ? -1 : ctx->params[id].bucket;
+}
+DDP_API size_t ddp_param_offset(const ddp_context *ctx, int id) {
+    return ddp__param_check(ctx, id) ? 0 : ctx->params[id].offset;
+}
+DDP_API int ddp_bucket_count(const ddp_context *ctx) { return ctx && ctx->finalized ? ctx->num_buckets : 0; }
+DDP_API ddp_result ddp_bucket_info(const ddp_context *ctx, int b, size_t *offset_bytes, size_t *size_bytes,
+                                   ddp_dtype *dtype, int *num_params) {
+    if (!ctx || !ctx->finalized || b < 0 || b >= ctx->num_buckets) return DDP_ERROR_INVALID_ARGUMENT;
+    if (offset_bytes) *offset_bytes = ctx->buckets[b].offset;
+    if (size_bytes) *size_bytes = ctx->buckets[b].bytes;
+    if (dtype) *dtype = ctx->buckets[b].dtype;
+    if (num_params) *num_params = ctx->buckets[b].num_params;
+    return DDP_SUCCESS;
+}
+DDP_API void *ddp_flat_params(ddp_context *ctx) { return ctx && ctx->finalized ? ctx->flat_params : NULL; }
+DDP_API void *ddp_flat_grads(ddp_context *ctx) { return ctx && ctx->finalized ? ctx->flat_grads : NULL; }
+DDP_API size_t ddp_flat_bytes(const ddp_context *ctx) { return ctx && ctx->finalized ? ctx->flat_bytes : 0; }
+
+/* ---- communication thread ---------------------------------------------------------- */
+
+#if defined(DDP_CUDA)
+static int ddp__cuda_comm_thread(ddp_context *ctx);
+#endif
+
+static void *ddp__comm_main(void *arg) {
+    ddp_context *ctx = (ddp_context *)arg;
+#if defined(DDP_CUDA)
+    if (ddp__cuda_comm_thread(ctx)) return NULL; /* it was the NCCL watchdog */
+#endif
+    pthread_mutex_lock(&ctx->mu);
+    for (;;) {
+        int b;
+        ddp_result r;
+        double scale;
+        while (ctx->q_head == ctx->q_tail && !ctx->q_stop) pthread_cond_wait(&ctx->cv_work, &ctx->mu);
+        if (ctx->q_stop) break;
+        b = ctx->queue[ctx->q_head];
+        scale = ctx->q_scale;
+        r = ctx->q_err;
+        ctx->q_busy = 1;
+        pthread_mutex_unlock(&ctx->mu);
+        if (r == DDP_SUCCESS) r = ctx->ops->bucket_reduce(ctx, b, scale);
+        pthread_mutex_lock(&ctx->mu);
+        if (r != DDP_SUCCESS && ctx->q_err == DDP_SUCCESS) ctx->q_err = r;
+        ctx->q_head++;
+        ctx->q_busy = 0;
+        pthread_cond_broadcast(&ctx->cv_done);
+    }
+    pthread_mutex_unlock(&ctx->mu);
+    return NULL;
+}
+
+static ddp_result ddp__cuda_launch_bucket(ddp_context *ctx, int b);
+
+static ddp_result ddp__launch_bucket(ddp_context *ctx, int b) {
+    ddp_result r;
+    ctx->buckets[b].launched = 1;
+    if (ctx->cfg.logger.func && ctx->cfg.logger.level >= DDP_LOG_DEBUG) {
+        char msg[64];
+        snprintf(msg, sizeof msg, "launch bucket %d", b);
+        ddp__log(ctx, DDP_LOG_DEBUG, msg);
+    }
+    if (ctx->cfg.backend == DDP_BACKEND_NCCL) return ddp__cuda_launch_bucket(ctx, b);
+    if (ctx->comm_started) {
+        pthread_mutex_lock(&ctx->mu);
+        ctx->queue[ctx->q_tail++] = b;
+        pthread_cond_signal(&ctx->cv_work);
+        pthread_mutex_unlock(&ctx->mu);
+        return DDP_SUCCESS;
+    }
+    r = ctx->ops->bucket_reduce(ctx, b, ctx->q_scale);
+    if (r != DDP_SUCCESS) {
+        DDP__STORE_REL(&ctx->broken, 1);
+        ddp__shm_abort(ctx, ddp__errbuf(ctx));
+    }
+    return r;
+}
+
+/* Wait for the communication thread to drain the queue. */
+static ddp_result ddp__drain(ddp_context *ctx) {
+    ddp_result r;
+    struct timespec ts;
+    int timed_out = 0;
+    if (!ctx->comm_started) return DDP_SUCCESS;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    ts.tv_sec += (time_t)(ctx->cfg.timeout_s + 10.0);
+    pthread_mutex_lock(&ctx->mu);
+    while (ctx->q_head < ctx->q_tail && !timed_out)
+        if (pthread_cond_timedwait(&ctx->cv_done, &ctx->mu, &ts) == ETIMEDOUT) timed_out = 1;
+    r = ctx->q_err;
+    if (!timed_out) { ctx->q_head = ctx->q_tail = 0; ctx->q_err = DDP_SUCCESS; }
+    pthread_mutex_unlock(&ctx->mu);
+    if (timed_out) {
+        DDP__STORE_REL(&ctx->broken, 1);
+        return ddp__fail(ctx, DDP_ERROR_TIMEOUT, "the communication thread did not finish within %.1f s", ctx->cfg.timeout_s + 10.0);
+    }
+    if (r != DDP_SUCCESS) {
+        memcpy(ctx->err, ctx->comm_err, sizeof ctx->err);
+        DDP__STORE_REL(&ctx->broken, 1);
+    }
+    return r;
+}
+
+/* ---- the step ------------------------------------------------------------------------ */
+
+static ddp_result ddp__zero_grads(ddp_context *ctx);
+
+DDP_API ddp_result ddp_step_begin(ddp_context *ctx) {
+    int i;
+    if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
+    DDP__TRY(ddp__check_usable(ctx, "ddp_step_begin"));
+    if (!ctx->finalized) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_step_begin: call ddp_finalize() first");
+    if (ctx->in_step) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_step_begin: the previous step was not ended (call ddp_step_end())");
+    if (!ctx->grads_dirty) {
+        DDP__TRY(ddp__zero_grads(ctx));
+        ctx->grads_dirty = 1;
+    }
+    for (i = 0; i < ctx->num_params; i++) ctx->params[i].marked = 0;
+    for (i = 0; i < ctx->num_buckets; i++) {
+        ctx->buckets[i].pending = ctx->buckets[i].num_params;
+        ctx->buckets[i].launched = 0;
+    }
+    ctx->next_bucket = 0;
+    ctx->q_scale = (float)(ctx->cfg.gradient_sum ? 1.0 : 1.0 / ((double)ctx->world * (ctx->accum_steps + 1)));
+    ctx->in_step = 1;
+    return DDP_SUCCESS;
+}
+
+static ddp_result ddp__cuda_record_ready(ddp_context *ctx, int id, void *stream);
+
+static ddp_result ddp__mark(ddp_context *ctx, int id, void *stream, int has_stream) {
+    ddp__param *p;
+    if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
+    DDP__TRY(ddp__check_usable(ctx, "ddp_mark_ready"));
+    if (!ctx->in_step) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_mark_ready: no step in progress (call ddp_step_begin() first)");
+    if (id < 0 || id >= ctx->num_params)
+        return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_mark_ready: %d is not a parameter id (0..%d)", id, ctx->num_params - 1);
+    p = &ctx->params[id];
+    if (p->marked) {
+        ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_mark_ready: parameter %d '%s' was marked ready twice in this step", id, p->name);
+        return ddp__break(ctx, DDP_ERROR_INVALID_STATE);
+    }
+    if (has_stream && !ddp__on_gpu(ctx))
+        return ddp__fail(ctx, DDP_ERROR_UNSUPPORTED, "ddp_mark_ready_stream: the context keeps parameters on the CPU; use ddp_mark_ready()");
+    p->marked = 1;
+    if (ddp__on_gpu(ctx)) DDP__TRY(ddp__cuda_record_ready(ctx, id, stream));
+    if (ctx->no_sync) return DDP_SUCCESS;
+    ctx->buckets[p->bucket].pending--;
+    while (ctx->next_bucket < ctx->num_buckets && ctx->buckets[ctx->next_bucket].pending == 0) {
+        ddp_result r = ddp__launch_bucket(ctx, ctx->next_bucket++);
+        if (r != DDP_SUCCESS) return r;
+    }
+    return DDP_SUCCESS;
+}
+
+DDP_API ddp_result ddp_mark_ready(ddp_context *ctx, int id) { return ddp__mark(ctx, id, NULL, 0); }
+DDP_API ddp_result ddp_mark_ready_stream(ddp_context *ctx, int id, void *stream) { return ddp__mark(ctx, id, stream, 1); }
+
+static ddp_result ddp__cuda_step_end(ddp_context *ctx, void *stream);
+
+static ddp_result ddp__step_end(ddp_context *ctx, void *stream) {
+    int i, missing = 0;
+    ddp_result r;
+    if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
+    DDP__TRY(ddp__check_usable(ctx, "ddp_step_end"));
+    if (!ctx->in_step) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_step_end: no step in progress");
+    for (i = 0; i < ctx->num_params; i++) missing += !ctx->params[i].marked;
+    if (missing && !ctx->cfg.allow_unused_parameters) {
+        char names[600];
+        size_t n = 0;
+        names[0] = 0;
+        for (i = 0; i < ctx->num_params && n < sizeof names - 80; i++)
+            if (!ctx->params[i].marked)
+                n += (size_t)snprintf(names + n, sizeof names - n, "%s'%s'", n ? ", " : "", ctx->params[i].name);
+        if (i < ctx->num_params) snprintf(names + n, sizeof names - n, ", ...");
+        char keep[DDP__ERRLEN];
+        ctx->in_step = 0;
+        ddp__fail(ctx, DDP_ERROR_INVALID_STATE,
+                  "ddp_step_end: %d parameter(s) never marked ready in this step: %s (mark them, or set config.allow_unused_parameters)",
+                  missing, names);
+        ddp__break(ctx, DDP_ERROR_INVALID_STATE); /* tell the peers first: they may be waiting on our buckets */
+        memcpy(keep, ctx->err, sizeof keep);
+        ddp__drain(ctx);
+        memcpy(ctx->err, keep, sizeof keep);
+        return DDP_ERROR_INVALID_STATE;
+    }
+    ctx->accum_steps++;
+    if (ctx->no_sync) { ctx->in_step = 0; return DDP_SUCCESS; }
+    /* unused parameters keep their (zero or accumulated) gradient and are reduced like the rest */
+    r = DDP_SUCCESS;
+    while (r == DDP_SUCCESS && ctx->next_bucket < ctx->num_buckets) r = ddp__launch_bucket(ctx, ctx->next_bucket++);
+    if (ctx->cfg.backend == DDP_BACKEND_NCCL) {
+        if (r == DDP_SUCCESS) r = ddp__cuda_step_end(ctx, stream);
+    } else {
+        ddp_result d = ddp__drain(ctx);
+        if (r == DDP_SUCCESS) r = d;
+        if (r == DDP_SUCCESS && ddp__on_gpu(ctx)) r = ddp__cuda_step_end(ctx, stream);
+    }
+    ctx->in_step = 0;
+    ctx->accum_steps = 0;
+    ctx->grads_dirty = 0; /* the next step starts from zero */
+    if (r != DDP_SUCCESS) return ddp__break(ctx, r);
+    return DDP_SUCCESS;
+}
+
+DDP_API ddp_result ddp_step_end(ddp_context *ctx) { return ddp__step_end(ctx, NULL); }
+DDP_API ddp_result ddp_step_end_stream(ddp_context *ctx, void *stream) { return ddp__step_end(ctx, stream); }
+
+DDP_API ddp_result ddp_set_no_sync(ddp_context *ctx, int no_sync) {
+    if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
+    if (ctx->in_step) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_set_no_sync: not allowed inside a step");
+    ctx->no_sync = no_sync ? 1 : 0;
+    return DDP_SUCCESS;
+}
+
+/* ---- optimizers ------------------------------------------------------------------------ */
+
+static ddp_result ddp__cuda_optimizer_step(ddp_context *ctx, float clip_scale);
+static ddp_result ddp__cuda_sumsq(ddp_context *ctx, double *out);
+static ddp_result ddp__cuda_scale_grads(ddp_context *ctx, float s);
+static ddp_result ddp__cuda_memcpy(ddp_context *ctx, void *dst, const void *src, size_t bytes, int to_device);
+
+static double ddp__sload(const void *s, size_t i, int wide) { return wide ? ((const double *)s)[i] : ((const float *)s)[i]; }
+static void ddp__sstore(void *s, size_t i, int wide, double v) {
+    if (wide) ((double *)s)[i] = v; else ((float *)s)[i] = (float)v;
+}
+
+static ddp_result ddp__opt_alloc(ddp_context *ctx) {
+    const ddp_optimizer_desc *o = &ctx->cfg.optimizer;
+    int need_m = o->type == DDP_OPTIM_ADAMW || (o->type == DDP_OPTIM_SGD && o->momentum > 0);
+    int need_v = o->type == DDP_OPTIM_ADAMW, need_master = 0, b;
+    for (b = 0; b < ctx->num_buckets; b++)
+        if (ctx->buckets[b].dtype == DDP_F16 || ctx->buckets[b].dtype == DDP_BF16) need_master = 1;
+    if (ddp__on_gpu(ctx)) return DDP_SUCCESS; /* the CUDA part allocates its own */
+    if (need_m && !ctx->opt_m && !(ctx->opt_m = ddp__calloc(ctx, ctx->opt_state_bytes))) goto oom;
+    if (need_v && !ctx->opt_v && !(ctx->opt_v = ddp__calloc(ctx, ctx->opt_state_bytes))) goto oom;
+    if (need_master && !ctx->opt_master) {
+        if (!(ctx->opt_master = ddp__calloc(ctx, ctx->opt_state_bytes))) goto oom;
+        for (b = 0; b < ctx->num_buckets; b++) {
+            const ddp__bucket *bk = &ctx->buckets[b];
+            size_t i;
+            if (bk->dtype != DDP_F16 && bk->dtype != DDP_BF16) continue;
+            for (i = 0; i < bk->numel; i++)
+                ((float *)((unsigned char *)ctx->opt_master + ctx->opt_state_off[b]))[i] =
+                    (float)ddp__load_elem(ctx->flat_params + bk->offset, i, bk->dtype);
+        }
+    }
+    return DDP_SUCCESS;
+oom:
+    return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for %zu bytes of optimizer state", ctx->opt_state_bytes);
+}
+
+static void ddp__sgd_f32(float *p, const float *g, float *buf, size_t n, const ddp_optimizer_desc *o,
+                         int first, float gs) {
+    float lr = o->lr, wd = o->weight_decay, mom = o->momentum;
+    size_t i;
+    if (mom == 0) {
+        for (i = 0; i < n; i++) p[i] -= lr * (g[i] * gs + wd * p[i]);
+        return;
+    }
+    for (i = 0; i < n; i++) {
+        float d = g[i] * gs + wd * p[i];
+        float b = first ? d : mom * buf[i] + d;
+        buf[i] = b;
+        p[i] -= lr * (o->nesterov ? d + mom * b : b);
+    }
+}
+
+static void ddp__adamw_f32(float *p, const float *g, float *m, float *v, size_t n, const ddp_optimizer_desc *o,
+                           int64_t t, float gs) {
+    float b1 = o->beta1, b2 = o->beta2, eps = o->eps;
+    float bc1 = (float)(1.0 - pow((double)b1, (double)t));
+    float bc2s = (float)sqrt(1.0 - pow((double)b2, (double)t));
+    float step = o->lr / bc1, decay = 1.0f - o->lr * o->weight_decay;
+    size_t i;
+    for (i = 0; i < n; i++) {
+        float gi = g[i] * gs;
+        float mi = b1 * m[i] + (1.0f - b1) * gi;
+        float vi = b2 * v[i] + (1.0f - b2) * gi * gi;
+        m[i] = mi;
+        v[i] = vi;
+        p[i] = p[i] * decay - step * mi / (sqrtf(vi) / bc2s + eps);
+    }
+}
+
+/* f64, f16 and bf16 buckets: the same arithmetic in double, with f32 master
+   weights for the 16-bit types. */
+static void ddp__opt_generic(ddp_context *ctx, int b, int64_t t, double gs) {
+    const ddp_optimizer_desc *o = &ctx->cfg.optimizer;
+    const ddp__bucket *bk = &ctx->buckets[b];
+    int wide = bk->dtype == DDP_F64, half = bk->dtype == DDP_F16 || bk->dtype == DDP_BF16;
+    unsigned char *pp = ctx->flat_params + bk->offset, *gp = ctx->flat_grads + bk->offset;
+    void *m = ctx->opt_m ? (unsigned char *)ctx->opt_m + ctx->opt_state_off[b] : NULL;
+    void *v = ctx->opt_v ? (unsigned char *)ctx->opt_v + ctx->opt_state_off[b] : NULL;
+    float *master = half ? (float *)((unsigned char *)ctx->opt_master + ctx->opt_state_off[b]) : NULL;
+    double bc1 = 1.0 - pow((double)o->beta1, (double)t), bc2s = sqrt(1.0 - pow((double)o->beta2, (double)t));
+    size_t i;
+    for (i = 0; i < bk->numel; i++) {
+        double p = half ? master[i] : ddp__load_elem(pp, i, bk->dtype);
+        double g = ddp__load_elem(gp, i, bk->dtype) * gs;
+        if (o->type == DDP_OPTIM_SGD) {
+            double d = g + o->weight_decay * p;
+            if (o->momentum > 0) {
+                double bb = t == 1 ? d : o->momentum * ddp__sload(m, i, wide) + d;
+                ddp__sstore(m, i, wide, bb);
+                d = o->nesterov ? d + o->momentum * bb : bb;
+            }
+            p -= o->lr * d;
+        } else {
+            double mi = o->beta1 * ddp__sload(m, i, wide) + (1.0 - o->beta1) * g;
+            double vi = o->beta2 * ddp__sload(v, i, wide) + (1.0 - o->beta2) * g * g;
+            ddp__sstore(m, i, wide, mi);
+            ddp__sstore(v, i, wide, vi);
+            p = p * (1.0 - (double)o->lr * o->weight_decay) - ((double)o->lr / bc1) * mi / (sqrt(vi) / bc2s + o->eps);
+        }
+        if (half) master[i] = (float)p;
+        ddp__store_elem(pp, i, bk->dtype, p);
+    }
+}
+
+static ddp_result ddp__sumsq(ddp_context *ctx, double *out) {
+    double s = 0;
+    int b;
+    if (ddp__on_gpu(ctx)) return ddp__cuda_sumsq(ctx, out);
+    for (b = 0; b < ctx->num_buckets; b++) {
+        const ddp__bucket *bk = &ctx->buckets[b];
+        const unsigned char *g = ctx->flat_grads + bk->offset;
+        size_t i;
+        if (bk->dtype == DDP_F32) {
+            const float *f = (const float *)g;
+            double part = 0;
+            for (i = 0; i < bk->numel; i++) part += (double)f[i] * (double)f[i];
+            s += part;
+        } else {
+            for (i = 0; i < bk->numel; i++) { double x = ddp__load_elem(g, i, bk->dtype); s += x * x; }
+        }
+    }
+    *out = s;
+    return DDP_SUCCESS;
+}
+
+static ddp_result ddp__opt_ready(ddp_context *ctx, const char *fn) {
+    if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
+    DDP__TRY(ddp__check_usable(ctx, fn));
+    if (!ctx->finalized) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "%s: call ddp_finalize() first", fn);
+    if (ctx->in_step) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "%s: not allowed inside a step (call ddp_step_end() first)", fn);
+    if (ctx->accum_steps > 0)
+        return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "%s: %d accumulated micro-step(s) were never reduced (end the accumulation with a step after ddp_set_no_sync(ctx, 0))",
+                         fn, ctx->accum_steps);
+    return DDP_SUCCESS;
+}
+
+/* The clip factor for max_norm (1 when no clipping is needed). */
+static ddp_result ddp__clip_factor(ddp_context *ctx, float max_norm, float *norm_out, float *factor) {
+    double ss = 0;
+    DDP__TRY(ddp__sumsq(ctx, &ss));
+    *norm_out = (float)sqrt(ss);
+    *factor = 1.0f;
+    if (max_norm > 0 && *norm_out > max_norm) *factor = max_norm / (*norm_out + 1e-6f);
+    return DDP_SUCCESS;
+}
+
+DDP_API ddp_result ddp_clip_grad_norm(ddp_context *ctx, float max_norm, float *out_norm) {
+    float norm, f;
+    int b;
+    DDP__TRY(ddp__opt_ready(ctx, "ddp_clip_grad_norm"));
+    if (!(max_norm == max_norm)) return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_clip_grad_norm: max_norm is NaN");
+    DDP__TRY(ddp__clip_factor(ctx, max_norm, &norm, &f));
+    if (out_norm) *out_norm = norm;
+    if (f == 1.0f) return DDP_SUCCESS;
+    if (ddp__on_gpu(ctx)) return ddp__cuda_scale_grads(ctx, f);
+    for (b = 0; b < ctx->num_buckets; b++) {
+        void *g = ctx->flat_grads + ctx->buckets[b].offset;
+        ddp__reduce(&g, 1, &g, 1, ctx->buckets[b].numel, ctx->buckets[b].dtype, DDP_OP_SUM, f);
+    }
+    return DDP_SUCCESS;
+}
+
+DDP_API ddp_result ddp_optimizer_step(ddp_context *ctx) {
+    const ddp_optimizer_desc *o;
+    float gs = 1.0f, norm;
+    int b;
+    DDP__TRY(ddp__opt_ready(ctx, "ddp_optimizer_step"));
+    o = &ctx->cfg.optimizer;
+    if (o->type == DDP_OPTIM_NONE)
+        return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_optimizer_step: config.optimizer.type is DDP_OPTIM_NONE");
+    if (o->max_grad_norm > 0) DDP__TRY(ddp__clip_factor(ctx, o->max_grad_norm, &norm, &gs));
+    DDP__TRY(ddp__opt_alloc(ctx));
+    ctx->opt_steps++;
+    if (ddp__on_gpu(ctx)) return ddp__cuda_optimizer_step(ctx, gs);
+    for (b = 0; b < ctx->num_buckets; b++) {
+        const ddp__bucket *bk = &ctx->buckets[b];
+        if (bk->dtype == DDP_F32) {
+            float *p = (float *)(ctx->flat_params + bk->offset), *g = (float *)(ctx->flat_grads + bk->offset);
+            float *m = ctx->opt_m ? (float *)((unsigned char *)ctx->opt_m + ctx->opt_state_off[b]) : NULL;
+            float *v = ctx->opt_v ? (float *)((unsigned char *)ctx->opt_v + ctx->opt_state_off[b]) : NULL;
+            if (o->type == DDP_OPTIM_SGD) ddp__sgd_f32(p, g, m, bk->numel, o, ctx->opt_steps == 1, gs);
+            else ddp__adamw_f32(p, g, m, v, bk->numel, o, ctx->opt_steps, gs);
+        } else {
+            ddp__opt_generic(ctx, b, ctx->opt_steps, gs);
+        }
+    }
+    return DDP_SUCCESS;
+}
+
+DDP_API ddp_result ddp_set_lr(ddp_context *ctx, float lr) {
+    if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
+    if (!(lr >= 0)) return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_set_lr: lr %g must be >= 0", (double)lr);
+    ctx->cfg.optimizer.lr = lr;
+    return DDP_SUCCESS;
+}
+
+static ddp_result ddp__cuda_zero_grads(ddp_context *ctx);
+
+static ddp_result ddp__zero_grads(ddp_context *ctx) {
+    if (ddp__on_gpu(ctx)) return ddp__cuda_zero_grads(ctx);
+    memset(ctx->flat_grads, 0, ctx->flat_bytes);
+    return DDP_SUCCESS;
+}
+
+DDP_API ddp_result ddp_zero_grad(ddp_context *ctx) {
+    if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
+    DDP__TRY(ddp__check_usable(ctx, "ddp_zero_grad"));
+    if (!ctx->finalized) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_zero_grad: call ddp_finalize() first");
+    if (ctx->in_step) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_zero_grad: not allowed inside a step");
+    DDP__TRY(ddp__zero_grads(ctx));
+    ctx->accum_steps = 0;
+    ctx->grads_dirty = 1;
+    return DDP_SUCCESS;
+}
+
+DDP_API int64_t ddp_optimizer_steps(const ddp_context *ctx) { return ctx ? ctx->opt_steps : 0; }
+
+/* ---- the step wrapper ------------------------------------------------------------------ */
+
+DDP_API ddp_result ddp_train_step(ddp_context *ctx, ddp_forward_backward_fn fn, void *user,
+                                  int micro_steps, float *out_loss) {
+    double loss_sum = 0;
+    float loss;
+    int m;
+    if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
+    if (!fn) return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_train_step: fn is NULL");
+    if (micro_steps < 0) return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_train_step: micro_steps %d is negative", micro_steps);
+    if (micro_steps == 0) micro_steps = 1;
+    for (m = 0; m < micro_steps; m++) {
+        int rc;
+        loss = 0;
+        DDP__TRY(ddp_set_no_sync(ctx, m < micro_steps - 1));
+        DDP__TRY(ddp_step_begin(ctx));
+        rc = fn(ctx, user, m, &loss);
+        if (rc != 0) {
+            ctx->in_step = 0;
+            ddp__fail(ctx, DDP_ERROR_USER, "ddp_train_step: your forward/backward returned %d in micro-step %d on rank %d", rc, m, ctx->rank);
+            ddp__break(ctx, DDP_ERROR_USER);
+            {
+                char keep[DDP__ERRLEN];
+                memcpy(keep, ctx->err, sizeof keep);
+                ddp__drain(ctx);
+                memcpy(ctx->err, keep, sizeof keep);
+            }
+            return DDP_ERROR_USER;
+        }
+        DDP__TRY(ddp_step_end(ctx));
+        loss_sum += loss;
+    }
+    loss = (float)(loss_sum / micro_steps);
+    if (ctx->world > 1) DDP__TRY(ddp_allreduce(ctx, &loss, 1, DDP_F32, DDP_OP_AVG));
+    if (out_loss) *out_loss = loss;
+    if (ctx->cfg.optimizer.type != DDP_OPTIM_NONE) DDP__TRY(ddp_optimizer_step(ctx));
+    return DDP_SUCCESS;
+}
+
+/* ---- checkpoints ------------------------------------------------------------------------
+
+   Layout (little-endian host order):
+     "DDPCKPT1" u32 version u32 nparams u32 optimizer u32 flags i64 steps
+     per parameter: u32 namelen, name, u32 dtype, u64 numel, u32 ndim, i64 shape[ndim]
+     per parameter: data (numel * dtype size)
+     per parameter, when present: momentum/m, v, master (numel * state size each)
+     u64 FNV-1a hash of everything before it */
+
+#define DDP__CKPT_MAGIC "DDPCKPT1"
+
+typedef struct ddp__ckfile {
+    FILE *f;
+    uint64_t hash;
+    int err;
+} ddp__ckfile;
+
+static void ddp__hash(uint64_t *h, const void *p, size_t n) {
+    const unsigned char *s = (const unsigned char *)p;
+    uint64_t x = *h;
+    size_t i;
+    for (i = 0; i < n; i++) { x ^= s[i]; x *= 0x100000001b3ull; }
+    *h = x;
+}
+
+static void ddp__ck_write(ddp__ckfile *c, const void *p, size_t n) {
+    if (c->err) return;
+    ddp__hash(&c->hash, p, n);
+    if (n && fwrite(p, 1, n, c->f) != n) c->err = errno ? errno : EIO;
+}
+
+static int ddp__ck_read(ddp__ckfile *c, void *p, size_t n) {
+    if (c->err) return 0;
+    if (n && fread(p, 1, n, c->f) != n) { c->err = -1; return 0; }
+    ddp__hash(&c->hash, p, n);
+    return 1;
+}
+
+/* Which state arrays exist: bit 0 m, bit 1 v, bit 2 master. */
+static uint32_t ddp__state_flags(const ddp_context *ctx) {
+    return (ctx->opt_m ? 1u : 0u) | (ctx->opt_v ? 2u : 0u) | (ctx->opt_master ? 4u : 0u);
+}
+
+/* Host copy of a parameter's data or state (GPU contexts copy from the device). */
+static ddp_result ddp__host_view(ddp_context *ctx, const void *src, size_t bytes, void **tmp, const void **view) {
+    if (!ddp__on_gpu(ctx)) { *view = src; *tmp = NULL; return DDP_SUCCESS; }
+    *tmp = ddp__alloc(ctx, bytes ? bytes : 1);
+    if (!*tmp) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory copying %zu bytes from the GPU", bytes);
+    *view = *tmp;
+    return ddp__cuda_memcpy(ctx, *tmp, src, bytes, 0);
+}
+
+static void *ddp__state_ptr(ddp_context *ctx, void *base, int id) {
+    const ddp__param *p = &ctx->params[id];
+    const ddp__bucket *bk = &ctx->buckets[p->bucket];
+    size_t el = ddp__state_elem(p->dtype), es = ddp_dtype_size(p->dtype);
+    return (unsigned char *)base + ctx->opt_state_off[p->bucket] + (p->offset - bk->offset) / es * el;
+}
+
+static ddp_result ddp__ck_write_block(ddp_context *ctx, ddp__ckfile *c, const void *src, size_t bytes) {
+    void *tmp = NULL;
+    const void *view = NULL;
+    DDP__TRY(ddp__host_view(ctx, src, bytes, &tmp, &view));
+    ddp__ck_write(c, view, bytes);
+    ddp__free(ctx, tmp);
+    return DDP_SUCCESS;
+}
+
+static ddp_result ddp__save_file(ddp_context *ctx, const char *path) {
+    char tmp[4096];
+    ddp__ckfile c;
+    uint32_t u;
+    int64_t steps = ctx->opt_steps;
+    uint32_t flags = ddp__state_flags(ctx);
+    void *bases[3];
+    int i, k;
+    ddp_result r = DDP_SUCCESS;
+    if (snprintf(tmp, sizeof tmp, "%s.tmp.%d", path, (int)getpid()) >= (int)sizeof tmp)
+        return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_save_checkpoint: path is too long");
+    memset(&c, 0, sizeof c);
+    c.hash = 0xcbf29ce484222325ull;
+    c.f = fopen(tmp, "wb");
+    if (!c.f) return ddp__fail(ctx, DDP_ERROR_IO, "ddp_save_checkpoint: cannot create '%s': %s", tmp, strerror(errno));
+    ddp__ck_write(&c, DDP__CKPT_MAGIC, 8);
+    u = 1; ddp__ck_write(&c, &u, 4);
+    u = (uint32_t)ctx->num_params; ddp__ck_write(&c, &u, 4);
+    u = (uint32_t)ctx->cfg.optimizer.type; ddp__ck_write(&c, &u, 4);
+    ddp__ck_write(&c, &flags, 4);
+    ddp__ck_write(&c, &steps, 8);
+    for (i = 0; i < ctx->num_params; i++) {
+        const ddp__param *p = &ctx->params[i];
+        uint64_t numel = p->numel;
+        u = (uint32_t)strlen(p->name); ddp__ck_write(&c, &u, 4);
+        ddp__ck_write(&c, p->name, u);
+        u = (uint32_t)p->dtype; ddp__ck_write(&c, &u, 4);
+        ddp__ck_write(&c, &numel, 8);
+        u = (uint32_t)p->ndim; ddp__ck_write(&c, &u, 4);
+        ddp__ck_write(&c, p->shape, (size_t)p->ndim * 8);
+    }
+    for (i = 0; i < ctx->num_params && r == DDP_SUCCESS; i++)
+        r = ddp__ck_write_block(ctx, &c, ctx->flat_params + ctx->params[i].offset,
+                                ctx->params[i].numel * ddp_dtype_size(ctx->params[i].dtype));
+    bases[0] = ctx->opt_m; bases[1] = ctx->opt_v; bases[2] = ctx->opt_master;
+    for (k = 0; k < 3 && r == DDP_SUCCESS; k++) {
+        if (!bases[k]) continue;
+        for (i = 0; i < ctx->num_params && r == DDP_SUCCESS; i++)
+            r = ddp__ck_write_block(ctx, &c, ddp__state_ptr(ctx, bases[k], i),
+                                    ctx->params[i].numel * ddp__state_elem(ctx->params[i].dtype));
+    }
+    {
+        uint64_t h = c.hash;
+        ddp__ck_write(&c, &h, 8);
+    }
+    if (r == DDP_SUCCESS && !c.err && fflush(c.f) != 0) c.err = errno;
+    if (r == DDP_SUCCESS && !c.err && fsync(fileno(c.f)) != 0) c.err = errno;
+    if (fclose(c.f) != 0 && !c.err) c.err = errno;
+    if (r == DDP_SUCCESS && c.err) r = ddp__fail(ctx, DDP_ERROR_IO, "ddp_save_checkpoint: cannot write '%s': %s", tmp, strerror(c.err));
+    if (r == DDP_SUCCESS && rename(tmp, path) != 0)
+        r = ddp__fail(ctx, DDP_ERROR_IO, "ddp_save_checkpoint: cannot rename '%s' to '%s': %s", tmp, path, strerror(errno));
+    if (r != DDP_SUCCESS) { remove(tmp); return r; }
+    {   /* make the rename itself durable */
+        char dir[4096];
+        const char *slash = strrchr(path, '/');
+        int fd;
+        if (slash) { size_t n = (size_t)(slash - path); memcpy(dir, path, n ? n : 1); dir[n ? n : 1] = 0; }
+        else ddp__copy_str(dir, sizeof dir, ".");
+        fd = open(dir, O_RDONLY);
+        if (fd >= 0) { fsync(fd); close(fd); }
+    }
+    return DDP_SUCCESS;
+}
+
+/* Every rank learns whether every other rank succeeded: the same result everywhere. */
+static ddp_result ddp__agree(ddp_context *ctx, ddp_result mine, const char *what) {
+    int32_t v[2];
+    ddp_result r;
+    char keep[DDP__ERRLEN];
+    if (ctx->world == 1) return mine;
+    memcpy(keep, ctx->err, sizeof keep);
+    v[0] = mine != DDP_SUCCESS ? (int32_t)(ctx->rank + 1) : 0;
+    v[1] = (int32_t)-mine;
+    r = ctx->ops->allreduce(ctx, v, 2, DDP_I32, DDP_OP_MAX);
+    if (r != DDP_SUCCESS) return ddp__break(ctx, r);
+    memcpy(ctx->err, keep, sizeof keep);
+    if (mine != DDP_SUCCESS) return mine;
+    if (v[0] != 0)
+        return ddp__fail(ctx, (ddp_result)-v[1], "%s failed on rank %d (see that rank's error)", what, v[0] - 1);
+    return DDP_SUCCESS;
+}
+
+DDP_API ddp_result ddp_save_checkpoint(ddp_context *ctx, const char *path) {
+    ddp_result r = DDP_SUCCESS;
+    if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
+    DDP__TRY(ddp__check_usable(ctx, "ddp_save_checkpoint"));
+    if (!path || !*path) return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_save_checkpoint: path is NULL or empty");
+    if (!ctx->finalized) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_save_checkpoint: call ddp_finalize() first");
+    if (ctx->in_step) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_save_checkpoint: not allowed inside a step");
+    if (ctx->rank == 0) r = ddp__save_file(ctx, path);
+    return ddp__agree(ctx, r, "saving the checkpoint");
+}
+
+/* Reads into scratch buffers first and commits only after the checksum
+   matched, so a bad file leaves the model untouched. */
+static ddp_result ddp__load_file(ddp_context *ctx, const char *path) {
+    ddp__ckfile c;
+    char magic[8], name[DDP__MAX_NAME];
+    uint32_t version, np, opt, flags, u;
+    int64_t steps;
+    unsigned char *pbuf = NULL, *sbuf[3] = { NULL, NULL, NULL };
+    int i, k;
+    ddp_result r = DDP_SUCCESS;
+    memset(&c, 0, sizeof c);
+    c.hash = 0xcbf29ce484222325ull;
+    c.f = fopen(path, "rb");
+    if (!c.f) return ddp__fail(ctx, DDP_ERROR_IO, "ddp_load_checkpoint: cannot open '%s': %s", path, strerror(errno));
+    if (!ddp__ck_read(&c, magic, 8) || memcmp(magic, DDP__CKPT_MAGIC, 8) != 0) {
+        r = ddp__fail(ctx, DDP_ERROR_CORRUPT, "'%s' is not a ddp.h checkpoint (bad magic)", path);
+        goto done;
+    }
+    if (!ddp__ck_read(&c, &version, 4) || !ddp__ck_read(&c, &np, 4) || !ddp__ck_read(&c, &opt, 4) ||
+        !ddp__ck_read(&c, &flags, 4) || !ddp__ck_read(&c, &steps, 8)) {
+        r = ddp__fail(ctx, DDP_ERROR_CORRUPT, "checkpoint '%s' is truncated in its header", path);
+        goto done;
+    }
+    if (version != 1) { r = ddp__fail(ctx, DDP_ERROR_CORRUPT, "checkpoint '%s' has version %u; this library reads version 1", path, version); goto done; }
+    if (np != (uint32_t)ctx->num_params) {
+        r = ddp__fail(ctx, DDP_ERROR_MISMATCH, "checkpoint '%s' is of another model: it has %u parameters, this model %d", path, np, ctx->num_params);
+        goto done;
+    }
+    for (i = 0; i < ctx->num_params; i++) {
+        const ddp__param *p = &ctx->params[i];
+        uint32_t dt, nd;
+        uint64_t numel;
+        int64_t shape[DDP__MAX_NDIM];
+        if (!ddp__ck_read(&c, &u, 4) || u >= DDP__MAX_NAME || !ddp__ck_read(&c, name, u)) {
+            r = ddp__fail(ctx, DDP_ERROR_CORRUPT, "checkpoint '%s' is corrupt at the name of parameter %d", path, i);
+            goto done;
+        }
+        name[u] = 0;
+        if (!ddp__ck_read(&c, &dt, 4) || !ddp__ck_read(&c, &numel, 8) || !ddp__ck_read(&c, &nd, 4) ||
+            nd < 1 || nd > DDP__MAX_NDIM || !ddp__ck_read(&c, shape, (size_t)nd * 8)) {
+            r = ddp__fail(ctx, DDP_ERROR_CORRUPT, "checkpoint '%s' is corrupt at parameter %d '%s'", path, i, name);
+            goto done;
+        }
+        if (strcmp(name, p->name) != 0 || dt != (uint32_t)p->dtype || numel != p->numel || (int)nd != p->ndim ||
+            memcmp(shape, p->shape, (size_t)nd * 8) != 0) {
+            ddp__param q;
+            char a[300], b[300];
+            memset(&q, 0, sizeof q);
+            ddp__copy_str(q.name, sizeof q.name, name);
+            q.dtype = (ddp_dtype)dt; q.ndim = (int)nd; memcpy(q.shape, shape, (size_t)nd * 8);
+            ddp__describe_param(&q, a, sizeof a);
+            ddp__describe_param(p, b, sizeof b);
+            r = ddp__fail(ctx, DDP_ERROR_MISMATCH, "checkpoint '%s' is of another model: parameter %d is %s there, %s here", path, i, a, b);
+            goto done;
+        }
+    }
+    if (opt != (uint32_t)ctx->cfg.optimizer.type && opt != DDP_OPTIM_NONE && ctx->cfg.optimizer.type != DDP_OPTIM_NONE) {
+        r = ddp__fail(ctx, DDP_ERROR_MISMATCH, "checkpoint '%s' holds state of optimizer %u, this context uses %d", path, opt, (int)ctx->cfg.optimizer.type);
+        goto done;
+    }
+    pbuf = (unsigned char *)ddp__calloc(ctx, ctx->flat_bytes);
+    if (!pbuf) { r = ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory loading '%s'", path); goto done; }
+    for (i = 0; i < ctx->num_params && r == DDP_SUCCESS; i++)
+        if (!ddp__ck_read(&c, pbuf + ctx->params[i].offset, ctx->params[i].numel * ddp_dtype_size(ctx->params[i].dtype)))
+            r = ddp__fail(ctx, DDP_ERROR_CORRUPT, "checkpoint '%s' is truncated in the data of parameter %d '%s'", path, i, ctx->params[i].name);
+    for (k = 0; k < 3 && r == DDP_SUCCESS; k++) {
+        if (!(flags & (1u << k))) continue;
+        sbuf[k] = (unsigned char *)ddp__calloc(ctx, ctx->opt_state_bytes);
+        if (!sbuf[k]) { r = ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory loading '%s'", path); break; }
+        for (i = 0; i < ctx->num_params && r == DDP_SUCCESS; i++)
+            if (!ddp__ck_read(&c, ddp__state_ptr(ctx, sbuf[k], i), ctx->params[i].numel * ddp__state_elem(ctx->params[i].dtype)))
+                r = ddp__fail(ctx, DDP_ERROR_CORRUPT, "checkpoint '%s' is truncated in the optimizer state", path);
+    }
+    if (r == DDP_SUCCESS) {
+        uint64_t want = c.hash, got;
+        if (fread(&got, 1, 8, c.f) != 8) r = ddp__fail(ctx, DDP_ERROR_CORRUPT, "checkpoint '%s' is truncated (no checksum)", path);
+        else if (got != want) r = ddp__fail(ctx, DDP_ERROR_CORRUPT, "checkpoint '%s' is corrupt: checksum mismatch", path);
+        else if (fgetc(c.f) != EOF) r = ddp__fail(ctx, DDP_ERROR_CORRUPT, "checkpoint '%s' has trailing bytes after its checksum", path);
+    }
+    if (r == DDP_SUCCESS) { /* commit */
+        if (ddp__on_gpu(ctx)) r = ddp__cuda_memcpy(ctx, ctx->flat_params, pbuf, ctx->flat_bytes, 1);
+        else memcpy(ctx->flat_params, pbuf, ctx->flat_bytes);
+        if (r == DDP_SUCCESS && opt == (uint32_t)ctx->cfg.optimizer.type && opt != DDP_OPTIM_NONE) {
+            void **dst[3];
+            ctx->opt_steps = steps;
+            if (r == DDP_SUCCESS) r = ddp__opt_alloc(ctx);
+            dst[0] = &ctx->opt_m; dst[1] = &ctx->opt_v; dst[2] = &ctx->opt_master;
+            for (k = 0; k < 3 && r == DDP_SUCCESS; k++) {
+                if (!sbuf[k] || !*dst[k]) continue;
+                if (ddp__on_gpu(ctx)) r = ddp__cuda_memcpy(ctx, *dst[k], sbuf[k], ctx->opt_state_bytes, 1);
+                else memcpy(*dst[k], sbuf[k], ctx->opt_state_bytes);
+            }
+        }
+    }
+done:
+    fclose(c.f);
+    ddp__free(ctx, pbuf);
+    for (k = 0; k < 3; k++) ddp__free(ctx, sbuf[k]);
+    return r;
+}
+
+DDP_API ddp_result ddp_load_checkpoint(ddp_context *ctx, const char *path) {
+    if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
+    DDP__TRY(ddp__check_usable(ctx, "ddp_load_checkpoint"));
+    if (!path || !*path) return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_load_checkpoint: path is NULL or empty");
+    if (!ctx->finalized) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_load_checkpoint: call ddp_finalize() first");
+    if (ctx->in_step) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_load_checkpoint: not allowed inside a step");
+    return ddp__agree(ctx, ddp__load_file(ctx, path), "loading the checkpoint");
+}
+
+/* ---- CUDA: device memory, streams, NCCL and the host-staged backend ----------------
+
+   Parameters and gradients live on the GPU. Marking a gradient ready records
+   an event on the caller's stream. A complete bucket is reduced:
+     nccl    on the communication stream, which first waits for the bucket's
+             events; ncclAvg (or ncclSum) in place, a scale kernel when
+             micro-steps were accumulated. The end of the step makes the
+             user's stream wait for the communication stream: no host sync.
+             A watchdog (the communication thread) polls every collective in
+             flight; one that has not finished within the timeout, or an
+             asynchronous NCCL error, aborts the communicator, so no path
+             blocks forever inside NCCL.
+     staged  by the communication thread: device to host (into this rank's
+             slice of the shared gradient segment), the shm all-reduce, host
+             to device; the user's stream waits for the last copy. */
+#if defined(DDP_CUDA)
+
+struct ddp__cuda_state {
+    int device;
+    cudaStream_t comm;            /* communication stream */
+    cudaStream_t user;            /* ddp_set_stream(); NULL: legacy default stream */
+    cudaEvent_t *ready;           /* per parameter */
+    cudaEvent_t *done;            /* per bucket */
+    cudaEvent_t  last;            /* the last collective queued on comm */
+    float       *d_norm;          /* device scalar for sumsq */
+    float       *d_scratch;       /* sumsq partials */
+    size_t       scratch_elems;
+    void        *compress_buf;    /* bucket in bf16/f16 for compressed all-reduce */
+    int          host_registered; /* the shared gradient slice is pinned */
+    /* watchdog */
+    int          inflight;        /* a collective is queued and not known finished */
+    double       inflight_since;
+    char         inflight_what[96];
+#if defined(DDP_NCCL)
+    ncclComm_t   nccl;
+    int          nccl_ready;
+#endif
+};
+
+#define DDP__CU(ctx, call, what) do { \
+    cudaError_t ddp__e_ = (call); \
+    if (ddp__e_ != cudaSuccess) \
+        return ddp__fail((ctx), DDP_ERROR_CUDA, "%s: %s (%s)", (what), cudaGetErrorString(ddp__e_), #call); \
+} while (0)
+
+#define DDP__KL(ctx, call, what) do { \
+    int ddp__k_ = (call); \
+    if (ddp__k_ != 0) \
+        return ddp__fail((ctx), DDP_ERROR_CUDA, "%s: kernel launch failed: %s", (what), cudaGetErrorString((cudaError_t)ddp__k_)); \
+} while (0)
+
+static void *ddp__dev_alloc(ddp_context *ctx, size_t bytes) {
+    void *p = NULL;
+    if (ctx->cfg.device_allocator.alloc) return ctx->cfg.device_allocator.alloc(bytes, ctx->cfg.device_allocator.user);
+    if (cudaMalloc(&p, bytes) != cudaSuccess) { (void)cudaGetLastError(); return NULL; }
+    return p;
+}
+
+static void ddp__free_device(ddp_context *ctx, void *p) {
+    if (!p) return;
+    if (ctx->cfg.device_allocator.free) ctx->cfg.device_allocator.free(p, ctx->cfg.device_allocator.user);
+    else cudaFree(p);
+}
+
+static void ddp__free_flat_grads(ddp_context *ctx) {
+    if (ddp__on_gpu(ctx)) ddp__free_device(ctx, ctx->flat_grads);
+    if (ctx->cuda && ctx->cuda->host_registered && ctx->shm.grads)
+        cudaHostUnregister(ctx->shm.grads + (size_t)ctx->rank * ctx->shm.grad_stride);
+    ctx->flat_grads = NULL;
+}
+
+static cudaStream_t ddp__ustream(ddp_context *ctx) { return ctx->cuda ? ctx->cuda->user : (cudaStream_t)0; }
+
+DDP_API ddp_result ddp_set_stream(ddp_context *ctx, void *stream) {
+    if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
+    if (!ddp__on_gpu(ctx)) return ddp__fail(ctx, DDP_ERROR_UNSUPPORTED, "ddp_set_stream: the context keeps parameters on the CPU");
+    ctx->cuda->user = (cudaStream_t)stream;
+    return DDP_SUCCESS;
+}
+
+#if defined(DDP_NCCL)
+static ddp_result ddp__nccl_fail(ddp_context *ctx, ncclResult_t r, const char *what) {
+    const char *last = ctx->cuda && ctx->cuda->nccl ? ncclGetLastError(ctx->cuda->nccl) : ncclGetLastError(NULL);
+    return ddp__fail(ctx, DDP_ERROR_NCCL, "%s: %s%s%s", what, ncclGetErrorString(r), last && *last ? ": " : "", last ? last : "");
+}
+
+/* Non-blocking communicators answer ncclInProgress; poll until the call
+   settled, with the timeout; on timeout abort the communicator. */
+static ddp_result ddp__nccl_settle(ddp_context *ctx, ncclResult_t r, double timeout, const char *what) {
+    double deadline = ddp__now() + timeout;
+    while (r == ncclInProgress) {
+        if (ddp__now() > deadline) {
+            ncclCommAbort(ctx->cuda->nccl);
+            ctx->cuda->nccl_ready = 0;
+            DDP__STORE_REL(&ctx->broken, 1);
+            return ddp__fail(ctx, DDP_ERROR_TIMEOUT, "%s: NCCL did not finish within %.1f s; communicator aborted", what, timeout);
+        }
+        ddp__sleep_us(100);
+        ncclCommGetAsyncError(ctx->cuda->nccl, &r);
+    }
+    if (r != ncclSuccess) {
+        ddp_result e = ddp__nccl_fail(ctx, r, what);
+        ncclCommAbort(ctx->cuda->nccl);
+        ctx->cuda->nccl_ready = 0;
+        DDP__STORE_REL(&ctx->broken, 1);
+        return e;
+    }
+    return DDP_SUCCESS;
+}
+
+static ncclDataType_t ddp__nccl_type(ddp_dtype t) {
+    switch (t) {
+    case DDP_F64: return ncclFloat64;
+    case DDP_F16: return ncclFloat16;
+    case DDP_BF16: return ncclBfloat16;
+    case DDP_I32: return ncclInt32;
+    default: return ncclFloat32;
+    }
+}
+
+static ncclRedOp_t ddp__nccl_op(ddp_op op) {
+    switch (op) {
+    case DDP_OP_AVG: return ncclAvg;
+    case DDP_OP_MAX: return ncclMax;
+    case DDP_OP_MIN: return ncclMin;
+    default: return ncclSum;
+    }
+}
+
+static ddp_result ddp__nccl_init(ddp_context *ctx) {
+    ncclUniqueId id;
+    ncclConfig_t cfg = NCCL_CONFIG_INITIALIZER;
+    ncclResult_t r;
+    char what[96];
+    if (ctx->rank == 0) {
+        r = ncclGetUniqueId(&id);
+        if (r != ncclSuccess) return ddp__nccl_fail(ctx, r, "ncclGetUniqueId");
+        if (ctx->world > 1) DDP__TRY(ddp__kv_set(ctx, "nccl/id", &id, sizeof id));
+    } else {
+        void *v = NULL;
+        size_t len = 0;
+        DDP__TRY(ddp__kv_get(ctx, "nccl/id", &v, &len));
+        if (len != sizeof id) { free(v); return ddp__fail(ctx, DDP_ERROR_NETWORK, "the NCCL id from the store has %zu bytes, not %zu", len, sizeof id); }
+        memcpy(&id, v, sizeof id);
+        free(v);
+    }
+    cfg.blocking = 0;
+    r = ncclCommInitRankConfig(&ctx->cuda->nccl, ctx->world, id, ctx->rank, &cfg);
+    snprintf(what, sizeof what, "creating the NCCL communicator (rank %d of %d, GPU %d)", ctx->rank, ctx->world, ctx->cuda->device);
+    if (r != ncclSuccess && r != ncclInProgress) return ddp__nccl_fail(ctx, r, what);
+    if (r == ncclInProgress) ncclCommGetAsyncError(ctx->cuda->nccl, &r);
+    DDP__TRY(ddp__nccl_settle(ctx, r, ctx->cfg.connect_timeout_s, what));
+    ctx->cuda->nccl_ready = 1;
+    return DDP_SUCCESS;
+}
+#endif
+
+/* Poll an event (or, with ev NULL, the whole stream) with the timeout,
+   watching NCCL's asynchronous errors. */
+static ddp_result ddp__cuda_wait(ddp_context *ctx, cudaEvent_t ev, cudaStream_t s, const char *what) {
+    double start = ddp__now();
+    long us = 5;
+    for (;;) {
+        cudaError_t e = ev ? cudaEventQuery(ev) : cudaStreamQuery(s);
+        if (e == cudaSuccess) return DDP_SUCCESS;
+        if (e != cudaErrorNotReady) {
+            DDP__STORE_REL(&ctx->broken, 1);
+            return ddp__fail(ctx, DDP_ERROR_CUDA, "%s: %s", what, cudaGetErrorString(e));
+        }
+        if (ddp__is_broken(ctx))
+            return ddp__fail(ctx, DDP_ERROR_PEER, "%s: the context broke while waiting", what);
+#if defined(DDP_NCCL)
+        if (ctx->cuda->nccl_ready) {
+            ncclResult_t nr = ncclSuccess;
+            ncclCommGetAsyncError(ctx->cuda->nccl, &nr);
+            if (nr != ncclSuccess && nr != ncclInProgress) return ddp__nccl_settle(ctx, nr, 0, what);
+        }
+#endif
+        if (ddp__now() - start > ctx->cfg.timeout_s) {
+#if defined(DDP_NCCL)
+            if (ctx->cuda->nccl_ready) { ncclCommAbort(ctx->cuda->nccl); ctx->cuda->nccl_ready = 0; }
+#endif
+            DDP__STORE_REL(&ctx->broken, 1);
+            if (ctx->shm.ctrl) ddp__shm_abort(ctx, "a GPU collective timed out");
+            return ddp__fail(ctx, DDP_ERROR_TIMEOUT, "%s did not finish within %.1f s%s", what, ctx->cfg.timeout_s,
+                             ctx->cfg.backend == DDP_BACKEND_NCCL ? "; NCCL communicator aborted" : "");
+        }
+        ddp__sleep_us(us);
+        if (us < 1000) us *= 2;
+    }
+}
+
+static int ddp__is_device_ptr(const void *p) {
+    struct cudaPointerAttributes a;
+    if (cudaPointerGetAttributes(&a, p) != cudaSuccess) { (void)cudaGetLastError(); return 0; }
+    return a.type == cudaMemoryTypeDevice || a.type == cudaMemoryTypeManaged;
+}
+
+/* ---- NCCL operations on user buffers (device or host) ---- */
+
+#if defined(DDP_NCCL)
+/* Run fn on device buffers: host buffers travel through temporary device copies. */
+typedef struct ddp__nccl_args {
+    const void *send; void *recv; size_t n, send_bytes, recv_bytes;
+    ddp_dtype t; ddp_op op; int root; int kind; /* 0 allreduce 1 bcast 2 allgather 3 reduce-scatter */
+} ddp__nccl_args;
+
+static ddp_result ddp__nccl_run(ddp_context *ctx, ddp__nccl_args *a, const char *what) {
+    struct ddp__cuda_state *cu = ctx->cuda;
+    int dev_send = ddp__is_device_ptr(a->send), dev_recv = ddp__is_device_ptr(a->recv);
+    void *ds = (void *)a->send, *dr = a->recv;
+    ncclResult_t r;
+    ddp_result res;
+    if (!cu->nccl_ready) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "%s: the NCCL communicator was aborted", what);
+    if (!dev_send) {
+        ds = ddp__dev_alloc(ctx, a->send_bytes ? a->send_bytes : 1);
+        if (!ds) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "%s: no device memory for %zu bytes of staging", what, a->send_bytes);
+        if (cudaMemcpy(ds, a->send, a->send_bytes, cudaMemcpyHostToDevice) != cudaSuccess) {
+            ddp__free_device(ctx, ds);
+            return ddp__fail(ctx, DDP_ERROR_CUDA, "%s: copying the host buffer to the GPU failed", what);
+        }
+    }
+    if (!dev_recv) {
+        dr = a->send == a->recv && !dev_send ? ds : ddp__dev_alloc(ctx, a->recv_bytes ? a->recv_bytes : 1);
+        if (!dr) { if (!dev_send) ddp__free_device(ctx, ds); return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "%s: no device memory", what); }
+    }
+    switch (a->kind) {
+    case 0: r = ncclAllReduce(ds, dr, a->n, ddp__nccl_type(a->t), ddp__nccl_op(a->op), cu->nccl, cu->comm); break;
+    case 1: r = ncclBroadcast(ds, dr, a->n, ncclUint8, a->root, cu->nccl, cu->comm); break;
+    case 2: r = ncclAllGather(ds, dr, a->n, ncclUint8, cu->nccl, cu->comm); break;
+    default: r = ncclReduceScatter(ds, dr, a->n, ddp__nccl_type(a->t), ddp__nccl_op(a->op), cu->nccl, cu->comm); break;
+    }
+    if (r == ncclInProgress) ncclCommGetAsyncError(cu->nccl, &r);
+    res = ddp__nccl_settle(ctx, r, ctx->cfg.timeout_s, what);
+    if (res == DDP_SUCCESS) res = ddp__cuda_wait(ctx, NULL, cu->comm, what);
+    if (res == DDP_SUCCESS && !dev_recv && cudaMemcpy(a->recv, dr, a->recv_bytes, cudaMemcpyDeviceToHost) != cudaSuccess)
+        res = ddp__fail(ctx, DDP_ERROR_CUDA, "%s: copying the result back to the host failed", what);
+    if (!dev_send) ddp__free_device(ctx, ds);
+    if (!dev_recv && dr != ds) ddp__free_device(ctx, dr);
+    return res;
+}
+
+static ddp_result ddp__nccl_allreduce(ddp_context *ctx, void *buf, size_t n, ddp_dtype t, ddp_op op) {
+    ddp__nccl_args a;
+    memset(&a, 0, sizeof a);
+    a.send = buf; a.recv = buf; a.n = n; a.t = t; a.op = op; a.kind = 0;
+    a.send_bytes = a.recv_bytes = n * ddp_dtype_size(t);
+    return ddp__nccl_run(ctx, &a, "NCCL all-reduce");
+}
+static ddp_result ddp__nccl_broadcast(ddp_context *ctx, void *buf, size_t bytes, int root) {
+    ddp__nccl_args a;
+    memset(&a, 0, sizeof a);
+    a.send = buf; a.recv = buf; a.n = bytes; a.root = root; a.kind = 1;
+    a.send_bytes = a.recv_bytes = bytes;
+    return ddp__nccl_run(ctx, &a, "NCCL broadcast");
+}
+static ddp_result ddp__nccl_allgather(ddp_context *ctx, const void *send, void *recv, size_t bytes) {
+    ddp__nccl_args a;
+    memset(&a, 0, sizeof a);
+    a.send = send; a.recv = recv; a.n = bytes; a.kind = 2;
+    a.send_bytes = bytes; a.recv_bytes = bytes * (size_t)ctx->world;
+    return ddp__nccl_run(ctx, &a, "NCCL all-gather");
+}
+static ddp_result ddp__nccl_reduce_scatter(ddp_context *ctx, const void *send, void *recv, size_t n, ddp_dtype t, ddp_op op) {
+    ddp__nccl_args a;
+    memset(&a, 0, sizeof a);
+    a.send = send; a.recv = recv; a.n = n; a.t = t; a.op = op; a.kind = 3;
+    a.recv_bytes = n * ddp_dtype_size(t); a.send_bytes = a.recv_bytes * (size_t)ctx->world;
+    return ddp__nccl_run(ctx, &a, "NCCL reduce-scatter");
+}
+static ddp_result ddp__nccl_barrier(ddp_context *ctx, const char *what) {
+    int32_t one = 1;
+    (void)what;
+    return ddp__nccl_allreduce(ctx, &one, 1, DDP_I32, DDP_OP_SUM);
+}
+
+static const ddp__backend_ops ddp__nccl_ops = {
+    "nccl",
+    ddp__nccl_allreduce,
+    ddp__nccl_broadcast,
+    ddp__nccl_allgather,
+    ddp__nccl_reduce_scatter,
+    ddp__nccl_barrier,
+    NULL
+};
+#endif
+
+/* ---- staged operations: device buffers through host memory and shm ---- */
+
+typedef ddp_result (*ddp__host_fn)(ddp_context *ctx, void *host_recv, const void *host_send);
+
+static ddp_result ddp__staged_allreduce(ddp_context *ctx, void *buf, size_t n, ddp_dtype t, ddp_op op) {
+    size_t bytes = n * ddp_dtype_size(t);
+    void *h;
+    ddp_result r;
+    if (!ddp__is_device_ptr(buf)) return ddp__shm_allreduce(ctx, buf, n, t, op);
+    h = ddp__alloc(ctx, bytes);
+    if (!h) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "staged all-reduce: no host memory for %zu bytes", bytes);
+    r = cudaMemcpy(h, buf, bytes, cudaMemcpyDeviceToHost) == cudaSuccess ? DDP_SUCCESS
+        : ddp__fail(ctx, DDP_ERROR_CUDA, "staged all-reduce: device to host copy failed");
+    if (r == DDP_SUCCESS) r = ddp__shm_allreduce(ctx, h, n, t, op);
+    if (r == DDP_SUCCESS && cudaMemcpy(buf, h, bytes, cudaMemcpyHostToDevice) != cudaSuccess)
+        r = ddp__fail(ctx, DDP_ERROR_CUDA, "staged all-reduce: host to device copy failed");
+    ddp__free(ctx, h);
+    return r;
+}
+
+static ddp_result ddp__staged_broadcast(ddp_context *ctx, void *buf, size_t bytes, int root) {
+    void *h;
+    ddp_result r;
+    if (!ddp__is_device_ptr(buf)) return ddp__shm_broadcast(ctx, buf, bytes, root);
+    h = ddp__alloc(ctx, bytes);
+    if (!h) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "staged broadcast: no host memory for %zu bytes", bytes);
+    r = cudaMemcpy(h, buf, bytes, cudaMemcpyDeviceToHost) == cudaSuccess ? DDP_SUCCESS
+        : ddp__fail(ctx, DDP_ERROR_CUDA, "staged broadcast: device to host copy failed");
+    if (r == DDP_SUCCESS) r = ddp__shm_broadcast(ctx, h, bytes, root);
+    if (r == DDP_SUCCESS && cudaMemcpy(buf, h, bytes, cudaMemcpyHostToDevice) != cudaSuccess)
+        r = ddp__fail(ctx, DDP_ERROR_CUDA, "staged broadcast: host to device copy failed");
+    ddp__free(ctx, h);
+    return r;
+}
+
+static ddp_result ddp__staged_allgather(ddp_context *ctx, const void *send, void *recv, size_t bytes) {
+    int ds = ddp__is_device_ptr(send), dr = ddp__is_device_ptr(recv);
+    void *hs = (void *)send, *hr = recv;
+    ddp_result r = DDP_SUCCESS;
+    if (ds && !(hs = ddp__alloc(ctx, bytes))) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "staged all-gather: no host memory");
+    if (dr && !(hr = ddp__alloc(ctx, bytes * (size_t)ctx->world))) { if (ds) ddp__free(ctx, hs); return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "staged all-gather: no host memory"); }
+    if (ds && cudaMemcpy(hs, send, bytes, cudaMemcpyDeviceToHost) != cudaSuccess) r = ddp__fail(ctx, DDP_ERROR_CUDA, "staged all-gather: copy failed");
+    if (r == DDP_SUCCESS) r = ddp__shm_allgather(ctx, hs, hr, bytes);
+    if (r == DDP_SUCCESS && dr && cudaMemcpy(recv, hr, bytes * (size_t)ctx->world, cudaMemcpyHostToDevice) != cudaSuccess)
+        r = ddp__fail(ctx, DDP_ERROR_CUDA, "staged all-gather: copy failed");
+    if (ds) ddp__free(ctx, hs);
+    if (dr) ddp__free(ctx, hr);
+    return r;
+}
+
+static ddp_result ddp__staged_reduce_scatter(ddp_context *ctx, const void *send, void *recv, size_t n, ddp_dtype t, ddp_op op) {
+    size_t es = ddp_dtype_size(t), sb = n * es * (size_t)ctx->world;
+    int ds = ddp__is_device_ptr(send), dr = ddp__is_device_ptr(recv);
+    void *hs = (void *)send, *hr = recv;
+    ddp_result r = DDP_SUCCESS;
+    if (ds && !(hs = ddp__alloc(ctx, sb))) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "staged reduce-scatter: no host memory");
+    if (dr && !(hr = ddp__alloc(ctx, n * es))) { if (ds) ddp__free(ctx, hs); return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "staged reduce-scatter: no host memory"); }
+    if (ds && cudaMemcpy(hs, send, sb, cudaMemcpyDeviceToHost) != cudaSuccess) r = ddp__fail(ctx, DDP_ERROR_CUDA, "staged reduce-scatter: copy failed");
+    if (r == DDP_SUCCESS) r = ddp__shm_reduce_scatter(ctx, hs, hr, n, t, op);
+    if (r == DDP_SUCCESS && dr && cudaMemcpy(recv, hr, n * es, cudaMemcpyHostToDevice) != cudaSuccess)
+        r = ddp__fail(ctx, DDP_ERROR_CUDA, "staged reduce-scatter: copy failed");
+    if (ds) ddp__free(ctx, hs);
+    if (dr) ddp__free(ctx, hr);
+    return r;
+}
+
+/* On the communication thread: wait for the bucket's gradients, copy them to
+   this rank's slice of the shared segment, reduce, copy back. */
+static ddp_result ddp__staged_bucket_reduce(ddp_context *ctx, int b, double scale) {
+    struct ddp__cuda_state *cu = ctx->cuda;
+    const ddp__bucket *bk = &ctx->buckets[b];
+    unsigned char *host = ctx->shm.grads + (size_t)ctx->rank * ctx->shm.grad_stride + bk->offset;
+    char what[96];
+    int i;
+    snprintf(what, sizeof what, "staged all-reduce of gradient bucket %d", b);
+    for (i = 0; i < ctx->num_params; i++)
+        if (ctx->params[i].bucket == b) DDP__CU(ctx, cudaStreamWaitEvent(cu->comm, cu->ready[i], 0), what);
+    DDP__CU(ctx, cudaMemcpyAsync(host, ctx->flat_grads + bk->offset, bk->bytes, cudaMemcpyDeviceToHost, cu->comm), what);
+    DDP__TRY(ddp__cuda_wait(ctx, NULL, cu->comm, what));
+    if (ctx->world > 1) DDP__TRY(ddp__shm_allreduce_inplace(ctx, bk->offset, bk->numel, bk->dtype, DDP_OP_SUM, scale, what));
+    else if (scale != 1.0) { void *p = host; ddp__reduce(&p, 1, &p, 1, bk->numel, bk->dtype, DDP_OP_SUM, scale); }
+    DDP__CU(ctx, cudaMemcpyAsync(ctx->flat_grads + bk->offset, host, bk->bytes, cudaMemcpyHostToDevice, cu->comm), what);
+    DDP__CU(ctx, cudaEventRecord(cu->done[b], cu->comm), what);
+    DDP__CU(ctx, cudaEventRecord(cu->last, cu->comm), what);
+    /* the host slice is reused by the next bucket only after this copy: wait here */
+    return ddp__cuda_wait(ctx, cu->done[b], NULL, what);
+}
+
+static const ddp__backend_ops ddp__staged_ops = {
+    "staged",
+    ddp__staged_allreduce,
+    ddp__staged_broadcast,
+    ddp__staged_allgather,
+    ddp__staged_reduce_scatter,
+    ddp__shm_barrier,
+    ddp__staged_bucket_reduce
+};
+
+/* ---- set-up -------------------------------------------------------------------- */
+
+static ddp_result ddp__cuda_setup(ddp_context *ctx) {
+    int count = 0, dev;
+    cudaError_t e = cudaGetDeviceCount(&count);
+    struct ddp__cuda_state *cu;
+    if (e != cudaSuccess) { (void)cudaGetLastError(); count = 0; }
+    if (ctx->cfg.device == DDP_DEVICE_DEFAULT) ctx->cfg.device = count > 0 ? DDP_DEVICE_CUDA : DDP_DEVICE_CPU;
+    if (ctx->cfg.device == DDP_DEVICE_CPU) {
+        if (ctx->cfg.backend == DDP_BACKEND_NCCL || ctx->cfg.backend == DDP_BACKEND_STAGED)
+            return ddp__fail(ctx, DDP_ERROR_UNSUPPORTED, "backend '%s' needs parameters on the GPU, but the context uses the CPU%s",
+                             ddp_backend_name(ctx->cfg.backend), count == 0 ? " (no CUDA device found)" : "");
+        ctx->cfg.backend = DDP_BACKEND_SHM;
+        return DDP_SUCCESS;
+    }
+    if (count == 0)
+        return ddp__fail(ctx, DDP_ERROR_CUDA, "config.device is DDP_DEVICE_CUDA but no CUDA device is available (%s)",
+                         e == cudaSuccess ? "0 devices" : cudaGetErrorString(e));
+    if (ctx->cfg.backend == DDP_BACKEND_DEFAULT || ctx->cfg.backend == DDP_BACKEND_SHM) {
+#if defined(DDP_NCCL)
+        ctx->cfg.backend = ctx->cfg.backend == DDP_BACKEND_SHM ? DDP_BACKEND_STAGED : DDP_BACKEND_NCCL;
+#else
+        ctx->cfg.backend = DDP_BACKEND_STAGED;
+#endif
+    }
+#if !defined(DDP_NCCL)
+    if (ctx->cfg.backend == DDP_BACKEND_NCCL)
+        return ddp__fail(ctx, DDP_ERROR_UNSUPPORTED, "backend 'nccl' requested but this implementation was compiled without NCCL (DDP_NO_NCCL)");
+#endif
+    if (ctx->cfg.cuda_device > 0) dev = ctx->cfg.cuda_device - 1;
+    else if (ctx->cfg.backend == DDP_BACKEND_NCCL) dev = ctx->local_rank;
+    else dev = ctx->local_rank % count; /* staged: several ranks may share a GPU */
+    if (dev >= count)
+        return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT,
+                         "rank %d wants GPU %d but this host has %d; NCCL needs one GPU per rank (use the staged backend to share one)",
+                         ctx->rank, dev, count);
+    cu = (struct ddp__cuda_state *)ddp__calloc(ctx, sizeof *cu);
+    if (!cu) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for the CUDA state");
+    ctx->cuda = cu;
+    cu->device = dev;
+    DDP__CU(ctx, cudaSetDevice(dev), "selecting the GPU");
+    DDP__CU(ctx, cudaStreamCreateWithFlags(&cu->comm, cudaStreamNonBlocking), "creating the communication stream");
+    DDP__CU(ctx, cudaEventCreateWithFlags(&cu->last, cudaEventDisableTiming), "creating an event");
+    cu->scratch_elems = ddp_k_sumsq_scratch_elems();
+    cu->d_norm = (float *)ddp__dev_alloc(ctx, sizeof(float) * (cu->scratch_elems + 1));
+    if (!cu->d_norm) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "no device memory for the norm scratch");
+    cu->d_scratch = cu->d_norm + 1;
+    if (ctx->cfg.backend == DDP_BACKEND_STAGED) { ctx->ops = &ddp__staged_ops; return DDP_SUCCESS; }
+#if defined(DDP_NCCL)
+    ctx->ops = &ddp__nccl_ops;
+    return ddp__nccl_init(ctx);
+#else
+    return DDP_SUCCESS;
+#endif
+}
+
+static void ddp__cuda_teardown(ddp_context *ctx) {
+    struct ddp__cuda_state *cu = ctx->cuda;
+    int i;
+    if (!cu) return;
+    if (cu->comm) cudaStreamSynchronize(cu->comm);
+#if defined(DDP_NCCL)
+    if (cu->nccl) {
+        if (cu->nccl_ready && !ddp__is_broken(ctx)) {
+            ncclResult_t r = ncclCommFinalize(cu->nccl);
+            double deadline = ddp__now() + 10.0;
+            while (r == ncclInProgress && ddp__now() < deadline) { ddp__sleep_us(100); ncclCommGetAsyncError(cu->nccl, &r); }
+            if (r == ncclSuccess) ncclCommDestroy(cu->nccl);
+            else ncclCommAbort(cu->nccl);
+        } else {
+            ncclCommAbort(cu->nccl);
+        }
+    }
+#endif
+    if (cu->ready) { for (i = 0; i < ctx->num_params; i++) if (cu->ready[i]) cudaEventDestroy(cu->ready[i]); ddp__free(ctx, cu->ready); }
+    if (cu->done) { for (i = 0; i < ctx->num_buckets; i++) if (cu->done[i]) cudaEventDestroy(cu->done[i]); ddp__free(ctx, cu->done); }
+    if (cu->last) cudaEventDestroy(cu->last);
+    ddp__free_device(ctx, cu->d_norm);
+    ddp__free_device(ctx, cu->compress_buf);
+    if (cu->comm) cudaStreamDestroy(cu->comm);
+    ddp__free(ctx, cu);
+    ctx->cuda = NULL;
+}
+
+static ddp_result ddp__cuda_finalize(ddp_context *ctx) {
+    struct ddp__cuda_state *cu = ctx->cuda;
+    int i;
+    size_t maxb = 0;
+    ctx->flat_params = (unsigned char *)ddp__dev_alloc(ctx, ctx->flat_bytes);
+    ctx->flat_grads = (unsigned char *)ddp__dev_alloc(ctx, ctx->flat_bytes);
+    if (!ctx->flat_params || !ctx->flat_grads)
+        return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "no device memory for %zu bytes of parameters and gradients", 2 * ctx->flat_bytes);
+    DDP__CU(ctx, cudaMemset(ctx->flat_params, 0, ctx->flat_bytes), "zeroing parameters");
+    DDP__CU(ctx, cudaMemset(ctx->flat_grads, 0, ctx->flat_bytes), "zeroing gradients");
+    for (i = 0; i < ctx->num_params; i++)
+        if (ctx->params[i].init)
+            DDP__CU(ctx, cudaMemcpy(ctx->flat_params + ctx->params[i].offset, ctx->params[i].init,
+                                    ctx->params[i].numel * ddp_dtype_size(ctx->params[i].dtype), cudaMemcpyHostToDevice),
+                    "copying initial weights to the GPU");
+    cu->ready = (cudaEvent_t *)ddp__calloc(ctx, (size_t)ctx->num_params * sizeof(cudaEvent_t));
+    cu->done = (cudaEvent_t *)ddp__calloc(ctx, (size_t)ctx->num_buckets * sizeof(cudaEvent_t));
+    if (!cu->ready || !cu->done) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for events");
+    for (i = 0; i < ctx->num_params; i++) DDP__CU(ctx, cudaEventCreateWithFlags(&cu->ready[i], cudaEventDisableTiming), "creating events");
+    for (i = 0; i < ctx->num_buckets; i++) {
+        DDP__CU(ctx, cudaEventCreateWithFlags(&cu->done[i], cudaEventDisableTiming), "creating events");
+        if (ctx->buckets[i].bytes > maxb) maxb = ctx->buckets[i].bytes;
+    }
+    if (ctx->cfg.compress == DDP_BF16 || ctx->cfg.compress == DDP_F16) {
+        cu->compress_buf = ddp__dev_alloc(ctx, maxb / 2 + 256);
+        if (!cu->compress_buf) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "no device memory for the compression buffer");
+    }
+    if (ctx->cfg.backend == DDP_BACKEND_STAGED) {
+        DDP__TRY(ddp__alloc_grad_segment(ctx));
+        /* pinned, so the copies are asynchronous DMA; unpinned still works */
+        if (cudaHostRegister(ctx->shm.grads + (size_t)ctx->rank * ctx->shm.grad_stride, ctx->flat_bytes, cudaHostRegisterDefault) == cudaSuccess)
+            cu->host_registered = 1;
+        else (void)cudaGetLastError();
+    }
+    return DDP_SUCCESS;
+}
+
+/* ---- the step on the GPU ---- */
+
+static ddp_result ddp__cuda_record_ready(ddp_context *ctx, int id, void *stream) {
+    DDP__CU(ctx, cudaEventRecord(ctx->cuda->ready[id], stream ? (cudaStream_t)stream : ddp__ustream(ctx)), "recording a ready event");
+    return DDP_SUCCESS;
+}
+
+static ddp_result ddp__cuda_launch_bucket(ddp_context *ctx, int b) {
+#if defined(DDP_NCCL)
+    struct ddp__cuda_state *cu = ctx->cuda;
+    const ddp__bucket *bk = &ctx->buckets[b];
+    void *g = ctx->flat_grads + bk->offset;
+    char what[96];
+    ncclResult_t r;
+    int i, k = ctx->accum_steps + 1;
+    snprintf(what, sizeof what, "NCCL all-reduce of gradient bucket %d (%zu bytes)", b, bk->bytes);
+    if (!cu->nccl_ready) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "%s: the communicator was aborted", what);
+    for (i = 0; i < ctx->num_params; i++)
+        if (ctx->params[i].bucket == b) DDP__CU(ctx, cudaStreamWaitEvent(cu->comm, cu->ready[i], 0), what);
+    if (cu->compress_buf && bk->dtype == DDP_F32) {
+        /* scale before the reduce so the 16-bit sum cannot overflow */
+        float pre = (float)(ctx->cfg.gradient_sum ? 1.0 : 1.0 / ((double)ctx->world * k));
+        DDP__KL(ctx, ddp_k_cast(cu->compress_buf, (int)ctx->cfg.compress, g, (int)DDP_F32, bk->numel, pre, cu->comm), what);
+        r = ncclAllReduce(cu->compress_buf, cu->compress_buf, bk->numel, ddp__nccl_type(ctx->cfg.compress), ncclSum, cu->nccl, cu->comm);
+        if (r == ncclInProgress) ncclCommGetAsyncError(cu->nccl, &r);
+        DDP__TRY(ddp__nccl_settle(ctx, r, ctx->cfg.timeout_s, what));
+        DDP__KL(ctx, ddp_k_cast(g, (int)DDP_F32, cu->compress_buf, (int)ctx->cfg.compress, bk->numel, 1.0f, cu->comm), what);
+    } else {
+        r = ncclAllReduce(g, g, bk->numel, ddp__nccl_type(bk->dtype), ctx->cfg.gradient_sum ? ncclSum : ncclAvg, cu->nccl, cu->comm);
+        if (r == ncclInProgress) ncclCommGetAsyncError(cu->nccl, &r);
+        DDP__TRY(ddp__nccl_settle(ctx, r, ctx->cfg.timeout_s, what));
+        if (k > 1 && !ctx->cfg.gradient_sum) {
+            if (bk->dtype != DDP_F32)
+                return ddp__fail(ctx, DDP_ERROR_UNSUPPORTED, "%s: gradient accumulation on the GPU needs f32 gradients", what);
+            DDP__KL(ctx, ddp_k_scale((float *)g, bk->numel, 1.0f / (float)k, cu->comm), what);
+        }
+    }
+    DDP__CU(ctx, cudaEventRecord(cu->done[b], cu->comm), what);
+    DDP__CU(ctx, cudaEventRecord(cu->last, cu->comm), what);
+    pthread_mutex_lock(&ctx->mu);
+    cu->inflight = 1;
+    cu->inflight_since = ddp__now();
+    ddp__copy_str(cu->inflight_what, sizeof cu->inflight_what, what);
+    pthread_cond_signal(&ctx->cv_work);
+    pthread_mutex_unlock(&ctx->mu);
+    return DDP_SUCCESS;
+#else
+    (void)b;
+    return ddp__fail(ctx, DDP_ERROR_UNSUPPORTED, "NCCL is not compiled in");
+#endif
+}
+
+static ddp_result ddp__cuda_step_end(ddp_context *ctx, void *stream) {
+    cudaStream_t s = stream ? (cudaStream_t)stream : ddp__ustream(ctx);
+    DDP__CU(ctx, cudaStreamWaitEvent(s, ctx->cuda->last, 0), "making the stream wait for the all-reduce");
+    return DDP_SUCCESS;
+}
+
+DDP_API ddp_result ddp_synchronize(ddp_context *ctx) {
+    if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
+    DDP__TRY(ddp__check_usable(ctx, "ddp_synchronize"));
+    if (!ddp__on_gpu(ctx)) return DDP_SUCCESS;
+    DDP__TRY(ddp__cuda_wait(ctx, ctx->cuda->last, NULL, "waiting for the gradient all-reduce"));
+    return ddp__cuda_wait(ctx, NULL, ddp__ustream(ctx), "waiting for the user stream");
+}
+
+/* The NCCL watchdog: runs as the communication thread. */
+static void ddp__nccl_watchdog(ddp_context *ctx) {
+    struct ddp__cuda_state *cu = ctx->cuda;
+    cudaSetDevice(cu->device);
+    pthread_mutex_lock(&ctx->mu);
+    while (!ctx->q_stop) {
+        double since;
+        char what[96];
+        cudaError_t e;
+        if (!cu->inflight) { pthread_cond_wait(&ctx->cv_work, &ctx->mu); continue; }
+        since = cu->inflight_since;
+        memcpy(what, cu->inflight_what, sizeof what);
+        pthread_mutex_unlock(&ctx->mu);
+        e = cudaEventQuery(cu->last);
+        pthread_mutex_lock(&ctx->mu);
+        if (e == cudaSuccess) { if (cu->inflight_since == since) cu->inflight = 0; continue; }
+        if (e == cudaErrorNotReady && ddp__now() - since <= ctx->cfg.timeout_s) {
+#if defined(DDP_NCCL)
+            ncclResult_t nr = ncclSuccess;
+            if (cu->nccl_ready) ncclCommGetAsyncError(cu->nccl, &nr);
+            if (nr == ncclSuccess || nr == ncclInProgress) {
+                pthread_mutex_unlock(&ctx->mu);
+                ddp__sleep_us(1000);
+                pthread_mutex_lock(&ctx->mu);
+                continue;
+            }
+#endif
+        }
+        /* failed or too late: abort so that nothing waits forever */
+        if (e == cudaErrorNotReady)
+            ddp__fail(ctx, DDP_ERROR_TIMEOUT, "%s did not finish within %.1f s; NCCL communicator aborted by the watchdog", what, ctx->cfg.timeout_s);
+        else
+            ddp__fail(ctx, DDP_ERROR_NCCL, "%s failed: %s", what, e == cudaErrorNotReady ? "NCCL error" : cudaGetErrorString(e));
+        DDP__STORE_REL(&ctx->broken, 1);
+#if defined(DDP_NCCL)
+        if (cu->nccl_ready) { cu->nccl_ready = 0; ncclCommAbort(cu->nccl); }
+#endif
+        cu->inflight = 0;
+    }
+    pthread_mutex_unlock(&ctx->mu);
+}
+
+/* Start of the communication thread: select the device; 1 when this thread
+   is the NCCL watchdog (and has finished). */
+static int ddp__cuda_comm_thread(ddp_context *ctx) {
+    if (!ctx->cuda) return 0;
+    if (ctx->cfg.backend == DDP_BACKEND_NCCL) { ddp__nccl_watchdog(ctx); return 1; }
+    cudaSetDevice(ctx->cuda->device);
+    return 0;
+}
+
+static ddp_result ddp__cuda_zero_grads(ddp_context *ctx) {
+    DDP__CU(ctx, cudaMemsetAsync(ctx->flat_grads, 0, ctx->flat_bytes, ddp__ustream(ctx)), "zeroing gradients");
+    return DDP_SUCCESS;
+}
+
+static ddp_result ddp__cuda_sumsq(ddp_context *ctx, double *out) {
+    struct ddp__cuda_state *cu = ctx->cuda;
+    double s = 0;
+    int b;
+    for (b = 0; b < ctx->num_buckets; b++) {
+        const ddp__bucket *bk = &ctx->buckets[b];
+        float v = 0;
+        DDP__KL(ctx, ddp_k_sumsq_typed(ctx->flat_grads + bk->offset, (int)bk->dtype, bk->numel, cu->d_norm,
+                                       cu->d_scratch, cu->scratch_elems, ddp__ustream(ctx)), "gradient norm");
+        DDP__CU(ctx, cudaMemcpyAsync(&v, cu->d_norm, sizeof v, cudaMemcpyDeviceToHost, ddp__ustream(ctx)), "gradient norm");
+        DDP__TRY(ddp__cuda_wait(ctx, NULL, ddp__ustream(ctx), "gradient norm"));
+        s += v;
+    }
+    *out = s;
+    return DDP_SUCCESS;
+}
+
+static ddp_result ddp__cuda_scale_grads(ddp_context *ctx, float f) {
+    int b;
+    for (b = 0; b < ctx->num_buckets; b++) {
+        const ddp__bucket *bk = &ctx->buckets[b];
+        if (bk->dtype != DDP_F32) return ddp__fail(ctx, DDP_ERROR_UNSUPPORTED, "clipping 16-bit gradients on the GPU is not supported yet");
+        DDP__KL(ctx, ddp_k_scale((float *)(ctx->flat_grads + bk->offset), bk->numel, f, ddp__ustream(ctx)), "clipping");
+    }
+    return DDP_SUCCESS;
+}
+
+static ddp_result ddp__cuda_optimizer_step(ddp_context *ctx, float clip) {
+    const ddp_optimizer_desc *o = &ctx->cfg.optimizer;
+    cudaStream_t s = ddp__ustream(ctx);
+    int b, need_m = o->type == DDP_OPTIM_ADAMW || o->momentum > 0, need_v = o->type == DDP_OPTIM_ADAMW, need_master = 0;
+    for (b = 0; b < ctx->num_buckets; b++) need_master |= ctx->buckets[b].dtype != DDP_F32;
+    if ((need_m && !ctx->opt_m) || (need_v && !ctx->opt_v) || (need_master && !ctx->opt_master)) {
+        void **slots[3];
+        int need[3], k;
+        slots[0] = &ctx->opt_m; slots[1] = &ctx->opt_v; slots[2] = &ctx->opt_master;
+        need[0] = need_m; need[1] = need_v; need[2] = need_master;
+        for (k = 0; k < 3; k++) {
+            if (!need[k] || *slots[k]) continue;
+            *slots[k] = ddp__dev_alloc(ctx, ctx->opt_state_bytes);
+            if (!*slots[k]) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "no device memory for %zu bytes of optimizer state", ctx->opt_state_bytes);
+            DDP__CU(ctx, cudaMemsetAsync(*slots[k], 0, ctx->opt_state_bytes, s), "zeroing optimizer state");
+        }
+        if (need_master)
+            for (b = 0; b < ctx->num_buckets; b++)
+                if (ctx->buckets[b].dtype != DDP_F32)
+                    DDP__KL(ctx, ddp_k_cast((unsigned char *)ctx->opt_master + ctx->opt_state_off[b], (int)DDP_F32,
+                                            ctx->flat_params + ctx->buckets[b].offset, (int)ctx->buckets[b].dtype,
+                                            ctx->buckets[b].numel, 1.0f, s), "initialising master weights");
+    }
+    if (clip != 1.0f) DDP__TRY(ddp__cuda_scale_grads(ctx, clip));
+    for (b = 0; b < ctx->num_buckets; b++) {
+        const ddp__bucket *bk = &ctx->buckets[b];
+        void *p = ctx->flat_params + bk->offset, *g = ctx->flat_grads + bk->offset;
+        float *m = ctx->opt_m ? (float *)((unsigned char *)ctx->opt_m + ctx->opt_state_off[b]) : NULL;
+        float *v = ctx->opt_v ? (float *)((unsigned char *)ctx->opt_v + ctx->opt_state_off[b]) : NULL;
+        float *master = ctx->opt_master ? (float *)((unsigned char *)ctx->opt_master + ctx->opt_state_off[b]) : NULL;
+        int t = (int)ctx->opt_steps;
+        if (bk->dtype == DDP_F32) {
+            if (o->type == DDP_OPTIM_SGD)
+                DDP__KL(ctx, ddp_k_sgd((float *)p, (const float *)g, m, bk->numel, o->lr, o->momentum, o->weight_decay, o->nesterov, t == 1, s), "SGD step");
+            else
+                DDP__KL(ctx, ddp_k_adamw((float *)p, (const float *)g, m, v, bk->numel, o->lr, o->beta1, o->beta2, o->eps, o->weight_decay, t, s), "AdamW step");
+        } else {
+            if (o->type == DDP_OPTIM_SGD)
+                DDP__KL(ctx, ddp_k_sgd_mixed(p, (int)bk->dtype, master, g, (int)bk->dtype, m, bk->numel, o->lr, o->momentum,
+                                             o->weight_decay, o->nesterov, t == 1, s), "SGD step (mixed precision)");
+            else
+                DDP__KL(ctx, ddp_k_adamw_mixed(p, (int)bk->dtype, master, g, (int)bk->dtype, m, v, bk->numel, o->lr, o->beta1,
+                                               o->beta2, o->eps, o->weight_decay, t, s), "AdamW step (mixed precision)");
+        }
+    }
+    return DDP_SUCCESS;
+}
+
+static ddp_result ddp__cuda_memcpy(ddp_context *ctx, void *dst, const void *src, size_t bytes, int to_device) {
+    DDP__CU(ctx, cudaMemcpy(dst, src, bytes, to_device ? cudaMemcpyHostToDevice : cudaMemcpyDeviceToHost), "copying a checkpoint");
+    return DDP_SUCCESS;
+}
+
+#endif /* DDP_CUDA */
+
+/* ---- CPU-only build: the CUDA hooks are never reached ----------------------------- */
+#if !defined(DDP_CUDA)
+static ddp_result ddp__cuda_setup(ddp_context *ctx) { (void)ctx; return DDP_SUCCESS; }
+static void ddp__cuda_teardown(ddp_context *ctx) { (void)ctx; }
+static void ddp__free_flat_grads(ddp_context *ctx) { (void)ctx; }
+static void ddp__free_device(ddp_context *ctx, void *p) { (void)ctx; (void)p; }
+static ddp_result ddp__cuda_unreachable(ddp_context *ctx) {
+    return ddp__fail(ctx, DDP_ERROR_UNSUPPORTED, "a CUDA path was reached in a build without CUDA");
+}
+static ddp_result ddp__cuda_finalize(ddp_context *ctx) { return ddp__cuda_unreachable(ctx); }
+static ddp_result ddp__cuda_launch_bucket(ddp_context *ctx, int b) { (void)b; return ddp__cuda_unreachable(ctx); }
+static ddp_result ddp__cuda_record_ready(ddp_context *ctx, int id, void *s) { (void)id; (void)s; return ddp__cuda_unreachable(ctx); }
+static ddp_result ddp__cuda_step_end(ddp_context *ctx, void *s) { (void)s; return ddp__cuda_unreachable(ctx); }
+static ddp_result ddp__cuda_optimizer_step(ddp_context *ctx, float f) { (void)f; return ddp__cuda_unreachable(ctx); }
+static ddp_result ddp__cuda_sumsq(ddp_context *ctx, double *o) { (void)o; return ddp__cuda_unreachable(ctx); }
+static ddp_result ddp__cuda_scale_grads(ddp_context *ctx, float s) { (void)s; return ddp__cuda_unreachable(ctx); }
+static ddp_result ddp__cuda_zero_grads(ddp_context *ctx) { return ddp__cuda_unreachable(ctx); }
+static ddp_result ddp__cuda_memcpy(ddp_context *ctx, void *d, const void *s, size_t n, int k) {
+    (void)d; (void)s; (void)n; (void)k; return ddp__cuda_unreachable(ctx);
+}
+DDP_API ddp_result ddp_set_stream(ddp_context *ctx, void *stream) {
+    (void)stream;
+    if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
+    return ddp__fail(ctx, DDP_ERROR_UNSUPPORTED, "ddp_set_stream: the context keeps parameters on the CPU");
+}
+DDP_API ddp_result ddp_synchronize(ddp_context *ctx) {
+    if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
+    return ddp__check_usable(ctx, "ddp_synchronize");
+}
+#endif
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* DDP__IMPLEMENTED */
+#endif /* DDP_IMPLEMENTATION */

@@ -1,0 +1,3 @@
+/* The one translation unit with the implementation (the documented setup). */
+#define DDP_IMPLEMENTATION
+#include "../../ddp.h"

@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# tests/gpu/run.sh - every check that needs a GPU, on one GPU, in a few minutes.
+#
+#   tests/gpu/run.sh [BUILD_DIR]
+#
+# Builds the CUDA targets for the card it finds (unless BUILD_DIR already
+# holds them, e.g. built elsewhere with the same CUDA), then runs the kernel
+# checks, the model check, DDP over NCCL (world 1) and over the staged
+# backend (2 and 3 ranks sharing the GPU), a rank killed mid-step, dp.h with
+# two replicas on the GPU, and the GPU benchmarks. Prints a summary table
+# last; writes the log and the table to $OUT when OUT is set.
+set -u
+here=$(cd "$(dirname "$0")/../.." && pwd)
+build=${1:-$here/build-gpu}
+out=${OUT:-}
+log=$(mktemp)
+summary=$(mktemp)
+start=$(date +%s)
+fails=0
+
+say() { echo "$@" | tee -a "$log"; }
+row() { printf '%-34s %-5s %s\n' "$1" "$2" "$3" >> "$summary"; }
+
+# run NAME TIMEOUT CMD...: records PASS/FAIL/SKIP (exit 77) with the last PASS/FAIL line
+run() {
+  local name=$1 limit=$2; shift 2
+  say "=== $name: $*"
+  local t0=$(date +%s.%N) rc
+  timeout "$limit" "$@" > >(tee -a "$log") 2>&1
+  rc=$?
+  local dt=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1fs", b-a}')
+  local detail
+  detail=$(grep -E '^(\[0\] )?(PASS|FAIL|SKIP|equiv|result|baseline|adamw|sgd|target|mlp_cuda|kernels|dp_)' "$log" | tail -1 | cut -c1-110)
+  if [ $rc -eq 0 ]; then row "$name" PASS "$dt $detail"
+  elif [ $rc -eq 77 ]; then row "$name" SKIP "$dt $detail"
+  else row "$name" FAIL "$dt rc=$rc $detail"; fails=$((fails+1)); fi
+}
+
+say "# ddp.h GPU run $(date -u +%Y-%m-%dT%H:%MZ)"
+if ! command -v nvidia-smi >/dev/null || ! nvidia-smi -L >/dev/null 2>&1; then
+  say "no GPU (nvidia-smi found none): nothing to run"; exit 77
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader | tee -a "$log"
+cc=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)
+
+# NCCL and cuBLAS: the system's, else those of a pip-installed PyTorch
+libdirs=""
+for pat in libnccl.so.2 libcublas.so.13 libcublasLt.so.13; do
+  if ! ldconfig -p | grep -q "$pat"; then
+    d=$(find /usr/local/cuda* /usr/lib /opt /usr/local/lib -name "$pat" 2>/dev/null | head -1)
+    [ -n "$d" ] && libdirs="$libdirs:$(dirname "$d")"
+  fi
+done
+export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}$libdirs"
+say "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+
+if [ ! -x "$build/tests/gpu/test_kernels" ]; then
+  nccl_root=""
+  h=$(find /usr/local/cuda*/include /usr/include /opt /usr/local/lib -name nccl.h 2>/dev/null | head -1)
+  [ -n "$h" ] && nccl_root=$(dirname "$(dirname "$h")")
+  say "building in $build for sm_$cc (NCCL at ${nccl_root:-?})"
+  cmake -S "$here" -B "$build" -DCMAKE_BUILD_TYPE=Release -DDDP_WITH_CUDA=ON \
+        -DCMAKE_CUDA_ARCHITECTURES="$cc" ${nccl_root:+-DNCCL_ROOT=$nccl_root} >> "$log" 2>&1 &&
+  cmake --build "$build" -j "$(nproc)" >> "$log" 2>&1 || { say "build failed"; tail -30 "$log"; exit 1; }
+fi
+b=$build
+export DDP_TIMEOUT=60
+
+run kernels_vs_cpu_reference      120 "$b/tests/gpu/test_kernels"
+run mlp_cuda_vs_cpu_model         60  "$b/tests/gpu/test_mlp_cuda"
+run ddp_nccl_world1_sgd           60  "$b/ddprun" -n 1 -- "$b/tests/gpu/test_gpu_ddp" equiv --optim sgd
+run ddp_nccl_world1_adamw_accum2  60  "$b/ddprun" -n 1 -- "$b/tests/gpu/test_gpu_ddp" equiv --optim adamw --accum 2
+run ddp_staged_world2_sgd         90  env DDP_BACKEND=staged "$b/ddprun" -n 2 -- "$b/tests/gpu/test_gpu_ddp" equiv --optim sgd
+run ddp_staged_world3_adamw_accum2 90 env DDP_BACKEND=staged "$b/ddprun" -n 3 -- "$b/tests/gpu/test_gpu_ddp" equiv --optim adamw --accum 2
+run ddp_staged_rank_killed        60  "$b/tests/gpu/test_gpu_ddp" kill
+if [ -x "$b/tests/gpu/test_gpu_dp" ]; then
+  run dp_two_replicas_one_gpu     60  "$b/tests/gpu/test_gpu_dp"
+fi
+run example_fashion_mlp_gpu       120 "$b/ddprun" -n 1 -- "$b/examples/fashion_mlp" --device cuda --epochs 1 --data "${DDP_DATA:-/usr/share/datasets/fashion-mnist}"
+run bench_adamw_vs_copy           120 "$b/bench/gpu_adamw"
+if [ -x "$b/bench/gpu_step" ]; then
+  run bench_step_ddp_vs_plain     120 "$b/ddprun" -n 1 -- "$b/bench/gpu_step"
+fi
+
+{
+  echo
+  echo "## summary ($(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $(( $(date +%s) - start )) s)"
+  printf '%-34s %-5s %s\n' check result detail
+  cat "$summary"
+  echo "$(grep -c ' PASS ' "$summary") passed, $fails failed"
+} | tee -a "$log"
+if [ -n "$out" ]; then cp "$log" "$out/gpu_run.log"; cp "$summary" "$out/gpu_summary.txt"; fi
+[ $fails -eq 0 ]

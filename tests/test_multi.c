@@ -1,0 +1,387 @@
+/* Multi-process tests of ddp.h: real processes (fork) on the shm backend.
+   Collectives against values computed here, mismatched models, rendezvous
+   failures (port in use, unreachable master), a rank killed mid-step, a rank
+   that hangs, a failing user callback — each ending in a clear error within
+   the timeout, with nothing left in /dev/shm. */
+#define DDP_IMPLEMENTATION
+#include "../ddp.h"
+#include "testing.h"
+#include <math.h>
+#include <dirent.h>
+#include <sys/wait.h>
+
+typedef int (*rank_fn)(int rank, int world, int port, void *arg);
+
+/* A free TCP port on the loopback interface. */
+static int free_port(void) {
+    struct sockaddr_in a;
+    socklen_t len = sizeof a;
+    int fd = socket(AF_INET, SOCK_STREAM, 0), port;
+    memset(&a, 0, sizeof a);
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    bind(fd, (struct sockaddr *)&a, sizeof a);
+    getsockname(fd, (struct sockaddr *)&a, &len);
+    port = ntohs(a.sin_port);
+    close(fd);
+    return port;
+}
+
+static ddp_config rank_config(int rank, int world, int port, double timeout) {
+    ddp_config c;
+    memset(&c, 0, sizeof c);
+    c.rank = rank;
+    c.world_size = world;
+    c.master_addr = "127.0.0.1";
+    c.master_port = port;
+    c.timeout_s = timeout;
+    return c;
+}
+
+/* Run fn in `world` forked processes; exit codes into codes[]; returns the
+   wall time. A process still running after limit_s is killed (code -9). */
+static pid_t last_pids[16];
+static int last_world;
+
+static double run_ranks(int world, rank_fn fn, void *arg, int *codes, double limit_s) {
+    pid_t *pids = last_pids;
+    int port = free_port(), r, left = world;
+    double t0 = ddp__now();
+    fflush(stdout); fflush(stderr);
+    last_world = world;
+    for (r = 0; r < world; r++) {
+        pids[r] = fork();
+        if (pids[r] == 0) {
+            int code = fn(r, world, port, arg);
+            fflush(stdout); fflush(stderr);
+            _exit(code);
+        }
+        codes[r] = -1;
+    }
+    while (left > 0) {
+        int st;
+        pid_t p = waitpid(-1, &st, WNOHANG);
+        if (p > 0) {
+            for (r = 0; r < world; r++)
+                if (pids[r] == p) codes[r] = WIFEXITED(st) ? WEXITSTATUS(st) : -WTERMSIG(st);
+            left--;
+            continue;
+        }
+        if (ddp__now() - t0 > limit_s) {
+            for (r = 0; r < world; r++) if (codes[r] == -1) kill(pids[r], SIGKILL);
+        }
+        ddp__sleep_us(2000);
+    }
+    return ddp__now() - t0;
+}
+
+/* Segments left by the processes of the last run (names are ddp-<pid>-...;
+   other suites may run beside this one). */
+static int count_shm_segments(void) {
+    DIR *d = opendir("/dev/shm");
+    struct dirent *e;
+    int n = 0, r;
+    char prefix[32];
+    if (!d) return 0;
+    while ((e = readdir(d)) != NULL)
+        for (r = 0; r < last_world; r++) {
+            snprintf(prefix, sizeof prefix, "ddp-%d-", (int)last_pids[r]);
+            if (!strncmp(e->d_name, prefix, strlen(prefix))) n++;
+        }
+    closedir(d);
+    return n;
+}
+
+#define RANK_CHECK(cond, ...) do { if (!(cond)) { fprintf(stderr, "rank %d: ", rank); fprintf(stderr, __VA_ARGS__); fputc('\n', stderr); return 10; } } while (0)
+
+/* ---- collectives ---- */
+
+static double val(int rank, size_t i) { return (double)((i * 7 + (size_t)rank * 13) % 101) - 50.0; }
+
+static int collectives_rank(int rank, int world, int port, void *arg) {
+    ddp_config c = rank_config(rank, world, port, 10);
+    ddp_context *ctx;
+    static const size_t sizes[] = { 1, 5, 1000, 16411, 70000 };
+    size_t si, i;
+    int q;
+    (void)arg;
+    c.staging_bytes = 64 << 10; /* small staging: large messages go in chunks */
+    if (ddp_create(&c, &ctx) != DDP_SUCCESS) { fprintf(stderr, "rank %d: %s\n", rank, ddp_create_error()); return 2; }
+    for (si = 0; si < sizeof sizes / sizeof sizes[0]; si++) {
+        size_t n = sizes[si];
+        float *f = (float *)malloc(n * sizeof(float)), *g = (float *)malloc(n * world * sizeof(float));
+        double *d = (double *)malloc(n * sizeof(double));
+        int32_t *k = (int32_t *)malloc(n * sizeof(int32_t));
+        uint16_t *h = (uint16_t *)malloc(n * sizeof(uint16_t));
+        for (i = 0; i < n; i++) { f[i] = (float)val(rank, i); d[i] = val(rank, i) * 0.5; k[i] = (int32_t)val(rank, i); h[i] = ddp__f32_to_bf16((float)val(rank, i)); }
+        RANK_CHECK(ddp_allreduce(ctx, f, n, DDP_F32, DDP_OP_SUM) == DDP_SUCCESS, "f32 sum: %s", ddp_last_error(ctx));
+        RANK_CHECK(ddp_allreduce(ctx, d, n, DDP_F64, DDP_OP_AVG) == DDP_SUCCESS, "f64 avg: %s", ddp_last_error(ctx));
+        RANK_CHECK(ddp_allreduce(ctx, k, n, DDP_I32, DDP_OP_MAX) == DDP_SUCCESS, "i32 max: %s", ddp_last_error(ctx));
+        RANK_CHECK(ddp_allreduce(ctx, h, n, DDP_BF16, DDP_OP_SUM) == DDP_SUCCESS, "bf16 sum: %s", ddp_last_error(ctx));
+        for (i = 0; i < n; i++) {
+            double s = 0, mx = -1e9;
+            for (q = 0; q < world; q++) { s += val(q, i); if (val(q, i) > mx) mx = val(q, i); }
+            RANK_CHECK(f[i] == (float)s, "f32 sum n=%zu i=%zu: %g != %g", n, i, (double)f[i], s);
+            RANK_CHECK(fabs(d[i] - s * 0.5 / world) < 1e-12, "f64 avg n=%zu i=%zu", n, i);
+            RANK_CHECK(k[i] == (int32_t)mx, "i32 max n=%zu i=%zu: %d != %g", n, i, k[i], mx);
+            RANK_CHECK(ddp__bf16_to_f32(h[i]) == (float)s, "bf16 sum n=%zu i=%zu", n, i);
+        }
+        /* broadcast from the last rank */
+        for (i = 0; i < n; i++) f[i] = (float)(rank * 1000 + (int)(i % 1000));
+        RANK_CHECK(ddp_broadcast(ctx, f, n, DDP_F32, world - 1) == DDP_SUCCESS, "broadcast: %s", ddp_last_error(ctx));
+        for (i = 0; i < n; i++) RANK_CHECK(f[i] == (float)((world - 1) * 1000 + (int)(i % 1000)), "broadcast n=%zu i=%zu", n, i);
+        /* all-gather */
+        for (i = 0; i < n; i++) f[i] = (float)val(rank, i);
+        RANK_CHECK(ddp_allgather(ctx, f, g, n, DDP_F32) == DDP_SUCCESS, "allgather: %s", ddp_last_error(ctx));
+        for (q = 0; q < world; q++)
+            for (i = 0; i < n; i++) RANK_CHECK(g[(size_t)q * n + i] == (float)val(q, i), "allgather n=%zu q=%d i=%zu", n, q, i);
+        /* reduce-scatter with min: block r of the result is min over ranks of their block r */
+        for (q = 0; q < world; q++)
+            for (i = 0; i < n; i++) g[(size_t)q * n + i] = (float)val(rank, (size_t)q * n + i);
+        RANK_CHECK(ddp_reduce_scatter(ctx, g, f, n, DDP_F32, DDP_OP_MIN) == DDP_SUCCESS, "reduce-scatter: %s", ddp_last_error(ctx));
+        for (i = 0; i < n; i++) {
+            double mn = 1e9;
+            for (q = 0; q < world; q++) if (val(q, (size_t)rank * n + i) < mn) mn = val(q, (size_t)rank * n + i);
+            RANK_CHECK(f[i] == (float)mn, "reduce-scatter n=%zu i=%zu", n, i);
+        }
+        free(f); free(g); free(d); free(k); free(h);
+    }
+    RANK_CHECK(ddp_barrier(ctx) == DDP_SUCCESS, "barrier: %s", ddp_last_error(ctx));
+    ddp_destroy(ctx);
+    return 0;
+}
+
+static void test_collectives(void) {
+    int codes[4], w, r;
+    for (w = 2; w <= 3; w++) {
+        TEST(w == 2 ? "collectives w=2" : "collectives w=3");
+        run_ranks(w, collectives_rank, NULL, codes, 60);
+        for (r = 0; r < w; r++) CHECK(codes[r] == 0, "rank %d exited %d", r, codes[r]);
+    }
+}
+
+/* ---- gradients through the reducer: every rank's bucket holds the average ---- */
+
+static int reducer_rank(int rank, int world, int port, void *arg) {
+    ddp_config c = rank_config(rank, world, port, 10);
+    ddp_context *ctx;
+    int ids[5], i, step, p;
+    char name[16];
+    (void)arg;
+    c.first_bucket_bytes = 1000;
+    c.bucket_bytes = 3000;
+    if (ddp_create(&c, &ctx) != DDP_SUCCESS) { fprintf(stderr, "rank %d: %s\n", rank, ddp_create_error()); return 2; }
+    for (p = 0; p < 5; p++) {
+        snprintf(name, sizeof name, "p%d", p);
+        RANK_CHECK(ddp_register_param(ctx, name, (size_t)(100 + 300 * p), DDP_F32, NULL, &ids[p]) == DDP_SUCCESS, "register");
+    }
+    RANK_CHECK(ddp_finalize(ctx) == DDP_SUCCESS, "finalize: %s", ddp_last_error(ctx));
+    RANK_CHECK(ddp_bucket_count(ctx) >= 3, "several buckets");
+    for (step = 0; step < 4; step++) {
+        RANK_CHECK(ddp_step_begin(ctx) == DDP_SUCCESS, "begin: %s", ddp_last_error(ctx));
+        for (p = 4; p >= 0; p--) {
+            float *g = (float *)ddp_param_grad(ctx, ids[p]);
+            for (i = 0; i < 100 + 300 * p; i++) g[i] += (float)(rank + 1) * (float)(i + p + step);
+            RANK_CHECK(ddp_mark_ready(ctx, ids[p]) == DDP_SUCCESS, "mark: %s", ddp_last_error(ctx));
+        }
+        RANK_CHECK(ddp_step_end(ctx) == DDP_SUCCESS, "end: %s", ddp_last_error(ctx));
+        for (p = 0; p < 5; p++) {
+            float *g = (float *)ddp_param_grad(ctx, ids[p]);
+            for (i = 0; i < 100 + 300 * p; i++) {
+                float want = (float)(world + 1) / 2.0f * (float)(i + p + step);
+                RANK_CHECK(fabsf(g[i] - want) <= 1e-6f * fabsf(want), "step %d p%d[%d] = %g, want %g", step, p, i, (double)g[i], (double)want);
+            }
+        }
+    }
+    ddp_destroy(ctx);
+    return 0;
+}
+
+static void test_reducer(void) {
+    int codes[4], r;
+    TEST("reducer w=3");
+    run_ranks(3, reducer_rank, NULL, codes, 60);
+    for (r = 0; r < 3; r++) CHECK(codes[r] == 0, "rank %d exited %d", r, codes[r]);
+}
+
+/* ---- mismatched models ---- */
+
+static int mismatch_rank(int rank, int world, int port, void *arg) {
+    ddp_config c = rank_config(rank, world, port, 5);
+    ddp_context *ctx;
+    int id, kind = *(int *)arg;
+    int64_t shape[2] = { 16, rank == 1 && kind == 0 ? 8 : 4 };
+    ddp_result r;
+    if (ddp_create(&c, &ctx) != DDP_SUCCESS) return 2;
+    ddp_register_param(ctx, "embed", 10, DDP_F32, NULL, &id);
+    ddp_register_param_shape(ctx, "fc.weight", 2, shape, kind == 2 && rank == 2 ? DDP_F64 : DDP_F32, NULL, &id);
+    if (!(kind == 1 && rank == 1)) ddp_register_param(ctx, "fc.bias", 16, DDP_F32, NULL, &id);
+    r = ddp_finalize(ctx);
+    RANK_CHECK(r == DDP_ERROR_MISMATCH, "finalize returned %s: %s", ddp_result_string(r), ddp_last_error(ctx));
+    if (kind == 0) RANK_CHECK(strstr(ddp_last_error(ctx), "parameter 1: rank 0 has 'fc.weight' f32 [16,4], rank 1 has 'fc.weight' f32 [16,8]") != NULL, "message: %s", ddp_last_error(ctx));
+    if (kind == 1) RANK_CHECK(strstr(ddp_last_error(ctx), "rank 0 registered 3 parameters, rank 1 registered 2") != NULL, "message: %s", ddp_last_error(ctx));
+    if (kind == 2) RANK_CHECK(strstr(ddp_last_error(ctx), "rank 2 has 'fc.weight' f64") != NULL, "message: %s", ddp_last_error(ctx));
+    ddp_destroy(ctx);
+    return 0;
+}
+
+static void test_mismatch(void) {
+    int codes[4], r, kind;
+    for (kind = 0; kind < 3; kind++) {
+        TEST(kind == 0 ? "mismatch shape" : kind == 1 ? "mismatch count" : "mismatch dtype");
+        run_ranks(3, mismatch_rank, &kind, codes, 30);
+        for (r = 0; r < 3; r++) CHECK(codes[r] == 0, "rank %d exited %d", r, codes[r]);
+    }
+}
+
+/* ---- rendezvous failures ---- */
+
+static int port_in_use_rank(int rank, int world, int port, void *arg) {
+    ddp_config c = rank_config(rank, world, *(int *)arg, 2);
+    ddp_context *ctx;
+    ddp_result r;
+    double t0 = ddp__now();
+    (void)port;
+    c.connect_timeout_s = 2;
+    r = ddp_create(&c, &ctx);
+    if (rank == 0) {
+        RANK_CHECK(r == DDP_ERROR_NETWORK, "rank 0 got %s: %s", ddp_result_string(r), ddp_create_error());
+        RANK_CHECK(strstr(ddp_create_error(), "in use") != NULL, "message: %s", ddp_create_error());
+    } else {
+        /* the port answers (it is the other listener), but it does not speak the store protocol */
+        RANK_CHECK(r != DDP_SUCCESS, "rank 1 must fail");
+    }
+    RANK_CHECK(ddp__now() - t0 < 8, "failed in %.1f s", ddp__now() - t0);
+    return 0;
+}
+
+static void test_port_in_use(void) {
+    int codes[2], port, fd, one = 1;
+    struct sockaddr_in a;
+    TEST("port in use");
+    fd = socket(AF_INET, SOCK_STREAM, 0);
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    memset(&a, 0, sizeof a);
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_ANY);
+    bind(fd, (struct sockaddr *)&a, sizeof a);
+    listen(fd, 4);
+    {
+        socklen_t len = sizeof a;
+        getsockname(fd, (struct sockaddr *)&a, &len);
+        port = ntohs(a.sin_port);
+    }
+    run_ranks(2, port_in_use_rank, &port, codes, 30);
+    CHECK(codes[0] == 0 && codes[1] == 0, "codes %d %d", codes[0], codes[1]);
+    close(fd);
+}
+
+static void test_unreachable(void) {
+    ddp_config c = rank_config(1, 2, free_port(), 1);
+    ddp_context *ctx = NULL;
+    double t0 = ddp__now();
+    char needle[64];
+    TEST("unreachable master");
+    c.connect_timeout_s = 1.5;
+    CHECK(ddp_create(&c, &ctx) == DDP_ERROR_TIMEOUT, "timeout expected: %s", ddp_create_error());
+    snprintf(needle, sizeof needle, "127.0.0.1:%d", c.master_port);
+    CHECK(strstr(ddp_create_error(), needle) != NULL, "message names the address: %s", ddp_create_error());
+    CHECK(ddp__now() - t0 < 5, "within the timeout (%.1f s)", ddp__now() - t0);
+    c.master_addr = "no-such-host.invalid";
+    CHECK(ddp_create(&c, &ctx) != DDP_SUCCESS, "bad host name fails");
+    CHECK(strstr(ddp_create_error(), "no-such-host.invalid") != NULL, "message names the host: %s", ddp_create_error());
+    CHECK(ctx == NULL, "no context");
+}
+
+/* ---- failures in the middle of training ---- */
+
+enum { FAIL_KILL, FAIL_HANG, FAIL_USER, FAIL_UNUSED };
+
+typedef struct fail_case { int kind; double timeout; } fail_case;
+
+static int cb_fail(ddp_context *ctx, void *user, int micro, float *loss) {
+    (void)ctx; (void)user; (void)micro; (void)loss;
+    return 3;
+}
+
+static int failing_rank(int rank, int world, int port, void *arg) {
+    const fail_case *fc = (const fail_case *)arg;
+    ddp_config c = rank_config(rank, world, port, fc->timeout);
+    ddp_context *ctx;
+    int ids[4], p, step;
+    ddp_result r = DDP_SUCCESS;
+    double t0;
+    c.first_bucket_bytes = 4096;
+    c.bucket_bytes = 4096;
+    if (ddp_create(&c, &ctx) != DDP_SUCCESS) return 2;
+    for (p = 0; p < 4; p++) {
+        char name[8];
+        snprintf(name, sizeof name, "w%d", p);
+        ddp_register_param(ctx, name, 2000, DDP_F32, NULL, &ids[p]);
+    }
+    RANK_CHECK(ddp_finalize(ctx) == DDP_SUCCESS, "finalize: %s", ddp_last_error(ctx));
+    for (step = 0; step < 3 && r == DDP_SUCCESS; step++) {
+        int victim = step == 2 && rank == world - 1;
+        if (victim && fc->kind == FAIL_USER) { r = ddp_train_step(ctx, cb_fail, NULL, 1, NULL); break; }
+        t0 = ddp__now();
+        r = ddp_step_begin(ctx);
+        for (p = 3; p >= 0 && r == DDP_SUCCESS; p--) {
+            if (victim && p == 1) {
+                if (fc->kind == FAIL_KILL) raise(SIGKILL);
+                if (fc->kind == FAIL_HANG) { ddp__sleep_us((long)(fc->timeout * 4e6)); return 0; }
+                if (fc->kind == FAIL_UNUSED) break;
+            }
+            r = ddp_mark_ready(ctx, ids[p]);
+        }
+        if (r == DDP_SUCCESS) r = ddp_step_end(ctx);
+    }
+    if (rank == world - 1 && fc->kind == FAIL_USER) {
+        RANK_CHECK(r == DDP_ERROR_USER, "victim got %s", ddp_result_string(r));
+    } else if (rank == world - 1 && fc->kind == FAIL_UNUSED) {
+        RANK_CHECK(r == DDP_ERROR_INVALID_STATE && strstr(ddp_last_error(ctx), "'w1', 'w0'") == NULL &&
+                   strstr(ddp_last_error(ctx), "'w0', 'w1'") != NULL, "victim got %s: %s", ddp_result_string(r), ddp_last_error(ctx));
+    } else {
+        double took = ddp__now() - t0;
+        RANK_CHECK(r == DDP_ERROR_PEER || r == DDP_ERROR_TIMEOUT, "survivor got %s: %s", ddp_result_string(r), ddp_last_error(ctx));
+        RANK_CHECK(took < fc->timeout + 3.0, "survivor took %.1f s (timeout %.1f)", took, fc->timeout);
+        if (fc->kind == FAIL_KILL) RANK_CHECK(strstr(ddp_last_error(ctx), "exited") || strstr(ddp_last_error(ctx), "timed out"), "message: %s", ddp_last_error(ctx));
+        if (fc->kind == FAIL_HANG) RANK_CHECK(r == DDP_ERROR_TIMEOUT || strstr(ddp_last_error(ctx), "timed out"), "message: %s", ddp_last_error(ctx));
+        if (fc->kind == FAIL_USER) RANK_CHECK(strstr(ddp_last_error(ctx), "returned 3") != NULL, "message: %s", ddp_last_error(ctx));
+        if (fc->kind == FAIL_UNUSED) RANK_CHECK(strstr(ddp_last_error(ctx), "never marked ready") != NULL, "message: %s", ddp_last_error(ctx));
+        RANK_CHECK(ddp_step_begin(ctx) == DDP_ERROR_INVALID_STATE && strstr(ddp_last_error(ctx), "broken"), "context is broken afterwards");
+    }
+    ddp_destroy(ctx);
+    return 0;
+}
+
+static void test_failures(void) {
+    static const char *names[] = { "rank killed mid-step", "rank hangs mid-step", "user callback fails", "unused parameter on one rank" };
+    int codes[4], r, kind;
+    for (kind = 0; kind < 4; kind++) {
+        fail_case fc;
+        double took;
+        fc.kind = kind;
+        fc.timeout = 3.0;
+        TEST(names[kind]);
+        took = run_ranks(3, failing_rank, &fc, codes, 30);
+        for (r = 0; r < 3; r++) {
+            if (kind == FAIL_KILL && r == 2) CHECK(codes[r] == -SIGKILL, "victim killed (%d)", codes[r]);
+            else CHECK(codes[r] == 0, "rank %d exited %d", r, codes[r]);
+        }
+        CHECK(took < 15, "whole case took %.1f s", took);
+        CHECK(count_shm_segments() == 0, "nothing left in /dev/shm");
+    }
+}
+
+int main(void) {
+    signal(SIGPIPE, SIG_IGN);
+    test_collectives();
+    test_reducer();
+    test_mismatch();
+    test_port_in_use();
+    test_unreachable();
+    test_failures();
+    TEST("end");
+    CHECK(count_shm_segments() == 0, "nothing left in /dev/shm");
+    return t_summary("test_multi");
+}
