@@ -666,6 +666,8 @@ typedef struct ddp__param {
     size_t    offset;   /* bytes into the flat buffers */
     int       bucket;
     int       marked;   /* in this step */
+    void     *stream;   /* CUDA: the stream it was marked on */
+    int       evrec;    /* CUDA: its ready event was recorded for this bucket launch */
 } ddp__param;
 
 typedef struct ddp__bucket {
@@ -746,7 +748,8 @@ struct ddp_context {
     int      q_busy;
     ddp_result q_err;
     int      *queue;             /* num_buckets entries */
-    float    q_scale;
+    float    q_scale;            /* 1 / (world * micro-steps) of the step in progress */
+    int      q_micro;            /* micro-steps reduced by the step in progress */
 
     /* optimizer */
     int64_t  opt_steps;
@@ -1246,6 +1249,7 @@ typedef struct ddp__store_server {
     size_t nbuckets, nkeys;
     ddp__store_conn **conns;
     size_t nconns, conns_cap;
+    int live_clients;          /* nconns, published for other threads (atomic) */
 } ddp__store_server;
 
 static uint64_t ddp__store_hash(const void *p, size_t n) {
@@ -1761,6 +1765,7 @@ static void *ddp__store_server_main(void *arg) {
             }
         }
         sv->nconns = live;
+        __atomic_store_n(&sv->live_clients, (int)live, __ATOMIC_RELEASE);
     }
     free(pfd);
     return NULL;
@@ -1872,6 +1877,11 @@ static DDP__STORE_UNUSED int ddp__store_server_start(const char *bind_host, int 
 }
 
 static DDP__STORE_UNUSED int ddp__store_server_port(const ddp__store_server *sv) { return sv ? sv->port : 0; }
+
+/* Clients connected right now (any thread may ask). */
+static DDP__STORE_UNUSED int ddp__store_server_clients(const ddp__store_server *sv) {
+    return sv ? __atomic_load_n(&sv->live_clients, __ATOMIC_ACQUIRE) : 0;
+}
 
 /* Stop serving, drop every connection (blocked clients see the close), free. */
 static DDP__STORE_UNUSED void ddp__store_server_stop(ddp__store_server *sv) {
@@ -3190,8 +3200,13 @@ DDP_API void ddp_destroy(ddp_context *ctx) {
         ddp__free(ctx, ctx->opt_master);
     }
     ddp__cuda_teardown(ctx);
-    if (ctx->store) { ddp__store_close((ddp__store *)ctx->store); ddp__free(ctx, ctx->store); }
-    if (ctx->server) ddp__store_server_stop(ctx->server);
+    if (ctx->store) { ddp__store_close((ddp__store *)ctx->store); ddp__free(ctx, ctx->store); ctx->store = NULL; }
+    if (ctx->server) {
+        /* a peer may still be reading its last answer: let the clients go first */
+        double deadline = ddp__now() + (ctx->cfg.timeout_s < 10 ? ctx->cfg.timeout_s : 10);
+        while (ddp__store_server_clients(ctx->server) > 0 && ddp__now() < deadline) ddp__sleep_us(1000);
+        ddp__store_server_stop(ctx->server);
+    }
     ddp__free(ctx, ctx->params);
     ddp__free(ctx, ctx->buckets);
     ddp__free(ctx, ctx->queue);
@@ -3544,6 +3559,12 @@ DDP_API ddp_result ddp_finalize(ddp_context *ctx) {
     ctx->finalized = 1;
     r = ddp_sync_params(ctx);
     if (r != DDP_SUCCESS) return r;
+    /* the store has served its purpose; rank 0 keeps serving until the others hung up */
+    if (ctx->store && ctx->rank != 0) {
+        ddp__store_close((ddp__store *)ctx->store);
+        ddp__free(ctx, ctx->store);
+        ctx->store = NULL;
+    }
     /* the communication thread: reduces buckets (shm, staged), or watches
        NCCL's collectives in flight (nccl, even for a world of one) */
     if (ctx->cfg.backend == DDP_BACKEND_NCCL || (ctx->world > 1 && !ctx->cfg.no_comm_thread && ctx->ops->bucket_reduce)) {
@@ -3609,6 +3630,7 @@ DDP_API size_t ddp_flat_bytes(const ddp_context *ctx) { return ctx && ctx->final
 
 #if defined(DDP_CUDA)
 static int ddp__cuda_comm_thread(ddp_context *ctx);
+static ddp_result ddp__cuda_bucket_events(ddp_context *ctx, int b, int wait_now);
 #endif
 
 static void *ddp__comm_main(void *arg) {
@@ -3650,6 +3672,10 @@ static ddp_result ddp__launch_bucket(ddp_context *ctx, int b) {
         ddp__log(ctx, DDP_LOG_DEBUG, msg);
     }
     if (ctx->cfg.backend == DDP_BACKEND_NCCL) return ddp__cuda_launch_bucket(ctx, b);
+#if defined(DDP_CUDA)
+    /* staged: the events are recorded here, on the thread that marked */
+    if (ddp__on_gpu(ctx)) DDP__TRY(ddp__cuda_bucket_events(ctx, b, 0));
+#endif
     if (ctx->comm_started) {
         pthread_mutex_lock(&ctx->mu);
         ctx->queue[ctx->q_tail++] = b;
@@ -3710,7 +3736,8 @@ DDP_API ddp_result ddp_step_begin(ddp_context *ctx) {
         ctx->buckets[i].launched = 0;
     }
     ctx->next_bucket = 0;
-    ctx->q_scale = (float)(ctx->cfg.gradient_sum ? 1.0 : 1.0 / ((double)ctx->world * (ctx->accum_steps + 1)));
+    ctx->q_micro = ctx->accum_steps + 1;
+    ctx->q_scale = (float)(ctx->cfg.gradient_sum ? 1.0 : 1.0 / ((double)ctx->world * ctx->q_micro));
     ctx->in_step = 1;
     return DDP_SUCCESS;
 }
@@ -4419,15 +4446,18 @@ static ddp_result ddp__nccl_fail(ddp_context *ctx, ncclResult_t r, const char *w
 /* Non-blocking communicators answer ncclInProgress; poll until the call
    settled, with the timeout; on timeout abort the communicator. */
 static ddp_result ddp__nccl_settle(ddp_context *ctx, ncclResult_t r, double timeout, const char *what) {
-    double deadline = ddp__now() + timeout;
+    double start = ddp__now(), deadline = start + timeout;
     while (r == ncclInProgress) {
-        if (ddp__now() > deadline) {
+        double now = ddp__now();
+        if (now > deadline) {
             ncclCommAbort(ctx->cuda->nccl);
             ctx->cuda->nccl_ready = 0;
             DDP__STORE_REL(&ctx->broken, 1);
             return ddp__fail(ctx, DDP_ERROR_TIMEOUT, "%s: NCCL did not finish within %.1f s; communicator aborted", what, timeout);
         }
-        ddp__sleep_us(100);
+        /* an enqueue settles within microseconds: spin first, sleep only when it takes long */
+        if (now - start < 2e-3) sched_yield();
+        else ddp__sleep_us(100);
         ncclCommGetAsyncError(ctx->cuda->nccl, &r);
     }
     if (r != ncclSuccess) {
@@ -4693,7 +4723,7 @@ static ddp_result ddp__staged_bucket_reduce(ddp_context *ctx, int b, double scal
     int i;
     snprintf(what, sizeof what, "staged all-reduce of gradient bucket %d", b);
     for (i = 0; i < ctx->num_params; i++)
-        if (ctx->params[i].bucket == b) DDP__CU(ctx, cudaStreamWaitEvent(cu->comm, cu->ready[i], 0), what);
+        if (ctx->params[i].bucket == b && ctx->params[i].evrec) DDP__CU(ctx, cudaStreamWaitEvent(cu->comm, cu->ready[i], 0), what);
     DDP__CU(ctx, cudaMemcpyAsync(host, ctx->flat_grads + bk->offset, bk->bytes, cudaMemcpyDeviceToHost, cu->comm), what);
     DDP__TRY(ddp__cuda_wait(ctx, NULL, cu->comm, what));
     if (ctx->world > 1) DDP__TRY(ddp__shm_allreduce_inplace(ctx, bk->offset, bk->numel, bk->dtype, DDP_OP_SUM, scale, what));
@@ -4838,8 +4868,31 @@ static ddp_result ddp__cuda_finalize(ddp_context *ctx) {
 
 /* ---- the step on the GPU ---- */
 
+/* Marking only remembers the stream; the bucket's launch (inside the call
+   that marks its last parameter) records one event per distinct stream: the
+   work queued on a stream so far covers every gradient marked on it. */
 static ddp_result ddp__cuda_record_ready(ddp_context *ctx, int id, void *stream) {
-    DDP__CU(ctx, cudaEventRecord(ctx->cuda->ready[id], stream ? (cudaStream_t)stream : ddp__ustream(ctx)), "recording a ready event");
+    ctx->params[id].stream = stream ? stream : (void *)ddp__ustream(ctx);
+    return DDP_SUCCESS;
+}
+
+/* Record the bucket's events (main thread); wait for them on the
+   communication stream (now, or on the communication thread for staged). */
+static ddp_result ddp__cuda_bucket_events(ddp_context *ctx, int b, int wait_now) {
+    struct ddp__cuda_state *cu = ctx->cuda;
+    int i, j;
+    for (i = 0; i < ctx->num_params; i++) {
+        ddp__param *p = &ctx->params[i];
+        int seen = 0;
+        p->evrec = 0;
+        if (p->bucket != b) continue;
+        for (j = 0; j < i && !seen; j++)
+            seen = ctx->params[j].bucket == b && ctx->params[j].evrec && ctx->params[j].stream == p->stream;
+        if (seen) continue;
+        DDP__CU(ctx, cudaEventRecord(cu->ready[i], (cudaStream_t)p->stream), "recording a ready event");
+        p->evrec = 1;
+        if (wait_now) DDP__CU(ctx, cudaStreamWaitEvent(cu->comm, cu->ready[i], 0), "waiting for a ready event");
+    }
     return DDP_SUCCESS;
 }
 
@@ -4850,14 +4903,14 @@ static ddp_result ddp__cuda_launch_bucket(ddp_context *ctx, int b) {
     void *g = ctx->flat_grads + bk->offset;
     char what[96];
     ncclResult_t r;
-    int i, k = ctx->accum_steps + 1;
+    /* ncclAvg divides by the world; what remains is 1 / micro-steps, fixed at ddp_step_begin() */
+    float post = ctx->cfg.gradient_sum ? 1.0f : 1.0f / (float)ctx->q_micro;
     snprintf(what, sizeof what, "NCCL all-reduce of gradient bucket %d (%zu bytes)", b, bk->bytes);
     if (!cu->nccl_ready) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "%s: the communicator was aborted", what);
-    for (i = 0; i < ctx->num_params; i++)
-        if (ctx->params[i].bucket == b) DDP__CU(ctx, cudaStreamWaitEvent(cu->comm, cu->ready[i], 0), what);
+    DDP__TRY(ddp__cuda_bucket_events(ctx, b, 1));
     if (cu->compress_buf && bk->dtype == DDP_F32) {
         /* scale before the reduce so the 16-bit sum cannot overflow */
-        float pre = (float)(ctx->cfg.gradient_sum ? 1.0 : 1.0 / ((double)ctx->world * k));
+        float pre = ctx->q_scale;
         DDP__KL(ctx, ddp_k_cast(cu->compress_buf, (int)ctx->cfg.compress, g, (int)DDP_F32, bk->numel, pre, cu->comm), what);
         r = ncclAllReduce(cu->compress_buf, cu->compress_buf, bk->numel, ddp__nccl_type(ctx->cfg.compress), ncclSum, cu->nccl, cu->comm);
         if (r == ncclInProgress) ncclCommGetAsyncError(cu->nccl, &r);
@@ -4867,10 +4920,10 @@ static ddp_result ddp__cuda_launch_bucket(ddp_context *ctx, int b) {
         r = ncclAllReduce(g, g, bk->numel, ddp__nccl_type(bk->dtype), ctx->cfg.gradient_sum ? ncclSum : ncclAvg, cu->nccl, cu->comm);
         if (r == ncclInProgress) ncclCommGetAsyncError(cu->nccl, &r);
         DDP__TRY(ddp__nccl_settle(ctx, r, ctx->cfg.timeout_s, what));
-        if (k > 1 && !ctx->cfg.gradient_sum) {
+        if (post != 1.0f) {
             if (bk->dtype != DDP_F32)
                 return ddp__fail(ctx, DDP_ERROR_UNSUPPORTED, "%s: gradient accumulation on the GPU needs f32 gradients", what);
-            DDP__KL(ctx, ddp_k_scale((float *)g, bk->numel, 1.0f / (float)k, cu->comm), what);
+            DDP__KL(ctx, ddp_k_scale((float *)g, bk->numel, post, cu->comm), what);
         }
     }
     DDP__CU(ctx, cudaEventRecord(cu->done[b], cu->comm), what);

@@ -191,6 +191,7 @@ struct dp_context {
     pthread_cond_t cv_cmd, cv_done;
     int cmd, cmd_id, pending;
     int failed;                 /* a replica failed in the current command */
+    int first_failed;           /* which one failed first */
     int broken;
     char err[DDP__ERRLEN];
     dp__param *params;
@@ -340,7 +341,7 @@ static void *dp__worker_main(void *arg) {
         pthread_mutex_lock(&dp->mu);
         w->result = r;
         /* the first failure (not a peer's echo of it) stops everybody */
-        if (r != DDP_SUCCESS && !dp->failed) { dp->failed = 1; dp__stop_others(dp, w->index); }
+        if (r != DDP_SUCCESS && !dp->failed) { dp->failed = 1; dp->first_failed = w->index; dp__stop_others(dp, w->index); }
         if (--dp->pending == 0) pthread_cond_broadcast(&dp->cv_done);
         pthread_mutex_unlock(&dp->mu);
     }
@@ -349,7 +350,7 @@ static void *dp__worker_main(void *arg) {
 
 /* Run cmd on every worker and wait; one error naming the replica. */
 static ddp_result dp__broadcast_cmd(dp_context *dp, int cmd, const char *what) {
-    int i, first = -1;
+    int first;
     pthread_mutex_lock(&dp->mu);
     dp->cmd = cmd;
     dp->cmd_id++;
@@ -358,12 +359,9 @@ static ddp_result dp__broadcast_cmd(dp_context *dp, int cmd, const char *what) {
     pthread_cond_broadcast(&dp->cv_cmd);
     while (dp->pending > 0) pthread_cond_wait(&dp->cv_done, &dp->mu);
     pthread_mutex_unlock(&dp->mu);
-    /* prefer the replica whose own error started it over peers that were stopped */
-    for (i = 0; i < dp->K; i++)
-        if (dp->w[i].result != DDP_SUCCESS && dp->w[i].result != DDP_ERROR_PEER && first < 0) first = i;
-    for (i = 0; i < dp->K && first < 0; i++)
-        if (dp->w[i].result != DDP_SUCCESS) first = i;
-    if (first < 0) return DDP_SUCCESS;
+    /* the replica whose own error started it, not the peers it stopped */
+    if (!dp->failed) return DDP_SUCCESS;
+    first = dp->first_failed;
     if (cmd != DP__CMD_CREATE) dp->broken = 1;
     return dp__fail(dp, dp->w[first].result, "%s failed on replica %d (%s %d): %s", what, first,
                     dp->devices[first] >= 0 ? "GPU" : "CPU", dp->devices[first] >= 0 ? dp->devices[first] : first,

@@ -26,8 +26,8 @@ run() {
   local name=$1 limit=$2; shift 2
   say "=== $name: $*"
   local t0=$(date +%s.%N) rc
-  timeout "$limit" "$@" > >(tee -a "$log") 2>&1
-  rc=$?
+  timeout "$limit" "$@" 2>&1 | tee -a "$log"
+  rc=${PIPESTATUS[0]}
   local dt=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1fs", b-a}')
   local detail
   detail=$(grep -E '^(\[0\] )?(PASS|FAIL|SKIP|equiv|result|baseline|adamw|sgd|target|mlp_cuda|kernels|dp_)' "$log" | tail -1 | cut -c1-110)
@@ -66,8 +66,8 @@ fi
 b=$build
 export DDP_TIMEOUT=60
 
-run kernels_vs_cpu_reference      120 "$b/tests/gpu/test_kernels"
-run mlp_cuda_vs_cpu_model         60  "$b/tests/gpu/test_mlp_cuda"
+run kernels_vs_cpu_reference      90  "$b/tests/gpu/test_kernels"
+run mlp_cuda_vs_cpu_model         45  "$b/tests/gpu/test_mlp_cuda"
 run ddp_nccl_world1_sgd           60  "$b/ddprun" -n 1 -- "$b/tests/gpu/test_gpu_ddp" equiv --optim sgd
 run ddp_nccl_world1_adamw_accum2  60  "$b/ddprun" -n 1 -- "$b/tests/gpu/test_gpu_ddp" equiv --optim adamw --accum 2
 run ddp_staged_world2_sgd         90  env DDP_BACKEND=staged "$b/ddprun" -n 2 -- "$b/tests/gpu/test_gpu_ddp" equiv --optim sgd
@@ -76,8 +76,8 @@ run ddp_staged_rank_killed        60  "$b/tests/gpu/test_gpu_ddp" kill
 if [ -x "$b/tests/gpu/test_gpu_dp" ]; then
   run dp_two_replicas_one_gpu     60  "$b/tests/gpu/test_gpu_dp"
 fi
-run example_fashion_mlp_gpu       120 "$b/ddprun" -n 1 -- "$b/examples/fashion_mlp" --device cuda --epochs 1 --data "${DDP_DATA:-/usr/share/datasets/fashion-mnist}"
-run bench_adamw_vs_copy           120 "$b/bench/gpu_adamw"
+run example_fashion_mlp_gpu       90  "$b/ddprun" -n 1 -- "$b/examples/fashion_mlp" --device cuda --epochs 1 --data "${DDP_DATA:-/usr/share/datasets/fashion-mnist}"
+run bench_adamw_vs_copy           60  "$b/bench/gpu_adamw"
 if [ -x "$b/bench/gpu_step" ]; then
   run bench_step_ddp_vs_plain     120 "$b/ddprun" -n 1 -- "$b/bench/gpu_step"
 fi

@@ -122,7 +122,7 @@ static int run_equiv(int steps, int accum, const char *optim) {
     if (ddp_synchronize(gpu) != DDP_SUCCESS) { fprintf(stderr, "synchronize: %s\n", ddp_last_error(gpu)); return 1; }
 
     /* the reference: one CPU replica on the concatenated batches */
-    c.world_size = 1; c.rank = 0; c.device = DDP_DEVICE_CPU;
+    c.world_size = 1; c.rank = 0; c.device = DDP_DEVICE_CPU; c.backend = DDP_BACKEND_SHM; /* whatever DDP_BACKEND says */
     cpu = make_ctx(&c, &shape, init);
     mlp_workspace_init(&ws, &shape, rows * accum * world);
     for (s = 0; s < steps; s++) {
