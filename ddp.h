@@ -110,6 +110,9 @@
                                     srun
        DDP_TIMEOUT                  overrides config.timeout_s (seconds)
        DDP_BACKEND                  shm | nccl | staged (overrides the default)
+       DDP_FORCE_COMM=1             GPU, world of one: run the gradient collective
+                                    anyway (by default a world of one exchanges
+                                    nothing; the GPU tests use this to exercise NCCL)
 */
 /* The implementation uses POSIX and a few GNU calls (shm_open, pthreads,
    sockets): ask for them before the first system header. A file that defines
@@ -3631,6 +3634,7 @@ DDP_API size_t ddp_flat_bytes(const ddp_context *ctx) { return ctx && ctx->final
 #if defined(DDP_CUDA)
 static int ddp__cuda_comm_thread(ddp_context *ctx);
 static ddp_result ddp__cuda_bucket_events(ddp_context *ctx, int b, int wait_now);
+static int ddp__cuda_solo(const ddp_context *ctx);
 #endif
 
 static void *ddp__comm_main(void *arg) {
@@ -3666,6 +3670,9 @@ static ddp_result ddp__cuda_launch_bucket(ddp_context *ctx, int b);
 static ddp_result ddp__launch_bucket(ddp_context *ctx, int b) {
     ddp_result r;
     ctx->buckets[b].launched = 1;
+#if defined(DDP_CUDA)
+    if (ddp__cuda_solo(ctx)) return DDP_SUCCESS; /* see ddp__cuda_solo_end */
+#endif
     if (ctx->cfg.logger.func && ctx->cfg.logger.level >= DDP_LOG_DEBUG) {
         char msg[64];
         snprintf(msg, sizeof msg, "launch bucket %d", b);
@@ -4386,6 +4393,7 @@ struct ddp__cuda_state {
     size_t       scratch_elems;
     void        *compress_buf;    /* bucket in bf16/f16 for compressed all-reduce */
     int          host_registered; /* the shared gradient slice is pinned */
+    int          solo;            /* a world of one: nothing to exchange (unless DDP_FORCE_COMM) */
     /* watchdog */
     int          inflight;        /* a collective is queued and not known finished */
     double       inflight_since;
@@ -4785,6 +4793,10 @@ static ddp_result ddp__cuda_setup(ddp_context *ctx) {
     if (!cu) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for the CUDA state");
     ctx->cuda = cu;
     cu->device = dev;
+    {
+        const char *force = getenv("DDP_FORCE_COMM");
+        cu->solo = ctx->world == 1 && !(force && *force && strcmp(force, "0") != 0);
+    }
     DDP__CU(ctx, cudaSetDevice(dev), "selecting the GPU");
     DDP__CU(ctx, cudaStreamCreateWithFlags(&cu->comm, cudaStreamNonBlocking), "creating the communication stream");
     DDP__CU(ctx, cudaEventCreateWithFlags(&cu->last, cudaEventDisableTiming), "creating an event");
@@ -4941,11 +4953,37 @@ static ddp_result ddp__cuda_launch_bucket(ddp_context *ctx, int b) {
 #endif
 }
 
+/* A world of one reduces nothing: the gradients are already the average.
+   Join the streams the gradients were marked on, and scale for accumulation. */
+static ddp_result ddp__cuda_solo_end(ddp_context *ctx, cudaStream_t s) {
+    struct ddp__cuda_state *cu = ctx->cuda;
+    int i, j, b;
+    for (i = 0; i < ctx->num_params; i++) {
+        int seen = (cudaStream_t)ctx->params[i].stream == s;
+        for (j = 0; j < i && !seen; j++) seen = ctx->params[j].stream == ctx->params[i].stream;
+        if (seen) continue;
+        DDP__CU(ctx, cudaEventRecord(cu->ready[i], (cudaStream_t)ctx->params[i].stream), "joining streams");
+        DDP__CU(ctx, cudaStreamWaitEvent(s, cu->ready[i], 0), "joining streams");
+    }
+    if (ctx->q_micro > 1 && !ctx->cfg.gradient_sum)
+        for (b = 0; b < ctx->num_buckets; b++) {
+            if (ctx->buckets[b].dtype != DDP_F32)
+                return ddp__fail(ctx, DDP_ERROR_UNSUPPORTED, "gradient accumulation on the GPU needs f32 gradients (bucket %d is %s)",
+                                 b, ddp_dtype_name(ctx->buckets[b].dtype));
+            DDP__KL(ctx, ddp_k_scale((float *)(ctx->flat_grads + ctx->buckets[b].offset), ctx->buckets[b].numel,
+                                     1.0f / (float)ctx->q_micro, s), "scaling accumulated gradients");
+        }
+    return DDP_SUCCESS;
+}
+
 static ddp_result ddp__cuda_step_end(ddp_context *ctx, void *stream) {
     cudaStream_t s = stream ? (cudaStream_t)stream : ddp__ustream(ctx);
+    if (ctx->cuda->solo) return ddp__cuda_solo_end(ctx, s);
     DDP__CU(ctx, cudaStreamWaitEvent(s, ctx->cuda->last, 0), "making the stream wait for the all-reduce");
     return DDP_SUCCESS;
 }
+
+static int ddp__cuda_solo(const ddp_context *ctx) { return ctx->cuda && ctx->cuda->solo; }
 
 DDP_API ddp_result ddp_synchronize(ddp_context *ctx) {
     if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
@@ -5130,3 +5168,31 @@ DDP_API ddp_result ddp_synchronize(ddp_context *ctx) {
 
 #endif /* DDP__IMPLEMENTED */
 #endif /* DDP_IMPLEMENTATION */
+
+/*
+------------------------------------------------------------------------------
+LICENSE
+
+MIT License
+
+Copyright (c) 2026 the ddp.h authors
+
+Permission is hereby granted, free of charge, to any person obtaining a copy of
+this software and associated documentation files (the "Software"), to deal in
+the Software without restriction, including without limitation the rights to
+use, copy, modify, merge, publish, distribute, sublicense, and/or sell copies
+of the Software, and to permit persons to whom the Software is furnished to do
+so, subject to the following conditions:
+
+The above copyright notice and this permission notice shall be included in all
+copies or substantial portions of the Software.
+
+THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR
+IMPLIED, INCLUDING BUT NOT LIMITED TO THE WARRANTIES OF MERCHANTABILITY,
+FITNESS FOR A PARTICULAR PURPOSE AND NONINFRINGEMENT. IN NO EVENT SHALL THE
+AUTHORS OR COPYRIGHT HOLDERS BE LIABLE FOR ANY CLAIM, DAMAGES OR OTHER
+LIABILITY, WHETHER IN AN ACTION OF CONTRACT, TORT OR OTHERWISE, ARISING FROM,
+OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR OTHER DEALINGS IN THE
+SOFTWARE.
+------------------------------------------------------------------------------
+*/

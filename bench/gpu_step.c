@@ -7,6 +7,8 @@
 
    Prints one row per model:
      gpu_step model=784-256-256-10 params=P batch=B local_ms=X ddp_ms=Y overhead=Y/X
+   (a world of one exchanges nothing; a second row gives the step time with
+   the NCCL all-reduce forced anyway, DDP_FORCE_COMM=1)
    and a final line checking the target (overhead <= 1.03). */
 #define _GNU_SOURCE 1
 #include "../ddp.h"
@@ -137,6 +139,13 @@ int main(int argc, char **argv) {
         b = ddp_ms(&s, &d, batches[k], steps, init);
         a2 = plain_ms(&s, &d, batches[k], steps, init);
         b2 = ddp_ms(&s, &d, batches[k], steps, init);
+        {   /* for reference: the same with the NCCL all-reduce forced at world 1 */
+            double f;
+            setenv("DDP_FORCE_COMM", "1", 1);
+            f = ddp_ms(&s, &d, batches[k], steps, init);
+            unsetenv("DDP_FORCE_COMM");
+            printf("gpu_step model=%s forced_nccl_ms=%.4f\n", models[k], f);
+        }
         printf("gpu_step model=%s params=%zu batch=%d local_ms=%.4f ddp_ms=%.4f overhead=%.3f (runs: local %.4f %.4f, ddp %.4f %.4f)\n",
                models[k], mlp_total_numel(&s), batches[k], a < a2 ? a : a2, b < b2 ? b : b2,
                (b < b2 ? b : b2) / (a < a2 ? a : a2), a, a2, b, b2);

@@ -200,6 +200,9 @@ static int dump_run(int K, const char *path) {
         fwrite(ddp_param_data(dp_replica_context(dp, 0), p), sizeof(float), mlp_param_numel(&shape, p), f);
     fclose(f);
     dp_destroy(dp);
+    for (i = 0; i < K; i++) mlp_workspace_free(&m.ws[i]);
+    for (p = 0; p < mlp_num_params(&shape); p++) free(init[p]);
+    mlp_dataset_free(&data);
     return 0;
 }
 

@@ -68,8 +68,10 @@ export DDP_TIMEOUT=60
 
 run kernels_vs_cpu_reference      90  "$b/tests/gpu/test_kernels"
 run mlp_cuda_vs_cpu_model         45  "$b/tests/gpu/test_mlp_cuda"
-run ddp_nccl_world1_sgd           60  "$b/ddprun" -n 1 -- "$b/tests/gpu/test_gpu_ddp" equiv --optim sgd
-run ddp_nccl_world1_adamw_accum2  60  "$b/ddprun" -n 1 -- "$b/tests/gpu/test_gpu_ddp" equiv --optim adamw --accum 2
+# a world of one exchanges nothing unless DDP_FORCE_COMM=1: run the NCCL bucket path both ways
+run ddp_nccl_world1_sgd           60  env DDP_FORCE_COMM=1 "$b/ddprun" -n 1 -- "$b/tests/gpu/test_gpu_ddp" equiv --optim sgd
+run ddp_nccl_world1_adamw_accum2  60  env DDP_FORCE_COMM=1 "$b/ddprun" -n 1 -- "$b/tests/gpu/test_gpu_ddp" equiv --optim adamw --accum 2
+run ddp_world1_solo_adamw_accum2  60  "$b/ddprun" -n 1 -- "$b/tests/gpu/test_gpu_ddp" equiv --optim adamw --accum 2
 run ddp_staged_world2_sgd         90  env DDP_BACKEND=staged "$b/ddprun" -n 2 -- "$b/tests/gpu/test_gpu_ddp" equiv --optim sgd
 run ddp_staged_world3_adamw_accum2 90 env DDP_BACKEND=staged "$b/ddprun" -n 3 -- "$b/tests/gpu/test_gpu_ddp" equiv --optim adamw --accum 2
 run ddp_staged_rank_killed        60  "$b/tests/gpu/test_gpu_ddp" kill

@@ -1,0 +1,347 @@
+/* bench/ddp_step: the cost of DDP on a CPU training step. The example
+   model (examples/mlp.h: CPU forward and backward, SGD with momentum 0.9)
+   trained with ddp.h on N ranks, batch B each, against the same program at
+   world size 1 with the library bypassed: plain malloc'd arrays, the same
+   model, the same batch B, the same SGD arithmetic written inline, the same
+   single compute thread per process.
+
+       build/ddprun -n 2 build/bench/ddp_step [options]
+
+       --model M     small (784-256-256-10, batch 32), large (784-1024-1024-10,
+                     batch 128) or dims such as 784,512,10 (default: small
+                     then large)
+       --batch B     per-rank batch (default: the model's)
+       --seconds S   length of one measurement (default 2)
+       --reps R      measurements of each loop; the median is kept (default 3)
+
+   Fairness on a machine with few cores: every rank runs the local loop at
+   the same time (after a barrier), then every rank runs the DDP loop, so
+   both loops see the same number of busy processes. Each loop: 10 warm-up
+   steps and a step count giving about --seconds (rank 0's estimate,
+   shared); then --reps rounds, each a barrier, a local measurement, a
+   barrier and a DDP measurement (interleaved, so that both loops see the
+   same drift in machine load). Data: mlp_synthetic; rank r takes batch
+   (step * N + r) of a fixed set. The k-th model's context rendezvouses on
+   MASTER_PORT + k (see master_port()).
+
+   Output (rank 0; ddprun prefixes each line with "[0] "): '#' lines are
+   comments, then one row per model:
+       ranks=N params=P batch=B local_ms=X ddp_ms=Y overhead=Y/X
+   where X and Y are the median milliseconds per step (rank 0's clock) and
+   a comment line with every measurement and the bucket count. Each row is
+   followed by a check that the weights are identical on every rank.
+   Exit status 1 on any error. */
+#define DDP_IMPLEMENTATION
+#include "../ddp.h"
+#define MLP_IMPLEMENTATION
+#define MLP_NO_ZLIB
+#include "../examples/mlp.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#define LR       0.01f
+#define MOMENTUM 0.9f
+#define WARMUP   10
+#define MAX_REPS 101
+
+typedef struct model_run {
+    mlp_shape shape;
+    int batch;
+    mlp_dataset data;
+    int nbatches;
+    float *init[MLP_MAX_PARAMS];
+    mlp_workspace ws;
+} model_run;
+
+static double now_s(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+static void die(const char *what, const char *detail) {
+    fprintf(stderr, "ddp_step: %s%s%s\n", what, detail ? ": " : "", detail ? detail : "");
+    exit(1);
+}
+
+static void check(ddp_context *ctx, ddp_result r, const char *what) {
+    if (r != DDP_SUCCESS) {
+        fprintf(stderr, "ddp_step: %s: %s: %s\n", what, ddp_result_string(r), ddp_last_error(ctx));
+        exit(1);
+    }
+}
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+static double median(const double *v, int n) {
+    double s[MAX_REPS];
+    memcpy(s, v, (size_t)n * sizeof *s);
+    qsort(s, (size_t)n, sizeof *s, cmp_double);
+    return n % 2 ? s[n / 2] : 0.5 * (s[n / 2 - 1] + s[n / 2]);
+}
+
+/* rank 0's number of steps for `seconds`, given its time per step */
+static int agree_steps(ddp_context *ctx, double step_s, double seconds) {
+    int32_t steps = 0;
+    if (ddp_rank(ctx) == 0) {
+        double n = seconds / (step_s > 1e-7 ? step_s : 1e-7);
+        steps = n < 5 ? 5 : n > 1e7 ? 10000000 : (int32_t)n;
+    }
+    check(ctx, ddp_broadcast(ctx, &steps, 1, DDP_I32, 0), "ddp_broadcast of the step count");
+    return (int)steps;
+}
+
+static const float *batch_x(const model_run *m, int step, int rank, int world) {
+    int b = (int)(((long)step * world + rank) % m->nbatches);
+    return m->data.x + (size_t)b * m->batch * m->shape.dims[0];
+}
+
+static const uint8_t *batch_y(const model_run *m, int step, int rank, int world) {
+    int b = (int)(((long)step * world + rank) % m->nbatches);
+    return m->data.y + (size_t)b * m->batch;
+}
+
+/* ---- the local loop: no library ------------------------------------------- */
+
+typedef struct local_state {
+    float *params[MLP_MAX_PARAMS], *grads[MLP_MAX_PARAMS], *mom[MLP_MAX_PARAMS];
+    long steps_done;
+} local_state;
+
+/* ddp's SGD (ddp__sgd_f32, no weight decay, no Nesterov), written inline */
+static void local_step(model_run *m, local_state *s, int step, int rank, int world) {
+    int p, np = mlp_num_params(&m->shape);
+    for (p = 0; p < np; p++) memset(s->grads[p], 0, mlp_param_numel(&m->shape, p) * sizeof(float));
+    mlp_forward_backward(s->params, batch_x(m, step, rank, world), batch_y(m, step, rank, world), m->batch,
+                         1.0f, s->grads, &m->ws, NULL, NULL, NULL);
+    for (p = 0; p < np; p++) {
+        float *w = s->params[p], *g = s->grads[p], *buf = s->mom[p];
+        size_t i, n = mlp_param_numel(&m->shape, p);
+        int first = s->steps_done == 0;
+        for (i = 0; i < n; i++) {
+            float d = g[i];
+            float b = first ? d : MOMENTUM * buf[i] + d;
+            buf[i] = b;
+            w[i] -= LR * b;
+        }
+    }
+    s->steps_done++;
+}
+
+static double local_loop(ddp_context *ctx, model_run *m, local_state *s, int steps) {
+    int i, rank = ddp_rank(ctx), world = ddp_world_size(ctx);
+    double t0 = now_s();
+    for (i = 0; i < steps; i++) local_step(m, s, (int)s->steps_done, rank, world);
+    return (now_s() - t0) / steps;
+}
+
+/* ---- the DDP loop ------------------------------------------------------------ */
+
+typedef struct ddp_state {
+    ddp_context *ctx;
+    ddp_result err;
+    long steps_done;
+} ddp_state;
+
+static void on_ready(int p, void *user) {
+    ddp_state *s = (ddp_state *)user;
+    ddp_result r = ddp_mark_ready(s->ctx, p);
+    if (r != DDP_SUCCESS && s->err == DDP_SUCCESS) s->err = r;
+}
+
+static void ddp_one_step(model_run *m, ddp_state *s) {
+    ddp_context *ctx = s->ctx;
+    float *params[MLP_MAX_PARAMS], *grads[MLP_MAX_PARAMS];
+    int p, rank = ddp_rank(ctx), world = ddp_world_size(ctx), step = (int)s->steps_done;
+    for (p = 0; p < mlp_num_params(&m->shape); p++) {
+        params[p] = (float *)ddp_param_data(ctx, p);
+        grads[p] = (float *)ddp_param_grad(ctx, p);
+    }
+    check(ctx, ddp_step_begin(ctx), "ddp_step_begin");
+    mlp_forward_backward(params, batch_x(m, step, rank, world), batch_y(m, step, rank, world), m->batch,
+                         1.0f, grads, &m->ws, NULL, on_ready, s);
+    check(ctx, s->err, "ddp_mark_ready");
+    check(ctx, ddp_step_end(ctx), "ddp_step_end");
+    check(ctx, ddp_optimizer_step(ctx), "ddp_optimizer_step");
+    s->steps_done++;
+}
+
+static double ddp_loop(model_run *m, ddp_state *s, int steps) {
+    int i;
+    double t0 = now_s();
+    for (i = 0; i < steps; i++) ddp_one_step(m, s);
+    return (now_s() - t0) / steps;
+}
+
+/* ---- one model ------------------------------------------------------------------ */
+
+/* One context per model, created after the previous one was destroyed.
+   Every context of ddp.h's own store uses the same keys ("ddp/..."), and
+   rank 0's old store may still be up (it waits for its clients to hang
+   up) when rank 1 connects for the next context: rank 1 could read the
+   old context's shared-memory name. So context k rendezvouses on
+   MASTER_PORT + k. Under torchrun's agent store (keys already carry a
+   generation) the port is left alone. */
+static int master_port(int index) {
+    const char *agent = getenv("TORCHELASTIC_USE_AGENT_STORE"), *port = getenv("MASTER_PORT");
+    long p = port && *port ? strtol(port, NULL, 10) : 29500;
+    if (index == 0 || (agent && *agent && strcmp(agent, "0") && strcmp(agent, "False") && strcmp(agent, "false")))
+        return 0; /* the default: MASTER_PORT */
+    if (p <= 0 || p + index > 65535) die("MASTER_PORT is out of range", port);
+    return (int)p + index;
+}
+
+static int run_model(int index, const char *dims, int batch, double seconds, int reps) {
+    model_run m;
+    local_state ls;
+    ddp_state ds;
+    ddp_config c;
+    ddp_context *ctx;
+    ddp_result r;
+    double local[MAX_REPS], dist[MAX_REPS], t, lmed, dmed, sum, lo, hi;
+    int p, k, steps_local, steps_ddp, rank, world, np;
+    size_t total;
+
+    memset(&m, 0, sizeof m);
+    if (mlp_shape_parse(dims, &m.shape) || mlp_shape_check(&m.shape)) die("bad model dims", dims);
+    m.batch = batch;
+    np = mlp_num_params(&m.shape);
+    total = mlp_total_numel(&m.shape);
+
+    memset(&c, 0, sizeof c);
+    c.device = DDP_DEVICE_CPU;
+    c.backend = DDP_BACKEND_SHM;
+    c.optimizer.type = DDP_OPTIM_SGD;
+    c.optimizer.lr = LR;
+    c.optimizer.momentum = MOMENTUM;
+    c.master_port = master_port(index);
+    r = ddp_create(&c, &ctx);
+    if (r != DDP_SUCCESS) die(ddp_result_string(r), ddp_create_error());
+    rank = ddp_rank(ctx);
+    world = ddp_world_size(ctx);
+
+    if (mlp_workspace_init(&m.ws, &m.shape, batch)) die("out of memory for the workspace", NULL);
+    m.nbatches = 16 * world;
+    if (mlp_synthetic(&m.data, m.nbatches * batch, m.shape.dims[0], m.shape.dims[m.shape.num_layers], 1))
+        die("mlp_synthetic failed", NULL);
+    for (p = 0; p < np; p++) {
+        m.init[p] = (float *)malloc(mlp_param_numel(&m.shape, p) * sizeof(float));
+        if (!m.init[p]) die("out of memory", NULL);
+    }
+    mlp_init_params(&m.shape, 1, m.init);
+    for (p = 0; p < np; p++) {
+        char name[32];
+        int id;
+        mlp_param_name(p, name, sizeof name);
+        check(ctx, ddp_register_param(ctx, name, mlp_param_numel(&m.shape, p), DDP_F32, m.init[p], &id),
+              "ddp_register_param");
+    }
+    check(ctx, ddp_finalize(ctx), "ddp_finalize");
+
+    /* plain arrays for the local loop, from the same initial weights */
+    memset(&ls, 0, sizeof ls);
+    for (p = 0; p < np; p++) {
+        size_t n = mlp_param_numel(&m.shape, p);
+        ls.params[p] = (float *)malloc(n * sizeof(float));
+        ls.grads[p] = (float *)calloc(n, sizeof(float));
+        ls.mom[p] = (float *)calloc(n, sizeof(float));
+        if (!ls.params[p] || !ls.grads[p] || !ls.mom[p]) die("out of memory", NULL);
+        memcpy(ls.params[p], m.init[p], n * sizeof(float));
+    }
+
+    /* warm-up and step counts: local loop on every rank at once, then DDP */
+    memset(&ds, 0, sizeof ds);
+    ds.ctx = ctx;
+    check(ctx, ddp_barrier(ctx), "ddp_barrier");
+    t = local_loop(ctx, &m, &ls, WARMUP);
+    steps_local = agree_steps(ctx, t, seconds);
+    check(ctx, ddp_barrier(ctx), "ddp_barrier");
+    t = ddp_loop(&m, &ds, WARMUP);
+    steps_ddp = agree_steps(ctx, t, seconds);
+
+    /* measurements, interleaved so that both loops see the same drift in
+       machine load: every rank runs the local loop, then every rank the DDP loop */
+    for (k = 0; k < reps; k++) {
+        check(ctx, ddp_barrier(ctx), "ddp_barrier");
+        local[k] = local_loop(ctx, &m, &ls, steps_local);
+        check(ctx, ddp_barrier(ctx), "ddp_barrier");
+        dist[k] = ddp_loop(&m, &ds, steps_ddp);
+    }
+
+    /* every rank must hold the same weights */
+    sum = 0;
+    for (p = 0; p < np; p++) {
+        const float *w = (const float *)ddp_param_data(ctx, p);
+        size_t i, n = mlp_param_numel(&m.shape, p);
+        for (i = 0; i < n; i++) sum += (double)w[i] * (double)((i % 7) + 1);
+    }
+    lo = -sum;
+    hi = sum;
+    check(ctx, ddp_allreduce(ctx, &lo, 1, DDP_F64, DDP_OP_MAX), "ddp_allreduce");
+    check(ctx, ddp_allreduce(ctx, &hi, 1, DDP_F64, DDP_OP_MAX), "ddp_allreduce");
+
+    lmed = median(local, reps);
+    dmed = median(dist, reps);
+    if (rank == 0) {
+        printf("ranks=%d params=%zu batch=%d local_ms=%.3f ddp_ms=%.3f overhead=%.3f\n", world, total, batch,
+               lmed * 1e3, dmed * 1e3, dmed / lmed);
+        printf("#   model=%s buckets=%d steps/measurement local=%d ddp=%d; local_ms", dims,
+               ddp_bucket_count(ctx), steps_local, steps_ddp);
+        for (k = 0; k < reps; k++) printf(" %.3f", local[k] * 1e3);
+        printf("; ddp_ms");
+        for (k = 0; k < reps; k++) printf(" %.3f", dist[k] * 1e3);
+        printf("; weights identical on all ranks: %s\n", hi == -lo ? "yes" : "NO");
+        fflush(stdout);
+    }
+
+    for (p = 0; p < np; p++) { free(ls.params[p]); free(ls.grads[p]); free(ls.mom[p]); free(m.init[p]); }
+    mlp_dataset_free(&m.data);
+    mlp_workspace_free(&m.ws);
+    check(ctx, ddp_barrier(ctx), "ddp_barrier");
+    ddp_destroy(ctx);
+    return hi == -lo ? 0 : 1;
+}
+
+static long parse_long(const char *s, long lo, long hi) {
+    char *end;
+    long v;
+    errno = 0;
+    v = strtol(s, &end, 10);
+    if (end == s || *end || errno || v < lo || v > hi) die("bad number", s);
+    return v;
+}
+
+int main(int argc, char **argv) {
+    const char *model = NULL;
+    int batch = 0, reps = 3, i, bad = 0, index = 0;
+    double seconds = 2.0;
+    for (i = 1; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+            printf("usage: ddp_step [--model small|large|DIMS] [--batch B] [--seconds S] [--reps R]\n");
+            return 0;
+        }
+        if (!v) die("option needs a value", a);
+        i++;
+        if (!strcmp(a, "--model")) model = v;
+        else if (!strcmp(a, "--batch")) batch = (int)parse_long(v, 1, 1 << 20);
+        else if (!strcmp(a, "--reps")) reps = (int)parse_long(v, 1, MAX_REPS);
+        else if (!strcmp(a, "--seconds")) {
+            char *end;
+            seconds = strtod(v, &end);
+            if (end == v || *end || !(seconds > 0)) die("bad --seconds", v);
+        } else die("unknown option", a);
+    }
+    if (!model || !strcmp(model, "small")) bad |= run_model(index++, "784,256,256,10", batch ? batch : 32, seconds, reps);
+    if (!model || !strcmp(model, "large")) bad |= run_model(index++, "784,1024,1024,10", batch ? batch : 128, seconds, reps);
+    if (model && strcmp(model, "small") && strcmp(model, "large"))
+        bad |= run_model(index++, model, batch ? batch : 32, seconds, reps);
+    return bad;
+}
