@@ -751,7 +751,7 @@ struct ddp_context {
     int      q_busy;
     ddp_result q_err;
     int      *queue;             /* num_buckets entries */
-    float    q_scale;            /* 1 / (world * micro-steps) of the step in progress */
+    double   q_scale;            /* 1 / (world * micro-steps) of the step in progress */
     int      q_micro;            /* micro-steps reduced by the step in progress */
 
     /* optimizer */
@@ -2531,9 +2531,10 @@ typedef struct ddp__shm_slot {
 typedef struct ddp__shm_ctrl {
     uint64_t magic;
     int32_t  world;
-    int32_t  abort_rank;                 /* -1 until somebody aborts */
+    int32_t  abort_rank;                 /* -1 until somebody aborts; published after abort_msg */
     char     abort_msg[512];
-    char     pad[DDP__CACHELINE * 5 - 528];
+    int32_t  abort_claim;                /* 0 until one rank owns the abort message */
+    char     pad[DDP__CACHELINE * 5 - 532];
 } ddp__shm_ctrl;
 
 static ddp__shm_slot *ddp__slot(ddp_context *ctx, int q) {
@@ -2544,21 +2545,30 @@ static size_t ddp__ctrl_header_bytes(int world) {
     return ddp__align_up(sizeof(ddp__shm_ctrl) + (size_t)world * sizeof(ddp__shm_slot), 4096);
 }
 
-/* Tell every peer that this rank gave up (first message wins). */
+/* Tell every peer that this rank gave up (first message wins): claim,
+   write the message, then publish the rank, so a reader that sees the rank
+   sees the whole message. */
 static void ddp__shm_abort(ddp_context *ctx, const char *why) {
     ddp__shm_ctrl *c = ctx->shm.ctrl;
-    int32_t expect = -1;
+    int32_t expect = 0;
     if (!c) return;
-    if (__atomic_compare_exchange_n(&c->abort_rank, &expect, (int32_t)ctx->rank, 0,
-                                    __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+    if (__atomic_compare_exchange_n(&c->abort_claim, &expect, 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
         ddp__copy_str(c->abort_msg, sizeof c->abort_msg, why);
-        __atomic_thread_fence(__ATOMIC_RELEASE);
+        DDP__STORE_REL(&c->abort_rank, (int32_t)ctx->rank);
     }
+}
+
+/* The context is broken: only ddp_destroy() is allowed. The first code wins;
+   callers write their message first, so whoever sees the flag sees it. */
+static void ddp__set_broken(ddp_context *ctx, ddp_result code) {
+    int expect = 0;
+    __atomic_compare_exchange_n(&ctx->broken, &expect, (int)(code ? code : DDP_ERROR_INVALID_STATE), 0,
+                                __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
 }
 
 /* Mark the context broken after a failed collective and let the peers know. */
 static ddp_result ddp__break(ddp_context *ctx, ddp_result code) {
-    DDP__STORE_REL(&ctx->broken, 1);
+    ddp__set_broken(ctx, code);
     if (code != DDP_ERROR_PEER) ddp__shm_abort(ctx, ddp__errbuf(ctx));
     return code;
 }
@@ -2592,10 +2602,10 @@ static ddp_result ddp__shm_wait(ddp_context *ctx, int field, uint64_t target, in
             if (ddp__counter(ddp__slot(ctx, q), field) < target) { missing = q; break; }
         if (missing < 0) return DDP_SUCCESS;
         if (DDP__LOAD_ACQ(&c->abort_rank) >= 0) {
-            __atomic_thread_fence(__ATOMIC_ACQUIRE);
-            DDP__STORE_REL(&ctx->broken, 1);
-            return ddp__fail(ctx, DDP_ERROR_PEER, "rank %d gave up while rank %d waited for %s: %s",
-                             (int)DDP__LOAD_ACQ(&c->abort_rank), ctx->rank, what, c->abort_msg);
+            ddp__fail(ctx, DDP_ERROR_PEER, "rank %d gave up while rank %d waited for %s: %s",
+                      (int)DDP__LOAD_ACQ(&c->abort_rank), ctx->rank, what, c->abort_msg);
+            ddp__set_broken(ctx, DDP_ERROR_PEER);
+            return DDP_ERROR_PEER;
         }
         spins++;
         if (spins < 2000) { DDP__PAUSE(); continue; }
@@ -2603,19 +2613,19 @@ static ddp_result ddp__shm_wait(ddp_context *ctx, int field, uint64_t target, in
             double now = ddp__now();
             if (start == 0) { start = now; deadline = now + ctx->cfg.timeout_s; }
             if (now > deadline) {
-                DDP__STORE_REL(&ctx->broken, 1);
                 ddp__fail(ctx, DDP_ERROR_TIMEOUT, "timed out after %.1f s: rank %d waited for %s; rank %d has not arrived (%s counter %llu < %llu)",
                           ctx->cfg.timeout_s, ctx->rank, what, missing, ddp__counter_name(field),
                           (unsigned long long)ddp__counter(ddp__slot(ctx, missing), field), (unsigned long long)target);
+                ddp__set_broken(ctx, DDP_ERROR_TIMEOUT);
                 ddp__shm_abort(ctx, ddp__errbuf(ctx));
                 return DDP_ERROR_TIMEOUT;
             }
             if ((spins & 1023) == 0) {
                 int32_t pid = ddp__slot(ctx, missing)->pid;
                 if (pid > 0 && kill(pid, 0) != 0 && errno == ESRCH) {
-                    DDP__STORE_REL(&ctx->broken, 1);
                     ddp__fail(ctx, DDP_ERROR_PEER, "rank %d (pid %d) exited while rank %d waited for %s",
                               missing, (int)pid, ctx->rank, what);
+                    ddp__set_broken(ctx, DDP_ERROR_PEER);
                     ddp__shm_abort(ctx, ddp__errbuf(ctx));
                     return DDP_ERROR_PEER;
                 }
@@ -2987,12 +2997,16 @@ static const ddp__backend_ops ddp__shm_ops = {
     ddp__shm_bucket_reduce
 };
 
-static int ddp__is_broken(const ddp_context *ctx) { return __atomic_load_n(&ctx->broken, __ATOMIC_ACQUIRE); }
-
+/* A broken context answers every call with the error that broke it when a
+   peer or a timeout did (DDP_ERROR_PEER, DDP_ERROR_TIMEOUT), else
+   DDP_ERROR_INVALID_STATE. */
 static ddp_result ddp__check_usable(ddp_context *ctx, const char *fn) {
-    if (ddp__is_broken(ctx))
-        return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "%s: the context is broken by an earlier error (%s); only ddp_destroy() is allowed",
+    int b = __atomic_load_n(&ctx->broken, __ATOMIC_ACQUIRE);
+    if (b) {
+        ddp_result code = b == DDP_ERROR_PEER || b == DDP_ERROR_TIMEOUT ? (ddp_result)b : DDP_ERROR_INVALID_STATE;
+        return ddp__fail(ctx, code, "%s: the context is broken by an earlier error (%s); only ddp_destroy() is allowed",
                          fn, ctx->comm_err[0] ? ctx->comm_err : ctx->err);
+    }
     return DDP_SUCCESS;
 }
 
@@ -3092,6 +3106,7 @@ static ddp_result ddp__shm_setup(ddp_context *ctx) {
         ctx->shm.ctrl->magic = DDP__SHM_MAGIC;
         ctx->shm.ctrl->world = ctx->world;
         ctx->shm.ctrl->abort_rank = -1;
+        ctx->shm.ctrl->abort_claim = 0;
     }
     ddp__slot(ctx, ctx->rank)->pid = (int32_t)getpid();
     if (ctx->world > 1) {
@@ -3284,6 +3299,15 @@ DDP_API ddp_result ddp_reduce_scatter(ddp_context *ctx, const void *send, void *
 }
 
 /* ---- parameters ------------------------------------------------------------------ */
+
+#if defined(DDP_CUDA)
+static int ddp__cuda_comm_thread(ddp_context *ctx);
+static ddp_result ddp__cuda_bucket_events(ddp_context *ctx, int b, int wait_now);
+static int ddp__cuda_solo(const ddp_context *ctx);
+static int ddp__solo(const ddp_context *ctx) { return ddp__cuda_solo(ctx); }
+#else
+static int ddp__solo(const ddp_context *ctx) { (void)ctx; return 0; }
+#endif
 
 static int ddp__on_gpu(const ddp_context *ctx) { return ctx->cfg.device == DDP_DEVICE_CUDA; }
 
@@ -3530,27 +3554,18 @@ static ddp_result ddp__alloc_host_state(ddp_context *ctx) {
     return DDP_SUCCESS;
 }
 
-DDP_API ddp_result ddp_finalize(ddp_context *ctx) {
+static ddp_result ddp__finalize(ddp_context *ctx) {
     ddp_result r;
     int i;
-    if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
-    DDP__TRY(ddp__check_usable(ctx, "ddp_finalize"));
-    if (ctx->finalized) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_finalize: called twice");
-    if (ctx->num_params == 0) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_finalize: no parameters registered");
     DDP__TRY(ddp__assign_buckets(ctx));
     ctx->queue = (int *)ddp__calloc(ctx, (size_t)ctx->num_buckets * sizeof(int));
     if (!ctx->queue) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for the bucket queue");
-    if (ctx->world > 1) {
-        r = ddp__verify_params(ctx);
-        if (r != DDP_SUCCESS) return ddp__break(ctx, r);
-    }
+    if (ctx->world > 1) DDP__TRY(ddp__verify_params(ctx));
     DDP__TRY(ddp__alloc_host_state(ctx));
     if (ddp__on_gpu(ctx)) {
-        r = ddp__cuda_finalize(ctx);
-        if (r != DDP_SUCCESS) return ddp__break(ctx, r);
+        DDP__TRY(ddp__cuda_finalize(ctx));
     } else {
-        r = ddp__alloc_grad_segment(ctx);
-        if (r != DDP_SUCCESS) return ddp__break(ctx, r);
+        DDP__TRY(ddp__alloc_grad_segment(ctx));
         ctx->flat_grads = ctx->shm.grads + (size_t)ctx->rank * ctx->shm.grad_stride;
         ctx->flat_params = (unsigned char *)ddp__calloc(ctx, ctx->flat_bytes);
         if (!ctx->flat_params) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for %zu bytes of parameters", ctx->flat_bytes);
@@ -3569,8 +3584,9 @@ DDP_API ddp_result ddp_finalize(ddp_context *ctx) {
         ctx->store = NULL;
     }
     /* the communication thread: reduces buckets (shm, staged), or watches
-       NCCL's collectives in flight (nccl, even for a world of one) */
-    if (ctx->cfg.backend == DDP_BACKEND_NCCL || (ctx->world > 1 && !ctx->cfg.no_comm_thread && ctx->ops->bucket_reduce)) {
+       NCCL's collectives in flight (nccl) */
+    if ((ctx->cfg.backend == DDP_BACKEND_NCCL && !ddp__solo(ctx)) ||
+        (ctx->world > 1 && !ctx->cfg.no_comm_thread && ctx->ops->bucket_reduce)) {
         if (pthread_create(&ctx->comm_thread, NULL, ddp__comm_main, ctx) != 0)
             return ddp__fail(ctx, DDP_ERROR_SYSTEM, "cannot start the communication thread: %s", strerror(errno));
         ctx->comm_started = 1;
@@ -3579,6 +3595,21 @@ DDP_API ddp_result ddp_finalize(ddp_context *ctx) {
         char msg[160];
         snprintf(msg, sizeof msg, "%d parameters, %zu bytes, %d buckets", ctx->num_params, ctx->flat_bytes, ctx->num_buckets);
         ddp__log(ctx, DDP_LOG_INFO, msg);
+    }
+    return DDP_SUCCESS;
+}
+
+DDP_API ddp_result ddp_finalize(ddp_context *ctx) {
+    ddp_result r;
+    if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
+    DDP__TRY(ddp__check_usable(ctx, "ddp_finalize"));
+    if (ctx->finalized) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_finalize: called twice");
+    if (ctx->num_params == 0) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_finalize: no parameters registered");
+    /* a failure half-way leaves peers waiting in collectives: break and tell them */
+    r = ddp__finalize(ctx);
+    if (r != DDP_SUCCESS) {
+        ctx->finalized = 0;
+        return ddp__break(ctx, r);
     }
     return DDP_SUCCESS;
 }
@@ -3631,11 +3662,6 @@ DDP_API size_t ddp_flat_bytes(const ddp_context *ctx) { return ctx && ctx->final
 
 /* ---- communication thread ---------------------------------------------------------- */
 
-#if defined(DDP_CUDA)
-static int ddp__cuda_comm_thread(ddp_context *ctx);
-static ddp_result ddp__cuda_bucket_events(ddp_context *ctx, int b, int wait_now);
-static int ddp__cuda_solo(const ddp_context *ctx);
-#endif
 
 static void *ddp__comm_main(void *arg) {
     ddp_context *ctx = (ddp_context *)arg;
@@ -3670,9 +3696,7 @@ static ddp_result ddp__cuda_launch_bucket(ddp_context *ctx, int b);
 static ddp_result ddp__launch_bucket(ddp_context *ctx, int b) {
     ddp_result r;
     ctx->buckets[b].launched = 1;
-#if defined(DDP_CUDA)
-    if (ddp__cuda_solo(ctx)) return DDP_SUCCESS; /* see ddp__cuda_solo_end */
-#endif
+    if (ddp__solo(ctx)) return DDP_SUCCESS; /* see ddp__cuda_solo_end */
     if (ctx->cfg.logger.func && ctx->cfg.logger.level >= DDP_LOG_DEBUG) {
         char msg[64];
         snprintf(msg, sizeof msg, "launch bucket %d", b);
@@ -3691,34 +3715,39 @@ static ddp_result ddp__launch_bucket(ddp_context *ctx, int b) {
         return DDP_SUCCESS;
     }
     r = ctx->ops->bucket_reduce(ctx, b, ctx->q_scale);
-    if (r != DDP_SUCCESS) {
-        DDP__STORE_REL(&ctx->broken, 1);
-        ddp__shm_abort(ctx, ddp__errbuf(ctx));
-    }
+    if (r != DDP_SUCCESS) ddp__break(ctx, r);
     return r;
 }
 
-/* Wait for the communication thread to drain the queue. */
+/* Wait for the communication thread to drain the queue. The thread's own
+   waits have the timeout; this one only guards against the thread itself
+   getting stuck, so its deadline restarts whenever a bucket completes. */
 static ddp_result ddp__drain(ddp_context *ctx) {
     ddp_result r;
     struct timespec ts;
-    int timed_out = 0;
+    int timed_out = 0, seen;
     if (!ctx->comm_started) return DDP_SUCCESS;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    ts.tv_sec += (time_t)(ctx->cfg.timeout_s + 10.0);
     pthread_mutex_lock(&ctx->mu);
-    while (ctx->q_head < ctx->q_tail && !timed_out)
-        if (pthread_cond_timedwait(&ctx->cv_done, &ctx->mu, &ts) == ETIMEDOUT) timed_out = 1;
+    seen = -1;
+    while (ctx->q_head < ctx->q_tail && !timed_out) {
+        if (ctx->q_head != seen) {
+            seen = ctx->q_head;
+            clock_gettime(CLOCK_REALTIME, &ts);
+            ts.tv_sec += (time_t)(ctx->cfg.timeout_s + 10.0);
+        }
+        if (pthread_cond_timedwait(&ctx->cv_done, &ctx->mu, &ts) == ETIMEDOUT && ctx->q_head == seen) timed_out = 1;
+    }
     r = ctx->q_err;
     if (!timed_out) { ctx->q_head = ctx->q_tail = 0; ctx->q_err = DDP_SUCCESS; }
     pthread_mutex_unlock(&ctx->mu);
     if (timed_out) {
-        DDP__STORE_REL(&ctx->broken, 1);
-        return ddp__fail(ctx, DDP_ERROR_TIMEOUT, "the communication thread did not finish within %.1f s", ctx->cfg.timeout_s + 10.0);
+        ddp__fail(ctx, DDP_ERROR_TIMEOUT, "the communication thread made no progress for %.1f s", ctx->cfg.timeout_s + 10.0);
+        ddp__set_broken(ctx, DDP_ERROR_TIMEOUT);
+        return DDP_ERROR_TIMEOUT;
     }
     if (r != DDP_SUCCESS) {
         memcpy(ctx->err, ctx->comm_err, sizeof ctx->err);
-        DDP__STORE_REL(&ctx->broken, 1);
+        ddp__set_broken(ctx, r);
     }
     return r;
 }
@@ -3744,7 +3773,7 @@ DDP_API ddp_result ddp_step_begin(ddp_context *ctx) {
     }
     ctx->next_bucket = 0;
     ctx->q_micro = ctx->accum_steps + 1;
-    ctx->q_scale = (float)(ctx->cfg.gradient_sum ? 1.0 : 1.0 / ((double)ctx->world * ctx->q_micro));
+    ctx->q_scale = ctx->cfg.gradient_sum ? 1.0 : 1.0 / ((double)ctx->world * ctx->q_micro);
     ctx->in_step = 1;
     return DDP_SUCCESS;
 }
@@ -3792,9 +3821,11 @@ static ddp_result ddp__step_end(ddp_context *ctx, void *stream) {
         char names[600];
         size_t n = 0;
         names[0] = 0;
-        for (i = 0; i < ctx->num_params && n < sizeof names - 80; i++)
-            if (!ctx->params[i].marked)
+        for (i = 0; i < ctx->num_params && n < sizeof names - 8; i++)
+            if (!ctx->params[i].marked) {
                 n += (size_t)snprintf(names + n, sizeof names - n, "%s'%s'", n ? ", " : "", ctx->params[i].name);
+                if (n >= sizeof names - 8) n = sizeof names - 8; /* truncated */
+            }
         if (i < ctx->num_params) snprintf(names + n, sizeof names - n, ", ...");
         char keep[DDP__ERRLEN];
         ctx->in_step = 0;
@@ -3848,29 +3879,61 @@ static void ddp__sstore(void *s, size_t i, int wide, double v) {
     if (wide) ((double *)s)[i] = v; else ((float *)s)[i] = (float)v;
 }
 
-static ddp_result ddp__opt_alloc(ddp_context *ctx) {
+static ddp_result ddp__cuda_state_alloc(ddp_context *ctx, void **slot);
+static ddp_result ddp__cuda_init_master(ddp_context *ctx);
+static ddp_result ddp__cuda_zero(ddp_context *ctx, void *p, size_t bytes);
+
+/* The state arrays the optimizer needs: m (SGD momentum, AdamW first
+   moment), v (AdamW), master (f32 copies of 16-bit parameters). */
+static void ddp__state_needed(const ddp_context *ctx, int need[3]) {
     const ddp_optimizer_desc *o = &ctx->cfg.optimizer;
-    int need_m = o->type == DDP_OPTIM_ADAMW || (o->type == DDP_OPTIM_SGD && o->momentum > 0);
-    int need_v = o->type == DDP_OPTIM_ADAMW, need_master = 0, b;
+    int b;
+    need[0] = o->type == DDP_OPTIM_ADAMW || (o->type == DDP_OPTIM_SGD && o->momentum > 0);
+    need[1] = o->type == DDP_OPTIM_ADAMW;
+    need[2] = 0;
     for (b = 0; b < ctx->num_buckets; b++)
-        if (ctx->buckets[b].dtype == DDP_F16 || ctx->buckets[b].dtype == DDP_BF16) need_master = 1;
-    if (ddp__on_gpu(ctx)) return DDP_SUCCESS; /* the CUDA part allocates its own */
-    if (need_m && !ctx->opt_m && !(ctx->opt_m = ddp__calloc(ctx, ctx->opt_state_bytes))) goto oom;
-    if (need_v && !ctx->opt_v && !(ctx->opt_v = ddp__calloc(ctx, ctx->opt_state_bytes))) goto oom;
-    if (need_master && !ctx->opt_master) {
-        if (!(ctx->opt_master = ddp__calloc(ctx, ctx->opt_state_bytes))) goto oom;
-        for (b = 0; b < ctx->num_buckets; b++) {
-            const ddp__bucket *bk = &ctx->buckets[b];
-            size_t i;
-            if (bk->dtype != DDP_F16 && bk->dtype != DDP_BF16) continue;
-            for (i = 0; i < bk->numel; i++)
-                ((float *)((unsigned char *)ctx->opt_master + ctx->opt_state_off[b]))[i] =
-                    (float)ddp__load_elem(ctx->flat_params + bk->offset, i, bk->dtype);
-        }
+        if (o->type != DDP_OPTIM_NONE && (ctx->buckets[b].dtype == DDP_F16 || ctx->buckets[b].dtype == DDP_BF16)) need[2] = 1;
+}
+
+static void **ddp__state_slot(ddp_context *ctx, int k) {
+    return k == 0 ? &ctx->opt_m : k == 1 ? &ctx->opt_v : &ctx->opt_master;
+}
+
+/* master = the 16-bit parameters, widened */
+static ddp_result ddp__init_master(ddp_context *ctx) {
+    int b;
+    if (!ctx->opt_master) return DDP_SUCCESS;
+    if (ddp__on_gpu(ctx)) return ddp__cuda_init_master(ctx);
+    for (b = 0; b < ctx->num_buckets; b++) {
+        const ddp__bucket *bk = &ctx->buckets[b];
+        size_t i;
+        if (bk->dtype != DDP_F16 && bk->dtype != DDP_BF16) continue;
+        for (i = 0; i < bk->numel; i++)
+            ((float *)((unsigned char *)ctx->opt_master + ctx->opt_state_off[b]))[i] =
+                (float)ddp__load_elem(ctx->flat_params + bk->offset, i, bk->dtype);
     }
     return DDP_SUCCESS;
-oom:
-    return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for %zu bytes of optimizer state", ctx->opt_state_bytes);
+}
+
+/* Allocate (zeroed) whatever state the optimizer needs and lacks. */
+static ddp_result ddp__opt_alloc(ddp_context *ctx) {
+    int need[3], k;
+    ddp__state_needed(ctx, need);
+    for (k = 0; k < 3; k++) {
+        void **slot = ddp__state_slot(ctx, k);
+        if (!need[k] || *slot) continue;
+        if (ddp__on_gpu(ctx)) DDP__TRY(ddp__cuda_state_alloc(ctx, slot));
+        else if (!(*slot = ddp__calloc(ctx, ctx->opt_state_bytes)))
+            return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for %zu bytes of optimizer state", ctx->opt_state_bytes);
+        if (k == 2) DDP__TRY(ddp__init_master(ctx));
+    }
+    return DDP_SUCCESS;
+}
+
+static ddp_result ddp__state_zero(ddp_context *ctx, void *p) {
+    if (ddp__on_gpu(ctx)) return ddp__cuda_zero(ctx, p, ctx->opt_state_bytes);
+    memset(p, 0, ctx->opt_state_bytes);
+    return DDP_SUCCESS;
 }
 
 static void ddp__sgd_f32(float *p, const float *g, float *buf, size_t n, const ddp_optimizer_desc *o,
@@ -4336,15 +4399,23 @@ static ddp_result ddp__load_file(ddp_context *ctx, const char *path) {
     if (r == DDP_SUCCESS) { /* commit */
         if (ddp__on_gpu(ctx)) r = ddp__cuda_memcpy(ctx, ctx->flat_params, pbuf, ctx->flat_bytes, 1);
         else memcpy(ctx->flat_params, pbuf, ctx->flat_bytes);
-        if (r == DDP_SUCCESS && opt == (uint32_t)ctx->cfg.optimizer.type && opt != DDP_OPTIM_NONE) {
-            void **dst[3];
-            ctx->opt_steps = steps;
-            if (r == DDP_SUCCESS) r = ddp__opt_alloc(ctx);
-            dst[0] = &ctx->opt_m; dst[1] = &ctx->opt_v; dst[2] = &ctx->opt_master;
+        /* the optimizer state: the file's when it is of this optimizer,
+           else fresh (zero moments, master weights from the loaded values) */
+        if (r == DDP_SUCCESS) {
+            int take = opt == (uint32_t)ctx->cfg.optimizer.type && opt != DDP_OPTIM_NONE;
+            ctx->opt_steps = take ? steps : 0;
+            r = ddp__opt_alloc(ctx);
             for (k = 0; k < 3 && r == DDP_SUCCESS; k++) {
-                if (!sbuf[k] || !*dst[k]) continue;
-                if (ddp__on_gpu(ctx)) r = ddp__cuda_memcpy(ctx, *dst[k], sbuf[k], ctx->opt_state_bytes, 1);
-                else memcpy(*dst[k], sbuf[k], ctx->opt_state_bytes);
+                void *dst = *ddp__state_slot(ctx, k);
+                if (!dst) continue;
+                if (take && sbuf[k]) {
+                    if (ddp__on_gpu(ctx)) r = ddp__cuda_memcpy(ctx, dst, sbuf[k], ctx->opt_state_bytes, 1);
+                    else memcpy(dst, sbuf[k], ctx->opt_state_bytes);
+                } else if (k == 2) {
+                    r = ddp__init_master(ctx);
+                } else {
+                    r = ddp__state_zero(ctx, dst);
+                }
             }
         }
     }
@@ -4380,6 +4451,8 @@ DDP_API ddp_result ddp_load_checkpoint(ddp_context *ctx, const char *path) {
              slice of the shared gradient segment), the shm all-reduce, host
              to device; the user's stream waits for the last copy. */
 #if defined(DDP_CUDA)
+
+static int ddp__is_broken(const ddp_context *ctx) { return __atomic_load_n(&ctx->broken, __ATOMIC_ACQUIRE) != 0; }
 
 struct ddp__cuda_state {
     int device;
@@ -4451,6 +4524,21 @@ static ddp_result ddp__nccl_fail(ddp_context *ctx, ncclResult_t r, const char *w
     return ddp__fail(ctx, DDP_ERROR_NCCL, "%s: %s%s%s", what, ncclGetErrorString(r), last && *last ? ": " : "", last ? last : "");
 }
 
+/* Abort the communicator once (the watchdog may race the owner thread):
+   afterwards every NCCL call site sees nccl_ready 0. */
+static void ddp__nccl_abort(ddp_context *ctx, int locked) {
+    struct ddp__cuda_state *cu = ctx->cuda;
+    if (!locked) pthread_mutex_lock(&ctx->mu);
+    if (cu->nccl) {
+        __atomic_store_n(&cu->nccl_ready, 0, __ATOMIC_RELEASE);
+        ncclCommAbort(cu->nccl);
+        cu->nccl = NULL;
+    }
+    if (!locked) pthread_mutex_unlock(&ctx->mu);
+}
+
+static int ddp__nccl_ok(const ddp_context *ctx) { return __atomic_load_n(&ctx->cuda->nccl_ready, __ATOMIC_ACQUIRE); }
+
 /* Non-blocking communicators answer ncclInProgress; poll until the call
    settled, with the timeout; on timeout abort the communicator. */
 static ddp_result ddp__nccl_settle(ddp_context *ctx, ncclResult_t r, double timeout, const char *what) {
@@ -4458,21 +4546,21 @@ static ddp_result ddp__nccl_settle(ddp_context *ctx, ncclResult_t r, double time
     while (r == ncclInProgress) {
         double now = ddp__now();
         if (now > deadline) {
-            ncclCommAbort(ctx->cuda->nccl);
-            ctx->cuda->nccl_ready = 0;
-            DDP__STORE_REL(&ctx->broken, 1);
-            return ddp__fail(ctx, DDP_ERROR_TIMEOUT, "%s: NCCL did not finish within %.1f s; communicator aborted", what, timeout);
+            ddp__fail(ctx, DDP_ERROR_TIMEOUT, "%s: NCCL did not finish within %.1f s; communicator aborted", what, timeout);
+            ddp__nccl_abort(ctx, 0);
+            ddp__set_broken(ctx, DDP_ERROR_TIMEOUT);
+            return DDP_ERROR_TIMEOUT;
         }
         /* an enqueue settles within microseconds: spin first, sleep only when it takes long */
         if (now - start < 2e-3) sched_yield();
         else ddp__sleep_us(100);
+        if (!ddp__nccl_ok(ctx)) break;
         ncclCommGetAsyncError(ctx->cuda->nccl, &r);
     }
     if (r != ncclSuccess) {
-        ddp_result e = ddp__nccl_fail(ctx, r, what);
-        ncclCommAbort(ctx->cuda->nccl);
-        ctx->cuda->nccl_ready = 0;
-        DDP__STORE_REL(&ctx->broken, 1);
+        ddp_result e = r == ncclInProgress ? ddp__fail(ctx, DDP_ERROR_PEER, "%s: the communicator was aborted", what) : ddp__nccl_fail(ctx, r, what);
+        ddp__nccl_abort(ctx, 0);
+        ddp__set_broken(ctx, e);
         return e;
     }
     return DDP_SUCCESS;
@@ -4520,7 +4608,7 @@ static ddp_result ddp__nccl_init(ddp_context *ctx) {
     if (r != ncclSuccess && r != ncclInProgress) return ddp__nccl_fail(ctx, r, what);
     if (r == ncclInProgress) ncclCommGetAsyncError(ctx->cuda->nccl, &r);
     DDP__TRY(ddp__nccl_settle(ctx, r, ctx->cfg.connect_timeout_s, what));
-    ctx->cuda->nccl_ready = 1;
+    __atomic_store_n(&ctx->cuda->nccl_ready, 1, __ATOMIC_RELEASE);
     return DDP_SUCCESS;
 }
 #endif
@@ -4534,26 +4622,29 @@ static ddp_result ddp__cuda_wait(ddp_context *ctx, cudaEvent_t ev, cudaStream_t 
         cudaError_t e = ev ? cudaEventQuery(ev) : cudaStreamQuery(s);
         if (e == cudaSuccess) return DDP_SUCCESS;
         if (e != cudaErrorNotReady) {
-            DDP__STORE_REL(&ctx->broken, 1);
-            return ddp__fail(ctx, DDP_ERROR_CUDA, "%s: %s", what, cudaGetErrorString(e));
+            ddp__fail(ctx, DDP_ERROR_CUDA, "%s: %s", what, cudaGetErrorString(e));
+            ddp__set_broken(ctx, DDP_ERROR_CUDA);
+            return DDP_ERROR_CUDA;
         }
         if (ddp__is_broken(ctx))
-            return ddp__fail(ctx, DDP_ERROR_PEER, "%s: the context broke while waiting", what);
+            return ddp__fail(ctx, DDP_ERROR_PEER, "%s: the context broke while waiting (%s)", what,
+                             ctx->comm_err[0] ? ctx->comm_err : "another replica or the watchdog stopped it");
 #if defined(DDP_NCCL)
-        if (ctx->cuda->nccl_ready) {
+        if (ddp__nccl_ok(ctx)) {
             ncclResult_t nr = ncclSuccess;
             ncclCommGetAsyncError(ctx->cuda->nccl, &nr);
             if (nr != ncclSuccess && nr != ncclInProgress) return ddp__nccl_settle(ctx, nr, 0, what);
         }
 #endif
         if (ddp__now() - start > ctx->cfg.timeout_s) {
+            ddp__fail(ctx, DDP_ERROR_TIMEOUT, "%s did not finish within %.1f s%s", what, ctx->cfg.timeout_s,
+                      ctx->cfg.backend == DDP_BACKEND_NCCL ? "; NCCL communicator aborted" : "");
 #if defined(DDP_NCCL)
-            if (ctx->cuda->nccl_ready) { ncclCommAbort(ctx->cuda->nccl); ctx->cuda->nccl_ready = 0; }
+            ddp__nccl_abort(ctx, 0);
 #endif
-            DDP__STORE_REL(&ctx->broken, 1);
-            if (ctx->shm.ctrl) ddp__shm_abort(ctx, "a GPU collective timed out");
-            return ddp__fail(ctx, DDP_ERROR_TIMEOUT, "%s did not finish within %.1f s%s", what, ctx->cfg.timeout_s,
-                             ctx->cfg.backend == DDP_BACKEND_NCCL ? "; NCCL communicator aborted" : "");
+            ddp__set_broken(ctx, DDP_ERROR_TIMEOUT);
+            if (ctx->shm.ctrl) ddp__shm_abort(ctx, ctx->err);
+            return DDP_ERROR_TIMEOUT;
         }
         ddp__sleep_us(us);
         if (us < 1000) us *= 2;
@@ -4581,11 +4672,15 @@ static ddp_result ddp__nccl_run(ddp_context *ctx, ddp__nccl_args *a, const char 
     void *ds = (void *)a->send, *dr = a->recv;
     ncclResult_t r;
     ddp_result res;
-    if (!cu->nccl_ready) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "%s: the NCCL communicator was aborted", what);
+    if (!ddp__nccl_ok(ctx)) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "%s: the NCCL communicator was aborted", what);
+    /* device buffers may still be written by work on the user's stream */
+    DDP__CU(ctx, cudaEventRecord(cu->last, ddp__ustream(ctx)), what);
+    DDP__CU(ctx, cudaStreamWaitEvent(cu->comm, cu->last, 0), what);
     if (!dev_send) {
         ds = ddp__dev_alloc(ctx, a->send_bytes ? a->send_bytes : 1);
         if (!ds) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "%s: no device memory for %zu bytes of staging", what, a->send_bytes);
-        if (cudaMemcpy(ds, a->send, a->send_bytes, cudaMemcpyHostToDevice) != cudaSuccess) {
+        /* synchronous, so the host buffer may be pageable; then ordered for comm */
+        if (cudaMemcpy(ds, a->send, a->send_bytes, cudaMemcpyHostToDevice) != cudaSuccess || cudaDeviceSynchronize() != cudaSuccess) {
             ddp__free_device(ctx, ds);
             return ddp__fail(ctx, DDP_ERROR_CUDA, "%s: copying the host buffer to the GPU failed", what);
         }
@@ -4753,6 +4848,42 @@ static const ddp__backend_ops ddp__staged_ops = {
     ddp__staged_bucket_reduce
 };
 
+/* ---- a world of one on the GPU: every collective is the identity ---- */
+
+static ddp_result ddp__solo_allreduce(ddp_context *ctx, void *buf, size_t n, ddp_dtype t, ddp_op op) {
+    (void)ctx; (void)buf; (void)n; (void)t; (void)op; /* sum, average, max, min of one value: itself */
+    return DDP_SUCCESS;
+}
+static ddp_result ddp__solo_broadcast(ddp_context *ctx, void *buf, size_t bytes, int root) {
+    (void)ctx; (void)buf; (void)bytes; (void)root;
+    return DDP_SUCCESS;
+}
+static ddp_result ddp__solo_copy(ddp_context *ctx, void *dst, const void *src, size_t bytes) {
+    if (dst != src) DDP__CU(ctx, cudaMemcpy(dst, src, bytes, cudaMemcpyDefault), "copying the only rank's block");
+    return DDP_SUCCESS;
+}
+static ddp_result ddp__solo_allgather(ddp_context *ctx, const void *send, void *recv, size_t bytes) {
+    return ddp__solo_copy(ctx, recv, send, bytes);
+}
+static ddp_result ddp__solo_reduce_scatter(ddp_context *ctx, const void *send, void *recv, size_t n, ddp_dtype t, ddp_op op) {
+    (void)op;
+    return ddp__solo_copy(ctx, recv, send, n * ddp_dtype_size(t));
+}
+static ddp_result ddp__solo_barrier(ddp_context *ctx, const char *what) {
+    (void)ctx; (void)what;
+    return DDP_SUCCESS;
+}
+
+static const ddp__backend_ops ddp__solo_ops = {
+    "solo",
+    ddp__solo_allreduce,
+    ddp__solo_broadcast,
+    ddp__solo_allgather,
+    ddp__solo_reduce_scatter,
+    ddp__solo_barrier,
+    NULL
+};
+
 /* ---- set-up -------------------------------------------------------------------- */
 
 static ddp_result ddp__cuda_setup(ddp_context *ctx) {
@@ -4804,6 +4935,9 @@ static ddp_result ddp__cuda_setup(ddp_context *ctx) {
     cu->d_norm = (float *)ddp__dev_alloc(ctx, sizeof(float) * (cu->scratch_elems + 1));
     if (!cu->d_norm) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "no device memory for the norm scratch");
     cu->d_scratch = cu->d_norm + 1;
+    /* a world of one exchanges nothing: no communicator (NCCL's threads cost
+       time even when idle), unless DDP_FORCE_COMM asks for the real path */
+    if (cu->solo) { ctx->ops = &ddp__solo_ops; return DDP_SUCCESS; }
     if (ctx->cfg.backend == DDP_BACKEND_STAGED) { ctx->ops = &ddp__staged_ops; return DDP_SUCCESS; }
 #if defined(DDP_NCCL)
     ctx->ops = &ddp__nccl_ops;
@@ -4813,24 +4947,37 @@ static ddp_result ddp__cuda_setup(ddp_context *ctx) {
 #endif
 }
 
+/* Wait (bounded) until the stream is idle; 0 if it is not. */
+static int ddp__stream_idle(cudaStream_t s, double limit_s) {
+    double end = ddp__now() + limit_s;
+    cudaError_t e;
+    while ((e = cudaStreamQuery(s)) == cudaErrorNotReady && ddp__now() < end) ddp__sleep_us(200);
+    return e != cudaErrorNotReady;
+}
+
 static void ddp__cuda_teardown(ddp_context *ctx) {
     struct ddp__cuda_state *cu = ctx->cuda;
-    int i;
+    double limit = ctx->cfg.timeout_s < 10 ? ctx->cfg.timeout_s : 10;
+    int i, idle = 1;
+#if defined(DDP_NCCL)
+    /* a broken context may have a collective stuck on a dead peer: abort first */
+    if (cu && ddp__is_broken(ctx)) ddp__nccl_abort(ctx, 0);
+#endif
     if (!cu) return;
-    if (cu->comm) cudaStreamSynchronize(cu->comm);
+    if (cu->comm) idle = ddp__stream_idle(cu->comm, limit);
 #if defined(DDP_NCCL)
     if (cu->nccl) {
-        if (cu->nccl_ready && !ddp__is_broken(ctx)) {
+        if (idle && ddp__nccl_ok(ctx)) {
             ncclResult_t r = ncclCommFinalize(cu->nccl);
-            double deadline = ddp__now() + 10.0;
+            double deadline = ddp__now() + limit;
             while (r == ncclInProgress && ddp__now() < deadline) { ddp__sleep_us(100); ncclCommGetAsyncError(cu->nccl, &r); }
-            if (r == ncclSuccess) ncclCommDestroy(cu->nccl);
-            else ncclCommAbort(cu->nccl);
-        } else {
-            ncclCommAbort(cu->nccl);
+            if (r == ncclSuccess) { ncclCommDestroy(cu->nccl); cu->nccl = NULL; }
         }
+        ddp__nccl_abort(ctx, 0);
+        if (cu->comm) idle = ddp__stream_idle(cu->comm, limit);
     }
 #endif
+    (void)idle;
     if (cu->ready) { for (i = 0; i < ctx->num_params; i++) if (cu->ready[i]) cudaEventDestroy(cu->ready[i]); ddp__free(ctx, cu->ready); }
     if (cu->done) { for (i = 0; i < ctx->num_buckets; i++) if (cu->done[i]) cudaEventDestroy(cu->done[i]); ddp__free(ctx, cu->done); }
     if (cu->last) cudaEventDestroy(cu->last);
@@ -4856,6 +5003,7 @@ static ddp_result ddp__cuda_finalize(ddp_context *ctx) {
             DDP__CU(ctx, cudaMemcpy(ctx->flat_params + ctx->params[i].offset, ctx->params[i].init,
                                     ctx->params[i].numel * ddp_dtype_size(ctx->params[i].dtype), cudaMemcpyHostToDevice),
                     "copying initial weights to the GPU");
+    DDP__CU(ctx, cudaDeviceSynchronize(), "copying initial weights to the GPU");
     cu->ready = (cudaEvent_t *)ddp__calloc(ctx, (size_t)ctx->num_params * sizeof(cudaEvent_t));
     cu->done = (cudaEvent_t *)ddp__calloc(ctx, (size_t)ctx->num_buckets * sizeof(cudaEvent_t));
     if (!cu->ready || !cu->done) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for events");
@@ -4896,8 +5044,9 @@ static ddp_result ddp__cuda_bucket_events(ddp_context *ctx, int b, int wait_now)
     for (i = 0; i < ctx->num_params; i++) {
         ddp__param *p = &ctx->params[i];
         int seen = 0;
+        if (p->bucket != b) continue; /* other buckets' flags may still be read by the comm thread */
         p->evrec = 0;
-        if (p->bucket != b) continue;
+        if (!p->marked) p->stream = (void *)ddp__ustream(ctx); /* unused parameter: nothing of it is pending */
         for (j = 0; j < i && !seen; j++)
             seen = ctx->params[j].bucket == b && ctx->params[j].evrec && ctx->params[j].stream == p->stream;
         if (seen) continue;
@@ -4918,11 +5067,11 @@ static ddp_result ddp__cuda_launch_bucket(ddp_context *ctx, int b) {
     /* ncclAvg divides by the world; what remains is 1 / micro-steps, fixed at ddp_step_begin() */
     float post = ctx->cfg.gradient_sum ? 1.0f : 1.0f / (float)ctx->q_micro;
     snprintf(what, sizeof what, "NCCL all-reduce of gradient bucket %d (%zu bytes)", b, bk->bytes);
-    if (!cu->nccl_ready) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "%s: the communicator was aborted", what);
+    if (!ddp__nccl_ok(ctx)) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "%s: the communicator was aborted", what);
     DDP__TRY(ddp__cuda_bucket_events(ctx, b, 1));
     if (cu->compress_buf && bk->dtype == DDP_F32) {
         /* scale before the reduce so the 16-bit sum cannot overflow */
-        float pre = ctx->q_scale;
+        float pre = (float)ctx->q_scale;
         DDP__KL(ctx, ddp_k_cast(cu->compress_buf, (int)ctx->cfg.compress, g, (int)DDP_F32, bk->numel, pre, cu->comm), what);
         r = ncclAllReduce(cu->compress_buf, cu->compress_buf, bk->numel, ddp__nccl_type(ctx->cfg.compress), ncclSum, cu->nccl, cu->comm);
         if (r == ncclInProgress) ncclCommGetAsyncError(cu->nccl, &r);
@@ -4959,7 +5108,9 @@ static ddp_result ddp__cuda_solo_end(ddp_context *ctx, cudaStream_t s) {
     struct ddp__cuda_state *cu = ctx->cuda;
     int i, j, b;
     for (i = 0; i < ctx->num_params; i++) {
-        int seen = (cudaStream_t)ctx->params[i].stream == s;
+        int seen;
+        if (!ctx->params[i].marked) ctx->params[i].stream = (void *)s;
+        seen = (cudaStream_t)ctx->params[i].stream == s;
         for (j = 0; j < i && !seen; j++) seen = ctx->params[j].stream == ctx->params[i].stream;
         if (seen) continue;
         DDP__CU(ctx, cudaEventRecord(cu->ready[i], (cudaStream_t)ctx->params[i].stream), "joining streams");
@@ -4978,8 +5129,16 @@ static ddp_result ddp__cuda_solo_end(ddp_context *ctx, cudaStream_t s) {
 
 static ddp_result ddp__cuda_step_end(ddp_context *ctx, void *stream) {
     cudaStream_t s = stream ? (cudaStream_t)stream : ddp__ustream(ctx);
-    if (ctx->cuda->solo) return ddp__cuda_solo_end(ctx, s);
+    if (ctx->cuda->solo) {
+        DDP__TRY(ddp__cuda_solo_end(ctx, s));
+        if (s != ddp__ustream(ctx)) { /* the optimizer runs on the user's stream */
+            DDP__CU(ctx, cudaEventRecord(ctx->cuda->last, s), "joining streams");
+            DDP__CU(ctx, cudaStreamWaitEvent(ddp__ustream(ctx), ctx->cuda->last, 0), "joining streams");
+        }
+        return DDP_SUCCESS;
+    }
     DDP__CU(ctx, cudaStreamWaitEvent(s, ctx->cuda->last, 0), "making the stream wait for the all-reduce");
+    if (s != ddp__ustream(ctx)) DDP__CU(ctx, cudaStreamWaitEvent(ddp__ustream(ctx), ctx->cuda->last, 0), "making the stream wait for the all-reduce");
     return DDP_SUCCESS;
 }
 
@@ -5009,28 +5168,33 @@ static void ddp__nccl_watchdog(ddp_context *ctx) {
         e = cudaEventQuery(cu->last);
         pthread_mutex_lock(&ctx->mu);
         if (e == cudaSuccess) { if (cu->inflight_since == since) cu->inflight = 0; continue; }
-        if (e == cudaErrorNotReady && ddp__now() - since <= ctx->cfg.timeout_s) {
+        {
+            int late = ddp__now() - since > ctx->cfg.timeout_s;
+            ddp_result code;
 #if defined(DDP_NCCL)
             ncclResult_t nr = ncclSuccess;
-            if (cu->nccl_ready) ncclCommGetAsyncError(cu->nccl, &nr);
-            if (nr == ncclSuccess || nr == ncclInProgress) {
+            if (ddp__nccl_ok(ctx)) ncclCommGetAsyncError(cu->nccl, &nr);
+            if (e == cudaErrorNotReady && !late && (nr == ncclSuccess || nr == ncclInProgress)) {
                 pthread_mutex_unlock(&ctx->mu);
                 ddp__sleep_us(1000);
                 pthread_mutex_lock(&ctx->mu);
                 continue;
             }
+            if (e == cudaErrorNotReady && !late)
+                code = ddp__fail(ctx, DDP_ERROR_NCCL, "%s failed: %s; NCCL communicator aborted by the watchdog", what, ncclGetErrorString(nr));
+            else
 #endif
-        }
-        /* failed or too late: abort so that nothing waits forever */
-        if (e == cudaErrorNotReady)
-            ddp__fail(ctx, DDP_ERROR_TIMEOUT, "%s did not finish within %.1f s; NCCL communicator aborted by the watchdog", what, ctx->cfg.timeout_s);
-        else
-            ddp__fail(ctx, DDP_ERROR_NCCL, "%s failed: %s", what, e == cudaErrorNotReady ? "NCCL error" : cudaGetErrorString(e));
-        DDP__STORE_REL(&ctx->broken, 1);
+            if (e == cudaErrorNotReady)
+                code = ddp__fail(ctx, DDP_ERROR_TIMEOUT, "%s did not finish within %.1f s; NCCL communicator aborted by the watchdog", what, ctx->cfg.timeout_s);
+            else
+                code = ddp__fail(ctx, DDP_ERROR_CUDA, "%s failed: %s", what, cudaGetErrorString(e));
+            /* failed or too late: abort so that nothing waits forever */
 #if defined(DDP_NCCL)
-        if (cu->nccl_ready) { cu->nccl_ready = 0; ncclCommAbort(cu->nccl); }
+            ddp__nccl_abort(ctx, 1);
 #endif
-        cu->inflight = 0;
+            ddp__set_broken(ctx, code);
+            cu->inflight = 0;
+        }
     }
     pthread_mutex_unlock(&ctx->mu);
 }
@@ -5076,29 +5240,31 @@ static ddp_result ddp__cuda_scale_grads(ddp_context *ctx, float f) {
     return DDP_SUCCESS;
 }
 
+static ddp_result ddp__cuda_state_alloc(ddp_context *ctx, void **slot) {
+    *slot = ddp__dev_alloc(ctx, ctx->opt_state_bytes);
+    if (!*slot) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "no device memory for %zu bytes of optimizer state", ctx->opt_state_bytes);
+    return ddp__cuda_zero(ctx, *slot, ctx->opt_state_bytes);
+}
+
+static ddp_result ddp__cuda_zero(ddp_context *ctx, void *p, size_t bytes) {
+    DDP__CU(ctx, cudaMemsetAsync(p, 0, bytes, ddp__ustream(ctx)), "zeroing optimizer state");
+    return DDP_SUCCESS;
+}
+
+static ddp_result ddp__cuda_init_master(ddp_context *ctx) {
+    int b;
+    for (b = 0; b < ctx->num_buckets; b++)
+        if (ctx->buckets[b].dtype != DDP_F32)
+            DDP__KL(ctx, ddp_k_cast((unsigned char *)ctx->opt_master + ctx->opt_state_off[b], (int)DDP_F32,
+                                    ctx->flat_params + ctx->buckets[b].offset, (int)ctx->buckets[b].dtype,
+                                    ctx->buckets[b].numel, 1.0f, ddp__ustream(ctx)), "initialising master weights");
+    return DDP_SUCCESS;
+}
+
 static ddp_result ddp__cuda_optimizer_step(ddp_context *ctx, float clip) {
     const ddp_optimizer_desc *o = &ctx->cfg.optimizer;
     cudaStream_t s = ddp__ustream(ctx);
-    int b, need_m = o->type == DDP_OPTIM_ADAMW || o->momentum > 0, need_v = o->type == DDP_OPTIM_ADAMW, need_master = 0;
-    for (b = 0; b < ctx->num_buckets; b++) need_master |= ctx->buckets[b].dtype != DDP_F32;
-    if ((need_m && !ctx->opt_m) || (need_v && !ctx->opt_v) || (need_master && !ctx->opt_master)) {
-        void **slots[3];
-        int need[3], k;
-        slots[0] = &ctx->opt_m; slots[1] = &ctx->opt_v; slots[2] = &ctx->opt_master;
-        need[0] = need_m; need[1] = need_v; need[2] = need_master;
-        for (k = 0; k < 3; k++) {
-            if (!need[k] || *slots[k]) continue;
-            *slots[k] = ddp__dev_alloc(ctx, ctx->opt_state_bytes);
-            if (!*slots[k]) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "no device memory for %zu bytes of optimizer state", ctx->opt_state_bytes);
-            DDP__CU(ctx, cudaMemsetAsync(*slots[k], 0, ctx->opt_state_bytes, s), "zeroing optimizer state");
-        }
-        if (need_master)
-            for (b = 0; b < ctx->num_buckets; b++)
-                if (ctx->buckets[b].dtype != DDP_F32)
-                    DDP__KL(ctx, ddp_k_cast((unsigned char *)ctx->opt_master + ctx->opt_state_off[b], (int)DDP_F32,
-                                            ctx->flat_params + ctx->buckets[b].offset, (int)ctx->buckets[b].dtype,
-                                            ctx->buckets[b].numel, 1.0f, s), "initialising master weights");
-    }
+    int b;
     if (clip != 1.0f) DDP__TRY(ddp__cuda_scale_grads(ctx, clip));
     for (b = 0; b < ctx->num_buckets; b++) {
         const ddp__bucket *bk = &ctx->buckets[b];
@@ -5124,8 +5290,12 @@ static ddp_result ddp__cuda_optimizer_step(ddp_context *ctx, float clip) {
     return DDP_SUCCESS;
 }
 
+/* Blocking copy (checkpoints): the device must hold the data before any
+   stream uses it, whatever stream that is. */
 static ddp_result ddp__cuda_memcpy(ddp_context *ctx, void *dst, const void *src, size_t bytes, int to_device) {
+    DDP__CU(ctx, cudaDeviceSynchronize(), "copying a checkpoint");
     DDP__CU(ctx, cudaMemcpy(dst, src, bytes, to_device ? cudaMemcpyHostToDevice : cudaMemcpyDeviceToHost), "copying a checkpoint");
+    DDP__CU(ctx, cudaDeviceSynchronize(), "copying a checkpoint");
     return DDP_SUCCESS;
 }
 
@@ -5148,6 +5318,9 @@ static ddp_result ddp__cuda_optimizer_step(ddp_context *ctx, float f) { (void)f;
 static ddp_result ddp__cuda_sumsq(ddp_context *ctx, double *o) { (void)o; return ddp__cuda_unreachable(ctx); }
 static ddp_result ddp__cuda_scale_grads(ddp_context *ctx, float s) { (void)s; return ddp__cuda_unreachable(ctx); }
 static ddp_result ddp__cuda_zero_grads(ddp_context *ctx) { return ddp__cuda_unreachable(ctx); }
+static ddp_result ddp__cuda_state_alloc(ddp_context *ctx, void **slot) { (void)slot; return ddp__cuda_unreachable(ctx); }
+static ddp_result ddp__cuda_init_master(ddp_context *ctx) { return ddp__cuda_unreachable(ctx); }
+static ddp_result ddp__cuda_zero(ddp_context *ctx, void *p, size_t n) { (void)p; (void)n; return ddp__cuda_unreachable(ctx); }
 static ddp_result ddp__cuda_memcpy(ddp_context *ctx, void *d, const void *s, size_t n, int k) {
     (void)d; (void)s; (void)n; (void)k; return ddp__cuda_unreachable(ctx);
 }

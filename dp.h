@@ -217,7 +217,7 @@ static void dp__stop_others(dp_context *dp, int self) {
     for (i = 0; i < dp->K; i++) {
         ddp_context *c = dp->w[i].ctx;
         if (i == self || !c) continue;
-        DDP__STORE_REL(&c->broken, 1);
+        ddp__set_broken(c, DDP_ERROR_PEER);
         if (c->shm.ctrl) ddp__shm_abort(c, "another replica of this dp context failed");
     }
 }
@@ -234,6 +234,7 @@ static int dp__cb(ddp_context *ctx, void *user, int micro, float *loss) {
 static ddp_result dp__run_create(dp__worker *w) {
     dp_context *dp = w->dp;
     ddp_config c = dp->cfg.ddp;
+    ddp_context *ctx = NULL;
     ddp_result r;
     c.rank = w->index;
     c.world_size = dp->K;
@@ -244,8 +245,11 @@ static ddp_result dp__run_create(dp__worker *w) {
     c.device = dp->cfg.device;
     c.backend = dp->cfg.backend;
     c.cuda_device = dp->devices[w->index] >= 0 ? dp->devices[w->index] + 1 : 0;
-    r = ddp_create(&c, &w->ctx);
+    r = ddp_create(&c, &ctx);
     if (r != DDP_SUCCESS) ddp__copy_str(w->err, sizeof w->err, ddp_create_error());
+    pthread_mutex_lock(&dp->mu);   /* dp__stop_others reads it under the lock */
+    w->ctx = ctx;
+    pthread_mutex_unlock(&dp->mu);
     return r;
 }
 
@@ -300,10 +304,10 @@ static ddp_result dp__run_checksum(dp__worker *w) {
     ddp_context *c = w->ctx;
     size_t n = ddp_flat_bytes(c);
     uint64_t h = 0xcbf29ce484222325ull;
-    void *bufs[3];
+    void *bufs[4];
     int k;
-    bufs[0] = ddp_flat_params(c); bufs[1] = c->opt_m; bufs[2] = c->opt_v;
-    for (k = 0; k < 3; k++) {
+    bufs[0] = ddp_flat_params(c); bufs[1] = c->opt_m; bufs[2] = c->opt_v; bufs[3] = c->opt_master;
+    for (k = 0; k < 4; k++) {
         size_t bytes = k == 0 ? n : c->opt_state_bytes;
         void *tmp = NULL;
         const void *view = NULL;
@@ -350,7 +354,7 @@ static void *dp__worker_main(void *arg) {
 
 /* Run cmd on every worker and wait; one error naming the replica. */
 static ddp_result dp__broadcast_cmd(dp_context *dp, int cmd, const char *what) {
-    int first;
+    int first, i;
     pthread_mutex_lock(&dp->mu);
     dp->cmd = cmd;
     dp->cmd_id++;
@@ -359,9 +363,12 @@ static ddp_result dp__broadcast_cmd(dp_context *dp, int cmd, const char *what) {
     pthread_cond_broadcast(&dp->cv_cmd);
     while (dp->pending > 0) pthread_cond_wait(&dp->cv_done, &dp->mu);
     pthread_mutex_unlock(&dp->mu);
-    /* the replica whose own error started it, not the peers it stopped */
+    /* the replica whose own error started it, not the peers it stopped
+       (those answer DDP_ERROR_PEER); else the first to fail */
     if (!dp->failed) return DDP_SUCCESS;
     first = dp->first_failed;
+    for (i = 0; i < dp->K; i++)
+        if (dp->w[i].result != DDP_SUCCESS && dp->w[i].result != DDP_ERROR_PEER) { first = i; break; }
     if (cmd != DP__CMD_CREATE) dp->broken = 1;
     return dp__fail(dp, dp->w[first].result, "%s failed on replica %d (%s %d): %s", what, first,
                     dp->devices[first] >= 0 ? "GPU" : "CPU", dp->devices[first] >= 0 ? dp->devices[first] : first,
@@ -455,7 +462,8 @@ DP_API void dp_destroy(dp_context *dp) {
     pthread_cond_broadcast(&dp->cv_cmd);
     pthread_mutex_unlock(&dp->mu);
     for (i = 0; i < dp->K; i++) if (dp->w[i].started) pthread_join(dp->w[i].thread, NULL);
-    for (i = 0; i < dp->K; i++) {
+    /* replica 0 serves the rendezvous store and waits for the others to hang up: last */
+    for (i = dp->K - 1; i >= 0; i--) {
 #if defined(DDP_CUDA)
         if (dp->w[i].rep.stream) { cudaSetDevice(dp->devices[i]); cudaStreamDestroy((cudaStream_t)dp->w[i].rep.stream); }
 #endif

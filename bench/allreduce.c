@@ -34,8 +34,9 @@
    comments; then
        baseline memcpy_GBps X
    (one process copying 64 MiB, bytes read + written per second, measured
-   in this run while the other ranks wait), then for each mode a comment
-   line naming the mode and one row per size:
+   in this run while the other ranks wait; when --max is larger, a comment
+   line gives the same for a copy of --max bytes), then for each mode a
+   comment line naming the mode and one row per size:
        size_bytes count dtype time_us algbw_GBps busbw_GBps wrong
    algbw = size_bytes / time, busbw = algbw * 2(n-1)/n (nccl-tests' bus
    bandwidth; 0 for n = 1), GB = 1e9 bytes; wrong = elements that differed
@@ -267,24 +268,24 @@ static int run_mode(ddp_context *ctx, const options *o, void *buf, const char *m
     return bad;
 }
 
-/* One process copies 64 MiB; bytes read + written per second, median of 9. */
-static double memcpy_baseline(void) {
-    unsigned char *src = (unsigned char *)malloc(BASELINE_BYTES), *dst = (unsigned char *)malloc(BASELINE_BYTES);
+/* One process copies `bytes`; bytes read + written per second, median of 9. */
+static double memcpy_baseline(size_t bytes) {
+    unsigned char *src = (unsigned char *)malloc(bytes), *dst = (unsigned char *)malloc(bytes);
     double v[9];
     int k;
     if (!src || !dst) die("out of memory for the baseline", NULL);
-    memset(src, 1, BASELINE_BYTES);
-    memset(dst, 2, BASELINE_BYTES); /* no page faults in the timed copies */
-    memcpy(dst, src, BASELINE_BYTES);
+    memset(src, 1, bytes);
+    memset(dst, 2, bytes); /* no page faults in the timed copies */
+    memcpy(dst, src, bytes);
     for (k = 0; k < 9; k++) {
         double t0 = now_s();
-        memcpy(dst, src, BASELINE_BYTES);
+        memcpy(dst, src, bytes);
         v[k] = now_s() - t0;
         src[k] = dst[k + 1]; /* keep the copies observable */
     }
     free(src);
     free(dst);
-    return 2.0 * (double)BASELINE_BYTES / median(v, 9) / 1e9;
+    return 2.0 * (double)bytes / median(v, 9) / 1e9;
 }
 
 int main(int argc, char **argv) {
@@ -310,7 +311,9 @@ int main(int argc, char **argv) {
     if (rank == 0) {
         printf("# allreduce: ranks=%d backend=%s dtype=%s sizes %zu..%zu x%u\n", ddp_world_size(ctx),
                ddp_backend_name(ddp_query_backend(ctx)), ddp_dtype_name(o.dtype), o.min_bytes, o.max_bytes, o.step);
-        printf("baseline memcpy_GBps %.3f\n", memcpy_baseline());
+        printf("baseline memcpy_GBps %.3f\n", memcpy_baseline(BASELINE_BYTES));
+        if (o.max_bytes > BASELINE_BYTES) /* the largest size streams from memory: its own copy rate */
+            printf("# memcpy_GBps at %zu bytes: %.3f\n", o.max_bytes, memcpy_baseline(o.max_bytes));
         fflush(stdout);
     }
     check(ctx, ddp_barrier(ctx), "ddp_barrier");

@@ -186,6 +186,25 @@ static void test_bad_params(void) {
     ddp_destroy(NULL);
 }
 
+/* the list of unmarked parameters is cut, never overflowed */
+static void test_missing_mark_long_names(void) {
+    ddp_config c = base_config();
+    ddp_context *ctx = make(&c);
+    char name[128];
+    int i, id;
+    TEST("missing mark, long names");
+    for (i = 0; i < 8; i++) {
+        memset(name, 'a' + i, 120);
+        name[120] = 0;
+        ddp_register_param(ctx, name, 4, DDP_F32, NULL, &id);
+    }
+    CHECK_OK(ddp_finalize(ctx), ctx);
+    CHECK_OK(ddp_step_begin(ctx), ctx);
+    CHECK_ERR(ddp_step_end(ctx), DDP_ERROR_INVALID_STATE, ctx, "8 parameter(s) never marked ready");
+    CHECK(strstr(ddp_last_error(ctx), ", ...") != NULL, "the list says it was cut: %s", ddp_last_error(ctx));
+    ddp_destroy(ctx);
+}
+
 static void test_missing_mark(void) {
     ddp_config c = base_config();
     ddp_context *ctx;
@@ -547,6 +566,25 @@ static void test_checkpoint(void) {
     CHECK_ERR(ddp_load_checkpoint(b, path), DDP_ERROR_MISMATCH, b, "optimizer");
     ddp_destroy(b);
 
+    /* a checkpoint saved before any step holds no optimizer state: loading
+       it into a trained context gives fresh state, as if newly built */
+    {
+        ddp_context *fresh = ck_model(0, DDP_OPTIM_ADAMW), *trained = ck_model(0, DDP_OPTIM_ADAMW);
+        char early[300];
+        snprintf(early, sizeof early, "%s.early", path);
+        CHECK_OK(ddp_save_checkpoint(fresh, early), fresh);
+        train_some(trained, 3);
+        CHECK_OK(ddp_load_checkpoint(trained, early), trained);
+        CHECK(ddp_optimizer_steps(trained) == 0, "step count reset, got %lld", (long long)ddp_optimizer_steps(trained));
+        train_some(fresh, 2);
+        train_some(trained, 2);
+        CHECK(memcmp(ddp_flat_params(fresh), ddp_flat_params(trained), ddp_flat_bytes(fresh)) == 0,
+              "no stale moments after loading a checkpoint without optimizer state");
+        ddp_destroy(fresh);
+        ddp_destroy(trained);
+        remove(early);
+    }
+
     /* corrupt one byte in the data: checksum error, and the model is untouched */
     f = fopen(path, "rb");
     fseek(f, 0, SEEK_END); size = ftell(f); fseek(f, 0, SEEK_SET);
@@ -615,6 +653,7 @@ int main(void) {
     test_bad_environment();
     test_bad_params();
     test_missing_mark();
+    test_missing_mark_long_names();
     test_buckets();
     test_optimizers();
     test_clip();

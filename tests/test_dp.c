@@ -157,7 +157,14 @@ static void check_bad_input(void) {
     CHECK_ERR(dp_create(NULL, &dp), DDP_ERROR_INVALID_ARGUMENT, NULL, "config is NULL");
     c.num_devices = -1;
     CHECK_ERR(dp_create(&c, &dp), DDP_ERROR_INVALID_ARGUMENT, NULL, "num_devices -1");
-    c.num_devices = 2; c.device = DDP_DEVICE_CPU;
+    c.num_devices = 3; c.device = DDP_DEVICE_CPU;
+    {   /* create and destroy at once: no waiting for the rendezvous store */
+        double t0 = ddp__now();
+        CHECK_OK(dp_create(&c, &dp), NULL);
+        dp_destroy(dp);
+        CHECK(ddp__now() - t0 < 3, "create + destroy took %.1f s", ddp__now() - t0);
+    }
+    c.num_devices = 2;
     CHECK_OK(dp_create(&c, &dp), NULL);
     CHECK(dp_register_param(dp, "w", 0, DDP_F32, NULL, &id) == DDP_ERROR_INVALID_ARGUMENT && strstr(dp_last_error(dp), "'w' has 0"), "zero count: %s", dp_last_error(dp));
     CHECK(dp_finalize(dp) == DDP_ERROR_INVALID_STATE, "finalize without parameters");
