@@ -1734,7 +1734,7 @@ static void *ddp__store_server_main(void *arg) {
             if (q) { pfd = q; pcap = cap; }
         }
         if (n + 2 > pcap) { ddp__store_sleep(0.01); continue; }
-        pfd[0].fd = sv->listen_fd;
+        pfd[0].fd = sv->listen_fd; /* -1 once closed: poll skips it */
         pfd[0].events = paused ? 0 : POLLIN;
         pfd[1].fd = sv->wake[0];
         pfd[1].events = POLLIN;
@@ -1749,7 +1749,17 @@ static void *ddp__store_server_main(void *arg) {
             continue;
         }
         paused = 0;
-        if (pfd[1].revents) break;
+        if (pfd[1].revents) {
+            /* wake-up byte: 1 stop, 2 stop accepting (existing clients stay served) */
+            char cmd[16];
+            ssize_t k = read(sv->wake[0], cmd, sizeof cmd), j;
+            int stop = 0;
+            for (j = 0; j < k; j++) {
+                if (cmd[j] == 1) stop = 1;
+                if (cmd[j] == 2 && sv->listen_fd >= 0) { close(sv->listen_fd); sv->listen_fd = -1; }
+            }
+            if (stop) break;
+        }
         if (pfd[0].revents & POLLIN) ddp__store_server_accept(sv, &paused);
         for (i = 0; i < n; i++) { /* connections accepted just now wait a round */
             ddp__store_conn *c = sv->conns[i];
@@ -1881,6 +1891,15 @@ static DDP__STORE_UNUSED int ddp__store_server_start(const char *bind_host, int 
 
 static DDP__STORE_UNUSED int ddp__store_server_port(const ddp__store_server *sv) { return sv ? sv->port : 0; }
 
+/* Stop accepting connections; the clients connected keep being served.
+   The port is then free for a new store (the next context's). */
+static DDP__STORE_UNUSED void ddp__store_server_close_listener(ddp__store_server *sv) {
+    char b = 2;
+    if (!sv) return;
+    while (write(sv->wake[1], &b, 1) < 0 && errno == EINTR) {
+    }
+}
+
 /* Clients connected right now (any thread may ask). */
 static DDP__STORE_UNUSED int ddp__store_server_clients(const ddp__store_server *sv) {
     return sv ? __atomic_load_n(&sv->live_clients, __ATOMIC_ACQUIRE) : 0;
@@ -1905,7 +1924,7 @@ static DDP__STORE_UNUSED void ddp__store_server_stop(ddp__store_server *sv) {
         }
     }
     free(sv->buckets);
-    close(sv->listen_fd);
+    if (sv->listen_fd >= 0) close(sv->listen_fd);
     close(sv->wake[0]);
     close(sv->wake[1]);
     free(sv);
@@ -2431,10 +2450,15 @@ static DDP__STORE_UNUSED int ddp__store_wait(ddp__store *s, const char *const *k
                                              size_t errlen) {
     int timed_out;
     char note[512];
-    if (ddp__store_wait_until(s, keys, nkeys, ddp__store_deadline(s->timeout_s), &timed_out, note, sizeof note) == 0)
-        return 0;
-    if (!timed_out) return ddp__store_fail(err, errlen, "%s", note);
-    return ddp__store_wait_timeout_msg(s, keys, nkeys, note, err, errlen);
+    double deadline = ddp__store_deadline(s->timeout_s);
+    for (;;) {
+        if (ddp__store_wait_until(s, keys, nkeys, deadline, &timed_out, note, sizeof note) == 0) return 0;
+        if (timed_out) return ddp__store_wait_timeout_msg(s, keys, nkeys, note, err, errlen);
+        /* the server went away mid-wait (a store being replaced by the next
+           one on the same port): reconnect and wait again, same deadline */
+        if (!s->broken || (deadline > 0 && ddp__store_now() > deadline - 0.05)) return ddp__store_fail(err, errlen, "%s", note);
+        ddp__store_sleep(0.01);
+    }
 }
 
 /* Wait (up to s->timeout_s) for key, then read it into malloc'd *val (one
@@ -2520,6 +2544,7 @@ static DDP__STORE_UNUSED int ddp__store_barrier(ddp__store *s, const char *name,
 #define DDP__SHM_MAGIC   0x3170706464ull     /* "ddp1" */
 #define DDP__SMALL_BYTES ((size_t)64 << 10)   /* latency path up to this size */
 #define DDP__RED_BLOCK   2048                 /* elements per reduction block */
+#define DDP__STAGED_DIRECT_BYTES ((size_t)1 << 20) /* above: the staged path reduces from the user's buffer */
 
 typedef struct ddp__shm_slot {
     uint64_t arrive, mid, done;
@@ -2662,10 +2687,50 @@ static void ddp__store_elem(void *p, size_t i, ddp_dtype t, double v) {
    element by element. Sums run q = 0..n-1 on every rank: the same bits
    everywhere. f32 is the hot path; other types go through double (f16/bf16
    accumulate exactly in it; i32 sums are exact up to 2^53). */
+#define DDP__VEC 16         /* a fixed inner trip count: gcc -O2 vectorises it */
+#define DDP__PREFETCH 16    /* lines ahead: shared pages stop the hardware prefetcher */
+
+/* The f32 sum in one pass: v = (s0 + s1 + ...) * scale, in q order, stored
+   to every dst. A chunk's loads precede its stores, so dst may alias src
+   element by element. Prefetches never reach past n: the rest of the
+   buffer may be another rank's slice, being written right now. */
+static void ddp__sum_f32(void *const *src, int nsrc, void *const *dst, int ndst, size_t n, float s) {
+    size_t i = 0, ahead = (size_t)DDP__PREFETCH * DDP__VEC;
+    int q, d, k;
+    for (; i + DDP__VEC <= n; i += DDP__VEC) {
+        float v[DDP__VEC];
+        const float *x0 = (const float *)src[0] + i;
+        if (i + ahead < n) {
+            for (d = 0; d < ndst; d++) __builtin_prefetch((float *)dst[d] + i + ahead, 1, 3);
+            for (q = 0; q < nsrc; q++) __builtin_prefetch((const float *)src[q] + i + ahead, 0, 3);
+        }
+        for (k = 0; k < DDP__VEC; k++) v[k] = x0[k];
+        for (q = 1; q < nsrc; q++) {
+            const float *x = (const float *)src[q] + i;
+            for (k = 0; k < DDP__VEC; k++) v[k] += x[k];
+        }
+        if (s != 1.0f) for (k = 0; k < DDP__VEC; k++) v[k] *= s;
+        for (d = 0; d < ndst; d++) {
+            float *y = (float *)dst[d] + i;
+            for (k = 0; k < DDP__VEC; k++) y[k] = v[k];
+        }
+    }
+    for (; i < n; i++) {
+        float v = ((const float *)src[0])[i];
+        for (q = 1; q < nsrc; q++) v += ((const float *)src[q])[i];
+        if (s != 1.0f) v *= s;
+        for (d = 0; d < ndst; d++) ((float *)dst[d])[i] = v;
+    }
+}
+
 static void ddp__reduce(void *const *src, int nsrc, void *const *dst, int ndst,
                         size_t n, ddp_dtype t, ddp_op op, double scale) {
     size_t b0;
     int q, d;
+    if ((t == DDP_F32 || t == DDP_DTYPE_DEFAULT) && op != DDP_OP_MAX && op != DDP_OP_MIN) {
+        ddp__sum_f32(src, nsrc, dst, ndst, n, (float)scale);
+        return;
+    }
     if (t == DDP_F32 || t == DDP_DTYPE_DEFAULT) {
         float acc[DDP__RED_BLOCK];
         float s = (float)scale;
@@ -2775,8 +2840,47 @@ static ddp_result ddp__shm_allreduce_staged(ddp_context *ctx, void *buf, size_t 
         ddp__reduce(src, W, &buf, 1, n, t, op, scale);
         ddp__set_counter(ctx, 2, seq);
         return DDP_SUCCESS;
+    } else if (n * es > DDP__STAGED_DIRECT_BYTES) {
+        /* bandwidth path, per chunk of half the staging, alternating halves:
+           copy in only the slices the peers own; reduce my own slice
+           straight from my buffer into my buffer and my staging; then
+           gather the other slices from their owners' staging */
+        size_t half = ctx->shm.staging_bytes / 2, chunk = half / es, c0;
+        for (c0 = 0; c0 < n; c0 += chunk) {
+            size_t m = n - c0 < chunk ? n - c0 : chunk, lo, hi;
+            uint64_t seq = ++ctx->shm.seq;
+            int h = (int)(seq & 1);
+            unsigned char *ub = (unsigned char *)buf + c0 * es;
+            unsigned char *mine = ddp__staging(ctx, ctx->rank) + (size_t)h * half;
+            void *dst[2];
+            DDP__TRY(ddp__shm_claim_staging(ctx, h, seq));
+            for (q = 0; q < W; q++) {
+                if (q == ctx->rank) continue;
+                ddp__slice(m, W, q, &lo, &hi);
+                if (hi > lo) memcpy(mine + lo * es, ub + lo * es, (hi - lo) * es);
+            }
+            ddp__set_counter(ctx, 0, seq);
+            DDP__TRY(ddp__shm_wait(ctx, 0, seq, -1, "an all-reduce"));
+            ddp__slice(m, W, ctx->rank, &lo, &hi);
+            if (hi > lo) {
+                for (q = 0; q < W; q++)
+                    src[q] = q == ctx->rank ? (void *)(ub + lo * es) : (void *)(ddp__staging(ctx, q) + (size_t)h * half + lo * es);
+                dst[0] = mine + lo * es;
+                dst[1] = ub + lo * es;
+                ddp__reduce(src, W, dst, 2, hi - lo, t, op, scale);
+            }
+            ddp__set_counter(ctx, 1, seq);
+            DDP__TRY(ddp__shm_wait(ctx, 1, seq, -1, "an all-reduce"));
+            for (q = 0; q < W; q++) {
+                if (q == ctx->rank) continue;
+                ddp__slice(m, W, q, &lo, &hi);
+                if (hi > lo) memcpy(ub + lo * es, ddp__staging(ctx, q) + (size_t)h * half + lo * es, (hi - lo) * es);
+            }
+            ddp__set_counter(ctx, 2, seq);
+        }
+        return DDP_SUCCESS;
     } else {
-        /* bandwidth path, per chunk: copy in, reduce my slice in my staging,
+        /* middle sizes, per chunk: copy in, reduce my slice in my staging,
            then gather every slice from its owner's staging */
         size_t chunk = ctx->shm.staging_bytes / es, c0;
         for (c0 = 0; c0 < n; c0 += chunk) {
@@ -3058,8 +3162,11 @@ static ddp_result ddp__rendezvous(ddp_context *ctx) {
         DDP__TRY(ddp__env_int("TORCHELASTIC_RESTART_COUNT", 0, INT_MAX, &f, &restart));
         snprintf(ctx->key_prefix, sizeof ctx->key_prefix, "/worker/attempt_%ld/ddp/%d/", restart, gen);
     } else {
-        /* a store of our own, new for every context */
-        snprintf(ctx->key_prefix, sizeof ctx->key_prefix, "ddp/");
+        /* a store of our own, new for every context; the generation (per
+           thread: dp.h's replicas each create one context on their own
+           thread) keeps a late peer from reading the previous context's keys */
+        static DDP__TLS int own_generation = 0;
+        snprintf(ctx->key_prefix, sizeof ctx->key_prefix, "ddp/%d/", ++own_generation);
         if (ctx->rank == 0 &&
             ddp__store_server_start(NULL, ctx->cfg.master_port, &ctx->server, err, sizeof err) != 0)
             return ddp__fail(ctx, DDP_ERROR_NETWORK, "rank 0 cannot start the rendezvous store: %s", err);
@@ -3583,6 +3690,8 @@ static ddp_result ddp__finalize(ddp_context *ctx) {
         ddp__free(ctx, ctx->store);
         ctx->store = NULL;
     }
+    /* and takes no new clients: the port is free for the next context's store */
+    if (ctx->server) ddp__store_server_close_listener(ctx->server);
     /* the communication thread: reduces buckets (shm, staged), or watches
        NCCL's collectives in flight (nccl) */
     if ((ctx->cfg.backend == DDP_BACKEND_NCCL && !ddp__solo(ctx)) ||
@@ -3692,6 +3801,7 @@ static void *ddp__comm_main(void *arg) {
 }
 
 static ddp_result ddp__cuda_launch_bucket(ddp_context *ctx, int b);
+static ddp_result ddp__drain(ddp_context *ctx);
 
 static ddp_result ddp__launch_bucket(ddp_context *ctx, int b) {
     ddp_result r;
@@ -3707,6 +3817,15 @@ static ddp_result ddp__launch_bucket(ddp_context *ctx, int b) {
     /* staged: the events are recorded here, on the thread that marked */
     if (ddp__on_gpu(ctx)) DDP__TRY(ddp__cuda_bucket_events(ctx, b, 0));
 #endif
+    /* the last bucket: nothing of backward is left to overlap with, so the
+       calling thread reduces it itself (after the queue), saving the hand-off */
+    if (ctx->comm_started && b == ctx->num_buckets - 1) {
+        r = ddp__drain(ctx);
+        if (r != DDP_SUCCESS) return r;
+        r = ctx->ops->bucket_reduce(ctx, b, ctx->q_scale);
+        if (r != DDP_SUCCESS) ddp__break(ctx, r);
+        return r;
+    }
     if (ctx->comm_started) {
         pthread_mutex_lock(&ctx->mu);
         ctx->queue[ctx->q_tail++] = b;
@@ -3940,6 +4059,21 @@ static void ddp__sgd_f32(float *p, const float *g, float *buf, size_t n, const d
                          int first, float gs) {
     float lr = o->lr, wd = o->weight_decay, mom = o->momentum;
     size_t i;
+    if (mom != 0 && wd == 0 && gs == 1.0f && !o->nesterov) {
+        /* the common case without per-element branches, in fixed-size
+           chunks so that the compiler vectorises it */
+        size_t j = 0;
+        int k;
+        if (first) {
+            for (; j + DDP__VEC <= n; j += DDP__VEC)
+                for (k = 0; k < DDP__VEC; k++) { float b = g[j + k]; buf[j + k] = b; p[j + k] -= lr * b; }
+        } else {
+            for (; j + DDP__VEC <= n; j += DDP__VEC)
+                for (k = 0; k < DDP__VEC; k++) { float b = mom * buf[j + k] + g[j + k]; buf[j + k] = b; p[j + k] -= lr * b; }
+        }
+        for (; j < n; j++) { float b = first ? g[j] : mom * buf[j] + g[j]; buf[j] = b; p[j] -= lr * b; }
+        return;
+    }
     if (mom == 0) {
         for (i = 0; i < n; i++) p[i] -= lr * (g[i] * gs + wd * p[i]);
         return;

@@ -403,6 +403,35 @@ static int slow_rank(int rank, int world, int port, void *arg) {
     return 0;
 }
 
+/* contexts one after another on the same port: each rendezvous finds its
+   own store, never the previous context's keys */
+static int sequential_rank(int rank, int world, int port, void *arg) {
+    int k, id;
+    (void)arg;
+    for (k = 0; k < 3; k++) {
+        ddp_config c = rank_config(rank, world, port, 10);
+        ddp_context *ctx;
+        float x = (float)(rank + k);
+        if (rank == 1 && k == 1) ddp__sleep_us(300000); /* a late rank */
+        RANK_CHECK(ddp_create(&c, &ctx) == DDP_SUCCESS, "context %d: %s", k, ddp_create_error());
+        ddp_register_param(ctx, "w", 100 + 10 * (size_t)k, DDP_F32, NULL, &id);
+        RANK_CHECK(ddp_finalize(ctx) == DDP_SUCCESS, "context %d finalize: %s", k, ddp_last_error(ctx));
+        RANK_CHECK(ddp_allreduce(ctx, &x, 1, DDP_F32, DDP_OP_SUM) == DDP_SUCCESS, "allreduce: %s", ddp_last_error(ctx));
+        RANK_CHECK(x == (float)(world * (world - 1) / 2 + world * k), "context %d: sum %g", k, (double)x);
+        ddp_destroy(ctx);
+    }
+    return 0;
+}
+
+static void test_sequential_contexts(void) {
+    int codes[3], r;
+    double took;
+    TEST("sequential contexts, same port");
+    took = run_ranks(3, sequential_rank, NULL, codes, 60);
+    for (r = 0; r < 3; r++) CHECK(codes[r] == 0, "rank %d exited %d", r, codes[r]);
+    CHECK(took < 8, "took %.1f s", took);
+}
+
 static void test_slow_peer(void) {
     int codes[2];
     TEST("slow but steady peer");
@@ -419,6 +448,7 @@ int main(void) {
     test_unreachable();
     test_failures();
     test_slow_peer();
+    test_sequential_contexts();
     TEST("end");
     CHECK(count_shm_segments() == 0, "nothing left in /dev/shm");
     return t_summary("test_multi");
