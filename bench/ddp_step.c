@@ -22,8 +22,7 @@
    barrier and a DDP measurement (interleaved, so that both loops see the
    same drift in machine load). Data: mlp_synthetic; rank r takes batch
    (step * N + r) of a fixed set. Subnormals are flushed to zero in both
-   loops (see FLUSH_DENORMALS). The k-th model's context rendezvouses on
-   MASTER_PORT + k (see master_port()).
+   loops (see FLUSH_DENORMALS). One context per model, one after the other.
 
    Output (rank 0; ddprun prefixes each line with "[0] "): '#' lines are
    comments, then one row per model:
@@ -198,23 +197,7 @@ static double ddp_loop(model_run *m, ddp_state *s, int steps) {
 
 /* ---- one model ------------------------------------------------------------------ */
 
-/* One context per model, created after the previous one was destroyed.
-   Every context of ddp.h's own store uses the same keys ("ddp/..."), and
-   rank 0's old store may still be up (it waits for its clients to hang
-   up) when rank 1 connects for the next context: rank 1 could read the
-   old context's shared-memory name. So context k rendezvouses on
-   MASTER_PORT + k. Under torchrun's agent store (keys already carry a
-   generation) the port is left alone. */
-static int master_port(int index) {
-    const char *agent = getenv("TORCHELASTIC_USE_AGENT_STORE"), *port = getenv("MASTER_PORT");
-    long p = port && *port ? strtol(port, NULL, 10) : 29500;
-    if (index == 0 || (agent && *agent && strcmp(agent, "0") && strcmp(agent, "False") && strcmp(agent, "false")))
-        return 0; /* the default: MASTER_PORT */
-    if (p <= 0 || p + index > 65535) die("MASTER_PORT is out of range", port);
-    return (int)p + index;
-}
-
-static int run_model(int index, const char *dims, int batch, double seconds, int reps) {
+static int run_model(const char *dims, int batch, double seconds, int reps) {
     model_run m;
     local_state ls;
     ddp_state ds;
@@ -237,7 +220,6 @@ static int run_model(int index, const char *dims, int batch, double seconds, int
     c.optimizer.type = DDP_OPTIM_SGD;
     c.optimizer.lr = LR;
     c.optimizer.momentum = MOMENTUM;
-    c.master_port = master_port(index);
     r = ddp_create(&c, &ctx);
     if (r != DDP_SUCCESS) die(ddp_result_string(r), ddp_create_error());
     rank = ddp_rank(ctx);
@@ -336,7 +318,7 @@ static long parse_long(const char *s, long lo, long hi) {
 
 int main(int argc, char **argv) {
     const char *model = NULL;
-    int batch = 0, reps = 3, i, bad = 0, index = 0;
+    int batch = 0, reps = 3, i, bad = 0;
     double seconds = 2.0;
     FLUSH_DENORMALS();
     for (i = 1; i < argc; i++) {
@@ -356,9 +338,9 @@ int main(int argc, char **argv) {
             if (end == v || *end || !(seconds > 0)) die("bad --seconds", v);
         } else die("unknown option", a);
     }
-    if (!model || !strcmp(model, "small")) bad |= run_model(index++, "784,256,256,10", batch ? batch : 32, seconds, reps);
-    if (!model || !strcmp(model, "large")) bad |= run_model(index++, "784,1024,1024,10", batch ? batch : 128, seconds, reps);
+    if (!model || !strcmp(model, "small")) bad |= run_model("784,256,256,10", batch ? batch : 32, seconds, reps);
+    if (!model || !strcmp(model, "large")) bad |= run_model("784,1024,1024,10", batch ? batch : 128, seconds, reps);
     if (model && strcmp(model, "small") && strcmp(model, "large"))
-        bad |= run_model(index++, model, batch ? batch : 32, seconds, reps);
+        bad |= run_model(model, batch ? batch : 32, seconds, reps);
     return bad;
 }
