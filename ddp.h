@@ -940,7 +940,13 @@ static ddp_result ddp__resolve_address(ddp_config *c, char *addr_buf, size_t cap
 }
 
 static ddp_result ddp__resolve_backend(ddp_config *c) {
-    const char *b = getenv("DDP_BACKEND");
+    const char *b = getenv("DDP_BACKEND"), *t = getenv("DDP_TIMEOUT");
+    if (t && *t) {
+        char *end;
+        double v = strtod(t, &end);
+        if (*end != 0 || !(v > 0))
+            return ddp__fail(NULL, DDP_ERROR_ENVIRONMENT, "environment variable DDP_TIMEOUT='%.32s' is not a positive number of seconds", t);
+    }
     if (b && *b && c->backend == DDP_BACKEND_DEFAULT) {
         if (!strcmp(b, "shm")) c->backend = DDP_BACKEND_SHM;
         else if (!strcmp(b, "nccl")) c->backend = DDP_BACKEND_NCCL;

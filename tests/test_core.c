@@ -97,6 +97,10 @@ static void test_bad_environment(void) {
       CHECK_ERR(create_env(kv, &ctx), DDP_ERROR_ENVIRONMENT, NULL, "MASTER_PORT='http'"); }
     { const char *kv[] = { "RANK", "0", "WORLD_SIZE", "1", "DDP_BACKEND", "gloo", NULL };
       CHECK_ERR(create_env(kv, &ctx), DDP_ERROR_ENVIRONMENT, NULL, "DDP_BACKEND='gloo'"); }
+    { const char *kv[] = { "RANK", "0", "WORLD_SIZE", "1", "DDP_TIMEOUT", "soon", NULL };
+      CHECK_ERR(create_env(kv, &ctx), DDP_ERROR_ENVIRONMENT, NULL, "DDP_TIMEOUT='soon'"); }
+    { const char *kv[] = { "RANK", "0", "WORLD_SIZE", "1", "DDP_TIMEOUT", "-5", NULL };
+      CHECK_ERR(create_env(kv, &ctx), DDP_ERROR_ENVIRONMENT, NULL, "DDP_TIMEOUT='-5'"); }
     { const char *kv[] = { "RANK", "0", "WORLD_SIZE", "4", "LOCAL_WORLD_SIZE", "2", NULL };
       CHECK_ERR(create_env(kv, &ctx), DDP_ERROR_UNSUPPORTED, NULL, "one host"); }
     { const char *kv[] = { "OMPI_COMM_WORLD_RANK", "1", "OMPI_COMM_WORLD_SIZE", "1", NULL };
