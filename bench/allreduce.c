@@ -44,6 +44,7 @@
    Exit status 1 on any error or wrong element. */
 #define DDP_IMPLEMENTATION
 #include "../ddp.h"
+#include "bench.h"
 
 #include <errno.h>
 #include <stdio.h>
@@ -61,24 +62,6 @@ typedef struct options {
     int shared, user;      /* which modes to run */
     int reps, iters;
 } options;
-
-static double now_s(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
-
-static void die(const char *what, const char *detail) {
-    fprintf(stderr, "allreduce: %s%s%s\n", what, detail ? ": " : "", detail ? detail : "");
-    exit(1);
-}
-
-static void check(ddp_context *ctx, ddp_result r, const char *what) {
-    if (r != DDP_SUCCESS) {
-        fprintf(stderr, "allreduce: %s: %s: %s\n", what, ddp_result_string(r), ddp_last_error(ctx));
-        exit(1);
-    }
-}
 
 /* "4096", "4K", "256M", "1G" */
 static size_t parse_size(const char *s) {
@@ -195,16 +178,6 @@ static double sum_over_ranks(ddp_context *ctx, double v) {
     return v;
 }
 
-static int cmp_double(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
-
-static double median(double *v, int n) {
-    qsort(v, (size_t)n, sizeof *v, cmp_double);
-    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
 /* seconds per iteration of `iters` all-reduces, this rank's clock */
 static double loop(ddp_context *ctx, void *buf, size_t n, ddp_dtype t, int iters) {
     double t0 = now_s();
@@ -295,6 +268,7 @@ int main(int argc, char **argv) {
     ddp_result r;
     int rank, bad = 0, id;
     size_t es;
+    bench_name = "allreduce";
     parse(argc, argv, &o);
     es = ddp_dtype_size(o.dtype);
     memset(&c, 0, sizeof c);

@@ -33,6 +33,7 @@
    Exit status 1 on any error. */
 #define DDP_IMPLEMENTATION
 #include "../ddp.h"
+#include "bench.h"
 #define MLP_IMPLEMENTATION
 #define MLP_NO_ZLIB
 #include "../examples/mlp.h"
@@ -71,36 +72,6 @@ typedef struct model_run {
     float *init[MLP_MAX_PARAMS];
     mlp_workspace ws;
 } model_run;
-
-static double now_s(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
-
-static void die(const char *what, const char *detail) {
-    fprintf(stderr, "ddp_step: %s%s%s\n", what, detail ? ": " : "", detail ? detail : "");
-    exit(1);
-}
-
-static void check(ddp_context *ctx, ddp_result r, const char *what) {
-    if (r != DDP_SUCCESS) {
-        fprintf(stderr, "ddp_step: %s: %s: %s\n", what, ddp_result_string(r), ddp_last_error(ctx));
-        exit(1);
-    }
-}
-
-static int cmp_double(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
-
-static double median(const double *v, int n) {
-    double s[MAX_REPS];
-    memcpy(s, v, (size_t)n * sizeof *s);
-    qsort(s, (size_t)n, sizeof *s, cmp_double);
-    return n % 2 ? s[n / 2] : 0.5 * (s[n / 2 - 1] + s[n / 2]);
-}
 
 /* rank 0's number of steps for `seconds`, given its time per step */
 static int agree_steps(ddp_context *ctx, double step_s, double seconds) {
@@ -321,6 +292,7 @@ int main(int argc, char **argv) {
     int batch = 0, reps = 3, i, bad = 0;
     double seconds = 2.0;
     FLUSH_DENORMALS();
+    bench_name = "ddp_step";
     for (i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) {

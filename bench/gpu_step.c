@@ -12,6 +12,7 @@
    and a final line checking the target (overhead <= 1.03). */
 #define _GNU_SOURCE 1
 #include "../ddp.h"
+#include "bench.h"
 #include "../ddp_kernels.cuh"
 #define MLP_IMPLEMENTATION
 #define MLP_NO_ZLIB
@@ -22,12 +23,6 @@
 #include <string.h>
 #include <time.h>
 #include <cuda_runtime_api.h> /* C-compatible: the plain loop allocates its own buffers */
-
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
-}
 
 typedef struct run {
     mlp_cuda *model;
@@ -123,6 +118,7 @@ int main(int argc, char **argv) {
     static const char *models[2] = { "784,256,256,10", "784,1024,1024,10" };
     static const int batches[2] = { 64, 128 };
     int steps = 1000, k, p, worst_ok = 1;
+    bench_name = "gpu_step";
     if (argc == 3 && !strcmp(argv[1], "--steps")) steps = atoi(argv[2]);
     if (mlp_cuda_device_count() == 0) { printf("SKIP no CUDA device\n"); return 77; }
     for (k = 0; k < 2; k++) {
