@@ -710,7 +710,8 @@ struct ddp_context {
     int rank, world, local_rank, local_world;
     int broken;                  /* a collective failed: only destroy is allowed (atomic) */
     char err[DDP__ERRLEN];
-    char comm_err[DDP__ERRLEN];  /* written by the communication thread */
+    char comm_err[DDP__ERRLEN];  /* written by the communication thread, under err_mu */
+    pthread_mutex_t err_mu;
 
     /* rendezvous */
     struct ddp__store_server *server;
@@ -787,12 +788,26 @@ static ddp_result ddp__fail(ddp_context *ctx, ddp_result code, const char *fmt, 
     vsnprintf(buf, sizeof buf, fmt, ap);
     va_end(ap);
     if (ctx) {
-        memcpy(ddp__errbuf(ctx), buf, sizeof buf);
+        char *dst = ddp__errbuf(ctx);
+        if (dst == ctx->comm_err) {   /* another thread may be reading it */
+            pthread_mutex_lock(&ctx->err_mu);
+            memcpy(dst, buf, sizeof buf);
+            pthread_mutex_unlock(&ctx->err_mu);
+        } else {
+            memcpy(dst, buf, sizeof buf);
+        }
         ddp__log(ctx, DDP_LOG_ERROR, buf);
     } else {
         memcpy(ddp__create_err, buf, sizeof buf);
     }
     return code;
+}
+
+/* A copy of the communication thread's last error ("" if none). */
+static void ddp__comm_error(ddp_context *ctx, char *out, size_t cap) {
+    pthread_mutex_lock(&ctx->err_mu);
+    ddp__copy_str(out, cap, ctx->comm_err);
+    pthread_mutex_unlock(&ctx->err_mu);
 }
 
 DDP_API const char *ddp_create_error(void) { return ddp__create_err; }
@@ -3114,8 +3129,10 @@ static ddp_result ddp__check_usable(ddp_context *ctx, const char *fn) {
     int b = __atomic_load_n(&ctx->broken, __ATOMIC_ACQUIRE);
     if (b) {
         ddp_result code = b == DDP_ERROR_PEER || b == DDP_ERROR_TIMEOUT ? (ddp_result)b : DDP_ERROR_INVALID_STATE;
-        return ddp__fail(ctx, code, "%s: the context is broken by an earlier error (%s); only ddp_destroy() is allowed",
-                         fn, ctx->comm_err[0] ? ctx->comm_err : ctx->err);
+        char why[DDP__ERRLEN];
+        ddp__comm_error(ctx, why, sizeof why);
+        if (!why[0]) memcpy(why, ctx->err, sizeof why);
+        return ddp__fail(ctx, code, "%s: the context is broken by an earlier error (%s); only ddp_destroy() is allowed", fn, why);
     }
     return DDP_SUCCESS;
 }
@@ -3270,6 +3287,7 @@ DDP_API ddp_result ddp_create(const ddp_config *config, ddp_context **out) {
     ctx->shm.staging_bytes = c.staging_bytes;
     ctx->ops = &ddp__shm_ops;
     pthread_mutex_init(&ctx->mu, NULL);
+    pthread_mutex_init(&ctx->err_mu, NULL);
     pthread_cond_init(&ctx->cv_work, NULL);
     pthread_cond_init(&ctx->cv_done, NULL);
     /* the copied config must not point into the caller's memory */
@@ -3343,6 +3361,7 @@ DDP_API void ddp_destroy(ddp_context *ctx) {
     ddp__free(ctx, ctx->queue);
     ddp__free(ctx, ctx->opt_state_off);
     pthread_mutex_destroy(&ctx->mu);
+    pthread_mutex_destroy(&ctx->err_mu);
     pthread_cond_destroy(&ctx->cv_work);
     pthread_cond_destroy(&ctx->cv_done);
     ddp__free(ctx, ctx);
@@ -3871,7 +3890,7 @@ static ddp_result ddp__drain(ddp_context *ctx) {
         return DDP_ERROR_TIMEOUT;
     }
     if (r != DDP_SUCCESS) {
-        memcpy(ctx->err, ctx->comm_err, sizeof ctx->err);
+        ddp__comm_error(ctx, ctx->err, sizeof ctx->err);
         ddp__set_broken(ctx, r);
     }
     return r;
@@ -4766,9 +4785,12 @@ static ddp_result ddp__cuda_wait(ddp_context *ctx, cudaEvent_t ev, cudaStream_t 
             ddp__set_broken(ctx, DDP_ERROR_CUDA);
             return DDP_ERROR_CUDA;
         }
-        if (ddp__is_broken(ctx))
+        if (ddp__is_broken(ctx)) {
+            char why[DDP__ERRLEN];
+            ddp__comm_error(ctx, why, sizeof why);
             return ddp__fail(ctx, DDP_ERROR_PEER, "%s: the context broke while waiting (%s)", what,
-                             ctx->comm_err[0] ? ctx->comm_err : "another replica or the watchdog stopped it");
+                             why[0] ? why : "another replica or the watchdog stopped it");
+        }
 #if defined(DDP_NCCL)
         if (ddp__nccl_ok(ctx)) {
             ncclResult_t nr = ncclSuccess;
