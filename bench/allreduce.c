@@ -78,15 +78,6 @@ static size_t parse_size(const char *s) {
     return (size_t)v;
 }
 
-static long parse_int(const char *s, long lo, long hi) {
-    char *end;
-    long v;
-    errno = 0;
-    v = strtol(s, &end, 10);
-    if (end == s || *end || errno || v < lo || v > hi) die("bad number", s);
-    return v;
-}
-
 static void parse(int argc, char **argv, options *o) {
     int i, only_shared = 0, only_user = 0;
     memset(o, 0, sizeof *o);
@@ -108,9 +99,9 @@ static void parse(int argc, char **argv, options *o) {
         i++;
         if (!strcmp(a, "--min")) o->min_bytes = parse_size(v);
         else if (!strcmp(a, "--max")) o->max_bytes = parse_size(v);
-        else if (!strcmp(a, "--step")) o->step = (unsigned)parse_int(v, 2, 1024);
-        else if (!strcmp(a, "--reps")) o->reps = (int)parse_int(v, 1, 1000);
-        else if (!strcmp(a, "--iters")) o->iters = (int)parse_int(v, 1, 10000000);
+        else if (!strcmp(a, "--step")) o->step = (unsigned)parse_long(v, 2, 1024);
+        else if (!strcmp(a, "--reps")) o->reps = (int)parse_long(v, 1, 1000);
+        else if (!strcmp(a, "--iters")) o->iters = (int)parse_long(v, 1, 10000000);
         else if (!strcmp(a, "--dtype")) {
             if (!strcmp(v, "f32")) o->dtype = DDP_F32;
             else if (!strcmp(v, "bf16")) o->dtype = DDP_BF16;

@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <errno.h>
 
 #if defined(__GNUC__)
 #  define BENCH_UNUSED __attribute__((unused)) /* not every program uses every helper */
@@ -33,6 +34,16 @@ BENCH_UNUSED static void check(ddp_context *ctx, ddp_result r, const char *what)
         fprintf(stderr, "%s: %s: %s: %s\n", bench_name, what, ddp_result_string(r), ddp_last_error(ctx));
         exit(1);
     }
+}
+
+/* a whole decimal number in [lo, hi], or exit naming it */
+BENCH_UNUSED static long parse_long(const char *s, long lo, long hi) {
+    char *end;
+    long v;
+    errno = 0;
+    v = strtol(s, &end, 10);
+    if (end == s || *end || errno || v < lo || v > hi) die("bad number", s);
+    return v;
 }
 
 BENCH_UNUSED static int cmp_double(const void *a, const void *b) {

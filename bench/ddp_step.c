@@ -278,15 +278,6 @@ static int run_model(const char *dims, int batch, double seconds, int reps) {
     return hi == -lo ? 0 : 1;
 }
 
-static long parse_long(const char *s, long lo, long hi) {
-    char *end;
-    long v;
-    errno = 0;
-    v = strtol(s, &end, 10);
-    if (end == s || *end || errno || v < lo || v > hi) die("bad number", s);
-    return v;
-}
-
 int main(int argc, char **argv) {
     const char *model = NULL;
     int batch = 0, reps = 3, i, bad = 0;
