@@ -250,9 +250,9 @@ static void record_log(ddp_log_level lvl, int rank, const char *msg, void *user)
 static void test_buckets(void) {
     ddp_config c = base_config();
     ddp_context *ctx;
-    int id[7], i, nb, np;
-    size_t off, bytes;
-    ddp_dtype dt;
+    int id[7], i, nb, np = 0;
+    size_t off = 0, bytes = 0;
+    ddp_dtype dt = DDP_DTYPE_DEFAULT;
     /* floats per parameter, in forward order; p4 is f64 */
     static const size_t n[7] = { 100, 300, 500, 1000, 64, 200, 50 };
     char name[16];
@@ -289,7 +289,7 @@ static void test_buckets(void) {
     CHECK(ddp_bucket_info(ctx, 4, &off, &bytes, &dt, &np) == DDP_ERROR_INVALID_ARGUMENT, "bucket 4 does not exist");
     /* views: the gradient of each parameter lies inside its bucket */
     for (i = 0; i < 7; i++) {
-        ddp_bucket_info(ctx, ddp_param_bucket(ctx, id[i]), &off, &bytes, &dt, &np);
+        CHECK_OK(ddp_bucket_info(ctx, ddp_param_bucket(ctx, id[i]), &off, &bytes, &dt, &np), ctx);
         CHECK((char *)ddp_param_grad(ctx, id[i]) >= (char *)ddp_flat_grads(ctx) + off &&
               (char *)ddp_param_grad(ctx, id[i]) + n[i] * ddp_dtype_size(dt) <= (char *)ddp_flat_grads(ctx) + off + bytes,
               "p%d grad view inside its bucket", i);
