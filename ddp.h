@@ -1,4 +1,4 @@
-/* ddp.h - v0.1 - data-parallel training for C and C++ programs
+/* ddp.h - v0.2.0 - data-parallel training for C and C++ programs
    (DistributedDataParallel for your own forward/backward functions)
 
    License: MIT, see the end of this file.
@@ -98,6 +98,18 @@
        A context is used by one thread at a time (the library runs its own
        communication thread inside). Different contexts are independent.
 
+   VERSION
+
+       DDP_VERSION ("0.2.0"), DDP_VERSION_MAJOR, _MINOR, _PATCH and
+       DDP_VERSION_NUMBER (10000 * major + 100 * minor + patch) describe the
+       declarations you compile against; ddp_version() and
+       ddp_version_number() the implementation linked into the program.
+       dp.h and ddp_kernels.cuh (DDP_KERNELS_VERSION_*) always carry the same
+       version as ddp.h: use the three files of one release together. Before
+       1.0, a new MINOR version may change the API, the checkpoint format or
+       what ranks exchange at start-up; a new PATCH version changes none of
+       them. CHANGELOG.md lists the changes of every version.
+
    ENVIRONMENT
 
        RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE MASTER_ADDR MASTER_PORT
@@ -143,8 +155,21 @@
 extern "C" {
 #endif
 
+/* ---- version ------------------------------------------------------------- */
+
 #define DDP_VERSION_MAJOR 0
-#define DDP_VERSION_MINOR 1
+#define DDP_VERSION_MINOR 2
+#define DDP_VERSION_PATCH 0
+#define DDP_VERSION "0.2.0"  /* MAJOR.MINOR.PATCH of the declarations you compiled */
+/* 10000 * MAJOR + 100 * MINOR + PATCH, for #if comparisons */
+#define DDP_VERSION_NUMBER (DDP_VERSION_MAJOR * 10000 + DDP_VERSION_MINOR * 100 + DDP_VERSION_PATCH)
+
+/* The version of the implementation linked into the program ("0.2.0"),
+   which may differ from DDP_VERSION when a stale object file or library is
+   linked; compare the two to catch that. Never NULL. */
+DDP_API const char *ddp_version(void);
+/* The same as DDP_VERSION_NUMBER, of the implementation. */
+DDP_API int         ddp_version_number(void);
 
 /* ---- results ------------------------------------------------------------ */
 
@@ -569,6 +594,9 @@ DDP_API const char *ddp_result_string(ddp_result r) {
     }
     return "DDP_ERROR_UNKNOWN";
 }
+
+DDP_API const char *ddp_version(void) { return DDP_VERSION; }
+DDP_API int ddp_version_number(void) { return DDP_VERSION_NUMBER; }
 
 DDP_API size_t ddp_dtype_size(ddp_dtype t) {
     switch (t) {

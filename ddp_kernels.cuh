@@ -1,4 +1,4 @@
-/* ddp_kernels.cuh - v0.1 - CUDA kernels for ddp.h over flat buffers
+/* ddp_kernels.cuh - v0.2.0 - CUDA kernels for ddp.h over flat buffers
    (fused SGD and AdamW steps, mixed-precision variants, scaling, casts,
    squared L2 norms, non-finite checks), each with a plain-C CPU reference
 
@@ -126,8 +126,10 @@
 extern "C" {
 #endif
 
+/* The version of ddp.h this file belongs to (see ddp.h's VERSION section). */
 #define DDP_KERNELS_VERSION_MAJOR 0
-#define DDP_KERNELS_VERSION_MINOR 1
+#define DDP_KERNELS_VERSION_MINOR 2
+#define DDP_KERNELS_VERSION_PATCH 0
 
 /* Element type codes: the values of ddp.h's ddp_dtype. */
 #define DDP_K_F32  1

@@ -1,4 +1,4 @@
-/* dp.h - v0.1 - DataParallel for C and C++: one process drives several devices
+/* dp.h - v0.2.0 - DataParallel for C and C++: one process drives several devices
 
    License: MIT, see the end of ddp.h.
 

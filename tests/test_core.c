@@ -30,6 +30,16 @@ static void test_names(void) {
           ddp_dtype_size(DDP_F16) == 2 && ddp_dtype_size((ddp_dtype)77) == 0, "dtype sizes");
 }
 
+static void test_version(void) {
+    char want[32];
+    TEST("version");
+    snprintf(want, sizeof want, "%d.%d.%d", DDP_VERSION_MAJOR, DDP_VERSION_MINOR, DDP_VERSION_PATCH);
+    CHECK(!strcmp(DDP_VERSION, want), "DDP_VERSION '%s' is not MAJOR.MINOR.PATCH '%s'", DDP_VERSION, want);
+    CHECK(!strcmp(ddp_version(), DDP_VERSION), "ddp_version() '%s' vs DDP_VERSION '%s'", ddp_version(), DDP_VERSION);
+    CHECK(ddp_version_number() == DDP_VERSION_MAJOR * 10000 + DDP_VERSION_MINOR * 100 + DDP_VERSION_PATCH &&
+          ddp_version_number() == DDP_VERSION_NUMBER, "ddp_version_number() %d", ddp_version_number());
+}
+
 static void test_config(void) {
     ddp_config c = base_config(), q;
     ddp_context *ctx;
@@ -653,6 +663,7 @@ static void test_f16_conversions(void) {
 int main(void) {
     clear_env();
     test_names();
+    test_version();
     test_config();
     test_bad_environment();
     test_bad_params();
