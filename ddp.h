@@ -30,6 +30,21 @@
                           their own C compiler: the declarations below have no
                           CUDA types)
 
+   BUILD SYSTEMS
+
+       The three headers are all there is; copy them, or install them:
+           cmake -B build && cmake --install build --prefix P
+       puts ddp.h, dp.h and ddp_kernels.cuh in P/include, the CMake package
+       in P/share/cmake/ddp, ddp.pc in P/share/pkgconfig, ddprun in P/bin.
+       CMake (installed, add_subdirectory or FetchContent alike):
+           find_package(ddp 0.2 CONFIG REQUIRED)      # not for subdirectories
+           target_link_libraries(app PRIVATE ddp::ddp)
+       ddp::cuda (find_package(... COMPONENTS cuda)) is for a program whose
+       implementation file is a .cu: it adds the CUDA runtime and NCCL (or
+       DDP_NO_NCCL where NCCL is missing), found on the consumer's machine.
+       pkg-config:  cc app.c $(pkg-config --cflags --libs ddp)
+       A version request accepts the same MAJOR.MINOR before 1.0.
+
    Platforms: Linux and other POSIX systems. The Windows seams (threads,
    shared memory, sockets, processes) are kept in the PLATFORM section but are
    not implemented yet.

@@ -1,6 +1,6 @@
 # check_versions.cmake - the version is written in several places; they must agree.
 #
-#   cmake -DSOURCE_DIR=<repo> -DPROJECT_VERSION=<x.y.z> [-DPACKAGE_FILES="a;b"] -P check_versions.cmake
+#   cmake -DSOURCE_DIR=<repo> -DPROJECT_VERSION=<x.y.z> [-DCONFIG_VERSION_FILE=f] [-DPC_FILE=f] -P check_versions.cmake
 #
 # Reads the version from ddp.h's DDP_VERSION_MAJOR/MINOR/PATCH and compares it with:
 # DDP_VERSION in ddp.h, the first line of ddp.h, dp.h and ddp_kernels.cuh, the
@@ -62,7 +62,7 @@ if(NOT head MATCHES "^## ([0-9.]+)" OR NOT CMAKE_MATCH_1 STREQUAL want)
   mismatch("CHANGELOG.md's first heading ('${head}')" "${CMAKE_MATCH_1}")
 endif()
 
-foreach(f IN LISTS PACKAGE_FILES)
+foreach(f ${CONFIG_VERSION_FILE} ${PC_FILE})
   if(NOT EXISTS "${f}")
     mismatch("package file ${f}" "(missing)")
     continue()
