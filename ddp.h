@@ -113,6 +113,52 @@
        A context is used by one thread at a time (the library runs its own
        communication thread inside). Different contexts are independent.
 
+   SAFETENSORS
+
+       ddp_save_safetensors() writes the weights in the safetensors format
+       of Hugging Face, which PyTorch (safetensors.torch.load_file), NumPy,
+       the Hugging Face tools and many engines read:
+           8 bytes      N, the header's length (unsigned 64-bit little-endian)
+           N bytes      a JSON object, padded with spaces to a multiple of 8:
+                        {"__metadata__":{"format":"pt",...},
+                         "fc1.weight":{"dtype":"F32","shape":[256,784],
+                                       "data_offsets":[BEGIN,END]},...}
+           the rest     the tensors' bytes, little-endian, row-major, one
+                        after the other; BEGIN/END count from here.
+       One tensor per parameter: its registered name, its shape from
+       ddp_register_param_shape() (ddp_register_param() gives [count]) and
+       its dtype (F32, F64, F16, BF16). Tensors are laid out widest type
+       first, in registration order within a type, so each starts aligned
+       to its element size. __metadata__ holds "format": "pt" (unless you
+       pass your own "format") and the pairs you pass. Rank 0 writes the
+       file like a checkpoint (temporary file, fsync, rename). Optimizer
+       state is not in it: use a checkpoint to resume training.
+
+       ddp_load_safetensors() reads a file on every rank (each rank needs
+       the file: a shared file system or a copy per host) and copies each
+       tensor into the parameter of the same name. The dtype and shape
+       must be the parameter's exactly (a 1-D parameter from
+       ddp_register_param does not match a [4,3] tensor: register it with
+       its shape). A parameter missing from the file, or a tensor that is
+       no parameter, is an error naming it unless flags allow it
+       (DDP_SAFETENSORS_ALLOW_MISSING: it keeps its value;
+       DDP_SAFETENSORS_ALLOW_EXTRA: the tensor is skipped). Optimizer state
+       is kept; master copies of F16/BF16 parameters are refreshed from
+       the loaded values. Everything is checked before any parameter
+       changes, and the reader is strict (DDP_ERROR_CORRUPT naming the
+       problem and, where there is one, the tensor):
+           - N at most 100,000,000 (the format's limit) and within the
+             file; the header is UTF-8 JSON beginning with '{'; strings,
+             integers and objects only where the format has them; no
+             duplicate keys; __metadata__ maps strings to strings
+           - known dtypes only (BOOL U8 I8 F8_E5M2 F8_E4M3 I16 U16 F16
+             BF16 I32 U32 F32 F64 I64 U64), at most 64 dimensions, and
+             END - BEGIN = elements * element size, without overflow
+           - the tensors cover the bytes after the header exactly: no
+             hole, no overlap, nothing after the last one
+       The JSON parser has no recursion (the format nests three levels)
+       and its memory is proportional to N.
+
    VERSION
 
        DDP_VERSION ("0.2.0"), DDP_VERSION_MAJOR, _MINOR, _PATCH and
@@ -463,6 +509,26 @@ DDP_API ddp_result ddp_train_step(ddp_context *ctx, ddp_forward_backward_fn fn, 
 DDP_API ddp_result ddp_save_checkpoint(ddp_context *ctx, const char *path);
 /* Every rank reads the file, verifies checksum, names, shapes and dtypes. */
 DDP_API ddp_result ddp_load_checkpoint(ddp_context *ctx, const char *path);
+
+/* ---- safetensors: the weights for PyTorch, Hugging Face, NumPy ------------- */
+/* See SAFETENSORS in the manual above. */
+
+typedef enum ddp_safetensors_flags {
+    DDP_SAFETENSORS_STRICT        = 0, /* every parameter in the file, nothing else */
+    DDP_SAFETENSORS_ALLOW_EXTRA   = 1, /* skip tensors of the file that are no parameter */
+    DDP_SAFETENSORS_ALLOW_MISSING = 2  /* parameters absent from the file keep their values */
+} ddp_safetensors_flags;
+
+/* Rank 0 writes every parameter's weights to path (atomically: temporary
+   file, fsync, rename); all ranks wait for it. metadata is NULL or a
+   NULL-terminated list of key, value strings for the header's
+   __metadata__, e.g. { "epoch", "3", NULL }. */
+DDP_API ddp_result ddp_save_safetensors(ddp_context *ctx, const char *path,
+                                        const char *const *metadata);
+/* Every rank reads path and copies each tensor into the parameter of the
+   same name, after checking the whole file; flags: ddp_safetensors_flags
+   OR-ed (0: strict). On any error no parameter changes. */
+DDP_API ddp_result ddp_load_safetensors(ddp_context *ctx, const char *path, int flags);
 
 #ifdef __cplusplus
 }
@@ -4635,6 +4701,789 @@ DDP_API ddp_result ddp_load_checkpoint(ddp_context *ctx, const char *path) {
     if (!ctx->finalized) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_load_checkpoint: call ddp_finalize() first");
     if (ctx->in_step) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_load_checkpoint: not allowed inside a step");
     return ddp__agree(ctx, ddp__load_file(ctx, path), "loading the checkpoint");
+}
+
+/* ---- safetensors ---------------------------------------------------------------------
+
+   The Hugging Face format (see SAFETENSORS in the manual): u64 N, N bytes of
+   JSON, the tensors' bytes. The writer builds the header in memory, pads it
+   to a multiple of 8 with spaces, writes the tensors widest type first. The
+   reader checks the whole file before it changes a parameter: it parses the
+   header with a strict, bounded, non-recursive parser (the format has three
+   levels: the top object, a tensor's object, its arrays), then checks
+   dtypes, sizes, duplicate names, offsets covering the byte buffer exactly,
+   names, dtypes and shapes against the model; it reads the data in file
+   order into a scratch buffer and commits at the end. */
+
+#define DDP__ST_MAX_HEADER 100000000u /* the format's limit on N (the reference reader's) */
+#define DDP__ST_MAX_DIMS   64         /* dimensions of one tensor in a file we read */
+#define DDP__ST_PAD        8          /* the header is padded to a multiple of this */
+#define DDP__ST_CHUNK      (1u << 20) /* bytes read at once (header, skipped tensors) */
+
+/* ---- files written atomically: temporary file, fsync, rename, fsync of the directory.
+   The checkpoint writer does the same inline; one helper for both is the plan. */
+
+static ddp_result ddp__atomic_open(ddp_context *ctx, const char *what, const char *path,
+                                   char *tmp, size_t cap, FILE **out) {
+    *out = NULL;
+    if (snprintf(tmp, cap, "%s.tmp.%d", path, (int)getpid()) >= (int)cap)
+        return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "%s: path '%.200s...' is too long", what, path);
+    *out = fopen(tmp, "wb");
+    if (!*out) return ddp__fail(ctx, DDP_ERROR_IO, "%s: cannot create '%s': %s", what, tmp, strerror(errno));
+    return DDP_SUCCESS;
+}
+
+/* write_err: 0, or the errno of a failed write. Closes f; on failure removes tmp. */
+static ddp_result ddp__atomic_commit(ddp_context *ctx, const char *what, FILE *f, const char *tmp,
+                                     const char *path, int write_err) {
+    int err = write_err;
+    if (!err && fflush(f) != 0) err = errno ? errno : EIO;
+    if (!err && fsync(fileno(f)) != 0) err = errno ? errno : EIO;
+    if (fclose(f) != 0 && !err) err = errno ? errno : EIO;
+    if (err) {
+        remove(tmp);
+        return ddp__fail(ctx, DDP_ERROR_IO, "%s: cannot write '%s': %s", what, tmp, strerror(err));
+    }
+    if (rename(tmp, path) != 0) {
+        err = errno;
+        remove(tmp);
+        return ddp__fail(ctx, DDP_ERROR_IO, "%s: cannot rename '%s' to '%s': %s", what, tmp, path, strerror(err));
+    }
+    {   /* make the rename itself durable */
+        char dir[4096];
+        const char *slash = strrchr(path, '/');
+        int fd;
+        if (slash && (size_t)(slash - path) < sizeof dir) {
+            size_t n = (size_t)(slash - path);
+            memcpy(dir, path, n ? n : 1);
+            dir[n ? n : 1] = 0;
+        } else {
+            ddp__copy_str(dir, sizeof dir, ".");
+        }
+        fd = open(dir, O_RDONLY);
+        if (fd >= 0) { fsync(fd); close(fd); }
+    }
+    return DDP_SUCCESS;
+}
+
+/* ---- format helpers ---- */
+
+typedef struct ddp__st_dtype { const char *name; size_t size; ddp_dtype param; } ddp__st_dtype;
+
+/* every dtype of the format with a whole-byte element; param: the
+   parameter type it loads into (DDP_DTYPE_DEFAULT: none) */
+static const ddp__st_dtype ddp__st_dtypes[] = {
+    { "BOOL", 1, DDP_DTYPE_DEFAULT }, { "U8", 1, DDP_DTYPE_DEFAULT },  { "I8", 1, DDP_DTYPE_DEFAULT },
+    { "F8_E5M2", 1, DDP_DTYPE_DEFAULT }, { "F8_E4M3", 1, DDP_DTYPE_DEFAULT },
+    { "I16", 2, DDP_DTYPE_DEFAULT },  { "U16", 2, DDP_DTYPE_DEFAULT }, { "F16", 2, DDP_F16 },
+    { "BF16", 2, DDP_BF16 },          { "I32", 4, DDP_DTYPE_DEFAULT }, { "U32", 4, DDP_DTYPE_DEFAULT },
+    { "F32", 4, DDP_F32 },            { "F64", 8, DDP_F64 },           { "I64", 8, DDP_DTYPE_DEFAULT },
+    { "U64", 8, DDP_DTYPE_DEFAULT }
+};
+#define DDP__ST_NDTYPES ((int)(sizeof ddp__st_dtypes / sizeof ddp__st_dtypes[0]))
+
+static const char *ddp__st_dtype_of(ddp_dtype t) {
+    switch (t) {
+    case DDP_F32: return "F32";
+    case DDP_F64: return "F64";
+    case DDP_F16: return "F16";
+    case DDP_BF16: return "BF16";
+    default: return "?";
+    }
+}
+
+static int ddp__host_little_endian(void) {
+    const uint16_t one = 1;
+    return *(const unsigned char *)&one == 1;
+}
+
+/* the file is little-endian; a big-endian host swaps each element */
+static void ddp__st_swap(unsigned char *p, size_t bytes, size_t el) {
+    size_t i, k;
+    if (el < 2 || ddp__host_little_endian()) return;
+    for (i = 0; i + el <= bytes; i += el)
+        for (k = 0; k < el / 2; k++) {
+            unsigned char c = p[i + k];
+            p[i + k] = p[i + el - 1 - k];
+            p[i + el - 1 - k] = c;
+        }
+}
+
+/* The length of the valid UTF-8 prefix of s (n when all of it is valid):
+   no overlong forms, no surrogates, nothing above U+10FFFF. */
+static size_t ddp__utf8_valid_prefix(const unsigned char *s, size_t n) {
+    size_t i = 0;
+    while (i < n) {
+        unsigned c = s[i];
+        size_t len, k;
+        unsigned lo = 0x80, hi = 0xbf;
+        if (c < 0x80) { i++; continue; }
+        if (c >= 0xc2 && c <= 0xdf) len = 2;
+        else if (c >= 0xe0 && c <= 0xef) { len = 3; if (c == 0xe0) lo = 0xa0; if (c == 0xed) hi = 0x9f; }
+        else if (c >= 0xf0 && c <= 0xf4) { len = 4; if (c == 0xf0) lo = 0x90; if (c == 0xf4) hi = 0x8f; }
+        else return i;
+        if (n - i < len) return i;
+        if (s[i + 1] < lo || s[i + 1] > hi) return i;
+        for (k = 2; k < len; k++)
+            if (s[i + k] < 0x80 || s[i + k] > 0xbf) return i;
+        i += len;
+    }
+    return n;
+}
+
+/* ---- the writer ---- */
+
+typedef struct ddp__strbuf { char *s; size_t len, cap; int oom; const ddp_context *ctx; } ddp__strbuf;
+
+static void ddp__sb_put(ddp__strbuf *b, const char *s, size_t n) {
+    if (b->oom) return;
+    if (b->len + n + 1 > b->cap) {
+        size_t cap = b->cap ? b->cap : 4096;
+        char *ns;
+        while (cap < b->len + n + 1) cap *= 2;
+        ns = (char *)ddp__alloc(b->ctx, cap);
+        if (!ns) { b->oom = 1; return; }
+        if (b->len) memcpy(ns, b->s, b->len);
+        ddp__free(b->ctx, b->s);
+        b->s = ns;
+        b->cap = cap;
+    }
+    memcpy(b->s + b->len, s, n);
+    b->len += n;
+    b->s[b->len] = 0;
+}
+static void ddp__sb_str(ddp__strbuf *b, const char *s) { ddp__sb_put(b, s, strlen(s)); }
+
+/* a JSON string: quotes, backslashes and control characters escaped; the
+   rest is copied (the caller checked it is UTF-8) */
+static void ddp__sb_json(ddp__strbuf *b, const char *s) {
+    ddp__sb_put(b, "\"", 1);
+    for (; *s; s++) {
+        unsigned char c = (unsigned char)*s;
+        char esc[8];
+        if (c == '"' || c == '\\') { esc[0] = '\\'; esc[1] = (char)c; ddp__sb_put(b, esc, 2); }
+        else if (c < 0x20) { snprintf(esc, sizeof esc, "\\u%04x", c); ddp__sb_put(b, esc, 6); }
+        else ddp__sb_put(b, s, 1);
+    }
+    ddp__sb_put(b, "\"", 1);
+}
+
+static void ddp__sb_u64(ddp__strbuf *b, uint64_t v) {
+    char num[32];
+    snprintf(num, sizeof num, "%llu", (unsigned long long)v);
+    ddp__sb_str(b, num);
+}
+
+static int ddp__st_text_ok(const char *s) {
+    return ddp__utf8_valid_prefix((const unsigned char *)s, strlen(s)) == strlen(s);
+}
+
+/* The order of the tensors in the file: widest element first (each tensor
+   starts aligned to its element size after the 8-aligned header), then
+   registration order. */
+static void ddp__st_order(const ddp_context *ctx, int *order) {
+    static const size_t widths[3] = { 8, 4, 2 };
+    int n = 0, w, i;
+    for (w = 0; w < 3; w++)
+        for (i = 0; i < ctx->num_params; i++)
+            if (ddp_dtype_size(ctx->params[i].dtype) == widths[w]) order[n++] = i;
+}
+
+static ddp_result ddp__st_header(ddp_context *ctx, const char *const *metadata, const int *order,
+                                 ddp__strbuf *h) {
+    const char *what = "ddp_save_safetensors";
+    int i, k, has_format = 0, nmeta = 0;
+    uint64_t off = 0;
+    if (metadata) {
+        for (k = 0; metadata[k]; k += 2) {
+            int j;
+            if (!metadata[k + 1])
+                return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "%s: metadata key '%.100s' has no value (the list is key, value, ..., NULL)", what, metadata[k]);
+            if (!ddp__st_text_ok(metadata[k]) || !ddp__st_text_ok(metadata[k + 1]))
+                return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "%s: metadata key '%.100s' or its value is not valid UTF-8", what, metadata[k]);
+            for (j = 0; j < k; j += 2)
+                if (!strcmp(metadata[j], metadata[k]))
+                    return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "%s: metadata key '%.100s' is given twice", what, metadata[k]);
+            if (!strcmp(metadata[k], "format")) has_format = 1;
+            nmeta++;
+        }
+    }
+    for (i = 0; i < ctx->num_params; i++) {
+        if (!ddp__st_text_ok(ctx->params[i].name))
+            return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "%s: the name of parameter %d is not valid UTF-8 (safetensors names are JSON strings)", what, i);
+        if (!strcmp(ctx->params[i].name, "__metadata__"))
+            return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "%s: parameter %d is named '__metadata__', the format's reserved key", what, i);
+    }
+    ddp__sb_str(h, "{\"__metadata__\":{");
+    if (!has_format) ddp__sb_str(h, "\"format\":\"pt\"");
+    for (k = 0; k < 2 * nmeta; k += 2) {
+        if (k || !has_format) ddp__sb_str(h, ",");
+        ddp__sb_json(h, metadata[k]);
+        ddp__sb_str(h, ":");
+        ddp__sb_json(h, metadata[k + 1]);
+    }
+    ddp__sb_str(h, "}");
+    for (k = 0; k < ctx->num_params; k++) {
+        const ddp__param *p = &ctx->params[order[k]];
+        uint64_t bytes = (uint64_t)p->numel * ddp_dtype_size(p->dtype);
+        ddp__sb_str(h, ",");
+        ddp__sb_json(h, p->name);
+        ddp__sb_str(h, ":{\"dtype\":\"");
+        ddp__sb_str(h, ddp__st_dtype_of(p->dtype));
+        ddp__sb_str(h, "\",\"shape\":[");
+        for (i = 0; i < p->ndim; i++) {
+            if (i) ddp__sb_str(h, ",");
+            ddp__sb_u64(h, (uint64_t)p->shape[i]);
+        }
+        ddp__sb_str(h, "],\"data_offsets\":[");
+        ddp__sb_u64(h, off);
+        ddp__sb_str(h, ",");
+        ddp__sb_u64(h, off + bytes);
+        ddp__sb_str(h, "]}");
+        off += bytes;
+    }
+    ddp__sb_str(h, "}");
+    while (!h->oom && h->len % DDP__ST_PAD) ddp__sb_str(h, " ");
+    if (h->oom) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "%s: out of memory for the header", what);
+    if (h->len > DDP__ST_MAX_HEADER)
+        return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "%s: the header would be %zu bytes, over the format's limit of %u",
+                         what, h->len, DDP__ST_MAX_HEADER);
+    return DDP_SUCCESS;
+}
+
+static ddp_result ddp__st_save_file(ddp_context *ctx, const char *path, const char *const *metadata) {
+    const char *what = "ddp_save_safetensors";
+    ddp__strbuf h;
+    char tmp[4096];
+    unsigned char len8[8];
+    int *order = NULL, k, werr = 0;
+    FILE *f = NULL;
+    ddp_result r;
+    memset(&h, 0, sizeof h);
+    h.ctx = ctx;
+    order = (int *)ddp__alloc(ctx, (size_t)ctx->num_params * sizeof *order + 1);
+    if (!order) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "%s: out of memory", what);
+    ddp__st_order(ctx, order);
+    r = ddp__st_header(ctx, metadata, order, &h);
+    if (r == DDP_SUCCESS) r = ddp__atomic_open(ctx, what, path, tmp, sizeof tmp, &f);
+    if (r != DDP_SUCCESS) { ddp__free(ctx, order); ddp__free(ctx, h.s); return r; }
+    for (k = 0; k < 8; k++) len8[k] = (unsigned char)(((uint64_t)h.len >> (8 * k)) & 0xffu);
+    if (fwrite(len8, 1, 8, f) != 8 || fwrite(h.s, 1, h.len, f) != h.len) werr = errno ? errno : EIO;
+    for (k = 0; k < ctx->num_params && !werr && r == DDP_SUCCESS; k++) {
+        const ddp__param *p = &ctx->params[order[k]];
+        size_t es = ddp_dtype_size(p->dtype), bytes = p->numel * es;
+        void *copy = NULL;
+        const void *view = NULL;
+        r = ddp__host_view(ctx, ctx->flat_params + p->offset, bytes, &copy, &view);
+        if (r != DDP_SUCCESS) break;
+        if (!ddp__host_little_endian()) {   /* swap a private copy */
+            if (!copy) {
+                copy = ddp__alloc(ctx, bytes ? bytes : 1);
+                if (!copy) { r = ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "%s: out of memory", what); break; }
+                memcpy(copy, view, bytes);
+            }
+            ddp__st_swap((unsigned char *)copy, bytes, es);
+            view = copy;
+        }
+        if (bytes && fwrite(view, 1, bytes, f) != bytes) werr = errno ? errno : EIO;
+        ddp__free(ctx, copy);
+    }
+    ddp__free(ctx, order);
+    ddp__free(ctx, h.s);
+    if (r != DDP_SUCCESS) { fclose(f); remove(tmp); return r; }
+    return ddp__atomic_commit(ctx, what, f, tmp, path, werr);
+}
+
+DDP_API ddp_result ddp_save_safetensors(ddp_context *ctx, const char *path, const char *const *metadata) {
+    ddp_result r = DDP_SUCCESS;
+    if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
+    DDP__TRY(ddp__check_usable(ctx, "ddp_save_safetensors"));
+    if (!path || !*path) return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_save_safetensors: path is NULL or empty");
+    if (!ctx->finalized) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_save_safetensors: call ddp_finalize() first");
+    if (ctx->in_step) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_save_safetensors: not allowed inside a step");
+    if (ctx->rank == 0) r = ddp__st_save_file(ctx, path, metadata);
+    return ddp__agree(ctx, r, "saving the safetensors file");
+}
+
+/* ---- the reader ---- */
+
+typedef struct ddp__st_entry {
+    const char *name;     /* decoded, NUL-terminated, in the parser's arena */
+    int      dtype;       /* index into ddp__st_dtypes */
+    int      ndim;
+    size_t   shape_at;    /* index of its first dimension in the shape array */
+    uint64_t begin, end;  /* data_offsets */
+    int      param;       /* the parameter it loads into, or -1 */
+} ddp__st_entry;
+
+typedef struct ddp__st_parser {
+    const unsigned char *p, *start, *end;
+    char    *arena;       /* decoded strings; never more than the header's bytes + one NUL per string */
+    size_t   arena_len, arena_cap;
+    ddp__st_entry *ent;
+    int      nent, capent;
+    uint64_t *dims;
+    size_t   ndims, capdims;
+    int      has_metadata;
+    char     err[512];
+    const ddp_context *ctx;
+} ddp__st_parser;
+
+#if defined(__GNUC__)
+__attribute__((format(printf, 2, 3)))
+#endif
+static int ddp__st_err(ddp__st_parser *ps, const char *fmt, ...) {
+    char msg[400];
+    va_list ap;
+    if (ps->err[0]) return -1;    /* keep the first */
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    snprintf(ps->err, sizeof ps->err, "header byte %ld: %s", (long)(ps->p - ps->start), msg);
+    return -1;
+}
+
+static void ddp__st_ws(ddp__st_parser *ps) {
+    while (ps->p < ps->end && (*ps->p == ' ' || *ps->p == '\t' || *ps->p == '\n' || *ps->p == '\r')) ps->p++;
+}
+
+/* expects c (after whitespace) */
+static int ddp__st_expect(ddp__st_parser *ps, char c, const char *where) {
+    ddp__st_ws(ps);
+    if (ps->p >= ps->end) return ddp__st_err(ps, "the header ends where '%c' %s was expected", c, where);
+    if (*ps->p != (unsigned char)c) {
+        if (*ps->p >= 0x20 && *ps->p < 0x7f) return ddp__st_err(ps, "expected '%c' %s, found '%c'", c, where, *ps->p);
+        return ddp__st_err(ps, "expected '%c' %s, found byte 0x%02x", c, where, *ps->p);
+    }
+    ps->p++;
+    return 0;
+}
+
+static int ddp__st_hex4(ddp__st_parser *ps, unsigned *out) {
+    unsigned v = 0;
+    int i;
+    if (ps->end - ps->p < 4) return ddp__st_err(ps, "a \\u escape needs 4 hex digits");
+    for (i = 0; i < 4; i++) {
+        unsigned char c = ps->p[i];
+        v <<= 4;
+        if (c >= '0' && c <= '9') v |= (unsigned)(c - '0');
+        else if (c >= 'a' && c <= 'f') v |= (unsigned)(c - 'a' + 10);
+        else if (c >= 'A' && c <= 'F') v |= (unsigned)(c - 'A' + 10);
+        else return ddp__st_err(ps, "bad hex digit '%c' in a \\u escape", c);
+    }
+    ps->p += 4;
+    *out = v;
+    return 0;
+}
+
+/* A JSON string, decoded to UTF-8 into the arena (NUL-terminated). The
+   header was checked to be UTF-8 already; escapes are decoded and checked
+   here (no lone surrogates, no \u0000: names are C strings). */
+static int ddp__st_string(ddp__st_parser *ps, const char **out) {
+    char *dst;
+    ddp__st_ws(ps);
+    if (ps->p >= ps->end || *ps->p != '"') return ddp__st_err(ps, "expected a string");
+    ps->p++;
+    dst = ps->arena + ps->arena_len;
+    for (;;) {
+        unsigned char c;
+        if (ps->p >= ps->end) return ddp__st_err(ps, "a string is not closed");
+        c = *ps->p++;
+        if (c == '"') break;
+        if (c < 0x20) return ddp__st_err(ps, "a control character (0x%02x) in a string", c);
+        if (c != '\\') { *dst++ = (char)c; continue; }
+        if (ps->p >= ps->end) return ddp__st_err(ps, "a string ends in a backslash");
+        c = *ps->p++;
+        switch (c) {
+        case '"': case '\\': case '/': *dst++ = (char)c; break;
+        case 'b': *dst++ = '\b'; break;
+        case 'f': *dst++ = '\f'; break;
+        case 'n': *dst++ = '\n'; break;
+        case 'r': *dst++ = '\r'; break;
+        case 't': *dst++ = '\t'; break;
+        case 'u': {
+            unsigned u, lo;
+            if (ddp__st_hex4(ps, &u)) return -1;
+            if (u >= 0xdc00 && u <= 0xdfff) return ddp__st_err(ps, "a lone low surrogate \\u%04x", u);
+            if (u >= 0xd800 && u <= 0xdbff) {
+                if (ps->end - ps->p < 2 || ps->p[0] != '\\' || ps->p[1] != 'u')
+                    return ddp__st_err(ps, "a high surrogate \\u%04x without its low half", u);
+                ps->p += 2;
+                if (ddp__st_hex4(ps, &lo)) return -1;
+                if (lo < 0xdc00 || lo > 0xdfff) return ddp__st_err(ps, "a high surrogate followed by \\u%04x", lo);
+                u = 0x10000 + ((u - 0xd800) << 10) + (lo - 0xdc00);
+            }
+            if (u == 0) return ddp__st_err(ps, "\\u0000 in a string");
+            /* UTF-8: at most 4 bytes, never more than the 6+ bytes of the escape */
+            if (u < 0x80) *dst++ = (char)u;
+            else if (u < 0x800) { *dst++ = (char)(0xc0 | (u >> 6)); *dst++ = (char)(0x80 | (u & 0x3f)); }
+            else if (u < 0x10000) {
+                *dst++ = (char)(0xe0 | (u >> 12)); *dst++ = (char)(0x80 | ((u >> 6) & 0x3f)); *dst++ = (char)(0x80 | (u & 0x3f));
+            } else {
+                *dst++ = (char)(0xf0 | (u >> 18)); *dst++ = (char)(0x80 | ((u >> 12) & 0x3f));
+                *dst++ = (char)(0x80 | ((u >> 6) & 0x3f)); *dst++ = (char)(0x80 | (u & 0x3f));
+            }
+            break;
+        }
+        default: return ddp__st_err(ps, "a bad escape '\\%c' in a string", c);
+        }
+    }
+    *dst++ = 0;
+    *out = ps->arena + ps->arena_len;
+    ps->arena_len = (size_t)(dst - ps->arena);
+    return 0;
+}
+
+/* A non-negative integer: digits only, no leading zero, no sign, fraction or
+   exponent (the format's offsets and dimensions), at most 2^64 - 1. */
+static int ddp__st_uint(ddp__st_parser *ps, uint64_t *out, const char *what) {
+    uint64_t v = 0;
+    const unsigned char *s;
+    ddp__st_ws(ps);
+    s = ps->p;
+    if (ps->p >= ps->end || *ps->p < '0' || *ps->p > '9') return ddp__st_err(ps, "%s: expected a non-negative integer", what);
+    while (ps->p < ps->end && *ps->p >= '0' && *ps->p <= '9') {
+        unsigned d = (unsigned)(*ps->p - '0');
+        if (v > (UINT64_MAX - d) / 10) return ddp__st_err(ps, "%s: the integer does not fit in 64 bits", what);
+        v = v * 10 + d;
+        ps->p++;
+    }
+    if (ps->p - s > 1 && *s == '0') return ddp__st_err(ps, "%s: an integer with a leading zero", what);
+    if (ps->p < ps->end && (*ps->p == '.' || *ps->p == 'e' || *ps->p == 'E'))
+        return ddp__st_err(ps, "%s: expected an integer, found a fraction or exponent", what);
+    *out = v;
+    return 0;
+}
+
+static int ddp__st_push_dim(ddp__st_parser *ps, uint64_t d) {
+    if (ps->ndims == ps->capdims) {
+        size_t cap = ps->capdims ? ps->capdims * 2 : 64;
+        uint64_t *nd = (uint64_t *)ddp__alloc(ps->ctx, cap * sizeof *nd);
+        if (!nd) return ddp__st_err(ps, "out of memory");
+        if (ps->ndims) memcpy(nd, ps->dims, ps->ndims * sizeof *nd);
+        ddp__free(ps->ctx, ps->dims);
+        ps->dims = nd;
+        ps->capdims = cap;
+    }
+    ps->dims[ps->ndims++] = d;
+    return 0;
+}
+
+/* "name": {"dtype": "F32", "shape": [..], "data_offsets": [b, e]}, keys in any order, each once */
+static int ddp__st_tensor(ddp__st_parser *ps, const char *name) {
+    ddp__st_entry e;
+    int seen_dtype = 0, seen_shape = 0, seen_off = 0;
+    memset(&e, 0, sizeof e);
+    e.name = name;
+    e.param = -1;
+    e.dtype = -1;
+    if (ddp__st_expect(ps, '{', "to open the entry of a tensor")) return -1;
+    ddp__st_ws(ps);
+    if (ps->p < ps->end && *ps->p == '}') return ddp__st_err(ps, "tensor '%.200s' has an empty entry", name);
+    for (;;) {
+        const char *key;
+        if (ddp__st_string(ps, &key)) return -1;
+        if (ddp__st_expect(ps, ':', "after a key")) return -1;
+        if (!strcmp(key, "dtype")) {
+            const char *dt;
+            int i;
+            if (seen_dtype++) return ddp__st_err(ps, "tensor '%.200s' has two \"dtype\" keys", name);
+            if (ddp__st_string(ps, &dt)) return -1;
+            for (i = 0; i < DDP__ST_NDTYPES; i++)
+                if (!strcmp(dt, ddp__st_dtypes[i].name)) e.dtype = i;
+            if (e.dtype < 0) return ddp__st_err(ps, "tensor '%.200s' has dtype \"%.40s\", which this reader does not know", name, dt);
+        } else if (!strcmp(key, "shape")) {
+            if (seen_shape++) return ddp__st_err(ps, "tensor '%.200s' has two \"shape\" keys", name);
+            e.shape_at = ps->ndims;
+            if (ddp__st_expect(ps, '[', "to open a shape")) return -1;
+            ddp__st_ws(ps);
+            if (ps->p < ps->end && *ps->p == ']') ps->p++;   /* [] is a scalar */
+            else for (;;) {
+                uint64_t d;
+                if (e.ndim == DDP__ST_MAX_DIMS)
+                    return ddp__st_err(ps, "tensor '%.200s' has more than %d dimensions", name, DDP__ST_MAX_DIMS);
+                if (ddp__st_uint(ps, &d, "a dimension") || ddp__st_push_dim(ps, d)) return -1;
+                e.ndim++;
+                ddp__st_ws(ps);
+                if (ps->p < ps->end && *ps->p == ',') { ps->p++; continue; }
+                if (ddp__st_expect(ps, ']', "to close a shape")) return -1;
+                break;
+            }
+        } else if (!strcmp(key, "data_offsets")) {
+            if (seen_off++) return ddp__st_err(ps, "tensor '%.200s' has two \"data_offsets\" keys", name);
+            if (ddp__st_expect(ps, '[', "to open data_offsets") || ddp__st_uint(ps, &e.begin, "data_offsets") ||
+                ddp__st_expect(ps, ',', "between the two data_offsets") || ddp__st_uint(ps, &e.end, "data_offsets") ||
+                ddp__st_expect(ps, ']', "after the two data_offsets"))
+                return -1;
+        } else {
+            return ddp__st_err(ps, "tensor '%.200s' has a key \"%.60s\" (the format has dtype, shape, data_offsets)", name, key);
+        }
+        ddp__st_ws(ps);
+        if (ps->p < ps->end && *ps->p == ',') { ps->p++; continue; }
+        if (ddp__st_expect(ps, '}', "to close the entry of a tensor")) return -1;
+        break;
+    }
+    if (!seen_dtype || !seen_shape || !seen_off)
+        return ddp__st_err(ps, "tensor '%.200s' lacks \"%s\"", name, !seen_dtype ? "dtype" : !seen_shape ? "shape" : "data_offsets");
+    if (ps->nent == ps->capent) {
+        int cap = ps->capent ? ps->capent * 2 : 64;
+        ddp__st_entry *ne = (ddp__st_entry *)ddp__alloc(ps->ctx, (size_t)cap * sizeof *ne);
+        if (!ne) return ddp__st_err(ps, "out of memory");
+        if (ps->nent) memcpy(ne, ps->ent, (size_t)ps->nent * sizeof *ne);
+        ddp__free(ps->ctx, ps->ent);
+        ps->ent = ne;
+        ps->capent = cap;
+    }
+    ps->ent[ps->nent++] = e;
+    return 0;
+}
+
+/* "__metadata__": {"key": "value", ...}: strings only */
+static int ddp__st_metadata(ddp__st_parser *ps) {
+    if (ps->has_metadata++) return ddp__st_err(ps, "the key \"__metadata__\" appears twice");
+    if (ddp__st_expect(ps, '{', "to open __metadata__")) return -1;
+    ddp__st_ws(ps);
+    if (ps->p < ps->end && *ps->p == '}') { ps->p++; return 0; }
+    for (;;) {
+        const char *k, *v;
+        if (ddp__st_string(ps, &k) || ddp__st_expect(ps, ':', "after a key of __metadata__")) return -1;
+        ddp__st_ws(ps);
+        if (ps->p < ps->end && *ps->p != '"')
+            return ddp__st_err(ps, "__metadata__ key \"%.60s\" has a value that is not a string", k);
+        if (ddp__st_string(ps, &v)) return -1;
+        ddp__st_ws(ps);
+        if (ps->p < ps->end && *ps->p == ',') { ps->p++; continue; }
+        return ddp__st_expect(ps, '}', "to close __metadata__");
+    }
+}
+
+static int ddp__st_parse(ddp__st_parser *ps) {
+    size_t valid = ddp__utf8_valid_prefix(ps->start, (size_t)(ps->end - ps->start));
+    if (valid != (size_t)(ps->end - ps->start)) {
+        ps->p = ps->start + valid;
+        return ddp__st_err(ps, "the header is not valid UTF-8");
+    }
+    if (ps->p >= ps->end || *ps->p != '{') return ddp__st_err(ps, "the header must begin with '{'");
+    ps->p++;
+    ddp__st_ws(ps);
+    if (ps->p < ps->end && *ps->p == '}') ps->p++;
+    else for (;;) {
+        const char *key;
+        if (ddp__st_string(ps, &key) || ddp__st_expect(ps, ':', "after a key")) return -1;
+        if (!strcmp(key, "__metadata__")) { if (ddp__st_metadata(ps)) return -1; }
+        else if (ddp__st_tensor(ps, key)) return -1;
+        ddp__st_ws(ps);
+        if (ps->p < ps->end && *ps->p == ',') { ps->p++; continue; }
+        if (ddp__st_expect(ps, '}', "to close the header")) return -1;
+        break;
+    }
+    ddp__st_ws(ps);
+    if (ps->p != ps->end) return ddp__st_err(ps, "bytes after the header's closing '}' (only padding spaces may follow)");
+    return 0;
+}
+
+static int ddp__st_by_name(const void *a, const void *b) {
+    return strcmp(((const ddp__st_entry *)a)->name, ((const ddp__st_entry *)b)->name);
+}
+static int ddp__st_by_offset(const void *a, const void *b) {
+    const ddp__st_entry *x = (const ddp__st_entry *)a, *y = (const ddp__st_entry *)b;
+    if (x->begin != y->begin) return x->begin < y->begin ? -1 : 1;
+    if (x->end != y->end) return x->end < y->end ? -1 : 1;
+    return 0;
+}
+
+/* "F32 [256,784]" */
+static void ddp__st_describe(const ddp__st_parser *ps, const ddp__st_entry *e, char *out, size_t cap) {
+    int n = snprintf(out, cap, "%s [", ddp__st_dtypes[e->dtype].name), i;
+    for (i = 0; i < e->ndim && n > 0 && (size_t)n < cap; i++)
+        n += snprintf(out + n, cap - (size_t)n, i ? ",%llu" : "%llu", (unsigned long long)ps->dims[e->shape_at + (size_t)i]);
+    if (n > 0 && (size_t)n < cap) snprintf(out + n, cap - (size_t)n, "]");
+}
+
+/* sizes, duplicates, coverage; then matched against the model */
+static ddp_result ddp__st_check(ddp_context *ctx, ddp__st_parser *ps, const char *path, int flags) {
+    const char *what = "ddp_load_safetensors";
+    int i, k;
+    for (i = 0; i < ps->nent; i++) {
+        ddp__st_entry *e = &ps->ent[i];
+        uint64_t n = 1;
+        for (k = 0; k < e->ndim; k++) {
+            uint64_t d = ps->dims[e->shape_at + (size_t)k];
+            if (d && n > UINT64_MAX / d)
+                return ddp__fail(ctx, DDP_ERROR_CORRUPT, "%s: '%s': tensor '%.200s' has a shape whose element count overflows", what, path, e->name);
+            n *= d;
+        }
+        if (n > UINT64_MAX / ddp__st_dtypes[e->dtype].size || e->end < e->begin ||
+            e->end - e->begin != n * ddp__st_dtypes[e->dtype].size)
+            return ddp__fail(ctx, DDP_ERROR_CORRUPT, "%s: '%s': tensor '%.200s' has data_offsets [%llu,%llu], which do not hold its %llu elements of %s",
+                             what, path, e->name, (unsigned long long)e->begin, (unsigned long long)e->end,
+                             (unsigned long long)n, ddp__st_dtypes[e->dtype].name);
+    }
+    if (ps->nent > 1) qsort(ps->ent, (size_t)ps->nent, sizeof *ps->ent, ddp__st_by_name);
+    for (i = 1; i < ps->nent; i++)
+        if (!strcmp(ps->ent[i - 1].name, ps->ent[i].name))
+            return ddp__fail(ctx, DDP_ERROR_CORRUPT, "%s: '%s': the tensor name '%.200s' appears twice", what, path, ps->ent[i].name);
+    /* match parameters by name (binary search in the sorted entries) */
+    for (i = 0; i < ctx->num_params; i++) {
+        const ddp__param *p = &ctx->params[i];
+        ddp__st_entry key, *e;
+        memset(&key, 0, sizeof key);
+        key.name = p->name;
+        e = ps->nent ? (ddp__st_entry *)bsearch(&key, ps->ent, (size_t)ps->nent, sizeof *ps->ent, ddp__st_by_name) : NULL;
+        if (!e) {
+            if (flags & DDP_SAFETENSORS_ALLOW_MISSING) continue;
+            return ddp__fail(ctx, DDP_ERROR_MISMATCH, "%s: '%s' has no tensor '%s' (parameter %d; DDP_SAFETENSORS_ALLOW_MISSING keeps such parameters as they are)",
+                             what, path, p->name, i);
+        }
+        {
+            int same = ddp__st_dtypes[e->dtype].param == p->dtype && e->ndim == p->ndim;
+            for (k = 0; same && k < p->ndim; k++) same = ps->dims[e->shape_at + (size_t)k] == (uint64_t)p->shape[k];
+            if (!same) {
+                char a[300], b[300];
+                ddp__st_describe(ps, e, a, sizeof a);
+                ddp__describe_param(p, b, sizeof b);
+                return ddp__fail(ctx, DDP_ERROR_MISMATCH, "%s: '%s': tensor '%s' is %s in the file; the parameter is %s%s", what, path,
+                                 p->name, a, b, p->ndim == 1 && e->ndim > 1 ? " (register it with ddp_register_param_shape to give it the file's shape)" : "");
+            }
+        }
+        e->param = i;
+    }
+    if (!(flags & DDP_SAFETENSORS_ALLOW_EXTRA))
+        for (i = 0; i < ps->nent; i++)
+            if (ps->ent[i].param < 0)
+                return ddp__fail(ctx, DDP_ERROR_MISMATCH, "%s: '%s' has tensor '%.200s', which is no parameter of this model (DDP_SAFETENSORS_ALLOW_EXTRA skips such tensors)",
+                                 what, path, ps->ent[i].name);
+    /* the tensors cover the byte buffer: in offset order, each starts where the last ended */
+    if (ps->nent > 1) qsort(ps->ent, (size_t)ps->nent, sizeof *ps->ent, ddp__st_by_offset);
+    {
+        uint64_t at = 0;
+        for (i = 0; i < ps->nent; i++) {
+            if (ps->ent[i].begin != at)
+                return ddp__fail(ctx, DDP_ERROR_CORRUPT, "%s: '%s': tensor '%.200s' begins at byte %llu of the data, where %s",
+                                 what, path, ps->ent[i].name, (unsigned long long)ps->ent[i].begin,
+                                 ps->ent[i].begin > at ? "the bytes before it belong to no tensor (a hole)" : "another tensor's bytes are (an overlap)");
+            at = ps->ent[i].end;
+        }
+    }
+    return DDP_SUCCESS;
+}
+
+/* reads n bytes (into dst, or discarded when dst is NULL); 0 at a short read */
+static int ddp__st_read(FILE *f, unsigned char *dst, uint64_t n, unsigned char *chunk) {
+    while (n > 0) {
+        size_t step = n > DDP__ST_CHUNK ? DDP__ST_CHUNK : (size_t)n;
+        if (fread(dst ? dst : chunk, 1, step, f) != step) return 0;
+        if (dst) dst += step;
+        n -= step;
+    }
+    return 1;
+}
+
+static ddp_result ddp__st_load_file(ddp_context *ctx, const char *path, int flags) {
+    const char *what = "ddp_load_safetensors";
+    ddp__st_parser ps;
+    unsigned char len8[8], *header = NULL, *pbuf = NULL, *chunk = NULL;
+    uint64_t n = 0, got = 0;
+    size_t cap = 0;
+    int i, any16 = 0;
+    ddp_result r = DDP_SUCCESS;
+    FILE *f = fopen(path, "rb");
+    memset(&ps, 0, sizeof ps);
+    ps.ctx = ctx;
+    if (!f) return ddp__fail(ctx, DDP_ERROR_IO, "%s: cannot open '%s': %s", what, path, strerror(errno));
+    if (fread(len8, 1, 8, f) != 8) { r = ddp__fail(ctx, DDP_ERROR_CORRUPT, "%s: '%s' is shorter than the 8-byte header length", what, path); goto done; }
+    for (i = 7; i >= 0; i--) n = (n << 8) | len8[i];
+    if (n > DDP__ST_MAX_HEADER) {
+        r = ddp__fail(ctx, DDP_ERROR_CORRUPT, "%s: '%s' declares a header of %llu bytes, over the format's limit of %u (not a safetensors file?)",
+                      what, path, (unsigned long long)n, DDP__ST_MAX_HEADER);
+        goto done;
+    }
+    chunk = (unsigned char *)ddp__alloc(ctx, DDP__ST_CHUNK);
+    if (!chunk) { r = ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "%s: out of memory", what); goto done; }
+    /* the header, grown as it arrives: a short file cannot make us allocate N */
+    while (got < n) {
+        size_t step = n - got > DDP__ST_CHUNK ? DDP__ST_CHUNK : (size_t)(n - got), rd;
+        if (got + step > cap) {
+            size_t ncap = cap ? cap : DDP__ST_CHUNK;
+            unsigned char *nh;
+            while (ncap < got + step) ncap *= 2;
+            if (ncap > n) ncap = (size_t)n;
+            nh = (unsigned char *)ddp__alloc(ctx, ncap);
+            if (!nh) { r = ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "%s: out of memory for a %llu-byte header", what, (unsigned long long)n); goto done; }
+            if (got) memcpy(nh, header, (size_t)got);
+            ddp__free(ctx, header);
+            header = nh;
+            cap = ncap;
+        }
+        rd = fread(header + got, 1, step, f);
+        got += rd;
+        if (rd != step) {
+            r = ddp__fail(ctx, DDP_ERROR_CORRUPT, "%s: '%s' declares a header of %llu bytes but has only %llu after the length",
+                          what, path, (unsigned long long)n, (unsigned long long)got);
+            goto done;
+        }
+    }
+    /* a decoded string and its NUL never take more bytes than its JSON text
+       with the quotes, so n bytes hold them all */
+    ps.arena_cap = (size_t)n + 16;
+    ps.arena = (char *)ddp__alloc(ctx, ps.arena_cap);
+    if (!ps.arena) { r = ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "%s: out of memory", what); goto done; }
+    ps.start = ps.p = header ? header : chunk;
+    ps.end = ps.start + n;
+    if (ddp__st_parse(&ps)) {
+        r = ddp__fail(ctx, strstr(ps.err, "out of memory") ? DDP_ERROR_OUT_OF_MEMORY : DDP_ERROR_CORRUPT,
+                      "%s: '%s' is not a valid safetensors file: %s", what, path, ps.err);
+        goto done;
+    }
+    r = ddp__st_check(ctx, &ps, path, flags);
+    if (r != DDP_SUCCESS) goto done;
+    /* the data, in file order, into scratch; tensors of no parameter are read past */
+    pbuf = (unsigned char *)ddp__alloc(ctx, ctx->flat_bytes ? ctx->flat_bytes : 1);
+    if (!pbuf) { r = ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "%s: out of memory", what); goto done; }
+    for (i = 0; i < ps.nent; i++) {
+        const ddp__st_entry *e = &ps.ent[i];
+        unsigned char *dst = e->param >= 0 ? pbuf + ctx->params[e->param].offset : NULL;
+        if (!ddp__st_read(f, dst, e->end - e->begin, chunk)) {
+            r = ddp__fail(ctx, DDP_ERROR_CORRUPT, "%s: '%s' is truncated in the data of tensor '%.200s'", what, path, e->name);
+            goto done;
+        }
+        if (dst) ddp__st_swap(dst, (size_t)(e->end - e->begin), ddp__st_dtypes[e->dtype].size);
+    }
+    if (fgetc(f) != EOF) {
+        r = ddp__fail(ctx, DDP_ERROR_CORRUPT, "%s: '%s' has bytes after its last tensor (the tensors must cover the data exactly)", what, path);
+        goto done;
+    }
+    /* commit */
+    for (i = 0; i < ps.nent && r == DDP_SUCCESS; i++) {
+        const ddp__st_entry *e = &ps.ent[i];
+        const ddp__param *p;
+        if (e->param < 0) continue;
+        p = &ctx->params[e->param];
+        if (p->dtype == DDP_F16 || p->dtype == DDP_BF16) any16 = 1;
+        if (ddp__on_gpu(ctx)) r = ddp__cuda_memcpy(ctx, ctx->flat_params + p->offset, pbuf + p->offset, (size_t)(e->end - e->begin), 1);
+        else memcpy(ctx->flat_params + p->offset, pbuf + p->offset, (size_t)(e->end - e->begin));
+    }
+    if (r == DDP_SUCCESS && any16) r = ddp__init_master(ctx);
+done:
+    fclose(f);
+    ddp__free(ctx, header);
+    ddp__free(ctx, chunk);
+    ddp__free(ctx, pbuf);
+    ddp__free(ctx, ps.arena);
+    ddp__free(ctx, ps.ent);
+    ddp__free(ctx, ps.dims);
+    return r;
+}
+
+DDP_API ddp_result ddp_load_safetensors(ddp_context *ctx, const char *path, int flags) {
+    if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
+    DDP__TRY(ddp__check_usable(ctx, "ddp_load_safetensors"));
+    if (!path || !*path) return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_load_safetensors: path is NULL or empty");
+    if (flags & ~(DDP_SAFETENSORS_ALLOW_EXTRA | DDP_SAFETENSORS_ALLOW_MISSING))
+        return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_load_safetensors: unknown flags 0x%x", (unsigned)flags);
+    if (!ctx->finalized) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_load_safetensors: call ddp_finalize() first");
+    if (ctx->in_step) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_load_safetensors: not allowed inside a step");
+    return ddp__agree(ctx, ddp__st_load_file(ctx, path, flags), "loading the safetensors file");
 }
 
 /* ---- CUDA: device memory, streams, NCCL and the host-staged backend ----------------

@@ -22,6 +22,8 @@
        epoch E loss L train_acc A test_acc T samples_per_s S
    and at the end
        result: epochs=E test_acc=A samples_per_s=S
+   --export PATH writes the weights as safetensors (fc1.weight [256,784],
+   fc1.bias [256], ... as PyTorch's nn.Linear holds them).
    Errors: "fashion_mlp: <ddp_result_string>: <ddp_last_error>", exit 1. */
 #define _POSIX_C_SOURCE 200809L
 #define MLP_IMPLEMENTATION
@@ -48,7 +50,7 @@ typedef struct options {
     const char *backend;      /* NULL: library default */
     double timeout;
     uint64_t seed;
-    const char *save, *resume;
+    const char *save, *resume, *export_path;
 } options;
 
 #define DEFAULT_SGD_LR    0.02f  /* momentum 0.9: 0.86 test accuracy after 2 epochs */
@@ -70,7 +72,9 @@ static void usage(FILE *f)
         "  --backend shm|nccl|staged   communication backend (default: the library's)\n"
         "  --timeout S         seconds any wait may take (default: the library's)\n"
         "  --save PATH         write a checkpoint at the end\n"
-        "  --resume PATH       start from a checkpoint (--epochs counts from its start)\n",
+        "  --resume PATH       start from a checkpoint (--epochs counts from its start)\n"
+        "  --export PATH       write the weights as safetensors at the end (PyTorch:\n"
+        "                      safetensors.torch.load_file(PATH))\n",
         (double)DEFAULT_SGD_LR, (double)DEFAULT_ADAMW_LR, (double)ADAMW_WEIGHT_DECAY,
         MLP_FASHION_DEFAULT_DIR);
 }
@@ -125,6 +129,7 @@ static void parse(int argc, char **argv, options *o)
         else if (!strcmp(a, "--data")) o->data = v;
         else if (!strcmp(a, "--save")) o->save = v;
         else if (!strcmp(a, "--resume")) o->resume = v;
+        else if (!strcmp(a, "--export")) o->export_path = v;
         else if (!strcmp(a, "--optim")) {
             if (strcmp(v, "sgd") && strcmp(v, "adamw")) die("--optim must be sgd or adamw, not '%s'", v);
             o->optim = v;
@@ -498,6 +503,16 @@ int main(int argc, char **argv)
         test_acc = sums[1] > 0 ? sums[0] / sums[1] : 0.0;
     }
     if (o.save) DDP_OK(ddp_save_checkpoint(ctx, o.save));
+    if (o.export_path) {
+        /* the weights for PyTorch & co: fc1.weight [256,784] ... as nn.Linear holds them */
+        char epochs[32], acc[32];
+        const char *meta[] = { "producer", "ddp.h examples/fashion_mlp", "model", "784-256-256-10 MLP, ReLU",
+                               "epochs", epochs, "test_acc", acc, NULL };
+        snprintf(epochs, sizeof epochs, "%d", o.epochs);
+        snprintf(acc, sizeof acc, "%.4f", test_acc);
+        DDP_OK(ddp_save_safetensors(ctx, o.export_path, meta));
+        if (rank == 0) printf("fashion_mlp: wrote the weights to %s (safetensors)\n", o.export_path);
+    }
     if (rank == 0) {
         printf("result: epochs=%d test_acc=%.4f samples_per_s=%.0f\n", o.epochs, test_acc,
                total_time > 0 ? total_samples / total_time : 0.0);
