@@ -12,6 +12,12 @@
          of a step; the others must fail within the timeout, and nothing is
          left in /dev/shm.
 
+     test_gpu_ddp safetensors
+         a world-1 GPU context saves its weights as safetensors (device to
+         host), a CPU context reads them; a CPU file with other values loads
+         into the GPU context (host to device), which saves them again: every
+         value must come back exactly.
+
    Prints PASS/FAIL lines and exits 0 only when everything passed. */
 #define _GNU_SOURCE 1 /* fork, kill, clock_gettime */
 #include "../../ddp.h"
@@ -237,10 +243,52 @@ static int run_kill(void) {
     return ok && !left ? 0 : 1;
 }
 
+/* weights through safetensors files between a GPU and a CPU context */
+static int run_safetensors(void) {
+    ddp_config c;
+    ddp_context *gpu, *cpu;
+    mlp_shape shape;
+    float *init[MLP_MAX_PARAMS] = {0};
+    char a[64], b[64];
+    int p, bad = 0, ok;
+    size_t i;
+    mlp_shape_parse("64,48,32,10", &shape);
+    for (p = 0; p < mlp_num_params(&shape); p++) init[p] = (float *)malloc(mlp_param_numel(&shape, p) * sizeof(float));
+    mlp_init_params(&shape, 5, init);
+    snprintf(a, sizeof a, "/tmp/ddp-gpu-st-%d-a.safetensors", (int)getpid());
+    snprintf(b, sizeof b, "/tmp/ddp-gpu-st-%d-b.safetensors", (int)getpid());
+    memset(&c, 0, sizeof c);
+    c.world_size = 1;
+    c.timeout_s = 60;
+    c.device = DDP_DEVICE_CUDA;
+    gpu = make_ctx(&c, &shape, init);
+    c.device = DDP_DEVICE_CPU;
+    cpu = make_ctx(&c, &shape, init);
+    for (p = 0; p < mlp_num_params(&shape); p++) memset(ddp_param_data(cpu, p), 0, mlp_param_numel(&shape, p) * sizeof(float));
+    ok = ddp_save_safetensors(gpu, a, NULL) == DDP_SUCCESS && ddp_load_safetensors(cpu, a, 0) == DDP_SUCCESS;
+    for (p = 0; ok && p < mlp_num_params(&shape); p++)
+        for (i = 0; i < mlp_param_numel(&shape, p); i++) bad += ((float *)ddp_param_data(cpu, p))[i] != init[p][i];
+    /* other values, from the CPU into the GPU context and back out */
+    for (p = 0; ok && p < mlp_num_params(&shape); p++)
+        for (i = 0; i < mlp_param_numel(&shape, p); i++) ((float *)ddp_param_data(cpu, p))[i] = 2.0f * init[p][i] + 1.0f;
+    ok = ok && ddp_save_safetensors(cpu, b, NULL) == DDP_SUCCESS && ddp_load_safetensors(gpu, b, 0) == DDP_SUCCESS &&
+         ddp_save_safetensors(gpu, a, NULL) == DDP_SUCCESS && ddp_load_safetensors(cpu, a, 0) == DDP_SUCCESS;
+    for (p = 0; ok && p < mlp_num_params(&shape); p++)
+        for (i = 0; i < mlp_param_numel(&shape, p); i++) bad += ((float *)ddp_param_data(cpu, p))[i] != 2.0f * init[p][i] + 1.0f;
+    if (!ok) fprintf(stderr, "gpu: %s / cpu: %s\n", ddp_last_error(gpu), ddp_last_error(cpu));
+    printf("%s gpu_safetensors save/load device<->host values_wrong=%d\n", ok && !bad ? "PASS" : "FAIL", bad);
+    ddp_destroy(gpu);
+    ddp_destroy(cpu);
+    remove(a);
+    remove(b);
+    for (p = 0; p < mlp_num_params(&shape); p++) free(init[p]);
+    return ok && !bad ? 0 : 1;
+}
+
 int main(int argc, char **argv) {
     int steps = 4, accum = 1, i;
     const char *optim = "sgd";
-    if (argc < 2) { fprintf(stderr, "usage: test_gpu_ddp equiv|kill [--steps S] [--accum K] [--optim sgd|adamw]\n"); return 2; }
+    if (argc < 2) { fprintf(stderr, "usage: test_gpu_ddp equiv|kill|safetensors [--steps S] [--accum K] [--optim sgd|adamw]\n"); return 2; }
     for (i = 2; i < argc; i++) {
         if (!strcmp(argv[i], "--steps") && i + 1 < argc) steps = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--accum") && i + 1 < argc) accum = atoi(argv[++i]);
@@ -251,6 +299,7 @@ int main(int argc, char **argv) {
     if (!strcmp(argv[1], "kill")) return run_kill();
     if (mlp_cuda_device_count() == 0) { printf("SKIP no CUDA device\n"); return 77; }
     if (!strcmp(argv[1], "equiv")) return run_equiv(steps, accum, optim);
+    if (!strcmp(argv[1], "safetensors")) return run_safetensors();
     fprintf(stderr, "unknown mode '%s'\n", argv[1]);
     return 2;
 }
