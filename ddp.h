@@ -242,16 +242,26 @@ typedef struct ddp_logger {                    /* silent when func is NULL */
 
 /* ---- configuration -------------------------------------------------------- */
 
+/* The optimizer. Every field carries PyTorch's name and default (see
+   OPTIMIZERS in the manual above). Two ways to fill it:
+     - ddp_optimizer_defaults(type): PyTorch's defaults with exact = 1;
+       change what you need; every field is then used as written, so zero
+       means zero (beta1 = 0, eps = 0, weight_decay = 0 are all allowed).
+     - a zeroed struct (exact = 0, how configs were written before): a zero
+       lr, beta1, beta2, eps, or AdamW weight_decay means that field's
+       default; the other fields are used as written. */
 typedef struct ddp_optimizer_desc {
     ddp_optimizer type;
-    float lr;            /* default 1e-3 */
-    float momentum;      /* SGD; 0 = plain SGD */
-    int   nesterov;      /* SGD; needs momentum > 0 */
-    float weight_decay;  /* SGD: added to the gradient; AdamW: decoupled */
-    float beta1;         /* AdamW, default 0.9 */
-    float beta2;         /* AdamW, default 0.999 */
-    float eps;           /* AdamW, default 1e-8 */
-    float max_grad_norm; /* > 0: clip by global norm before each step */
+    int    exact;         /* 1: use every value as written (set by ddp_optimizer_defaults) */
+    double lr;            /* lr: 1e-3 (PyTorch's SGD requires one; this library's default is 1e-3) */
+    double momentum;      /* SGD momentum: 0 (plain SGD) */
+    double dampening;     /* SGD dampening: 0 */
+    int    nesterov;      /* SGD nesterov: 0 (needs momentum > 0 and dampening 0) */
+    double weight_decay;  /* weight_decay: SGD 0 (L2, added to the gradient); AdamW 1e-2 (decoupled) */
+    double beta1;         /* AdamW betas[0]: 0.9 */
+    double beta2;         /* AdamW betas[1]: 0.999 */
+    double eps;           /* AdamW eps: 1e-8 */
+    double max_grad_norm; /* > 0: clip_grad_norm_(max_norm) before each step; 0: no clipping */
 } ddp_optimizer_desc;
 
 typedef struct ddp_config {
@@ -391,13 +401,22 @@ DDP_API ddp_result ddp_synchronize(ddp_context *ctx);
 
 /* ---- optimizer ------------------------------------------------------------ */
 
-/* Clip, then apply config.optimizer to every parameter; the next step
-   starts from zero gradients. */
+/* PyTorch's defaults for an optimizer (see OPTIMIZERS), with exact = 1:
+   every field is then used as written, zero included. */
+DDP_API ddp_optimizer_desc ddp_optimizer_defaults(ddp_optimizer type);
+/* Clip (config.optimizer.max_grad_norm), then apply config.optimizer to
+   every parameter. Ends the accumulation: the next ddp_step_begin() starts
+   from zero gradients (see ACCUMULATION). */
 DDP_API ddp_result ddp_optimizer_step(ddp_context *ctx);
-/* The global L2 norm of the gradients; scaled down to max_norm if larger
-   (max_norm <= 0: measure only). */
-DDP_API ddp_result ddp_clip_grad_norm(ddp_context *ctx, float max_norm, float *out_norm);
-DDP_API ddp_result ddp_set_lr(ddp_context *ctx, float lr);
+/* torch.nn.utils.clip_grad_norm_: *out_norm (may be NULL) = the global L2
+   norm of the gradients; when max_norm > 0 they are multiplied by
+   min(1, max_norm / (norm + 1e-6)) (f64 gradients in double, others in
+   float). max_norm <= 0: measure only. A non-finite norm leaves the
+   gradients as they are. */
+DDP_API ddp_result ddp_clip_grad_norm(ddp_context *ctx, double max_norm, double *out_norm);
+/* Set the lr of the following steps (see SCHEDULES: with a schedule, the
+   base lr it starts from). Saved in checkpoints. */
+DDP_API ddp_result ddp_set_lr(ddp_context *ctx, double lr);
 DDP_API ddp_result ddp_zero_grad(ddp_context *ctx);
 DDP_API int64_t    ddp_optimizer_steps(const ddp_context *ctx);
 
@@ -843,11 +862,30 @@ DDP_API ddp_config ddp_config_defaults(const ddp_config *in) {
     if (c.first_bucket_bytes == 0) c.first_bucket_bytes = (size_t)1 << 20;
     if (c.bucket_bytes == 0) c.bucket_bytes = (size_t)25 << 20;
     if (c.staging_bytes == 0) c.staging_bytes = (size_t)16 << 20;
-    if (c.optimizer.lr == 0) c.optimizer.lr = 1e-3f;
-    if (c.optimizer.beta1 == 0) c.optimizer.beta1 = 0.9f;
-    if (c.optimizer.beta2 == 0) c.optimizer.beta2 = 0.999f;
-    if (c.optimizer.eps == 0) c.optimizer.eps = 1e-8f;
+    if (!c.optimizer.exact) {
+        /* a zeroed (legacy) desc: a zero means the default where PyTorch has one */
+        ddp_optimizer_desc d = ddp_optimizer_defaults(c.optimizer.type);
+        if (c.optimizer.lr == 0) c.optimizer.lr = d.lr;
+        if (c.optimizer.beta1 == 0) c.optimizer.beta1 = d.beta1;
+        if (c.optimizer.beta2 == 0) c.optimizer.beta2 = d.beta2;
+        if (c.optimizer.eps == 0) c.optimizer.eps = d.eps;
+        if (c.optimizer.weight_decay == 0) c.optimizer.weight_decay = d.weight_decay;
+        c.optimizer.exact = 1;
+    }
     return c;
+}
+
+DDP_API ddp_optimizer_desc ddp_optimizer_defaults(ddp_optimizer type) {
+    ddp_optimizer_desc d;
+    memset(&d, 0, sizeof d);
+    d.type = type;
+    d.exact = 1;
+    d.lr = 1e-3;
+    d.beta1 = 0.9;
+    d.beta2 = 0.999;
+    d.eps = 1e-8;
+    d.weight_decay = type == DDP_OPTIM_ADAMW ? 1e-2 : 0.0;
+    return d;
 }
 
 DDP_API ddp_config ddp_query_config(const ddp_context *ctx) {
@@ -954,6 +992,29 @@ static ddp_result ddp__resolve_address(ddp_config *c, char *addr_buf, size_t cap
     return DDP_SUCCESS;
 }
 
+/* A finite value in [lo, hi) (hi_open) or [lo, hi]. */
+static int ddp__in_range(double v, double lo, double hi, int hi_open) {
+    return v == v && v >= lo && (hi_open ? v < hi : v <= hi);
+}
+
+static ddp_result ddp__check_optimizer(const ddp_optimizer_desc *o) {
+    static const char *const names[] = { "lr", "momentum", "dampening", "weight_decay", "beta1", "beta2", "eps", "max_grad_norm" };
+    const double vals[] = { o->lr, o->momentum, o->dampening, o->weight_decay, o->beta1, o->beta2, o->eps, o->max_grad_norm };
+    int i;
+    if ((int)o->type < 0 || o->type > DDP_OPTIM_ADAMW)
+        return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "config.optimizer.type %d is not a ddp_optimizer", (int)o->type);
+    for (i = 0; i < 8; i++) {
+        int beta = i == 4 || i == 5;
+        if (!ddp__in_range(vals[i], 0.0, beta ? 1.0 : HUGE_VAL, beta))
+            return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "config.optimizer.%s = %g: must be %s", names[i], vals[i],
+                             beta ? "in [0, 1)" : "finite and >= 0");
+    }
+    if (o->type == DDP_OPTIM_SGD && o->nesterov && (o->momentum <= 0 || o->dampening != 0))
+        return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "config.optimizer.nesterov needs a momentum > 0 and dampening 0 (momentum %g, dampening %g)",
+                         o->momentum, o->dampening);
+    return DDP_SUCCESS;
+}
+
 static ddp_result ddp__resolve_backend(ddp_config *c) {
     const char *b = getenv("DDP_BACKEND"), *t = getenv("DDP_TIMEOUT");
     if (t && *t) {
@@ -972,15 +1033,9 @@ static ddp_result ddp__resolve_backend(ddp_config *c) {
         return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "config.backend %d is not a ddp_backend", (int)c->backend);
     if ((int)c->device < 0 || c->device > DDP_DEVICE_CUDA)
         return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "config.device %d is not a ddp_device", (int)c->device);
-    if ((int)c->optimizer.type < 0 || c->optimizer.type > DDP_OPTIM_ADAMW)
-        return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "config.optimizer.type %d is not a ddp_optimizer", (int)c->optimizer.type);
     if (c->compress != DDP_DTYPE_DEFAULT && c->compress != DDP_F32 && c->compress != DDP_BF16 && c->compress != DDP_F16)
         return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "config.compress %d must be DDP_BF16, DDP_F16 or 0", (int)c->compress);
-    if (c->optimizer.nesterov && c->optimizer.momentum <= 0 && c->optimizer.type == DDP_OPTIM_SGD)
-        return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "config.optimizer.nesterov needs a momentum > 0");
-    if (c->optimizer.lr < 0 || c->optimizer.momentum < 0 || c->optimizer.weight_decay < 0 ||
-        !(c->optimizer.beta1 < 1) || !(c->optimizer.beta2 < 1) || c->optimizer.eps < 0)
-        return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "config.optimizer has a negative lr/momentum/weight_decay/eps or a beta >= 1");
+    DDP__TRY(ddp__check_optimizer(&c->optimizer));
 #if !defined(DDP_CUDA)
     if (c->device == DDP_DEVICE_CUDA)
         return ddp__fail(NULL, DDP_ERROR_UNSUPPORTED, "config.device is DDP_DEVICE_CUDA but this implementation was compiled without CUDA (compile the DDP_IMPLEMENTATION file with nvcc)");
@@ -4013,7 +4068,8 @@ DDP_API ddp_result ddp_set_no_sync(ddp_context *ctx, int no_sync) {
 
 /* ---- optimizers ------------------------------------------------------------------------ */
 
-static ddp_result ddp__cuda_optimizer_step(ddp_context *ctx, float clip_scale);
+typedef struct ddp__hyper ddp__hyper;
+static ddp_result ddp__cuda_optimizer_step(ddp_context *ctx, const ddp__hyper *h);
 static ddp_result ddp__cuda_sumsq(ddp_context *ctx, double *out);
 static ddp_result ddp__cuda_scale_grads(ddp_context *ctx, float s);
 static ddp_result ddp__cuda_memcpy(ddp_context *ctx, void *dst, const void *src, size_t bytes, int to_device);
@@ -4080,11 +4136,30 @@ static ddp_result ddp__state_zero(ddp_context *ctx, void *p) {
     return DDP_SUCCESS;
 }
 
-static void ddp__sgd_f32(float *p, const float *g, float *buf, size_t n, const ddp_optimizer_desc *o,
-                         int first, float gs) {
-    float lr = o->lr, wd = o->weight_decay, mom = o->momentum;
+/* One step's hyper-parameters for one parameter group, in double as
+   PyTorch computes its Python-float scalars; the f32 and 16-bit paths
+   round each to float once, as PyTorch does when it applies a Python
+   float to a float tensor. */
+struct ddp__hyper {
+    int     adamw;
+    int64_t t;           /* the step being taken, 1-based */
+    double  lr, wd;      /* the group's lr and weight decay */
+    double  momentum, dampening, beta1, beta2, eps;
+    int     nesterov;
+    double  gs;          /* gradient multiplier for f64 (unscale x clip) */
+    float   gs32;        /* the same for f32 and 16-bit gradients */
+};
+
+static int ddp__finite(double x) { return x == x && x - x == 0; }
+
+/* PyTorch's SGD on f32: d = g (+ wd * p); buf = d on the first step, else
+   momentum * buf + (1 - dampening) * d; d = nesterov ? d + momentum * buf
+   : buf; p -= lr * d. */
+static void ddp__sgd_f32(float *p, const float *g, float *buf, size_t n, const ddp__hyper *h) {
+    float lr = (float)h->lr, wd = (float)h->wd, mom = (float)h->momentum, omd = (float)(1.0 - h->dampening), gs = h->gs32;
+    int first = h->t == 1;
     size_t i;
-    if (mom != 0 && wd == 0 && gs == 1.0f && !o->nesterov) {
+    if (mom != 0 && wd == 0 && gs == 1.0f && omd == 1.0f && !h->nesterov) {
         /* the common case without per-element branches, in fixed-size
            chunks so that the compiler vectorises it */
         size_t j = 0;
@@ -4100,69 +4175,93 @@ static void ddp__sgd_f32(float *p, const float *g, float *buf, size_t n, const d
         return;
     }
     if (mom == 0) {
-        for (i = 0; i < n; i++) p[i] -= lr * (g[i] * gs + wd * p[i]);
+        if (wd == 0) for (i = 0; i < n; i++) p[i] -= lr * (g[i] * gs);
+        else for (i = 0; i < n; i++) p[i] -= lr * (g[i] * gs + wd * p[i]);
         return;
     }
     for (i = 0; i < n; i++) {
-        float d = g[i] * gs + wd * p[i];
-        float b = first ? d : mom * buf[i] + d;
+        float d = g[i] * gs, b;
+        if (wd != 0) d = d + wd * p[i];
+        b = first ? d : mom * buf[i] + omd * d;
         buf[i] = b;
-        p[i] -= lr * (o->nesterov ? d + mom * b : b);
+        p[i] -= lr * (h->nesterov ? d + mom * b : b);
     }
 }
 
-static void ddp__adamw_f32(float *p, const float *g, float *m, float *v, size_t n, const ddp_optimizer_desc *o,
-                           int64_t t, float gs) {
-    float b1 = o->beta1, b2 = o->beta2, eps = o->eps;
-    float bc1 = (float)(1.0 - pow((double)b1, (double)t));
-    float bc2s = (float)sqrt(1.0 - pow((double)b2, (double)t));
-    float step = o->lr / bc1, decay = 1.0f - o->lr * o->weight_decay;
+/* PyTorch's AdamW on f32 (torch.optim.AdamW, single-tensor path):
+   p *= 1 - lr * wd; m = b1 * m + (1 - b1) * g; v = b2 * v + (1 - b2) * g * g;
+   p -= (lr / bc1) * m / (sqrt(v) / sqrt(bc2) + eps). */
+static void ddp__adamw_f32(float *p, const float *g, float *m, float *v, size_t n, const ddp__hyper *h) {
+    double bc1 = 1.0 - pow(h->beta1, (double)h->t), bc2 = 1.0 - pow(h->beta2, (double)h->t);
+    float b1 = (float)h->beta1, omb1 = (float)(1.0 - h->beta1), b2 = (float)h->beta2, omb2 = (float)(1.0 - h->beta2);
+    float step = (float)(h->lr / bc1), bc2s = (float)sqrt(bc2), eps = (float)h->eps;
+    float decay = (float)(1.0 - h->lr * h->wd), gs = h->gs32;
     size_t i;
     for (i = 0; i < n; i++) {
         float gi = g[i] * gs;
-        float mi = b1 * m[i] + (1.0f - b1) * gi;
-        float vi = b2 * v[i] + (1.0f - b2) * gi * gi;
+        float mi = b1 * m[i] + omb1 * gi;
+        float vi = b2 * v[i] + omb2 * gi * gi;
         m[i] = mi;
         v[i] = vi;
         p[i] = p[i] * decay - step * mi / (sqrtf(vi) / bc2s + eps);
     }
 }
 
-/* f64, f16 and bf16 buckets: the same arithmetic in double, with f32 master
-   weights for the 16-bit types. */
-static void ddp__opt_generic(ddp_context *ctx, int b, int64_t t, double gs) {
-    const ddp_optimizer_desc *o = &ctx->cfg.optimizer;
+/* f64, f16 and bf16: the same steps in double (f64: exactly PyTorch's f64
+   arithmetic), with f32 master weights for the 16-bit types. Elements
+   [lo, hi) of bucket b. */
+static void ddp__opt_generic(ddp_context *ctx, int b, size_t lo, size_t hi, const ddp__hyper *h) {
     const ddp__bucket *bk = &ctx->buckets[b];
     int wide = bk->dtype == DDP_F64, half = bk->dtype == DDP_F16 || bk->dtype == DDP_BF16;
     unsigned char *pp = ctx->flat_params + bk->offset, *gp = ctx->flat_grads + bk->offset;
     void *m = ctx->opt_m ? (unsigned char *)ctx->opt_m + ctx->opt_state_off[b] : NULL;
     void *v = ctx->opt_v ? (unsigned char *)ctx->opt_v + ctx->opt_state_off[b] : NULL;
     float *master = half ? (float *)((unsigned char *)ctx->opt_master + ctx->opt_state_off[b]) : NULL;
-    double bc1 = 1.0 - pow((double)o->beta1, (double)t), bc2s = sqrt(1.0 - pow((double)o->beta2, (double)t));
+    double bc1 = 1.0 - pow(h->beta1, (double)h->t), bc2s = sqrt(1.0 - pow(h->beta2, (double)h->t));
+    double step = h->lr / bc1, decay = 1.0 - h->lr * h->wd, gs = wide ? h->gs : (double)h->gs32;
     size_t i;
-    for (i = 0; i < bk->numel; i++) {
+    for (i = lo; i < hi; i++) {
         double p = half ? master[i] : ddp__load_elem(pp, i, bk->dtype);
         double g = ddp__load_elem(gp, i, bk->dtype) * gs;
-        if (o->type == DDP_OPTIM_SGD) {
-            double d = g + o->weight_decay * p;
-            if (o->momentum > 0) {
-                double bb = t == 1 ? d : o->momentum * ddp__sload(m, i, wide) + d;
+        if (!h->adamw) {
+            double d = g;
+            if (h->wd != 0) d = d + h->wd * p;
+            if (h->momentum != 0) {
+                double bb = h->t == 1 ? d : h->momentum * ddp__sload(m, i, wide) + (1.0 - h->dampening) * d;
                 ddp__sstore(m, i, wide, bb);
-                d = o->nesterov ? d + o->momentum * bb : bb;
+                d = h->nesterov ? d + h->momentum * bb : bb;
             }
-            p -= o->lr * d;
+            p = p - h->lr * d;
         } else {
-            double mi = o->beta1 * ddp__sload(m, i, wide) + (1.0 - o->beta1) * g;
-            double vi = o->beta2 * ddp__sload(v, i, wide) + (1.0 - o->beta2) * g * g;
+            double mi = h->beta1 * ddp__sload(m, i, wide) + (1.0 - h->beta1) * g;
+            double vi = h->beta2 * ddp__sload(v, i, wide) + (1.0 - h->beta2) * g * g;
             ddp__sstore(m, i, wide, mi);
             ddp__sstore(v, i, wide, vi);
-            p = p * (1.0 - (double)o->lr * o->weight_decay) - ((double)o->lr / bc1) * mi / (sqrt(vi) / bc2s + o->eps);
+            p = p * decay;
+            p = p - step * mi / (sqrt(vi) / bc2s + h->eps);
         }
         if (half) master[i] = (float)p;
         ddp__store_elem(pp, i, bk->dtype, p);
     }
 }
 
+/* The optimizer over elements [lo, hi) of bucket b (ZeRO-style sharding
+   runs it over a slice). */
+static void ddp__opt_range(ddp_context *ctx, int b, size_t lo, size_t hi, const ddp__hyper *h) {
+    const ddp__bucket *bk = &ctx->buckets[b];
+    if (hi <= lo) return;
+    if (bk->dtype == DDP_F32) {
+        float *p = (float *)(ctx->flat_params + bk->offset) + lo, *g = (float *)(ctx->flat_grads + bk->offset) + lo;
+        float *m = ctx->opt_m ? (float *)((unsigned char *)ctx->opt_m + ctx->opt_state_off[b]) + lo : NULL;
+        float *v = ctx->opt_v ? (float *)((unsigned char *)ctx->opt_v + ctx->opt_state_off[b]) + lo : NULL;
+        if (h->adamw) ddp__adamw_f32(p, g, m, v, hi - lo, h);
+        else ddp__sgd_f32(p, g, m, hi - lo, h);
+    } else {
+        ddp__opt_generic(ctx, b, lo, hi, h);
+    }
+}
+
+/* Squared L2 norm of every gradient, in double. */
 static ddp_result ddp__sumsq(ddp_context *ctx, double *out) {
     double s = 0;
     int b;
@@ -4195,62 +4294,85 @@ static ddp_result ddp__opt_ready(ddp_context *ctx, const char *fn) {
     return DDP_SUCCESS;
 }
 
-/* The clip factor for max_norm (1 when no clipping is needed). */
-static ddp_result ddp__clip_factor(ddp_context *ctx, float max_norm, float *norm_out, float *factor) {
-    double ss = 0;
-    DDP__TRY(ddp__sumsq(ctx, &ss));
-    *norm_out = (float)sqrt(ss);
-    *factor = 1.0f;
-    if (max_norm > 0 && *norm_out > max_norm) *factor = max_norm / (*norm_out + 1e-6f);
-    return DDP_SUCCESS;
+/* torch.nn.utils.clip_grad_norm_'s factor min(1, max_norm / (norm + 1e-6)):
+   in double for f64 gradients, in float for the others (PyTorch computes it
+   in the gradients' type). 1 when max_norm <= 0 or the norm is not finite. */
+static void ddp__clip_coef(double max_norm, double norm, double *c64, float *c32) {
+    *c64 = 1.0;
+    *c32 = 1.0f;
+    if (!(max_norm > 0) || !ddp__finite(norm)) return;
+    {
+        double c = max_norm / (norm + 1e-6);
+        float cf = (float)max_norm / ((float)norm + 1e-6f);
+        if (c < 1.0) *c64 = c;
+        if (cf < 1.0f) *c32 = cf;
+    }
 }
 
-DDP_API ddp_result ddp_clip_grad_norm(ddp_context *ctx, float max_norm, float *out_norm) {
-    float norm, f;
+/* Multiply every gradient by c64 (f64 buckets) or c32 (the others). */
+static ddp_result ddp__scale_grads(ddp_context *ctx, double c64, float c32) {
     int b;
-    DDP__TRY(ddp__opt_ready(ctx, "ddp_clip_grad_norm"));
-    if (!(max_norm == max_norm)) return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_clip_grad_norm: max_norm is NaN");
-    DDP__TRY(ddp__clip_factor(ctx, max_norm, &norm, &f));
-    if (out_norm) *out_norm = norm;
-    if (f == 1.0f) return DDP_SUCCESS;
-    if (ddp__on_gpu(ctx)) return ddp__cuda_scale_grads(ctx, f);
+    if (ddp__on_gpu(ctx)) return ddp__cuda_scale_grads(ctx, c32);
     for (b = 0; b < ctx->num_buckets; b++) {
-        void *g = ctx->flat_grads + ctx->buckets[b].offset;
-        ddp__reduce(&g, 1, &g, 1, ctx->buckets[b].numel, ctx->buckets[b].dtype, DDP_OP_SUM, f);
+        const ddp__bucket *bk = &ctx->buckets[b];
+        void *g = ctx->flat_grads + bk->offset;
+        double c = bk->dtype == DDP_F64 ? c64 : (double)c32;
+        if (c != 1.0) ddp__reduce(&g, 1, &g, 1, bk->numel, bk->dtype, DDP_OP_SUM, c);
     }
     return DDP_SUCCESS;
 }
 
+DDP_API ddp_result ddp_clip_grad_norm(ddp_context *ctx, double max_norm, double *out_norm) {
+    double ss = 0, norm, c64;
+    float c32;
+    DDP__TRY(ddp__opt_ready(ctx, "ddp_clip_grad_norm"));
+    if (!(max_norm == max_norm)) return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_clip_grad_norm: max_norm is NaN");
+    DDP__TRY(ddp__sumsq(ctx, &ss));
+    norm = sqrt(ss);
+    if (out_norm) *out_norm = norm;
+    ddp__clip_coef(max_norm, norm, &c64, &c32);
+    if (c64 == 1.0 && c32 == 1.0f) return DDP_SUCCESS;
+    return ddp__scale_grads(ctx, c64, c32);
+}
+
 DDP_API ddp_result ddp_optimizer_step(ddp_context *ctx) {
     const ddp_optimizer_desc *o;
-    float gs = 1.0f, norm;
+    ddp__hyper h;
+    double c64 = 1.0;
+    float c32 = 1.0f;
     int b;
     DDP__TRY(ddp__opt_ready(ctx, "ddp_optimizer_step"));
     o = &ctx->cfg.optimizer;
     if (o->type == DDP_OPTIM_NONE)
         return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_optimizer_step: config.optimizer.type is DDP_OPTIM_NONE");
-    if (o->max_grad_norm > 0) DDP__TRY(ddp__clip_factor(ctx, o->max_grad_norm, &norm, &gs));
+    if (o->max_grad_norm > 0) {
+        double ss = 0;
+        DDP__TRY(ddp__sumsq(ctx, &ss));
+        ddp__clip_coef(o->max_grad_norm, sqrt(ss), &c64, &c32);
+    }
     DDP__TRY(ddp__opt_alloc(ctx));
     ctx->opt_steps++;
-    if (ddp__on_gpu(ctx)) return ddp__cuda_optimizer_step(ctx, gs);
-    for (b = 0; b < ctx->num_buckets; b++) {
-        const ddp__bucket *bk = &ctx->buckets[b];
-        if (bk->dtype == DDP_F32) {
-            float *p = (float *)(ctx->flat_params + bk->offset), *g = (float *)(ctx->flat_grads + bk->offset);
-            float *m = ctx->opt_m ? (float *)((unsigned char *)ctx->opt_m + ctx->opt_state_off[b]) : NULL;
-            float *v = ctx->opt_v ? (float *)((unsigned char *)ctx->opt_v + ctx->opt_state_off[b]) : NULL;
-            if (o->type == DDP_OPTIM_SGD) ddp__sgd_f32(p, g, m, bk->numel, o, ctx->opt_steps == 1, gs);
-            else ddp__adamw_f32(p, g, m, v, bk->numel, o, ctx->opt_steps, gs);
-        } else {
-            ddp__opt_generic(ctx, b, ctx->opt_steps, gs);
-        }
-    }
+    memset(&h, 0, sizeof h);
+    h.adamw = o->type == DDP_OPTIM_ADAMW;
+    h.t = ctx->opt_steps;
+    h.lr = o->lr;
+    h.wd = o->weight_decay;
+    h.momentum = o->momentum;
+    h.dampening = o->dampening;
+    h.nesterov = o->nesterov;
+    h.beta1 = o->beta1;
+    h.beta2 = o->beta2;
+    h.eps = o->eps;
+    h.gs = c64;
+    h.gs32 = c32;
+    if (ddp__on_gpu(ctx)) return ddp__cuda_optimizer_step(ctx, &h);
+    for (b = 0; b < ctx->num_buckets; b++) ddp__opt_range(ctx, b, 0, ctx->buckets[b].numel, &h);
     return DDP_SUCCESS;
 }
 
-DDP_API ddp_result ddp_set_lr(ddp_context *ctx, float lr) {
+DDP_API ddp_result ddp_set_lr(ddp_context *ctx, double lr) {
     if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
-    if (!(lr >= 0)) return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_set_lr: lr %g must be >= 0", (double)lr);
+    if (!ddp__in_range(lr, 0.0, HUGE_VAL, 0)) return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_set_lr: lr %g must be finite and >= 0", lr);
     ctx->cfg.optimizer.lr = lr;
     return DDP_SUCCESS;
 }
@@ -5423,30 +5545,30 @@ static ddp_result ddp__cuda_init_master(ddp_context *ctx) {
     return DDP_SUCCESS;
 }
 
-static ddp_result ddp__cuda_optimizer_step(ddp_context *ctx, float clip) {
-    const ddp_optimizer_desc *o = &ctx->cfg.optimizer;
+static ddp_result ddp__cuda_optimizer_step(ddp_context *ctx, const ddp__hyper *h) {
     cudaStream_t s = ddp__ustream(ctx);
-    int b;
-    if (clip != 1.0f) DDP__TRY(ddp__cuda_scale_grads(ctx, clip));
+    float lr = (float)h->lr, wd = (float)h->wd, mom = (float)h->momentum;
+    int b, t = (int)h->t;
+    if (h->dampening != 0) return ddp__fail(ctx, DDP_ERROR_UNSUPPORTED, "SGD dampening is not supported on the GPU yet");
+    if (h->gs32 != 1.0f) DDP__TRY(ddp__cuda_scale_grads(ctx, h->gs32));
     for (b = 0; b < ctx->num_buckets; b++) {
         const ddp__bucket *bk = &ctx->buckets[b];
         void *p = ctx->flat_params + bk->offset, *g = ctx->flat_grads + bk->offset;
         float *m = ctx->opt_m ? (float *)((unsigned char *)ctx->opt_m + ctx->opt_state_off[b]) : NULL;
         float *v = ctx->opt_v ? (float *)((unsigned char *)ctx->opt_v + ctx->opt_state_off[b]) : NULL;
         float *master = ctx->opt_master ? (float *)((unsigned char *)ctx->opt_master + ctx->opt_state_off[b]) : NULL;
-        int t = (int)ctx->opt_steps;
         if (bk->dtype == DDP_F32) {
-            if (o->type == DDP_OPTIM_SGD)
-                DDP__KL(ctx, ddp_k_sgd((float *)p, (const float *)g, m, bk->numel, o->lr, o->momentum, o->weight_decay, o->nesterov, t == 1, s), "SGD step");
+            if (!h->adamw)
+                DDP__KL(ctx, ddp_k_sgd((float *)p, (const float *)g, m, bk->numel, lr, mom, wd, h->nesterov, t == 1, s), "SGD step");
             else
-                DDP__KL(ctx, ddp_k_adamw((float *)p, (const float *)g, m, v, bk->numel, o->lr, o->beta1, o->beta2, o->eps, o->weight_decay, t, s), "AdamW step");
+                DDP__KL(ctx, ddp_k_adamw((float *)p, (const float *)g, m, v, bk->numel, lr, (float)h->beta1, (float)h->beta2, (float)h->eps, wd, t, s), "AdamW step");
         } else {
-            if (o->type == DDP_OPTIM_SGD)
-                DDP__KL(ctx, ddp_k_sgd_mixed(p, (int)bk->dtype, master, g, (int)bk->dtype, m, bk->numel, o->lr, o->momentum,
-                                             o->weight_decay, o->nesterov, t == 1, s), "SGD step (mixed precision)");
+            if (!h->adamw)
+                DDP__KL(ctx, ddp_k_sgd_mixed(p, (int)bk->dtype, master, g, (int)bk->dtype, m, bk->numel, lr, mom,
+                                             wd, h->nesterov, t == 1, s), "SGD step (mixed precision)");
             else
-                DDP__KL(ctx, ddp_k_adamw_mixed(p, (int)bk->dtype, master, g, (int)bk->dtype, m, v, bk->numel, o->lr, o->beta1,
-                                               o->beta2, o->eps, o->weight_decay, t, s), "AdamW step (mixed precision)");
+                DDP__KL(ctx, ddp_k_adamw_mixed(p, (int)bk->dtype, master, g, (int)bk->dtype, m, v, bk->numel, lr, (float)h->beta1,
+                                               (float)h->beta2, (float)h->eps, wd, t, s), "AdamW step (mixed precision)");
         }
     }
     return DDP_SUCCESS;
@@ -5476,7 +5598,7 @@ static ddp_result ddp__cuda_finalize(ddp_context *ctx) { return ddp__cuda_unreac
 static ddp_result ddp__cuda_launch_bucket(ddp_context *ctx, int b) { (void)b; return ddp__cuda_unreachable(ctx); }
 static ddp_result ddp__cuda_record_ready(ddp_context *ctx, int id, void *s) { (void)id; (void)s; return ddp__cuda_unreachable(ctx); }
 static ddp_result ddp__cuda_step_end(ddp_context *ctx, void *s) { (void)s; return ddp__cuda_unreachable(ctx); }
-static ddp_result ddp__cuda_optimizer_step(ddp_context *ctx, float f) { (void)f; return ddp__cuda_unreachable(ctx); }
+static ddp_result ddp__cuda_optimizer_step(ddp_context *ctx, const ddp__hyper *h) { (void)h; return ddp__cuda_unreachable(ctx); }
 static ddp_result ddp__cuda_sumsq(ddp_context *ctx, double *o) { (void)o; return ddp__cuda_unreachable(ctx); }
 static ddp_result ddp__cuda_scale_grads(ddp_context *ctx, float s) { (void)s; return ddp__cuda_unreachable(ctx); }
 static ddp_result ddp__cuda_zero_grads(ddp_context *ctx) { return ddp__cuda_unreachable(ctx); }

@@ -313,11 +313,11 @@ static void test_buckets(void) {
 }
 
 /* reference SGD/AdamW in double, straight from PyTorch's documented formulas */
-static void ref_sgd(double *p, const double *g, double *buf, int n, double lr, double mom, double wd, int nest, int t) {
+static void ref_sgd(double *p, const double *g, double *buf, int n, double lr, double mom, double damp, double wd, int nest, int t) {
     int i;
     for (i = 0; i < n; i++) {
         double d = g[i] + wd * p[i];
-        if (mom > 0) { buf[i] = t == 1 ? d : mom * buf[i] + d; d = nest ? d + mom * buf[i] : buf[i]; }
+        if (mom > 0) { buf[i] = t == 1 ? d : mom * buf[i] + (1 - damp) * d; d = nest ? d + mom * buf[i] : buf[i]; }
         p[i] -= lr * d;
     }
 }
@@ -334,7 +334,9 @@ static void ref_adamw(double *p, const double *g, double *m, double *v, int n, d
 
 static double grad_of(int step, int i) { return sin(0.37 * i + 1.3 * step) * (1 + 0.1 * i); }
 
-static void run_optimizer_case(ddp_optimizer type, int nesterov, ddp_dtype dtype, double tol) {
+/* the optimizer from ddp_optimizer_defaults() with a few changes, N steps
+   against the double reference */
+static void run_optimizer_case(ddp_optimizer type, int nesterov, double damp, ddp_dtype dtype, double tol) {
     enum { N = 37, STEPS = 4 };
     ddp_config c = base_config();
     ddp_context *ctx;
@@ -344,11 +346,13 @@ static void run_optimizer_case(ddp_optimizer type, int nesterov, ddp_dtype dtype
     uint16_t init16[N];
     int id, i, s;
     double maxerr = 0;
-    c.optimizer.type = type;
-    c.optimizer.lr = 0.05f;
-    c.optimizer.momentum = type == DDP_OPTIM_SGD ? 0.9f : 0;
+    c.optimizer = ddp_optimizer_defaults(type);
+    c.optimizer.lr = 0.05;
+    c.optimizer.momentum = type == DDP_OPTIM_SGD ? 0.9 : 0;
+    c.optimizer.dampening = damp;
     c.optimizer.nesterov = nesterov;
-    c.optimizer.weight_decay = 0.01f;
+    c.optimizer.weight_decay = 0.01;
+    if (type == DDP_OPTIM_ADAMW) c.optimizer.beta2 = 0.95;
     ctx = make(&c);
     for (i = 0; i < N; i++) {
         p[i] = cos(0.5 * i);
@@ -361,6 +365,8 @@ static void run_optimizer_case(ddp_optimizer type, int nesterov, ddp_dtype dtype
             init16[i] = dtype == DDP_BF16 ? ddp__f32_to_bf16(init32[i]) : ddp__f32_to_f16(init32[i]);
             p[i] = dtype == DDP_BF16 ? ddp__bf16_to_f32(init16[i]) : ddp__f16_to_f32(init16[i]);
         }
+    } else if (dtype == DDP_F32) {
+        for (i = 0; i < N; i++) p[i] = init32[i];
     }
     CHECK_OK(ddp_register_param(ctx, "w", N, dtype, dtype == DDP_F64 ? (void *)init64 : dtype == DDP_F32 ? (void *)init32 : (void *)init16, &id), ctx);
     CHECK_OK(ddp_finalize(ctx), ctx);
@@ -370,7 +376,7 @@ static void run_optimizer_case(ddp_optimizer type, int nesterov, ddp_dtype dtype
         gp = ddp_param_grad(ctx, id);
         for (i = 0; i < N; i++) {
             g[i] = grad_of(s, i);
-            if (dtype == DDP_F32) ((float *)gp)[i] += (float)g[i];
+            if (dtype == DDP_F32) { ((float *)gp)[i] += (float)g[i]; g[i] = (float)g[i]; }
             else if (dtype == DDP_F64) ((double *)gp)[i] += g[i];
             else if (dtype == DDP_BF16) { ((uint16_t *)gp)[i] = ddp__f32_to_bf16((float)g[i]); g[i] = ddp__bf16_to_f32(((uint16_t *)gp)[i]); }
             else { ((uint16_t *)gp)[i] = ddp__f32_to_f16((float)g[i]); g[i] = ddp__f16_to_f32(((uint16_t *)gp)[i]); }
@@ -378,9 +384,8 @@ static void run_optimizer_case(ddp_optimizer type, int nesterov, ddp_dtype dtype
         CHECK_OK(ddp_mark_ready(ctx, id), ctx);
         CHECK_OK(ddp_step_end(ctx), ctx);
         CHECK_OK(ddp_optimizer_step(ctx), ctx);
-        /* the hyper-parameters are floats in the config: use exactly those values */
-        if (type == DDP_OPTIM_SGD) ref_sgd(p, g, m, N, 0.05f, 0.9f, 0.01f, nesterov, s);
-        else ref_adamw(p, g, m, v, N, 0.05f, 0.9f, 0.999f, 1e-8f, 0.01f, s);
+        if (type == DDP_OPTIM_SGD) ref_sgd(p, g, m, N, 0.05, 0.9, damp, 0.01, nesterov, s);
+        else ref_adamw(p, g, m, v, N, 0.05, 0.9, 0.95, 1e-8, 0.01, s);
     }
     for (i = 0; i < N; i++) {
         double got = dtype == DDP_F32 ? ((float *)ddp_param_data(ctx, id))[i]
@@ -390,29 +395,97 @@ static void run_optimizer_case(ddp_optimizer type, int nesterov, ddp_dtype dtype
         double e = fabs(got - p[i]) / (fabs(p[i]) + 1e-3);
         if (e > maxerr) maxerr = e;
     }
-    CHECK(maxerr <= tol, "%s nesterov=%d %s: max relative error %.3g > %.3g",
-          type == DDP_OPTIM_SGD ? "sgd" : "adamw", nesterov, ddp_dtype_name(dtype), maxerr, tol);
+    CHECK(maxerr <= tol, "%s nesterov=%d dampening=%g %s: max relative error %.3g > %.3g",
+          type == DDP_OPTIM_SGD ? "sgd" : "adamw", nesterov, damp, ddp_dtype_name(dtype), maxerr, tol);
     CHECK(ddp_optimizer_steps(ctx) == STEPS, "step counter");
     ddp_destroy(ctx);
 }
 
 static void test_optimizers(void) {
     TEST("optimizers");
-    run_optimizer_case(DDP_OPTIM_SGD, 0, DDP_F32, 1e-5);
-    run_optimizer_case(DDP_OPTIM_SGD, 1, DDP_F32, 1e-5);
-    run_optimizer_case(DDP_OPTIM_ADAMW, 0, DDP_F32, 1e-5);
-    run_optimizer_case(DDP_OPTIM_SGD, 1, DDP_F64, 1e-12);
-    run_optimizer_case(DDP_OPTIM_ADAMW, 0, DDP_F64, 1e-12);
+    run_optimizer_case(DDP_OPTIM_SGD, 0, 0, DDP_F32, 1e-5);
+    run_optimizer_case(DDP_OPTIM_SGD, 1, 0, DDP_F32, 1e-5);
+    run_optimizer_case(DDP_OPTIM_SGD, 0, 0.3, DDP_F32, 1e-5);
+    run_optimizer_case(DDP_OPTIM_ADAMW, 0, 0, DDP_F32, 1e-5);
+    /* f64: double hyper-parameters, so PyTorch's f64 arithmetic to the last bits */
+    run_optimizer_case(DDP_OPTIM_SGD, 1, 0, DDP_F64, 1e-14);
+    run_optimizer_case(DDP_OPTIM_SGD, 0, 0.3, DDP_F64, 1e-14);
+    run_optimizer_case(DDP_OPTIM_ADAMW, 0, 0, DDP_F64, 1e-14);
     /* 16-bit parameters: f32 master weights, the stored copy is rounded */
-    run_optimizer_case(DDP_OPTIM_ADAMW, 0, DDP_BF16, 1e-2);
-    run_optimizer_case(DDP_OPTIM_SGD, 0, DDP_F16, 2e-3);
+    run_optimizer_case(DDP_OPTIM_ADAMW, 0, 0, DDP_BF16, 1e-2);
+    run_optimizer_case(DDP_OPTIM_SGD, 0, 0, DDP_F16, 2e-3);
+}
+
+/* ddp_optimizer_defaults() gives PyTorch's defaults, and values are used as
+   written (zero means zero); a zeroed desc keeps meaning "defaults" */
+static void test_optimizer_defaults(void) {
+    ddp_optimizer_desc d;
+    ddp_config c = base_config(), q;
+    ddp_context *ctx;
+    TEST("optimizer defaults");
+    d = ddp_optimizer_defaults(DDP_OPTIM_ADAMW);
+    CHECK(d.exact == 1 && d.lr == 1e-3 && d.beta1 == 0.9 && d.beta2 == 0.999 && d.eps == 1e-8 && d.weight_decay == 1e-2 &&
+          d.max_grad_norm == 0, "AdamW defaults: lr %g betas (%g, %g) eps %g weight_decay %g", d.lr, d.beta1, d.beta2, d.eps, d.weight_decay);
+    d = ddp_optimizer_defaults(DDP_OPTIM_SGD);
+    CHECK(d.exact == 1 && d.lr == 1e-3 && d.momentum == 0 && d.dampening == 0 && d.nesterov == 0 && d.weight_decay == 0,
+          "SGD defaults: lr %g momentum %g dampening %g weight_decay %g", d.lr, d.momentum, d.dampening, d.weight_decay);
+    /* exact: zero stays zero */
+    c.optimizer = ddp_optimizer_defaults(DDP_OPTIM_ADAMW);
+    c.optimizer.beta1 = 0;
+    c.optimizer.eps = 0;
+    c.optimizer.weight_decay = 0;
+    ctx = make(&c);
+    q = ddp_query_config(ctx);
+    CHECK(q.optimizer.beta1 == 0 && q.optimizer.eps == 0 && q.optimizer.weight_decay == 0 && q.optimizer.beta2 == 0.999,
+          "exact desc: beta1 %g eps %g weight_decay %g kept", q.optimizer.beta1, q.optimizer.eps, q.optimizer.weight_decay);
+    ddp_destroy(ctx);
+    /* a zeroed (legacy) desc: zero means the default, AdamW's weight decay included */
+    c = base_config();
+    c.optimizer.type = DDP_OPTIM_ADAMW;
+    c.optimizer.lr = 0.01;
+    ctx = make(&c);
+    q = ddp_query_config(ctx);
+    CHECK(q.optimizer.lr == 0.01 && q.optimizer.beta1 == 0.9 && q.optimizer.beta2 == 0.999 && q.optimizer.eps == 1e-8 &&
+          q.optimizer.weight_decay == 1e-2 && q.optimizer.exact == 1,
+          "zeroed desc resolved to defaults: beta1 %g weight_decay %g", q.optimizer.beta1, q.optimizer.weight_decay);
+    ddp_destroy(ctx);
+    c = base_config();
+    c.optimizer.type = DDP_OPTIM_SGD;
+    ctx = make(&c);
+    q = ddp_query_config(ctx);
+    CHECK(q.optimizer.weight_decay == 0 && q.optimizer.lr == 1e-3, "zeroed SGD desc: weight_decay 0, lr 1e-3");
+    ddp_destroy(ctx);
+    /* bad values name the field */
+    {
+        ddp_context *bad = NULL;
+        c = base_config();
+        c.optimizer = ddp_optimizer_defaults(DDP_OPTIM_ADAMW);
+        c.optimizer.beta2 = 1.0;
+        CHECK_ERR(ddp_create(&c, &bad), DDP_ERROR_INVALID_ARGUMENT, NULL, "config.optimizer.beta2 = 1");
+        c.optimizer = ddp_optimizer_defaults(DDP_OPTIM_SGD);
+        c.optimizer.lr = -1;
+        CHECK_ERR(ddp_create(&c, &bad), DDP_ERROR_INVALID_ARGUMENT, NULL, "config.optimizer.lr = -1");
+        c.optimizer.lr = 0.1;
+        c.optimizer.weight_decay = 0.0 / 0.0;
+        CHECK_ERR(ddp_create(&c, &bad), DDP_ERROR_INVALID_ARGUMENT, NULL, "config.optimizer.weight_decay");
+        c.optimizer.weight_decay = 0;
+        c.optimizer.momentum = 0.9;
+        c.optimizer.dampening = 0.1;
+        c.optimizer.nesterov = 1;
+        CHECK_ERR(ddp_create(&c, &bad), DDP_ERROR_INVALID_ARGUMENT, NULL, "dampening 0");
+        c.optimizer.nesterov = 0;
+        c.optimizer.max_grad_norm = -2;
+        CHECK_ERR(ddp_create(&c, &bad), DDP_ERROR_INVALID_ARGUMENT, NULL, "config.optimizer.max_grad_norm = -2");
+        CHECK(bad == NULL, "no context");
+    }
 }
 
 static void test_clip(void) {
     ddp_config c = base_config();
     ddp_context *ctx;
     int a, b;
-    float norm = 0, *ga, *gb;
+    double norm = 0;
+    float *ga, *gb;
     TEST("clip");
     ctx = make(&c);
     ddp_register_param(ctx, "a", 2, DDP_F32, NULL, &a);
@@ -424,10 +497,10 @@ static void test_clip(void) {
     ddp_mark_ready(ctx, a); ddp_mark_ready(ctx, b);
     CHECK_OK(ddp_step_end(ctx), ctx);
     CHECK_OK(ddp_clip_grad_norm(ctx, 0, &norm), ctx);
-    CHECK(fabsf(norm - 5) < 1e-6f && ga[0] == 3, "measure only: norm %g", (double)norm);
-    CHECK_OK(ddp_clip_grad_norm(ctx, 1.0f, &norm), ctx);
-    CHECK(fabsf(norm - 5) < 1e-6f && fabsf(ga[0] - 0.6f) < 1e-5f && fabsf(gb[0] - 0.8f) < 1e-5f, "clipped to norm 1: %g %g", (double)ga[0], (double)gb[0]);
-    CHECK_OK(ddp_clip_grad_norm(ctx, 10.0f, &norm), ctx);
+    CHECK(fabs(norm - 5) < 1e-12 && ga[0] == 3, "measure only: norm %g", norm);
+    CHECK_OK(ddp_clip_grad_norm(ctx, 1.0, &norm), ctx);
+    CHECK(fabs(norm - 5) < 1e-12 && fabsf(ga[0] - 0.6f) < 1e-5f && fabsf(gb[0] - 0.8f) < 1e-5f, "clipped to norm 1: %g %g", (double)ga[0], (double)gb[0]);
+    CHECK_OK(ddp_clip_grad_norm(ctx, 10.0, &norm), ctx);
     CHECK(fabsf(ga[0] - 0.6f) < 1e-5f, "no change under the limit");
     ddp_destroy(ctx);
 }
@@ -660,6 +733,7 @@ int main(void) {
     test_missing_mark_long_names();
     test_buckets();
     test_optimizers();
+    test_optimizer_defaults();
     test_clip();
     test_accumulation();
     test_train_step();
