@@ -54,10 +54,40 @@
           or let ddp_train_step() do all of it around your function.
        4. ddp_destroy(ctx).
 
-       Gradients accumulate: the library zeroes them at the first step after an
-       optimizer step; your backward adds into them (cuBLAS: beta = 1).
-       That is what makes gradient accumulation work: call ddp_set_no_sync(ctx, 1)
-       for the micro-steps that must only accumulate locally, 0 for the last.
+       Gradients accumulate, as in PyTorch, until ddp_optimizer_step() or
+       ddp_zero_grad(); your backward adds into them (cuBLAS: beta = 1). A
+       synced ddp_step_end() adds the rank-average of what was accumulated
+       since the last reduce; ddp_set_no_sync(ctx, 1) makes the following
+       micro-steps accumulate locally only (see ACCUMULATION).
+
+   ACCUMULATION
+
+       The rule is PyTorch DDP's. Let G be the gradient buffer
+       (ddp_param_grad) and W the number of ranks.
+
+         - Your backward adds into G. G keeps accumulating until
+           ddp_optimizer_step() (the next ddp_step_begin() then starts from
+           zero) or ddp_zero_grad() (zero at once).
+         - A step after ddp_set_no_sync(ctx, 1) only accumulates locally.
+         - A synced step (no_sync 0) reduces what every rank accumulated
+           since the last reduce, L_r, and adds its average to G:
+               G = R + (1 / W) * sum over ranks r of L_r
+           where R is what G held after the last reduce (the same on every
+           rank). With config.gradient_sum the 1 / W is left out.
+         - ddp_train_step(ctx, fn, user, K, ...) is K micro-steps, all but
+           the last with no_sync, whose reduce also divides by K, like the
+           usual PyTorch recipe loss / K:
+               G = R + (1 / (W * K)) * sum over ranks and micro-steps.
+
+       So K synced micro-steps give the sum of K rank-averages, K - 1
+       no_sync micro-steps and a synced one give the rank-average of their
+       sum, and mixtures give what PyTorch DDP gives for the same calls. After
+       a no_sync step that follows a reduce, G shows R + L_r (this rank's
+       part), as PyTorch's .grad does. Only L is ever reduced: R is kept aside
+       (one extra gradient-sized buffer, allocated the first time a window
+       continues after a reduce, two for no_sync steps after a reduce).
+       ddp_optimizer_step() is an error while no_sync micro-steps are not
+       reduced (the ranks would diverge).
 
    BACKENDS
 
@@ -384,12 +414,15 @@ DDP_API ddp_result ddp_mark_ready(ddp_context *ctx, int id);
 /* CUDA: the gradient is final once the work queued so far on stream (a
    cudaStream_t, NULL for the legacy default stream) completes. */
 DDP_API ddp_result ddp_mark_ready_stream(ddp_context *ctx, int id, void *stream);
-/* Wait for every bucket (CPU) or make the stream wait (CUDA, no host sync):
-   the gradients then hold the average over ranks and accumulated steps. */
+/* Wait for every bucket (CPU) or make the stream wait (CUDA, no host sync).
+   A synced step (no_sync 0) adds the rank-average of what every rank
+   accumulated since the last reduce to the gradients; a no_sync step only
+   accumulates locally (see ACCUMULATION). */
 DDP_API ddp_result ddp_step_end(ddp_context *ctx);
 DDP_API ddp_result ddp_step_end_stream(ddp_context *ctx, void *stream);
-/* 1: the following steps only accumulate locally; the first step with 0
-   reduces the sum of all of them. */
+/* 1: the following steps only accumulate locally (PyTorch's no_sync());
+   the next step with 0 reduces what was accumulated since the last reduce:
+   the gradients then hold the rank-average of the sum over those steps. */
 DDP_API ddp_result ddp_set_no_sync(ddp_context *ctx, int no_sync);
 /* CUDA: the stream (a cudaStream_t; NULL, the default, is the legacy
    default stream) your forward/backward runs on. Zeroing gradients at the
@@ -429,9 +462,12 @@ DDP_API int64_t    ddp_optimizer_steps(const ddp_context *ctx);
 typedef int (*ddp_forward_backward_fn)(ddp_context *ctx, void *user, int micro_step,
                                        float *loss);
 
-/* micro_steps (0 means 1) calls of fn, all but the last without sync; then
-   gradients averaged, optimizer step, and *out_loss (may be NULL) = the loss
-   averaged over micro-steps and ranks. */
+/* micro_steps (0 means 1) calls of fn, all but the last without sync; the
+   reduce divides by micro_steps as well (PyTorch's loss / micro_steps), so
+   the gradients get the rank-average of the mean over the micro-steps; then
+   the optimizer step (unless config.optimizer.type is DDP_OPTIM_NONE), and
+   *out_loss (may be NULL) = the loss averaged over micro-steps and ranks.
+   An error if no_sync micro-steps are pending from before the call. */
 DDP_API ddp_result ddp_train_step(ddp_context *ctx, ddp_forward_backward_fn fn, void *user,
                                   int micro_steps, float *out_loss);
 
@@ -757,9 +793,18 @@ struct ddp_context {
     /* the step */
     int      in_step;
     int      no_sync;
-    int      accum_steps;        /* micro-steps accumulated since the last reduce */
     int      next_bucket;        /* next bucket to launch, in order */
-    int      grads_dirty;        /* gradients hold data: don't zero at begin */
+
+    /* accumulation (see the ACCUMULATION section of the implementation) */
+    int      acc_state;          /* DDP__ACC_LOCAL, _REDUCED or _MIXED */
+    int      accum_steps;        /* no_sync micro-steps since the last reduce */
+    int      zero_pending;       /* the next ddp_step_begin() zeroes the gradients */
+    int      mixed_shown;        /* MIXED between micro-steps: the gradients show R + L, L is in acc_local */
+    void    *acc_reduced;        /* MIXED: the reduced part R (flat_bytes; device memory on the GPU) */
+    void    *acc_local;          /* MIXED: the local part L between no_sync micro-steps */
+    double   window_div;         /* ddp_train_step: its micro_steps (the reduce divides by it); else 1 */
+    double   divisor;            /* ranks the average is over: the world, or those that contributed (join) */
+    int      in_train_step;
 
     /* communication thread */
     pthread_t comm_thread;
@@ -771,8 +816,7 @@ struct ddp_context {
     int      q_busy;
     ddp_result q_err;
     int      *queue;             /* num_buckets entries */
-    double   q_scale;            /* 1 / (world * micro-steps) of the step in progress */
-    int      q_micro;            /* micro-steps reduced by the step in progress */
+    double   q_scale;            /* the factor of the reduce in progress (ddp__reduce_factor) */
 
     /* optimizer */
     int64_t  opt_steps;
@@ -3340,6 +3384,8 @@ DDP_API ddp_result ddp_create(const ddp_config *config, ddp_context **out) {
     ctx->rank = c.rank; ctx->world = c.world_size;
     ctx->local_rank = c.local_rank; ctx->local_world = c.local_world_size;
     ctx->shm.staging_bytes = c.staging_bytes;
+    ctx->window_div = 1.0;
+    ctx->divisor = (double)c.world_size;
     ctx->ops = &ddp__shm_ops;
     pthread_mutex_init(&ctx->mu, NULL);
     pthread_mutex_init(&ctx->err_mu, NULL);
@@ -3397,7 +3443,11 @@ DDP_API void ddp_destroy(ddp_context *ctx) {
         ddp__free_device(ctx, ctx->opt_m);
         ddp__free_device(ctx, ctx->opt_v);
         ddp__free_device(ctx, ctx->opt_master);
+        ddp__free_device(ctx, ctx->acc_reduced);
+        ddp__free_device(ctx, ctx->acc_local);
     } else {
+        ddp__free(ctx, ctx->acc_reduced);
+        ddp__free(ctx, ctx->acc_local);
         ddp__free(ctx, ctx->flat_params);
         ddp__free(ctx, ctx->opt_m);
         ddp__free(ctx, ctx->opt_v);
@@ -3951,28 +4001,129 @@ static ddp_result ddp__drain(ddp_context *ctx) {
     return r;
 }
 
-/* ---- the step ------------------------------------------------------------------------ */
+/* ---- accumulation ----------------------------------------------------------------------
+
+   The one rule (ACCUMULATION in the manual): gradients accumulate until
+   ddp_optimizer_step() or ddp_zero_grad(); a reducing ddp_step_end() adds
+   the rank-average of what was accumulated since the last reduce. In place,
+   with the flat gradient buffer G your backward adds into:
+     LOCAL    G holds only this rank's accumulation since the last reduce
+     REDUCED  G holds the result of the last reduce (the same bits on every
+              rank) and nothing local
+     MIXED    accumulation went on after a reduce: the reduced part R waits in
+              acc_reduced and G holds the local part L while a step runs;
+              after a no_sync step G shows R + L (what PyTorch's .grad holds)
+              and L waits in acc_local until the next step begins
+   So the reducer only ever reduces L, never an already averaged R (which
+   would not be exact, and with gradient_sum would multiply R by the world).
+   Everything that decides the factor of a reduce is ddp__reduce_factor(). */
+
+enum { DDP__ACC_LOCAL = 0, DDP__ACC_REDUCED, DDP__ACC_MIXED };
 
 static ddp_result ddp__zero_grads(ddp_context *ctx);
+static ddp_result ddp__cuda_grad_buffer(ddp_context *ctx, void **slot);
+static ddp_result ddp__cuda_grad_copy(ddp_context *ctx, void *dst, const void *src);
+static ddp_result ddp__cuda_grad_add(ddp_context *ctx, void *dst, const void *src, void *stream);
+
+/* The factor a reducing step applies to the sum over ranks of what they
+   accumulated since the last reduce: 1 / ranks (unless gradient_sum), and
+   1 / micro_steps inside ddp_train_step (its loss / micro_steps). */
+static double ddp__reduce_factor(const ddp_context *ctx) {
+    double ranks = ctx->cfg.gradient_sum ? 1.0 : ctx->divisor;
+    return 1.0 / (ranks * ctx->window_div);
+}
+
+static ddp_result ddp__acc_buffer(ddp_context *ctx, void **slot) {
+    if (*slot) return DDP_SUCCESS;
+    if (ddp__on_gpu(ctx)) return ddp__cuda_grad_buffer(ctx, slot);
+    *slot = ddp__alloc(ctx, ctx->flat_bytes);
+    if (!*slot) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for %zu bytes of accumulated gradients", ctx->flat_bytes);
+    return DDP_SUCCESS;
+}
+
+static ddp_result ddp__grad_copy(ddp_context *ctx, void *dst, const void *src) {
+    if (ddp__on_gpu(ctx)) return ddp__cuda_grad_copy(ctx, dst, src);
+    memcpy(dst, src, ctx->flat_bytes);
+    return DDP_SUCCESS;
+}
+
+/* dst += src over every bucket, in each bucket's type (16-bit sums in f32,
+   rounded once). */
+static ddp_result ddp__grad_add(ddp_context *ctx, void *dst, const void *src, void *stream) {
+    int b;
+    if (ddp__on_gpu(ctx)) return ddp__cuda_grad_add(ctx, dst, src, stream);
+    for (b = 0; b < ctx->num_buckets; b++) {
+        const ddp__bucket *bk = &ctx->buckets[b];
+        unsigned char *d = (unsigned char *)dst + bk->offset;
+        const unsigned char *x = (const unsigned char *)src + bk->offset;
+        size_t i;
+        if (bk->dtype == DDP_F32) for (i = 0; i < bk->numel; i++) ((float *)d)[i] += ((const float *)x)[i];
+        else if (bk->dtype == DDP_F64) for (i = 0; i < bk->numel; i++) ((double *)d)[i] += ((const double *)x)[i];
+        else for (i = 0; i < bk->numel; i++)
+            ddp__store_elem(d, i, bk->dtype, (double)((float)ddp__load_elem(d, i, bk->dtype) + (float)ddp__load_elem(x, i, bk->dtype)));
+    }
+    return DDP_SUCCESS;
+}
+
+/* Start of a step: zero after an optimizer step, or set the reduced part
+   aside when accumulation goes on after a reduce. */
+static ddp_result ddp__acc_begin(ddp_context *ctx) {
+    if (ctx->zero_pending) {
+        DDP__TRY(ddp__zero_grads(ctx));
+        ctx->zero_pending = 0;
+        ctx->acc_state = DDP__ACC_LOCAL;
+        ctx->mixed_shown = 0;
+    } else if (ctx->acc_state == DDP__ACC_REDUCED) {
+        DDP__TRY(ddp__acc_buffer(ctx, &ctx->acc_reduced));
+        DDP__TRY(ddp__grad_copy(ctx, ctx->acc_reduced, ctx->flat_grads));
+        DDP__TRY(ddp__zero_grads(ctx));
+        ctx->acc_state = DDP__ACC_MIXED;
+        ctx->mixed_shown = 0;
+    } else if (ctx->acc_state == DDP__ACC_MIXED && ctx->mixed_shown) {
+        DDP__TRY(ddp__grad_copy(ctx, ctx->flat_grads, ctx->acc_local));
+        ctx->mixed_shown = 0;
+    }
+    return DDP_SUCCESS;
+}
+
+/* End of a no_sync step: in MIXED, show R + L and keep L aside. */
+static ddp_result ddp__acc_end_local(ddp_context *ctx, void *stream) {
+    ctx->accum_steps++;
+    if (ctx->acc_state != DDP__ACC_MIXED) return DDP_SUCCESS;
+    DDP__TRY(ddp__acc_buffer(ctx, &ctx->acc_local));
+    DDP__TRY(ddp__grad_copy(ctx, ctx->acc_local, ctx->flat_grads));
+    DDP__TRY(ddp__grad_add(ctx, ctx->flat_grads, ctx->acc_reduced, stream));
+    ctx->mixed_shown = 1;
+    return DDP_SUCCESS;
+}
+
+/* After a reduce finished (GPU: queued): G = R + average(L). */
+static ddp_result ddp__acc_end_reduced(ddp_context *ctx, void *stream) {
+    if (ctx->acc_state == DDP__ACC_MIXED) DDP__TRY(ddp__grad_add(ctx, ctx->flat_grads, ctx->acc_reduced, stream));
+    ctx->acc_state = DDP__ACC_REDUCED;
+    ctx->accum_steps = 0;
+    ctx->mixed_shown = 0;
+    return DDP_SUCCESS;
+}
+
+/* ---- the step ------------------------------------------------------------------------ */
 
 DDP_API ddp_result ddp_step_begin(ddp_context *ctx) {
     int i;
+    ddp_result r;
     if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
     DDP__TRY(ddp__check_usable(ctx, "ddp_step_begin"));
     if (!ctx->finalized) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_step_begin: call ddp_finalize() first");
     if (ctx->in_step) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_step_begin: the previous step was not ended (call ddp_step_end())");
-    if (!ctx->grads_dirty) {
-        DDP__TRY(ddp__zero_grads(ctx));
-        ctx->grads_dirty = 1;
-    }
+    r = ddp__acc_begin(ctx);
+    if (r != DDP_SUCCESS) return ddp__break(ctx, r);
     for (i = 0; i < ctx->num_params; i++) ctx->params[i].marked = 0;
     for (i = 0; i < ctx->num_buckets; i++) {
         ctx->buckets[i].pending = ctx->buckets[i].num_params;
         ctx->buckets[i].launched = 0;
     }
     ctx->next_bucket = 0;
-    ctx->q_micro = ctx->accum_steps + 1;
-    ctx->q_scale = ctx->cfg.gradient_sum ? 1.0 : 1.0 / ((double)ctx->world * ctx->q_micro);
+    ctx->q_scale = ddp__reduce_factor(ctx);
     ctx->in_step = 1;
     return DDP_SUCCESS;
 }
@@ -4009,6 +4160,21 @@ DDP_API ddp_result ddp_mark_ready_stream(ddp_context *ctx, int id, void *stream)
 
 static ddp_result ddp__cuda_step_end(ddp_context *ctx, void *stream);
 
+/* Launch the buckets not launched yet, in order, and wait for all of them
+   (CPU), or make the stream wait for them (GPU). */
+static ddp_result ddp__reduce_rest(ddp_context *ctx, void *stream) {
+    ddp_result r = DDP_SUCCESS;
+    while (r == DDP_SUCCESS && ctx->next_bucket < ctx->num_buckets) r = ddp__launch_bucket(ctx, ctx->next_bucket++);
+    if (ctx->cfg.backend == DDP_BACKEND_NCCL) {
+        if (r == DDP_SUCCESS) r = ddp__cuda_step_end(ctx, stream);
+    } else {
+        ddp_result d = ddp__drain(ctx);
+        if (r == DDP_SUCCESS) r = d;
+        if (r == DDP_SUCCESS && ddp__on_gpu(ctx)) r = ddp__cuda_step_end(ctx, stream);
+    }
+    return r;
+}
+
 static ddp_result ddp__step_end(ddp_context *ctx, void *stream) {
     int i, missing = 0;
     ddp_result r;
@@ -4037,21 +4203,15 @@ static ddp_result ddp__step_end(ddp_context *ctx, void *stream) {
         memcpy(ctx->err, keep, sizeof keep);
         return DDP_ERROR_INVALID_STATE;
     }
-    ctx->accum_steps++;
-    if (ctx->no_sync) { ctx->in_step = 0; return DDP_SUCCESS; }
-    /* unused parameters keep their (zero or accumulated) gradient and are reduced like the rest */
-    r = DDP_SUCCESS;
-    while (r == DDP_SUCCESS && ctx->next_bucket < ctx->num_buckets) r = ddp__launch_bucket(ctx, ctx->next_bucket++);
-    if (ctx->cfg.backend == DDP_BACKEND_NCCL) {
-        if (r == DDP_SUCCESS) r = ddp__cuda_step_end(ctx, stream);
-    } else {
-        ddp_result d = ddp__drain(ctx);
-        if (r == DDP_SUCCESS) r = d;
-        if (r == DDP_SUCCESS && ddp__on_gpu(ctx)) r = ddp__cuda_step_end(ctx, stream);
+    if (ctx->no_sync) {
+        ctx->in_step = 0;
+        r = ddp__acc_end_local(ctx, stream);
+        return r == DDP_SUCCESS ? r : ddp__break(ctx, r);
     }
+    /* unused parameters keep their (zero or accumulated) gradient and are reduced like the rest */
+    r = ddp__reduce_rest(ctx, stream);
+    if (r == DDP_SUCCESS) r = ddp__acc_end_reduced(ctx, stream);
     ctx->in_step = 0;
-    ctx->accum_steps = 0;
-    ctx->grads_dirty = 0; /* the next step starts from zero */
     if (r != DDP_SUCCESS) return ddp__break(ctx, r);
     return DDP_SUCCESS;
 }
@@ -4365,8 +4525,9 @@ DDP_API ddp_result ddp_optimizer_step(ddp_context *ctx) {
     h.eps = o->eps;
     h.gs = c64;
     h.gs32 = c32;
-    if (ddp__on_gpu(ctx)) return ddp__cuda_optimizer_step(ctx, &h);
-    for (b = 0; b < ctx->num_buckets; b++) ddp__opt_range(ctx, b, 0, ctx->buckets[b].numel, &h);
+    if (ddp__on_gpu(ctx)) DDP__TRY(ddp__cuda_optimizer_step(ctx, &h));
+    else for (b = 0; b < ctx->num_buckets; b++) ddp__opt_range(ctx, b, 0, ctx->buckets[b].numel, &h);
+    ctx->zero_pending = 1; /* the accumulation ends here */
     return DDP_SUCCESS;
 }
 
@@ -4391,8 +4552,10 @@ DDP_API ddp_result ddp_zero_grad(ddp_context *ctx) {
     if (!ctx->finalized) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_zero_grad: call ddp_finalize() first");
     if (ctx->in_step) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_zero_grad: not allowed inside a step");
     DDP__TRY(ddp__zero_grads(ctx));
+    ctx->acc_state = DDP__ACC_LOCAL;
     ctx->accum_steps = 0;
-    ctx->grads_dirty = 1;
+    ctx->zero_pending = 0;
+    ctx->mixed_shown = 0;
     return DDP_SUCCESS;
 }
 
@@ -4400,36 +4563,52 @@ DDP_API int64_t ddp_optimizer_steps(const ddp_context *ctx) { return ctx ? ctx->
 
 /* ---- the step wrapper ------------------------------------------------------------------ */
 
-DDP_API ddp_result ddp_train_step(ddp_context *ctx, ddp_forward_backward_fn fn, void *user,
-                                  int micro_steps, float *out_loss) {
-    double loss_sum = 0;
-    float loss;
+/* The micro-steps of ddp_train_step: all but the last without sync. */
+static ddp_result ddp__train_micro_steps(ddp_context *ctx, ddp_forward_backward_fn fn, void *user,
+                                         int micro_steps, double *loss_sum) {
     int m;
-    if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
-    if (!fn) return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_train_step: fn is NULL");
-    if (micro_steps < 0) return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_train_step: micro_steps %d is negative", micro_steps);
-    if (micro_steps == 0) micro_steps = 1;
     for (m = 0; m < micro_steps; m++) {
+        float loss = 0;
         int rc;
-        loss = 0;
         DDP__TRY(ddp_set_no_sync(ctx, m < micro_steps - 1));
         DDP__TRY(ddp_step_begin(ctx));
         rc = fn(ctx, user, m, &loss);
         if (rc != 0) {
+            char keep[DDP__ERRLEN];
             ctx->in_step = 0;
             ddp__fail(ctx, DDP_ERROR_USER, "ddp_train_step: your forward/backward returned %d in micro-step %d on rank %d", rc, m, ctx->rank);
             ddp__break(ctx, DDP_ERROR_USER);
-            {
-                char keep[DDP__ERRLEN];
-                memcpy(keep, ctx->err, sizeof keep);
-                ddp__drain(ctx);
-                memcpy(ctx->err, keep, sizeof keep);
-            }
+            memcpy(keep, ctx->err, sizeof keep);
+            ddp__drain(ctx);
+            memcpy(ctx->err, keep, sizeof keep);
             return DDP_ERROR_USER;
         }
         DDP__TRY(ddp_step_end(ctx));
-        loss_sum += loss;
+        *loss_sum += loss;
     }
+    return DDP_SUCCESS;
+}
+
+DDP_API ddp_result ddp_train_step(ddp_context *ctx, ddp_forward_backward_fn fn, void *user,
+                                  int micro_steps, float *out_loss) {
+    double loss_sum = 0;
+    float loss;
+    ddp_result r;
+    if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
+    DDP__TRY(ddp__check_usable(ctx, "ddp_train_step"));
+    if (!fn) return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_train_step: fn is NULL");
+    if (micro_steps < 0) return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_train_step: micro_steps %d is negative", micro_steps);
+    if (micro_steps == 0) micro_steps = 1;
+    if (ctx->accum_steps > 0)
+        return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_train_step: %d micro-step(s) run with ddp_set_no_sync(ctx, 1) are not reduced yet "
+                         "(end them with a synced step first)", ctx->accum_steps);
+    /* the reduce of this window divides by micro_steps: PyTorch's loss / micro_steps */
+    ctx->window_div = (double)micro_steps;
+    ctx->in_train_step = 1;
+    r = ddp__train_micro_steps(ctx, fn, user, micro_steps, &loss_sum);
+    ctx->window_div = 1.0;
+    ctx->in_train_step = 0;
+    if (r != DDP_SUCCESS) return r;
     loss = (float)(loss_sum / micro_steps);
     if (ctx->world > 1) DDP__TRY(ddp_allreduce(ctx, &loss, 1, DDP_F32, DDP_OP_AVG));
     if (out_loss) *out_loss = loss;
@@ -4791,6 +4970,7 @@ static void ddp__free_flat_grads(ddp_context *ctx) {
 }
 
 static cudaStream_t ddp__ustream(ddp_context *ctx) { return ctx->cuda ? ctx->cuda->user : (cudaStream_t)0; }
+static ddp_result ddp__cuda_scale(ddp_context *ctx, void *x, ddp_dtype t, size_t n, float f, cudaStream_t s, const char *what);
 
 DDP_API ddp_result ddp_set_stream(ddp_context *ctx, void *stream) {
     if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
@@ -5348,8 +5528,10 @@ static ddp_result ddp__cuda_launch_bucket(ddp_context *ctx, int b) {
     void *g = ctx->flat_grads + bk->offset;
     char what[96];
     ncclResult_t r;
-    /* ncclAvg divides by the world; what remains is 1 / micro-steps, fixed at ddp_step_begin() */
-    float post = ctx->cfg.gradient_sum ? 1.0f : 1.0f / (float)ctx->q_micro;
+    /* the factor of this reduce (ddp__reduce_factor, fixed at ddp_step_begin()): ncclAvg
+       when it divides by the whole world, then what remains (ddp_train_step's 1 / micro_steps) */
+    int avg = !ctx->cfg.gradient_sum && ctx->divisor == (double)ctx->world;
+    float post = avg ? (float)(1.0 / ctx->window_div) : (float)ctx->q_scale;
     snprintf(what, sizeof what, "NCCL all-reduce of gradient bucket %d (%zu bytes)", b, bk->bytes);
     if (!ddp__nccl_ok(ctx)) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "%s: the communicator was aborted", what);
     DDP__TRY(ddp__cuda_bucket_events(ctx, b, 1));
@@ -5362,14 +5544,10 @@ static ddp_result ddp__cuda_launch_bucket(ddp_context *ctx, int b) {
         DDP__TRY(ddp__nccl_settle(ctx, r, ctx->cfg.timeout_s, what));
         DDP__KL(ctx, ddp_k_cast(g, (int)DDP_F32, cu->compress_buf, (int)ctx->cfg.compress, bk->numel, 1.0f, cu->comm), what);
     } else {
-        r = ncclAllReduce(g, g, bk->numel, ddp__nccl_type(bk->dtype), ctx->cfg.gradient_sum ? ncclSum : ncclAvg, cu->nccl, cu->comm);
+        r = ncclAllReduce(g, g, bk->numel, ddp__nccl_type(bk->dtype), avg ? ncclAvg : ncclSum, cu->nccl, cu->comm);
         if (r == ncclInProgress) ncclCommGetAsyncError(cu->nccl, &r);
         DDP__TRY(ddp__nccl_settle(ctx, r, ctx->cfg.timeout_s, what));
-        if (post != 1.0f) {
-            if (bk->dtype != DDP_F32)
-                return ddp__fail(ctx, DDP_ERROR_UNSUPPORTED, "%s: gradient accumulation on the GPU needs f32 gradients", what);
-            DDP__KL(ctx, ddp_k_scale((float *)g, bk->numel, post, cu->comm), what);
-        }
+        if (post != 1.0f) DDP__TRY(ddp__cuda_scale(ctx, g, bk->dtype, bk->numel, post, cu->comm, what));
     }
     DDP__CU(ctx, cudaEventRecord(cu->done[b], cu->comm), what);
     DDP__CU(ctx, cudaEventRecord(cu->last, cu->comm), what);
@@ -5386,6 +5564,13 @@ static ddp_result ddp__cuda_launch_bucket(ddp_context *ctx, int b) {
 #endif
 }
 
+/* x *= f in x's type (f32 in place; f16/bf16 through an in-place cast). */
+static ddp_result ddp__cuda_scale(ddp_context *ctx, void *x, ddp_dtype t, size_t n, float f, cudaStream_t s, const char *what) {
+    if (t == DDP_F32) DDP__KL(ctx, ddp_k_scale((float *)x, n, f, s), what);
+    else DDP__KL(ctx, ddp_k_cast(x, (int)t, x, (int)t, n, f, s), what);
+    return DDP_SUCCESS;
+}
+
 /* A world of one reduces nothing: the gradients are already the average.
    Join the streams the gradients were marked on, and scale for accumulation. */
 static ddp_result ddp__cuda_solo_end(ddp_context *ctx, cudaStream_t s) {
@@ -5400,14 +5585,10 @@ static ddp_result ddp__cuda_solo_end(ddp_context *ctx, cudaStream_t s) {
         DDP__CU(ctx, cudaEventRecord(cu->ready[i], (cudaStream_t)ctx->params[i].stream), "joining streams");
         DDP__CU(ctx, cudaStreamWaitEvent(s, cu->ready[i], 0), "joining streams");
     }
-    if (ctx->q_micro > 1 && !ctx->cfg.gradient_sum)
-        for (b = 0; b < ctx->num_buckets; b++) {
-            if (ctx->buckets[b].dtype != DDP_F32)
-                return ddp__fail(ctx, DDP_ERROR_UNSUPPORTED, "gradient accumulation on the GPU needs f32 gradients (bucket %d is %s)",
-                                 b, ddp_dtype_name(ctx->buckets[b].dtype));
-            DDP__KL(ctx, ddp_k_scale((float *)(ctx->flat_grads + ctx->buckets[b].offset), ctx->buckets[b].numel,
-                                     1.0f / (float)ctx->q_micro, s), "scaling accumulated gradients");
-        }
+    if ((float)ctx->q_scale != 1.0f)
+        for (b = 0; b < ctx->num_buckets; b++)
+            DDP__TRY(ddp__cuda_scale(ctx, ctx->flat_grads + ctx->buckets[b].offset, ctx->buckets[b].dtype, ctx->buckets[b].numel,
+                                     (float)ctx->q_scale, s, "scaling the accumulated gradients"));
     return DDP_SUCCESS;
 }
 
@@ -5518,8 +5699,36 @@ static ddp_result ddp__cuda_scale_grads(ddp_context *ctx, float f) {
     int b;
     for (b = 0; b < ctx->num_buckets; b++) {
         const ddp__bucket *bk = &ctx->buckets[b];
-        if (bk->dtype != DDP_F32) return ddp__fail(ctx, DDP_ERROR_UNSUPPORTED, "clipping 16-bit gradients on the GPU is not supported yet");
-        DDP__KL(ctx, ddp_k_scale((float *)(ctx->flat_grads + bk->offset), bk->numel, f, ddp__ustream(ctx)), "clipping");
+        DDP__TRY(ddp__cuda_scale(ctx, ctx->flat_grads + bk->offset, bk->dtype, bk->numel, f, ddp__ustream(ctx), "scaling the gradients"));
+    }
+    return DDP_SUCCESS;
+}
+
+/* Accumulation buffers (see ACCUMULATION): device memory, work on the user's stream. */
+static ddp_result ddp__cuda_grad_buffer(ddp_context *ctx, void **slot) {
+    *slot = ddp__dev_alloc(ctx, ctx->flat_bytes);
+    if (!*slot) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "no device memory for %zu bytes of accumulated gradients", ctx->flat_bytes);
+    return DDP_SUCCESS;
+}
+
+static ddp_result ddp__cuda_grad_copy(ddp_context *ctx, void *dst, const void *src) {
+    DDP__CU(ctx, cudaMemcpyAsync(dst, src, ctx->flat_bytes, cudaMemcpyDeviceToDevice, ddp__ustream(ctx)), "copying accumulated gradients");
+    return DDP_SUCCESS;
+}
+
+/* dst += src on `stream` (NULL: the user's stream); the user's stream then
+   waits for it too. */
+static ddp_result ddp__cuda_grad_add(ddp_context *ctx, void *dst, const void *src, void *stream) {
+    cudaStream_t s = stream ? (cudaStream_t)stream : ddp__ustream(ctx);
+    int b;
+    for (b = 0; b < ctx->num_buckets; b++) {
+        const ddp__bucket *bk = &ctx->buckets[b];
+        DDP__KL(ctx, ddp_k_add((unsigned char *)dst + bk->offset, (const unsigned char *)src + bk->offset, (int)bk->dtype, bk->numel, s),
+                "adding accumulated gradients");
+    }
+    if (s != ddp__ustream(ctx)) {
+        DDP__CU(ctx, cudaEventRecord(ctx->cuda->last, s), "joining streams");
+        DDP__CU(ctx, cudaStreamWaitEvent(ddp__ustream(ctx), ctx->cuda->last, 0), "joining streams");
     }
     return DDP_SUCCESS;
 }
@@ -5602,6 +5811,9 @@ static ddp_result ddp__cuda_optimizer_step(ddp_context *ctx, const ddp__hyper *h
 static ddp_result ddp__cuda_sumsq(ddp_context *ctx, double *o) { (void)o; return ddp__cuda_unreachable(ctx); }
 static ddp_result ddp__cuda_scale_grads(ddp_context *ctx, float s) { (void)s; return ddp__cuda_unreachable(ctx); }
 static ddp_result ddp__cuda_zero_grads(ddp_context *ctx) { return ddp__cuda_unreachable(ctx); }
+static ddp_result ddp__cuda_grad_buffer(ddp_context *ctx, void **slot) { (void)slot; return ddp__cuda_unreachable(ctx); }
+static ddp_result ddp__cuda_grad_copy(ddp_context *ctx, void *d, const void *s) { (void)d; (void)s; return ddp__cuda_unreachable(ctx); }
+static ddp_result ddp__cuda_grad_add(ddp_context *ctx, void *d, const void *s, void *st) { (void)d; (void)s; (void)st; return ddp__cuda_unreachable(ctx); }
 static ddp_result ddp__cuda_state_alloc(ddp_context *ctx, void **slot) { (void)slot; return ddp__cuda_unreachable(ctx); }
 static ddp_result ddp__cuda_init_master(ddp_context *ctx) { return ddp__cuda_unreachable(ctx); }
 static ddp_result ddp__cuda_zero(ddp_context *ctx, void *p, size_t n) { (void)p; (void)n; return ddp__cuda_unreachable(ctx); }

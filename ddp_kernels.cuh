@@ -52,6 +52,7 @@
        ddp_k_scale           x *= alpha
        ddp_k_cast            dst = convert(src * scale), f32/f16/bf16, round
                              to nearest even
+       ddp_k_add             dst += src, f32/f16/bf16 (sum in f32)
        ddp_k_sumsq           squared L2 norm of f32 data into one device float
        ddp_k_sumsq_typed     same for f32, f16 or bf16 data
        ddp_k_sumsq_scratch_elems  scratch floats the sumsq launchers use at
@@ -60,7 +61,7 @@
 
    CPU REFERENCES (plain C, no CUDA needed; the GPU tests compare against
    them): ddp_ref_sgd ddp_ref_sgd_mixed ddp_ref_adamw ddp_ref_adamw_mixed
-   ddp_ref_scale ddp_ref_cast ddp_ref_sumsq ddp_ref_sumsq_typed
+   ddp_ref_scale ddp_ref_cast ddp_ref_add ddp_ref_sumsq ddp_ref_sumsq_typed
    ddp_ref_nonfinite, and ddp_f32_to_bf16_bits ddp_bf16_bits_to_f32
    ddp_f32_to_f16_bits ddp_f16_bits_to_f32 (round to nearest even).
 
@@ -193,6 +194,10 @@ DDP_KERNELS_API int ddp_k_scale(float *x, size_t n, float alpha, void *stream);
 DDP_KERNELS_API int ddp_k_cast(void *dst, int dst_dtype, const void *src, int src_dtype,
                                size_t n, float scale, void *stream);
 
+/* dst[i] = dst[i] + src[i], both of dtype (f32, f16 or bf16); the sum is
+   taken in f32, then rounded to nearest even. */
+DDP_KERNELS_API int ddp_k_add(void *dst, const void *src, int dtype, size_t n, void *stream);
+
 /* ---- reductions and checks ----------------------------------------------- */
 
 /* DDP_K_SUMSQ_SCRATCH_ELEMS: pass a scratch buffer of that many floats for
@@ -243,6 +248,7 @@ DDP_KERNELS_API int  ddp_ref_adamw_mixed(void *param16, int param16_dtype, float
 DDP_KERNELS_API void ddp_ref_scale(float *x, size_t n, float alpha);
 DDP_KERNELS_API int  ddp_ref_cast(void *dst, int dst_dtype, const void *src, int src_dtype,
                                   size_t n, float scale);
+DDP_KERNELS_API int  ddp_ref_add(void *dst, const void *src, int dtype, size_t n);
 /* Sums in double; ddp_ref_sumsq_typed returns -1 for a bad dtype. */
 DDP_KERNELS_API double ddp_ref_sumsq(const float *x, size_t n);
 DDP_KERNELS_API double ddp_ref_sumsq_typed(const void *x, int dtype, size_t n);
@@ -1014,6 +1020,64 @@ DDP_KERNELS_API int ddp_ref_cast(void *dst, int dst_dtype, const void *src, int 
     if (!ddp_k__float_dtype(dst_dtype) || !ddp_k__float_dtype(src_dtype)) return 1;
     for (i = 0; i < n; i++)
         ddp_k__ref_put(dst, dst_dtype, i, ddp_k__ref_get(src, src_dtype, i) * scale);
+    return 0;
+}
+#endif /* DDP_K__REFS */
+
+/* ---- add ----------------------------------------------------------------- */
+
+#if DDP_K__CUDA
+template <int DT> struct ddp_k__add_op {
+    typename ddp_k__io<DT>::T *d;
+    const typename ddp_k__io<DT>::T *s;
+    __device__ __forceinline__ void one(size_t i) const
+    {
+        ddp_k__io<DT>::put(d, i, ddp_k__io<DT>::get(d, i) + ddp_k__io<DT>::get(s, i));
+    }
+    __device__ __forceinline__ void vec4(size_t i) const
+    {
+        float a[4], b[4];
+        int k;
+        ddp_k__io<DT>::get4(d, i, a);
+        ddp_k__io<DT>::get4(s, i, b);
+#pragma unroll
+        for (k = 0; k < 4; k++) a[k] = a[k] + b[k];
+        ddp_k__io<DT>::put4(d, i, a);
+    }
+};
+
+template <int DT> static int ddp_k__add_run(void *dst, const void *src, size_t n, void *stream)
+{
+    ddp_k__add_op<DT> op;
+    const void *ptr[2];
+    size_t es[2];
+    op.d = (typename ddp_k__io<DT>::T *)dst;
+    op.s = (const typename ddp_k__io<DT>::T *)src;
+    ptr[0] = dst; es[0] = ddp_k__dtype_size(DT);
+    ptr[1] = src; es[1] = ddp_k__dtype_size(DT);
+    return ddp_k__run_ew(op, n, ddp_k__make_plan(n, 4, 2, ptr, es), stream);
+}
+
+DDP_KERNELS_API int ddp_k_add(void *dst, const void *src, int dtype, size_t n, void *stream)
+{
+    if (!ddp_k__float_dtype(dtype)) return DDP_K__BAD;
+    if (n == 0) return 0;
+    if (!dst || !src) return DDP_K__BAD;
+    switch (dtype) {
+    case DDP_K_F32: return ddp_k__add_run<DDP_K_F32>(dst, src, n, stream);
+    case DDP_K_F16: return ddp_k__add_run<DDP_K_F16>(dst, src, n, stream);
+    default: return ddp_k__add_run<DDP_K_BF16>(dst, src, n, stream);
+    }
+}
+#endif /* DDP_K__CUDA */
+
+#if DDP_K__REFS
+DDP_KERNELS_API int ddp_ref_add(void *dst, const void *src, int dtype, size_t n)
+{
+    size_t i;
+    if (!ddp_k__float_dtype(dtype)) return 1;
+    for (i = 0; i < n; i++)
+        ddp_k__ref_put(dst, dtype, i, ddp_k__ref_get(dst, dtype, i) + ddp_k__ref_get(src, dtype, i));
     return 0;
 }
 #endif /* DDP_K__REFS */

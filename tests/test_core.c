@@ -505,44 +505,84 @@ static void test_clip(void) {
     ddp_destroy(ctx);
 }
 
-/* micro-steps accumulate; the synced step averages over them; grads restart from zero */
+/* One micro-step on a world of one: add v to every element of w's gradient. */
+static void micro(ddp_context *ctx, int id, int no_sync, float v) {
+    float *g;
+    size_t i;
+    CHECK_OK(ddp_set_no_sync(ctx, no_sync), ctx);
+    CHECK_OK(ddp_step_begin(ctx), ctx);
+    g = (float *)ddp_param_grad(ctx, id);
+    for (i = 0; i < ddp_param_numel(ctx, id); i++) g[i] += v * (float)(i + 1);
+    CHECK_OK(ddp_mark_ready(ctx, id), ctx);
+    CHECK_OK(ddp_step_end(ctx), ctx);
+}
+
+static int noop_fb(ddp_context *ctx, void *user, int m, float *loss) { (void)ctx; (void)user; (void)m; (void)loss; return 0; }
+
+/* the accumulation rule (ACCUMULATION): gradients accumulate until
+   ddp_optimizer_step() or ddp_zero_grad(), whatever mix of synced and
+   no_sync steps; on a world of one the average over ranks is the identity */
 static void test_accumulation(void) {
     ddp_config c = base_config();
     ddp_context *ctx;
-    int id, k;
+    int id;
     float *g;
     TEST("accumulation");
     ctx = make(&c);
     ddp_register_param(ctx, "w", 3, DDP_F32, NULL, &id);
     ddp_finalize(ctx);
-    for (k = 0; k < 3; k++) {
-        CHECK_OK(ddp_set_no_sync(ctx, k < 2), ctx);
-        CHECK_OK(ddp_step_begin(ctx), ctx);
-        g = (float *)ddp_param_grad(ctx, id);
-        g[0] += (float)(k + 1); g[1] += 1.0f; g[2] += 0.0f;
-        CHECK_OK(ddp_mark_ready(ctx, id), ctx);
-        CHECK_OK(ddp_step_end(ctx), ctx);
-        if (k == 0) CHECK_ERR(ddp_optimizer_step(ctx), DDP_ERROR_INVALID_STATE, ctx, "never reduced");
-    }
     g = (float *)ddp_param_grad(ctx, id);
-    CHECK(fabsf(g[0] - 2.0f) < 1e-6f && fabsf(g[1] - 1.0f) < 1e-6f, "average over 3 micro-steps: %g %g", (double)g[0], (double)g[1]);
-    CHECK_OK(ddp_step_begin(ctx), ctx);
-    CHECK(g[0] == 0 && g[1] == 0, "next step starts from zero");
-    ddp_mark_ready(ctx, id);
-    ddp_step_end(ctx);
+    /* no_sync, no_sync, synced: the sum of the three (PyTorch's no_sync) */
+    micro(ctx, id, 1, 1.0f);
+    CHECK_ERR(ddp_optimizer_step(ctx), DDP_ERROR_INVALID_STATE, ctx, "never reduced");
+    micro(ctx, id, 1, 2.0f);
+    micro(ctx, id, 0, 3.0f);
+    CHECK(g[0] == 6.0f && g[2] == 18.0f, "sum over 3 micro-steps: %g %g", (double)g[0], (double)g[2]);
+    /* synced steps without an optimizer step keep accumulating */
+    micro(ctx, id, 0, 0.5f);
+    CHECK(g[0] == 6.5f && g[2] == 19.5f, "a second synced step adds: %g %g", (double)g[0], (double)g[2]);
+    /* after a reduce, a no_sync step shows the reduced part plus the local one */
+    micro(ctx, id, 1, 0.25f);
+    CHECK(g[0] == 6.75f && g[1] == 13.5f, "no_sync after a reduce shows R + L: %g %g", (double)g[0], (double)g[1]);
+    micro(ctx, id, 1, 0.25f);
+    CHECK(g[0] == 7.0f, "and keeps accumulating: %g", (double)g[0]);
+    micro(ctx, id, 0, 1.0f);
+    CHECK(g[0] == 8.0f && g[2] == 24.0f, "mixed sequence: %g %g", (double)g[0], (double)g[2]);
+    /* ddp_zero_grad ends it */
+    CHECK_OK(ddp_zero_grad(ctx), ctx);
+    CHECK(g[0] == 0 && g[2] == 0, "zeroed");
+    micro(ctx, id, 0, 2.0f);
+    CHECK(g[0] == 2.0f, "from zero after ddp_zero_grad: %g", (double)g[0]);
     ddp_destroy(ctx);
 
+    /* with an optimizer: the step ends the accumulation; the gradient stays
+       readable until the next step begins */
+    c.optimizer = ddp_optimizer_defaults(DDP_OPTIM_SGD);
+    c.optimizer.lr = 0.5;
+    ctx = make(&c);
+    ddp_register_param(ctx, "w", 3, DDP_F32, NULL, &id);
+    ddp_finalize(ctx);
+    g = (float *)ddp_param_grad(ctx, id);
+    micro(ctx, id, 0, 1.0f);
+    micro(ctx, id, 0, 1.0f);
+    CHECK_OK(ddp_optimizer_step(ctx), ctx);
+    CHECK(g[0] == 2.0f && ((float *)ddp_param_data(ctx, id))[0] == -1.0f, "step used the sum of 2 synced micro-steps (w %g)",
+          (double)((float *)ddp_param_data(ctx, id))[0]);
+    micro(ctx, id, 0, 1.0f);
+    CHECK(g[0] == 1.0f, "the next step starts from zero: %g", (double)g[0]);
+    /* ddp_train_step refuses to swallow un-reduced no_sync micro-steps */
+    CHECK_OK(ddp_optimizer_step(ctx), ctx);
+    micro(ctx, id, 1, 1.0f);
+    CHECK_ERR(ddp_train_step(ctx, noop_fb, NULL, 2, NULL), DDP_ERROR_INVALID_STATE, ctx, "not reduced yet");
+    ddp_destroy(ctx);
+
+    c = base_config();
     c.gradient_sum = 1;
     ctx = make(&c);
     ddp_register_param(ctx, "w", 1, DDP_F32, NULL, &id);
     ddp_finalize(ctx);
-    for (k = 0; k < 2; k++) {
-        ddp_set_no_sync(ctx, k == 0);
-        ddp_step_begin(ctx);
-        ((float *)ddp_param_grad(ctx, id))[0] += 3.0f;
-        ddp_mark_ready(ctx, id);
-        CHECK_OK(ddp_step_end(ctx), ctx);
-    }
+    micro(ctx, id, 1, 3.0f);
+    micro(ctx, id, 0, 3.0f);
     CHECK(((float *)ddp_param_grad(ctx, id))[0] == 6.0f, "gradient_sum leaves the sum");
     ddp_destroy(ctx);
 }

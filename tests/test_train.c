@@ -1,0 +1,265 @@
+/* Training semantics against plain-C references, on N ranks under the
+   launcher:
+
+       ddprun -n N test_train MODE
+
+   MODE accum   every accumulation pattern (synced micro-steps, no_sync,
+                mixtures, ddp_zero_grad inside a window, ddp_train_step,
+                gradient_sum): the gradient every rank sees after every
+                ddp_step_end and the weights after every optimizer step,
+                against a reference that applies PyTorch DDP's rule to the
+                same calls.
+
+   The model is linear regression, y = W x + b, loss = 0.5 * mean over rows
+   of |y - t|^2, so the gradient of any set of rows is exact arithmetic the
+   reference can redo in double. Each rank checks itself and exits non-zero
+   on a failure. */
+#define DDP_IMPLEMENTATION
+#include "../ddp.h"
+#include "testing.h"
+#include <math.h>
+
+enum { IN = 5, OUT = 3, NW = IN * OUT, ROWS = 4, MAXW = 8 };
+
+static int g_rank, g_world;
+
+static double xval(long row, int k) { return sin(0.7 * (double)row + 1.3 * k + 0.1); }
+static double tval(long row, int o) { return cos(0.3 * (double)row + o) * 0.5; }
+
+/* Mean-loss gradient of rows [row0, row0 + n) at (W, b), in double. */
+static void grad_rows(const double *W, const double *b, long row0, int n, double *gw, double *gb) {
+    int r, o, k;
+    for (k = 0; k < NW; k++) gw[k] = 0;
+    for (o = 0; o < OUT; o++) gb[o] = 0;
+    for (r = 0; r < n; r++) {
+        long row = row0 + r;
+        for (o = 0; o < OUT; o++) {
+            double y = b[o], e;
+            for (k = 0; k < IN; k++) y += W[o * IN + k] * xval(row, k);
+            e = (y - tval(row, o)) / n;
+            gb[o] += e;
+            for (k = 0; k < IN; k++) gw[o * IN + k] += e * xval(row, k);
+        }
+    }
+}
+
+/* The library side: this rank's gradient of its rows, added into the
+   context's gradient buffers (as a backward does), marking both ready. */
+static ddp_result backward(ddp_context *ctx, int idw, int idb, long row0, int n) {
+    double W[NW], b[OUT], gw[NW], gb[OUT];
+    const float *pw = (const float *)ddp_param_data(ctx, idw), *pb = (const float *)ddp_param_data(ctx, idb);
+    float *qw = (float *)ddp_param_grad(ctx, idw), *qb = (float *)ddp_param_grad(ctx, idb);
+    int k;
+    for (k = 0; k < NW; k++) W[k] = pw[k];
+    for (k = 0; k < OUT; k++) b[k] = pb[k];
+    grad_rows(W, b, row0, n, gw, gb);
+    for (k = 0; k < OUT; k++) qb[k] += (float)gb[k];
+    DDP__TRY(ddp_mark_ready(ctx, idb));
+    for (k = 0; k < NW; k++) qw[k] += (float)gw[k];
+    return ddp_mark_ready(ctx, idw);
+}
+
+static void init_weights(float *w, float *b) {
+    int k;
+    for (k = 0; k < NW; k++) w[k] = (float)(0.3 * sin(1.7 * k + 0.2));
+    for (k = 0; k < OUT; k++) b[k] = (float)(0.1 * k - 0.05);
+}
+
+static ddp_context *make_model(ddp_config *c, int *idw, int *idb) {
+    ddp_context *ctx = NULL;
+    float w[NW], b[OUT];
+    int64_t shape[2] = { OUT, IN };
+    ddp_result r;
+    c->timeout_s = 30;
+    c->first_bucket_bytes = 16; /* one bucket per parameter: several collectives per step */
+    c->bucket_bytes = 16;
+    r = ddp_create(c, &ctx);
+    if (r != DDP_SUCCESS) { fprintf(stderr, "ddp_create: %s: %s\n", ddp_result_string(r), ddp_create_error()); exit(2); }
+    init_weights(w, b);
+    if (ddp_register_param_shape(ctx, "fc.weight", 2, shape, DDP_F32, w, idw) != DDP_SUCCESS ||
+        ddp_register_param(ctx, "fc.bias", OUT, DDP_F32, b, idb) != DDP_SUCCESS ||
+        ddp_finalize(ctx) != DDP_SUCCESS) {
+        fprintf(stderr, "model: %s\n", ddp_last_error(ctx));
+        exit(2);
+    }
+    return ctx;
+}
+
+/* max |a - ref| / max |ref| over the model */
+static double rel_diff(const float *aw, const float *ab, const double *rw, const double *rb) {
+    double d = 0, m = 1e-30;
+    int k;
+    for (k = 0; k < NW; k++) { double e = fabs(aw[k] - rw[k]); if (e > d || e != e) d = e != e ? 1e30 : e; if (fabs(rw[k]) > m) m = fabs(rw[k]); }
+    for (k = 0; k < OUT; k++) { double e = fabs(ab[k] - rb[k]); if (e > d || e != e) d = e != e ? 1e30 : e; if (fabs(rb[k]) > m) m = fabs(rb[k]); }
+    return d / m;
+}
+
+/* PyTorch's SGD in double (momentum, dampening 0, nesterov, weight decay) */
+typedef struct ref_sgd { double lr, momentum, wd; int nesterov; double buf[NW + OUT]; long t; } ref_sgd;
+static void ref_sgd_step(ref_sgd *o, double *p, const double *g, int n) {
+    int i;
+    o->t++;
+    for (i = 0; i < n; i++) {
+        double d = g[i] + o->wd * p[i];
+        if (o->momentum != 0) {
+            o->buf[i] = o->t == 1 ? d : o->momentum * o->buf[i] + d;
+            d = o->nesterov ? d + o->momentum * o->buf[i] : o->buf[i];
+        }
+        p[i] -= o->lr * d;
+    }
+}
+
+/* ---- accumulation patterns ------------------------------------------------------ */
+
+/* One character per call between two optimizer steps:
+     S  a synced micro-step          N  a micro-step with ddp_set_no_sync(ctx, 1)
+     Z  ddp_zero_grad()              T  ddp_train_step(ctx, fn, ., 3, .) */
+typedef struct pattern { const char *name, *seq; int gradient_sum; } pattern;
+
+typedef struct accum_job { int idw, idb; long next_micro; } accum_job;
+
+static long micro_row(long micro, int rank) { return (micro * g_world + rank) * ROWS; }
+
+static int accum_fb(ddp_context *ctx, void *user, int m, float *loss) {
+    accum_job *j = (accum_job *)user;
+    (void)m;
+    *loss = 0;
+    return backward(ctx, j->idw, j->idb, micro_row(j->next_micro++, g_rank), ROWS) == DDP_SUCCESS ? 0 : 1;
+}
+
+/* the reference: reduced part, every rank's local part, PyTorch's rule */
+typedef struct acc_ref { double acc[NW + OUT], loc[MAXW][NW + OUT]; } acc_ref;
+
+static void ref_micro(acc_ref *a, const double *p, long micro, int synced, double factor) {
+    int q, i;
+    for (q = 0; q < g_world; q++) {
+        double g[NW + OUT];
+        grad_rows(p, p + NW, micro_row(micro, q), ROWS, g, g + NW);
+        for (i = 0; i < NW + OUT; i++) a->loc[q][i] += g[i];
+    }
+    if (!synced) return;
+    for (i = 0; i < NW + OUT; i++) {
+        double s = 0;
+        for (q = 0; q < g_world; q++) { s += a->loc[q][i]; a->loc[q][i] = 0; }
+        a->acc[i] += factor * s;
+    }
+}
+
+/* what this rank's gradient buffer must show now */
+static double check_visible(ddp_context *ctx, int idw, int idb, const acc_ref *a) {
+    double ew[NW], eb[OUT];
+    int i;
+    for (i = 0; i < NW; i++) ew[i] = a->acc[i] + a->loc[g_rank][i];
+    for (i = 0; i < OUT; i++) eb[i] = a->acc[NW + i] + a->loc[g_rank][NW + i];
+    return rel_diff((const float *)ddp_param_grad(ctx, idw), (const float *)ddp_param_grad(ctx, idb), ew, eb);
+}
+
+static void run_pattern(const pattern *pt) {
+    ddp_config c;
+    ddp_context *ctx;
+    accum_job j;
+    acc_ref a;
+    ref_sgd o;
+    double p[NW + OUT], worst_grad = 0, worst_w = 0;
+    float w0[NW], b0[OUT];
+    int s, i, steps = 3;
+    memset(&c, 0, sizeof c);
+    c.optimizer = ddp_optimizer_defaults(DDP_OPTIM_SGD);
+    c.optimizer.lr = 0.1;
+    c.optimizer.momentum = 0.9;
+    c.optimizer.nesterov = 1;
+    c.optimizer.weight_decay = 1e-2;
+    c.gradient_sum = pt->gradient_sum;
+    ctx = make_model(&c, &j.idw, &j.idb);
+    j.next_micro = 0;
+    memset(&a, 0, sizeof a);
+    memset(&o, 0, sizeof o);
+    o.lr = 0.1; o.momentum = 0.9; o.nesterov = 1; o.wd = 1e-2;
+    init_weights(w0, b0);
+    for (i = 0; i < NW; i++) p[i] = w0[i];
+    for (i = 0; i < OUT; i++) p[NW + i] = b0[i];
+    for (s = 0; s < steps; s++) {
+        const char *k;
+        double factor = pt->gradient_sum ? 1.0 : 1.0 / g_world;
+        for (k = pt->seq; *k; k++) {
+            ddp_result r = DDP_SUCCESS;
+            if (*k == 'Z') {
+                r = ddp_zero_grad(ctx);
+                memset(&a, 0, sizeof a);
+            } else if (*k == 'T') {
+                int m;
+                r = ddp_train_step(ctx, accum_fb, &j, 3, NULL);
+                for (m = 0; m < 3; m++) ref_micro(&a, p, j.next_micro - 3 + m, m == 2, factor / 3);
+            } else {
+                int sync = *k == 'S';
+                r = ddp_set_no_sync(ctx, !sync);
+                if (r == DDP_SUCCESS) r = ddp_step_begin(ctx);
+                if (r == DDP_SUCCESS) r = backward(ctx, j.idw, j.idb, micro_row(j.next_micro, g_rank), ROWS);
+                if (r == DDP_SUCCESS) r = ddp_step_end(ctx);
+                ref_micro(&a, p, j.next_micro++, sync, factor);
+            }
+            CHECK(r == DDP_SUCCESS, "%s: step %d call '%c': %s", pt->name, s, *k, ddp_last_error(ctx));
+            if (r != DDP_SUCCESS) { ddp_destroy(ctx); return; }
+            if (*k == 'T') {
+                /* the optimizer already ran: compare the weights */
+                ref_sgd_step(&o, p, a.acc, NW + OUT);
+                memset(&a, 0, sizeof a);
+            } else {
+                double d = check_visible(ctx, j.idw, j.idb, &a);
+                if (d > worst_grad) worst_grad = d;
+            }
+        }
+        if (strchr(pt->seq, 'T') == NULL) {
+            ddp_result r = ddp_optimizer_step(ctx);
+            CHECK(r == DDP_SUCCESS, "%s: optimizer step %d: %s", pt->name, s, ddp_last_error(ctx));
+            ref_sgd_step(&o, p, a.acc, NW + OUT);
+            memset(&a, 0, sizeof a);
+        }
+        {
+            double d = rel_diff((const float *)ddp_param_data(ctx, j.idw), (const float *)ddp_param_data(ctx, j.idb), p, p + NW);
+            if (d > worst_w) worst_w = d;
+        }
+    }
+    CHECK(worst_grad <= 1e-5, "%s: gradient differs from PyTorch's rule by %.3g (relative)", pt->name, worst_grad);
+    CHECK(worst_w <= 1e-5, "%s: weights differ from the reference by %.3g (relative)", pt->name, worst_w);
+    if (g_rank == 0) printf("accum %-28s world=%d grad_diff=%.2g weight_diff=%.2g\n", pt->name, g_world, worst_grad, worst_w);
+    ddp_destroy(ctx);
+}
+
+static void mode_accum(void) {
+    static const pattern pats[] = {
+        { "synced micro-steps", "SSS", 0 },
+        { "no_sync micro-steps", "NNS", 0 },
+        { "mixed", "SNSNNS", 0 },
+        { "zero_grad inside", "SZNS", 0 },
+        { "ddp_train_step", "T", 0 },
+        { "train_step after a sync", "ST", 0 },
+        { "gradient_sum no_sync", "NS", 1 },
+        { "gradient_sum mixed", "SNSNS", 1 },
+    };
+    size_t i;
+    for (i = 0; i < sizeof pats / sizeof pats[0]; i++) {
+        TEST(pats[i].name);
+        run_pattern(&pats[i]);
+    }
+}
+
+/* ---- main -------------------------------------------------------------------------- */
+
+static void identity(void) {
+    /* rank and world from the launcher's environment, as every mode's contexts use */
+    const char *r = getenv("RANK"), *w = getenv("WORLD_SIZE");
+    g_rank = r ? atoi(r) : 0;
+    g_world = w ? atoi(w) : 1;
+    if (g_world < 1 || g_world > MAXW) { fprintf(stderr, "test_train: a world of 1..%d ranks\n", MAXW); exit(2); }
+}
+
+int main(int argc, char **argv) {
+    char suite[64];
+    if (argc < 2) { fprintf(stderr, "usage: test_train accum\n"); return 2; }
+    identity();
+    if (!strcmp(argv[1], "accum")) mode_accum();
+    else { fprintf(stderr, "test_train: unknown mode '%s'\n", argv[1]); return 2; }
+    snprintf(suite, sizeof suite, "test_train %s rank %d", argv[1], g_rank);
+    return t_summary(suite);
+}
