@@ -383,6 +383,20 @@ DDP_API ddp_result ddp_register_param(ddp_context *ctx, const char *name, size_t
 DDP_API ddp_result ddp_register_param_shape(ddp_context *ctx, const char *name, int ndim,
                                             const int64_t *shape, ddp_dtype dtype,
                                             const void *init, int *out_id);
+/* Per-parameter optimizer options (PyTorch's parameter groups), set after
+   registering and before ddp_finalize(); the same on every rank (checked
+   at finalize) and in checkpoints (checked at load). Parameters with equal
+   options form one group; at most DDP_MAX_PARAM_GROUPS distinct ones. */
+#define DDP_MAX_PARAM_GROUPS 16
+typedef struct ddp_param_options {
+    int    no_weight_decay;     /* 1: weight decay 0 for this parameter (biases, norm weights) */
+    double weight_decay_scale;  /* multiplies config.optimizer.weight_decay (0 means 1) */
+    double lr_scale;            /* multiplies the lr of every step (0 means 1) */
+} ddp_param_options;
+DDP_API ddp_result ddp_set_param_options(ddp_context *ctx, int id, const ddp_param_options *options);
+/* The options in force (no_weight_decay 1 when the decay scale is 0; the
+   scales resolved); zeros for a bad id. */
+DDP_API ddp_param_options ddp_get_param_options(const ddp_context *ctx, int id);
 /* Allocate flat storage, check every rank registered the same parameters,
    broadcast rank 0's weights. */
 DDP_API ddp_result ddp_finalize(ddp_context *ctx);
@@ -723,6 +737,9 @@ typedef struct ddp__param {
     const void *init;
     size_t    offset;   /* bytes into the flat buffers */
     int       bucket;
+    double    lr_scale; /* parameter options, resolved (1 = none) */
+    double    wd_scale;
+    int       group;    /* index into ctx->groups, set at finalize */
     int       marked;   /* in this step */
     void     *stream;   /* CUDA: the stream it was marked on */
     int       evrec;    /* CUDA: its ready event was recorded for this bucket launch */
@@ -817,6 +834,12 @@ struct ddp_context {
     ddp_result q_err;
     int      *queue;             /* num_buckets entries */
     double   q_scale;            /* the factor of the reduce in progress (ddp__reduce_factor) */
+
+    /* parameter groups: distinct (lr_scale, wd_scale); the group of every
+       256-byte chunk of the flat buffers (every parameter starts a chunk) */
+    double   group_lr[DDP_MAX_PARAM_GROUPS], group_wd[DDP_MAX_PARAM_GROUPS];
+    int      num_groups;
+    unsigned char *group_map;     /* flat_bytes / DDP__ALIGN entries */
 
     /* optimizer */
     int64_t  opt_steps;
@@ -3465,6 +3488,7 @@ DDP_API void ddp_destroy(ddp_context *ctx) {
     ddp__free(ctx, ctx->buckets);
     ddp__free(ctx, ctx->queue);
     ddp__free(ctx, ctx->opt_state_off);
+    ddp__free(ctx, ctx->group_map);
     pthread_mutex_destroy(&ctx->mu);
     pthread_mutex_destroy(&ctx->err_mu);
     pthread_cond_destroy(&ctx->cv_work);
@@ -3598,7 +3622,66 @@ DDP_API ddp_result ddp_register_param_shape(ddp_context *ctx, const char *name, 
     p->ndim = ndim;
     for (i = 0; i < ndim; i++) p->shape[i] = shape[i];
     p->init = init;
+    p->lr_scale = 1.0;
+    p->wd_scale = 1.0;
     *out_id = ctx->num_params++;
+    return DDP_SUCCESS;
+}
+
+DDP_API ddp_result ddp_set_param_options(ddp_context *ctx, int id, const ddp_param_options *o) {
+    ddp__param *p;
+    if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
+    if (id < 0 || id >= ctx->num_params)
+        return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_set_param_options: %d is not a parameter id (0..%d)", id, ctx->num_params - 1);
+    p = &ctx->params[id];
+    if (ctx->finalized)
+        return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_set_param_options: parameter '%s': options are set before ddp_finalize()", p->name);
+    if (!o) return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_set_param_options: options of parameter '%s' are NULL", p->name);
+    if (!ddp__in_range(o->lr_scale, 0.0, HUGE_VAL, 0) || !ddp__in_range(o->weight_decay_scale, 0.0, HUGE_VAL, 0))
+        return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_set_param_options: parameter '%s': lr_scale %g and weight_decay_scale %g must be finite and >= 0",
+                         p->name, o->lr_scale, o->weight_decay_scale);
+    p->lr_scale = o->lr_scale == 0 ? 1.0 : o->lr_scale;
+    p->wd_scale = o->no_weight_decay ? 0.0 : o->weight_decay_scale == 0 ? 1.0 : o->weight_decay_scale;
+    return DDP_SUCCESS;
+}
+
+DDP_API ddp_param_options ddp_get_param_options(const ddp_context *ctx, int id) {
+    ddp_param_options o;
+    memset(&o, 0, sizeof o);
+    if (!ctx || id < 0 || id >= ctx->num_params) return o;
+    o.lr_scale = ctx->params[id].lr_scale;
+    o.weight_decay_scale = ctx->params[id].wd_scale;
+    o.no_weight_decay = ctx->params[id].wd_scale == 0;
+    return o;
+}
+
+/* Groups of equal options, in order of first appearance, and the group of
+   every 256-byte chunk of the flat buffers. */
+static ddp_result ddp__assign_groups(ddp_context *ctx) {
+    size_t chunks = ctx->flat_bytes / DDP__ALIGN, c;
+    int i, g;
+    ctx->num_groups = 0;
+    for (i = 0; i < ctx->num_params; i++) {
+        ddp__param *p = &ctx->params[i];
+        for (g = 0; g < ctx->num_groups; g++)
+            if (ctx->group_lr[g] == p->lr_scale && ctx->group_wd[g] == p->wd_scale) break;
+        if (g == ctx->num_groups) {
+            if (g == DDP_MAX_PARAM_GROUPS)
+                return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "parameter '%s' makes a %dth distinct set of parameter options; at most %d are allowed",
+                                 p->name, g + 1, DDP_MAX_PARAM_GROUPS);
+            ctx->group_lr[g] = p->lr_scale;
+            ctx->group_wd[g] = p->wd_scale;
+            ctx->num_groups++;
+        }
+        p->group = g;
+    }
+    ctx->group_map = (unsigned char *)ddp__calloc(ctx, chunks);
+    if (!ctx->group_map) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for the parameter group map");
+    for (i = 0; i < ctx->num_params; i++) {
+        const ddp__param *p = &ctx->params[i];
+        size_t end = ddp__align_up(p->offset + p->numel * ddp_dtype_size(p->dtype), DDP__ALIGN) / DDP__ALIGN;
+        for (c = p->offset / DDP__ALIGN; c < end && c < chunks; c++) ctx->group_map[c] = (unsigned char)p->group;
+    }
     return DDP_SUCCESS;
 }
 
@@ -3654,7 +3737,10 @@ static void ddp__describe_param(const ddp__param *p, char *out, size_t cap) {
     int n = snprintf(out, cap, "'%s' %s [", p->name, ddp_dtype_name(p->dtype)), i;
     for (i = 0; i < p->ndim && n > 0 && (size_t)n < cap; i++)
         n += snprintf(out + n, cap - (size_t)n, i ? ",%lld" : "%lld", (long long)p->shape[i]);
-    if (n > 0 && (size_t)n < cap) snprintf(out + n, cap - (size_t)n, "]");
+    if (n > 0 && (size_t)n < cap) n += snprintf(out + n, cap - (size_t)n, "]");
+    /* options only when set, so that plain parameters read as before */
+    if (n > 0 && (size_t)n < cap && (p->lr_scale != 1.0 || p->wd_scale != 1.0))
+        snprintf(out + n, cap - (size_t)n, " lr_scale=%.17g weight_decay_scale=%.17g", p->lr_scale, p->wd_scale);
 }
 
 /* One line per parameter: what must agree across ranks. */
@@ -3795,6 +3881,7 @@ static ddp_result ddp__finalize(ddp_context *ctx) {
     ddp_result r;
     int i;
     DDP__TRY(ddp__assign_buckets(ctx));
+    DDP__TRY(ddp__assign_groups(ctx));
     ctx->queue = (int *)ddp__calloc(ctx, (size_t)ctx->num_buckets * sizeof(int));
     if (!ctx->queue) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for the bucket queue");
     if (ctx->world > 1) DDP__TRY(ddp__verify_params(ctx));
@@ -4405,11 +4492,9 @@ static void ddp__opt_generic(ddp_context *ctx, int b, size_t lo, size_t hi, cons
     }
 }
 
-/* The optimizer over elements [lo, hi) of bucket b (ZeRO-style sharding
-   runs it over a slice). */
-static void ddp__opt_range(ddp_context *ctx, int b, size_t lo, size_t hi, const ddp__hyper *h) {
+/* One run of elements [lo, hi) of bucket b, all in one parameter group. */
+static void ddp__opt_run(ddp_context *ctx, int b, size_t lo, size_t hi, const ddp__hyper *h) {
     const ddp__bucket *bk = &ctx->buckets[b];
-    if (hi <= lo) return;
     if (bk->dtype == DDP_F32) {
         float *p = (float *)(ctx->flat_params + bk->offset) + lo, *g = (float *)(ctx->flat_grads + bk->offset) + lo;
         float *m = ctx->opt_m ? (float *)((unsigned char *)ctx->opt_m + ctx->opt_state_off[b]) + lo : NULL;
@@ -4418,6 +4503,26 @@ static void ddp__opt_range(ddp_context *ctx, int b, size_t lo, size_t hi, const 
         else ddp__sgd_f32(p, g, m, hi - lo, h);
     } else {
         ddp__opt_generic(ctx, b, lo, hi, h);
+    }
+}
+
+/* The optimizer over elements [lo, hi) of bucket b (a ZeRO-style shard runs
+   it over its slice): runs of equal parameter group, each with the group's
+   lr and weight decay. The group of element i of bucket b is
+   group_map[(bucket offset + i * element size) / DDP__ALIGN]. */
+static void ddp__opt_range(ddp_context *ctx, int b, size_t lo, size_t hi, const ddp__hyper *base) {
+    const ddp__bucket *bk = &ctx->buckets[b];
+    size_t es = ddp_dtype_size(bk->dtype), per = DDP__ALIGN / es, first = bk->offset / es, i = lo;
+    while (i < hi) {
+        int g = ctx->group_map[(first + i) / per];
+        size_t j = ((first + i) / per + 1) * per - first;
+        ddp__hyper h = *base;
+        while (j < hi && ctx->group_map[(first + j) / per] == g) j += per;
+        if (j > hi) j = hi;
+        h.lr = base->lr * ctx->group_lr[g];
+        h.wd = base->wd * ctx->group_wd[g];
+        ddp__opt_run(ctx, b, i, j, &h);
+        i = j;
     }
 }
 
@@ -4827,6 +4932,7 @@ static ddp_result ddp__load_file(ddp_context *ctx, const char *path) {
             memset(&q, 0, sizeof q);
             ddp__copy_str(q.name, sizeof q.name, name);
             q.dtype = (ddp_dtype)dt; q.ndim = (int)nd; memcpy(q.shape, shape, (size_t)nd * 8);
+            q.lr_scale = q.wd_scale = 1.0;
             ddp__describe_param(&q, a, sizeof a);
             ddp__describe_param(p, b, sizeof b);
             r = ddp__fail(ctx, DDP_ERROR_MISMATCH, "checkpoint '%s' is of another model: parameter %d is %s there, %s here", path, i, a, b);
@@ -4925,6 +5031,7 @@ struct ddp__cuda_state {
     float       *d_scratch;       /* sumsq partials */
     size_t       scratch_elems;
     void        *compress_buf;    /* bucket in bf16/f16 for compressed all-reduce */
+    unsigned char *d_group_map;   /* ctx->group_map on the device (NULL with one group) */
     int          host_registered; /* the shared gradient slice is pinned */
     int          solo;            /* a world of one: nothing to exchange (unless DDP_FORCE_COMM) */
     /* watchdog */
@@ -5447,6 +5554,7 @@ static void ddp__cuda_teardown(ddp_context *ctx) {
     if (cu->last) cudaEventDestroy(cu->last);
     ddp__free_device(ctx, cu->d_norm);
     ddp__free_device(ctx, cu->compress_buf);
+    ddp__free_device(ctx, cu->d_group_map);
     if (cu->comm) cudaStreamDestroy(cu->comm);
     ddp__free(ctx, cu);
     ctx->cuda = NULL;
@@ -5475,6 +5583,12 @@ static ddp_result ddp__cuda_finalize(ddp_context *ctx) {
     for (i = 0; i < ctx->num_buckets; i++) {
         DDP__CU(ctx, cudaEventCreateWithFlags(&cu->done[i], cudaEventDisableTiming), "creating events");
         if (ctx->buckets[i].bytes > maxb) maxb = ctx->buckets[i].bytes;
+    }
+    if (ctx->num_groups > 1) {
+        size_t chunks = ctx->flat_bytes / DDP__ALIGN;
+        cu->d_group_map = (unsigned char *)ddp__dev_alloc(ctx, chunks);
+        if (!cu->d_group_map) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "no device memory for the parameter group map");
+        DDP__CU(ctx, cudaMemcpy(cu->d_group_map, ctx->group_map, chunks, cudaMemcpyHostToDevice), "copying the parameter group map");
     }
     if (ctx->cfg.compress == DDP_BF16 || ctx->cfg.compress == DDP_F16) {
         cu->compress_buf = ddp__dev_alloc(ctx, maxb / 2 + 256);
@@ -5754,31 +5868,44 @@ static ddp_result ddp__cuda_init_master(ddp_context *ctx) {
     return DDP_SUCCESS;
 }
 
+/* One launch per bucket, parameter groups through the device group map
+   (the same map the CPU path reads). */
 static ddp_result ddp__cuda_optimizer_step(ddp_context *ctx, const ddp__hyper *h) {
     cudaStream_t s = ddp__ustream(ctx);
-    float lr = (float)h->lr, wd = (float)h->wd, mom = (float)h->momentum;
-    int b, t = (int)h->t;
-    if (h->dampening != 0) return ddp__fail(ctx, DDP_ERROR_UNSUPPORTED, "SGD dampening is not supported on the GPU yet");
-    if (h->gs32 != 1.0f) DDP__TRY(ddp__cuda_scale_grads(ctx, h->gs32));
+    ddp_k_optim o;
+    ddp_k_groups gr;
+    int b, g;
+    memset(&o, 0, sizeof o);
+    memset(&gr, 0, sizeof gr);
+    o.type = h->adamw ? DDP_K_ADAMW : DDP_K_SGD;
+    o.lr = h->lr;
+    o.momentum = h->momentum;
+    o.dampening = h->dampening;
+    o.nesterov = h->nesterov;
+    o.weight_decay = h->wd;
+    o.beta1 = h->beta1;
+    o.beta2 = h->beta2;
+    o.eps = h->eps;
+    o.step = h->t;
+    o.grad_scale = h->gs32;
+    gr.map = ctx->cuda->d_group_map;
+    gr.count = ctx->num_groups;
+    for (g = 0; g < ctx->num_groups; g++) { gr.lr_scale[g] = ctx->group_lr[g]; gr.wd_scale[g] = ctx->group_wd[g]; }
     for (b = 0; b < ctx->num_buckets; b++) {
         const ddp__bucket *bk = &ctx->buckets[b];
-        void *p = ctx->flat_params + bk->offset, *g = ctx->flat_grads + bk->offset;
+        size_t es = ddp_dtype_size(bk->dtype);
+        void *p = ctx->flat_params + bk->offset, *gp = ctx->flat_grads + bk->offset;
         float *m = ctx->opt_m ? (float *)((unsigned char *)ctx->opt_m + ctx->opt_state_off[b]) : NULL;
         float *v = ctx->opt_v ? (float *)((unsigned char *)ctx->opt_v + ctx->opt_state_off[b]) : NULL;
         float *master = ctx->opt_master ? (float *)((unsigned char *)ctx->opt_master + ctx->opt_state_off[b]) : NULL;
-        if (bk->dtype == DDP_F32) {
-            if (!h->adamw)
-                DDP__KL(ctx, ddp_k_sgd((float *)p, (const float *)g, m, bk->numel, lr, mom, wd, h->nesterov, t == 1, s), "SGD step");
-            else
-                DDP__KL(ctx, ddp_k_adamw((float *)p, (const float *)g, m, v, bk->numel, lr, (float)h->beta1, (float)h->beta2, (float)h->eps, wd, t, s), "AdamW step");
-        } else {
-            if (!h->adamw)
-                DDP__KL(ctx, ddp_k_sgd_mixed(p, (int)bk->dtype, master, g, (int)bk->dtype, m, bk->numel, lr, mom,
-                                             wd, h->nesterov, t == 1, s), "SGD step (mixed precision)");
-            else
-                DDP__KL(ctx, ddp_k_adamw_mixed(p, (int)bk->dtype, master, g, (int)bk->dtype, m, v, bk->numel, lr, (float)h->beta1,
-                                               (float)h->beta2, (float)h->eps, wd, t, s), "AdamW step (mixed precision)");
-        }
+        gr.first = bk->offset / es;
+        gr.chunk_log2 = es == 4 ? 6 : 7; /* DDP__ALIGN bytes per chunk */
+        if (bk->dtype == DDP_F32)
+            DDP__KL(ctx, ddp_k_optimizer_step(NULL, 0, (float *)p, gp, (int)DDP_F32, m, v, bk->numel, &o, &gr, s),
+                    h->adamw ? "AdamW step" : "SGD step");
+        else
+            DDP__KL(ctx, ddp_k_optimizer_step(p, (int)bk->dtype, master, gp, (int)bk->dtype, m, v, bk->numel, &o, &gr, s),
+                    h->adamw ? "AdamW step (mixed precision)" : "SGD step (mixed precision)");
     }
     return DDP_SUCCESS;
 }

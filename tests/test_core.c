@@ -480,6 +480,47 @@ static void test_optimizer_defaults(void) {
     }
 }
 
+/* per-parameter options: the API, its errors, and the group limit */
+static void test_param_options(void) {
+    ddp_config c = base_config();
+    ddp_context *ctx;
+    ddp_param_options o, q;
+    int id, i;
+    char name[16];
+    TEST("parameter options");
+    ctx = make(&c);
+    ddp_register_param(ctx, "w", 8, DDP_F32, NULL, &id);
+    memset(&o, 0, sizeof o);
+    q = ddp_get_param_options(ctx, id);
+    CHECK(q.lr_scale == 1 && q.weight_decay_scale == 1 && !q.no_weight_decay, "defaults: scales 1");
+    CHECK_ERR(ddp_set_param_options(ctx, 5, &o), DDP_ERROR_INVALID_ARGUMENT, ctx, "5 is not a parameter id");
+    CHECK_ERR(ddp_set_param_options(ctx, id, NULL), DDP_ERROR_INVALID_ARGUMENT, ctx, "'w' are NULL");
+    o.lr_scale = -1;
+    CHECK_ERR(ddp_set_param_options(ctx, id, &o), DDP_ERROR_INVALID_ARGUMENT, ctx, "parameter 'w': lr_scale -1");
+    o.lr_scale = 0.5;
+    o.weight_decay_scale = 0.0 / 0.0;
+    CHECK_ERR(ddp_set_param_options(ctx, id, &o), DDP_ERROR_INVALID_ARGUMENT, ctx, "weight_decay_scale");
+    o.weight_decay_scale = 0;
+    o.no_weight_decay = 1;
+    CHECK_OK(ddp_set_param_options(ctx, id, &o), ctx);
+    q = ddp_get_param_options(ctx, id);
+    CHECK(q.lr_scale == 0.5 && q.weight_decay_scale == 0 && q.no_weight_decay, "set: lr 0.5, no decay");
+    CHECK_OK(ddp_finalize(ctx), ctx);
+    CHECK_ERR(ddp_set_param_options(ctx, id, &o), DDP_ERROR_INVALID_STATE, ctx, "before ddp_finalize");
+    ddp_destroy(ctx);
+    /* 17 distinct options: one too many */
+    ctx = make(&c);
+    for (i = 0; i < DDP_MAX_PARAM_GROUPS + 1; i++) {
+        snprintf(name, sizeof name, "p%d", i);
+        ddp_register_param(ctx, name, 4, DDP_F32, NULL, &id);
+        memset(&o, 0, sizeof o);
+        o.lr_scale = 1.0 + i;
+        ddp_set_param_options(ctx, id, &o);
+    }
+    CHECK_ERR(ddp_finalize(ctx), DDP_ERROR_INVALID_ARGUMENT, ctx, "'p16' makes a 17th distinct set");
+    ddp_destroy(ctx);
+}
+
 static void test_clip(void) {
     ddp_config c = base_config();
     ddp_context *ctx;
@@ -774,6 +815,7 @@ int main(void) {
     test_buckets();
     test_optimizers();
     test_optimizer_defaults();
+    test_param_options();
     test_clip();
     test_accumulation();
     test_train_step();

@@ -40,6 +40,8 @@ static void set_optim(ddp_config *c, int adamw) {
     else { c->optimizer.type = DDP_OPTIM_SGD; c->optimizer.lr = 0.1f; c->optimizer.momentum = 0.9f; c->optimizer.nesterov = 1; c->optimizer.weight_decay = 1e-3f; }
 }
 
+static int g_groups; /* 1: biases without weight decay, the first layer at half the lr */
+
 static dp_context *make_dp(int K, int adamw, const mlp_shape *s, float *const *init) {
     dp_config c;
     dp_context *dp;
@@ -53,6 +55,13 @@ static dp_context *make_dp(int K, int adamw, const mlp_shape *s, float *const *i
         char name[32];
         mlp_param_name(p, name, sizeof name);
         dp_register_param(dp, name, mlp_param_numel(s, p), DDP_F32, init[p], &id);
+        if (g_groups) {
+            ddp_param_options o;
+            memset(&o, 0, sizeof o);
+            o.no_weight_decay = p & 1;
+            o.lr_scale = p < 2 ? 0.5 : 1.0;
+            if (dp_set_param_options(dp, id, &o) != DDP_SUCCESS) { fprintf(stderr, "%s\n", dp_last_error(dp)); exit(2); }
+        }
     }
     if (dp_finalize(dp) != DDP_SUCCESS) { fprintf(stderr, "dp_finalize: %s\n", dp_last_error(dp)); exit(2); }
     return dp;
@@ -69,7 +78,7 @@ static void check_equivalence(int K, int B, int adamw, int steps) {
     double maxdiff = 0, maxref = 0;
     float loss = 0, loss1 = 0, losses[DP_MAX_DEVICES];
     char name[64];
-    snprintf(name, sizeof name, "dp K=%d B=%d %s", K, B, adamw ? "adamw" : "sgd");
+    snprintf(name, sizeof name, "dp K=%d B=%d %s%s", K, B, adamw ? "adamw" : "sgd", g_groups ? " groups" : "");
     TEST(name);
     mlp_shape_parse("20,16,12,5", &shape);
     for (p = 0; p < mlp_num_params(&shape); p++) init[p] = (float *)malloc(mlp_param_numel(&shape, p) * sizeof(float));
@@ -222,6 +231,10 @@ int main(int argc, char **argv) {
     check_equivalence(3, 10, 1, 4);
     check_equivalence(2, 7, 1, 3);    /* 4, 3 rows */
     check_equivalence(4, 3, 0, 3);    /* 1, 1, 1, 0 rows: an empty replica still takes part */
+    g_groups = 1;                     /* parameter groups through dp_set_param_options */
+    check_equivalence(3, 10, 1, 4);
+    check_equivalence(2, 8, 0, 3);
+    g_groups = 0;
     check_failure();
     return t_summary("test_dp");
 }

@@ -109,6 +109,11 @@ static void ref_sgd_step(ref_sgd *o, double *p, const double *g, int n) {
     }
 }
 
+/* The gradient of step s on the concatenated batch (every rank's rows). */
+static void step_grad(const double *p, long step, double *g) {
+    grad_rows(p, p + NW, step * g_world * ROWS, g_world * ROWS, g, g + NW);
+}
+
 /* ---- accumulation patterns ------------------------------------------------------ */
 
 /* One character per call between two optimizer steps:
@@ -244,6 +249,136 @@ static void mode_accum(void) {
     }
 }
 
+/* ---- parameter groups ------------------------------------------------------------ */
+
+typedef struct step_job { int idw, idb; long step; } step_job;
+
+static int step_fb(ddp_context *ctx, void *user, int m, float *loss) {
+    step_job *j = (step_job *)user;
+    (void)m;
+    *loss = 0;
+    return backward(ctx, j->idw, j->idb, (j->step * g_world + g_rank) * ROWS, ROWS) == DDP_SUCCESS ? 0 : 1;
+}
+
+/* PyTorch's SGD (momentum, no dampening) or AdamW in double, with a
+   per-element lr and weight decay (what param_groups give) */
+typedef struct ref_opt { int adamw; double m[NW + OUT], v[NW + OUT]; long t; } ref_opt;
+static void ref_opt_step(ref_opt *o, double *p, const double *g, const double *lr, const double *wd) {
+    int i;
+    double bc1, bc2;
+    o->t++;
+    bc1 = 1 - pow(0.9, (double)o->t);
+    bc2 = 1 - pow(0.999, (double)o->t);
+    for (i = 0; i < NW + OUT; i++) {
+        if (o->adamw) {
+            p[i] *= 1 - lr[i] * wd[i];
+            o->m[i] = 0.9 * o->m[i] + (1 - 0.9) * g[i];
+            o->v[i] = 0.999 * o->v[i] + (1 - 0.999) * g[i] * g[i];
+            p[i] -= (lr[i] / bc1) * o->m[i] / (sqrt(o->v[i]) / sqrt(bc2) + 1e-8);
+        } else {
+            double d = g[i] + wd[i] * p[i];
+            o->m[i] = o->t == 1 ? d : 0.9 * o->m[i] + d;
+            p[i] -= lr[i] * o->m[i];
+        }
+    }
+}
+
+/* fc.weight decays with lr x lr_w; fc.bias does not decay (no_weight_decay) */
+static void run_groups(ddp_optimizer type, double lr_w, int steps) {
+    ddp_config c;
+    ddp_context *ctx;
+    ddp_param_options ow, ob;
+    step_job j;
+    ref_opt rg, rp;
+    double p[NW + OUT], plain[NW + OUT], g[NW + OUT], lr_g[NW + OUT], wd_g[NW + OUT], lr_p[NW + OUT], wd_p[NW + OUT];
+    double d, effect = 0;
+    float w[NW], b[OUT];
+    int64_t shape[2] = { OUT, IN };
+    int s, i, idw, idb;
+    ddp_result r;
+    char name[64];
+    snprintf(name, sizeof name, "groups %s lr_scale %g", type == DDP_OPTIM_SGD ? "sgd" : "adamw", lr_w);
+    TEST(name);
+    memset(&c, 0, sizeof c);
+    c.timeout_s = 30;
+    c.optimizer = ddp_optimizer_defaults(type);
+    c.optimizer.lr = 0.05;
+    c.optimizer.weight_decay = 0.2;
+    if (type == DDP_OPTIM_SGD) c.optimizer.momentum = 0.9;
+    if (ddp_create(&c, &ctx) != DDP_SUCCESS) { fprintf(stderr, "%s\n", ddp_create_error()); exit(2); }
+    init_weights(w, b);
+    ddp_register_param_shape(ctx, "fc.weight", 2, shape, DDP_F32, w, &idw);
+    ddp_register_param(ctx, "fc.bias", OUT, DDP_F32, b, &idb);
+    /* the options go between registration and ddp_finalize() */
+    memset(&ow, 0, sizeof ow);
+    ow.lr_scale = lr_w;
+    memset(&ob, 0, sizeof ob);
+    ob.no_weight_decay = 1;
+    CHECK_OK(ddp_set_param_options(ctx, idw, &ow), ctx);
+    CHECK_OK(ddp_set_param_options(ctx, idb, &ob), ctx);
+    CHECK_OK(ddp_finalize(ctx), ctx);
+    CHECK(ddp_get_param_options(ctx, idb).no_weight_decay == 1 && ddp_get_param_options(ctx, idw).lr_scale == (lr_w ? lr_w : 1),
+          "options in force");
+    memset(&rg, 0, sizeof rg);
+    memset(&rp, 0, sizeof rp);
+    rg.adamw = rp.adamw = type == DDP_OPTIM_ADAMW;
+    for (i = 0; i < NW + OUT; i++) {
+        p[i] = plain[i] = i < NW ? w[i] : b[i - NW];
+        lr_g[i] = i < NW ? 0.05 * (lr_w ? lr_w : 1.0) : 0.05;
+        wd_g[i] = i < NW ? 0.2 : 0.0;
+        lr_p[i] = 0.05;
+        wd_p[i] = 0.2;
+    }
+    j.idw = idw; j.idb = idb;
+    for (s = 0; s < steps; s++) {
+        j.step = s;
+        r = ddp_train_step(ctx, step_fb, &j, 1, NULL);
+        CHECK(r == DDP_SUCCESS, "step %d: %s", s, ddp_last_error(ctx));
+        if (r != DDP_SUCCESS) break;
+        step_grad(p, s, g);
+        ref_opt_step(&rg, p, g, lr_g, wd_g);
+        step_grad(plain, s, g);
+        ref_opt_step(&rp, plain, g, lr_p, wd_p);
+    }
+    d = rel_diff((const float *)ddp_param_data(ctx, idw), (const float *)ddp_param_data(ctx, idb), p, p + NW);
+    for (i = 0; i < NW + OUT; i++) if (fabs(p[i] - plain[i]) > effect) effect = fabs(p[i] - plain[i]);
+    CHECK(d <= 1e-5, "%s: weights differ from the reference by %.3g", name, d);
+    CHECK(effect > 1e-3, "%s: the groups change the result (by %.3g)", name, effect);
+    if (g_rank == 0) printf("%-32s world=%d diff=%.2g effect_of_groups=%.2g\n", name, g_world, d, effect);
+    ddp_destroy(ctx);
+}
+
+/* every rank must set the same options: a difference is named at finalize */
+static void groups_mismatch(void) {
+    ddp_config c;
+    ddp_context *ctx;
+    ddp_param_options o;
+    int idw, idb;
+    ddp_result r;
+    TEST("groups mismatch");
+    if (g_world < 2) return;
+    memset(&c, 0, sizeof c);
+    c.timeout_s = 30;
+    c.optimizer = ddp_optimizer_defaults(DDP_OPTIM_ADAMW);
+    if (ddp_create(&c, &ctx) != DDP_SUCCESS) { fprintf(stderr, "%s\n", ddp_create_error()); exit(2); }
+    ddp_register_param(ctx, "fc.weight", NW, DDP_F32, NULL, &idw);
+    ddp_register_param(ctx, "fc.bias", OUT, DDP_F32, NULL, &idb);
+    memset(&o, 0, sizeof o);
+    o.no_weight_decay = g_rank != 1;
+    CHECK_OK(ddp_set_param_options(ctx, idb, &o), ctx);
+    r = ddp_finalize(ctx);
+    CHECK(r == DDP_ERROR_MISMATCH && strstr(ddp_last_error(ctx), "'fc.bias'") && strstr(ddp_last_error(ctx), "weight_decay_scale=0"),
+          "finalize: %s: %s", ddp_result_string(r), ddp_last_error(ctx));
+    ddp_destroy(ctx);
+}
+
+static void mode_groups(void) {
+    run_groups(DDP_OPTIM_ADAMW, 0.5, 6);
+    run_groups(DDP_OPTIM_ADAMW, 0, 6);
+    run_groups(DDP_OPTIM_SGD, 2.0, 6);
+    groups_mismatch();
+}
+
 /* ---- main -------------------------------------------------------------------------- */
 
 static void identity(void) {
@@ -256,9 +391,10 @@ static void identity(void) {
 
 int main(int argc, char **argv) {
     char suite[64];
-    if (argc < 2) { fprintf(stderr, "usage: test_train accum\n"); return 2; }
+    if (argc < 2) { fprintf(stderr, "usage: test_train accum|groups\n"); return 2; }
     identity();
     if (!strcmp(argv[1], "accum")) mode_accum();
+    else if (!strcmp(argv[1], "groups")) mode_groups();
     else { fprintf(stderr, "test_train: unknown mode '%s'\n", argv[1]); return 2; }
     snprintf(suite, sizeof suite, "test_train %s rank %d", argv[1], g_rank);
     return t_summary(suite);
