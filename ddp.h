@@ -294,6 +294,26 @@ typedef struct ddp_optimizer_desc {
     double max_grad_norm; /* > 0: clip_grad_norm_(max_norm) before each step; 0: no clipping */
 } ddp_optimizer_desc;
 
+/* The learning rate of each step (see SCHEDULES). t is the index of the
+   step about to be taken: ddp_optimizer_step() calls so far, steps skipped
+   by loss scaling included. lr is config.optimizer.lr (or the last
+   ddp_set_lr); every parameter group multiplies the result by its lr_scale. */
+typedef enum ddp_schedule {
+    DDP_SCHEDULE_CONSTANT = 0, /* lr */
+    DDP_SCHEDULE_COSINE,       /* cosine from lr down to min_lr at total_steps */
+    DDP_SCHEDULE_LINEAR,       /* straight line from lr down to min_lr at total_steps */
+    DDP_SCHEDULE_STEP          /* lr * gamma^floor((t - warmup_steps) / step_size) (PyTorch's StepLR) */
+} ddp_schedule;
+
+typedef struct ddp_schedule_desc {
+    ddp_schedule type;
+    int64_t warmup_steps;  /* t < warmup_steps: lr * (t + 1) / warmup_steps, before any type; 0: none */
+    int64_t total_steps;   /* COSINE, LINEAR: from this step on, min_lr (> warmup_steps) */
+    double  min_lr;        /* COSINE, LINEAR: the floor (0: down to 0) */
+    int64_t step_size;     /* STEP: steps between decays (> 0) */
+    double  gamma;         /* STEP: the factor (0 means StepLR's default 0.1) */
+} ddp_schedule_desc;
+
 typedef struct ddp_config {
     /* Who am I. world_size 0: read the environment (torchrun/ddprun, MPI,
        Slurm). world_size > 0: use rank, local_rank and local_world_size
@@ -321,6 +341,7 @@ typedef struct ddp_config {
     size_t staging_bytes;     /* shm: per-rank staging for user buffers, default 16 MiB */
 
     ddp_optimizer_desc optimizer;
+    ddp_schedule_desc  schedule;  /* zero: the constant lr */
 
     ddp_allocator        allocator;
     ddp_device_allocator device_allocator;
@@ -461,9 +482,12 @@ DDP_API ddp_result ddp_optimizer_step(ddp_context *ctx);
    float). max_norm <= 0: measure only. A non-finite norm leaves the
    gradients as they are. */
 DDP_API ddp_result ddp_clip_grad_norm(ddp_context *ctx, double max_norm, double *out_norm);
-/* Set the lr of the following steps (see SCHEDULES: with a schedule, the
-   base lr it starts from). Saved in checkpoints. */
+/* Set the lr of the following steps: config.optimizer.lr from now on, so
+   with a schedule the lr it starts from (see SCHEDULES). Saved in
+   checkpoints. */
 DDP_API ddp_result ddp_set_lr(ddp_context *ctx, double lr);
+/* The lr the next ddp_optimizer_step() uses (before the groups' lr_scale). */
+DDP_API double     ddp_get_lr(const ddp_context *ctx);
 DDP_API ddp_result ddp_zero_grad(ddp_context *ctx);
 DDP_API int64_t    ddp_optimizer_steps(const ddp_context *ctx);
 
@@ -842,6 +866,8 @@ struct ddp_context {
     unsigned char *group_map;     /* flat_bytes / DDP__ALIGN entries */
 
     /* optimizer */
+    int64_t  sched_steps;        /* ddp_optimizer_step() calls that took or skipped a step: the schedule's t */
+    double   config_lr;          /* config.optimizer.lr as created (ddp_set_lr changes cfg.optimizer.lr) */
     int64_t  opt_steps;
     void     *opt_m, *opt_v, *opt_master; /* same layout as the flat buffer, state type per bucket */
     size_t   opt_state_bytes;
@@ -1082,6 +1108,24 @@ static ddp_result ddp__check_optimizer(const ddp_optimizer_desc *o) {
     return DDP_SUCCESS;
 }
 
+static ddp_result ddp__check_schedule(ddp_schedule_desc *d) {
+    if ((int)d->type < 0 || d->type > DDP_SCHEDULE_STEP)
+        return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "config.schedule.type %d is not a ddp_schedule", (int)d->type);
+    if (d->warmup_steps < 0)
+        return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "config.schedule.warmup_steps = %lld: must be >= 0", (long long)d->warmup_steps);
+    if ((d->type == DDP_SCHEDULE_COSINE || d->type == DDP_SCHEDULE_LINEAR) && d->total_steps <= d->warmup_steps)
+        return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "config.schedule.total_steps = %lld: must be above warmup_steps (%lld)",
+                         (long long)d->total_steps, (long long)d->warmup_steps);
+    if (!ddp__in_range(d->min_lr, 0.0, HUGE_VAL, 0))
+        return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "config.schedule.min_lr = %g: must be finite and >= 0", d->min_lr);
+    if (d->type == DDP_SCHEDULE_STEP && d->step_size <= 0)
+        return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "config.schedule.step_size = %lld: must be > 0", (long long)d->step_size);
+    if (!ddp__in_range(d->gamma, 0.0, HUGE_VAL, 0))
+        return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "config.schedule.gamma = %g: must be finite and >= 0", d->gamma);
+    if (d->gamma == 0) d->gamma = 0.1;
+    return DDP_SUCCESS;
+}
+
 static ddp_result ddp__resolve_backend(ddp_config *c) {
     const char *b = getenv("DDP_BACKEND"), *t = getenv("DDP_TIMEOUT");
     if (t && *t) {
@@ -1103,6 +1147,7 @@ static ddp_result ddp__resolve_backend(ddp_config *c) {
     if (c->compress != DDP_DTYPE_DEFAULT && c->compress != DDP_F32 && c->compress != DDP_BF16 && c->compress != DDP_F16)
         return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "config.compress %d must be DDP_BF16, DDP_F16 or 0", (int)c->compress);
     DDP__TRY(ddp__check_optimizer(&c->optimizer));
+    DDP__TRY(ddp__check_schedule(&c->schedule));
 #if !defined(DDP_CUDA)
     if (c->device == DDP_DEVICE_CUDA)
         return ddp__fail(NULL, DDP_ERROR_UNSUPPORTED, "config.device is DDP_DEVICE_CUDA but this implementation was compiled without CUDA (compile the DDP_IMPLEMENTATION file with nvcc)");
@@ -3409,6 +3454,7 @@ DDP_API ddp_result ddp_create(const ddp_config *config, ddp_context **out) {
     ctx->shm.staging_bytes = c.staging_bytes;
     ctx->window_div = 1.0;
     ctx->divisor = (double)c.world_size;
+    ctx->config_lr = c.optimizer.lr;
     ctx->ops = &ddp__shm_ops;
     pthread_mutex_init(&ctx->mu, NULL);
     pthread_mutex_init(&ctx->err_mu, NULL);
@@ -4383,6 +4429,31 @@ static ddp_result ddp__state_zero(ddp_context *ctx, void *p) {
     return DDP_SUCCESS;
 }
 
+#define DDP__PI 3.14159265358979323846
+
+/* The lr of step t (SCHEDULES), in double. */
+static double ddp__schedule_lr(const ddp_schedule_desc *d, double lr, int64_t t) {
+    if (t < d->warmup_steps) return lr * (double)(t + 1) / (double)d->warmup_steps;
+    switch (d->type) {
+    case DDP_SCHEDULE_COSINE:
+    case DDP_SCHEDULE_LINEAR: {
+        double p, f;
+        if (t >= d->total_steps) return d->min_lr;
+        p = (double)(t - d->warmup_steps) / (double)(d->total_steps - d->warmup_steps);
+        f = d->type == DDP_SCHEDULE_COSINE ? 0.5 * (1.0 + cos(DDP__PI * p)) : 1.0 - p;
+        return d->min_lr + (lr - d->min_lr) * f;
+    }
+    case DDP_SCHEDULE_STEP:
+        return lr * pow(d->gamma, (double)((t - d->warmup_steps) / d->step_size));
+    default:
+        return lr;
+    }
+}
+
+DDP_API double ddp_get_lr(const ddp_context *ctx) {
+    return ctx ? ddp__schedule_lr(&ctx->cfg.schedule, ctx->cfg.optimizer.lr, ctx->sched_steps) : 0.0;
+}
+
 /* One step's hyper-parameters for one parameter group, in double as
    PyTorch computes its Python-float scalars; the f32 and 16-bit paths
    round each to float once, as PyTorch does when it applies a Python
@@ -4620,7 +4691,7 @@ DDP_API ddp_result ddp_optimizer_step(ddp_context *ctx) {
     memset(&h, 0, sizeof h);
     h.adamw = o->type == DDP_OPTIM_ADAMW;
     h.t = ctx->opt_steps;
-    h.lr = o->lr;
+    h.lr = ddp__schedule_lr(&ctx->cfg.schedule, o->lr, ctx->sched_steps);
     h.wd = o->weight_decay;
     h.momentum = o->momentum;
     h.dampening = o->dampening;
@@ -4632,6 +4703,7 @@ DDP_API ddp_result ddp_optimizer_step(ddp_context *ctx) {
     h.gs32 = c32;
     if (ddp__on_gpu(ctx)) DDP__TRY(ddp__cuda_optimizer_step(ctx, &h));
     else for (b = 0; b < ctx->num_buckets; b++) ddp__opt_range(ctx, b, 0, ctx->buckets[b].numel, &h);
+    ctx->sched_steps++;
     ctx->zero_pending = 1; /* the accumulation ends here */
     return DDP_SUCCESS;
 }

@@ -521,6 +521,98 @@ static void test_param_options(void) {
     ddp_destroy(ctx);
 }
 
+/* the schedules, written out independently */
+static double want_lr(const ddp_schedule_desc *d, double lr, long t) {
+    if (t < d->warmup_steps) return lr * (t + 1.0) / (double)d->warmup_steps;
+    if (d->type == DDP_SCHEDULE_COSINE || d->type == DDP_SCHEDULE_LINEAR) {
+        double x = (double)(t - d->warmup_steps) / (double)(d->total_steps - d->warmup_steps);
+        if (t >= d->total_steps) return d->min_lr;
+        if (d->type == DDP_SCHEDULE_COSINE) return d->min_lr + (lr - d->min_lr) * (1 + cos(3.14159265358979323846 * x)) / 2;
+        return d->min_lr + (lr - d->min_lr) * (1 - x);
+    }
+    if (d->type == DDP_SCHEDULE_STEP) {
+        double f = 1;
+        long k;
+        for (k = 0; k < (t - d->warmup_steps) / d->step_size; k++) f *= d->gamma == 0 ? 0.1 : d->gamma;
+        return lr * f;
+    }
+    return lr;
+}
+
+/* every schedule: ddp_get_lr before each step, and the weights of plain
+   SGD (p -= lr_t * g) against the same lrs */
+static void test_schedules(void) {
+    static const ddp_schedule_desc cases[] = {
+        { DDP_SCHEDULE_CONSTANT, 0, 0, 0, 0, 0 },
+        { DDP_SCHEDULE_CONSTANT, 3, 0, 0, 0, 0 },
+        { DDP_SCHEDULE_COSINE, 4, 12, 0.01, 0, 0 },
+        { DDP_SCHEDULE_COSINE, 0, 9, 0, 0, 0 },
+        { DDP_SCHEDULE_LINEAR, 2, 10, 0.02, 0, 0 },
+        { DDP_SCHEDULE_STEP, 0, 0, 0, 4, 0 },
+        { DDP_SCHEDULE_STEP, 2, 0, 0, 3, 0.5 },
+    };
+    size_t k;
+    TEST("schedules");
+    for (k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+        ddp_config c = base_config();
+        ddp_context *ctx;
+        int id, t, ok_lr = 1;
+        float w0 = 1.0f;
+        double p = 1.0, worst = 0;
+        c.optimizer = ddp_optimizer_defaults(DDP_OPTIM_SGD);
+        c.optimizer.lr = 0.2;
+        c.schedule = cases[k];
+        ctx = make(&c);
+        ddp_register_param(ctx, "w", 1, DDP_F32, &w0, &id);
+        ddp_finalize(ctx);
+        for (t = 0; t < 15; t++) {
+            double lr = want_lr(&cases[k], 0.2, t), got = ddp_get_lr(ctx);
+            if (fabs(got - lr) > 1e-15 * lr) { ok_lr = 0; fprintf(stderr, "case %zu t=%d: lr %.17g, want %.17g\n", k, t, got, lr); }
+            CHECK_OK(ddp_step_begin(ctx), ctx);
+            ((float *)ddp_param_grad(ctx, id))[0] += 0.5f;
+            ddp_mark_ready(ctx, id);
+            CHECK_OK(ddp_step_end(ctx), ctx);
+            CHECK_OK(ddp_optimizer_step(ctx), ctx);
+            p -= (double)(float)lr * 0.5;
+            if (fabs(((float *)ddp_param_data(ctx, id))[0] - p) > worst) worst = fabs(((float *)ddp_param_data(ctx, id))[0] - p);
+        }
+        CHECK(ok_lr, "schedule case %zu: ddp_get_lr follows the formula", k);
+        CHECK(worst < 1e-6, "schedule case %zu: weights off by %.3g", k, worst);
+        ddp_destroy(ctx);
+    }
+    {   /* ddp_set_lr sets the lr the schedule starts from */
+        ddp_config c = base_config();
+        ddp_context *ctx, *bad = NULL;
+        int id;
+        c.optimizer = ddp_optimizer_defaults(DDP_OPTIM_SGD);
+        c.schedule.type = DDP_SCHEDULE_STEP;
+        c.schedule.step_size = 1;
+        c.schedule.gamma = 0.5;
+        ctx = make(&c);
+        ddp_register_param(ctx, "w", 1, DDP_F32, NULL, &id);
+        ddp_finalize(ctx);
+        CHECK(ddp_get_lr(ctx) == 1e-3, "lr at step 0: %g", ddp_get_lr(ctx));
+        CHECK_OK(ddp_set_lr(ctx, 0.4), ctx);
+        CHECK(ddp_get_lr(ctx) == 0.4, "after ddp_set_lr: %g", ddp_get_lr(ctx));
+        CHECK_ERR(ddp_set_lr(ctx, -1), DDP_ERROR_INVALID_ARGUMENT, ctx, "lr -1");
+        ddp_step_begin(ctx); ddp_mark_ready(ctx, id); ddp_step_end(ctx); ddp_optimizer_step(ctx);
+        CHECK(ddp_get_lr(ctx) == 0.2, "one step later: %g", ddp_get_lr(ctx));
+        ddp_destroy(ctx);
+        c = base_config();
+        c.schedule.type = DDP_SCHEDULE_COSINE;
+        c.schedule.warmup_steps = 10;
+        c.schedule.total_steps = 10;
+        CHECK_ERR(ddp_create(&c, &bad), DDP_ERROR_INVALID_ARGUMENT, NULL, "config.schedule.total_steps = 10");
+        c.schedule.type = DDP_SCHEDULE_STEP;
+        CHECK_ERR(ddp_create(&c, &bad), DDP_ERROR_INVALID_ARGUMENT, NULL, "config.schedule.step_size = 0");
+        c.schedule.type = (ddp_schedule)9;
+        CHECK_ERR(ddp_create(&c, &bad), DDP_ERROR_INVALID_ARGUMENT, NULL, "config.schedule.type 9");
+        c.schedule.type = DDP_SCHEDULE_CONSTANT;
+        c.schedule.min_lr = -1;
+        CHECK_ERR(ddp_create(&c, &bad), DDP_ERROR_INVALID_ARGUMENT, NULL, "config.schedule.min_lr = -1");
+    }
+}
+
 static void test_clip(void) {
     ddp_config c = base_config();
     ddp_context *ctx;
@@ -816,6 +908,7 @@ int main(void) {
     test_optimizers();
     test_optimizer_defaults();
     test_param_options();
+    test_schedules();
     test_clip();
     test_accumulation();
     test_train_step();
