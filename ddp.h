@@ -314,6 +314,17 @@ typedef struct ddp_schedule_desc {
     double  gamma;         /* STEP: the factor (0 means StepLR's default 0.1) */
 } ddp_schedule_desc;
 
+/* Dynamic loss scaling for fp16 training, with the semantics of PyTorch's
+   torch.cuda.amp.GradScaler (see LOSS SCALING). Zero means PyTorch's
+   default for each field. */
+typedef struct ddp_loss_scale_desc {
+    int    enabled;          /* 1: scale (needs config.optimizer.type) */
+    double init_scale;       /* init_scale: 65536 (2^16) */
+    double growth_factor;    /* growth_factor: 2.0 (> 1) */
+    double backoff_factor;   /* backoff_factor: 0.5 (in (0, 1)) */
+    int    growth_interval;  /* growth_interval: 2000 clean steps */
+} ddp_loss_scale_desc;
+
 typedef struct ddp_config {
     /* Who am I. world_size 0: read the environment (torchrun/ddprun, MPI,
        Slurm). world_size > 0: use rank, local_rank and local_world_size
@@ -342,6 +353,7 @@ typedef struct ddp_config {
 
     ddp_optimizer_desc optimizer;
     ddp_schedule_desc  schedule;  /* zero: the constant lr */
+    ddp_loss_scale_desc loss_scale; /* zero: off */
 
     ddp_allocator        allocator;
     ddp_device_allocator device_allocator;
@@ -489,7 +501,16 @@ DDP_API ddp_result ddp_set_lr(ddp_context *ctx, double lr);
 /* The lr the next ddp_optimizer_step() uses (before the groups' lr_scale). */
 DDP_API double     ddp_get_lr(const ddp_context *ctx);
 DDP_API ddp_result ddp_zero_grad(ddp_context *ctx);
+/* Optimizer steps taken (AdamW's t), and steps skipped by loss scaling;
+   their sum is the schedule's position. */
 DDP_API int64_t    ddp_optimizer_steps(const ddp_context *ctx);
+DDP_API int64_t    ddp_skipped_steps(const ddp_context *ctx);
+/* 1 if the last ddp_optimizer_step() skipped the update (loss scaling found
+   a non-finite gradient); the same on every rank. */
+DDP_API int        ddp_last_step_skipped(const ddp_context *ctx);
+/* The loss scale S to multiply your loss (or its gradient) by; 1 when
+   config.loss_scale is off. */
+DDP_API double     ddp_loss_scale(const ddp_context *ctx);
 
 /* ---- the step wrapper ------------------------------------------------------ */
 
@@ -869,6 +890,10 @@ struct ddp_context {
     int64_t  sched_steps;        /* ddp_optimizer_step() calls that took or skipped a step: the schedule's t */
     double   config_lr;          /* config.optimizer.lr as created (ddp_set_lr changes cfg.optimizer.lr) */
     int64_t  opt_steps;
+    double   ls_scale;           /* loss scale S (a float value, as GradScaler's); 1 when off */
+    int64_t  ls_tracker;         /* clean steps since the scale last changed */
+    int64_t  ls_skipped;         /* steps skipped */
+    int      ls_last_skipped;
     void     *opt_m, *opt_v, *opt_master; /* same layout as the flat buffer, state type per bucket */
     size_t   opt_state_bytes;
     size_t   *opt_state_off;      /* per bucket: byte offset into the state buffers */
@@ -965,6 +990,10 @@ DDP_API ddp_config ddp_config_defaults(const ddp_config *in) {
         if (c.optimizer.weight_decay == 0) c.optimizer.weight_decay = d.weight_decay;
         c.optimizer.exact = 1;
     }
+    if (c.loss_scale.init_scale == 0) c.loss_scale.init_scale = 65536.0;
+    if (c.loss_scale.growth_factor == 0) c.loss_scale.growth_factor = 2.0;
+    if (c.loss_scale.backoff_factor == 0) c.loss_scale.backoff_factor = 0.5;
+    if (c.loss_scale.growth_interval == 0) c.loss_scale.growth_interval = 2000;
     return c;
 }
 
@@ -1148,6 +1177,19 @@ static ddp_result ddp__resolve_backend(ddp_config *c) {
         return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "config.compress %d must be DDP_BF16, DDP_F16 or 0", (int)c->compress);
     DDP__TRY(ddp__check_optimizer(&c->optimizer));
     DDP__TRY(ddp__check_schedule(&c->schedule));
+    if (c->loss_scale.enabled) {
+        const ddp_loss_scale_desc *l = &c->loss_scale;
+        if (c->optimizer.type == DDP_OPTIM_NONE)
+            return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "config.loss_scale.enabled needs config.optimizer.type (the scale is undone by ddp_optimizer_step)");
+        if (!ddp__in_range(l->init_scale, 0.0, HUGE_VAL, 1) || !(l->init_scale > 0) || !((double)(float)l->init_scale < HUGE_VAL))
+            return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "config.loss_scale.init_scale = %g: must be > 0 and a finite float", l->init_scale);
+        if (!ddp__in_range(l->growth_factor, 1.0, HUGE_VAL, 1) || l->growth_factor == 1.0)
+            return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "config.loss_scale.growth_factor = %g: must be > 1", l->growth_factor);
+        if (!ddp__in_range(l->backoff_factor, 0.0, 1.0, 1) || l->backoff_factor == 0)
+            return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "config.loss_scale.backoff_factor = %g: must be in (0, 1)", l->backoff_factor);
+        if (l->growth_interval < 1)
+            return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "config.loss_scale.growth_interval = %d: must be >= 1", l->growth_interval);
+    }
 #if !defined(DDP_CUDA)
     if (c->device == DDP_DEVICE_CUDA)
         return ddp__fail(NULL, DDP_ERROR_UNSUPPORTED, "config.device is DDP_DEVICE_CUDA but this implementation was compiled without CUDA (compile the DDP_IMPLEMENTATION file with nvcc)");
@@ -3455,6 +3497,7 @@ DDP_API ddp_result ddp_create(const ddp_config *config, ddp_context **out) {
     ctx->window_div = 1.0;
     ctx->divisor = (double)c.world_size;
     ctx->config_lr = c.optimizer.lr;
+    ctx->ls_scale = c.loss_scale.enabled ? (double)(float)c.loss_scale.init_scale : 1.0;
     ctx->ops = &ddp__shm_ops;
     pthread_mutex_init(&ctx->mu, NULL);
     pthread_mutex_init(&ctx->err_mu, NULL);
@@ -4364,6 +4407,7 @@ DDP_API ddp_result ddp_set_no_sync(ddp_context *ctx, int no_sync) {
 typedef struct ddp__hyper ddp__hyper;
 static ddp_result ddp__cuda_optimizer_step(ddp_context *ctx, const ddp__hyper *h);
 static ddp_result ddp__cuda_sumsq(ddp_context *ctx, double *out);
+static ddp_result ddp__cuda_nonfinite(ddp_context *ctx, int *found);
 static ddp_result ddp__cuda_scale_grads(ddp_context *ctx, float s);
 static ddp_result ddp__cuda_memcpy(ddp_context *ctx, void *dst, const void *src, size_t bytes, int to_device);
 
@@ -4658,33 +4702,94 @@ static ddp_result ddp__scale_grads(ddp_context *ctx, double c64, float c32) {
     return DDP_SUCCESS;
 }
 
+/* 1 in *found if any gradient is NaN or infinite. After a reduce every
+   rank holds the same bits, and a non-finite value on any rank survives the
+   sum, so every rank finds the same without another collective. */
+static ddp_result ddp__grads_nonfinite(ddp_context *ctx, int *found) {
+    int b, bad = 0;
+    if (ddp__on_gpu(ctx)) return ddp__cuda_nonfinite(ctx, found);
+    for (b = 0; b < ctx->num_buckets && !bad; b++) {
+        const ddp__bucket *bk = &ctx->buckets[b];
+        const unsigned char *g = ctx->flat_grads + bk->offset;
+        size_t i;
+        if (bk->dtype == DDP_F32) {
+            for (i = 0; i < bk->numel; i++) { uint32_t u; memcpy(&u, g + 4 * i, 4); bad |= (u & 0x7f800000u) == 0x7f800000u; }
+        } else if (bk->dtype == DDP_F64) {
+            for (i = 0; i < bk->numel; i++) { uint64_t u; memcpy(&u, g + 8 * i, 8); bad |= (u & 0x7ff0000000000000ull) == 0x7ff0000000000000ull; }
+        } else {
+            uint16_t e = bk->dtype == DDP_F16 ? 0x7c00u : 0x7f80u;
+            for (i = 0; i < bk->numel; i++) { uint16_t u; memcpy(&u, g + 2 * i, 2); bad |= (u & e) == e; }
+        }
+    }
+    *found = bad;
+    return DDP_SUCCESS;
+}
+
+/* GradScaler.update(): back off after a non-finite step, grow after
+   growth_interval clean ones; the scale stays a float value. */
+static void ddp__loss_scale_update(ddp_context *ctx, int found_inf) {
+    const ddp_loss_scale_desc *l = &ctx->cfg.loss_scale;
+    if (found_inf) {
+        ctx->ls_scale = (double)(float)(ctx->ls_scale * l->backoff_factor);
+        ctx->ls_tracker = 0;
+    } else if (++ctx->ls_tracker >= l->growth_interval) {
+        double grown = (double)(float)(ctx->ls_scale * l->growth_factor);
+        if (ddp__finite(grown)) ctx->ls_scale = grown;
+        ctx->ls_tracker = 0;
+    }
+}
+
 DDP_API ddp_result ddp_clip_grad_norm(ddp_context *ctx, double max_norm, double *out_norm) {
     double ss = 0, norm, c64;
     float c32;
     DDP__TRY(ddp__opt_ready(ctx, "ddp_clip_grad_norm"));
     if (!(max_norm == max_norm)) return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_clip_grad_norm: max_norm is NaN");
     DDP__TRY(ddp__sumsq(ctx, &ss));
-    norm = sqrt(ss);
+    norm = sqrt(ss) * (1.0 / ctx->ls_scale); /* the norm of the unscaled gradients */
     if (out_norm) *out_norm = norm;
     ddp__clip_coef(max_norm, norm, &c64, &c32);
     if (c64 == 1.0 && c32 == 1.0f) return DDP_SUCCESS;
     return ddp__scale_grads(ctx, c64, c32);
 }
 
+/* The step: with loss scaling, skip it (and back off) when a gradient is
+   not finite, else unscale; clip on the unscaled norm; update with the
+   scheduled lr, unscale and clip factors folded into one gradient
+   multiplier (PyTorch multiplies twice; with a power-of-two scale the bits
+   are the same). */
 DDP_API ddp_result ddp_optimizer_step(ddp_context *ctx) {
     const ddp_optimizer_desc *o;
     ddp__hyper h;
-    double c64 = 1.0;
-    float c32 = 1.0f;
-    int b;
+    double c64 = 1.0, inv64 = 1.0;
+    float c32 = 1.0f, inv32 = 1.0f;
+    int b, scaling;
     DDP__TRY(ddp__opt_ready(ctx, "ddp_optimizer_step"));
     o = &ctx->cfg.optimizer;
     if (o->type == DDP_OPTIM_NONE)
         return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_optimizer_step: config.optimizer.type is DDP_OPTIM_NONE");
+    scaling = ctx->cfg.loss_scale.enabled;
+    ctx->ls_last_skipped = 0;
+    if (scaling) {
+        int found = 0;
+        DDP__TRY(ddp__grads_nonfinite(ctx, &found));
+        if (found) {
+            char msg[128];
+            snprintf(msg, sizeof msg, "step %lld skipped: non-finite gradients at loss scale %g", (long long)ctx->sched_steps, ctx->ls_scale);
+            ddp__log(ctx, DDP_LOG_INFO, msg);
+            ddp__loss_scale_update(ctx, 1);
+            ctx->ls_skipped++;
+            ctx->ls_last_skipped = 1;
+            ctx->sched_steps++;
+            ctx->zero_pending = 1;
+            return DDP_SUCCESS;
+        }
+        inv64 = 1.0 / ctx->ls_scale;
+        inv32 = (float)inv64; /* GradScaler: the reciprocal in double, rounded to float */
+    }
     if (o->max_grad_norm > 0) {
         double ss = 0;
         DDP__TRY(ddp__sumsq(ctx, &ss));
-        ddp__clip_coef(o->max_grad_norm, sqrt(ss), &c64, &c32);
+        ddp__clip_coef(o->max_grad_norm, sqrt(ss) * inv64, &c64, &c32);
     }
     DDP__TRY(ddp__opt_alloc(ctx));
     ctx->opt_steps++;
@@ -4699,14 +4804,19 @@ DDP_API ddp_result ddp_optimizer_step(ddp_context *ctx) {
     h.beta1 = o->beta1;
     h.beta2 = o->beta2;
     h.eps = o->eps;
-    h.gs = c64;
-    h.gs32 = c32;
+    h.gs = inv64 * c64;
+    h.gs32 = inv32 * c32;
     if (ddp__on_gpu(ctx)) DDP__TRY(ddp__cuda_optimizer_step(ctx, &h));
     else for (b = 0; b < ctx->num_buckets; b++) ddp__opt_range(ctx, b, 0, ctx->buckets[b].numel, &h);
+    if (scaling) ddp__loss_scale_update(ctx, 0);
     ctx->sched_steps++;
     ctx->zero_pending = 1; /* the accumulation ends here */
     return DDP_SUCCESS;
 }
+
+DDP_API int64_t ddp_skipped_steps(const ddp_context *ctx) { return ctx ? ctx->ls_skipped : 0; }
+DDP_API int ddp_last_step_skipped(const ddp_context *ctx) { return ctx ? ctx->ls_last_skipped : 0; }
+DDP_API double ddp_loss_scale(const ddp_context *ctx) { return ctx ? ctx->ls_scale : 1.0; }
 
 DDP_API ddp_result ddp_set_lr(ddp_context *ctx, double lr) {
     if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
@@ -5100,6 +5210,7 @@ struct ddp__cuda_state {
     cudaEvent_t *done;            /* per bucket */
     cudaEvent_t  last;            /* the last collective queued on comm */
     float       *d_norm;          /* device scalar for sumsq */
+    int         *d_flag;          /* device flag for the non-finite check (loss scaling) */
     float       *d_scratch;       /* sumsq partials */
     size_t       scratch_elems;
     void        *compress_buf;    /* bucket in bf16/f16 for compressed all-reduce */
@@ -5578,6 +5689,8 @@ static ddp_result ddp__cuda_setup(ddp_context *ctx) {
     cu->d_norm = (float *)ddp__dev_alloc(ctx, sizeof(float) * (cu->scratch_elems + 1));
     if (!cu->d_norm) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "no device memory for the norm scratch");
     cu->d_scratch = cu->d_norm + 1;
+    cu->d_flag = (int *)ddp__dev_alloc(ctx, sizeof(int));
+    if (!cu->d_flag) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "no device memory for the non-finite flag");
     /* a world of one exchanges nothing: no communicator (NCCL's threads cost
        time even when idle), unless DDP_FORCE_COMM asks for the real path */
     if (cu->solo) { ctx->ops = &ddp__solo_ops; return DDP_SUCCESS; }
@@ -5625,6 +5738,7 @@ static void ddp__cuda_teardown(ddp_context *ctx) {
     if (cu->done) { for (i = 0; i < ctx->num_buckets; i++) if (cu->done[i]) cudaEventDestroy(cu->done[i]); ddp__free(ctx, cu->done); }
     if (cu->last) cudaEventDestroy(cu->last);
     ddp__free_device(ctx, cu->d_norm);
+    ddp__free_device(ctx, cu->d_flag);
     ddp__free_device(ctx, cu->compress_buf);
     ddp__free_device(ctx, cu->d_group_map);
     if (cu->comm) cudaStreamDestroy(cu->comm);
@@ -5881,6 +5995,21 @@ static ddp_result ddp__cuda_sumsq(ddp_context *ctx, double *out) {
     return DDP_SUCCESS;
 }
 
+/* ddp_k_nonfinite over every bucket into one device flag; the host waits for it. */
+static ddp_result ddp__cuda_nonfinite(ddp_context *ctx, int *found) {
+    struct ddp__cuda_state *cu = ctx->cuda;
+    cudaStream_t s = ddp__ustream(ctx);
+    int b, h = 0;
+    DDP__CU(ctx, cudaMemsetAsync(cu->d_flag, 0, sizeof(int), s), "checking the gradients for inf/NaN");
+    for (b = 0; b < ctx->num_buckets; b++)
+        DDP__KL(ctx, ddp_k_nonfinite(ctx->flat_grads + ctx->buckets[b].offset, (int)ctx->buckets[b].dtype, ctx->buckets[b].numel,
+                                     cu->d_flag, s), "checking the gradients for inf/NaN");
+    DDP__CU(ctx, cudaMemcpyAsync(&h, cu->d_flag, sizeof(int), cudaMemcpyDeviceToHost, s), "checking the gradients for inf/NaN");
+    DDP__TRY(ddp__cuda_wait(ctx, NULL, s, "checking the gradients for inf/NaN"));
+    *found = h != 0;
+    return DDP_SUCCESS;
+}
+
 static ddp_result ddp__cuda_scale_grads(ddp_context *ctx, float f) {
     int b;
     for (b = 0; b < ctx->num_buckets; b++) {
@@ -6008,6 +6137,7 @@ static ddp_result ddp__cuda_record_ready(ddp_context *ctx, int id, void *s) { (v
 static ddp_result ddp__cuda_step_end(ddp_context *ctx, void *s) { (void)s; return ddp__cuda_unreachable(ctx); }
 static ddp_result ddp__cuda_optimizer_step(ddp_context *ctx, const ddp__hyper *h) { (void)h; return ddp__cuda_unreachable(ctx); }
 static ddp_result ddp__cuda_sumsq(ddp_context *ctx, double *o) { (void)o; return ddp__cuda_unreachable(ctx); }
+static ddp_result ddp__cuda_nonfinite(ddp_context *ctx, int *f) { (void)f; return ddp__cuda_unreachable(ctx); }
 static ddp_result ddp__cuda_scale_grads(ddp_context *ctx, float s) { (void)s; return ddp__cuda_unreachable(ctx); }
 static ddp_result ddp__cuda_zero_grads(ddp_context *ctx) { return ddp__cuda_unreachable(ctx); }
 static ddp_result ddp__cuda_grad_buffer(ddp_context *ctx, void **slot) { (void)slot; return ddp__cuda_unreachable(ctx); }

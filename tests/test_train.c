@@ -379,6 +379,142 @@ static void mode_groups(void) {
     groups_mismatch();
 }
 
+/* ---- loss scaling ------------------------------------------------------------------ */
+
+enum { SN = 37 };
+
+/* rank r's gradient at step s is w - target(s, r): their average pulls w
+   to the mean target */
+static double target(int step, int rank, int i) { return sin(0.3 * i + 0.7 * step + 1.1 * rank) * 0.5; }
+
+enum { INJ_NONE, INJ_INF_LAST, INJ_NAN_FIRST };
+
+typedef struct scaler_run {
+    float w[SN];            /* final weights (as f32) */
+    double scale[16];       /* ddp_loss_scale() after each step */
+    int skipped[16];
+    int unchanged_when_skipped;
+} scaler_run;
+
+/* steps of SGD with momentum; loss scaling on (S from init) or off, in
+   which case the steps listed in skip_without are left out by hand */
+static void scaler_train(ddp_dtype dt, int scaling, double init, int interval, const int *inject, const int *skip_without,
+                         int steps, scaler_run *out) {
+    ddp_config c;
+    ddp_context *ctx;
+    float w0[SN];
+    uint16_t w16[SN];
+    int s, i, id;
+    memset(&c, 0, sizeof c);
+    c.timeout_s = 30;
+    c.optimizer = ddp_optimizer_defaults(DDP_OPTIM_SGD);
+    c.optimizer.lr = 0.25;
+    c.optimizer.momentum = 0.5;
+    c.loss_scale.enabled = scaling;
+    c.loss_scale.init_scale = init;
+    c.loss_scale.growth_interval = interval;
+    if (ddp_create(&c, &ctx) != DDP_SUCCESS) { fprintf(stderr, "%s\n", ddp_create_error()); exit(2); }
+    for (i = 0; i < SN; i++) { w0[i] = (float)cos(0.5 * i); w16[i] = ddp__f32_to_f16(w0[i]); }
+    ddp_register_param(ctx, "w", SN, dt, dt == DDP_F16 ? (void *)w16 : (void *)w0, &id);
+    if (ddp_finalize(ctx) != DDP_SUCCESS) { fprintf(stderr, "%s\n", ddp_last_error(ctx)); exit(2); }
+    out->unchanged_when_skipped = 1;
+    for (s = 0; s < steps; s++) {
+        unsigned char before[SN * 4];
+        double S = ddp_loss_scale(ctx);
+        void *g;
+        memcpy(before, ddp_param_data(ctx, id), SN * ddp_dtype_size(dt));
+        CHECK_OK(ddp_step_begin(ctx), ctx);
+        g = ddp_param_grad(ctx, id);
+        for (i = 0; i < SN; i++) {
+            /* the gradient of S * loss */
+            double w = dt == DDP_F16 ? ddp__f16_to_f32(((uint16_t *)ddp_param_data(ctx, id))[i]) : ((float *)ddp_param_data(ctx, id))[i];
+            float v = (float)(S * (w - target(s, g_rank, i)));
+            if (i == 7 && inject[s] == INJ_INF_LAST && g_rank == g_world - 1) v = (float)HUGE_VAL;
+            if (i == 20 && inject[s] == INJ_NAN_FIRST && g_rank == 0) v = (float)(0.0 / 0.0);
+            if (dt == DDP_F16) ((uint16_t *)g)[i] = ddp__f32_to_f16(ddp__f16_to_f32(((uint16_t *)g)[i]) + v);
+            else ((float *)g)[i] += v;
+        }
+        CHECK_OK(ddp_mark_ready(ctx, id), ctx);
+        CHECK_OK(ddp_step_end(ctx), ctx);
+        if (!scaling && skip_without[s]) CHECK_OK(ddp_zero_grad(ctx), ctx);
+        else CHECK_OK(ddp_optimizer_step(ctx), ctx);
+        out->scale[s] = ddp_loss_scale(ctx);
+        out->skipped[s] = ddp_last_step_skipped(ctx);
+        if (out->skipped[s] && memcmp(before, ddp_param_data(ctx, id), SN * ddp_dtype_size(dt)) != 0) out->unchanged_when_skipped = 0;
+    }
+    for (i = 0; i < SN; i++)
+        out->w[i] = dt == DDP_F16 ? ddp__f16_to_f32(((uint16_t *)ddp_param_data(ctx, id))[i]) : ((float *)ddp_param_data(ctx, id))[i];
+    if (scaling) {
+        int n = 0;
+        for (s = 0; s < steps; s++) n += out->skipped[s];
+        CHECK(ddp_skipped_steps(ctx) == n && ddp_optimizer_steps(ctx) == steps - n, "counters: skipped %lld taken %lld",
+              (long long)ddp_skipped_steps(ctx), (long long)ddp_optimizer_steps(ctx));
+    }
+    ddp_destroy(ctx);
+}
+
+/* GradScaler's rule, written out */
+static void expect_scales(double S, int interval, const int *bad, int steps, double *want) {
+    int s, tracker = 0;
+    for (s = 0; s < steps; s++) {
+        if (bad[s]) { S = (float)(S * 0.5); tracker = 0; }
+        else if (++tracker == interval) { S = (float)(S * 2.0); tracker = 0; }
+        want[s] = S;
+    }
+}
+
+static void mode_scaler(void) {
+    enum { STEPS = 12 };
+    static const int inject[STEPS] = { 0, 0, INJ_INF_LAST, 0, 0, 0, INJ_NAN_FIRST, 0, 0, 0, 0, 0 };
+    static const int none[STEPS] = { 0 };
+    int bad[STEPS], s, i, same = 1;
+    double want[STEPS];
+    scaler_run a, b;
+    TEST("loss scaling, f32, inf and NaN on one rank");
+    for (s = 0; s < STEPS; s++) bad[s] = inject[s] != 0;
+    scaler_train(DDP_F32, 1, 1024, 3, inject, none, STEPS, &a);
+    expect_scales(1024, 3, bad, STEPS, want);
+    for (s = 0; s < STEPS; s++) {
+        CHECK(a.skipped[s] == bad[s], "step %d: skipped %d, want %d (every rank the same)", s, a.skipped[s], bad[s]);
+        CHECK(a.scale[s] == want[s], "step %d: scale %g, want %g", s, a.scale[s], want[s]);
+    }
+    CHECK(a.unchanged_when_skipped, "a skipped step leaves the weights as they were");
+    /* the same run without scaling, leaving out the bad steps: a power-of-two
+       scale changes no bit */
+    scaler_train(DDP_F32, 0, 0, 3, none, bad, STEPS, &b);
+    for (i = 0; i < SN; i++) same &= a.w[i] == b.w[i];
+    CHECK(same, "weights with loss scaling equal the unscaled run without the skipped steps, bit for bit");
+    if (g_rank == 0) printf("loss scaling f32 world=%d: skipped steps 2 and 6, scale 1024 -> %g, bitwise equal to the unscaled run: %s\n",
+                            g_world, a.scale[STEPS - 1], same ? "yes" : "no");
+
+    /* fp16 parameters and gradients with a scale too large for f16: the
+       scaled gradients overflow on every rank; the scale backs off until
+       they fit, then training proceeds */
+    TEST("loss scaling, f16 overflow");
+    {
+        double d = 0, S = 1 << 24;
+        int nskip = 0, first_taken = -1;
+        scaler_train(DDP_F16, 1, S, 4, none, none, STEPS, &a);
+        for (s = 0; s < STEPS; s++) {
+            if (a.skipped[s]) nskip++;
+            else if (first_taken < 0) first_taken = s;
+        }
+        /* |S * (w - t)| fits f16 (< 65504) only from S = 2^15 down for these values */
+        CHECK(nskip >= 1 && first_taken == nskip, "the first %d steps skipped, then steps taken (first at %d)", nskip, first_taken);
+        CHECK(a.unchanged_when_skipped, "skipped f16 steps leave the weights");
+        for (s = 0; s < nskip; s++) CHECK(a.scale[s] == (float)(S / (2 << s)), "halved at step %d: %g", s, a.scale[s]);
+        {
+            int skip_ref[STEPS];
+            for (s = 0; s < STEPS; s++) skip_ref[s] = s < nskip;
+            scaler_train(DDP_F32, 0, 0, 4, none, skip_ref, STEPS, &b);
+        }
+        for (i = 0; i < SN; i++) if (fabs(a.w[i] - b.w[i]) > d) d = fabs(a.w[i] - b.w[i]);
+        CHECK(d < 2e-2, "f16 weights follow the f32 run that skips the same steps (max diff %.3g)", d);
+        if (g_rank == 0) printf("loss scaling f16 world=%d: %d overflow steps skipped, scale 2^24 -> %g, max diff to f32 %.2g\n",
+                                g_world, nskip, a.scale[STEPS - 1], d);
+    }
+}
+
 /* ---- main -------------------------------------------------------------------------- */
 
 static void identity(void) {
@@ -391,10 +527,11 @@ static void identity(void) {
 
 int main(int argc, char **argv) {
     char suite[64];
-    if (argc < 2) { fprintf(stderr, "usage: test_train accum|groups\n"); return 2; }
+    if (argc < 2) { fprintf(stderr, "usage: test_train accum|groups|scaler\n"); return 2; }
     identity();
     if (!strcmp(argv[1], "accum")) mode_accum();
     else if (!strcmp(argv[1], "groups")) mode_groups();
+    else if (!strcmp(argv[1], "scaler")) mode_scaler();
     else { fprintf(stderr, "test_train: unknown mode '%s'\n", argv[1]); return 2; }
     snprintf(suite, sizeof suite, "test_train %s rank %d", argv[1], g_rank);
     return t_summary(suite);
