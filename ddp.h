@@ -532,11 +532,29 @@ DDP_API ddp_result ddp_train_step(ddp_context *ctx, ddp_forward_backward_fn fn, 
 
 /* ---- checkpoints ----------------------------------------------------------- */
 
-/* Rank 0 writes parameters and optimizer state atomically (temporary file,
-   fsync, rename; with a checksum); all ranks wait for it. */
+/* Rank 0 writes parameters and the training state (optimizer state and
+   step, schedule position and lr, loss scale, parameter options)
+   atomically (temporary file, fsync, rename; with a checksum); all ranks
+   wait for it. The format is version 2 (see the implementation's
+   checkpoints section). */
 DDP_API ddp_result ddp_save_checkpoint(ddp_context *ctx, const char *path);
-/* Every rank reads the file, verifies checksum, names, shapes and dtypes. */
+/* Every rank reads the file and verifies its checksum, every header field
+   (DDP_ERROR_CORRUPT naming the field), the names, shapes and dtypes and
+   the parameter options (DDP_ERROR_MISMATCH), then takes the weights and
+   the training state: optimizer state and step, schedule position, lr
+   (ddp_set_lr), loss scale. A file without the optimizer state this
+   context needs (saved without an optimizer, or with another) is
+   DDP_ERROR_MISMATCH; see ddp_load_checkpoint_ex. Reads format versions 1
+   and 2 (version 1 has no lr, schedule position or loss scale: those start
+   as configured, the schedule at the step count). */
 DDP_API ddp_result ddp_load_checkpoint(ddp_context *ctx, const char *path);
+/* flags 0: ddp_load_checkpoint. DDP_LOAD_RESET_OPTIMIZER: take only the
+   weights; the training state starts fresh, as after ddp_finalize()
+   (zero moments, step 0, config.optimizer.lr, the initial loss scale),
+   whatever the file holds (for fine-tuning, or a file saved without an
+   optimizer). */
+#define DDP_LOAD_RESET_OPTIMIZER 1u
+DDP_API ddp_result ddp_load_checkpoint_ex(ddp_context *ctx, const char *path, unsigned flags);
 
 #ifdef __cplusplus
 }
@@ -1116,7 +1134,7 @@ static ddp_result ddp__resolve_address(ddp_config *c, char *addr_buf, size_t cap
 
 /* A finite value in [lo, hi) (hi_open) or [lo, hi]. */
 static int ddp__in_range(double v, double lo, double hi, int hi_open) {
-    return v == v && v >= lo && (hi_open ? v < hi : v <= hi);
+    return v == v && v - v == 0 && v >= lo && (hi_open ? v < hi : v <= hi);
 }
 
 static ddp_result ddp__check_optimizer(const ddp_optimizer_desc *o) {
@@ -4905,12 +4923,21 @@ DDP_API ddp_result ddp_train_step(ddp_context *ctx, ddp_forward_backward_fn fn, 
 
 /* ---- checkpoints ------------------------------------------------------------------------
 
-   Layout (little-endian host order):
+   Layout, version 2 (little-endian host order):
      "DDPCKPT1" u32 version u32 nparams u32 optimizer u32 flags i64 steps
-     per parameter: u32 namelen, name, u32 dtype, u64 numel, u32 ndim, i64 shape[ndim]
+     i64 sched_steps f64 lr
+     u32 schedule i64 warmup_steps i64 total_steps f64 min_lr i64 step_size f64 gamma
+     u32 loss_scaling f64 loss_scale i64 growth_tracker i64 skipped
+     per parameter: u32 namelen, name, u32 dtype, u64 numel, u32 ndim, i64 shape[ndim],
+                    f64 lr_scale, f64 weight_decay_scale
      per parameter: data (numel * dtype size)
      per parameter, when present: momentum/m, v, master (numel * state size each)
-     u64 FNV-1a hash of everything before it */
+     u64 FNV-1a hash of everything before it
+   flags: bit 0 m, bit 1 v, bit 2 master. Version 1 (read, not written) has
+   neither the second to fourth lines nor the two scales. */
+
+#define DDP__CKPT_VERSION 2
+#define DDP__MAX_STEPS ((int64_t)1 << 53)  /* step counters stay exact in double (pow(beta, t)) */
 
 #define DDP__CKPT_MAGIC "DDPCKPT1"
 
@@ -4971,14 +4998,67 @@ static ddp_result ddp__ck_write_block(ddp_context *ctx, ddp__ckfile *c, const vo
     return DDP_SUCCESS;
 }
 
+static void ddp__ck_u32(ddp__ckfile *c, uint32_t v) { ddp__ck_write(c, &v, 4); }
+static void ddp__ck_i64(ddp__ckfile *c, int64_t v) { ddp__ck_write(c, &v, 8); }
+static void ddp__ck_f64(ddp__ckfile *c, double v) { ddp__ck_write(c, &v, 8); }
+
+/* Everything of the file but the temporary-file handling. */
+static ddp_result ddp__ck_write_content(ddp_context *ctx, ddp__ckfile *c) {
+    const ddp_schedule_desc *sd = &ctx->cfg.schedule;
+    void *bases[3];
+    int i, k;
+    ddp_result r = DDP_SUCCESS;
+    ddp__ck_write(c, DDP__CKPT_MAGIC, 8);
+    ddp__ck_u32(c, DDP__CKPT_VERSION);
+    ddp__ck_u32(c, (uint32_t)ctx->num_params);
+    ddp__ck_u32(c, (uint32_t)ctx->cfg.optimizer.type);
+    ddp__ck_u32(c, ddp__state_flags(ctx));
+    ddp__ck_i64(c, ctx->opt_steps);
+    ddp__ck_i64(c, ctx->sched_steps);
+    ddp__ck_f64(c, ctx->cfg.optimizer.lr);
+    ddp__ck_u32(c, (uint32_t)sd->type);
+    ddp__ck_i64(c, sd->warmup_steps);
+    ddp__ck_i64(c, sd->total_steps);
+    ddp__ck_f64(c, sd->min_lr);
+    ddp__ck_i64(c, sd->step_size);
+    ddp__ck_f64(c, sd->gamma);
+    ddp__ck_u32(c, ctx->cfg.loss_scale.enabled ? 1u : 0u);
+    ddp__ck_f64(c, ctx->ls_scale);
+    ddp__ck_i64(c, ctx->ls_tracker);
+    ddp__ck_i64(c, ctx->ls_skipped);
+    for (i = 0; i < ctx->num_params; i++) {
+        const ddp__param *p = &ctx->params[i];
+        uint32_t len = (uint32_t)strlen(p->name);
+        uint64_t numel = p->numel;
+        ddp__ck_u32(c, len);
+        ddp__ck_write(c, p->name, len);
+        ddp__ck_u32(c, (uint32_t)p->dtype);
+        ddp__ck_write(c, &numel, 8);
+        ddp__ck_u32(c, (uint32_t)p->ndim);
+        ddp__ck_write(c, p->shape, (size_t)p->ndim * 8);
+        ddp__ck_f64(c, p->lr_scale);
+        ddp__ck_f64(c, p->wd_scale);
+    }
+    for (i = 0; i < ctx->num_params && r == DDP_SUCCESS; i++)
+        r = ddp__ck_write_block(ctx, c, ctx->flat_params + ctx->params[i].offset,
+                                ctx->params[i].numel * ddp_dtype_size(ctx->params[i].dtype));
+    bases[0] = ctx->opt_m; bases[1] = ctx->opt_v; bases[2] = ctx->opt_master;
+    for (k = 0; k < 3 && r == DDP_SUCCESS; k++) {
+        if (!bases[k]) continue;
+        for (i = 0; i < ctx->num_params && r == DDP_SUCCESS; i++)
+            r = ddp__ck_write_block(ctx, c, ddp__state_ptr(ctx, bases[k], i),
+                                    ctx->params[i].numel * ddp__state_elem(ctx->params[i].dtype));
+    }
+    {
+        uint64_t h = c->hash;
+        ddp__ck_write(c, &h, 8);
+    }
+    return r;
+}
+
 static ddp_result ddp__save_file(ddp_context *ctx, const char *path) {
     char tmp[4096];
     ddp__ckfile c;
-    uint32_t u;
-    int64_t steps = ctx->opt_steps;
-    uint32_t flags = ddp__state_flags(ctx);
-    void *bases[3];
-    int i, k;
     ddp_result r = DDP_SUCCESS;
     if (snprintf(tmp, sizeof tmp, "%s.tmp.%d", path, (int)getpid()) >= (int)sizeof tmp)
         return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_save_checkpoint: path is too long");
@@ -4986,36 +5066,7 @@ static ddp_result ddp__save_file(ddp_context *ctx, const char *path) {
     c.hash = 0xcbf29ce484222325ull;
     c.f = fopen(tmp, "wb");
     if (!c.f) return ddp__fail(ctx, DDP_ERROR_IO, "ddp_save_checkpoint: cannot create '%s': %s", tmp, strerror(errno));
-    ddp__ck_write(&c, DDP__CKPT_MAGIC, 8);
-    u = 1; ddp__ck_write(&c, &u, 4);
-    u = (uint32_t)ctx->num_params; ddp__ck_write(&c, &u, 4);
-    u = (uint32_t)ctx->cfg.optimizer.type; ddp__ck_write(&c, &u, 4);
-    ddp__ck_write(&c, &flags, 4);
-    ddp__ck_write(&c, &steps, 8);
-    for (i = 0; i < ctx->num_params; i++) {
-        const ddp__param *p = &ctx->params[i];
-        uint64_t numel = p->numel;
-        u = (uint32_t)strlen(p->name); ddp__ck_write(&c, &u, 4);
-        ddp__ck_write(&c, p->name, u);
-        u = (uint32_t)p->dtype; ddp__ck_write(&c, &u, 4);
-        ddp__ck_write(&c, &numel, 8);
-        u = (uint32_t)p->ndim; ddp__ck_write(&c, &u, 4);
-        ddp__ck_write(&c, p->shape, (size_t)p->ndim * 8);
-    }
-    for (i = 0; i < ctx->num_params && r == DDP_SUCCESS; i++)
-        r = ddp__ck_write_block(ctx, &c, ctx->flat_params + ctx->params[i].offset,
-                                ctx->params[i].numel * ddp_dtype_size(ctx->params[i].dtype));
-    bases[0] = ctx->opt_m; bases[1] = ctx->opt_v; bases[2] = ctx->opt_master;
-    for (k = 0; k < 3 && r == DDP_SUCCESS; k++) {
-        if (!bases[k]) continue;
-        for (i = 0; i < ctx->num_params && r == DDP_SUCCESS; i++)
-            r = ddp__ck_write_block(ctx, &c, ddp__state_ptr(ctx, bases[k], i),
-                                    ctx->params[i].numel * ddp__state_elem(ctx->params[i].dtype));
-    }
-    {
-        uint64_t h = c.hash;
-        ddp__ck_write(&c, &h, 8);
-    }
+    r = ddp__ck_write_content(ctx, &c);
     if (r == DDP_SUCCESS && !c.err && fflush(c.f) != 0) c.err = errno;
     if (r == DDP_SUCCESS && !c.err && fsync(fileno(c.f)) != 0) c.err = errno;
     if (fclose(c.f) != 0 && !c.err) c.err = errno;
@@ -5064,74 +5115,215 @@ DDP_API ddp_result ddp_save_checkpoint(ddp_context *ctx, const char *path) {
     return ddp__agree(ctx, r, "saving the checkpoint");
 }
 
+/* The header of a checkpoint, every field range-checked. */
+typedef struct ddp__ckhead {
+    uint32_t version, nparams, optimizer, flags;
+    int64_t  steps, sched_steps;
+    double   lr;
+    ddp_schedule_desc schedule;
+    uint32_t loss_scaling;
+    double   loss_scale;
+    int64_t  tracker, skipped;
+} ddp__ckhead;
+
+/* A header field out of range: DDP_ERROR_CORRUPT naming it. */
+#if defined(__GNUC__)
+__attribute__((format(printf, 4, 5)))
+#endif
+static ddp_result ddp__ck_bad(ddp_context *ctx, const char *path, const char *field, const char *fmt, ...) {
+    char what[256];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(what, sizeof what, fmt, ap);
+    va_end(ap);
+    return ddp__fail(ctx, DDP_ERROR_CORRUPT, "checkpoint '%s' is corrupt: field '%s' %s", path, field, what);
+}
+
+static int ddp__ck_count(int64_t v) { return v >= 0 && v <= DDP__MAX_STEPS; }
+
+static ddp_result ddp__ck_read_head(ddp_context *ctx, ddp__ckfile *c, const char *path, ddp__ckhead *h) {
+    char magic[8];
+    uint32_t u;
+    memset(h, 0, sizeof *h);
+    if (!ddp__ck_read(c, magic, 8) || memcmp(magic, DDP__CKPT_MAGIC, 8) != 0)
+        return ddp__fail(ctx, DDP_ERROR_CORRUPT, "'%s' is not a ddp.h checkpoint (bad magic)", path);
+    if (!ddp__ck_read(c, &h->version, 4)) goto truncated;
+    if (h->version < 1 || h->version > DDP__CKPT_VERSION)
+        return ddp__ck_bad(ctx, path, "version", "is %u; this library reads versions 1 to %d", h->version, DDP__CKPT_VERSION);
+    if (!ddp__ck_read(c, &h->nparams, 4) || !ddp__ck_read(c, &h->optimizer, 4) || !ddp__ck_read(c, &h->flags, 4) ||
+        !ddp__ck_read(c, &h->steps, 8))
+        goto truncated;
+    if (h->nparams < 1 || h->nparams > (uint32_t)INT_MAX)
+        return ddp__ck_bad(ctx, path, "nparams", "is %u (must be 1..%d)", h->nparams, INT_MAX);
+    if (h->optimizer > (uint32_t)DDP_OPTIM_ADAMW)
+        return ddp__ck_bad(ctx, path, "optimizer", "is %u (must be 0..%d)", h->optimizer, (int)DDP_OPTIM_ADAMW);
+    if ((h->flags & ~7u) != 0 || (h->flags && h->optimizer == DDP_OPTIM_NONE) ||
+        ((h->flags & 2u) && h->optimizer != DDP_OPTIM_ADAMW))
+        return ddp__ck_bad(ctx, path, "flags", "is 0x%x: not a set of state arrays for optimizer %u", h->flags, h->optimizer);
+    if (!ddp__ck_count(h->steps) || (h->optimizer == DDP_OPTIM_NONE && h->steps != 0))
+        return ddp__ck_bad(ctx, path, "steps", "is %lld (must be 0..2^53, and 0 without an optimizer)", (long long)h->steps);
+    if (h->optimizer == DDP_OPTIM_ADAMW && h->steps > 0 && (h->flags & 3u) != 3u)
+        return ddp__ck_bad(ctx, path, "flags", "is 0x%x: AdamW at step %lld keeps both moments", h->flags, (long long)h->steps);
+    if (h->version == 1) {
+        h->sched_steps = h->steps;
+        return DDP_SUCCESS;
+    }
+    if (!ddp__ck_read(c, &h->sched_steps, 8) || !ddp__ck_read(c, &h->lr, 8) || !ddp__ck_read(c, &u, 4) ||
+        !ddp__ck_read(c, &h->schedule.warmup_steps, 8) || !ddp__ck_read(c, &h->schedule.total_steps, 8) ||
+        !ddp__ck_read(c, &h->schedule.min_lr, 8) || !ddp__ck_read(c, &h->schedule.step_size, 8) ||
+        !ddp__ck_read(c, &h->schedule.gamma, 8) || !ddp__ck_read(c, &h->loss_scaling, 4) ||
+        !ddp__ck_read(c, &h->loss_scale, 8) || !ddp__ck_read(c, &h->tracker, 8) || !ddp__ck_read(c, &h->skipped, 8))
+        goto truncated;
+    if (!ddp__in_range(h->lr, 0.0, HUGE_VAL, 0))
+        return ddp__ck_bad(ctx, path, "lr", "is %g (must be finite and >= 0)", h->lr);
+    if (u > (uint32_t)DDP_SCHEDULE_STEP)
+        return ddp__ck_bad(ctx, path, "schedule", "is %u (must be 0..%d)", u, (int)DDP_SCHEDULE_STEP);
+    h->schedule.type = (ddp_schedule)u;
+    if (!ddp__ck_count(h->schedule.warmup_steps))
+        return ddp__ck_bad(ctx, path, "warmup_steps", "is %lld (must be 0..2^53)", (long long)h->schedule.warmup_steps);
+    if (!ddp__ck_count(h->schedule.total_steps))
+        return ddp__ck_bad(ctx, path, "total_steps", "is %lld (must be 0..2^53)", (long long)h->schedule.total_steps);
+    if (!ddp__ck_count(h->schedule.step_size))
+        return ddp__ck_bad(ctx, path, "step_size", "is %lld (must be 0..2^53)", (long long)h->schedule.step_size);
+    if (!ddp__in_range(h->schedule.min_lr, 0.0, HUGE_VAL, 0))
+        return ddp__ck_bad(ctx, path, "min_lr", "is %g (must be finite and >= 0)", h->schedule.min_lr);
+    if (!ddp__in_range(h->schedule.gamma, 0.0, HUGE_VAL, 0))
+        return ddp__ck_bad(ctx, path, "gamma", "is %g (must be finite and >= 0)", h->schedule.gamma);
+    if (h->loss_scaling > 1)
+        return ddp__ck_bad(ctx, path, "loss_scaling", "is %u (must be 0 or 1)", h->loss_scaling);
+    if (!(h->loss_scale > 0) || !ddp__finite(h->loss_scale) || (double)(float)h->loss_scale != h->loss_scale)
+        return ddp__ck_bad(ctx, path, "loss_scale", "is %g (must be a finite float > 0)", h->loss_scale);
+    if (h->tracker < 0 || h->tracker > INT_MAX)
+        return ddp__ck_bad(ctx, path, "growth_tracker", "is %lld (must be 0..%d)", (long long)h->tracker, INT_MAX);
+    if (!ddp__ck_count(h->skipped))
+        return ddp__ck_bad(ctx, path, "skipped", "is %lld (must be 0..2^53)", (long long)h->skipped);
+    if (h->sched_steps != h->steps + h->skipped)
+        return ddp__ck_bad(ctx, path, "sched_steps", "is %lld, but steps %lld + skipped %lld = %lld",
+                           (long long)h->sched_steps, (long long)h->steps, (long long)h->skipped, (long long)(h->steps + h->skipped));
+    return DDP_SUCCESS;
+truncated:
+    return ddp__fail(ctx, DDP_ERROR_CORRUPT, "checkpoint '%s' is truncated in its header", path);
+}
+
+/* Parameter i's header: range-checked, then compared with the model. */
+static ddp_result ddp__ck_read_param(ddp_context *ctx, ddp__ckfile *c, const char *path, const ddp__ckhead *h, int i,
+                                     unsigned flags, int *has16) {
+    const ddp__param *p = &ctx->params[i];
+    char name[DDP__MAX_NAME], field[160];
+    uint32_t len, dt, nd;
+    uint64_t numel, prod = 1;
+    int64_t shape[DDP__MAX_NDIM];
+    double lr_scale = 1.0, wd_scale = 1.0;
+    int k;
+    if (!ddp__ck_read(c, &len, 4)) goto truncated;
+    snprintf(field, sizeof field, "namelen' of parameter '%d", i);
+    if (len < 1 || len >= DDP__MAX_NAME) return ddp__ck_bad(ctx, path, field, "is %u (must be 1..%d)", len, DDP__MAX_NAME - 1);
+    if (!ddp__ck_read(c, name, len)) goto truncated;
+    name[len] = 0;
+    snprintf(field, sizeof field, "name' of parameter '%d", i);
+    if (strlen(name) != len) return ddp__ck_bad(ctx, path, field, "holds a NUL byte");
+    if (!ddp__ck_read(c, &dt, 4) || !ddp__ck_read(c, &numel, 8) || !ddp__ck_read(c, &nd, 4)) goto truncated;
+    snprintf(field, sizeof field, "dtype' of parameter %d '%.64s", i, name);
+    if (dt != DDP_F32 && dt != DDP_F64 && dt != DDP_F16 && dt != DDP_BF16)
+        return ddp__ck_bad(ctx, path, field, "is %u (must be %d..%d)", dt, (int)DDP_F32, (int)DDP_BF16);
+    snprintf(field, sizeof field, "numel' of parameter %d '%.64s", i, name);
+    if (numel < 1 || numel > ((uint64_t)1 << 40))
+        return ddp__ck_bad(ctx, path, field, "is %llu (must be 1..2^40)", (unsigned long long)numel);
+    snprintf(field, sizeof field, "ndim' of parameter %d '%.64s", i, name);
+    if (nd < 1 || nd > DDP__MAX_NDIM) return ddp__ck_bad(ctx, path, field, "is %u (must be 1..%d)", nd, DDP__MAX_NDIM);
+    if (!ddp__ck_read(c, shape, (size_t)nd * 8)) goto truncated;
+    snprintf(field, sizeof field, "shape' of parameter %d '%.64s", i, name);
+    for (k = 0; k < (int)nd; k++) {
+        if (shape[k] < 1 || (uint64_t)shape[k] > numel / prod)
+            return ddp__ck_bad(ctx, path, field, "has %lld in dimension %d (does not make %llu elements)", (long long)shape[k], k,
+                               (unsigned long long)numel);
+        prod *= (uint64_t)shape[k];
+    }
+    if (prod != numel)
+        return ddp__ck_bad(ctx, path, field, "makes %llu elements, numel is %llu", (unsigned long long)prod, (unsigned long long)numel);
+    if (h->version >= 2) {
+        if (!ddp__ck_read(c, &lr_scale, 8) || !ddp__ck_read(c, &wd_scale, 8)) goto truncated;
+        snprintf(field, sizeof field, "lr_scale' of parameter %d '%.64s", i, name);
+        if (!ddp__in_range(lr_scale, 0.0, HUGE_VAL, 0)) return ddp__ck_bad(ctx, path, field, "is %g (must be finite and >= 0)", lr_scale);
+        snprintf(field, sizeof field, "weight_decay_scale' of parameter %d '%.64s", i, name);
+        if (!ddp__in_range(wd_scale, 0.0, HUGE_VAL, 0)) return ddp__ck_bad(ctx, path, field, "is %g (must be finite and >= 0)", wd_scale);
+    }
+    if (dt == DDP_F16 || dt == DDP_BF16) *has16 = 1;
+    if (strcmp(name, p->name) != 0 || dt != (uint32_t)p->dtype || numel != p->numel || (int)nd != p->ndim ||
+        memcmp(shape, p->shape, (size_t)nd * 8) != 0) {
+        ddp__param q;
+        char a[300], b[300];
+        memset(&q, 0, sizeof q);
+        ddp__copy_str(q.name, sizeof q.name, name);
+        q.dtype = (ddp_dtype)dt; q.ndim = (int)nd; memcpy(q.shape, shape, (size_t)nd * 8);
+        q.lr_scale = q.wd_scale = 1.0;
+        ddp__describe_param(&q, a, sizeof a);
+        q = *p;
+        q.lr_scale = q.wd_scale = 1.0;
+        ddp__describe_param(&q, b, sizeof b);
+        return ddp__fail(ctx, DDP_ERROR_MISMATCH, "checkpoint '%s' is of another model: parameter %d is %s there, %s here", path, i, a, b);
+    }
+    /* the groups are part of the optimizer's state (PyTorch's param_groups) */
+    if (h->version >= 2 && !(flags & DDP_LOAD_RESET_OPTIMIZER) && ctx->cfg.optimizer.type != DDP_OPTIM_NONE &&
+        (lr_scale != p->lr_scale || wd_scale != p->wd_scale))
+        return ddp__fail(ctx, DDP_ERROR_MISMATCH, "checkpoint '%s' was saved with other options for parameter %d '%s': lr_scale %g, "
+                         "weight_decay_scale %g there, %g and %g here (DDP_LOAD_RESET_OPTIMIZER loads the weights alone)",
+                         path, i, name, lr_scale, wd_scale, p->lr_scale, p->wd_scale);
+    return DDP_SUCCESS;
+truncated:
+    return ddp__fail(ctx, DDP_ERROR_CORRUPT, "checkpoint '%s' is truncated in the header of parameter %d", path, i);
+}
+
+/* Which state the file must hold for this context's optimizer: the file's
+   optimizer must be this one (or none here), and at a step > 0 every state
+   array this optimizer needs must be there. */
+static ddp_result ddp__ck_check_state(ddp_context *ctx, const char *path, const ddp__ckhead *h) {
+    static const char *const what[3] = { "momentum / first-moment", "second-moment", "master-weight" };
+    int need[3], k;
+    ddp_optimizer mine = ctx->cfg.optimizer.type;
+    if (mine == DDP_OPTIM_NONE) return DDP_SUCCESS;
+    if (h->optimizer == DDP_OPTIM_NONE)
+        return ddp__fail(ctx, DDP_ERROR_MISMATCH, "checkpoint '%s' holds no optimizer state (saved without an optimizer), and this context has one; "
+                         "ddp_load_checkpoint_ex(ctx, path, DDP_LOAD_RESET_OPTIMIZER) loads its weights with a fresh optimizer", path);
+    if (h->optimizer != (uint32_t)mine)
+        return ddp__fail(ctx, DDP_ERROR_MISMATCH, "checkpoint '%s' holds state of optimizer %u, this context uses %d "
+                         "(DDP_LOAD_RESET_OPTIMIZER loads the weights alone)", path, h->optimizer, (int)mine);
+    if (h->steps == 0) return DDP_SUCCESS;
+    ddp__state_needed(ctx, need);
+    for (k = 0; k < 3; k++)
+        if (need[k] && !(h->flags & (1u << k)))
+            return ddp__fail(ctx, DDP_ERROR_MISMATCH, "checkpoint '%s' has no %s state for this optimizer at step %lld; "
+                             "DDP_LOAD_RESET_OPTIMIZER loads its weights with a fresh optimizer", path, what[k], (long long)h->steps);
+    return DDP_SUCCESS;
+}
+
 /* Reads into scratch buffers first and commits only after the checksum
    matched, so a bad file leaves the model untouched. */
-static ddp_result ddp__load_file(ddp_context *ctx, const char *path) {
+static ddp_result ddp__load_file(ddp_context *ctx, const char *path, unsigned flags) {
     ddp__ckfile c;
-    char magic[8], name[DDP__MAX_NAME];
-    uint32_t version, np, opt, flags, u;
-    int64_t steps;
+    ddp__ckhead h;
     unsigned char *pbuf = NULL, *sbuf[3] = { NULL, NULL, NULL };
-    int i, k;
+    int i, k, has16 = 0, reset = (flags & DDP_LOAD_RESET_OPTIMIZER) != 0;
     ddp_result r = DDP_SUCCESS;
     memset(&c, 0, sizeof c);
     c.hash = 0xcbf29ce484222325ull;
     c.f = fopen(path, "rb");
     if (!c.f) return ddp__fail(ctx, DDP_ERROR_IO, "ddp_load_checkpoint: cannot open '%s': %s", path, strerror(errno));
-    if (!ddp__ck_read(&c, magic, 8) || memcmp(magic, DDP__CKPT_MAGIC, 8) != 0) {
-        r = ddp__fail(ctx, DDP_ERROR_CORRUPT, "'%s' is not a ddp.h checkpoint (bad magic)", path);
-        goto done;
-    }
-    if (!ddp__ck_read(&c, &version, 4) || !ddp__ck_read(&c, &np, 4) || !ddp__ck_read(&c, &opt, 4) ||
-        !ddp__ck_read(&c, &flags, 4) || !ddp__ck_read(&c, &steps, 8)) {
-        r = ddp__fail(ctx, DDP_ERROR_CORRUPT, "checkpoint '%s' is truncated in its header", path);
-        goto done;
-    }
-    if (version != 1) { r = ddp__fail(ctx, DDP_ERROR_CORRUPT, "checkpoint '%s' has version %u; this library reads version 1", path, version); goto done; }
-    if (np != (uint32_t)ctx->num_params) {
-        r = ddp__fail(ctx, DDP_ERROR_MISMATCH, "checkpoint '%s' is of another model: it has %u parameters, this model %d", path, np, ctx->num_params);
-        goto done;
-    }
-    for (i = 0; i < ctx->num_params; i++) {
-        const ddp__param *p = &ctx->params[i];
-        uint32_t dt, nd;
-        uint64_t numel;
-        int64_t shape[DDP__MAX_NDIM];
-        if (!ddp__ck_read(&c, &u, 4) || u >= DDP__MAX_NAME || !ddp__ck_read(&c, name, u)) {
-            r = ddp__fail(ctx, DDP_ERROR_CORRUPT, "checkpoint '%s' is corrupt at the name of parameter %d", path, i);
-            goto done;
-        }
-        name[u] = 0;
-        if (!ddp__ck_read(&c, &dt, 4) || !ddp__ck_read(&c, &numel, 8) || !ddp__ck_read(&c, &nd, 4) ||
-            nd < 1 || nd > DDP__MAX_NDIM || !ddp__ck_read(&c, shape, (size_t)nd * 8)) {
-            r = ddp__fail(ctx, DDP_ERROR_CORRUPT, "checkpoint '%s' is corrupt at parameter %d '%s'", path, i, name);
-            goto done;
-        }
-        if (strcmp(name, p->name) != 0 || dt != (uint32_t)p->dtype || numel != p->numel || (int)nd != p->ndim ||
-            memcmp(shape, p->shape, (size_t)nd * 8) != 0) {
-            ddp__param q;
-            char a[300], b[300];
-            memset(&q, 0, sizeof q);
-            ddp__copy_str(q.name, sizeof q.name, name);
-            q.dtype = (ddp_dtype)dt; q.ndim = (int)nd; memcpy(q.shape, shape, (size_t)nd * 8);
-            q.lr_scale = q.wd_scale = 1.0;
-            ddp__describe_param(&q, a, sizeof a);
-            ddp__describe_param(p, b, sizeof b);
-            r = ddp__fail(ctx, DDP_ERROR_MISMATCH, "checkpoint '%s' is of another model: parameter %d is %s there, %s here", path, i, a, b);
-            goto done;
-        }
-    }
-    if (opt != (uint32_t)ctx->cfg.optimizer.type && opt != DDP_OPTIM_NONE && ctx->cfg.optimizer.type != DDP_OPTIM_NONE) {
-        r = ddp__fail(ctx, DDP_ERROR_MISMATCH, "checkpoint '%s' holds state of optimizer %u, this context uses %d", path, opt, (int)ctx->cfg.optimizer.type);
-        goto done;
-    }
+    r = ddp__ck_read_head(ctx, &c, path, &h);
+    if (r == DDP_SUCCESS && h.nparams != (uint32_t)ctx->num_params)
+        r = ddp__fail(ctx, DDP_ERROR_MISMATCH, "checkpoint '%s' is of another model: it has %u parameters, this model %d", path, h.nparams, ctx->num_params);
+    for (i = 0; i < ctx->num_params && r == DDP_SUCCESS; i++) r = ddp__ck_read_param(ctx, &c, path, &h, i, flags, &has16);
+    if (r == DDP_SUCCESS && (h.flags & 4u) && !has16)
+        r = ddp__ck_bad(ctx, path, "flags", "is 0x%x: master weights, but no 16-bit parameter", h.flags);
+    if (r == DDP_SUCCESS && !reset) r = ddp__ck_check_state(ctx, path, &h);
+    if (r != DDP_SUCCESS) goto done;
     pbuf = (unsigned char *)ddp__calloc(ctx, ctx->flat_bytes);
     if (!pbuf) { r = ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory loading '%s'", path); goto done; }
     for (i = 0; i < ctx->num_params && r == DDP_SUCCESS; i++)
         if (!ddp__ck_read(&c, pbuf + ctx->params[i].offset, ctx->params[i].numel * ddp_dtype_size(ctx->params[i].dtype)))
             r = ddp__fail(ctx, DDP_ERROR_CORRUPT, "checkpoint '%s' is truncated in the data of parameter %d '%s'", path, i, ctx->params[i].name);
     for (k = 0; k < 3 && r == DDP_SUCCESS; k++) {
-        if (!(flags & (1u << k))) continue;
+        if (!(h.flags & (1u << k))) continue;
         sbuf[k] = (unsigned char *)ddp__calloc(ctx, ctx->opt_state_bytes);
         if (!sbuf[k]) { r = ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory loading '%s'", path); break; }
         for (i = 0; i < ctx->num_params && r == DDP_SUCCESS; i++)
@@ -5145,25 +5337,44 @@ static ddp_result ddp__load_file(ddp_context *ctx, const char *path) {
         else if (fgetc(c.f) != EOF) r = ddp__fail(ctx, DDP_ERROR_CORRUPT, "checkpoint '%s' has trailing bytes after its checksum", path);
     }
     if (r == DDP_SUCCESS) { /* commit */
+        int take = !reset && ctx->cfg.optimizer.type != DDP_OPTIM_NONE;
         if (ddp__on_gpu(ctx)) r = ddp__cuda_memcpy(ctx, ctx->flat_params, pbuf, ctx->flat_bytes, 1);
         else memcpy(ctx->flat_params, pbuf, ctx->flat_bytes);
-        /* the optimizer state: the file's when it is of this optimizer,
-           else fresh (zero moments, master weights from the loaded values) */
-        if (r == DDP_SUCCESS) {
-            int take = opt == (uint32_t)ctx->cfg.optimizer.type && opt != DDP_OPTIM_NONE;
-            ctx->opt_steps = take ? steps : 0;
-            r = ddp__opt_alloc(ctx);
-            for (k = 0; k < 3 && r == DDP_SUCCESS; k++) {
-                void *dst = *ddp__state_slot(ctx, k);
-                if (!dst) continue;
-                if (take && sbuf[k]) {
-                    if (ddp__on_gpu(ctx)) r = ddp__cuda_memcpy(ctx, dst, sbuf[k], ctx->opt_state_bytes, 1);
-                    else memcpy(dst, sbuf[k], ctx->opt_state_bytes);
-                } else if (k == 2) {
-                    r = ddp__init_master(ctx);
-                } else {
-                    r = ddp__state_zero(ctx, dst);
-                }
+        /* the training state: the file's, or fresh (zero moments, master
+           weights from the loaded values, step 0, the configured lr and
+           loss scale) */
+        ctx->opt_steps = take ? h.steps : 0;
+        ctx->sched_steps = take ? h.sched_steps : 0;
+        if (!take) ctx->cfg.optimizer.lr = ctx->config_lr;
+        else if (h.version >= 2) ctx->cfg.optimizer.lr = h.lr;
+        ctx->ls_skipped = take && h.version >= 2 ? h.skipped : 0;
+        ctx->ls_tracker = 0;
+        ctx->ls_scale = ctx->cfg.loss_scale.enabled ? (double)(float)ctx->cfg.loss_scale.init_scale : 1.0;
+        if (take && h.version >= 2 && h.loss_scaling && ctx->cfg.loss_scale.enabled) {
+            ctx->ls_scale = h.loss_scale;
+            ctx->ls_tracker = h.tracker;
+        }
+        ctx->ls_last_skipped = 0;
+        if (take && h.version >= 2 && memcmp(&h.schedule, &ctx->cfg.schedule, sizeof h.schedule) != 0 &&
+            (h.schedule.type != ctx->cfg.schedule.type || h.schedule.warmup_steps != ctx->cfg.schedule.warmup_steps ||
+             h.schedule.total_steps != ctx->cfg.schedule.total_steps || h.schedule.min_lr != ctx->cfg.schedule.min_lr ||
+             h.schedule.step_size != ctx->cfg.schedule.step_size || h.schedule.gamma != ctx->cfg.schedule.gamma)) {
+            char msg[256];
+            snprintf(msg, sizeof msg, "checkpoint '%.100s' was saved with another schedule; the run goes on with this context's config.schedule from step %lld",
+                     path, (long long)h.sched_steps);
+            ddp__log(ctx, DDP_LOG_WARN, msg);
+        }
+        if (r == DDP_SUCCESS) r = ddp__opt_alloc(ctx);
+        for (k = 0; k < 3 && r == DDP_SUCCESS; k++) {
+            void *dst = *ddp__state_slot(ctx, k);
+            if (!dst) continue;
+            if (take && sbuf[k]) {
+                if (ddp__on_gpu(ctx)) r = ddp__cuda_memcpy(ctx, dst, sbuf[k], ctx->opt_state_bytes, 1);
+                else memcpy(dst, sbuf[k], ctx->opt_state_bytes);
+            } else if (k == 2) {
+                r = ddp__init_master(ctx);
+            } else {
+                r = ddp__state_zero(ctx, dst);
             }
         }
     }
@@ -5174,13 +5385,19 @@ done:
     return r;
 }
 
-DDP_API ddp_result ddp_load_checkpoint(ddp_context *ctx, const char *path) {
+DDP_API ddp_result ddp_load_checkpoint_ex(ddp_context *ctx, const char *path, unsigned flags) {
     if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
     DDP__TRY(ddp__check_usable(ctx, "ddp_load_checkpoint"));
     if (!path || !*path) return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_load_checkpoint: path is NULL or empty");
+    if (flags & ~(unsigned)DDP_LOAD_RESET_OPTIMIZER)
+        return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_load_checkpoint_ex: flags 0x%x has unknown bits", flags);
     if (!ctx->finalized) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_load_checkpoint: call ddp_finalize() first");
     if (ctx->in_step) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_load_checkpoint: not allowed inside a step");
-    return ddp__agree(ctx, ddp__load_file(ctx, path), "loading the checkpoint");
+    return ddp__agree(ctx, ddp__load_file(ctx, path, flags), "loading the checkpoint");
+}
+
+DDP_API ddp_result ddp_load_checkpoint(ddp_context *ctx, const char *path) {
+    return ddp_load_checkpoint_ex(ctx, path, 0);
 }
 
 /* ---- CUDA: device memory, streams, NCCL and the host-staged backend ----------------

@@ -865,6 +865,213 @@ static void test_checkpoint(void) {
     ddp_destroy(a);
 }
 
+/* ---- checkpoint tampering: every header field range-checked ---- */
+
+static uint64_t fnv(const unsigned char *p, size_t n) {
+    uint64_t h = 0xcbf29ce484222325ull;
+    size_t i;
+    for (i = 0; i < n; i++) { h ^= p[i]; h *= 0x100000001b3ull; }
+    return h;
+}
+
+/* write bytes with a recomputed checksum */
+static void write_signed(const char *path, unsigned char *b, size_t n) {
+    uint64_t h = fnv(b, n - 8);
+    FILE *f = fopen(path, "wb");
+    memcpy(b + n - 8, &h, 8);
+    fwrite(b, 1, n, f);
+    fclose(f);
+}
+
+static unsigned char *read_all(const char *path, size_t *n) {
+    FILE *f = fopen(path, "rb");
+    unsigned char *b;
+    long sz;
+    fseek(f, 0, SEEK_END); sz = ftell(f); fseek(f, 0, SEEK_SET);
+    b = (unsigned char *)malloc((size_t)sz);
+    *n = fread(b, 1, (size_t)sz, f);
+    fclose(f);
+    return b;
+}
+
+typedef struct tamper { size_t off; int len; int64_t i; double d; int is_double; const char *field; } tamper;
+
+static void test_checkpoint_tampering(void) {
+    /* the v2 layout for ck_model(0): header 120 bytes, then 'fc.weight' (9
+       chars, 2 dims) at 120: namelen 120, name 124, dtype 133, numel 137,
+       ndim 145, shape 149, lr_scale 165, weight_decay_scale 173 */
+    static const tamper cases[] = {
+        { 8, 4, 0, 0, 0, "'version'" }, { 8, 4, 3, 0, 0, "'version'" }, { 8, 4, 0xffffffffll, 0, 0, "'version'" },
+        { 12, 4, 0, 0, 0, "'nparams'" }, { 12, 4, 0xffffffffll, 0, 0, "'nparams'" },
+        { 16, 4, 7, 0, 0, "'optimizer'" },
+        { 20, 4, 0x80, 0, 0, "'flags'" }, { 20, 4, 1, 0, 0, "'flags'" }, { 20, 4, 7, 0, 0, "'flags'" },
+        { 24, 8, INT64_MAX, 0, 0, "'steps'" }, { 24, 8, -1, 0, 0, "'steps'" }, { 24, 8, ((int64_t)1 << 53) + 1, 0, 0, "'steps'" },
+        { 32, 8, -1, 0, 0, "'sched_steps'" }, { 32, 8, 99, 0, 0, "'sched_steps'" },
+        { 40, 8, 0, -1.0, 1, "'lr'" }, { 40, 8, 0, 0.0 / 0.0, 1, "'lr'" }, { 40, 8, 0, 1.0 / 0.0, 1, "'lr'" },
+        { 48, 4, 9, 0, 0, "'schedule'" },
+        { 52, 8, -5, 0, 0, "'warmup_steps'" }, { 60, 8, INT64_MIN, 0, 0, "'total_steps'" },
+        { 68, 8, 0, -0.5, 1, "'min_lr'" }, { 76, 8, -1, 0, 0, "'step_size'" }, { 84, 8, 0, 1.0 / 0.0, 1, "'gamma'" },
+        { 92, 4, 2, 0, 0, "'loss_scaling'" },
+        { 96, 8, 0, 0.0, 1, "'loss_scale'" }, { 96, 8, 0, 1.0 / 0.0, 1, "'loss_scale'" }, { 96, 8, 0, 0.1, 1, "'loss_scale'" },
+        { 104, 8, -1, 0, 0, "'growth_tracker'" }, { 112, 8, -1, 0, 0, "'skipped'" }, { 112, 8, INT64_MAX, 0, 0, "'skipped'" },
+        { 120, 4, 0, 0, 0, "'namelen' of parameter '0" }, { 120, 4, 100000, 0, 0, "'namelen' of parameter '0" },
+        { 133, 4, 9, 0, 0, "'dtype' of parameter 0 'fc.weight'" }, { 133, 4, 5, 0, 0, "'dtype' of parameter 0" },
+        { 137, 8, 0, 0, 0, "'numel' of parameter 0" }, { 137, 8, (int64_t)1 << 41, 0, 0, "'numel' of parameter 0" },
+        { 137, 8, 13, 0, 0, "'shape' of parameter 0" },
+        { 145, 4, 0, 0, 0, "'ndim' of parameter 0" }, { 145, 4, 9, 0, 0, "'ndim' of parameter 0" },
+        { 149, 8, 0, 0, 0, "'shape' of parameter 0" }, { 149, 8, -4, 0, 0, "'shape' of parameter 0" },
+        { 165, 8, 0, 0.0 / 0.0, 1, "'lr_scale' of parameter 0" }, { 173, 8, 0, -1.0, 1, "'weight_decay_scale' of parameter 0" },
+    };
+    char path[256], bad[300];
+    unsigned char *orig, *b;
+    size_t n, k;
+    ddp_context *a, *m;
+    TEST("checkpoint tampering");
+    snprintf(path, sizeof path, "/tmp/ddp_test_tamper_%d.bin", (int)getpid());
+    snprintf(bad, sizeof bad, "%s.bad", path);
+    a = ck_model(0, DDP_OPTIM_ADAMW);
+    train_some(a, 3);
+    CHECK_OK(ddp_save_checkpoint(a, path), a);
+    orig = read_all(path, &n);
+    b = (unsigned char *)malloc(n);
+    m = ck_model(0, DDP_OPTIM_ADAMW);
+    {   /* the layout above is the file's */
+        uint32_t v, nl;
+        memcpy(&v, orig + 8, 4);
+        memcpy(&nl, orig + 120, 4);
+        CHECK(v == 2 && nl == 9 && !memcmp(orig + 124, "fc.weight", 9), "version 2 layout (version %u, namelen %u)", v, nl);
+    }
+    for (k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+        const tamper *t = &cases[k];
+        float before = ((float *)ddp_param_data(m, 0))[2];
+        ddp_result r;
+        memcpy(b, orig, n);
+        if (t->is_double) memcpy(b + t->off, &t->d, 8);
+        else if (t->len == 4) { uint32_t u = (uint32_t)t->i; memcpy(b + t->off, &u, 4); }
+        else memcpy(b + t->off, &t->i, 8);
+        write_signed(bad, b, n);
+        r = ddp_load_checkpoint(m, bad);
+        CHECK(r == DDP_ERROR_CORRUPT && strstr(ddp_last_error(m), t->field) != NULL,
+              "offset %zu = %lld/%g: %s: %s (expected CORRUPT naming %s)", t->off, (long long)t->i, t->d, ddp_result_string(r),
+              ddp_last_error(m), t->field);
+        CHECK(((float *)ddp_param_data(m, 0))[2] == before && ddp_optimizer_steps(m) == 0, "a rejected file changes nothing");
+    }
+    /* an in-range count of another model is a mismatch, not corruption */
+    memcpy(b, orig, n);
+    { uint32_t u = 5; memcpy(b + 12, &u, 4); }
+    write_signed(bad, b, n);
+    CHECK_ERR(ddp_load_checkpoint(m, bad), DDP_ERROR_MISMATCH, m, "it has 5 parameters, this model 2");
+    /* the untouched bytes, re-signed, load */
+    memcpy(b, orig, n);
+    write_signed(bad, b, n);
+    CHECK_OK(ddp_load_checkpoint(m, bad), m);
+    CHECK(ddp_optimizer_steps(m) == 3, "steps restored");
+
+    /* version 1 (no training-state block, no scales) is still read */
+    {
+        ddp_context *v1 = ck_model(0, DDP_OPTIM_ADAMW);
+        unsigned char *o = (unsigned char *)malloc(n);
+        size_t at = 0, i = 0, len;
+        uint32_t one = 1;
+        int q;
+        memcpy(o, orig, 32); at = 32;          /* magic .. steps */
+        memcpy(o + 8, &one, 4);
+        i = 120;
+        for (q = 0; q < 2; q++) {              /* parameter headers without the scales */
+            uint32_t nl, nd;
+            memcpy(&nl, orig + i, 4);
+            memcpy(&nd, orig + i + 4 + nl + 12, 4);
+            len = 4 + nl + 4 + 8 + 4 + 8 * (size_t)nd;
+            memcpy(o + at, orig + i, len);
+            at += len;
+            i += len + 16;
+        }
+        memcpy(o + at, orig + i, n - i);       /* data, state, checksum */
+        at += n - i;
+        write_signed(bad, o, at);
+        CHECK_OK(ddp_load_checkpoint(v1, bad), v1);
+        CHECK(memcmp(ddp_flat_params(a), ddp_flat_params(v1), ddp_flat_bytes(a)) == 0 && ddp_optimizer_steps(v1) == 3,
+              "a version-1 file loads the weights and the optimizer state");
+        train_some(a, 2);
+        train_some(v1, 2);
+        CHECK(memcmp(ddp_flat_params(a), ddp_flat_params(v1), ddp_flat_bytes(a)) == 0, "and training goes on as from the original");
+        free(o);
+        ddp_destroy(v1);
+    }
+    free(b);
+    free(orig);
+    remove(bad);
+    remove(path);
+    ddp_destroy(m);
+    ddp_destroy(a);
+}
+
+/* a file without the optimizer state a context needs is an error, unless
+   the call asks for a fresh optimizer */
+static void test_checkpoint_reset(void) {
+    char path[256];
+    ddp_context *none, *adam, *sgd, *mom;
+    ddp_config c = base_config();
+    int id;
+    TEST("checkpoint without optimizer state");
+    snprintf(path, sizeof path, "/tmp/ddp_test_reset_%d.bin", (int)getpid());
+    none = ck_model(0, DDP_OPTIM_NONE);
+    CHECK_OK(ddp_save_checkpoint(none, path), none);
+    adam = ck_model(0, DDP_OPTIM_ADAMW);
+    train_some(adam, 2);
+    CHECK_ERR(ddp_load_checkpoint(adam, path), DDP_ERROR_MISMATCH, adam, "holds no optimizer state");
+    CHECK(ddp_optimizer_steps(adam) == 2, "refused: state kept");
+    CHECK_ERR(ddp_load_checkpoint_ex(adam, path, 8), DDP_ERROR_INVALID_ARGUMENT, adam, "unknown bits");
+    CHECK_OK(ddp_load_checkpoint_ex(adam, path, DDP_LOAD_RESET_OPTIMIZER), adam);
+    CHECK(ddp_optimizer_steps(adam) == 0 && memcmp(ddp_flat_params(adam), ddp_flat_params(none), ddp_flat_bytes(none)) == 0,
+          "reset: the weights, step 0");
+    {   /* and it trains like a new context from those weights */
+        ddp_context *fresh = ck_model(0, DDP_OPTIM_ADAMW);
+        CHECK_OK(ddp_load_checkpoint_ex(fresh, path, DDP_LOAD_RESET_OPTIMIZER), fresh);
+        train_some(fresh, 2);
+        train_some(adam, 2);
+        CHECK(memcmp(ddp_flat_params(adam), ddp_flat_params(fresh), ddp_flat_bytes(fresh)) == 0, "no stale moments after the reset");
+        ddp_destroy(fresh);
+    }
+    /* plain SGD at step 3 has no momentum buffer: a momentum SGD needs one */
+    sgd = ck_model(0, DDP_OPTIM_SGD);
+    train_some(sgd, 3);
+    CHECK_OK(ddp_save_checkpoint(sgd, path), sgd);
+    c.optimizer = ddp_optimizer_defaults(DDP_OPTIM_SGD);
+    c.optimizer.momentum = 0.9;
+    mom = make(&c);
+    {
+        int64_t shape[2] = { 4, 3 };
+        ddp_register_param_shape(mom, "fc.weight", 2, shape, DDP_F32, NULL, &id);
+        ddp_register_param(mom, "fc.bias", 4, DDP_F32, NULL, &id);
+        ddp_finalize(mom);
+    }
+    CHECK_ERR(ddp_load_checkpoint(mom, path), DDP_ERROR_MISMATCH, mom, "no momentum / first-moment state for this optimizer at step 3");
+    CHECK_OK(ddp_load_checkpoint_ex(mom, path, DDP_LOAD_RESET_OPTIMIZER), mom);
+    /* other parameter options than at save time */
+    {
+        ddp_context *g = make(&c);
+        ddp_param_options o;
+        int64_t shape[2] = { 4, 3 };
+        memset(&o, 0, sizeof o);
+        o.no_weight_decay = 1;
+        ddp_register_param_shape(g, "fc.weight", 2, shape, DDP_F32, NULL, &id);
+        ddp_register_param(g, "fc.bias", 4, DDP_F32, NULL, &id);
+        ddp_set_param_options(g, id, &o);
+        ddp_finalize(g);
+        train_some(g, 1);
+        CHECK_OK(ddp_save_checkpoint(g, path), g);
+        CHECK_ERR(ddp_load_checkpoint(mom, path), DDP_ERROR_MISMATCH, mom, "other options for parameter 1 'fc.bias'");
+        CHECK_OK(ddp_load_checkpoint_ex(mom, path, DDP_LOAD_RESET_OPTIMIZER), mom);
+        ddp_destroy(g);
+    }
+    ddp_destroy(mom);
+    ddp_destroy(sgd);
+    ddp_destroy(adam);
+    ddp_destroy(none);
+    remove(path);
+}
+
 static void test_collectives_world1(void) {
     ddp_config c = base_config();
     ddp_context *ctx = make(&c);
@@ -913,6 +1120,8 @@ int main(void) {
     test_accumulation();
     test_train_step();
     test_checkpoint();
+    test_checkpoint_tampering();
+    test_checkpoint_reset();
     test_collectives_world1();
     test_f16_conversions();
     return t_summary("test_core");

@@ -515,6 +515,120 @@ static void mode_scaler(void) {
     }
 }
 
+/* ---- schedules across a checkpoint ------------------------------------------------- */
+
+typedef struct resume_job { int idw, idb; long step; } resume_job;
+
+/* the gradient of S * loss, with an inf on the last rank at steps 4 and 9 */
+static int resume_fb(ddp_context *ctx, void *user, int m, float *loss) {
+    resume_job *j = (resume_job *)user;
+    double W[NW], b[OUT], gw[NW], gb[OUT], S = ddp_loss_scale(ctx);
+    const float *pw = (const float *)ddp_param_data(ctx, j->idw), *pb = (const float *)ddp_param_data(ctx, j->idb);
+    float *qw = (float *)ddp_param_grad(ctx, j->idw), *qb = (float *)ddp_param_grad(ctx, j->idb);
+    int k;
+    for (k = 0; k < NW; k++) W[k] = pw[k];
+    for (k = 0; k < OUT; k++) b[k] = pb[k];
+    grad_rows(W, b, ((j->step * 2 + m) * g_world + g_rank) * ROWS, ROWS, gw, gb);
+    for (k = 0; k < OUT; k++) qb[k] += (float)(S * gb[k]);
+    if ((j->step == 4 || j->step == 9) && g_rank == g_world - 1 && m == 1) qb[1] = (float)HUGE_VAL;
+    if (ddp_mark_ready(ctx, j->idb) != DDP_SUCCESS) return 1;
+    for (k = 0; k < NW; k++) qw[k] += (float)(S * gw[k]);
+    *loss = 0;
+    return ddp_mark_ready(ctx, j->idw) == DDP_SUCCESS ? 0 : 1;
+}
+
+static ddp_context *resume_model(const ddp_schedule_desc *sd, resume_job *j) {
+    ddp_config c;
+    ddp_context *ctx;
+    ddp_param_options o;
+    float w[NW], b[OUT];
+    int64_t shape[2] = { OUT, IN };
+    memset(&c, 0, sizeof c);
+    c.timeout_s = 30;
+    c.optimizer = ddp_optimizer_defaults(DDP_OPTIM_ADAMW);
+    c.optimizer.lr = 0.02;
+    c.optimizer.max_grad_norm = 0.5;
+    c.schedule = *sd;
+    c.loss_scale.enabled = 1;
+    c.loss_scale.init_scale = 256;
+    c.loss_scale.growth_interval = 2;
+    if (ddp_create(&c, &ctx) != DDP_SUCCESS) { fprintf(stderr, "%s\n", ddp_create_error()); exit(2); }
+    init_weights(w, b);
+    ddp_register_param_shape(ctx, "fc.weight", 2, shape, DDP_F32, w, &j->idw);
+    ddp_register_param(ctx, "fc.bias", OUT, DDP_F32, b, &j->idb);
+    memset(&o, 0, sizeof o);
+    o.lr_scale = 0.5;
+    ddp_set_param_options(ctx, j->idw, &o);
+    memset(&o, 0, sizeof o);
+    o.no_weight_decay = 1;
+    ddp_set_param_options(ctx, j->idb, &o);
+    if (ddp_finalize(ctx) != DDP_SUCCESS) { fprintf(stderr, "%s\n", ddp_last_error(ctx)); exit(2); }
+    return ctx;
+}
+
+static void resume_steps(ddp_context *ctx, resume_job *j, long from, long to, double *lrs) {
+    for (j->step = from; j->step < to; j->step++) {
+        ddp_result r;
+        if (j->step == 3) CHECK_OK(ddp_set_lr(ctx, 0.03), ctx);
+        lrs[j->step] = ddp_get_lr(ctx);
+        r = ddp_train_step(ctx, resume_fb, j, 2, NULL);
+        CHECK(r == DDP_SUCCESS, "step %ld: %s", j->step, ddp_last_error(ctx));
+    }
+}
+
+static void resume_case(const char *name, const ddp_schedule_desc *sd) {
+    enum { T = 14, T1 = 6 };
+    char path[256];
+    const char *port = getenv("MASTER_PORT");
+    ddp_context *a, *b;
+    resume_job ja, jb;
+    double lra[T], lrb[T];
+    unsigned char pa[(NW + OUT) * 4], pb[(NW + OUT) * 4];
+    int s, same_lr = 1;
+    TEST(name);
+    snprintf(path, sizeof path, "/tmp/ddp_test_resume_%s_%d.ckpt", port ? port : "0", (int)sd->type);
+    a = resume_model(sd, &ja);
+    resume_steps(a, &ja, 0, T, lra);
+    memcpy(pa, ddp_param_data(a, ja.idw), NW * 4);
+    memcpy(pa + NW * 4, ddp_param_data(a, ja.idb), OUT * 4);
+    /* the interrupted run: T1 steps, save, a new context, load, the rest */
+    b = resume_model(sd, &jb);
+    resume_steps(b, &jb, 0, T1, lrb);
+    CHECK_OK(ddp_save_checkpoint(b, path), b);
+    ddp_destroy(b);
+    b = resume_model(sd, &jb);
+    CHECK_OK(ddp_load_checkpoint(b, path), b);
+    CHECK(ddp_get_lr(b) == lra[T1] && ddp_loss_scale(b) != 256, "restored: lr %g (want %g), loss scale %g", ddp_get_lr(b), lra[T1], ddp_loss_scale(b));
+    resume_steps(b, &jb, T1, T, lrb);
+    memcpy(pb, ddp_param_data(b, jb.idw), NW * 4);
+    memcpy(pb + NW * 4, ddp_param_data(b, jb.idb), OUT * 4);
+    for (s = 0; s < T; s++) same_lr &= lra[s] == lrb[s];
+    CHECK(same_lr, "%s: the lr of every step is the same", name);
+    CHECK(memcmp(pa, pb, sizeof pa) == 0, "%s: the resumed run is bit-identical to the uninterrupted one", name);
+    CHECK(ddp_loss_scale(a) == ddp_loss_scale(b) && ddp_skipped_steps(a) == 2 && ddp_skipped_steps(b) == 2 &&
+          ddp_optimizer_steps(a) == ddp_optimizer_steps(b),
+          "%s: loss scale %g / %g, skipped %lld / %lld", name, ddp_loss_scale(a), ddp_loss_scale(b),
+          (long long)ddp_skipped_steps(a), (long long)ddp_skipped_steps(b));
+    if (g_rank == 0)
+        printf("resume %-22s world=%d lr %.4g -> %.4g, bit-identical: %s\n", name, g_world, lra[0], lra[T - 1],
+               memcmp(pa, pb, sizeof pa) == 0 ? "yes" : "no");
+    ddp_destroy(a);
+    ddp_destroy(b);
+    if (g_rank == 0) remove(path);
+}
+
+static void mode_resume(void) {
+    static const ddp_schedule_desc cases[] = {
+        { DDP_SCHEDULE_CONSTANT, 2, 0, 0, 0, 0 },
+        { DDP_SCHEDULE_COSINE, 3, 12, 0.001, 0, 0 },
+        { DDP_SCHEDULE_LINEAR, 2, 10, 0.002, 0, 0 },
+        { DDP_SCHEDULE_STEP, 1, 0, 0, 3, 0.5 },
+    };
+    static const char *names[] = { "warmup + constant", "warmup + cosine", "warmup + linear", "warmup + step decay" };
+    int k;
+    for (k = 0; k < 4; k++) resume_case(names[k], &cases[k]);
+}
+
 /* ---- main -------------------------------------------------------------------------- */
 
 static void identity(void) {
@@ -527,11 +641,12 @@ static void identity(void) {
 
 int main(int argc, char **argv) {
     char suite[64];
-    if (argc < 2) { fprintf(stderr, "usage: test_train accum|groups|scaler\n"); return 2; }
+    if (argc < 2) { fprintf(stderr, "usage: test_train accum|groups|scaler|resume\n"); return 2; }
     identity();
     if (!strcmp(argv[1], "accum")) mode_accum();
     else if (!strcmp(argv[1], "groups")) mode_groups();
     else if (!strcmp(argv[1], "scaler")) mode_scaler();
+    else if (!strcmp(argv[1], "resume")) mode_resume();
     else { fprintf(stderr, "test_train: unknown mode '%s'\n", argv[1]); return 2; }
     snprintf(suite, sizeof suite, "test_train %s rank %d", argv[1], g_rank);
     return t_summary(suite);
