@@ -351,6 +351,13 @@ typedef struct ddp_config {
     int    no_comm_thread;    /* 1: reduce buckets inline in ddp_step_end (no overlap) */
     size_t staging_bytes;     /* shm: per-rank staging for user buffers, default 16 MiB */
 
+    /* uneven inputs (PyTorch's Join, see UNEVEN INPUTS): 1 lets ranks run
+       out of data at different steps and call ddp_join(); costs one small
+       collective per synced step. */
+    int    uneven_inputs;
+    int    join_divide_by_initial_world_size; /* 1: average over every rank, joined ones adding zeros
+                                                 (PyTorch's default); 0: over the ranks that contributed */
+
     ddp_optimizer_desc optimizer;
     ddp_schedule_desc  schedule;  /* zero: the constant lr */
     ddp_loss_scale_desc loss_scale; /* zero: off */
@@ -530,6 +537,15 @@ typedef int (*ddp_forward_backward_fn)(ddp_context *ctx, void *user, int micro_s
 DDP_API ddp_result ddp_train_step(ddp_context *ctx, ddp_forward_backward_fn fn, void *user,
                                   int micro_steps, float *out_loss);
 
+/* ---- uneven inputs ---------------------------------------------------------- */
+
+/* This rank has no more data (config.uneven_inputs): it answers the other
+   ranks' synced steps with zero gradients until every rank has called
+   ddp_join(), then every rank takes the weights and training state of a
+   rank that ran to the end, and the call returns on all at once. Every
+   rank calls it, the last ones too. See UNEVEN INPUTS. */
+DDP_API ddp_result ddp_join(ddp_context *ctx);
+
 /* ---- checkpoints ----------------------------------------------------------- */
 
 /* Rank 0 writes parameters and the training state (optimizer state and
@@ -651,6 +667,10 @@ DDP_API ddp_result ddp_load_checkpoint_ex(ddp_context *ctx, const char *path, un
 #define DDP__MAX_NAME    128
 #define DDP__MAX_NDIM    8
 #define DDP__ERRLEN      1024
+#define DDP__MAX_WORLD   1024
+#define DDP__JOIN_BITS   48                 /* ranks per double of the join mask: exact sums */
+#define DDP__JOIN_WORDS  ((DDP__MAX_WORLD + DDP__JOIN_BITS - 1) / DDP__JOIN_BITS)
+#define DDP__JOIN_MAX_MICRO 65536           /* micro_steps with uneven inputs: the handshake's sums stay exact */
 
 #ifdef __cplusplus
 extern "C" {
@@ -903,6 +923,11 @@ struct ddp_context {
     double   group_lr[DDP_MAX_PARAM_GROUPS], group_wd[DDP_MAX_PARAM_GROUPS];
     int      num_groups;
     unsigned char *group_map;     /* flat_bytes / DDP__ALIGN entries */
+
+    /* uneven inputs (config.uneven_inputs) */
+    int      joined;             /* inside ddp_join() */
+    int      join_active;        /* ranks that contributed to the last synced step */
+    double   join_last[DDP__JOIN_WORDS]; /* who did, as bits (DDP__JOIN_BITS a word) */
 
     /* optimizer */
     int64_t  sched_steps;        /* ddp_optimizer_step() calls that took or skipped a step: the schedule's t */
@@ -3364,6 +3389,11 @@ static ddp_result ddp__check_usable(ddp_context *ctx, const char *fn) {
     return DDP_SUCCESS;
 }
 
+/* defined with the training features further down */
+static ddp_result ddp__join_check(ddp_context *ctx, const char *fn);
+static ddp_result ddp__opt_alloc(ddp_context *ctx);
+static uint32_t ddp__state_flags(const ddp_context *ctx);
+
 /* ---- rendezvous -------------------------------------------------------------------- */
 
 static void ddp__key(const ddp_context *ctx, char *out, size_t cap, const char *name) {
@@ -3480,6 +3510,15 @@ static ddp_result ddp__shm_setup(ddp_context *ctx) {
 static ddp_result ddp__cuda_setup(ddp_context *ctx);
 static void ddp__cuda_teardown(ddp_context *ctx);
 
+/* Every rank active, the average over the world. */
+static void ddp__join_reset(ddp_context *ctx) {
+    int q;
+    memset(ctx->join_last, 0, sizeof ctx->join_last);
+    for (q = 0; q < ctx->world && q < DDP__MAX_WORLD; q++) ctx->join_last[q / DDP__JOIN_BITS] += ldexp(1.0, q % DDP__JOIN_BITS);
+    ctx->join_active = ctx->world;
+    ctx->divisor = (double)ctx->world;
+}
+
 DDP_API ddp_result ddp_create(const ddp_config *config, ddp_context **out) {
     ddp_config c;
     ddp_context *ctx;
@@ -3492,8 +3531,8 @@ DDP_API ddp_result ddp_create(const ddp_config *config, ddp_context **out) {
     DDP__TRY(ddp__resolve_identity(&c));
     DDP__TRY(ddp__resolve_address(&c, addr, sizeof addr));
     DDP__TRY(ddp__resolve_backend(&c));
-    if (c.world_size > 1024)
-        return ddp__fail(NULL, DDP_ERROR_UNSUPPORTED, "a world of %d ranks: this version supports up to 1024", c.world_size);
+    if (c.world_size > DDP__MAX_WORLD)
+        return ddp__fail(NULL, DDP_ERROR_UNSUPPORTED, "a world of %d ranks: this version supports up to %d", c.world_size, DDP__MAX_WORLD);
     if (c.staging_bytes < ((size_t)64 << 10))
         return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "config.staging_bytes %zu is below the minimum of 65536", c.staging_bytes);
     c.staging_bytes = ddp__align_up(c.staging_bytes, 4096);
@@ -3515,6 +3554,7 @@ DDP_API ddp_result ddp_create(const ddp_config *config, ddp_context **out) {
     ctx->window_div = 1.0;
     ctx->divisor = (double)c.world_size;
     ctx->config_lr = c.optimizer.lr;
+    ddp__join_reset(ctx);
     ctx->ls_scale = c.loss_scale.enabled ? (double)(float)c.loss_scale.init_scale : 1.0;
     ctx->ops = &ddp__shm_ops;
     pthread_mutex_init(&ctx->mu, NULL);
@@ -3618,6 +3658,7 @@ static ddp_result ddp__coll_check(ddp_context *ctx, const char *fn, const void *
     DDP__TRY(ddp__check_usable(ctx, fn));
     if (ctx->in_step)
         return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "%s: not allowed between ddp_step_begin() and ddp_step_end()", fn);
+    DDP__TRY(ddp__join_check(ctx, fn));
     if (!a || !b) return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "%s: buffer is NULL", fn);
     if ((int)t < 0 || t >= DDP_DTYPE_COUNT_) return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "%s: dtype %d is not a ddp_dtype", fn, (int)t);
     if ((int)op < 0 || op > DDP_OP_MIN) return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "%s: op %d is not a ddp_op", fn, (int)op);
@@ -4052,6 +4093,7 @@ DDP_API ddp_result ddp_sync_params(ddp_context *ctx) {
     DDP__TRY(ddp__check_usable(ctx, "ddp_sync_params"));
     if (!ctx->finalized) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_sync_params: call ddp_finalize() first");
     if (ctx->in_step) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_sync_params: not allowed inside a step");
+    DDP__TRY(ddp__join_check(ctx, "ddp_sync_params"));
     if (ctx->world == 1) return DDP_SUCCESS;
     return ddp__coll_done(ctx, ctx->ops->broadcast(ctx, ctx->flat_params, ctx->flat_bytes, 0));
 }
@@ -4302,6 +4344,8 @@ static ddp_result ddp__acc_end_reduced(ddp_context *ctx, void *stream) {
 
 /* ---- the step ------------------------------------------------------------------------ */
 
+static ddp_result ddp__join_step(ddp_context *ctx);
+
 DDP_API ddp_result ddp_step_begin(ddp_context *ctx) {
     int i;
     ddp_result r;
@@ -4317,6 +4361,7 @@ DDP_API ddp_result ddp_step_begin(ddp_context *ctx) {
         ctx->buckets[i].launched = 0;
     }
     ctx->next_bucket = 0;
+    if (ctx->cfg.uneven_inputs && !ctx->no_sync && ctx->world > 1) DDP__TRY(ddp__join_step(ctx));
     ctx->q_scale = ddp__reduce_factor(ctx);
     ctx->in_step = 1;
     return DDP_SUCCESS;
@@ -4417,6 +4462,184 @@ DDP_API ddp_result ddp_set_no_sync(ddp_context *ctx, int no_sync) {
     if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
     if (ctx->in_step) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_set_no_sync: not allowed inside a step");
     ctx->no_sync = no_sync ? 1 : 0;
+    return DDP_SUCCESS;
+}
+
+/* ---- uneven inputs ------------------------------------------------------------------------
+
+   PyTorch's Join. Collectives pair up by sequence number on every backend,
+   so a rank out of data must take part in every collective the others run:
+   with config.uneven_inputs every synced step starts with one round (a sum
+   of doubles) in which each rank says whether it still has data and, if it
+   runs inside ddp_train_step, its micro_steps. A joined rank (in ddp_join)
+   answers each round with "no data", then runs the same bucket reductions
+   with zero gradients and the same factor (on shm each rank reduces a slice
+   of everybody's buffer, so the factor must match), then ddp_train_step's
+   loss all-reduce when the others run it. The library's other collectives
+   (checkpoints, ddp_sync_params) and yours are refused while a rank is known
+   to have joined. A round in which nobody has data ends it: every rank takes
+   the weights and training state of the lowest rank of the last round that
+   still had data, and ddp_join returns everywhere. */
+
+/* One round: *count ranks with data, *train of them in ddp_train_step with
+   micro_steps *micro (the same on all, or an error). */
+static ddp_result ddp__join_round(ddp_context *ctx, int active, int *count, int *train, double *micro) {
+    double v[4 + DDP__JOIN_WORDS];
+    int words = (ctx->world + DDP__JOIN_BITS - 1) / DDP__JOIN_BITS;
+    ddp_result r;
+    memset(v, 0, sizeof v);
+    if (active) {
+        double k = ctx->in_train_step ? ctx->window_div : 0.0;
+        v[0] = 1;
+        v[1] = ctx->in_train_step ? 1 : 0;
+        v[2] = k;
+        v[3] = k * k;
+        v[4 + ctx->rank / DDP__JOIN_BITS] = ldexp(1.0, ctx->rank % DDP__JOIN_BITS);
+    }
+    r = ctx->ops->allreduce(ctx, v, (size_t)(4 + words), DDP_F64, DDP_OP_SUM);
+    if (r != DDP_SUCCESS) return ddp__break(ctx, r);
+    *count = (int)v[0];
+    *train = (int)v[1];
+    *micro = *train ? v[2] / v[1] : 1.0;
+    if (*train && (*train != *count || v[3] * v[1] != v[2] * v[2])) {
+        ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "uneven inputs: in one synced step %d of %d ranks with data ran ddp_train_step, "
+                  "with different micro_steps or next to manual steps; every rank must run the same kind of step", *train, *count);
+        return ddp__break(ctx, DDP_ERROR_INVALID_STATE);
+    }
+    if (*count > 0) memcpy(ctx->join_last, v + 4, sizeof ctx->join_last);
+    return DDP_SUCCESS;
+}
+
+/* The round of a rank with data, at the start of each synced step. */
+static ddp_result ddp__join_step(ddp_context *ctx) {
+    int count, train;
+    double micro;
+    DDP__TRY(ddp__join_round(ctx, 1, &count, &train, &micro));
+    ctx->join_active = count;
+    ctx->divisor = ctx->cfg.join_divide_by_initial_world_size ? (double)ctx->world : (double)count;
+    return DDP_SUCCESS;
+}
+
+/* Collectives outside the step are refused while a rank is known to have
+   joined: it would not answer them. */
+static ddp_result ddp__join_check(ddp_context *ctx, const char *fn) {
+    char list[128];
+    int q, n = 0, len = 0;
+    if (!ctx->cfg.uneven_inputs || ctx->joined || ctx->join_active >= ctx->world) return DDP_SUCCESS;
+    list[0] = 0;
+    for (q = 0; q < ctx->world && len < (int)sizeof list - 16; q++)
+        if (fmod(floor(ctx->join_last[q / DDP__JOIN_BITS] / ldexp(1.0, q % DDP__JOIN_BITS)), 2.0) == 0) {
+            len += snprintf(list + len, sizeof list - (size_t)len, "%s%d", n ? ", " : "", q);
+            n++;
+        }
+    return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "%s: rank(s) %s joined (ddp_join) and answer only synced steps; "
+                     "collectives are allowed again once ddp_join() has returned on every rank", fn, list);
+}
+
+/* The lowest rank of the last round with data. */
+static int ddp__join_root(const ddp_context *ctx) {
+    int q;
+    for (q = 0; q < ctx->world; q++)
+        if (fmod(floor(ctx->join_last[q / DDP__JOIN_BITS] / ldexp(1.0, q % DDP__JOIN_BITS)), 2.0) != 0) return q;
+    return 0;
+}
+
+/* A synced step of the others, with zero gradients. */
+static ddp_result ddp__join_shadow(ddp_context *ctx, int count, int train, double micro) {
+    ddp_result r;
+    int i;
+    r = ddp__zero_grads(ctx);
+    if (r != DDP_SUCCESS) return ddp__break(ctx, r);
+    ctx->acc_state = DDP__ACC_LOCAL;
+    ctx->accum_steps = 0;
+    ctx->mixed_shown = 0;
+    ctx->divisor = ctx->cfg.join_divide_by_initial_world_size ? (double)ctx->world : (double)count;
+    ctx->window_div = micro;
+    ctx->q_scale = ddp__reduce_factor(ctx);
+    ctx->window_div = 1.0;
+    for (i = 0; i < ctx->num_params; i++) ctx->params[i].marked = 0;
+    for (i = 0; i < ctx->num_buckets; i++) { ctx->buckets[i].pending = ctx->buckets[i].num_params; ctx->buckets[i].launched = 0; }
+    ctx->next_bucket = 0;
+    r = ddp__reduce_rest(ctx, NULL);
+    if (r != DDP_SUCCESS) return ddp__break(ctx, r);
+    if (train) {
+        float pair[2] = { 0.0f, 0.0f };
+        r = ctx->ops->allreduce(ctx, pair, 2, DDP_F32, DDP_OP_SUM);
+        if (r != DDP_SUCCESS) return ddp__break(ctx, r);
+    }
+    return DDP_SUCCESS;
+}
+
+/* Everybody takes the weights and training state of root. */
+static ddp_result ddp__join_sync(ddp_context *ctx, int root) {
+    double st[8];
+    ddp_result r;
+    int k;
+    void *slots[3];
+    st[0] = (double)ctx->opt_steps;
+    st[1] = (double)ctx->sched_steps;
+    st[2] = ctx->cfg.optimizer.lr;
+    st[3] = ctx->ls_scale;
+    st[4] = (double)ctx->ls_tracker;
+    st[5] = (double)ctx->ls_skipped;
+    st[6] = (double)ddp__state_flags(ctx);
+    st[7] = (double)ctx->ls_last_skipped;
+    r = ctx->ops->broadcast(ctx, st, sizeof st, root);
+    if (r == DDP_SUCCESS) r = ctx->ops->broadcast(ctx, ctx->flat_params, ctx->flat_bytes, root);
+    if (r == DDP_SUCCESS && ctx->rank != root) {
+        ctx->opt_steps = (int64_t)st[0];
+        ctx->sched_steps = (int64_t)st[1];
+        ctx->cfg.optimizer.lr = st[2];
+        ctx->ls_scale = st[3];
+        ctx->ls_tracker = (int64_t)st[4];
+        ctx->ls_skipped = (int64_t)st[5];
+        ctx->ls_last_skipped = (int)st[7];
+        if (st[6] != 0) r = ddp__opt_alloc(ctx);
+    }
+    slots[0] = ctx->opt_m; slots[1] = ctx->opt_v; slots[2] = ctx->opt_master;
+    for (k = 0; k < 3 && r == DDP_SUCCESS; k++)
+        if (((unsigned)st[6] & (1u << k)) && slots[k]) r = ctx->ops->broadcast(ctx, slots[k], ctx->opt_state_bytes, root);
+    return r == DDP_SUCCESS ? r : ddp__break(ctx, r);
+}
+
+DDP_API ddp_result ddp_join(ddp_context *ctx) {
+    ddp_result r = DDP_SUCCESS;
+    int count = 1, train, rounds = 0;
+    double micro;
+    if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
+    DDP__TRY(ddp__check_usable(ctx, "ddp_join"));
+    if (!ctx->finalized) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_join: call ddp_finalize() first");
+    if (ctx->in_step) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_join: not allowed inside a step");
+    if (!ctx->cfg.uneven_inputs)
+        return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_join: set config.uneven_inputs on every rank to let ranks run out of data at different steps");
+    if (ctx->accum_steps > 0) {
+        char msg[128];
+        snprintf(msg, sizeof msg, "ddp_join: %d no_sync micro-step(s) of rank %d were never reduced and are dropped", ctx->accum_steps, ctx->rank);
+        ddp__log(ctx, DDP_LOG_WARN, msg);
+    }
+    if (ctx->world > 1) {
+        ctx->joined = 1;
+        for (;;) {
+            r = ddp__join_round(ctx, 0, &count, &train, &micro);
+            if (r != DDP_SUCCESS || count == 0) break;
+            r = ddp__join_shadow(ctx, count, train, micro);
+            if (r != DDP_SUCCESS) break;
+            rounds++;
+        }
+        if (r == DDP_SUCCESS) r = ddp__join_sync(ctx, ddp__join_root(ctx));
+        ctx->joined = 0;
+        if (r != DDP_SUCCESS) return r;
+        if (ctx->cfg.logger.func && ctx->cfg.logger.level >= DDP_LOG_INFO) {
+            char msg[96];
+            snprintf(msg, sizeof msg, "ddp_join: rank %d answered %d step(s) of the others", ctx->rank, rounds);
+            ddp__log(ctx, DDP_LOG_INFO, msg);
+        }
+    }
+    ddp__join_reset(ctx);
+    ctx->acc_state = DDP__ACC_LOCAL;
+    ctx->accum_steps = 0;
+    ctx->mixed_shown = 0;
+    ctx->zero_pending = 1;
     return DDP_SUCCESS;
 }
 
@@ -4907,6 +5130,9 @@ DDP_API ddp_result ddp_train_step(ddp_context *ctx, ddp_forward_backward_fn fn, 
     if (ctx->accum_steps > 0)
         return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_train_step: %d micro-step(s) run with ddp_set_no_sync(ctx, 1) are not reduced yet "
                          "(end them with a synced step first)", ctx->accum_steps);
+    if (ctx->cfg.uneven_inputs && micro_steps > DDP__JOIN_MAX_MICRO)
+        return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_train_step: micro_steps %d is above %d, the limit with config.uneven_inputs",
+                         micro_steps, DDP__JOIN_MAX_MICRO);
     /* the reduce of this window divides by micro_steps: PyTorch's loss / micro_steps */
     ctx->window_div = (double)micro_steps;
     ctx->in_train_step = 1;
@@ -4915,7 +5141,17 @@ DDP_API ddp_result ddp_train_step(ddp_context *ctx, ddp_forward_backward_fn fn, 
     ctx->in_train_step = 0;
     if (r != DDP_SUCCESS) return r;
     loss = (float)(loss_sum / micro_steps);
-    if (ctx->world > 1) DDP__TRY(ddp_allreduce(ctx, &loss, 1, DDP_F32, DDP_OP_AVG));
+    if (ctx->world > 1 && ctx->cfg.uneven_inputs) {
+        /* the mean over the ranks that had data (a joined rank adds 0, 0) */
+        float pair[2];
+        pair[0] = loss;
+        pair[1] = 1.0f;
+        r = ctx->ops->allreduce(ctx, pair, 2, DDP_F32, DDP_OP_SUM);
+        if (r != DDP_SUCCESS) return ddp__break(ctx, r);
+        loss = pair[0] / pair[1];
+    } else if (ctx->world > 1) {
+        DDP__TRY(ddp_allreduce(ctx, &loss, 1, DDP_F32, DDP_OP_AVG));
+    }
     if (out_loss) *out_loss = loss;
     if (ctx->cfg.optimizer.type != DDP_OPTIM_NONE) DDP__TRY(ddp_optimizer_step(ctx));
     return DDP_SUCCESS;
@@ -5111,6 +5347,7 @@ DDP_API ddp_result ddp_save_checkpoint(ddp_context *ctx, const char *path) {
     if (!path || !*path) return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_save_checkpoint: path is NULL or empty");
     if (!ctx->finalized) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_save_checkpoint: call ddp_finalize() first");
     if (ctx->in_step) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_save_checkpoint: not allowed inside a step");
+    DDP__TRY(ddp__join_check(ctx, "ddp_save_checkpoint"));
     if (ctx->rank == 0) r = ddp__save_file(ctx, path);
     return ddp__agree(ctx, r, "saving the checkpoint");
 }
@@ -5393,6 +5630,7 @@ DDP_API ddp_result ddp_load_checkpoint_ex(ddp_context *ctx, const char *path, un
         return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_load_checkpoint_ex: flags 0x%x has unknown bits", flags);
     if (!ctx->finalized) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_load_checkpoint: call ddp_finalize() first");
     if (ctx->in_step) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_load_checkpoint: not allowed inside a step");
+    DDP__TRY(ddp__join_check(ctx, "ddp_load_checkpoint"));
     return ddp__agree(ctx, ddp__load_file(ctx, path, flags), "loading the checkpoint");
 }
 

@@ -1072,6 +1072,31 @@ static void test_checkpoint_reset(void) {
     remove(path);
 }
 
+static void test_join_world1(void) {
+    ddp_config c = base_config();
+    ddp_context *ctx;
+    int id;
+    TEST("join, world 1");
+    ctx = make(&c);
+    ddp_register_param(ctx, "w", 4, DDP_F32, NULL, &id);
+    ddp_finalize(ctx);
+    CHECK_ERR(ddp_join(ctx), DDP_ERROR_INVALID_STATE, ctx, "config.uneven_inputs");
+    ddp_destroy(ctx);
+    c.uneven_inputs = 1;
+    c.optimizer = ddp_optimizer_defaults(DDP_OPTIM_SGD);
+    ctx = make(&c);
+    ddp_register_param(ctx, "w", 4, DDP_F32, NULL, &id);
+    ddp_finalize(ctx);
+    CHECK_OK(ddp_step_begin(ctx), ctx);
+    CHECK_ERR(ddp_join(ctx), DDP_ERROR_INVALID_STATE, ctx, "inside a step");
+    ddp_mark_ready(ctx, id);
+    CHECK_OK(ddp_step_end(ctx), ctx);
+    CHECK_OK(ddp_optimizer_step(ctx), ctx);
+    CHECK_OK(ddp_join(ctx), ctx);
+    CHECK_ERR(ddp_train_step(ctx, noop_fb, NULL, 70000, NULL), DDP_ERROR_INVALID_ARGUMENT, ctx, "above 65536");
+    ddp_destroy(ctx);
+}
+
 static void test_collectives_world1(void) {
     ddp_config c = base_config();
     ddp_context *ctx = make(&c);
@@ -1123,6 +1148,7 @@ int main(void) {
     test_checkpoint_tampering();
     test_checkpoint_reset();
     test_collectives_world1();
+    test_join_world1();
     test_f16_conversions();
     return t_summary("test_core");
 }

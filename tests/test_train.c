@@ -629,6 +629,158 @@ static void mode_resume(void) {
     for (k = 0; k < 4; k++) resume_case(names[k], &cases[k]);
 }
 
+/* ---- uneven inputs (join) ------------------------------------------------------------ */
+
+static int batches_of(int rank) {
+    static const int n3[] = { 10, 7, 3 }, n4[] = { 10, 7, 3, 0 }, n2[] = { 10, 7 };
+    if (g_world == 1) return 5;
+    if (g_world == 2) return n2[rank];
+    if (g_world == 3) return n3[rank];
+    return n4[rank];
+}
+
+static double loss_rows(const double *W, const double *b, long row0, int n) {
+    double l = 0;
+    int r, o, k;
+    for (r = 0; r < n; r++)
+        for (o = 0; o < OUT; o++) {
+            double y = b[o];
+            for (k = 0; k < IN; k++) y += W[o * IN + k] * xval(row0 + r, k);
+            l += 0.5 * (y - tval(row0 + r, o)) * (y - tval(row0 + r, o)) / n;
+        }
+    return l;
+}
+
+/* rank r's rows for micro-step m of its step t (phase 1 ranks up to 10 steps) */
+static long join_row(int phase, long t, int m, int r) { return (((phase * 16 + t) * 2 + m) * MAXW + r) * ROWS; }
+
+typedef struct join_job { int idw, idb, phase; long t; int micro; } join_job;
+
+static int join_fb(ddp_context *ctx, void *user, int m, float *loss) {
+    join_job *j = (join_job *)user;
+    double W[NW], b[OUT];
+    const float *pw = (const float *)ddp_param_data(ctx, j->idw), *pb = (const float *)ddp_param_data(ctx, j->idb);
+    int k;
+    for (k = 0; k < NW; k++) W[k] = pw[k];
+    for (k = 0; k < OUT; k++) b[k] = pb[k];
+    *loss = (float)loss_rows(W, b, join_row(j->phase, j->t, m, g_rank), ROWS);
+    return backward(ctx, j->idw, j->idb, join_row(j->phase, j->t, m, g_rank), ROWS) == DDP_SUCCESS ? 0 : 1;
+}
+
+/* One step of every rank that has data, on the reference: the sum of their
+   mean gradients over `micro` micro-steps, divided by the contributors (or
+   the world), then AdamW. Returns the mean loss over contributors. */
+static double join_ref_step(ref_opt *o, double *p, int phase, long t, int micro, int by_world, const int *has) {
+    double g[NW + OUT], acc[NW + OUT], lr[NW + OUT], wd[NW + OUT], loss = 0;
+    int q, m, i, n = 0;
+    memset(acc, 0, sizeof acc);
+    for (q = 0; q < g_world; q++) {
+        if (!has[q]) continue;
+        n++;
+        for (m = 0; m < micro; m++) {
+            grad_rows(p, p + NW, join_row(phase, t, m, q), ROWS, g, g + NW);
+            loss += loss_rows(p, p + NW, join_row(phase, t, m, q), ROWS) / micro;
+            for (i = 0; i < NW + OUT; i++) acc[i] += g[i] / micro;
+        }
+    }
+    for (i = 0; i < NW + OUT; i++) { acc[i] /= by_world ? g_world : n; lr[i] = 0.01; wd[i] = 0.01; }
+    ref_opt_step(o, p, acc, lr, wd);
+    return loss / n;
+}
+
+static void join_case(int train_step, int by_world) {
+    ddp_config c;
+    ddp_context *ctx;
+    join_job j;
+    ref_opt ro;
+    double p[NW + OUT], worst_loss = 0, longest = 0, t0, d;
+    float w[NW], b[OUT];
+    int mine = batches_of(g_rank), most = 0, q, i, has[MAXW];
+    long t;
+    char name[96];
+    ddp_result r;
+    snprintf(name, sizeof name, "join %s, %s", train_step ? "ddp_train_step(2)" : "manual steps",
+             by_world ? "divide_by_initial_world_size" : "average over contributors");
+    TEST(name);
+    for (q = 0; q < g_world; q++) if (batches_of(q) > most) most = batches_of(q);
+    memset(&c, 0, sizeof c);
+    c.uneven_inputs = 1;
+    c.join_divide_by_initial_world_size = by_world;
+    c.optimizer = ddp_optimizer_defaults(DDP_OPTIM_ADAMW);
+    c.optimizer.lr = 0.01;
+    ctx = make_model(&c, &j.idw, &j.idb); /* timeout 30 s: a wait on the timeout would show */
+    memset(&ro, 0, sizeof ro);
+    ro.adamw = 1;
+    init_weights(w, b);
+    for (i = 0; i < NW; i++) p[i] = w[i];
+    for (i = 0; i < OUT; i++) p[NW + i] = b[i];
+    j.phase = 0;
+    j.micro = train_step ? 2 : 1;
+    t0 = ddp__now();
+    for (t = 0; t < mine; t++) {
+        double s0 = ddp__now(), want;
+        float loss = 0;
+        for (q = 0; q < g_world; q++) has[q] = batches_of(q) > t;
+        j.t = t;
+        if (train_step) {
+            r = ddp_train_step(ctx, join_fb, &j, 2, &loss);
+        } else {
+            float l;
+            r = ddp_step_begin(ctx);
+            if (r == DDP_SUCCESS) r = join_fb(ctx, &j, 0, &l) ? DDP_ERROR_USER : DDP_SUCCESS;
+            if (r == DDP_SUCCESS) r = ddp_step_end(ctx);
+            if (r == DDP_SUCCESS) r = ddp_optimizer_step(ctx);
+        }
+        CHECK(r == DDP_SUCCESS, "%s: rank %d step %ld: %s", name, g_rank, t, ddp_last_error(ctx));
+        if (r != DDP_SUCCESS) { ddp_destroy(ctx); return; }
+        if (ddp__now() - s0 > longest) longest = ddp__now() - s0;
+        want = join_ref_step(&ro, p, 0, t, j.micro, by_world, has);
+        if (train_step && fabs(loss - want) > worst_loss) worst_loss = fabs(loss - want);
+        /* while a rank has joined, other collectives are refused at once */
+        if (t == 5 && g_world >= 3) {
+            float x = 1;
+            r = ddp_allreduce(ctx, &x, 1, DDP_F32, DDP_OP_SUM);
+            CHECK(r == DDP_ERROR_INVALID_STATE && strstr(ddp_last_error(ctx), "rank(s) 2") && strstr(ddp_last_error(ctx), " joined"), "a collective while rank 2 is out: %s: %s",
+                  ddp_result_string(r), ddp_last_error(ctx));
+        }
+    }
+    /* the reference runs the steps of the ranks that had more */
+    for (t = mine; t < most; t++) {
+        for (q = 0; q < g_world; q++) has[q] = batches_of(q) > t;
+        join_ref_step(&ro, p, 0, t, j.micro, by_world, has);
+    }
+    r = ddp_join(ctx);
+    CHECK(r == DDP_SUCCESS, "%s: ddp_join: %s", name, ddp_last_error(ctx));
+    d = rel_diff((const float *)ddp_param_data(ctx, j.idw), (const float *)ddp_param_data(ctx, j.idb), p, p + NW);
+    CHECK(d <= 1e-5, "%s: rank %d (%d batches) ends %.3g from the reference", name, g_rank, mine, d);
+    CHECK(worst_loss <= 1e-5, "%s: the loss is the mean over the ranks with data (off by %.3g)", name, worst_loss);
+    CHECK(longest < 5.0 && ddp__now() - t0 < 15.0, "no step waits long: longest %.2f s, all %.2f s (timeout 30 s)", longest, ddp__now() - t0);
+    CHECK(ddp_optimizer_steps(ctx) == most, "every rank has the training state of the last ones: %lld steps", (long long)ddp_optimizer_steps(ctx));
+    /* afterwards: collectives work, and the next epoch has every rank again */
+    {
+        float x = (float)(g_rank + 1);
+        CHECK_OK(ddp_allreduce(ctx, &x, 1, DDP_F32, DDP_OP_SUM), ctx);
+        CHECK(x == (float)(g_world * (g_world + 1) / 2), "all-reduce after the join: %g", (double)x);
+    }
+    j.phase = 1;
+    for (t = 0; t < 2; t++) {
+        for (q = 0; q < g_world; q++) has[q] = 1;
+        j.t = t;
+        CHECK_OK(ddp_train_step(ctx, join_fb, &j, j.micro, NULL), ctx);
+        join_ref_step(&ro, p, 1, t, j.micro, by_world, has);
+    }
+    d = rel_diff((const float *)ddp_param_data(ctx, j.idw), (const float *)ddp_param_data(ctx, j.idb), p, p + NW);
+    CHECK(d <= 1e-5, "%s: the next epoch, every rank again: %.3g from the reference", name, d);
+    if (g_rank == 0) printf("%-60s world=%d diff=%.2g longest_step=%.3fs\n", name, g_world, d, longest);
+    ddp_destroy(ctx);
+}
+
+static void mode_join(void) {
+    join_case(1, 0);
+    join_case(0, 0);
+    join_case(1, 1);
+}
+
 /* ---- main -------------------------------------------------------------------------- */
 
 static void identity(void) {
@@ -641,12 +793,13 @@ static void identity(void) {
 
 int main(int argc, char **argv) {
     char suite[64];
-    if (argc < 2) { fprintf(stderr, "usage: test_train accum|groups|scaler|resume\n"); return 2; }
+    if (argc < 2) { fprintf(stderr, "usage: test_train accum|groups|scaler|resume|join\n"); return 2; }
     identity();
     if (!strcmp(argv[1], "accum")) mode_accum();
     else if (!strcmp(argv[1], "groups")) mode_groups();
     else if (!strcmp(argv[1], "scaler")) mode_scaler();
     else if (!strcmp(argv[1], "resume")) mode_resume();
+    else if (!strcmp(argv[1], "join")) mode_join();
     else { fprintf(stderr, "test_train: unknown mode '%s'\n", argv[1]); return 2; }
     snprintf(suite, sizeof suite, "test_train %s rank %d", argv[1], g_rank);
     return t_summary(suite);
