@@ -781,6 +781,100 @@ static void mode_join(void) {
     join_case(1, 1);
 }
 
+/* ---- against PyTorch (tests/torch_compare.py replays these runs) -------------------- */
+
+/* The runs: optimizer, schedule, groups (fc.weight at half the lr, fc.bias
+   without weight decay), f32 and f64. Keep in step with torch_compare.py. */
+typedef struct torch_case { const char *name; ddp_optimizer opt; ddp_dtype dt; } torch_case;
+static const torch_case torch_cases[] = {
+    { "adamw clip warmup+cosine f32", DDP_OPTIM_ADAMW, DDP_F32 },
+    { "adamw clip warmup+cosine f64", DDP_OPTIM_ADAMW, DDP_F64 },
+    { "sgd nesterov warmup+step f32", DDP_OPTIM_SGD, DDP_F32 },
+    { "sgd nesterov warmup+step f64", DDP_OPTIM_SGD, DDP_F64 },
+};
+
+typedef struct torch_job { int idw, idb; ddp_dtype dt; long step; } torch_job;
+
+static int torch_fb(ddp_context *ctx, void *user, int m, float *loss) {
+    torch_job *j = (torch_job *)user;
+    double W[NW], b[OUT], gw[NW], gb[OUT];
+    int k;
+    (void)m;
+    for (k = 0; k < NW; k++) W[k] = j->dt == DDP_F64 ? ((double *)ddp_param_data(ctx, j->idw))[k] : ((float *)ddp_param_data(ctx, j->idw))[k];
+    for (k = 0; k < OUT; k++) b[k] = j->dt == DDP_F64 ? ((double *)ddp_param_data(ctx, j->idb))[k] : ((float *)ddp_param_data(ctx, j->idb))[k];
+    grad_rows(W, b, (j->step * g_world + g_rank) * ROWS, ROWS, gw, gb);
+    for (k = 0; k < OUT; k++) {
+        if (j->dt == DDP_F64) ((double *)ddp_param_grad(ctx, j->idb))[k] += gb[k];
+        else ((float *)ddp_param_grad(ctx, j->idb))[k] += (float)gb[k];
+    }
+    if (ddp_mark_ready(ctx, j->idb) != DDP_SUCCESS) return 1;
+    for (k = 0; k < NW; k++) {
+        if (j->dt == DDP_F64) ((double *)ddp_param_grad(ctx, j->idw))[k] += gw[k];
+        else ((float *)ddp_param_grad(ctx, j->idw))[k] += (float)gw[k];
+    }
+    *loss = 0;
+    return ddp_mark_ready(ctx, j->idw) == DDP_SUCCESS ? 0 : 1;
+}
+
+static void mode_torch(const char *dump) {
+    FILE *f = NULL;
+    size_t k;
+    TEST("torch runs");
+    if (g_rank == 0 && !(f = fopen(dump, "wb"))) { fprintf(stderr, "cannot write %s\n", dump); exit(2); }
+    for (k = 0; k < sizeof torch_cases / sizeof torch_cases[0]; k++) {
+        const torch_case *tc = &torch_cases[k];
+        ddp_config c;
+        ddp_context *ctx;
+        ddp_param_options o;
+        torch_job j;
+        float w32[NW], b32[OUT];
+        double w64[NW], b64[OUT], out[NW + OUT];
+        int64_t shape[2] = { OUT, IN };
+        int i;
+        memset(&c, 0, sizeof c);
+        c.timeout_s = 30;
+        c.optimizer = ddp_optimizer_defaults(tc->opt);
+        if (tc->opt == DDP_OPTIM_ADAMW) {
+            c.optimizer.lr = 0.05;
+            c.optimizer.weight_decay = 0.1;
+            c.optimizer.max_grad_norm = 0.5;
+            c.schedule.type = DDP_SCHEDULE_COSINE;
+            c.schedule.warmup_steps = 3;
+            c.schedule.total_steps = 12;
+            c.schedule.min_lr = 0.005;
+        } else {
+            c.optimizer.lr = 0.1;
+            c.optimizer.momentum = 0.9;
+            c.optimizer.nesterov = 1;
+            c.optimizer.weight_decay = 0.01;
+            c.schedule.type = DDP_SCHEDULE_STEP;
+            c.schedule.warmup_steps = 2;
+            c.schedule.step_size = 4;
+            c.schedule.gamma = 0.5;
+        }
+        if (ddp_create(&c, &ctx) != DDP_SUCCESS) { fprintf(stderr, "%s\n", ddp_create_error()); exit(2); }
+        init_weights(w32, b32);
+        for (i = 0; i < NW; i++) w64[i] = w32[i];
+        for (i = 0; i < OUT; i++) b64[i] = b32[i];
+        ddp_register_param_shape(ctx, "fc.weight", 2, shape, tc->dt, tc->dt == DDP_F64 ? (void *)w64 : (void *)w32, &j.idw);
+        ddp_register_param(ctx, "fc.bias", OUT, tc->dt, tc->dt == DDP_F64 ? (void *)b64 : (void *)b32, &j.idb);
+        memset(&o, 0, sizeof o);
+        o.lr_scale = 0.5;
+        ddp_set_param_options(ctx, j.idw, &o);
+        memset(&o, 0, sizeof o);
+        o.no_weight_decay = 1;
+        ddp_set_param_options(ctx, j.idb, &o);
+        if (ddp_finalize(ctx) != DDP_SUCCESS) { fprintf(stderr, "%s\n", ddp_last_error(ctx)); exit(2); }
+        j.dt = tc->dt;
+        for (j.step = 0; j.step < 14; j.step++) CHECK_OK(ddp_train_step(ctx, torch_fb, &j, 1, NULL), ctx);
+        for (i = 0; i < NW; i++) out[i] = tc->dt == DDP_F64 ? ((double *)ddp_param_data(ctx, j.idw))[i] : ((float *)ddp_param_data(ctx, j.idw))[i];
+        for (i = 0; i < OUT; i++) out[NW + i] = tc->dt == DDP_F64 ? ((double *)ddp_param_data(ctx, j.idb))[i] : ((float *)ddp_param_data(ctx, j.idb))[i];
+        if (f) fwrite(out, sizeof out[0], NW + OUT, f);
+        ddp_destroy(ctx);
+    }
+    if (f) fclose(f);
+}
+
 /* ---- main -------------------------------------------------------------------------- */
 
 static void identity(void) {
@@ -793,13 +887,14 @@ static void identity(void) {
 
 int main(int argc, char **argv) {
     char suite[64];
-    if (argc < 2) { fprintf(stderr, "usage: test_train accum|groups|scaler|resume|join\n"); return 2; }
+    if (argc < 2) { fprintf(stderr, "usage: test_train accum|groups|scaler|resume|join|torch FILE\n"); return 2; }
     identity();
     if (!strcmp(argv[1], "accum")) mode_accum();
     else if (!strcmp(argv[1], "groups")) mode_groups();
     else if (!strcmp(argv[1], "scaler")) mode_scaler();
     else if (!strcmp(argv[1], "resume")) mode_resume();
     else if (!strcmp(argv[1], "join")) mode_join();
+    else if (!strcmp(argv[1], "torch") && argc == 3) mode_torch(argv[2]);
     else { fprintf(stderr, "test_train: unknown mode '%s'\n", argv[1]); return 2; }
     snprintf(suite, sizeof suite, "test_train %s rank %d", argv[1], g_rank);
     return t_summary(suite);
