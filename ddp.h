@@ -38,21 +38,32 @@
 
        1. Fill a ddp_config (zero means default) and call ddp_create(). Rank and
           world size come from the environment that torchrun, ddprun (this
-          project's launcher), mpirun or srun set, or from the config.
+          project's launcher), mpirun or srun set, or from the config. The
+          optimizer: cfg.optimizer = ddp_optimizer_defaults(DDP_OPTIM_ADAMW)
+          gives PyTorch's defaults; change what you need (OPTIMIZERS). A
+          schedule (cfg.schedule), loss scaling (cfg.loss_scale) and uneven
+          inputs (cfg.uneven_inputs) are further fields.
        2. Register every parameter once, in forward order:
               ddp_register_param(ctx, "fc1.weight", 784*256, DDP_F32, init, &id)
-          then call ddp_finalize(ctx): the library allocates one flat parameter
+          optionally give it options (no weight decay for biases, an lr
+          scale: ddp_set_param_options, see PARAMETER GROUPS), then call
+          ddp_finalize(ctx): the library allocates one flat parameter
           buffer and one flat gradient buffer, checks that every rank
           registered the same parameters, and copies rank 0's weights to all.
        3. Each step:
               ddp_step_begin(ctx);
               ... your forward ...
               ... your backward: ADD each gradient into ddp_param_grad(ctx, id)
+                  (of the loss times ddp_loss_scale(ctx) with loss scaling)
                   and call ddp_mark_ready(ctx, id) as soon as it is final ...
               ddp_step_end(ctx);           // gradients are now averaged
-              ddp_optimizer_step(ctx);     // SGD or AdamW from the config
-          or let ddp_train_step() do all of it around your function.
-       4. ddp_destroy(ctx).
+              ddp_optimizer_step(ctx);     // SGD or AdamW, at the scheduled lr
+          or let ddp_train_step() do all of it around your function, with
+          gradient accumulation over micro-steps.
+       4. A rank whose data ends early calls ddp_join(ctx) (with
+          cfg.uneven_inputs; every rank calls it at its end).
+       5. ddp_save_checkpoint / ddp_load_checkpoint whenever you like, then
+          ddp_destroy(ctx).
 
        Gradients accumulate, as in PyTorch, until ddp_optimizer_step() or
        ddp_zero_grad(); your backward adds into them (cuBLAS: beta = 1). A
@@ -63,7 +74,8 @@
    ACCUMULATION
 
        The rule is PyTorch DDP's. Let G be the gradient buffer
-       (ddp_param_grad) and W the number of ranks.
+       (ddp_param_grad) and W the number of ranks (with uneven inputs: the
+       ranks that contributed to this step, see UNEVEN INPUTS).
 
          - Your backward adds into G. G keeps accumulating until
            ddp_optimizer_step() (the next ddp_step_begin() then starts from
@@ -78,6 +90,7 @@
            the last with no_sync, whose reduce also divides by K, like the
            usual PyTorch recipe loss / K:
                G = R + (1 / (W * K)) * sum over ranks and micro-steps.
+           (config.gradient_sum leaves out the 1 / W, not the 1 / K.)
 
        So K synced micro-steps give the sum of K rank-averages, K - 1
        no_sync micro-steps and a synced one give the rank-average of their
@@ -87,7 +100,154 @@
        (one extra gradient-sized buffer, allocated the first time a window
        continues after a reduce, two for no_sync steps after a reduce).
        ddp_optimizer_step() is an error while no_sync micro-steps are not
-       reduced (the ranks would diverge).
+       reduced (the ranks would diverge). The GPU paths (nccl, staged) keep
+       the same rule.
+
+   OPTIMIZERS
+
+       config.optimizer, a ddp_optimizer_desc. ddp_optimizer_defaults(type)
+       returns PyTorch's defaults with exact = 1; every field is then used
+       as written, zero included. All hyper-parameters are double: f64
+       parameters get PyTorch's f64 arithmetic (double hyper-parameters and
+       clip factor); f32 and 16-bit parameters get each constant rounded to
+       float once, as PyTorch does with a Python float.
+
+         field           PyTorch                     default
+         type            torch.optim.SGD / AdamW     (DDP_OPTIM_NONE: none)
+         lr              lr                          1e-3 (SGD requires one in
+                                                     PyTorch; 1e-3 here)
+         momentum        SGD momentum                0
+         dampening       SGD dampening               0
+         nesterov        SGD nesterov                0 (needs momentum > 0,
+                                                     dampening 0)
+         weight_decay    weight_decay                SGD 0 (L2 in the gradient),
+                                                     AdamW 1e-2 (decoupled)
+         beta1, beta2    AdamW betas                 0.9, 0.999
+         eps             AdamW eps                   1e-8
+         max_grad_norm   clip_grad_norm_(max_norm)   0: no clipping
+
+       A zeroed desc (exact = 0, as configs were written before the
+       defaults function) keeps working: there a zero lr, beta1, beta2,
+       eps, or AdamW weight_decay means the default above (note: AdamW's
+       weight decay is PyTorch's 1e-2, not 0). To ask for a zero there, start
+       from ddp_optimizer_defaults(). Not supported: AdamW amsgrad, maximize.
+       Bad values are DDP_ERROR_INVALID_ARGUMENT naming the field.
+
+       ddp_optimizer_step(): with loss scaling, the non-finite check and the
+       unscale (LOSS SCALING); then clipping to max_grad_norm on the global
+       norm (torch.nn.utils.clip_grad_norm_: factor
+       min(1, max_norm / (norm + 1e-6))); then the update with this step's
+       lr (SCHEDULES) times each group's lr_scale (PARAMETER GROUPS).
+
+   PARAMETER GROUPS
+
+       PyTorch's param_groups, per parameter: ddp_set_param_options(ctx,
+       id, &opts) between registering and ddp_finalize():
+         no_weight_decay      1: no weight decay (biases, norm weights)
+         weight_decay_scale   multiplies weight_decay (0 means 1)
+         lr_scale             multiplies the lr of every step (0 means 1)
+       Parameters with equal options form one group; up to
+       DDP_MAX_PARAM_GROUPS (16) distinct sets. The options must be the same
+       on every rank (checked at ddp_finalize, DDP_ERROR_MISMATCH naming the
+       parameter) and are saved in checkpoints (checked when loading). The
+       fused optimizers read each element's group from a map of the flat
+       buffer (one byte per 256-byte chunk), on the CPU and on the GPU.
+       ddp_set_lr() keeps the scales (PyTorch's own loop over param_groups
+       would set one lr for all).
+
+   SCHEDULES
+
+       config.schedule, a ddp_schedule_desc. t is the index of the step
+       about to be taken (ddp_optimizer_step() calls so far, steps skipped by
+       loss scaling included, as a PyTorch loop that calls scheduler.step()
+       every iteration); lr is config.optimizer.lr or the last ddp_set_lr().
+         t < warmup_steps         lr * (t + 1) / warmup_steps   (any type)
+         DDP_SCHEDULE_CONSTANT    lr
+         DDP_SCHEDULE_COSINE      min_lr + (lr - min_lr) * (1 + cos(pi * p)) / 2
+         DDP_SCHEDULE_LINEAR      min_lr + (lr - min_lr) * (1 - p)
+                                  with p = (t - warmup_steps) / (total_steps -
+                                  warmup_steps); min_lr from total_steps on
+         DDP_SCHEDULE_STEP        lr * gamma^floor((t - warmup_steps) / step_size)
+                                  (StepLR; gamma 0 means 0.1)
+       In PyTorch terms each is LambdaLR(opt, lambda t: that / lr). Every
+       group multiplies the result by its lr_scale. ddp_get_lr() returns the
+       lr of the next step. The position (t), the lr and the loss scale are
+       saved in checkpoints, so a resumed run continues bit for bit; the
+       schedule itself is configuration (a checkpoint saved with another one
+       logs a warning and the run follows the context's).
+
+   LOSS SCALING
+
+       Dynamic loss scaling for fp16 training, as torch.cuda.amp.GradScaler:
+       config.loss_scale.enabled = 1 (needs an optimizer).
+         - Your backward computes the gradient of S * loss, S =
+           ddp_loss_scale(ctx) (seed the backward with S); report the
+           unscaled loss.
+         - ddp_optimizer_step() checks the reduced gradients for inf/NaN. Any
+           non-finite value on any rank reaches every rank's reduced
+           gradient (the sum keeps it), so every rank decides the same
+           without another collective. Found: the step is skipped (weights
+           and optimizer state untouched, ddp_last_step_skipped() = 1,
+           ddp_skipped_steps() + 1), S *= backoff_factor. Else the gradients
+           are unscaled by 1/S before clipping (clipping measures the
+           unscaled norm; ddp_clip_grad_norm too), the step is taken, and
+           after growth_interval clean steps in a row S *= growth_factor.
+         - Defaults are PyTorch's: init_scale 65536, growth_factor 2,
+           backoff_factor 0.5, growth_interval 2000. S is kept as a float
+           value, as GradScaler's. With a power-of-two S the unscaled
+           gradients are exactly those of the unscaled loss.
+       On the GPU the check is ddp_k_nonfinite over the buckets (one small
+       device-to-host copy per step).
+
+   UNEVEN INPUTS
+
+       PyTorch's Join: ranks whose data ends at different steps. Set
+       config.uneven_inputs on every rank; a rank that has no more data
+       calls ddp_join(ctx). Until every rank has called it, a joined rank
+       answers the others' synced steps: each synced step starts with one
+       small collective in which every rank says whether it has data; a
+       joined rank then runs the same bucket reductions with zero gradients,
+       and ddp_train_step's loss all-reduce. No rank waits longer than a
+       step, nothing times out. The average is over the ranks that
+       contributed to the step (config.join_divide_by_initial_world_size =
+       1: over every rank, joined ones adding zeros, which is PyTorch's
+       default); ddp_train_step's loss too. When the last rank calls
+       ddp_join, every rank takes the weights and training state (optimizer
+       state, step counts, lr, loss scale) of the lowest rank that ran to the
+       end, and ddp_join returns on all: the ranks are identical again, the
+       next epoch may start, and collectives are allowed again.
+       Constraints:
+         - Every rank sets config.uneven_inputs (it costs the one small
+           collective per synced step) and calls ddp_join at its end.
+         - With data, ranks run the same kind of synced step: all
+           ddp_train_step with the same micro_steps (at most 65536), or all
+           manual steps; mixed is DDP_ERROR_INVALID_STATE.
+         - While a rank has joined, no other collective may run: your
+           ddp_allreduce/barrier/broadcast/..., checkpoints and
+           ddp_sync_params are refused (DDP_ERROR_INVALID_STATE naming the
+           joined ranks) once a rank knows of the join, and must not be
+           called at all in a stretch where another rank may join (they
+           would pair with its join round). Do them after ddp_join returned.
+         - A joined rank waits for the others' next synced step with the
+           usual config.timeout_s.
+         - no_sync micro-steps not reduced when a rank joins are dropped
+           (a warning is logged).
+
+   CHECKPOINTS
+
+       ddp_save_checkpoint() writes format version 2: the weights, the
+       optimizer state and step count, the schedule position and lr, the
+       loss-scaler state, each parameter's options, with a checksum;
+       written to a temporary file and renamed. ddp_load_checkpoint()
+       reads versions 1 and 2, range-checks every header field
+       (DDP_ERROR_CORRUPT naming it), checks the model and the options
+       (DDP_ERROR_MISMATCH), and refuses a file without the optimizer state
+       this context needs (saved without an optimizer, with another one, or
+       without a momentum buffer) unless you call
+       ddp_load_checkpoint_ex(ctx, path, DDP_LOAD_RESET_OPTIMIZER): then the
+       weights alone are taken and the training state starts fresh. A file
+       saved before the first optimizer step holds "step 0" and loads as a
+       fresh optimizer. A failed load changes nothing.
 
    BACKENDS
 
@@ -143,6 +303,14 @@
        DDP_FORCE_COMM=1             GPU, world of one: run the gradient collective
                                     anyway (by default a world of one exchanges
                                     nothing; the GPU tests use this to exercise NCCL)
+
+   LIMITS
+
+       ranks                     1024
+       parameter groups          16 distinct option sets (DDP_MAX_PARAM_GROUPS)
+       micro_steps               65536 per ddp_train_step with uneven inputs
+                                 (the join round's sums stay exact in double)
+       step counts in a file     2^53 (exact in double, as pow(beta, t) needs)
 */
 /* The implementation uses POSIX and a few GNU calls (shm_open, pthreads,
    sockets): ask for them before the first system header. A file that defines
@@ -499,7 +667,8 @@ DDP_API ddp_result ddp_optimizer_step(ddp_context *ctx);
    norm of the gradients; when max_norm > 0 they are multiplied by
    min(1, max_norm / (norm + 1e-6)) (f64 gradients in double, others in
    float). max_norm <= 0: measure only. A non-finite norm leaves the
-   gradients as they are. */
+   gradients as they are. With loss scaling the norm is that of the
+   unscaled gradients (the buffer stays scaled by S). */
 DDP_API ddp_result ddp_clip_grad_norm(ddp_context *ctx, double max_norm, double *out_norm);
 /* Set the lr of the following steps: config.optimizer.lr from now on, so
    with a schedule the lr it starts from (see SCHEDULES). Saved in

@@ -30,9 +30,10 @@
 
        dp_config c = {0};
        c.num_devices = 2;                 // or c.device_ids = ids
-       c.ddp.optimizer.type = DDP_OPTIM_SGD; c.ddp.optimizer.lr = 0.1f;
+       c.ddp.optimizer = ddp_optimizer_defaults(DDP_OPTIM_SGD); c.ddp.optimizer.lr = 0.1;
        dp_create(&c, &dp);
        dp_register_param(dp, "fc1.weight", n, DDP_F32, init, &id);  // for each
+       dp_set_param_options(dp, bias_id, &no_decay);  // optional: parameter groups
        dp_finalize(dp);
        for each step:
            dp_batch b = { x, row_bytes, rows, y, y_row_bytes };
@@ -52,6 +53,19 @@
 
    Or pass a NULL batch: each replica loads its own shard (r->input NULL,
    r->grad_scale 1).
+
+   TRAINING SEMANTICS
+
+   Each replica is a ddp.h context, so ddp.h's manual applies (ACCUMULATION,
+   OPTIMIZERS, PARAMETER GROUPS, SCHEDULES, LOSS SCALING): the optimizer,
+   the schedule (c.ddp.schedule) and loss scaling (c.ddp.loss_scale) come
+   from c.ddp; per-parameter options from dp_set_param_options. With loss
+   scaling your callback also multiplies its gradients by
+   ddp_loss_scale(r->ctx) (the same on every replica); a step with a
+   non-finite gradient on any replica is skipped on all. dp_step runs one
+   ddp_train_step per replica: without an optimizer (DDP_OPTIM_NONE) the
+   gradients accumulate across dp_step calls until dp_zero_grad. Uneven
+   inputs (ddp_join) do not apply: dp_step splits one batch.
 
    ERRORS
 

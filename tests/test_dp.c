@@ -156,6 +156,51 @@ static void check_failure(void) {
     mlp_dataset_free(&data);
 }
 
+/* loss scaling through c.ddp: a replica's inf skips the step on every replica */
+typedef struct ls_model { int bad_step, step; } ls_model;
+static int ls_fb(const dp_replica *r, void *user, float *loss) {
+    ls_model *m = (ls_model *)user;
+    float *g = (float *)ddp_param_grad(r->ctx, 0), *w = (float *)ddp_param_data(r->ctx, 0);
+    float S = (float)ddp_loss_scale(r->ctx);
+    int i;
+    for (i = 0; i < 8; i++) g[i] += S * (w[i] - (float)(r->index + i));
+    if (m->step == m->bad_step && r->index == 1) g[3] = 1.0f / 0.0f;
+    *loss = 0;
+    return ddp_mark_ready(r->ctx, 0) == DDP_SUCCESS ? 0 : 1;
+}
+
+static void check_loss_scale(void) {
+    dp_config c;
+    dp_context *dp;
+    ls_model m;
+    int id, i, same = 0;
+    TEST("dp loss scaling");
+    memset(&c, 0, sizeof c);
+    c.num_devices = 3;
+    c.device = DDP_DEVICE_CPU;
+    c.ddp.timeout_s = 20;
+    c.ddp.optimizer = ddp_optimizer_defaults(DDP_OPTIM_SGD);
+    c.ddp.optimizer.lr = 0.1;
+    c.ddp.loss_scale.enabled = 1;
+    c.ddp.loss_scale.init_scale = 256;
+    CHECK_OK(dp_create(&c, &dp), NULL);
+    dp_register_param(dp, "w", 8, DDP_F32, NULL, &id);
+    CHECK_OK(dp_finalize(dp), NULL);
+    m.bad_step = 1;
+    for (m.step = 0; m.step < 3; m.step++) {
+        CHECK_OK(dp_step(dp, NULL, ls_fb, &m, NULL, NULL), NULL);
+        for (i = 0; i < 3; i++) {
+            ddp_context *r = dp_replica_context(dp, i);
+            CHECK(ddp_last_step_skipped(r) == (m.step == 1), "step %d replica %d: skipped %d", m.step, i, ddp_last_step_skipped(r));
+            CHECK(ddp_loss_scale(r) == (m.step == 0 ? 256 : 128), "step %d replica %d: scale %g", m.step, i, ddp_loss_scale(r));
+        }
+    }
+    CHECK_OK(dp_check_replicas(dp, &same), NULL);
+    CHECK(same == 1, "replicas identical");
+    CHECK(ddp_optimizer_steps(dp_replica_context(dp, 0)) == 2, "2 steps taken");
+    dp_destroy(dp);
+}
+
 static void check_bad_input(void) {
     dp_config c;
     dp_context *dp = NULL;
@@ -236,5 +281,6 @@ int main(int argc, char **argv) {
     check_equivalence(2, 8, 0, 3);
     g_groups = 0;
     check_failure();
+    check_loss_scale();
     return t_summary("test_dp");
 }
