@@ -4723,13 +4723,13 @@ static ddp_result ddp__join_shadow(ddp_context *ctx, int count, int train, doubl
     ctx->accum_steps = 0;
     ctx->mixed_shown = 0;
     ctx->divisor = ctx->cfg.join_divide_by_initial_world_size ? (double)ctx->world : (double)count;
-    ctx->window_div = micro;
+    ctx->window_div = micro; /* read again by the nccl launch */
     ctx->q_scale = ddp__reduce_factor(ctx);
-    ctx->window_div = 1.0;
     for (i = 0; i < ctx->num_params; i++) ctx->params[i].marked = 0;
     for (i = 0; i < ctx->num_buckets; i++) { ctx->buckets[i].pending = ctx->buckets[i].num_params; ctx->buckets[i].launched = 0; }
     ctx->next_bucket = 0;
     r = ddp__reduce_rest(ctx, NULL);
+    ctx->window_div = 1.0;
     if (r != DDP_SUCCESS) return ddp__break(ctx, r);
     if (train) {
         float pair[2] = { 0.0f, 0.0f };
@@ -5038,6 +5038,13 @@ static void ddp__opt_run(ddp_context *ctx, int b, size_t lo, size_t hi, const dd
 static void ddp__opt_range(ddp_context *ctx, int b, size_t lo, size_t hi, const ddp__hyper *base) {
     const ddp__bucket *bk = &ctx->buckets[b];
     size_t es = ddp_dtype_size(bk->dtype), per = DDP__ALIGN / es, first = bk->offset / es, i = lo;
+    if (ctx->num_groups == 1) {
+        ddp__hyper h = *base;
+        h.lr = base->lr * ctx->group_lr[0];
+        h.wd = base->wd * ctx->group_wd[0];
+        if (hi > lo) ddp__opt_run(ctx, b, lo, hi, &h);
+        return;
+    }
     while (i < hi) {
         int g = ctx->group_map[(first + i) / per];
         size_t j = ((first + i) / per + 1) * per - first;
