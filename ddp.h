@@ -5819,8 +5819,9 @@ DDP_API ddp_result ddp_load_checkpoint(ddp_context *ctx, const char *path) {
    Parameters and gradients live on the GPU. Marking a gradient ready records
    an event on the caller's stream. A complete bucket is reduced:
      nccl    on the communication stream, which first waits for the bucket's
-             events; ncclAvg (or ncclSum) in place, a scale kernel when
-             micro-steps were accumulated. The end of the step makes the
+             events; ncclAvg (or ncclSum) in place, then a scale kernel for
+             what remains of ddp__reduce_factor (ddp_train_step's 1 / K, or
+             1 / contributors with uneven inputs). The end of the step makes the
              user's stream wait for the communication stream: no host sync.
              A watchdog (the communication thread) polls every collective in
              flight; one that has not finished within the timeout, or an
