@@ -53,26 +53,216 @@
 
        1. Fill a ddp_config (zero means default) and call ddp_create(). Rank and
           world size come from the environment that torchrun, ddprun (this
-          project's launcher), mpirun or srun set, or from the config.
+          project's launcher), mpirun or srun set, or from the config. The
+          optimizer: cfg.optimizer = ddp_optimizer_defaults(DDP_OPTIM_ADAMW)
+          gives PyTorch's defaults; change what you need (OPTIMIZERS). A
+          schedule (cfg.schedule), loss scaling (cfg.loss_scale) and uneven
+          inputs (cfg.uneven_inputs) are further fields.
        2. Register every parameter once, in forward order:
               ddp_register_param(ctx, "fc1.weight", 784*256, DDP_F32, init, &id)
-          then call ddp_finalize(ctx): the library allocates one flat parameter
+          optionally give it options (no weight decay for biases, an lr
+          scale: ddp_set_param_options, see PARAMETER GROUPS), then call
+          ddp_finalize(ctx): the library allocates one flat parameter
           buffer and one flat gradient buffer, checks that every rank
           registered the same parameters, and copies rank 0's weights to all.
        3. Each step:
               ddp_step_begin(ctx);
               ... your forward ...
               ... your backward: ADD each gradient into ddp_param_grad(ctx, id)
+                  (of the loss times ddp_loss_scale(ctx) with loss scaling)
                   and call ddp_mark_ready(ctx, id) as soon as it is final ...
               ddp_step_end(ctx);           // gradients are now averaged
-              ddp_optimizer_step(ctx);     // SGD or AdamW from the config
-          or let ddp_train_step() do all of it around your function.
-       4. ddp_destroy(ctx).
+              ddp_optimizer_step(ctx);     // SGD or AdamW, at the scheduled lr
+          or let ddp_train_step() do all of it around your function, with
+          gradient accumulation over micro-steps.
+       4. A rank whose data ends early calls ddp_join(ctx) (with
+          cfg.uneven_inputs; every rank calls it at its end).
+       5. ddp_save_checkpoint / ddp_load_checkpoint whenever you like, then
+          ddp_destroy(ctx).
 
-       Gradients accumulate: the library zeroes them at the first step after an
-       optimizer step; your backward adds into them (cuBLAS: beta = 1).
-       That is what makes gradient accumulation work: call ddp_set_no_sync(ctx, 1)
-       for the micro-steps that must only accumulate locally, 0 for the last.
+       Gradients accumulate, as in PyTorch, until ddp_optimizer_step() or
+       ddp_zero_grad(); your backward adds into them (cuBLAS: beta = 1). A
+       synced ddp_step_end() adds the rank-average of what was accumulated
+       since the last reduce; ddp_set_no_sync(ctx, 1) makes the following
+       micro-steps accumulate locally only (see ACCUMULATION).
+
+   ACCUMULATION
+
+       The rule is PyTorch DDP's. Let G be the gradient buffer
+       (ddp_param_grad) and W the number of ranks (with uneven inputs: the
+       ranks that contributed to this step, see UNEVEN INPUTS).
+
+         - Your backward adds into G. G keeps accumulating until
+           ddp_optimizer_step() (the next ddp_step_begin() then starts from
+           zero) or ddp_zero_grad() (zero at once).
+         - A step after ddp_set_no_sync(ctx, 1) only accumulates locally.
+         - A synced step (no_sync 0) reduces what every rank accumulated
+           since the last reduce, L_r, and adds its average to G:
+               G = R + (1 / W) * sum over ranks r of L_r
+           where R is what G held after the last reduce (the same on every
+           rank). With config.gradient_sum the 1 / W is left out.
+         - ddp_train_step(ctx, fn, user, K, ...) is K micro-steps, all but
+           the last with no_sync, whose reduce also divides by K, like the
+           usual PyTorch recipe loss / K:
+               G = R + (1 / (W * K)) * sum over ranks and micro-steps.
+           (config.gradient_sum leaves out the 1 / W, not the 1 / K.)
+
+       So K synced micro-steps give the sum of K rank-averages, K - 1
+       no_sync micro-steps and a synced one give the rank-average of their
+       sum, and mixtures give what PyTorch DDP gives for the same calls. After
+       a no_sync step that follows a reduce, G shows R + L_r (this rank's
+       part), as PyTorch's .grad does. Only L is ever reduced: R is kept aside
+       (one extra gradient-sized buffer, allocated the first time a window
+       continues after a reduce, two for no_sync steps after a reduce).
+       ddp_optimizer_step() is an error while no_sync micro-steps are not
+       reduced (the ranks would diverge). The GPU paths (nccl, staged) keep
+       the same rule.
+
+   OPTIMIZERS
+
+       config.optimizer, a ddp_optimizer_desc. ddp_optimizer_defaults(type)
+       returns PyTorch's defaults with exact = 1; every field is then used
+       as written, zero included. All hyper-parameters are double: f64
+       parameters get PyTorch's f64 arithmetic (double hyper-parameters and
+       clip factor); f32 and 16-bit parameters get each constant rounded to
+       float once, as PyTorch does with a Python float.
+
+         field           PyTorch                     default
+         type            torch.optim.SGD / AdamW     (DDP_OPTIM_NONE: none)
+         lr              lr                          1e-3 (SGD requires one in
+                                                     PyTorch; 1e-3 here)
+         momentum        SGD momentum                0
+         dampening       SGD dampening               0
+         nesterov        SGD nesterov                0 (needs momentum > 0,
+                                                     dampening 0)
+         weight_decay    weight_decay                SGD 0 (L2 in the gradient),
+                                                     AdamW 1e-2 (decoupled)
+         beta1, beta2    AdamW betas                 0.9, 0.999
+         eps             AdamW eps                   1e-8
+         max_grad_norm   clip_grad_norm_(max_norm)   0: no clipping
+
+       A zeroed desc (exact = 0, as configs were written before the
+       defaults function) keeps working: there a zero lr, beta1, beta2,
+       eps, or AdamW weight_decay means the default above (note: AdamW's
+       weight decay is PyTorch's 1e-2, not 0). To ask for a zero there, start
+       from ddp_optimizer_defaults(). Not supported: AdamW amsgrad, maximize.
+       Bad values are DDP_ERROR_INVALID_ARGUMENT naming the field.
+
+       ddp_optimizer_step(): with loss scaling, the non-finite check and the
+       unscale (LOSS SCALING); then clipping to max_grad_norm on the global
+       norm (torch.nn.utils.clip_grad_norm_: factor
+       min(1, max_norm / (norm + 1e-6))); then the update with this step's
+       lr (SCHEDULES) times each group's lr_scale (PARAMETER GROUPS).
+
+   PARAMETER GROUPS
+
+       PyTorch's param_groups, per parameter: ddp_set_param_options(ctx,
+       id, &opts) between registering and ddp_finalize():
+         no_weight_decay      1: no weight decay (biases, norm weights)
+         weight_decay_scale   multiplies weight_decay (0 means 1)
+         lr_scale             multiplies the lr of every step (0 means 1)
+       Parameters with equal options form one group; up to
+       DDP_MAX_PARAM_GROUPS (16) distinct sets. The options must be the same
+       on every rank (checked at ddp_finalize, DDP_ERROR_MISMATCH naming the
+       parameter) and are saved in checkpoints (checked when loading). The
+       fused optimizers read each element's group from a map of the flat
+       buffer (one byte per 256-byte chunk), on the CPU and on the GPU.
+       ddp_set_lr() keeps the scales (PyTorch's own loop over param_groups
+       would set one lr for all).
+
+   SCHEDULES
+
+       config.schedule, a ddp_schedule_desc. t is the index of the step
+       about to be taken (ddp_optimizer_step() calls so far, steps skipped by
+       loss scaling included, as a PyTorch loop that calls scheduler.step()
+       every iteration); lr is config.optimizer.lr or the last ddp_set_lr().
+         t < warmup_steps         lr * (t + 1) / warmup_steps   (any type)
+         DDP_SCHEDULE_CONSTANT    lr
+         DDP_SCHEDULE_COSINE      min_lr + (lr - min_lr) * (1 + cos(pi * p)) / 2
+         DDP_SCHEDULE_LINEAR      min_lr + (lr - min_lr) * (1 - p)
+                                  with p = (t - warmup_steps) / (total_steps -
+                                  warmup_steps); min_lr from total_steps on
+         DDP_SCHEDULE_STEP        lr * gamma^floor((t - warmup_steps) / step_size)
+                                  (StepLR; gamma 0 means 0.1)
+       In PyTorch terms each is LambdaLR(opt, lambda t: that / lr). Every
+       group multiplies the result by its lr_scale. ddp_get_lr() returns the
+       lr of the next step. The position (t), the lr and the loss scale are
+       saved in checkpoints, so a resumed run continues bit for bit; the
+       schedule itself is configuration (a checkpoint saved with another one
+       logs a warning and the run follows the context's).
+
+   LOSS SCALING
+
+       Dynamic loss scaling for fp16 training, as torch.cuda.amp.GradScaler:
+       config.loss_scale.enabled = 1 (needs an optimizer).
+         - Your backward computes the gradient of S * loss, S =
+           ddp_loss_scale(ctx) (seed the backward with S); report the
+           unscaled loss.
+         - ddp_optimizer_step() checks the reduced gradients for inf/NaN. Any
+           non-finite value on any rank reaches every rank's reduced
+           gradient (the sum keeps it), so every rank decides the same
+           without another collective. Found: the step is skipped (weights
+           and optimizer state untouched, ddp_last_step_skipped() = 1,
+           ddp_skipped_steps() + 1), S *= backoff_factor. Else the gradients
+           are unscaled by 1/S before clipping (clipping measures the
+           unscaled norm; ddp_clip_grad_norm too), the step is taken, and
+           after growth_interval clean steps in a row S *= growth_factor.
+         - Defaults are PyTorch's: init_scale 65536, growth_factor 2,
+           backoff_factor 0.5, growth_interval 2000. S is kept as a float
+           value, as GradScaler's. With a power-of-two S the unscaled
+           gradients are exactly those of the unscaled loss.
+       On the GPU the check is ddp_k_nonfinite over the buckets (one small
+       device-to-host copy per step).
+
+   UNEVEN INPUTS
+
+       PyTorch's Join: ranks whose data ends at different steps. Set
+       config.uneven_inputs on every rank; a rank that has no more data
+       calls ddp_join(ctx). Until every rank has called it, a joined rank
+       answers the others' synced steps: each synced step starts with one
+       small collective in which every rank says whether it has data; a
+       joined rank then runs the same bucket reductions with zero gradients,
+       and ddp_train_step's loss all-reduce. No rank waits longer than a
+       step, nothing times out. The average is over the ranks that
+       contributed to the step (config.join_divide_by_initial_world_size =
+       1: over every rank, joined ones adding zeros, which is PyTorch's
+       default); ddp_train_step's loss too. When the last rank calls
+       ddp_join, every rank takes the weights and training state (optimizer
+       state, step counts, lr, loss scale) of the lowest rank that ran to the
+       end, and ddp_join returns on all: the ranks are identical again, the
+       next epoch may start, and collectives are allowed again.
+       Constraints:
+         - Every rank sets config.uneven_inputs (it costs the one small
+           collective per synced step) and calls ddp_join at its end.
+         - With data, ranks run the same kind of synced step: all
+           ddp_train_step with the same micro_steps (at most 65536), or all
+           manual steps; mixed is DDP_ERROR_INVALID_STATE.
+         - While a rank has joined, no other collective may run: your
+           ddp_allreduce/barrier/broadcast/..., checkpoints and
+           ddp_sync_params are refused (DDP_ERROR_INVALID_STATE naming the
+           joined ranks) once a rank knows of the join, and must not be
+           called at all in a stretch where another rank may join (they
+           would pair with its join round). Do them after ddp_join returned.
+         - A joined rank waits for the others' next synced step with the
+           usual config.timeout_s.
+         - no_sync micro-steps not reduced when a rank joins are dropped
+           (a warning is logged).
+
+   CHECKPOINTS
+
+       ddp_save_checkpoint() writes format version 2: the weights, the
+       optimizer state and step count, the schedule position and lr, the
+       loss-scaler state, each parameter's options, with a checksum;
+       written to a temporary file and renamed. ddp_load_checkpoint()
+       reads versions 1 and 2, range-checks every header field
+       (DDP_ERROR_CORRUPT naming it), checks the model and the options
+       (DDP_ERROR_MISMATCH), and refuses a file without the optimizer state
+       this context needs (saved without an optimizer, with another one, or
+       without a momentum buffer) unless you call
+       ddp_load_checkpoint_ex(ctx, path, DDP_LOAD_RESET_OPTIMIZER): then the
+       weights alone are taken and the training state starts fresh. A file
+       saved before the first optimizer step holds "step 0" and loads as a
+       fresh optimizer. A failed load changes nothing.
 
    BACKENDS
 
@@ -186,6 +376,14 @@
        DDP_FORCE_COMM=1             GPU, world of one: run the gradient collective
                                     anyway (by default a world of one exchanges
                                     nothing; the GPU tests use this to exercise NCCL)
+
+   LIMITS
+
+       ranks                     1024
+       parameter groups          16 distinct option sets (DDP_MAX_PARAM_GROUPS)
+       micro_steps               65536 per ddp_train_step with uneven inputs
+                                 (the join round's sums stay exact in double)
+       step counts in a file     2^53 (exact in double, as pow(beta, t) needs)
 */
 /* The implementation uses POSIX and a few GNU calls (shm_open, pthreads,
    sockets): ask for them before the first system header. A file that defines
@@ -328,17 +526,58 @@ typedef struct ddp_logger {                    /* silent when func is NULL */
 
 /* ---- configuration -------------------------------------------------------- */
 
+/* The optimizer. Every field carries PyTorch's name and default (see
+   OPTIMIZERS in the manual above). Two ways to fill it:
+     - ddp_optimizer_defaults(type): PyTorch's defaults with exact = 1;
+       change what you need; every field is then used as written, so zero
+       means zero (beta1 = 0, eps = 0, weight_decay = 0 are all allowed).
+     - a zeroed struct (exact = 0, how configs were written before): a zero
+       lr, beta1, beta2, eps, or AdamW weight_decay means that field's
+       default; the other fields are used as written. */
 typedef struct ddp_optimizer_desc {
     ddp_optimizer type;
-    float lr;            /* default 1e-3 */
-    float momentum;      /* SGD; 0 = plain SGD */
-    int   nesterov;      /* SGD; needs momentum > 0 */
-    float weight_decay;  /* SGD: added to the gradient; AdamW: decoupled */
-    float beta1;         /* AdamW, default 0.9 */
-    float beta2;         /* AdamW, default 0.999 */
-    float eps;           /* AdamW, default 1e-8 */
-    float max_grad_norm; /* > 0: clip by global norm before each step */
+    int    exact;         /* 1: use every value as written (set by ddp_optimizer_defaults) */
+    double lr;            /* lr: 1e-3 (PyTorch's SGD requires one; this library's default is 1e-3) */
+    double momentum;      /* SGD momentum: 0 (plain SGD) */
+    double dampening;     /* SGD dampening: 0 */
+    int    nesterov;      /* SGD nesterov: 0 (needs momentum > 0 and dampening 0) */
+    double weight_decay;  /* weight_decay: SGD 0 (L2, added to the gradient); AdamW 1e-2 (decoupled) */
+    double beta1;         /* AdamW betas[0]: 0.9 */
+    double beta2;         /* AdamW betas[1]: 0.999 */
+    double eps;           /* AdamW eps: 1e-8 */
+    double max_grad_norm; /* > 0: clip_grad_norm_(max_norm) before each step; 0: no clipping */
 } ddp_optimizer_desc;
+
+/* The learning rate of each step (see SCHEDULES). t is the index of the
+   step about to be taken: ddp_optimizer_step() calls so far, steps skipped
+   by loss scaling included. lr is config.optimizer.lr (or the last
+   ddp_set_lr); every parameter group multiplies the result by its lr_scale. */
+typedef enum ddp_schedule {
+    DDP_SCHEDULE_CONSTANT = 0, /* lr */
+    DDP_SCHEDULE_COSINE,       /* cosine from lr down to min_lr at total_steps */
+    DDP_SCHEDULE_LINEAR,       /* straight line from lr down to min_lr at total_steps */
+    DDP_SCHEDULE_STEP          /* lr * gamma^floor((t - warmup_steps) / step_size) (PyTorch's StepLR) */
+} ddp_schedule;
+
+typedef struct ddp_schedule_desc {
+    ddp_schedule type;
+    int64_t warmup_steps;  /* t < warmup_steps: lr * (t + 1) / warmup_steps, before any type; 0: none */
+    int64_t total_steps;   /* COSINE, LINEAR: from this step on, min_lr (> warmup_steps) */
+    double  min_lr;        /* COSINE, LINEAR: the floor (0: down to 0) */
+    int64_t step_size;     /* STEP: steps between decays (> 0) */
+    double  gamma;         /* STEP: the factor (0 means StepLR's default 0.1) */
+} ddp_schedule_desc;
+
+/* Dynamic loss scaling for fp16 training, with the semantics of PyTorch's
+   torch.cuda.amp.GradScaler (see LOSS SCALING). Zero means PyTorch's
+   default for each field. */
+typedef struct ddp_loss_scale_desc {
+    int    enabled;          /* 1: scale (needs config.optimizer.type) */
+    double init_scale;       /* init_scale: 65536 (2^16) */
+    double growth_factor;    /* growth_factor: 2.0 (> 1) */
+    double backoff_factor;   /* backoff_factor: 0.5 (in (0, 1)) */
+    int    growth_interval;  /* growth_interval: 2000 clean steps */
+} ddp_loss_scale_desc;
 
 typedef struct ddp_config {
     /* Who am I. world_size 0: read the environment (torchrun/ddprun, MPI,
@@ -366,7 +605,16 @@ typedef struct ddp_config {
     int    no_comm_thread;    /* 1: reduce buckets inline in ddp_step_end (no overlap) */
     size_t staging_bytes;     /* shm: per-rank staging for user buffers, default 16 MiB */
 
+    /* uneven inputs (PyTorch's Join, see UNEVEN INPUTS): 1 lets ranks run
+       out of data at different steps and call ddp_join(); costs one small
+       collective per synced step. */
+    int    uneven_inputs;
+    int    join_divide_by_initial_world_size; /* 1: average over every rank, joined ones adding zeros
+                                                 (PyTorch's default); 0: over the ranks that contributed */
+
     ddp_optimizer_desc optimizer;
+    ddp_schedule_desc  schedule;  /* zero: the constant lr */
+    ddp_loss_scale_desc loss_scale; /* zero: off */
 
     ddp_allocator        allocator;
     ddp_device_allocator device_allocator;
@@ -429,6 +677,20 @@ DDP_API ddp_result ddp_register_param(ddp_context *ctx, const char *name, size_t
 DDP_API ddp_result ddp_register_param_shape(ddp_context *ctx, const char *name, int ndim,
                                             const int64_t *shape, ddp_dtype dtype,
                                             const void *init, int *out_id);
+/* Per-parameter optimizer options (PyTorch's parameter groups), set after
+   registering and before ddp_finalize(); the same on every rank (checked
+   at finalize) and in checkpoints (checked at load). Parameters with equal
+   options form one group; at most DDP_MAX_PARAM_GROUPS distinct ones. */
+#define DDP_MAX_PARAM_GROUPS 16
+typedef struct ddp_param_options {
+    int    no_weight_decay;     /* 1: weight decay 0 for this parameter (biases, norm weights) */
+    double weight_decay_scale;  /* multiplies config.optimizer.weight_decay (0 means 1) */
+    double lr_scale;            /* multiplies the lr of every step (0 means 1) */
+} ddp_param_options;
+DDP_API ddp_result ddp_set_param_options(ddp_context *ctx, int id, const ddp_param_options *options);
+/* The options in force (no_weight_decay 1 when the decay scale is 0; the
+   scales resolved); zeros for a bad id. */
+DDP_API ddp_param_options ddp_get_param_options(const ddp_context *ctx, int id);
 /* Allocate flat storage, check every rank registered the same parameters,
    broadcast rank 0's weights. */
 DDP_API ddp_result ddp_finalize(ddp_context *ctx);
@@ -460,12 +722,15 @@ DDP_API ddp_result ddp_mark_ready(ddp_context *ctx, int id);
 /* CUDA: the gradient is final once the work queued so far on stream (a
    cudaStream_t, NULL for the legacy default stream) completes. */
 DDP_API ddp_result ddp_mark_ready_stream(ddp_context *ctx, int id, void *stream);
-/* Wait for every bucket (CPU) or make the stream wait (CUDA, no host sync):
-   the gradients then hold the average over ranks and accumulated steps. */
+/* Wait for every bucket (CPU) or make the stream wait (CUDA, no host sync).
+   A synced step (no_sync 0) adds the rank-average of what every rank
+   accumulated since the last reduce to the gradients; a no_sync step only
+   accumulates locally (see ACCUMULATION). */
 DDP_API ddp_result ddp_step_end(ddp_context *ctx);
 DDP_API ddp_result ddp_step_end_stream(ddp_context *ctx, void *stream);
-/* 1: the following steps only accumulate locally; the first step with 0
-   reduces the sum of all of them. */
+/* 1: the following steps only accumulate locally (PyTorch's no_sync());
+   the next step with 0 reduces what was accumulated since the last reduce:
+   the gradients then hold the rank-average of the sum over those steps. */
 DDP_API ddp_result ddp_set_no_sync(ddp_context *ctx, int no_sync);
 /* CUDA: the stream (a cudaStream_t; NULL, the default, is the legacy
    default stream) your forward/backward runs on. Zeroing gradients at the
@@ -477,15 +742,37 @@ DDP_API ddp_result ddp_synchronize(ddp_context *ctx);
 
 /* ---- optimizer ------------------------------------------------------------ */
 
-/* Clip, then apply config.optimizer to every parameter; the next step
-   starts from zero gradients. */
+/* PyTorch's defaults for an optimizer (see OPTIMIZERS), with exact = 1:
+   every field is then used as written, zero included. */
+DDP_API ddp_optimizer_desc ddp_optimizer_defaults(ddp_optimizer type);
+/* Clip (config.optimizer.max_grad_norm), then apply config.optimizer to
+   every parameter. Ends the accumulation: the next ddp_step_begin() starts
+   from zero gradients (see ACCUMULATION). */
 DDP_API ddp_result ddp_optimizer_step(ddp_context *ctx);
-/* The global L2 norm of the gradients; scaled down to max_norm if larger
-   (max_norm <= 0: measure only). */
-DDP_API ddp_result ddp_clip_grad_norm(ddp_context *ctx, float max_norm, float *out_norm);
-DDP_API ddp_result ddp_set_lr(ddp_context *ctx, float lr);
+/* torch.nn.utils.clip_grad_norm_: *out_norm (may be NULL) = the global L2
+   norm of the gradients; when max_norm > 0 they are multiplied by
+   min(1, max_norm / (norm + 1e-6)) (f64 gradients in double, others in
+   float). max_norm <= 0: measure only. A non-finite norm leaves the
+   gradients as they are. With loss scaling the norm is that of the
+   unscaled gradients (the buffer stays scaled by S). */
+DDP_API ddp_result ddp_clip_grad_norm(ddp_context *ctx, double max_norm, double *out_norm);
+/* Set the lr of the following steps: config.optimizer.lr from now on, so
+   with a schedule the lr it starts from (see SCHEDULES). Saved in
+   checkpoints. */
+DDP_API ddp_result ddp_set_lr(ddp_context *ctx, double lr);
+/* The lr the next ddp_optimizer_step() uses (before the groups' lr_scale). */
+DDP_API double     ddp_get_lr(const ddp_context *ctx);
 DDP_API ddp_result ddp_zero_grad(ddp_context *ctx);
+/* Optimizer steps taken (AdamW's t), and steps skipped by loss scaling;
+   their sum is the schedule's position. */
 DDP_API int64_t    ddp_optimizer_steps(const ddp_context *ctx);
+DDP_API int64_t    ddp_skipped_steps(const ddp_context *ctx);
+/* 1 if the last ddp_optimizer_step() skipped the update (loss scaling found
+   a non-finite gradient); the same on every rank. */
+DDP_API int        ddp_last_step_skipped(const ddp_context *ctx);
+/* The loss scale S to multiply your loss (or its gradient) by; 1 when
+   config.loss_scale is off. */
+DDP_API double     ddp_loss_scale(const ddp_context *ctx);
 
 /* ---- the step wrapper ------------------------------------------------------ */
 
@@ -496,19 +783,49 @@ DDP_API int64_t    ddp_optimizer_steps(const ddp_context *ctx);
 typedef int (*ddp_forward_backward_fn)(ddp_context *ctx, void *user, int micro_step,
                                        float *loss);
 
-/* micro_steps (0 means 1) calls of fn, all but the last without sync; then
-   gradients averaged, optimizer step, and *out_loss (may be NULL) = the loss
-   averaged over micro-steps and ranks. */
+/* micro_steps (0 means 1) calls of fn, all but the last without sync; the
+   reduce divides by micro_steps as well (PyTorch's loss / micro_steps), so
+   the gradients get the rank-average of the mean over the micro-steps; then
+   the optimizer step (unless config.optimizer.type is DDP_OPTIM_NONE), and
+   *out_loss (may be NULL) = the loss averaged over micro-steps and ranks.
+   An error if no_sync micro-steps are pending from before the call. */
 DDP_API ddp_result ddp_train_step(ddp_context *ctx, ddp_forward_backward_fn fn, void *user,
                                   int micro_steps, float *out_loss);
 
+/* ---- uneven inputs ---------------------------------------------------------- */
+
+/* This rank has no more data (config.uneven_inputs): it answers the other
+   ranks' synced steps with zero gradients until every rank has called
+   ddp_join(), then every rank takes the weights and training state of a
+   rank that ran to the end, and the call returns on all at once. Every
+   rank calls it, the last ones too. See UNEVEN INPUTS. */
+DDP_API ddp_result ddp_join(ddp_context *ctx);
+
 /* ---- checkpoints ----------------------------------------------------------- */
 
-/* Rank 0 writes parameters and optimizer state atomically (temporary file,
-   fsync, rename; with a checksum); all ranks wait for it. */
+/* Rank 0 writes parameters and the training state (optimizer state and
+   step, schedule position and lr, loss scale, parameter options)
+   atomically (temporary file, fsync, rename; with a checksum); all ranks
+   wait for it. The format is version 2 (see the implementation's
+   checkpoints section). */
 DDP_API ddp_result ddp_save_checkpoint(ddp_context *ctx, const char *path);
-/* Every rank reads the file, verifies checksum, names, shapes and dtypes. */
+/* Every rank reads the file and verifies its checksum, every header field
+   (DDP_ERROR_CORRUPT naming the field), the names, shapes and dtypes and
+   the parameter options (DDP_ERROR_MISMATCH), then takes the weights and
+   the training state: optimizer state and step, schedule position, lr
+   (ddp_set_lr), loss scale. A file without the optimizer state this
+   context needs (saved without an optimizer, or with another) is
+   DDP_ERROR_MISMATCH; see ddp_load_checkpoint_ex. Reads format versions 1
+   and 2 (version 1 has no lr, schedule position or loss scale: those start
+   as configured, the schedule at the step count). */
 DDP_API ddp_result ddp_load_checkpoint(ddp_context *ctx, const char *path);
+/* flags 0: ddp_load_checkpoint. DDP_LOAD_RESET_OPTIMIZER: take only the
+   weights; the training state starts fresh, as after ddp_finalize()
+   (zero moments, step 0, config.optimizer.lr, the initial loss scale),
+   whatever the file holds (for fine-tuning, or a file saved without an
+   optimizer). */
+#define DDP_LOAD_RESET_OPTIMIZER 1u
+DDP_API ddp_result ddp_load_checkpoint_ex(ddp_context *ctx, const char *path, unsigned flags);
 
 /* ---- safetensors: the weights for PyTorch, Hugging Face, NumPy ------------- */
 /* See SAFETENSORS in the manual above. */
@@ -625,6 +942,10 @@ DDP_API ddp_result ddp_load_safetensors(ddp_context *ctx, const char *path, int 
 #define DDP__MAX_NAME    128
 #define DDP__MAX_NDIM    8
 #define DDP__ERRLEN      1024
+#define DDP__MAX_WORLD   1024
+#define DDP__JOIN_BITS   48                 /* ranks per double of the join mask: exact sums */
+#define DDP__JOIN_WORDS  ((DDP__MAX_WORLD + DDP__JOIN_BITS - 1) / DDP__JOIN_BITS)
+#define DDP__JOIN_MAX_MICRO 65536           /* micro_steps with uneven inputs: the handshake's sums stay exact */
 
 #ifdef __cplusplus
 extern "C" {
@@ -777,6 +1098,9 @@ typedef struct ddp__param {
     const void *init;
     size_t    offset;   /* bytes into the flat buffers */
     int       bucket;
+    double    lr_scale; /* parameter options, resolved (1 = none) */
+    double    wd_scale;
+    int       group;    /* index into ctx->groups, set at finalize */
     int       marked;   /* in this step */
     void     *stream;   /* CUDA: the stream it was marked on */
     int       evrec;    /* CUDA: its ready event was recorded for this bucket launch */
@@ -847,9 +1171,18 @@ struct ddp_context {
     /* the step */
     int      in_step;
     int      no_sync;
-    int      accum_steps;        /* micro-steps accumulated since the last reduce */
     int      next_bucket;        /* next bucket to launch, in order */
-    int      grads_dirty;        /* gradients hold data: don't zero at begin */
+
+    /* accumulation (see the ACCUMULATION section of the implementation) */
+    int      acc_state;          /* DDP__ACC_LOCAL, _REDUCED or _MIXED */
+    int      accum_steps;        /* no_sync micro-steps since the last reduce */
+    int      zero_pending;       /* the next ddp_step_begin() zeroes the gradients */
+    int      mixed_shown;        /* MIXED between micro-steps: the gradients show R + L, L is in acc_local */
+    void    *acc_reduced;        /* MIXED: the reduced part R (flat_bytes; device memory on the GPU) */
+    void    *acc_local;          /* MIXED: the local part L between no_sync micro-steps */
+    double   window_div;         /* ddp_train_step: its micro_steps (the reduce divides by it); else 1 */
+    double   divisor;            /* ranks the average is over: the world, or those that contributed (join) */
+    int      in_train_step;
 
     /* communication thread */
     pthread_t comm_thread;
@@ -861,11 +1194,27 @@ struct ddp_context {
     int      q_busy;
     ddp_result q_err;
     int      *queue;             /* num_buckets entries */
-    double   q_scale;            /* 1 / (world * micro-steps) of the step in progress */
-    int      q_micro;            /* micro-steps reduced by the step in progress */
+    double   q_scale;            /* the factor of the reduce in progress (ddp__reduce_factor) */
+
+    /* parameter groups: distinct (lr_scale, wd_scale); the group of every
+       256-byte chunk of the flat buffers (every parameter starts a chunk) */
+    double   group_lr[DDP_MAX_PARAM_GROUPS], group_wd[DDP_MAX_PARAM_GROUPS];
+    int      num_groups;
+    unsigned char *group_map;     /* flat_bytes / DDP__ALIGN entries */
+
+    /* uneven inputs (config.uneven_inputs) */
+    int      joined;             /* inside ddp_join() */
+    int      join_active;        /* ranks that contributed to the last synced step */
+    double   join_last[DDP__JOIN_WORDS]; /* who did, as bits (DDP__JOIN_BITS a word) */
 
     /* optimizer */
+    int64_t  sched_steps;        /* ddp_optimizer_step() calls that took or skipped a step: the schedule's t */
+    double   config_lr;          /* config.optimizer.lr as created (ddp_set_lr changes cfg.optimizer.lr) */
     int64_t  opt_steps;
+    double   ls_scale;           /* loss scale S (a float value, as GradScaler's); 1 when off */
+    int64_t  ls_tracker;         /* clean steps since the scale last changed */
+    int64_t  ls_skipped;         /* steps skipped */
+    int      ls_last_skipped;
     void     *opt_m, *opt_v, *opt_master; /* same layout as the flat buffer, state type per bucket */
     size_t   opt_state_bytes;
     size_t   *opt_state_off;      /* per bucket: byte offset into the state buffers */
@@ -952,11 +1301,34 @@ DDP_API ddp_config ddp_config_defaults(const ddp_config *in) {
     if (c.first_bucket_bytes == 0) c.first_bucket_bytes = (size_t)1 << 20;
     if (c.bucket_bytes == 0) c.bucket_bytes = (size_t)25 << 20;
     if (c.staging_bytes == 0) c.staging_bytes = (size_t)16 << 20;
-    if (c.optimizer.lr == 0) c.optimizer.lr = 1e-3f;
-    if (c.optimizer.beta1 == 0) c.optimizer.beta1 = 0.9f;
-    if (c.optimizer.beta2 == 0) c.optimizer.beta2 = 0.999f;
-    if (c.optimizer.eps == 0) c.optimizer.eps = 1e-8f;
+    if (!c.optimizer.exact) {
+        /* a zeroed (legacy) desc: a zero means the default where PyTorch has one */
+        ddp_optimizer_desc d = ddp_optimizer_defaults(c.optimizer.type);
+        if (c.optimizer.lr == 0) c.optimizer.lr = d.lr;
+        if (c.optimizer.beta1 == 0) c.optimizer.beta1 = d.beta1;
+        if (c.optimizer.beta2 == 0) c.optimizer.beta2 = d.beta2;
+        if (c.optimizer.eps == 0) c.optimizer.eps = d.eps;
+        if (c.optimizer.weight_decay == 0) c.optimizer.weight_decay = d.weight_decay;
+        c.optimizer.exact = 1;
+    }
+    if (c.loss_scale.init_scale == 0) c.loss_scale.init_scale = 65536.0;
+    if (c.loss_scale.growth_factor == 0) c.loss_scale.growth_factor = 2.0;
+    if (c.loss_scale.backoff_factor == 0) c.loss_scale.backoff_factor = 0.5;
+    if (c.loss_scale.growth_interval == 0) c.loss_scale.growth_interval = 2000;
     return c;
+}
+
+DDP_API ddp_optimizer_desc ddp_optimizer_defaults(ddp_optimizer type) {
+    ddp_optimizer_desc d;
+    memset(&d, 0, sizeof d);
+    d.type = type;
+    d.exact = 1;
+    d.lr = 1e-3;
+    d.beta1 = 0.9;
+    d.beta2 = 0.999;
+    d.eps = 1e-8;
+    d.weight_decay = type == DDP_OPTIM_ADAMW ? 1e-2 : 0.0;
+    return d;
 }
 
 DDP_API ddp_config ddp_query_config(const ddp_context *ctx) {
@@ -1063,6 +1435,47 @@ static ddp_result ddp__resolve_address(ddp_config *c, char *addr_buf, size_t cap
     return DDP_SUCCESS;
 }
 
+/* A finite value in [lo, hi) (hi_open) or [lo, hi]. */
+static int ddp__in_range(double v, double lo, double hi, int hi_open) {
+    return v == v && v - v == 0 && v >= lo && (hi_open ? v < hi : v <= hi);
+}
+
+static ddp_result ddp__check_optimizer(const ddp_optimizer_desc *o) {
+    static const char *const names[] = { "lr", "momentum", "dampening", "weight_decay", "beta1", "beta2", "eps", "max_grad_norm" };
+    const double vals[] = { o->lr, o->momentum, o->dampening, o->weight_decay, o->beta1, o->beta2, o->eps, o->max_grad_norm };
+    int i;
+    if ((int)o->type < 0 || o->type > DDP_OPTIM_ADAMW)
+        return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "config.optimizer.type %d is not a ddp_optimizer", (int)o->type);
+    for (i = 0; i < 8; i++) {
+        int beta = i == 4 || i == 5;
+        if (!ddp__in_range(vals[i], 0.0, beta ? 1.0 : HUGE_VAL, beta))
+            return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "config.optimizer.%s = %g: must be %s", names[i], vals[i],
+                             beta ? "in [0, 1)" : "finite and >= 0");
+    }
+    if (o->type == DDP_OPTIM_SGD && o->nesterov && (o->momentum <= 0 || o->dampening != 0))
+        return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "config.optimizer.nesterov needs a momentum > 0 and dampening 0 (momentum %g, dampening %g)",
+                         o->momentum, o->dampening);
+    return DDP_SUCCESS;
+}
+
+static ddp_result ddp__check_schedule(ddp_schedule_desc *d) {
+    if ((int)d->type < 0 || d->type > DDP_SCHEDULE_STEP)
+        return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "config.schedule.type %d is not a ddp_schedule", (int)d->type);
+    if (d->warmup_steps < 0)
+        return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "config.schedule.warmup_steps = %lld: must be >= 0", (long long)d->warmup_steps);
+    if ((d->type == DDP_SCHEDULE_COSINE || d->type == DDP_SCHEDULE_LINEAR) && d->total_steps <= d->warmup_steps)
+        return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "config.schedule.total_steps = %lld: must be above warmup_steps (%lld)",
+                         (long long)d->total_steps, (long long)d->warmup_steps);
+    if (!ddp__in_range(d->min_lr, 0.0, HUGE_VAL, 0))
+        return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "config.schedule.min_lr = %g: must be finite and >= 0", d->min_lr);
+    if (d->type == DDP_SCHEDULE_STEP && d->step_size <= 0)
+        return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "config.schedule.step_size = %lld: must be > 0", (long long)d->step_size);
+    if (!ddp__in_range(d->gamma, 0.0, HUGE_VAL, 0))
+        return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "config.schedule.gamma = %g: must be finite and >= 0", d->gamma);
+    if (d->gamma == 0) d->gamma = 0.1;
+    return DDP_SUCCESS;
+}
+
 static ddp_result ddp__resolve_backend(ddp_config *c) {
     const char *b = getenv("DDP_BACKEND"), *t = getenv("DDP_TIMEOUT");
     if (t && *t) {
@@ -1081,15 +1494,23 @@ static ddp_result ddp__resolve_backend(ddp_config *c) {
         return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "config.backend %d is not a ddp_backend", (int)c->backend);
     if ((int)c->device < 0 || c->device > DDP_DEVICE_CUDA)
         return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "config.device %d is not a ddp_device", (int)c->device);
-    if ((int)c->optimizer.type < 0 || c->optimizer.type > DDP_OPTIM_ADAMW)
-        return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "config.optimizer.type %d is not a ddp_optimizer", (int)c->optimizer.type);
     if (c->compress != DDP_DTYPE_DEFAULT && c->compress != DDP_F32 && c->compress != DDP_BF16 && c->compress != DDP_F16)
         return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "config.compress %d must be DDP_BF16, DDP_F16 or 0", (int)c->compress);
-    if (c->optimizer.nesterov && c->optimizer.momentum <= 0 && c->optimizer.type == DDP_OPTIM_SGD)
-        return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "config.optimizer.nesterov needs a momentum > 0");
-    if (c->optimizer.lr < 0 || c->optimizer.momentum < 0 || c->optimizer.weight_decay < 0 ||
-        !(c->optimizer.beta1 < 1) || !(c->optimizer.beta2 < 1) || c->optimizer.eps < 0)
-        return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "config.optimizer has a negative lr/momentum/weight_decay/eps or a beta >= 1");
+    DDP__TRY(ddp__check_optimizer(&c->optimizer));
+    DDP__TRY(ddp__check_schedule(&c->schedule));
+    if (c->loss_scale.enabled) {
+        const ddp_loss_scale_desc *l = &c->loss_scale;
+        if (c->optimizer.type == DDP_OPTIM_NONE)
+            return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "config.loss_scale.enabled needs config.optimizer.type (the scale is undone by ddp_optimizer_step)");
+        if (!ddp__in_range(l->init_scale, 0.0, HUGE_VAL, 1) || !(l->init_scale > 0) || !((double)(float)l->init_scale < HUGE_VAL))
+            return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "config.loss_scale.init_scale = %g: must be > 0 and a finite float", l->init_scale);
+        if (!ddp__in_range(l->growth_factor, 1.0, HUGE_VAL, 1) || l->growth_factor == 1.0)
+            return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "config.loss_scale.growth_factor = %g: must be > 1", l->growth_factor);
+        if (!ddp__in_range(l->backoff_factor, 0.0, 1.0, 1) || l->backoff_factor == 0)
+            return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "config.loss_scale.backoff_factor = %g: must be in (0, 1)", l->backoff_factor);
+        if (l->growth_interval < 1)
+            return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "config.loss_scale.growth_interval = %d: must be >= 1", l->growth_interval);
+    }
 #if !defined(DDP_CUDA)
     if (c->device == DDP_DEVICE_CUDA)
         return ddp__fail(NULL, DDP_ERROR_UNSUPPORTED, "config.device is DDP_DEVICE_CUDA but this implementation was compiled without CUDA (compile the DDP_IMPLEMENTATION file with nvcc)");
@@ -3246,6 +3667,11 @@ static ddp_result ddp__check_usable(ddp_context *ctx, const char *fn) {
     return DDP_SUCCESS;
 }
 
+/* defined with the training features further down */
+static ddp_result ddp__join_check(ddp_context *ctx, const char *fn);
+static ddp_result ddp__opt_alloc(ddp_context *ctx);
+static uint32_t ddp__state_flags(const ddp_context *ctx);
+
 /* ---- rendezvous -------------------------------------------------------------------- */
 
 static void ddp__key(const ddp_context *ctx, char *out, size_t cap, const char *name) {
@@ -3362,6 +3788,15 @@ static ddp_result ddp__shm_setup(ddp_context *ctx) {
 static ddp_result ddp__cuda_setup(ddp_context *ctx);
 static void ddp__cuda_teardown(ddp_context *ctx);
 
+/* Every rank active, the average over the world. */
+static void ddp__join_reset(ddp_context *ctx) {
+    int q;
+    memset(ctx->join_last, 0, sizeof ctx->join_last);
+    for (q = 0; q < ctx->world && q < DDP__MAX_WORLD; q++) ctx->join_last[q / DDP__JOIN_BITS] += ldexp(1.0, q % DDP__JOIN_BITS);
+    ctx->join_active = ctx->world;
+    ctx->divisor = (double)ctx->world;
+}
+
 DDP_API ddp_result ddp_create(const ddp_config *config, ddp_context **out) {
     ddp_config c;
     ddp_context *ctx;
@@ -3374,8 +3809,8 @@ DDP_API ddp_result ddp_create(const ddp_config *config, ddp_context **out) {
     DDP__TRY(ddp__resolve_identity(&c));
     DDP__TRY(ddp__resolve_address(&c, addr, sizeof addr));
     DDP__TRY(ddp__resolve_backend(&c));
-    if (c.world_size > 1024)
-        return ddp__fail(NULL, DDP_ERROR_UNSUPPORTED, "a world of %d ranks: this version supports up to 1024", c.world_size);
+    if (c.world_size > DDP__MAX_WORLD)
+        return ddp__fail(NULL, DDP_ERROR_UNSUPPORTED, "a world of %d ranks: this version supports up to %d", c.world_size, DDP__MAX_WORLD);
     if (c.staging_bytes < ((size_t)64 << 10))
         return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "config.staging_bytes %zu is below the minimum of 65536", c.staging_bytes);
     c.staging_bytes = ddp__align_up(c.staging_bytes, 4096);
@@ -3394,6 +3829,11 @@ DDP_API ddp_result ddp_create(const ddp_config *config, ddp_context **out) {
     ctx->rank = c.rank; ctx->world = c.world_size;
     ctx->local_rank = c.local_rank; ctx->local_world = c.local_world_size;
     ctx->shm.staging_bytes = c.staging_bytes;
+    ctx->window_div = 1.0;
+    ctx->divisor = (double)c.world_size;
+    ctx->config_lr = c.optimizer.lr;
+    ddp__join_reset(ctx);
+    ctx->ls_scale = c.loss_scale.enabled ? (double)(float)c.loss_scale.init_scale : 1.0;
     ctx->ops = &ddp__shm_ops;
     pthread_mutex_init(&ctx->mu, NULL);
     pthread_mutex_init(&ctx->err_mu, NULL);
@@ -3451,7 +3891,11 @@ DDP_API void ddp_destroy(ddp_context *ctx) {
         ddp__free_device(ctx, ctx->opt_m);
         ddp__free_device(ctx, ctx->opt_v);
         ddp__free_device(ctx, ctx->opt_master);
+        ddp__free_device(ctx, ctx->acc_reduced);
+        ddp__free_device(ctx, ctx->acc_local);
     } else {
+        ddp__free(ctx, ctx->acc_reduced);
+        ddp__free(ctx, ctx->acc_local);
         ddp__free(ctx, ctx->flat_params);
         ddp__free(ctx, ctx->opt_m);
         ddp__free(ctx, ctx->opt_v);
@@ -3469,6 +3913,7 @@ DDP_API void ddp_destroy(ddp_context *ctx) {
     ddp__free(ctx, ctx->buckets);
     ddp__free(ctx, ctx->queue);
     ddp__free(ctx, ctx->opt_state_off);
+    ddp__free(ctx, ctx->group_map);
     pthread_mutex_destroy(&ctx->mu);
     pthread_mutex_destroy(&ctx->err_mu);
     pthread_cond_destroy(&ctx->cv_work);
@@ -3491,6 +3936,7 @@ static ddp_result ddp__coll_check(ddp_context *ctx, const char *fn, const void *
     DDP__TRY(ddp__check_usable(ctx, fn));
     if (ctx->in_step)
         return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "%s: not allowed between ddp_step_begin() and ddp_step_end()", fn);
+    DDP__TRY(ddp__join_check(ctx, fn));
     if (!a || !b) return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "%s: buffer is NULL", fn);
     if ((int)t < 0 || t >= DDP_DTYPE_COUNT_) return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "%s: dtype %d is not a ddp_dtype", fn, (int)t);
     if ((int)op < 0 || op > DDP_OP_MIN) return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "%s: op %d is not a ddp_op", fn, (int)op);
@@ -3602,7 +4048,66 @@ DDP_API ddp_result ddp_register_param_shape(ddp_context *ctx, const char *name, 
     p->ndim = ndim;
     for (i = 0; i < ndim; i++) p->shape[i] = shape[i];
     p->init = init;
+    p->lr_scale = 1.0;
+    p->wd_scale = 1.0;
     *out_id = ctx->num_params++;
+    return DDP_SUCCESS;
+}
+
+DDP_API ddp_result ddp_set_param_options(ddp_context *ctx, int id, const ddp_param_options *o) {
+    ddp__param *p;
+    if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
+    if (id < 0 || id >= ctx->num_params)
+        return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_set_param_options: %d is not a parameter id (0..%d)", id, ctx->num_params - 1);
+    p = &ctx->params[id];
+    if (ctx->finalized)
+        return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_set_param_options: parameter '%s': options are set before ddp_finalize()", p->name);
+    if (!o) return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_set_param_options: options of parameter '%s' are NULL", p->name);
+    if (!ddp__in_range(o->lr_scale, 0.0, HUGE_VAL, 0) || !ddp__in_range(o->weight_decay_scale, 0.0, HUGE_VAL, 0))
+        return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_set_param_options: parameter '%s': lr_scale %g and weight_decay_scale %g must be finite and >= 0",
+                         p->name, o->lr_scale, o->weight_decay_scale);
+    p->lr_scale = o->lr_scale == 0 ? 1.0 : o->lr_scale;
+    p->wd_scale = o->no_weight_decay ? 0.0 : o->weight_decay_scale == 0 ? 1.0 : o->weight_decay_scale;
+    return DDP_SUCCESS;
+}
+
+DDP_API ddp_param_options ddp_get_param_options(const ddp_context *ctx, int id) {
+    ddp_param_options o;
+    memset(&o, 0, sizeof o);
+    if (!ctx || id < 0 || id >= ctx->num_params) return o;
+    o.lr_scale = ctx->params[id].lr_scale;
+    o.weight_decay_scale = ctx->params[id].wd_scale;
+    o.no_weight_decay = ctx->params[id].wd_scale == 0;
+    return o;
+}
+
+/* Groups of equal options, in order of first appearance, and the group of
+   every 256-byte chunk of the flat buffers. */
+static ddp_result ddp__assign_groups(ddp_context *ctx) {
+    size_t chunks = ctx->flat_bytes / DDP__ALIGN, c;
+    int i, g;
+    ctx->num_groups = 0;
+    for (i = 0; i < ctx->num_params; i++) {
+        ddp__param *p = &ctx->params[i];
+        for (g = 0; g < ctx->num_groups; g++)
+            if (ctx->group_lr[g] == p->lr_scale && ctx->group_wd[g] == p->wd_scale) break;
+        if (g == ctx->num_groups) {
+            if (g == DDP_MAX_PARAM_GROUPS)
+                return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "parameter '%s' makes a %dth distinct set of parameter options; at most %d are allowed",
+                                 p->name, g + 1, DDP_MAX_PARAM_GROUPS);
+            ctx->group_lr[g] = p->lr_scale;
+            ctx->group_wd[g] = p->wd_scale;
+            ctx->num_groups++;
+        }
+        p->group = g;
+    }
+    ctx->group_map = (unsigned char *)ddp__calloc(ctx, chunks);
+    if (!ctx->group_map) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for the parameter group map");
+    for (i = 0; i < ctx->num_params; i++) {
+        const ddp__param *p = &ctx->params[i];
+        size_t end = ddp__align_up(p->offset + p->numel * ddp_dtype_size(p->dtype), DDP__ALIGN) / DDP__ALIGN;
+        for (c = p->offset / DDP__ALIGN; c < end && c < chunks; c++) ctx->group_map[c] = (unsigned char)p->group;
+    }
     return DDP_SUCCESS;
 }
 
@@ -3658,7 +4163,10 @@ static void ddp__describe_param(const ddp__param *p, char *out, size_t cap) {
     int n = snprintf(out, cap, "'%s' %s [", p->name, ddp_dtype_name(p->dtype)), i;
     for (i = 0; i < p->ndim && n > 0 && (size_t)n < cap; i++)
         n += snprintf(out + n, cap - (size_t)n, i ? ",%lld" : "%lld", (long long)p->shape[i]);
-    if (n > 0 && (size_t)n < cap) snprintf(out + n, cap - (size_t)n, "]");
+    if (n > 0 && (size_t)n < cap) n += snprintf(out + n, cap - (size_t)n, "]");
+    /* options only when set, so that plain parameters read as before */
+    if (n > 0 && (size_t)n < cap && (p->lr_scale != 1.0 || p->wd_scale != 1.0))
+        snprintf(out + n, cap - (size_t)n, " lr_scale=%.17g weight_decay_scale=%.17g", p->lr_scale, p->wd_scale);
 }
 
 /* One line per parameter: what must agree across ranks. */
@@ -3799,6 +4307,7 @@ static ddp_result ddp__finalize(ddp_context *ctx) {
     ddp_result r;
     int i;
     DDP__TRY(ddp__assign_buckets(ctx));
+    DDP__TRY(ddp__assign_groups(ctx));
     ctx->queue = (int *)ddp__calloc(ctx, (size_t)ctx->num_buckets * sizeof(int));
     if (!ctx->queue) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for the bucket queue");
     if (ctx->world > 1) DDP__TRY(ddp__verify_params(ctx));
@@ -3862,6 +4371,7 @@ DDP_API ddp_result ddp_sync_params(ddp_context *ctx) {
     DDP__TRY(ddp__check_usable(ctx, "ddp_sync_params"));
     if (!ctx->finalized) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_sync_params: call ddp_finalize() first");
     if (ctx->in_step) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_sync_params: not allowed inside a step");
+    DDP__TRY(ddp__join_check(ctx, "ddp_sync_params"));
     if (ctx->world == 1) return DDP_SUCCESS;
     return ddp__coll_done(ctx, ctx->ops->broadcast(ctx, ctx->flat_params, ctx->flat_bytes, 0));
 }
@@ -4005,28 +4515,132 @@ static ddp_result ddp__drain(ddp_context *ctx) {
     return r;
 }
 
-/* ---- the step ------------------------------------------------------------------------ */
+/* ---- accumulation ----------------------------------------------------------------------
+
+   The one rule (ACCUMULATION in the manual): gradients accumulate until
+   ddp_optimizer_step() or ddp_zero_grad(); a reducing ddp_step_end() adds
+   the rank-average of what was accumulated since the last reduce. In place,
+   with the flat gradient buffer G your backward adds into:
+     LOCAL    G holds only this rank's accumulation since the last reduce
+     REDUCED  G holds the result of the last reduce (the same bits on every
+              rank) and nothing local
+     MIXED    accumulation went on after a reduce: the reduced part R waits in
+              acc_reduced and G holds the local part L while a step runs;
+              after a no_sync step G shows R + L (what PyTorch's .grad holds)
+              and L waits in acc_local until the next step begins
+   So the reducer only ever reduces L, never an already averaged R (which
+   would not be exact, and with gradient_sum would multiply R by the world).
+   Everything that decides the factor of a reduce is ddp__reduce_factor(). */
+
+enum { DDP__ACC_LOCAL = 0, DDP__ACC_REDUCED, DDP__ACC_MIXED };
 
 static ddp_result ddp__zero_grads(ddp_context *ctx);
+static ddp_result ddp__cuda_grad_buffer(ddp_context *ctx, void **slot);
+static ddp_result ddp__cuda_grad_copy(ddp_context *ctx, void *dst, const void *src);
+static ddp_result ddp__cuda_grad_add(ddp_context *ctx, void *dst, const void *src, void *stream);
+
+/* The factor a reducing step applies to the sum over ranks of what they
+   accumulated since the last reduce: 1 / ranks (unless gradient_sum), and
+   1 / micro_steps inside ddp_train_step (its loss / micro_steps). */
+static double ddp__reduce_factor(const ddp_context *ctx) {
+    double ranks = ctx->cfg.gradient_sum ? 1.0 : ctx->divisor;
+    return 1.0 / (ranks * ctx->window_div);
+}
+
+static ddp_result ddp__acc_buffer(ddp_context *ctx, void **slot) {
+    if (*slot) return DDP_SUCCESS;
+    if (ddp__on_gpu(ctx)) return ddp__cuda_grad_buffer(ctx, slot);
+    *slot = ddp__alloc(ctx, ctx->flat_bytes);
+    if (!*slot) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for %zu bytes of accumulated gradients", ctx->flat_bytes);
+    return DDP_SUCCESS;
+}
+
+static ddp_result ddp__grad_copy(ddp_context *ctx, void *dst, const void *src) {
+    if (ddp__on_gpu(ctx)) return ddp__cuda_grad_copy(ctx, dst, src);
+    memcpy(dst, src, ctx->flat_bytes);
+    return DDP_SUCCESS;
+}
+
+/* dst += src over every bucket, in each bucket's type (16-bit sums in f32,
+   rounded once). */
+static ddp_result ddp__grad_add(ddp_context *ctx, void *dst, const void *src, void *stream) {
+    int b;
+    if (ddp__on_gpu(ctx)) return ddp__cuda_grad_add(ctx, dst, src, stream);
+    for (b = 0; b < ctx->num_buckets; b++) {
+        const ddp__bucket *bk = &ctx->buckets[b];
+        unsigned char *d = (unsigned char *)dst + bk->offset;
+        const unsigned char *x = (const unsigned char *)src + bk->offset;
+        size_t i;
+        if (bk->dtype == DDP_F32) for (i = 0; i < bk->numel; i++) ((float *)d)[i] += ((const float *)x)[i];
+        else if (bk->dtype == DDP_F64) for (i = 0; i < bk->numel; i++) ((double *)d)[i] += ((const double *)x)[i];
+        else for (i = 0; i < bk->numel; i++)
+            ddp__store_elem(d, i, bk->dtype, (double)((float)ddp__load_elem(d, i, bk->dtype) + (float)ddp__load_elem(x, i, bk->dtype)));
+    }
+    return DDP_SUCCESS;
+}
+
+/* Start of a step: zero after an optimizer step, or set the reduced part
+   aside when accumulation goes on after a reduce. */
+static ddp_result ddp__acc_begin(ddp_context *ctx) {
+    if (ctx->zero_pending) {
+        DDP__TRY(ddp__zero_grads(ctx));
+        ctx->zero_pending = 0;
+        ctx->acc_state = DDP__ACC_LOCAL;
+        ctx->mixed_shown = 0;
+    } else if (ctx->acc_state == DDP__ACC_REDUCED) {
+        DDP__TRY(ddp__acc_buffer(ctx, &ctx->acc_reduced));
+        DDP__TRY(ddp__grad_copy(ctx, ctx->acc_reduced, ctx->flat_grads));
+        DDP__TRY(ddp__zero_grads(ctx));
+        ctx->acc_state = DDP__ACC_MIXED;
+        ctx->mixed_shown = 0;
+    } else if (ctx->acc_state == DDP__ACC_MIXED && ctx->mixed_shown) {
+        DDP__TRY(ddp__grad_copy(ctx, ctx->flat_grads, ctx->acc_local));
+        ctx->mixed_shown = 0;
+    }
+    return DDP_SUCCESS;
+}
+
+/* End of a no_sync step: in MIXED, show R + L and keep L aside. */
+static ddp_result ddp__acc_end_local(ddp_context *ctx, void *stream) {
+    ctx->accum_steps++;
+    if (ctx->acc_state != DDP__ACC_MIXED) return DDP_SUCCESS;
+    DDP__TRY(ddp__acc_buffer(ctx, &ctx->acc_local));
+    DDP__TRY(ddp__grad_copy(ctx, ctx->acc_local, ctx->flat_grads));
+    DDP__TRY(ddp__grad_add(ctx, ctx->flat_grads, ctx->acc_reduced, stream));
+    ctx->mixed_shown = 1;
+    return DDP_SUCCESS;
+}
+
+/* After a reduce finished (GPU: queued): G = R + average(L). */
+static ddp_result ddp__acc_end_reduced(ddp_context *ctx, void *stream) {
+    if (ctx->acc_state == DDP__ACC_MIXED) DDP__TRY(ddp__grad_add(ctx, ctx->flat_grads, ctx->acc_reduced, stream));
+    ctx->acc_state = DDP__ACC_REDUCED;
+    ctx->accum_steps = 0;
+    ctx->mixed_shown = 0;
+    return DDP_SUCCESS;
+}
+
+/* ---- the step ------------------------------------------------------------------------ */
+
+static ddp_result ddp__join_step(ddp_context *ctx);
 
 DDP_API ddp_result ddp_step_begin(ddp_context *ctx) {
     int i;
+    ddp_result r;
     if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
     DDP__TRY(ddp__check_usable(ctx, "ddp_step_begin"));
     if (!ctx->finalized) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_step_begin: call ddp_finalize() first");
     if (ctx->in_step) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_step_begin: the previous step was not ended (call ddp_step_end())");
-    if (!ctx->grads_dirty) {
-        DDP__TRY(ddp__zero_grads(ctx));
-        ctx->grads_dirty = 1;
-    }
+    r = ddp__acc_begin(ctx);
+    if (r != DDP_SUCCESS) return ddp__break(ctx, r);
     for (i = 0; i < ctx->num_params; i++) ctx->params[i].marked = 0;
     for (i = 0; i < ctx->num_buckets; i++) {
         ctx->buckets[i].pending = ctx->buckets[i].num_params;
         ctx->buckets[i].launched = 0;
     }
     ctx->next_bucket = 0;
-    ctx->q_micro = ctx->accum_steps + 1;
-    ctx->q_scale = ctx->cfg.gradient_sum ? 1.0 : 1.0 / ((double)ctx->world * ctx->q_micro);
+    if (ctx->cfg.uneven_inputs && !ctx->no_sync && ctx->world > 1) DDP__TRY(ddp__join_step(ctx));
+    ctx->q_scale = ddp__reduce_factor(ctx);
     ctx->in_step = 1;
     return DDP_SUCCESS;
 }
@@ -4063,6 +4677,21 @@ DDP_API ddp_result ddp_mark_ready_stream(ddp_context *ctx, int id, void *stream)
 
 static ddp_result ddp__cuda_step_end(ddp_context *ctx, void *stream);
 
+/* Launch the buckets not launched yet, in order, and wait for all of them
+   (CPU), or make the stream wait for them (GPU). */
+static ddp_result ddp__reduce_rest(ddp_context *ctx, void *stream) {
+    ddp_result r = DDP_SUCCESS;
+    while (r == DDP_SUCCESS && ctx->next_bucket < ctx->num_buckets) r = ddp__launch_bucket(ctx, ctx->next_bucket++);
+    if (ctx->cfg.backend == DDP_BACKEND_NCCL) {
+        if (r == DDP_SUCCESS) r = ddp__cuda_step_end(ctx, stream);
+    } else {
+        ddp_result d = ddp__drain(ctx);
+        if (r == DDP_SUCCESS) r = d;
+        if (r == DDP_SUCCESS && ddp__on_gpu(ctx)) r = ddp__cuda_step_end(ctx, stream);
+    }
+    return r;
+}
+
 static ddp_result ddp__step_end(ddp_context *ctx, void *stream) {
     int i, missing = 0;
     ddp_result r;
@@ -4091,21 +4720,15 @@ static ddp_result ddp__step_end(ddp_context *ctx, void *stream) {
         memcpy(ctx->err, keep, sizeof keep);
         return DDP_ERROR_INVALID_STATE;
     }
-    ctx->accum_steps++;
-    if (ctx->no_sync) { ctx->in_step = 0; return DDP_SUCCESS; }
-    /* unused parameters keep their (zero or accumulated) gradient and are reduced like the rest */
-    r = DDP_SUCCESS;
-    while (r == DDP_SUCCESS && ctx->next_bucket < ctx->num_buckets) r = ddp__launch_bucket(ctx, ctx->next_bucket++);
-    if (ctx->cfg.backend == DDP_BACKEND_NCCL) {
-        if (r == DDP_SUCCESS) r = ddp__cuda_step_end(ctx, stream);
-    } else {
-        ddp_result d = ddp__drain(ctx);
-        if (r == DDP_SUCCESS) r = d;
-        if (r == DDP_SUCCESS && ddp__on_gpu(ctx)) r = ddp__cuda_step_end(ctx, stream);
+    if (ctx->no_sync) {
+        ctx->in_step = 0;
+        r = ddp__acc_end_local(ctx, stream);
+        return r == DDP_SUCCESS ? r : ddp__break(ctx, r);
     }
+    /* unused parameters keep their (zero or accumulated) gradient and are reduced like the rest */
+    r = ddp__reduce_rest(ctx, stream);
+    if (r == DDP_SUCCESS) r = ddp__acc_end_reduced(ctx, stream);
     ctx->in_step = 0;
-    ctx->accum_steps = 0;
-    ctx->grads_dirty = 0; /* the next step starts from zero */
     if (r != DDP_SUCCESS) return ddp__break(ctx, r);
     return DDP_SUCCESS;
 }
@@ -4120,10 +4743,190 @@ DDP_API ddp_result ddp_set_no_sync(ddp_context *ctx, int no_sync) {
     return DDP_SUCCESS;
 }
 
+/* ---- uneven inputs ------------------------------------------------------------------------
+
+   PyTorch's Join. Collectives pair up by sequence number on every backend,
+   so a rank out of data must take part in every collective the others run:
+   with config.uneven_inputs every synced step starts with one round (a sum
+   of doubles) in which each rank says whether it still has data and, if it
+   runs inside ddp_train_step, its micro_steps. A joined rank (in ddp_join)
+   answers each round with "no data", then runs the same bucket reductions
+   with zero gradients and the same factor (on shm each rank reduces a slice
+   of everybody's buffer, so the factor must match), then ddp_train_step's
+   loss all-reduce when the others run it. The library's other collectives
+   (checkpoints, ddp_sync_params) and yours are refused while a rank is known
+   to have joined. A round in which nobody has data ends it: every rank takes
+   the weights and training state of the lowest rank of the last round that
+   still had data, and ddp_join returns everywhere. */
+
+/* One round: *count ranks with data, *train of them in ddp_train_step with
+   micro_steps *micro (the same on all, or an error). */
+static ddp_result ddp__join_round(ddp_context *ctx, int active, int *count, int *train, double *micro) {
+    double v[4 + DDP__JOIN_WORDS];
+    int words = (ctx->world + DDP__JOIN_BITS - 1) / DDP__JOIN_BITS;
+    ddp_result r;
+    memset(v, 0, sizeof v);
+    if (active) {
+        double k = ctx->in_train_step ? ctx->window_div : 0.0;
+        v[0] = 1;
+        v[1] = ctx->in_train_step ? 1 : 0;
+        v[2] = k;
+        v[3] = k * k;
+        v[4 + ctx->rank / DDP__JOIN_BITS] = ldexp(1.0, ctx->rank % DDP__JOIN_BITS);
+    }
+    r = ctx->ops->allreduce(ctx, v, (size_t)(4 + words), DDP_F64, DDP_OP_SUM);
+    if (r != DDP_SUCCESS) return ddp__break(ctx, r);
+    *count = (int)v[0];
+    *train = (int)v[1];
+    *micro = *train ? v[2] / v[1] : 1.0;
+    if (*train && (*train != *count || v[3] * v[1] != v[2] * v[2])) {
+        ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "uneven inputs: in one synced step %d of %d ranks with data ran ddp_train_step, "
+                  "with different micro_steps or next to manual steps; every rank must run the same kind of step", *train, *count);
+        return ddp__break(ctx, DDP_ERROR_INVALID_STATE);
+    }
+    if (*count > 0) memcpy(ctx->join_last, v + 4, sizeof ctx->join_last);
+    return DDP_SUCCESS;
+}
+
+/* The round of a rank with data, at the start of each synced step. */
+static ddp_result ddp__join_step(ddp_context *ctx) {
+    int count, train;
+    double micro;
+    DDP__TRY(ddp__join_round(ctx, 1, &count, &train, &micro));
+    ctx->join_active = count;
+    ctx->divisor = ctx->cfg.join_divide_by_initial_world_size ? (double)ctx->world : (double)count;
+    return DDP_SUCCESS;
+}
+
+/* Collectives outside the step are refused while a rank is known to have
+   joined: it would not answer them. */
+static ddp_result ddp__join_check(ddp_context *ctx, const char *fn) {
+    char list[128];
+    int q, n = 0, len = 0;
+    if (!ctx->cfg.uneven_inputs || ctx->joined || ctx->join_active >= ctx->world) return DDP_SUCCESS;
+    list[0] = 0;
+    for (q = 0; q < ctx->world && len < (int)sizeof list - 16; q++)
+        if (fmod(floor(ctx->join_last[q / DDP__JOIN_BITS] / ldexp(1.0, q % DDP__JOIN_BITS)), 2.0) == 0) {
+            len += snprintf(list + len, sizeof list - (size_t)len, "%s%d", n ? ", " : "", q);
+            n++;
+        }
+    return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "%s: rank(s) %s joined (ddp_join) and answer only synced steps; "
+                     "collectives are allowed again once ddp_join() has returned on every rank", fn, list);
+}
+
+/* The lowest rank of the last round with data. */
+static int ddp__join_root(const ddp_context *ctx) {
+    int q;
+    for (q = 0; q < ctx->world; q++)
+        if (fmod(floor(ctx->join_last[q / DDP__JOIN_BITS] / ldexp(1.0, q % DDP__JOIN_BITS)), 2.0) != 0) return q;
+    return 0;
+}
+
+/* A synced step of the others, with zero gradients. */
+static ddp_result ddp__join_shadow(ddp_context *ctx, int count, int train, double micro) {
+    ddp_result r;
+    int i;
+    r = ddp__zero_grads(ctx);
+    if (r != DDP_SUCCESS) return ddp__break(ctx, r);
+    ctx->acc_state = DDP__ACC_LOCAL;
+    ctx->accum_steps = 0;
+    ctx->mixed_shown = 0;
+    ctx->divisor = ctx->cfg.join_divide_by_initial_world_size ? (double)ctx->world : (double)count;
+    ctx->window_div = micro; /* read again by the nccl launch */
+    ctx->q_scale = ddp__reduce_factor(ctx);
+    for (i = 0; i < ctx->num_params; i++) ctx->params[i].marked = 0;
+    for (i = 0; i < ctx->num_buckets; i++) { ctx->buckets[i].pending = ctx->buckets[i].num_params; ctx->buckets[i].launched = 0; }
+    ctx->next_bucket = 0;
+    r = ddp__reduce_rest(ctx, NULL);
+    ctx->window_div = 1.0;
+    if (r != DDP_SUCCESS) return ddp__break(ctx, r);
+    if (train) {
+        float pair[2] = { 0.0f, 0.0f };
+        r = ctx->ops->allreduce(ctx, pair, 2, DDP_F32, DDP_OP_SUM);
+        if (r != DDP_SUCCESS) return ddp__break(ctx, r);
+    }
+    return DDP_SUCCESS;
+}
+
+/* Everybody takes the weights and training state of root. */
+static ddp_result ddp__join_sync(ddp_context *ctx, int root) {
+    double st[8];
+    ddp_result r;
+    int k;
+    void *slots[3];
+    st[0] = (double)ctx->opt_steps;
+    st[1] = (double)ctx->sched_steps;
+    st[2] = ctx->cfg.optimizer.lr;
+    st[3] = ctx->ls_scale;
+    st[4] = (double)ctx->ls_tracker;
+    st[5] = (double)ctx->ls_skipped;
+    st[6] = (double)ddp__state_flags(ctx);
+    st[7] = (double)ctx->ls_last_skipped;
+    r = ctx->ops->broadcast(ctx, st, sizeof st, root);
+    if (r == DDP_SUCCESS) r = ctx->ops->broadcast(ctx, ctx->flat_params, ctx->flat_bytes, root);
+    if (r == DDP_SUCCESS && ctx->rank != root) {
+        ctx->opt_steps = (int64_t)st[0];
+        ctx->sched_steps = (int64_t)st[1];
+        ctx->cfg.optimizer.lr = st[2];
+        ctx->ls_scale = st[3];
+        ctx->ls_tracker = (int64_t)st[4];
+        ctx->ls_skipped = (int64_t)st[5];
+        ctx->ls_last_skipped = (int)st[7];
+        if (st[6] != 0) r = ddp__opt_alloc(ctx);
+    }
+    slots[0] = ctx->opt_m; slots[1] = ctx->opt_v; slots[2] = ctx->opt_master;
+    for (k = 0; k < 3 && r == DDP_SUCCESS; k++)
+        if (((unsigned)st[6] & (1u << k)) && slots[k]) r = ctx->ops->broadcast(ctx, slots[k], ctx->opt_state_bytes, root);
+    return r == DDP_SUCCESS ? r : ddp__break(ctx, r);
+}
+
+DDP_API ddp_result ddp_join(ddp_context *ctx) {
+    ddp_result r = DDP_SUCCESS;
+    int count = 1, train, rounds = 0;
+    double micro;
+    if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
+    DDP__TRY(ddp__check_usable(ctx, "ddp_join"));
+    if (!ctx->finalized) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_join: call ddp_finalize() first");
+    if (ctx->in_step) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_join: not allowed inside a step");
+    if (!ctx->cfg.uneven_inputs)
+        return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_join: set config.uneven_inputs on every rank to let ranks run out of data at different steps");
+    if (ctx->accum_steps > 0) {
+        char msg[128];
+        snprintf(msg, sizeof msg, "ddp_join: %d no_sync micro-step(s) of rank %d were never reduced and are dropped", ctx->accum_steps, ctx->rank);
+        ddp__log(ctx, DDP_LOG_WARN, msg);
+    }
+    if (ctx->world > 1) {
+        ctx->joined = 1;
+        for (;;) {
+            r = ddp__join_round(ctx, 0, &count, &train, &micro);
+            if (r != DDP_SUCCESS || count == 0) break;
+            r = ddp__join_shadow(ctx, count, train, micro);
+            if (r != DDP_SUCCESS) break;
+            rounds++;
+        }
+        if (r == DDP_SUCCESS) r = ddp__join_sync(ctx, ddp__join_root(ctx));
+        ctx->joined = 0;
+        if (r != DDP_SUCCESS) return r;
+        if (ctx->cfg.logger.func && ctx->cfg.logger.level >= DDP_LOG_INFO) {
+            char msg[96];
+            snprintf(msg, sizeof msg, "ddp_join: rank %d answered %d step(s) of the others", ctx->rank, rounds);
+            ddp__log(ctx, DDP_LOG_INFO, msg);
+        }
+    }
+    ddp__join_reset(ctx);
+    ctx->acc_state = DDP__ACC_LOCAL;
+    ctx->accum_steps = 0;
+    ctx->mixed_shown = 0;
+    ctx->zero_pending = 1;
+    return DDP_SUCCESS;
+}
+
 /* ---- optimizers ------------------------------------------------------------------------ */
 
-static ddp_result ddp__cuda_optimizer_step(ddp_context *ctx, float clip_scale);
+typedef struct ddp__hyper ddp__hyper;
+static ddp_result ddp__cuda_optimizer_step(ddp_context *ctx, const ddp__hyper *h);
 static ddp_result ddp__cuda_sumsq(ddp_context *ctx, double *out);
+static ddp_result ddp__cuda_nonfinite(ddp_context *ctx, int *found);
 static ddp_result ddp__cuda_scale_grads(ddp_context *ctx, float s);
 static ddp_result ddp__cuda_memcpy(ddp_context *ctx, void *dst, const void *src, size_t bytes, int to_device);
 
@@ -4189,11 +4992,55 @@ static ddp_result ddp__state_zero(ddp_context *ctx, void *p) {
     return DDP_SUCCESS;
 }
 
-static void ddp__sgd_f32(float *p, const float *g, float *buf, size_t n, const ddp_optimizer_desc *o,
-                         int first, float gs) {
-    float lr = o->lr, wd = o->weight_decay, mom = o->momentum;
+#define DDP__PI 3.14159265358979323846
+
+/* The lr of step t (SCHEDULES), in double. */
+static double ddp__schedule_lr(const ddp_schedule_desc *d, double lr, int64_t t) {
+    if (t < d->warmup_steps) return lr * (double)(t + 1) / (double)d->warmup_steps;
+    switch (d->type) {
+    case DDP_SCHEDULE_COSINE:
+    case DDP_SCHEDULE_LINEAR: {
+        double p, f;
+        if (t >= d->total_steps) return d->min_lr;
+        p = (double)(t - d->warmup_steps) / (double)(d->total_steps - d->warmup_steps);
+        f = d->type == DDP_SCHEDULE_COSINE ? 0.5 * (1.0 + cos(DDP__PI * p)) : 1.0 - p;
+        return d->min_lr + (lr - d->min_lr) * f;
+    }
+    case DDP_SCHEDULE_STEP:
+        return lr * pow(d->gamma, (double)((t - d->warmup_steps) / d->step_size));
+    default:
+        return lr;
+    }
+}
+
+DDP_API double ddp_get_lr(const ddp_context *ctx) {
+    return ctx ? ddp__schedule_lr(&ctx->cfg.schedule, ctx->cfg.optimizer.lr, ctx->sched_steps) : 0.0;
+}
+
+/* One step's hyper-parameters for one parameter group, in double as
+   PyTorch computes its Python-float scalars; the f32 and 16-bit paths
+   round each to float once, as PyTorch does when it applies a Python
+   float to a float tensor. */
+struct ddp__hyper {
+    int     adamw;
+    int64_t t;           /* the step being taken, 1-based */
+    double  lr, wd;      /* the group's lr and weight decay */
+    double  momentum, dampening, beta1, beta2, eps;
+    int     nesterov;
+    double  gs;          /* gradient multiplier for f64 (unscale x clip) */
+    float   gs32;        /* the same for f32 and 16-bit gradients */
+};
+
+static int ddp__finite(double x) { return x == x && x - x == 0; }
+
+/* PyTorch's SGD on f32: d = g (+ wd * p); buf = d on the first step, else
+   momentum * buf + (1 - dampening) * d; d = nesterov ? d + momentum * buf
+   : buf; p -= lr * d. */
+static void ddp__sgd_f32(float *p, const float *g, float *buf, size_t n, const ddp__hyper *h) {
+    float lr = (float)h->lr, wd = (float)h->wd, mom = (float)h->momentum, omd = (float)(1.0 - h->dampening), gs = h->gs32;
+    int first = h->t == 1;
     size_t i;
-    if (mom != 0 && wd == 0 && gs == 1.0f && !o->nesterov) {
+    if (mom != 0 && wd == 0 && gs == 1.0f && omd == 1.0f && !h->nesterov) {
         /* the common case without per-element branches, in fixed-size
            chunks so that the compiler vectorises it */
         size_t j = 0;
@@ -4209,69 +5056,118 @@ static void ddp__sgd_f32(float *p, const float *g, float *buf, size_t n, const d
         return;
     }
     if (mom == 0) {
-        for (i = 0; i < n; i++) p[i] -= lr * (g[i] * gs + wd * p[i]);
+        if (wd == 0) for (i = 0; i < n; i++) p[i] -= lr * (g[i] * gs);
+        else for (i = 0; i < n; i++) p[i] -= lr * (g[i] * gs + wd * p[i]);
         return;
     }
     for (i = 0; i < n; i++) {
-        float d = g[i] * gs + wd * p[i];
-        float b = first ? d : mom * buf[i] + d;
+        float d = g[i] * gs, b;
+        if (wd != 0) d = d + wd * p[i];
+        b = first ? d : mom * buf[i] + omd * d;
         buf[i] = b;
-        p[i] -= lr * (o->nesterov ? d + mom * b : b);
+        p[i] -= lr * (h->nesterov ? d + mom * b : b);
     }
 }
 
-static void ddp__adamw_f32(float *p, const float *g, float *m, float *v, size_t n, const ddp_optimizer_desc *o,
-                           int64_t t, float gs) {
-    float b1 = o->beta1, b2 = o->beta2, eps = o->eps;
-    float bc1 = (float)(1.0 - pow((double)b1, (double)t));
-    float bc2s = (float)sqrt(1.0 - pow((double)b2, (double)t));
-    float step = o->lr / bc1, decay = 1.0f - o->lr * o->weight_decay;
+/* PyTorch's AdamW on f32 (torch.optim.AdamW, single-tensor path):
+   p *= 1 - lr * wd; m = b1 * m + (1 - b1) * g; v = b2 * v + (1 - b2) * g * g;
+   p -= (lr / bc1) * m / (sqrt(v) / sqrt(bc2) + eps). */
+static void ddp__adamw_f32(float *p, const float *g, float *m, float *v, size_t n, const ddp__hyper *h) {
+    double bc1 = 1.0 - pow(h->beta1, (double)h->t), bc2 = 1.0 - pow(h->beta2, (double)h->t);
+    float b1 = (float)h->beta1, omb1 = (float)(1.0 - h->beta1), b2 = (float)h->beta2, omb2 = (float)(1.0 - h->beta2);
+    float step = (float)(h->lr / bc1), bc2s = (float)sqrt(bc2), eps = (float)h->eps;
+    float decay = (float)(1.0 - h->lr * h->wd), gs = h->gs32;
     size_t i;
     for (i = 0; i < n; i++) {
         float gi = g[i] * gs;
-        float mi = b1 * m[i] + (1.0f - b1) * gi;
-        float vi = b2 * v[i] + (1.0f - b2) * gi * gi;
+        float mi = b1 * m[i] + omb1 * gi;
+        float vi = b2 * v[i] + omb2 * gi * gi;
         m[i] = mi;
         v[i] = vi;
         p[i] = p[i] * decay - step * mi / (sqrtf(vi) / bc2s + eps);
     }
 }
 
-/* f64, f16 and bf16 buckets: the same arithmetic in double, with f32 master
-   weights for the 16-bit types. */
-static void ddp__opt_generic(ddp_context *ctx, int b, int64_t t, double gs) {
-    const ddp_optimizer_desc *o = &ctx->cfg.optimizer;
+/* f64, f16 and bf16: the same steps in double (f64: exactly PyTorch's f64
+   arithmetic), with f32 master weights for the 16-bit types. Elements
+   [lo, hi) of bucket b. */
+static void ddp__opt_generic(ddp_context *ctx, int b, size_t lo, size_t hi, const ddp__hyper *h) {
     const ddp__bucket *bk = &ctx->buckets[b];
     int wide = bk->dtype == DDP_F64, half = bk->dtype == DDP_F16 || bk->dtype == DDP_BF16;
     unsigned char *pp = ctx->flat_params + bk->offset, *gp = ctx->flat_grads + bk->offset;
     void *m = ctx->opt_m ? (unsigned char *)ctx->opt_m + ctx->opt_state_off[b] : NULL;
     void *v = ctx->opt_v ? (unsigned char *)ctx->opt_v + ctx->opt_state_off[b] : NULL;
     float *master = half ? (float *)((unsigned char *)ctx->opt_master + ctx->opt_state_off[b]) : NULL;
-    double bc1 = 1.0 - pow((double)o->beta1, (double)t), bc2s = sqrt(1.0 - pow((double)o->beta2, (double)t));
+    double bc1 = 1.0 - pow(h->beta1, (double)h->t), bc2s = sqrt(1.0 - pow(h->beta2, (double)h->t));
+    double step = h->lr / bc1, decay = 1.0 - h->lr * h->wd, gs = wide ? h->gs : (double)h->gs32;
     size_t i;
-    for (i = 0; i < bk->numel; i++) {
+    for (i = lo; i < hi; i++) {
         double p = half ? master[i] : ddp__load_elem(pp, i, bk->dtype);
         double g = ddp__load_elem(gp, i, bk->dtype) * gs;
-        if (o->type == DDP_OPTIM_SGD) {
-            double d = g + o->weight_decay * p;
-            if (o->momentum > 0) {
-                double bb = t == 1 ? d : o->momentum * ddp__sload(m, i, wide) + d;
+        if (!h->adamw) {
+            double d = g;
+            if (h->wd != 0) d = d + h->wd * p;
+            if (h->momentum != 0) {
+                double bb = h->t == 1 ? d : h->momentum * ddp__sload(m, i, wide) + (1.0 - h->dampening) * d;
                 ddp__sstore(m, i, wide, bb);
-                d = o->nesterov ? d + o->momentum * bb : bb;
+                d = h->nesterov ? d + h->momentum * bb : bb;
             }
-            p -= o->lr * d;
+            p = p - h->lr * d;
         } else {
-            double mi = o->beta1 * ddp__sload(m, i, wide) + (1.0 - o->beta1) * g;
-            double vi = o->beta2 * ddp__sload(v, i, wide) + (1.0 - o->beta2) * g * g;
+            double mi = h->beta1 * ddp__sload(m, i, wide) + (1.0 - h->beta1) * g;
+            double vi = h->beta2 * ddp__sload(v, i, wide) + (1.0 - h->beta2) * g * g;
             ddp__sstore(m, i, wide, mi);
             ddp__sstore(v, i, wide, vi);
-            p = p * (1.0 - (double)o->lr * o->weight_decay) - ((double)o->lr / bc1) * mi / (sqrt(vi) / bc2s + o->eps);
+            p = p * decay;
+            p = p - step * mi / (sqrt(vi) / bc2s + h->eps);
         }
         if (half) master[i] = (float)p;
         ddp__store_elem(pp, i, bk->dtype, p);
     }
 }
 
+/* One run of elements [lo, hi) of bucket b, all in one parameter group. */
+static void ddp__opt_run(ddp_context *ctx, int b, size_t lo, size_t hi, const ddp__hyper *h) {
+    const ddp__bucket *bk = &ctx->buckets[b];
+    if (bk->dtype == DDP_F32) {
+        float *p = (float *)(ctx->flat_params + bk->offset) + lo, *g = (float *)(ctx->flat_grads + bk->offset) + lo;
+        float *m = ctx->opt_m ? (float *)((unsigned char *)ctx->opt_m + ctx->opt_state_off[b]) + lo : NULL;
+        float *v = ctx->opt_v ? (float *)((unsigned char *)ctx->opt_v + ctx->opt_state_off[b]) + lo : NULL;
+        if (h->adamw) ddp__adamw_f32(p, g, m, v, hi - lo, h);
+        else ddp__sgd_f32(p, g, m, hi - lo, h);
+    } else {
+        ddp__opt_generic(ctx, b, lo, hi, h);
+    }
+}
+
+/* The optimizer over elements [lo, hi) of bucket b (a ZeRO-style shard runs
+   it over its slice): runs of equal parameter group, each with the group's
+   lr and weight decay. The group of element i of bucket b is
+   group_map[(bucket offset + i * element size) / DDP__ALIGN]. */
+static void ddp__opt_range(ddp_context *ctx, int b, size_t lo, size_t hi, const ddp__hyper *base) {
+    const ddp__bucket *bk = &ctx->buckets[b];
+    size_t es = ddp_dtype_size(bk->dtype), per = DDP__ALIGN / es, first = bk->offset / es, i = lo;
+    if (ctx->num_groups == 1) {
+        ddp__hyper h = *base;
+        h.lr = base->lr * ctx->group_lr[0];
+        h.wd = base->wd * ctx->group_wd[0];
+        if (hi > lo) ddp__opt_run(ctx, b, lo, hi, &h);
+        return;
+    }
+    while (i < hi) {
+        int g = ctx->group_map[(first + i) / per];
+        size_t j = ((first + i) / per + 1) * per - first;
+        ddp__hyper h = *base;
+        while (j < hi && ctx->group_map[(first + j) / per] == g) j += per;
+        if (j > hi) j = hi;
+        h.lr = base->lr * ctx->group_lr[g];
+        h.wd = base->wd * ctx->group_wd[g];
+        ddp__opt_run(ctx, b, i, j, &h);
+        i = j;
+    }
+}
+
+/* Squared L2 norm of every gradient, in double. */
 static ddp_result ddp__sumsq(ddp_context *ctx, double *out) {
     double s = 0;
     int b;
@@ -4304,62 +5200,153 @@ static ddp_result ddp__opt_ready(ddp_context *ctx, const char *fn) {
     return DDP_SUCCESS;
 }
 
-/* The clip factor for max_norm (1 when no clipping is needed). */
-static ddp_result ddp__clip_factor(ddp_context *ctx, float max_norm, float *norm_out, float *factor) {
-    double ss = 0;
-    DDP__TRY(ddp__sumsq(ctx, &ss));
-    *norm_out = (float)sqrt(ss);
-    *factor = 1.0f;
-    if (max_norm > 0 && *norm_out > max_norm) *factor = max_norm / (*norm_out + 1e-6f);
-    return DDP_SUCCESS;
+/* torch.nn.utils.clip_grad_norm_'s factor min(1, max_norm / (norm + 1e-6)):
+   in double for f64 gradients, in float for the others (PyTorch computes it
+   in the gradients' type). 1 when max_norm <= 0 or the norm is not finite. */
+static void ddp__clip_coef(double max_norm, double norm, double *c64, float *c32) {
+    *c64 = 1.0;
+    *c32 = 1.0f;
+    if (!(max_norm > 0) || !ddp__finite(norm)) return;
+    {
+        double c = max_norm / (norm + 1e-6);
+        float cf = (float)max_norm / ((float)norm + 1e-6f);
+        if (c < 1.0) *c64 = c;
+        if (cf < 1.0f) *c32 = cf;
+    }
 }
 
-DDP_API ddp_result ddp_clip_grad_norm(ddp_context *ctx, float max_norm, float *out_norm) {
-    float norm, f;
+/* Multiply every gradient by c64 (f64 buckets) or c32 (the others). */
+static ddp_result ddp__scale_grads(ddp_context *ctx, double c64, float c32) {
     int b;
-    DDP__TRY(ddp__opt_ready(ctx, "ddp_clip_grad_norm"));
-    if (!(max_norm == max_norm)) return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_clip_grad_norm: max_norm is NaN");
-    DDP__TRY(ddp__clip_factor(ctx, max_norm, &norm, &f));
-    if (out_norm) *out_norm = norm;
-    if (f == 1.0f) return DDP_SUCCESS;
-    if (ddp__on_gpu(ctx)) return ddp__cuda_scale_grads(ctx, f);
+    if (ddp__on_gpu(ctx)) return ddp__cuda_scale_grads(ctx, c32);
     for (b = 0; b < ctx->num_buckets; b++) {
-        void *g = ctx->flat_grads + ctx->buckets[b].offset;
-        ddp__reduce(&g, 1, &g, 1, ctx->buckets[b].numel, ctx->buckets[b].dtype, DDP_OP_SUM, f);
+        const ddp__bucket *bk = &ctx->buckets[b];
+        void *g = ctx->flat_grads + bk->offset;
+        double c = bk->dtype == DDP_F64 ? c64 : (double)c32;
+        if (c != 1.0) ddp__reduce(&g, 1, &g, 1, bk->numel, bk->dtype, DDP_OP_SUM, c);
     }
     return DDP_SUCCESS;
 }
 
+/* 1 in *found if any gradient is NaN or infinite. After a reduce every
+   rank holds the same bits, and a non-finite value on any rank survives the
+   sum, so every rank finds the same without another collective. */
+static ddp_result ddp__grads_nonfinite(ddp_context *ctx, int *found) {
+    int b, bad = 0;
+    if (ddp__on_gpu(ctx)) return ddp__cuda_nonfinite(ctx, found);
+    for (b = 0; b < ctx->num_buckets && !bad; b++) {
+        const ddp__bucket *bk = &ctx->buckets[b];
+        const unsigned char *g = ctx->flat_grads + bk->offset;
+        size_t i;
+        if (bk->dtype == DDP_F32) {
+            for (i = 0; i < bk->numel; i++) { uint32_t u; memcpy(&u, g + 4 * i, 4); bad |= (u & 0x7f800000u) == 0x7f800000u; }
+        } else if (bk->dtype == DDP_F64) {
+            for (i = 0; i < bk->numel; i++) { uint64_t u; memcpy(&u, g + 8 * i, 8); bad |= (u & 0x7ff0000000000000ull) == 0x7ff0000000000000ull; }
+        } else {
+            uint16_t e = bk->dtype == DDP_F16 ? 0x7c00u : 0x7f80u;
+            for (i = 0; i < bk->numel; i++) { uint16_t u; memcpy(&u, g + 2 * i, 2); bad |= (u & e) == e; }
+        }
+    }
+    *found = bad;
+    return DDP_SUCCESS;
+}
+
+/* GradScaler.update(): back off after a non-finite step, grow after
+   growth_interval clean ones; the scale stays a float value. */
+static void ddp__loss_scale_update(ddp_context *ctx, int found_inf) {
+    const ddp_loss_scale_desc *l = &ctx->cfg.loss_scale;
+    if (found_inf) {
+        ctx->ls_scale = (double)(float)(ctx->ls_scale * l->backoff_factor);
+        ctx->ls_tracker = 0;
+    } else if (++ctx->ls_tracker >= l->growth_interval) {
+        double grown = (double)(float)(ctx->ls_scale * l->growth_factor);
+        if (ddp__finite(grown)) ctx->ls_scale = grown;
+        ctx->ls_tracker = 0;
+    }
+}
+
+DDP_API ddp_result ddp_clip_grad_norm(ddp_context *ctx, double max_norm, double *out_norm) {
+    double ss = 0, norm, c64;
+    float c32;
+    DDP__TRY(ddp__opt_ready(ctx, "ddp_clip_grad_norm"));
+    if (!(max_norm == max_norm)) return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_clip_grad_norm: max_norm is NaN");
+    DDP__TRY(ddp__sumsq(ctx, &ss));
+    norm = sqrt(ss) * (1.0 / ctx->ls_scale); /* the norm of the unscaled gradients */
+    if (out_norm) *out_norm = norm;
+    ddp__clip_coef(max_norm, norm, &c64, &c32);
+    if (c64 == 1.0 && c32 == 1.0f) return DDP_SUCCESS;
+    return ddp__scale_grads(ctx, c64, c32);
+}
+
+/* The step: with loss scaling, skip it (and back off) when a gradient is
+   not finite, else unscale; clip on the unscaled norm; update with the
+   scheduled lr, unscale and clip factors folded into one gradient
+   multiplier (PyTorch multiplies twice; with a power-of-two scale the bits
+   are the same). */
 DDP_API ddp_result ddp_optimizer_step(ddp_context *ctx) {
     const ddp_optimizer_desc *o;
-    float gs = 1.0f, norm;
-    int b;
+    ddp__hyper h;
+    double c64 = 1.0, inv64 = 1.0;
+    float c32 = 1.0f, inv32 = 1.0f;
+    int b, scaling;
     DDP__TRY(ddp__opt_ready(ctx, "ddp_optimizer_step"));
     o = &ctx->cfg.optimizer;
     if (o->type == DDP_OPTIM_NONE)
         return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_optimizer_step: config.optimizer.type is DDP_OPTIM_NONE");
-    if (o->max_grad_norm > 0) DDP__TRY(ddp__clip_factor(ctx, o->max_grad_norm, &norm, &gs));
+    scaling = ctx->cfg.loss_scale.enabled;
+    ctx->ls_last_skipped = 0;
+    if (scaling) {
+        int found = 0;
+        DDP__TRY(ddp__grads_nonfinite(ctx, &found));
+        if (found) {
+            char msg[128];
+            snprintf(msg, sizeof msg, "step %lld skipped: non-finite gradients at loss scale %g", (long long)ctx->sched_steps, ctx->ls_scale);
+            ddp__log(ctx, DDP_LOG_INFO, msg);
+            ddp__loss_scale_update(ctx, 1);
+            ctx->ls_skipped++;
+            ctx->ls_last_skipped = 1;
+            ctx->sched_steps++;
+            ctx->zero_pending = 1;
+            return DDP_SUCCESS;
+        }
+        inv64 = 1.0 / ctx->ls_scale;
+        inv32 = (float)inv64; /* GradScaler: the reciprocal in double, rounded to float */
+    }
+    if (o->max_grad_norm > 0) {
+        double ss = 0;
+        DDP__TRY(ddp__sumsq(ctx, &ss));
+        ddp__clip_coef(o->max_grad_norm, sqrt(ss) * inv64, &c64, &c32);
+    }
     DDP__TRY(ddp__opt_alloc(ctx));
     ctx->opt_steps++;
-    if (ddp__on_gpu(ctx)) return ddp__cuda_optimizer_step(ctx, gs);
-    for (b = 0; b < ctx->num_buckets; b++) {
-        const ddp__bucket *bk = &ctx->buckets[b];
-        if (bk->dtype == DDP_F32) {
-            float *p = (float *)(ctx->flat_params + bk->offset), *g = (float *)(ctx->flat_grads + bk->offset);
-            float *m = ctx->opt_m ? (float *)((unsigned char *)ctx->opt_m + ctx->opt_state_off[b]) : NULL;
-            float *v = ctx->opt_v ? (float *)((unsigned char *)ctx->opt_v + ctx->opt_state_off[b]) : NULL;
-            if (o->type == DDP_OPTIM_SGD) ddp__sgd_f32(p, g, m, bk->numel, o, ctx->opt_steps == 1, gs);
-            else ddp__adamw_f32(p, g, m, v, bk->numel, o, ctx->opt_steps, gs);
-        } else {
-            ddp__opt_generic(ctx, b, ctx->opt_steps, gs);
-        }
-    }
+    memset(&h, 0, sizeof h);
+    h.adamw = o->type == DDP_OPTIM_ADAMW;
+    h.t = ctx->opt_steps;
+    h.lr = ddp__schedule_lr(&ctx->cfg.schedule, o->lr, ctx->sched_steps);
+    h.wd = o->weight_decay;
+    h.momentum = o->momentum;
+    h.dampening = o->dampening;
+    h.nesterov = o->nesterov;
+    h.beta1 = o->beta1;
+    h.beta2 = o->beta2;
+    h.eps = o->eps;
+    h.gs = inv64 * c64;
+    h.gs32 = inv32 * c32;
+    if (ddp__on_gpu(ctx)) DDP__TRY(ddp__cuda_optimizer_step(ctx, &h));
+    else for (b = 0; b < ctx->num_buckets; b++) ddp__opt_range(ctx, b, 0, ctx->buckets[b].numel, &h);
+    if (scaling) ddp__loss_scale_update(ctx, 0);
+    ctx->sched_steps++;
+    ctx->zero_pending = 1; /* the accumulation ends here */
     return DDP_SUCCESS;
 }
 
-DDP_API ddp_result ddp_set_lr(ddp_context *ctx, float lr) {
+DDP_API int64_t ddp_skipped_steps(const ddp_context *ctx) { return ctx ? ctx->ls_skipped : 0; }
+DDP_API int ddp_last_step_skipped(const ddp_context *ctx) { return ctx ? ctx->ls_last_skipped : 0; }
+DDP_API double ddp_loss_scale(const ddp_context *ctx) { return ctx ? ctx->ls_scale : 1.0; }
+
+DDP_API ddp_result ddp_set_lr(ddp_context *ctx, double lr) {
     if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
-    if (!(lr >= 0)) return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_set_lr: lr %g must be >= 0", (double)lr);
+    if (!ddp__in_range(lr, 0.0, HUGE_VAL, 0)) return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_set_lr: lr %g must be finite and >= 0", lr);
     ctx->cfg.optimizer.lr = lr;
     return DDP_SUCCESS;
 }
@@ -4378,8 +5365,10 @@ DDP_API ddp_result ddp_zero_grad(ddp_context *ctx) {
     if (!ctx->finalized) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_zero_grad: call ddp_finalize() first");
     if (ctx->in_step) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_zero_grad: not allowed inside a step");
     DDP__TRY(ddp__zero_grads(ctx));
+    ctx->acc_state = DDP__ACC_LOCAL;
     ctx->accum_steps = 0;
-    ctx->grads_dirty = 1;
+    ctx->zero_pending = 0;
+    ctx->mixed_shown = 0;
     return DDP_SUCCESS;
 }
 
@@ -4387,38 +5376,67 @@ DDP_API int64_t ddp_optimizer_steps(const ddp_context *ctx) { return ctx ? ctx->
 
 /* ---- the step wrapper ------------------------------------------------------------------ */
 
-DDP_API ddp_result ddp_train_step(ddp_context *ctx, ddp_forward_backward_fn fn, void *user,
-                                  int micro_steps, float *out_loss) {
-    double loss_sum = 0;
-    float loss;
+/* The micro-steps of ddp_train_step: all but the last without sync. */
+static ddp_result ddp__train_micro_steps(ddp_context *ctx, ddp_forward_backward_fn fn, void *user,
+                                         int micro_steps, double *loss_sum) {
     int m;
-    if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
-    if (!fn) return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_train_step: fn is NULL");
-    if (micro_steps < 0) return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_train_step: micro_steps %d is negative", micro_steps);
-    if (micro_steps == 0) micro_steps = 1;
     for (m = 0; m < micro_steps; m++) {
+        float loss = 0;
         int rc;
-        loss = 0;
         DDP__TRY(ddp_set_no_sync(ctx, m < micro_steps - 1));
         DDP__TRY(ddp_step_begin(ctx));
         rc = fn(ctx, user, m, &loss);
         if (rc != 0) {
+            char keep[DDP__ERRLEN];
             ctx->in_step = 0;
             ddp__fail(ctx, DDP_ERROR_USER, "ddp_train_step: your forward/backward returned %d in micro-step %d on rank %d", rc, m, ctx->rank);
             ddp__break(ctx, DDP_ERROR_USER);
-            {
-                char keep[DDP__ERRLEN];
-                memcpy(keep, ctx->err, sizeof keep);
-                ddp__drain(ctx);
-                memcpy(ctx->err, keep, sizeof keep);
-            }
+            memcpy(keep, ctx->err, sizeof keep);
+            ddp__drain(ctx);
+            memcpy(ctx->err, keep, sizeof keep);
             return DDP_ERROR_USER;
         }
         DDP__TRY(ddp_step_end(ctx));
-        loss_sum += loss;
+        *loss_sum += loss;
     }
+    return DDP_SUCCESS;
+}
+
+DDP_API ddp_result ddp_train_step(ddp_context *ctx, ddp_forward_backward_fn fn, void *user,
+                                  int micro_steps, float *out_loss) {
+    double loss_sum = 0;
+    float loss;
+    ddp_result r;
+    if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
+    DDP__TRY(ddp__check_usable(ctx, "ddp_train_step"));
+    if (!fn) return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_train_step: fn is NULL");
+    if (micro_steps < 0) return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_train_step: micro_steps %d is negative", micro_steps);
+    if (micro_steps == 0) micro_steps = 1;
+    if (ctx->accum_steps > 0)
+        return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_train_step: %d micro-step(s) run with ddp_set_no_sync(ctx, 1) are not reduced yet "
+                         "(end them with a synced step first)", ctx->accum_steps);
+    if (ctx->cfg.uneven_inputs && micro_steps > DDP__JOIN_MAX_MICRO)
+        return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_train_step: micro_steps %d is above %d, the limit with config.uneven_inputs",
+                         micro_steps, DDP__JOIN_MAX_MICRO);
+    /* the reduce of this window divides by micro_steps: PyTorch's loss / micro_steps */
+    ctx->window_div = (double)micro_steps;
+    ctx->in_train_step = 1;
+    r = ddp__train_micro_steps(ctx, fn, user, micro_steps, &loss_sum);
+    ctx->window_div = 1.0;
+    ctx->in_train_step = 0;
+    if (r != DDP_SUCCESS) return r;
     loss = (float)(loss_sum / micro_steps);
-    if (ctx->world > 1) DDP__TRY(ddp_allreduce(ctx, &loss, 1, DDP_F32, DDP_OP_AVG));
+    if (ctx->world > 1 && ctx->cfg.uneven_inputs) {
+        /* the mean over the ranks that had data (a joined rank adds 0, 0) */
+        float pair[2];
+        pair[0] = loss;
+        pair[1] = 1.0f;
+        r = ctx->ops->allreduce(ctx, pair, 2, DDP_F32, DDP_OP_SUM);
+        if (r != DDP_SUCCESS) return ddp__break(ctx, r);
+        loss = pair[0] / pair[1];
+    } else if (ctx->world > 1) {
+        DDP__TRY(ddp_allreduce(ctx, &loss, 1, DDP_F32, DDP_OP_AVG));
+    }
     if (out_loss) *out_loss = loss;
     if (ctx->cfg.optimizer.type != DDP_OPTIM_NONE) DDP__TRY(ddp_optimizer_step(ctx));
     return DDP_SUCCESS;
@@ -4426,12 +5444,21 @@ DDP_API ddp_result ddp_train_step(ddp_context *ctx, ddp_forward_backward_fn fn, 
 
 /* ---- checkpoints ------------------------------------------------------------------------
 
-   Layout (little-endian host order):
+   Layout, version 2 (little-endian host order):
      "DDPCKPT1" u32 version u32 nparams u32 optimizer u32 flags i64 steps
-     per parameter: u32 namelen, name, u32 dtype, u64 numel, u32 ndim, i64 shape[ndim]
+     i64 sched_steps f64 lr
+     u32 schedule i64 warmup_steps i64 total_steps f64 min_lr i64 step_size f64 gamma
+     u32 loss_scaling f64 loss_scale i64 growth_tracker i64 skipped
+     per parameter: u32 namelen, name, u32 dtype, u64 numel, u32 ndim, i64 shape[ndim],
+                    f64 lr_scale, f64 weight_decay_scale
      per parameter: data (numel * dtype size)
      per parameter, when present: momentum/m, v, master (numel * state size each)
-     u64 FNV-1a hash of everything before it */
+     u64 FNV-1a hash of everything before it
+   flags: bit 0 m, bit 1 v, bit 2 master. Version 1 (read, not written) has
+   neither the second to fourth lines nor the two scales. */
+
+#define DDP__CKPT_VERSION 2
+#define DDP__MAX_STEPS ((int64_t)1 << 53)  /* step counters stay exact in double (pow(beta, t)) */
 
 #define DDP__CKPT_MAGIC "DDPCKPT1"
 
@@ -4492,14 +5519,67 @@ static ddp_result ddp__ck_write_block(ddp_context *ctx, ddp__ckfile *c, const vo
     return DDP_SUCCESS;
 }
 
+static void ddp__ck_u32(ddp__ckfile *c, uint32_t v) { ddp__ck_write(c, &v, 4); }
+static void ddp__ck_i64(ddp__ckfile *c, int64_t v) { ddp__ck_write(c, &v, 8); }
+static void ddp__ck_f64(ddp__ckfile *c, double v) { ddp__ck_write(c, &v, 8); }
+
+/* Everything of the file but the temporary-file handling. */
+static ddp_result ddp__ck_write_content(ddp_context *ctx, ddp__ckfile *c) {
+    const ddp_schedule_desc *sd = &ctx->cfg.schedule;
+    void *bases[3];
+    int i, k;
+    ddp_result r = DDP_SUCCESS;
+    ddp__ck_write(c, DDP__CKPT_MAGIC, 8);
+    ddp__ck_u32(c, DDP__CKPT_VERSION);
+    ddp__ck_u32(c, (uint32_t)ctx->num_params);
+    ddp__ck_u32(c, (uint32_t)ctx->cfg.optimizer.type);
+    ddp__ck_u32(c, ddp__state_flags(ctx));
+    ddp__ck_i64(c, ctx->opt_steps);
+    ddp__ck_i64(c, ctx->sched_steps);
+    ddp__ck_f64(c, ctx->cfg.optimizer.lr);
+    ddp__ck_u32(c, (uint32_t)sd->type);
+    ddp__ck_i64(c, sd->warmup_steps);
+    ddp__ck_i64(c, sd->total_steps);
+    ddp__ck_f64(c, sd->min_lr);
+    ddp__ck_i64(c, sd->step_size);
+    ddp__ck_f64(c, sd->gamma);
+    ddp__ck_u32(c, ctx->cfg.loss_scale.enabled ? 1u : 0u);
+    ddp__ck_f64(c, ctx->ls_scale);
+    ddp__ck_i64(c, ctx->ls_tracker);
+    ddp__ck_i64(c, ctx->ls_skipped);
+    for (i = 0; i < ctx->num_params; i++) {
+        const ddp__param *p = &ctx->params[i];
+        uint32_t len = (uint32_t)strlen(p->name);
+        uint64_t numel = p->numel;
+        ddp__ck_u32(c, len);
+        ddp__ck_write(c, p->name, len);
+        ddp__ck_u32(c, (uint32_t)p->dtype);
+        ddp__ck_write(c, &numel, 8);
+        ddp__ck_u32(c, (uint32_t)p->ndim);
+        ddp__ck_write(c, p->shape, (size_t)p->ndim * 8);
+        ddp__ck_f64(c, p->lr_scale);
+        ddp__ck_f64(c, p->wd_scale);
+    }
+    for (i = 0; i < ctx->num_params && r == DDP_SUCCESS; i++)
+        r = ddp__ck_write_block(ctx, c, ctx->flat_params + ctx->params[i].offset,
+                                ctx->params[i].numel * ddp_dtype_size(ctx->params[i].dtype));
+    bases[0] = ctx->opt_m; bases[1] = ctx->opt_v; bases[2] = ctx->opt_master;
+    for (k = 0; k < 3 && r == DDP_SUCCESS; k++) {
+        if (!bases[k]) continue;
+        for (i = 0; i < ctx->num_params && r == DDP_SUCCESS; i++)
+            r = ddp__ck_write_block(ctx, c, ddp__state_ptr(ctx, bases[k], i),
+                                    ctx->params[i].numel * ddp__state_elem(ctx->params[i].dtype));
+    }
+    {
+        uint64_t h = c->hash;
+        ddp__ck_write(c, &h, 8);
+    }
+    return r;
+}
+
 static ddp_result ddp__save_file(ddp_context *ctx, const char *path) {
     char tmp[4096];
     ddp__ckfile c;
-    uint32_t u;
-    int64_t steps = ctx->opt_steps;
-    uint32_t flags = ddp__state_flags(ctx);
-    void *bases[3];
-    int i, k;
     ddp_result r = DDP_SUCCESS;
     if (snprintf(tmp, sizeof tmp, "%s.tmp.%d", path, (int)getpid()) >= (int)sizeof tmp)
         return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_save_checkpoint: path is too long");
@@ -4507,36 +5587,7 @@ static ddp_result ddp__save_file(ddp_context *ctx, const char *path) {
     c.hash = 0xcbf29ce484222325ull;
     c.f = fopen(tmp, "wb");
     if (!c.f) return ddp__fail(ctx, DDP_ERROR_IO, "ddp_save_checkpoint: cannot create '%s': %s", tmp, strerror(errno));
-    ddp__ck_write(&c, DDP__CKPT_MAGIC, 8);
-    u = 1; ddp__ck_write(&c, &u, 4);
-    u = (uint32_t)ctx->num_params; ddp__ck_write(&c, &u, 4);
-    u = (uint32_t)ctx->cfg.optimizer.type; ddp__ck_write(&c, &u, 4);
-    ddp__ck_write(&c, &flags, 4);
-    ddp__ck_write(&c, &steps, 8);
-    for (i = 0; i < ctx->num_params; i++) {
-        const ddp__param *p = &ctx->params[i];
-        uint64_t numel = p->numel;
-        u = (uint32_t)strlen(p->name); ddp__ck_write(&c, &u, 4);
-        ddp__ck_write(&c, p->name, u);
-        u = (uint32_t)p->dtype; ddp__ck_write(&c, &u, 4);
-        ddp__ck_write(&c, &numel, 8);
-        u = (uint32_t)p->ndim; ddp__ck_write(&c, &u, 4);
-        ddp__ck_write(&c, p->shape, (size_t)p->ndim * 8);
-    }
-    for (i = 0; i < ctx->num_params && r == DDP_SUCCESS; i++)
-        r = ddp__ck_write_block(ctx, &c, ctx->flat_params + ctx->params[i].offset,
-                                ctx->params[i].numel * ddp_dtype_size(ctx->params[i].dtype));
-    bases[0] = ctx->opt_m; bases[1] = ctx->opt_v; bases[2] = ctx->opt_master;
-    for (k = 0; k < 3 && r == DDP_SUCCESS; k++) {
-        if (!bases[k]) continue;
-        for (i = 0; i < ctx->num_params && r == DDP_SUCCESS; i++)
-            r = ddp__ck_write_block(ctx, &c, ddp__state_ptr(ctx, bases[k], i),
-                                    ctx->params[i].numel * ddp__state_elem(ctx->params[i].dtype));
-    }
-    {
-        uint64_t h = c.hash;
-        ddp__ck_write(&c, &h, 8);
-    }
+    r = ddp__ck_write_content(ctx, &c);
     if (r == DDP_SUCCESS && !c.err && fflush(c.f) != 0) c.err = errno;
     if (r == DDP_SUCCESS && !c.err && fsync(fileno(c.f)) != 0) c.err = errno;
     if (fclose(c.f) != 0 && !c.err) c.err = errno;
@@ -4581,77 +5632,220 @@ DDP_API ddp_result ddp_save_checkpoint(ddp_context *ctx, const char *path) {
     if (!path || !*path) return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_save_checkpoint: path is NULL or empty");
     if (!ctx->finalized) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_save_checkpoint: call ddp_finalize() first");
     if (ctx->in_step) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_save_checkpoint: not allowed inside a step");
+    DDP__TRY(ddp__join_check(ctx, "ddp_save_checkpoint"));
     if (ctx->rank == 0) r = ddp__save_file(ctx, path);
     return ddp__agree(ctx, r, "saving the checkpoint");
 }
 
+/* The header of a checkpoint, every field range-checked. */
+typedef struct ddp__ckhead {
+    uint32_t version, nparams, optimizer, flags;
+    int64_t  steps, sched_steps;
+    double   lr;
+    ddp_schedule_desc schedule;
+    uint32_t loss_scaling;
+    double   loss_scale;
+    int64_t  tracker, skipped;
+} ddp__ckhead;
+
+/* A header field out of range: DDP_ERROR_CORRUPT naming it. */
+#if defined(__GNUC__)
+__attribute__((format(printf, 4, 5)))
+#endif
+static ddp_result ddp__ck_bad(ddp_context *ctx, const char *path, const char *field, const char *fmt, ...) {
+    char what[256];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(what, sizeof what, fmt, ap);
+    va_end(ap);
+    return ddp__fail(ctx, DDP_ERROR_CORRUPT, "checkpoint '%s' is corrupt: field '%s' %s", path, field, what);
+}
+
+static int ddp__ck_count(int64_t v) { return v >= 0 && v <= DDP__MAX_STEPS; }
+
+static ddp_result ddp__ck_read_head(ddp_context *ctx, ddp__ckfile *c, const char *path, ddp__ckhead *h) {
+    char magic[8];
+    uint32_t u;
+    memset(h, 0, sizeof *h);
+    if (!ddp__ck_read(c, magic, 8) || memcmp(magic, DDP__CKPT_MAGIC, 8) != 0)
+        return ddp__fail(ctx, DDP_ERROR_CORRUPT, "'%s' is not a ddp.h checkpoint (bad magic)", path);
+    if (!ddp__ck_read(c, &h->version, 4)) goto truncated;
+    if (h->version < 1 || h->version > DDP__CKPT_VERSION)
+        return ddp__ck_bad(ctx, path, "version", "is %u; this library reads versions 1 to %d", h->version, DDP__CKPT_VERSION);
+    if (!ddp__ck_read(c, &h->nparams, 4) || !ddp__ck_read(c, &h->optimizer, 4) || !ddp__ck_read(c, &h->flags, 4) ||
+        !ddp__ck_read(c, &h->steps, 8))
+        goto truncated;
+    if (h->nparams < 1 || h->nparams > (uint32_t)INT_MAX)
+        return ddp__ck_bad(ctx, path, "nparams", "is %u (must be 1..%d)", h->nparams, INT_MAX);
+    if (h->optimizer > (uint32_t)DDP_OPTIM_ADAMW)
+        return ddp__ck_bad(ctx, path, "optimizer", "is %u (must be 0..%d)", h->optimizer, (int)DDP_OPTIM_ADAMW);
+    if ((h->flags & ~7u) != 0 || (h->flags && h->optimizer == DDP_OPTIM_NONE) ||
+        ((h->flags & 2u) && h->optimizer != DDP_OPTIM_ADAMW))
+        return ddp__ck_bad(ctx, path, "flags", "is 0x%x: not a set of state arrays for optimizer %u", h->flags, h->optimizer);
+    if (!ddp__ck_count(h->steps) || (h->optimizer == DDP_OPTIM_NONE && h->steps != 0))
+        return ddp__ck_bad(ctx, path, "steps", "is %lld (must be 0..2^53, and 0 without an optimizer)", (long long)h->steps);
+    if (h->optimizer == DDP_OPTIM_ADAMW && h->steps > 0 && (h->flags & 3u) != 3u)
+        return ddp__ck_bad(ctx, path, "flags", "is 0x%x: AdamW at step %lld keeps both moments", h->flags, (long long)h->steps);
+    if (h->version == 1) {
+        h->sched_steps = h->steps;
+        return DDP_SUCCESS;
+    }
+    if (!ddp__ck_read(c, &h->sched_steps, 8) || !ddp__ck_read(c, &h->lr, 8) || !ddp__ck_read(c, &u, 4) ||
+        !ddp__ck_read(c, &h->schedule.warmup_steps, 8) || !ddp__ck_read(c, &h->schedule.total_steps, 8) ||
+        !ddp__ck_read(c, &h->schedule.min_lr, 8) || !ddp__ck_read(c, &h->schedule.step_size, 8) ||
+        !ddp__ck_read(c, &h->schedule.gamma, 8) || !ddp__ck_read(c, &h->loss_scaling, 4) ||
+        !ddp__ck_read(c, &h->loss_scale, 8) || !ddp__ck_read(c, &h->tracker, 8) || !ddp__ck_read(c, &h->skipped, 8))
+        goto truncated;
+    if (!ddp__in_range(h->lr, 0.0, HUGE_VAL, 0))
+        return ddp__ck_bad(ctx, path, "lr", "is %g (must be finite and >= 0)", h->lr);
+    if (u > (uint32_t)DDP_SCHEDULE_STEP)
+        return ddp__ck_bad(ctx, path, "schedule", "is %u (must be 0..%d)", u, (int)DDP_SCHEDULE_STEP);
+    h->schedule.type = (ddp_schedule)u;
+    if (!ddp__ck_count(h->schedule.warmup_steps))
+        return ddp__ck_bad(ctx, path, "warmup_steps", "is %lld (must be 0..2^53)", (long long)h->schedule.warmup_steps);
+    if (!ddp__ck_count(h->schedule.total_steps))
+        return ddp__ck_bad(ctx, path, "total_steps", "is %lld (must be 0..2^53)", (long long)h->schedule.total_steps);
+    if (!ddp__ck_count(h->schedule.step_size))
+        return ddp__ck_bad(ctx, path, "step_size", "is %lld (must be 0..2^53)", (long long)h->schedule.step_size);
+    if (!ddp__in_range(h->schedule.min_lr, 0.0, HUGE_VAL, 0))
+        return ddp__ck_bad(ctx, path, "min_lr", "is %g (must be finite and >= 0)", h->schedule.min_lr);
+    if (!ddp__in_range(h->schedule.gamma, 0.0, HUGE_VAL, 0))
+        return ddp__ck_bad(ctx, path, "gamma", "is %g (must be finite and >= 0)", h->schedule.gamma);
+    if (h->loss_scaling > 1)
+        return ddp__ck_bad(ctx, path, "loss_scaling", "is %u (must be 0 or 1)", h->loss_scaling);
+    if (!(h->loss_scale > 0) || !ddp__finite(h->loss_scale) || (double)(float)h->loss_scale != h->loss_scale)
+        return ddp__ck_bad(ctx, path, "loss_scale", "is %g (must be a finite float > 0)", h->loss_scale);
+    if (h->tracker < 0 || h->tracker > INT_MAX)
+        return ddp__ck_bad(ctx, path, "growth_tracker", "is %lld (must be 0..%d)", (long long)h->tracker, INT_MAX);
+    if (!ddp__ck_count(h->skipped))
+        return ddp__ck_bad(ctx, path, "skipped", "is %lld (must be 0..2^53)", (long long)h->skipped);
+    if (h->sched_steps != h->steps + h->skipped)
+        return ddp__ck_bad(ctx, path, "sched_steps", "is %lld, but steps %lld + skipped %lld = %lld",
+                           (long long)h->sched_steps, (long long)h->steps, (long long)h->skipped, (long long)(h->steps + h->skipped));
+    return DDP_SUCCESS;
+truncated:
+    return ddp__fail(ctx, DDP_ERROR_CORRUPT, "checkpoint '%s' is truncated in its header", path);
+}
+
+/* Parameter i's header: range-checked, then compared with the model. */
+static ddp_result ddp__ck_read_param(ddp_context *ctx, ddp__ckfile *c, const char *path, const ddp__ckhead *h, int i,
+                                     unsigned flags, int *has16) {
+    const ddp__param *p = &ctx->params[i];
+    char name[DDP__MAX_NAME], field[160];
+    uint32_t len, dt, nd;
+    uint64_t numel, prod = 1;
+    int64_t shape[DDP__MAX_NDIM];
+    double lr_scale = 1.0, wd_scale = 1.0;
+    int k;
+    if (!ddp__ck_read(c, &len, 4)) goto truncated;
+    snprintf(field, sizeof field, "namelen' of parameter '%d", i);
+    if (len < 1 || len >= DDP__MAX_NAME) return ddp__ck_bad(ctx, path, field, "is %u (must be 1..%d)", len, DDP__MAX_NAME - 1);
+    if (!ddp__ck_read(c, name, len)) goto truncated;
+    name[len] = 0;
+    snprintf(field, sizeof field, "name' of parameter '%d", i);
+    if (strlen(name) != len) return ddp__ck_bad(ctx, path, field, "holds a NUL byte");
+    if (!ddp__ck_read(c, &dt, 4) || !ddp__ck_read(c, &numel, 8) || !ddp__ck_read(c, &nd, 4)) goto truncated;
+    snprintf(field, sizeof field, "dtype' of parameter %d '%.64s", i, name);
+    if (dt != DDP_F32 && dt != DDP_F64 && dt != DDP_F16 && dt != DDP_BF16)
+        return ddp__ck_bad(ctx, path, field, "is %u (must be %d..%d)", dt, (int)DDP_F32, (int)DDP_BF16);
+    snprintf(field, sizeof field, "numel' of parameter %d '%.64s", i, name);
+    if (numel < 1 || numel > ((uint64_t)1 << 40))
+        return ddp__ck_bad(ctx, path, field, "is %llu (must be 1..2^40)", (unsigned long long)numel);
+    snprintf(field, sizeof field, "ndim' of parameter %d '%.64s", i, name);
+    if (nd < 1 || nd > DDP__MAX_NDIM) return ddp__ck_bad(ctx, path, field, "is %u (must be 1..%d)", nd, DDP__MAX_NDIM);
+    if (!ddp__ck_read(c, shape, (size_t)nd * 8)) goto truncated;
+    snprintf(field, sizeof field, "shape' of parameter %d '%.64s", i, name);
+    for (k = 0; k < (int)nd; k++) {
+        if (shape[k] < 1 || (uint64_t)shape[k] > numel / prod)
+            return ddp__ck_bad(ctx, path, field, "has %lld in dimension %d (does not make %llu elements)", (long long)shape[k], k,
+                               (unsigned long long)numel);
+        prod *= (uint64_t)shape[k];
+    }
+    if (prod != numel)
+        return ddp__ck_bad(ctx, path, field, "makes %llu elements, numel is %llu", (unsigned long long)prod, (unsigned long long)numel);
+    if (h->version >= 2) {
+        if (!ddp__ck_read(c, &lr_scale, 8) || !ddp__ck_read(c, &wd_scale, 8)) goto truncated;
+        snprintf(field, sizeof field, "lr_scale' of parameter %d '%.64s", i, name);
+        if (!ddp__in_range(lr_scale, 0.0, HUGE_VAL, 0)) return ddp__ck_bad(ctx, path, field, "is %g (must be finite and >= 0)", lr_scale);
+        snprintf(field, sizeof field, "weight_decay_scale' of parameter %d '%.64s", i, name);
+        if (!ddp__in_range(wd_scale, 0.0, HUGE_VAL, 0)) return ddp__ck_bad(ctx, path, field, "is %g (must be finite and >= 0)", wd_scale);
+    }
+    if (dt == DDP_F16 || dt == DDP_BF16) *has16 = 1;
+    if (strcmp(name, p->name) != 0 || dt != (uint32_t)p->dtype || numel != p->numel || (int)nd != p->ndim ||
+        memcmp(shape, p->shape, (size_t)nd * 8) != 0) {
+        ddp__param q;
+        char a[300], b[300];
+        memset(&q, 0, sizeof q);
+        ddp__copy_str(q.name, sizeof q.name, name);
+        q.dtype = (ddp_dtype)dt; q.ndim = (int)nd; memcpy(q.shape, shape, (size_t)nd * 8);
+        q.lr_scale = q.wd_scale = 1.0;
+        ddp__describe_param(&q, a, sizeof a);
+        q = *p;
+        q.lr_scale = q.wd_scale = 1.0;
+        ddp__describe_param(&q, b, sizeof b);
+        return ddp__fail(ctx, DDP_ERROR_MISMATCH, "checkpoint '%s' is of another model: parameter %d is %s there, %s here", path, i, a, b);
+    }
+    /* the groups are part of the optimizer's state (PyTorch's param_groups) */
+    if (h->version >= 2 && !(flags & DDP_LOAD_RESET_OPTIMIZER) && ctx->cfg.optimizer.type != DDP_OPTIM_NONE &&
+        (lr_scale != p->lr_scale || wd_scale != p->wd_scale))
+        return ddp__fail(ctx, DDP_ERROR_MISMATCH, "checkpoint '%s' was saved with other options for parameter %d '%s': lr_scale %g, "
+                         "weight_decay_scale %g there, %g and %g here (DDP_LOAD_RESET_OPTIMIZER loads the weights alone)",
+                         path, i, name, lr_scale, wd_scale, p->lr_scale, p->wd_scale);
+    return DDP_SUCCESS;
+truncated:
+    return ddp__fail(ctx, DDP_ERROR_CORRUPT, "checkpoint '%s' is truncated in the header of parameter %d", path, i);
+}
+
+/* Which state the file must hold for this context's optimizer: the file's
+   optimizer must be this one (or none here), and at a step > 0 every state
+   array this optimizer needs must be there. */
+static ddp_result ddp__ck_check_state(ddp_context *ctx, const char *path, const ddp__ckhead *h) {
+    static const char *const what[3] = { "momentum / first-moment", "second-moment", "master-weight" };
+    int need[3], k;
+    ddp_optimizer mine = ctx->cfg.optimizer.type;
+    if (mine == DDP_OPTIM_NONE) return DDP_SUCCESS;
+    if (h->optimizer == DDP_OPTIM_NONE)
+        return ddp__fail(ctx, DDP_ERROR_MISMATCH, "checkpoint '%s' holds no optimizer state (saved without an optimizer), and this context has one; "
+                         "ddp_load_checkpoint_ex(ctx, path, DDP_LOAD_RESET_OPTIMIZER) loads its weights with a fresh optimizer", path);
+    if (h->optimizer != (uint32_t)mine)
+        return ddp__fail(ctx, DDP_ERROR_MISMATCH, "checkpoint '%s' holds state of optimizer %u, this context uses %d "
+                         "(DDP_LOAD_RESET_OPTIMIZER loads the weights alone)", path, h->optimizer, (int)mine);
+    if (h->steps == 0) return DDP_SUCCESS;
+    ddp__state_needed(ctx, need);
+    for (k = 0; k < 3; k++)
+        if (need[k] && !(h->flags & (1u << k)))
+            return ddp__fail(ctx, DDP_ERROR_MISMATCH, "checkpoint '%s' has no %s state for this optimizer at step %lld; "
+                             "DDP_LOAD_RESET_OPTIMIZER loads its weights with a fresh optimizer", path, what[k], (long long)h->steps);
+    return DDP_SUCCESS;
+}
+
 /* Reads into scratch buffers first and commits only after the checksum
    matched, so a bad file leaves the model untouched. */
-static ddp_result ddp__load_file(ddp_context *ctx, const char *path) {
+static ddp_result ddp__load_file(ddp_context *ctx, const char *path, unsigned flags) {
     ddp__ckfile c;
-    char magic[8], name[DDP__MAX_NAME];
-    uint32_t version, np, opt, flags, u;
-    int64_t steps;
+    ddp__ckhead h;
     unsigned char *pbuf = NULL, *sbuf[3] = { NULL, NULL, NULL };
-    int i, k;
+    int i, k, has16 = 0, reset = (flags & DDP_LOAD_RESET_OPTIMIZER) != 0;
     ddp_result r = DDP_SUCCESS;
     memset(&c, 0, sizeof c);
     c.hash = 0xcbf29ce484222325ull;
     c.f = fopen(path, "rb");
     if (!c.f) return ddp__fail(ctx, DDP_ERROR_IO, "ddp_load_checkpoint: cannot open '%s': %s", path, strerror(errno));
-    if (!ddp__ck_read(&c, magic, 8) || memcmp(magic, DDP__CKPT_MAGIC, 8) != 0) {
-        r = ddp__fail(ctx, DDP_ERROR_CORRUPT, "'%s' is not a ddp.h checkpoint (bad magic)", path);
-        goto done;
-    }
-    if (!ddp__ck_read(&c, &version, 4) || !ddp__ck_read(&c, &np, 4) || !ddp__ck_read(&c, &opt, 4) ||
-        !ddp__ck_read(&c, &flags, 4) || !ddp__ck_read(&c, &steps, 8)) {
-        r = ddp__fail(ctx, DDP_ERROR_CORRUPT, "checkpoint '%s' is truncated in its header", path);
-        goto done;
-    }
-    if (version != 1) { r = ddp__fail(ctx, DDP_ERROR_CORRUPT, "checkpoint '%s' has version %u; this library reads version 1", path, version); goto done; }
-    if (np != (uint32_t)ctx->num_params) {
-        r = ddp__fail(ctx, DDP_ERROR_MISMATCH, "checkpoint '%s' is of another model: it has %u parameters, this model %d", path, np, ctx->num_params);
-        goto done;
-    }
-    for (i = 0; i < ctx->num_params; i++) {
-        const ddp__param *p = &ctx->params[i];
-        uint32_t dt, nd;
-        uint64_t numel;
-        int64_t shape[DDP__MAX_NDIM];
-        if (!ddp__ck_read(&c, &u, 4) || u >= DDP__MAX_NAME || !ddp__ck_read(&c, name, u)) {
-            r = ddp__fail(ctx, DDP_ERROR_CORRUPT, "checkpoint '%s' is corrupt at the name of parameter %d", path, i);
-            goto done;
-        }
-        name[u] = 0;
-        if (!ddp__ck_read(&c, &dt, 4) || !ddp__ck_read(&c, &numel, 8) || !ddp__ck_read(&c, &nd, 4) ||
-            nd < 1 || nd > DDP__MAX_NDIM || !ddp__ck_read(&c, shape, (size_t)nd * 8)) {
-            r = ddp__fail(ctx, DDP_ERROR_CORRUPT, "checkpoint '%s' is corrupt at parameter %d '%s'", path, i, name);
-            goto done;
-        }
-        if (strcmp(name, p->name) != 0 || dt != (uint32_t)p->dtype || numel != p->numel || (int)nd != p->ndim ||
-            memcmp(shape, p->shape, (size_t)nd * 8) != 0) {
-            ddp__param q;
-            char a[300], b[300];
-            memset(&q, 0, sizeof q);
-            ddp__copy_str(q.name, sizeof q.name, name);
-            q.dtype = (ddp_dtype)dt; q.ndim = (int)nd; memcpy(q.shape, shape, (size_t)nd * 8);
-            ddp__describe_param(&q, a, sizeof a);
-            ddp__describe_param(p, b, sizeof b);
-            r = ddp__fail(ctx, DDP_ERROR_MISMATCH, "checkpoint '%s' is of another model: parameter %d is %s there, %s here", path, i, a, b);
-            goto done;
-        }
-    }
-    if (opt != (uint32_t)ctx->cfg.optimizer.type && opt != DDP_OPTIM_NONE && ctx->cfg.optimizer.type != DDP_OPTIM_NONE) {
-        r = ddp__fail(ctx, DDP_ERROR_MISMATCH, "checkpoint '%s' holds state of optimizer %u, this context uses %d", path, opt, (int)ctx->cfg.optimizer.type);
-        goto done;
-    }
+    r = ddp__ck_read_head(ctx, &c, path, &h);
+    if (r == DDP_SUCCESS && h.nparams != (uint32_t)ctx->num_params)
+        r = ddp__fail(ctx, DDP_ERROR_MISMATCH, "checkpoint '%s' is of another model: it has %u parameters, this model %d", path, h.nparams, ctx->num_params);
+    for (i = 0; i < ctx->num_params && r == DDP_SUCCESS; i++) r = ddp__ck_read_param(ctx, &c, path, &h, i, flags, &has16);
+    if (r == DDP_SUCCESS && (h.flags & 4u) && !has16)
+        r = ddp__ck_bad(ctx, path, "flags", "is 0x%x: master weights, but no 16-bit parameter", h.flags);
+    if (r == DDP_SUCCESS && !reset) r = ddp__ck_check_state(ctx, path, &h);
+    if (r != DDP_SUCCESS) goto done;
     pbuf = (unsigned char *)ddp__calloc(ctx, ctx->flat_bytes);
     if (!pbuf) { r = ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory loading '%s'", path); goto done; }
     for (i = 0; i < ctx->num_params && r == DDP_SUCCESS; i++)
         if (!ddp__ck_read(&c, pbuf + ctx->params[i].offset, ctx->params[i].numel * ddp_dtype_size(ctx->params[i].dtype)))
             r = ddp__fail(ctx, DDP_ERROR_CORRUPT, "checkpoint '%s' is truncated in the data of parameter %d '%s'", path, i, ctx->params[i].name);
     for (k = 0; k < 3 && r == DDP_SUCCESS; k++) {
-        if (!(flags & (1u << k))) continue;
+        if (!(h.flags & (1u << k))) continue;
         sbuf[k] = (unsigned char *)ddp__calloc(ctx, ctx->opt_state_bytes);
         if (!sbuf[k]) { r = ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory loading '%s'", path); break; }
         for (i = 0; i < ctx->num_params && r == DDP_SUCCESS; i++)
@@ -4665,25 +5859,44 @@ static ddp_result ddp__load_file(ddp_context *ctx, const char *path) {
         else if (fgetc(c.f) != EOF) r = ddp__fail(ctx, DDP_ERROR_CORRUPT, "checkpoint '%s' has trailing bytes after its checksum", path);
     }
     if (r == DDP_SUCCESS) { /* commit */
+        int take = !reset && ctx->cfg.optimizer.type != DDP_OPTIM_NONE;
         if (ddp__on_gpu(ctx)) r = ddp__cuda_memcpy(ctx, ctx->flat_params, pbuf, ctx->flat_bytes, 1);
         else memcpy(ctx->flat_params, pbuf, ctx->flat_bytes);
-        /* the optimizer state: the file's when it is of this optimizer,
-           else fresh (zero moments, master weights from the loaded values) */
-        if (r == DDP_SUCCESS) {
-            int take = opt == (uint32_t)ctx->cfg.optimizer.type && opt != DDP_OPTIM_NONE;
-            ctx->opt_steps = take ? steps : 0;
-            r = ddp__opt_alloc(ctx);
-            for (k = 0; k < 3 && r == DDP_SUCCESS; k++) {
-                void *dst = *ddp__state_slot(ctx, k);
-                if (!dst) continue;
-                if (take && sbuf[k]) {
-                    if (ddp__on_gpu(ctx)) r = ddp__cuda_memcpy(ctx, dst, sbuf[k], ctx->opt_state_bytes, 1);
-                    else memcpy(dst, sbuf[k], ctx->opt_state_bytes);
-                } else if (k == 2) {
-                    r = ddp__init_master(ctx);
-                } else {
-                    r = ddp__state_zero(ctx, dst);
-                }
+        /* the training state: the file's, or fresh (zero moments, master
+           weights from the loaded values, step 0, the configured lr and
+           loss scale) */
+        ctx->opt_steps = take ? h.steps : 0;
+        ctx->sched_steps = take ? h.sched_steps : 0;
+        if (!take) ctx->cfg.optimizer.lr = ctx->config_lr;
+        else if (h.version >= 2) ctx->cfg.optimizer.lr = h.lr;
+        ctx->ls_skipped = take && h.version >= 2 ? h.skipped : 0;
+        ctx->ls_tracker = 0;
+        ctx->ls_scale = ctx->cfg.loss_scale.enabled ? (double)(float)ctx->cfg.loss_scale.init_scale : 1.0;
+        if (take && h.version >= 2 && h.loss_scaling && ctx->cfg.loss_scale.enabled) {
+            ctx->ls_scale = h.loss_scale;
+            ctx->ls_tracker = h.tracker;
+        }
+        ctx->ls_last_skipped = 0;
+        if (take && h.version >= 2 && memcmp(&h.schedule, &ctx->cfg.schedule, sizeof h.schedule) != 0 &&
+            (h.schedule.type != ctx->cfg.schedule.type || h.schedule.warmup_steps != ctx->cfg.schedule.warmup_steps ||
+             h.schedule.total_steps != ctx->cfg.schedule.total_steps || h.schedule.min_lr != ctx->cfg.schedule.min_lr ||
+             h.schedule.step_size != ctx->cfg.schedule.step_size || h.schedule.gamma != ctx->cfg.schedule.gamma)) {
+            char msg[256];
+            snprintf(msg, sizeof msg, "checkpoint '%.100s' was saved with another schedule; the run goes on with this context's config.schedule from step %lld",
+                     path, (long long)h.sched_steps);
+            ddp__log(ctx, DDP_LOG_WARN, msg);
+        }
+        if (r == DDP_SUCCESS) r = ddp__opt_alloc(ctx);
+        for (k = 0; k < 3 && r == DDP_SUCCESS; k++) {
+            void *dst = *ddp__state_slot(ctx, k);
+            if (!dst) continue;
+            if (take && sbuf[k]) {
+                if (ddp__on_gpu(ctx)) r = ddp__cuda_memcpy(ctx, dst, sbuf[k], ctx->opt_state_bytes, 1);
+                else memcpy(dst, sbuf[k], ctx->opt_state_bytes);
+            } else if (k == 2) {
+                r = ddp__init_master(ctx);
+            } else {
+                r = ddp__state_zero(ctx, dst);
             }
         }
     }
@@ -4694,13 +5907,20 @@ done:
     return r;
 }
 
-DDP_API ddp_result ddp_load_checkpoint(ddp_context *ctx, const char *path) {
+DDP_API ddp_result ddp_load_checkpoint_ex(ddp_context *ctx, const char *path, unsigned flags) {
     if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
     DDP__TRY(ddp__check_usable(ctx, "ddp_load_checkpoint"));
     if (!path || !*path) return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_load_checkpoint: path is NULL or empty");
+    if (flags & ~(unsigned)DDP_LOAD_RESET_OPTIMIZER)
+        return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_load_checkpoint_ex: flags 0x%x has unknown bits", flags);
     if (!ctx->finalized) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_load_checkpoint: call ddp_finalize() first");
     if (ctx->in_step) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_load_checkpoint: not allowed inside a step");
-    return ddp__agree(ctx, ddp__load_file(ctx, path), "loading the checkpoint");
+    DDP__TRY(ddp__join_check(ctx, "ddp_load_checkpoint"));
+    return ddp__agree(ctx, ddp__load_file(ctx, path, flags), "loading the checkpoint");
+}
+
+DDP_API ddp_result ddp_load_checkpoint(ddp_context *ctx, const char *path) {
+    return ddp_load_checkpoint_ex(ctx, path, 0);
 }
 
 /* ---- safetensors ---------------------------------------------------------------------
@@ -5491,8 +6711,9 @@ DDP_API ddp_result ddp_load_safetensors(ddp_context *ctx, const char *path, int 
    Parameters and gradients live on the GPU. Marking a gradient ready records
    an event on the caller's stream. A complete bucket is reduced:
      nccl    on the communication stream, which first waits for the bucket's
-             events; ncclAvg (or ncclSum) in place, a scale kernel when
-             micro-steps were accumulated. The end of the step makes the
+             events; ncclAvg (or ncclSum) in place, then a scale kernel for
+             what remains of ddp__reduce_factor (ddp_train_step's 1 / K, or
+             1 / contributors with uneven inputs). The end of the step makes the
              user's stream wait for the communication stream: no host sync.
              A watchdog (the communication thread) polls every collective in
              flight; one that has not finished within the timeout, or an
@@ -5513,9 +6734,11 @@ struct ddp__cuda_state {
     cudaEvent_t *done;            /* per bucket */
     cudaEvent_t  last;            /* the last collective queued on comm */
     float       *d_norm;          /* device scalar for sumsq */
+    int         *d_flag;          /* device flag for the non-finite check (loss scaling) */
     float       *d_scratch;       /* sumsq partials */
     size_t       scratch_elems;
     void        *compress_buf;    /* bucket in bf16/f16 for compressed all-reduce */
+    unsigned char *d_group_map;   /* ctx->group_map on the device (NULL with one group) */
     int          host_registered; /* the shared gradient slice is pinned */
     int          solo;            /* a world of one: nothing to exchange (unless DDP_FORCE_COMM) */
     /* watchdog */
@@ -5561,6 +6784,7 @@ static void ddp__free_flat_grads(ddp_context *ctx) {
 }
 
 static cudaStream_t ddp__ustream(ddp_context *ctx) { return ctx->cuda ? ctx->cuda->user : (cudaStream_t)0; }
+static ddp_result ddp__cuda_scale(ddp_context *ctx, void *x, ddp_dtype t, size_t n, float f, cudaStream_t s, const char *what);
 
 DDP_API ddp_result ddp_set_stream(ddp_context *ctx, void *stream) {
     if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
@@ -5989,6 +7213,8 @@ static ddp_result ddp__cuda_setup(ddp_context *ctx) {
     cu->d_norm = (float *)ddp__dev_alloc(ctx, sizeof(float) * (cu->scratch_elems + 1));
     if (!cu->d_norm) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "no device memory for the norm scratch");
     cu->d_scratch = cu->d_norm + 1;
+    cu->d_flag = (int *)ddp__dev_alloc(ctx, sizeof(int));
+    if (!cu->d_flag) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "no device memory for the non-finite flag");
     /* a world of one exchanges nothing: no communicator (NCCL's threads cost
        time even when idle), unless DDP_FORCE_COMM asks for the real path */
     if (cu->solo) { ctx->ops = &ddp__solo_ops; return DDP_SUCCESS; }
@@ -6036,7 +7262,9 @@ static void ddp__cuda_teardown(ddp_context *ctx) {
     if (cu->done) { for (i = 0; i < ctx->num_buckets; i++) if (cu->done[i]) cudaEventDestroy(cu->done[i]); ddp__free(ctx, cu->done); }
     if (cu->last) cudaEventDestroy(cu->last);
     ddp__free_device(ctx, cu->d_norm);
+    ddp__free_device(ctx, cu->d_flag);
     ddp__free_device(ctx, cu->compress_buf);
+    ddp__free_device(ctx, cu->d_group_map);
     if (cu->comm) cudaStreamDestroy(cu->comm);
     ddp__free(ctx, cu);
     ctx->cuda = NULL;
@@ -6065,6 +7293,12 @@ static ddp_result ddp__cuda_finalize(ddp_context *ctx) {
     for (i = 0; i < ctx->num_buckets; i++) {
         DDP__CU(ctx, cudaEventCreateWithFlags(&cu->done[i], cudaEventDisableTiming), "creating events");
         if (ctx->buckets[i].bytes > maxb) maxb = ctx->buckets[i].bytes;
+    }
+    if (ctx->num_groups > 1) {
+        size_t chunks = ctx->flat_bytes / DDP__ALIGN;
+        cu->d_group_map = (unsigned char *)ddp__dev_alloc(ctx, chunks);
+        if (!cu->d_group_map) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "no device memory for the parameter group map");
+        DDP__CU(ctx, cudaMemcpy(cu->d_group_map, ctx->group_map, chunks, cudaMemcpyHostToDevice), "copying the parameter group map");
     }
     if (ctx->cfg.compress == DDP_BF16 || ctx->cfg.compress == DDP_F16) {
         cu->compress_buf = ddp__dev_alloc(ctx, maxb / 2 + 256);
@@ -6118,8 +7352,10 @@ static ddp_result ddp__cuda_launch_bucket(ddp_context *ctx, int b) {
     void *g = ctx->flat_grads + bk->offset;
     char what[96];
     ncclResult_t r;
-    /* ncclAvg divides by the world; what remains is 1 / micro-steps, fixed at ddp_step_begin() */
-    float post = ctx->cfg.gradient_sum ? 1.0f : 1.0f / (float)ctx->q_micro;
+    /* the factor of this reduce (ddp__reduce_factor, fixed at ddp_step_begin()): ncclAvg
+       when it divides by the whole world, then what remains (ddp_train_step's 1 / micro_steps) */
+    int avg = !ctx->cfg.gradient_sum && ctx->divisor == (double)ctx->world;
+    float post = avg ? (float)(1.0 / ctx->window_div) : (float)ctx->q_scale;
     snprintf(what, sizeof what, "NCCL all-reduce of gradient bucket %d (%zu bytes)", b, bk->bytes);
     if (!ddp__nccl_ok(ctx)) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "%s: the communicator was aborted", what);
     DDP__TRY(ddp__cuda_bucket_events(ctx, b, 1));
@@ -6132,14 +7368,10 @@ static ddp_result ddp__cuda_launch_bucket(ddp_context *ctx, int b) {
         DDP__TRY(ddp__nccl_settle(ctx, r, ctx->cfg.timeout_s, what));
         DDP__KL(ctx, ddp_k_cast(g, (int)DDP_F32, cu->compress_buf, (int)ctx->cfg.compress, bk->numel, 1.0f, cu->comm), what);
     } else {
-        r = ncclAllReduce(g, g, bk->numel, ddp__nccl_type(bk->dtype), ctx->cfg.gradient_sum ? ncclSum : ncclAvg, cu->nccl, cu->comm);
+        r = ncclAllReduce(g, g, bk->numel, ddp__nccl_type(bk->dtype), avg ? ncclAvg : ncclSum, cu->nccl, cu->comm);
         if (r == ncclInProgress) ncclCommGetAsyncError(cu->nccl, &r);
         DDP__TRY(ddp__nccl_settle(ctx, r, ctx->cfg.timeout_s, what));
-        if (post != 1.0f) {
-            if (bk->dtype != DDP_F32)
-                return ddp__fail(ctx, DDP_ERROR_UNSUPPORTED, "%s: gradient accumulation on the GPU needs f32 gradients", what);
-            DDP__KL(ctx, ddp_k_scale((float *)g, bk->numel, post, cu->comm), what);
-        }
+        if (post != 1.0f) DDP__TRY(ddp__cuda_scale(ctx, g, bk->dtype, bk->numel, post, cu->comm, what));
     }
     DDP__CU(ctx, cudaEventRecord(cu->done[b], cu->comm), what);
     DDP__CU(ctx, cudaEventRecord(cu->last, cu->comm), what);
@@ -6156,6 +7388,13 @@ static ddp_result ddp__cuda_launch_bucket(ddp_context *ctx, int b) {
 #endif
 }
 
+/* x *= f in x's type (f32 in place; f16/bf16 through an in-place cast). */
+static ddp_result ddp__cuda_scale(ddp_context *ctx, void *x, ddp_dtype t, size_t n, float f, cudaStream_t s, const char *what) {
+    if (t == DDP_F32) DDP__KL(ctx, ddp_k_scale((float *)x, n, f, s), what);
+    else DDP__KL(ctx, ddp_k_cast(x, (int)t, x, (int)t, n, f, s), what);
+    return DDP_SUCCESS;
+}
+
 /* A world of one reduces nothing: the gradients are already the average.
    Join the streams the gradients were marked on, and scale for accumulation. */
 static ddp_result ddp__cuda_solo_end(ddp_context *ctx, cudaStream_t s) {
@@ -6170,14 +7409,10 @@ static ddp_result ddp__cuda_solo_end(ddp_context *ctx, cudaStream_t s) {
         DDP__CU(ctx, cudaEventRecord(cu->ready[i], (cudaStream_t)ctx->params[i].stream), "joining streams");
         DDP__CU(ctx, cudaStreamWaitEvent(s, cu->ready[i], 0), "joining streams");
     }
-    if (ctx->q_micro > 1 && !ctx->cfg.gradient_sum)
-        for (b = 0; b < ctx->num_buckets; b++) {
-            if (ctx->buckets[b].dtype != DDP_F32)
-                return ddp__fail(ctx, DDP_ERROR_UNSUPPORTED, "gradient accumulation on the GPU needs f32 gradients (bucket %d is %s)",
-                                 b, ddp_dtype_name(ctx->buckets[b].dtype));
-            DDP__KL(ctx, ddp_k_scale((float *)(ctx->flat_grads + ctx->buckets[b].offset), ctx->buckets[b].numel,
-                                     1.0f / (float)ctx->q_micro, s), "scaling accumulated gradients");
-        }
+    if ((float)ctx->q_scale != 1.0f)
+        for (b = 0; b < ctx->num_buckets; b++)
+            DDP__TRY(ddp__cuda_scale(ctx, ctx->flat_grads + ctx->buckets[b].offset, ctx->buckets[b].dtype, ctx->buckets[b].numel,
+                                     (float)ctx->q_scale, s, "scaling the accumulated gradients"));
     return DDP_SUCCESS;
 }
 
@@ -6284,12 +7519,55 @@ static ddp_result ddp__cuda_sumsq(ddp_context *ctx, double *out) {
     return DDP_SUCCESS;
 }
 
+/* ddp_k_nonfinite over every bucket into one device flag; the host waits for it. */
+static ddp_result ddp__cuda_nonfinite(ddp_context *ctx, int *found) {
+    struct ddp__cuda_state *cu = ctx->cuda;
+    cudaStream_t s = ddp__ustream(ctx);
+    int b, h = 0;
+    DDP__CU(ctx, cudaMemsetAsync(cu->d_flag, 0, sizeof(int), s), "checking the gradients for inf/NaN");
+    for (b = 0; b < ctx->num_buckets; b++)
+        DDP__KL(ctx, ddp_k_nonfinite(ctx->flat_grads + ctx->buckets[b].offset, (int)ctx->buckets[b].dtype, ctx->buckets[b].numel,
+                                     cu->d_flag, s), "checking the gradients for inf/NaN");
+    DDP__CU(ctx, cudaMemcpyAsync(&h, cu->d_flag, sizeof(int), cudaMemcpyDeviceToHost, s), "checking the gradients for inf/NaN");
+    DDP__TRY(ddp__cuda_wait(ctx, NULL, s, "checking the gradients for inf/NaN"));
+    *found = h != 0;
+    return DDP_SUCCESS;
+}
+
 static ddp_result ddp__cuda_scale_grads(ddp_context *ctx, float f) {
     int b;
     for (b = 0; b < ctx->num_buckets; b++) {
         const ddp__bucket *bk = &ctx->buckets[b];
-        if (bk->dtype != DDP_F32) return ddp__fail(ctx, DDP_ERROR_UNSUPPORTED, "clipping 16-bit gradients on the GPU is not supported yet");
-        DDP__KL(ctx, ddp_k_scale((float *)(ctx->flat_grads + bk->offset), bk->numel, f, ddp__ustream(ctx)), "clipping");
+        DDP__TRY(ddp__cuda_scale(ctx, ctx->flat_grads + bk->offset, bk->dtype, bk->numel, f, ddp__ustream(ctx), "scaling the gradients"));
+    }
+    return DDP_SUCCESS;
+}
+
+/* Accumulation buffers (see ACCUMULATION): device memory, work on the user's stream. */
+static ddp_result ddp__cuda_grad_buffer(ddp_context *ctx, void **slot) {
+    *slot = ddp__dev_alloc(ctx, ctx->flat_bytes);
+    if (!*slot) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "no device memory for %zu bytes of accumulated gradients", ctx->flat_bytes);
+    return DDP_SUCCESS;
+}
+
+static ddp_result ddp__cuda_grad_copy(ddp_context *ctx, void *dst, const void *src) {
+    DDP__CU(ctx, cudaMemcpyAsync(dst, src, ctx->flat_bytes, cudaMemcpyDeviceToDevice, ddp__ustream(ctx)), "copying accumulated gradients");
+    return DDP_SUCCESS;
+}
+
+/* dst += src on `stream` (NULL: the user's stream); the user's stream then
+   waits for it too. */
+static ddp_result ddp__cuda_grad_add(ddp_context *ctx, void *dst, const void *src, void *stream) {
+    cudaStream_t s = stream ? (cudaStream_t)stream : ddp__ustream(ctx);
+    int b;
+    for (b = 0; b < ctx->num_buckets; b++) {
+        const ddp__bucket *bk = &ctx->buckets[b];
+        DDP__KL(ctx, ddp_k_add((unsigned char *)dst + bk->offset, (const unsigned char *)src + bk->offset, (int)bk->dtype, bk->numel, s),
+                "adding accumulated gradients");
+    }
+    if (s != ddp__ustream(ctx)) {
+        DDP__CU(ctx, cudaEventRecord(ctx->cuda->last, s), "joining streams");
+        DDP__CU(ctx, cudaStreamWaitEvent(ddp__ustream(ctx), ctx->cuda->last, 0), "joining streams");
     }
     return DDP_SUCCESS;
 }
@@ -6315,31 +7593,44 @@ static ddp_result ddp__cuda_init_master(ddp_context *ctx) {
     return DDP_SUCCESS;
 }
 
-static ddp_result ddp__cuda_optimizer_step(ddp_context *ctx, float clip) {
-    const ddp_optimizer_desc *o = &ctx->cfg.optimizer;
+/* One launch per bucket, parameter groups through the device group map
+   (the same map the CPU path reads). */
+static ddp_result ddp__cuda_optimizer_step(ddp_context *ctx, const ddp__hyper *h) {
     cudaStream_t s = ddp__ustream(ctx);
-    int b;
-    if (clip != 1.0f) DDP__TRY(ddp__cuda_scale_grads(ctx, clip));
+    ddp_k_optim o;
+    ddp_k_groups gr;
+    int b, g;
+    memset(&o, 0, sizeof o);
+    memset(&gr, 0, sizeof gr);
+    o.type = h->adamw ? DDP_K_ADAMW : DDP_K_SGD;
+    o.lr = h->lr;
+    o.momentum = h->momentum;
+    o.dampening = h->dampening;
+    o.nesterov = h->nesterov;
+    o.weight_decay = h->wd;
+    o.beta1 = h->beta1;
+    o.beta2 = h->beta2;
+    o.eps = h->eps;
+    o.step = h->t;
+    o.grad_scale = h->gs32;
+    gr.map = ctx->cuda->d_group_map;
+    gr.count = ctx->num_groups;
+    for (g = 0; g < ctx->num_groups; g++) { gr.lr_scale[g] = ctx->group_lr[g]; gr.wd_scale[g] = ctx->group_wd[g]; }
     for (b = 0; b < ctx->num_buckets; b++) {
         const ddp__bucket *bk = &ctx->buckets[b];
-        void *p = ctx->flat_params + bk->offset, *g = ctx->flat_grads + bk->offset;
+        size_t es = ddp_dtype_size(bk->dtype);
+        void *p = ctx->flat_params + bk->offset, *gp = ctx->flat_grads + bk->offset;
         float *m = ctx->opt_m ? (float *)((unsigned char *)ctx->opt_m + ctx->opt_state_off[b]) : NULL;
         float *v = ctx->opt_v ? (float *)((unsigned char *)ctx->opt_v + ctx->opt_state_off[b]) : NULL;
         float *master = ctx->opt_master ? (float *)((unsigned char *)ctx->opt_master + ctx->opt_state_off[b]) : NULL;
-        int t = (int)ctx->opt_steps;
-        if (bk->dtype == DDP_F32) {
-            if (o->type == DDP_OPTIM_SGD)
-                DDP__KL(ctx, ddp_k_sgd((float *)p, (const float *)g, m, bk->numel, o->lr, o->momentum, o->weight_decay, o->nesterov, t == 1, s), "SGD step");
-            else
-                DDP__KL(ctx, ddp_k_adamw((float *)p, (const float *)g, m, v, bk->numel, o->lr, o->beta1, o->beta2, o->eps, o->weight_decay, t, s), "AdamW step");
-        } else {
-            if (o->type == DDP_OPTIM_SGD)
-                DDP__KL(ctx, ddp_k_sgd_mixed(p, (int)bk->dtype, master, g, (int)bk->dtype, m, bk->numel, o->lr, o->momentum,
-                                             o->weight_decay, o->nesterov, t == 1, s), "SGD step (mixed precision)");
-            else
-                DDP__KL(ctx, ddp_k_adamw_mixed(p, (int)bk->dtype, master, g, (int)bk->dtype, m, v, bk->numel, o->lr, o->beta1,
-                                               o->beta2, o->eps, o->weight_decay, t, s), "AdamW step (mixed precision)");
-        }
+        gr.first = bk->offset / es;
+        gr.chunk_log2 = es == 4 ? 6 : 7; /* DDP__ALIGN bytes per chunk */
+        if (bk->dtype == DDP_F32)
+            DDP__KL(ctx, ddp_k_optimizer_step(NULL, 0, (float *)p, gp, (int)DDP_F32, m, v, bk->numel, &o, &gr, s),
+                    h->adamw ? "AdamW step" : "SGD step");
+        else
+            DDP__KL(ctx, ddp_k_optimizer_step(p, (int)bk->dtype, master, gp, (int)bk->dtype, m, v, bk->numel, &o, &gr, s),
+                    h->adamw ? "AdamW step (mixed precision)" : "SGD step (mixed precision)");
     }
     return DDP_SUCCESS;
 }
@@ -6368,10 +7659,14 @@ static ddp_result ddp__cuda_finalize(ddp_context *ctx) { return ddp__cuda_unreac
 static ddp_result ddp__cuda_launch_bucket(ddp_context *ctx, int b) { (void)b; return ddp__cuda_unreachable(ctx); }
 static ddp_result ddp__cuda_record_ready(ddp_context *ctx, int id, void *s) { (void)id; (void)s; return ddp__cuda_unreachable(ctx); }
 static ddp_result ddp__cuda_step_end(ddp_context *ctx, void *s) { (void)s; return ddp__cuda_unreachable(ctx); }
-static ddp_result ddp__cuda_optimizer_step(ddp_context *ctx, float f) { (void)f; return ddp__cuda_unreachable(ctx); }
+static ddp_result ddp__cuda_optimizer_step(ddp_context *ctx, const ddp__hyper *h) { (void)h; return ddp__cuda_unreachable(ctx); }
 static ddp_result ddp__cuda_sumsq(ddp_context *ctx, double *o) { (void)o; return ddp__cuda_unreachable(ctx); }
+static ddp_result ddp__cuda_nonfinite(ddp_context *ctx, int *f) { (void)f; return ddp__cuda_unreachable(ctx); }
 static ddp_result ddp__cuda_scale_grads(ddp_context *ctx, float s) { (void)s; return ddp__cuda_unreachable(ctx); }
 static ddp_result ddp__cuda_zero_grads(ddp_context *ctx) { return ddp__cuda_unreachable(ctx); }
+static ddp_result ddp__cuda_grad_buffer(ddp_context *ctx, void **slot) { (void)slot; return ddp__cuda_unreachable(ctx); }
+static ddp_result ddp__cuda_grad_copy(ddp_context *ctx, void *d, const void *s) { (void)d; (void)s; return ddp__cuda_unreachable(ctx); }
+static ddp_result ddp__cuda_grad_add(ddp_context *ctx, void *d, const void *s, void *st) { (void)d; (void)s; (void)st; return ddp__cuda_unreachable(ctx); }
 static ddp_result ddp__cuda_state_alloc(ddp_context *ctx, void **slot) { (void)slot; return ddp__cuda_unreachable(ctx); }
 static ddp_result ddp__cuda_init_master(ddp_context *ctx) { return ddp__cuda_unreachable(ctx); }
 static ddp_result ddp__cuda_zero(ddp_context *ctx, void *p, size_t n) { (void)p; (void)n; return ddp__cuda_unreachable(ctx); }

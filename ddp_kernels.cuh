@@ -49,9 +49,13 @@
                              copy; gradient in f32, f16 or bf16
        ddp_k_adamw           AdamW step over fp32 params (PyTorch semantics)
        ddp_k_adamw_mixed     same on fp32 master weights + 16-bit copy
+       ddp_k_optimizer_step  either step from double hyper-parameters, per
+                             parameter group (lr and weight-decay scales per
+                             chunk of elements), with a gradient multiplier
        ddp_k_scale           x *= alpha
        ddp_k_cast            dst = convert(src * scale), f32/f16/bf16, round
                              to nearest even
+       ddp_k_add             dst += src, f32/f16/bf16 (sum in f32)
        ddp_k_sumsq           squared L2 norm of f32 data into one device float
        ddp_k_sumsq_typed     same for f32, f16 or bf16 data
        ddp_k_sumsq_scratch_elems  scratch floats the sumsq launchers use at
@@ -60,7 +64,7 @@
 
    CPU REFERENCES (plain C, no CUDA needed; the GPU tests compare against
    them): ddp_ref_sgd ddp_ref_sgd_mixed ddp_ref_adamw ddp_ref_adamw_mixed
-   ddp_ref_scale ddp_ref_cast ddp_ref_sumsq ddp_ref_sumsq_typed
+   ddp_ref_optimizer_step ddp_ref_scale ddp_ref_cast ddp_ref_add ddp_ref_sumsq ddp_ref_sumsq_typed
    ddp_ref_nonfinite, and ddp_f32_to_bf16_bits ddp_bf16_bits_to_f32
    ddp_f32_to_f16_bits ddp_f16_bits_to_f32 (round to nearest even).
 
@@ -140,6 +144,39 @@ extern "C" {
 /* Most scratch floats ddp_k_sumsq* use (the number of partial sums). */
 #define DDP_K_SUMSQ_SCRATCH_ELEMS 2048
 
+/* ---- one optimizer step, described (ddp_k_optimizer_step) ----------------- */
+
+#define DDP_K_SGD   1
+#define DDP_K_ADAMW 2
+#define DDP_K_MAX_GROUPS 16
+
+/* Hyper-parameters in double, as PyTorch's Python floats; each constant is
+   rounded to f32 once, on the host (so beta2 = 0.999 gives PyTorch's
+   1 - beta2 exactly, unlike the float launchers below). */
+typedef struct ddp_k_optim {
+    int     type;          /* DDP_K_SGD or DDP_K_ADAMW */
+    double  lr;            /* times the group's lr_scale */
+    double  momentum;      /* SGD */
+    double  dampening;     /* SGD */
+    int     nesterov;      /* SGD */
+    double  weight_decay;  /* times the group's wd_scale; SGD: L2 in the gradient, AdamW: decoupled */
+    double  beta1, beta2, eps;  /* AdamW */
+    int64_t step;          /* the step being taken, 1-based (SGD: 1 only writes the momentum buffer) */
+    double  grad_scale;    /* every gradient is multiplied by it first (unscale x clip); 0 means 1 */
+} ddp_k_optim;
+
+/* Parameter groups over the elements of a call: element i belongs to group
+   map[(first + i) >> chunk_log2] (so a slice of a larger buffer keeps the
+   buffer's map: pass its element offset as first). */
+typedef struct ddp_k_groups {
+    const unsigned char *map; /* device memory for ddp_k_*, host for ddp_ref_*; NULL: all in group 0 */
+    size_t first;
+    int    chunk_log2;
+    int    count;             /* 1..DDP_K_MAX_GROUPS; every map entry must be below it */
+    double lr_scale[DDP_K_MAX_GROUPS];
+    double wd_scale[DDP_K_MAX_GROUPS];
+} ddp_k_groups;
+
 #ifdef DDP_K__DECLARE_LAUNCHERS
 
 /* ---- optimizer steps ----------------------------------------------------- */
@@ -173,7 +210,9 @@ DDP_KERNELS_API int ddp_k_sgd_mixed(void *param16, int param16_dtype, float *mas
    zero for step 1 (the caller zeroes them). Needs 0 <= beta < 1.
    The hyper-parameters are f32, so 1 - beta2 comes from 0.999f, not from
    0.999 as in PyTorch with a Python float: the v increment differs by
-   1.3e-5 relative (like passing beta2 = 0.99900001287 to PyTorch). */
+   1.3e-5 relative (like passing beta2 = 0.99900001287 to PyTorch);
+   ddp_k_optimizer_step takes double hyper-parameters and has no such
+   difference. */
 DDP_KERNELS_API int ddp_k_adamw(float *param, const float *grad, float *m, float *v,
                                 size_t n, float lr, float beta1, float beta2, float eps,
                                 float weight_decay, int step, void *stream);
@@ -185,6 +224,18 @@ DDP_KERNELS_API int ddp_k_adamw_mixed(void *param16, int param16_dtype, float *m
                                       size_t n, float lr, float beta1, float beta2, float eps,
                                       float weight_decay, int step, void *stream);
 
+/* SGD or AdamW as described by opt, over parameter groups (groups may be
+   NULL: one group, scales 1), on fp32 master weights with an optional
+   16-bit copy (param16_dtype f16/bf16/f32, or 0 with param16 NULL when
+   master is the parameter itself); gradient in grad_dtype (f32, f16, bf16).
+   m is the SGD momentum buffer (NULL allowed without momentum) or AdamW's
+   first moment, v AdamW's second. The per-element arithmetic is that of
+   ddp_k_sgd / ddp_k_adamw, plus the gradient multiplier and dampening. */
+DDP_KERNELS_API int ddp_k_optimizer_step(void *param16, int param16_dtype, float *master,
+                                         const void *grad, int grad_dtype, float *m, float *v,
+                                         size_t n, const ddp_k_optim *opt,
+                                         const ddp_k_groups *groups, void *stream);
+
 /* ---- element-wise utilities ---------------------------------------------- */
 
 /* x *= alpha. */
@@ -194,6 +245,10 @@ DDP_KERNELS_API int ddp_k_scale(float *x, size_t n, float alpha, void *stream);
    taken in f32, then rounded to nearest even). */
 DDP_KERNELS_API int ddp_k_cast(void *dst, int dst_dtype, const void *src, int src_dtype,
                                size_t n, float scale, void *stream);
+
+/* dst[i] = dst[i] + src[i], both of dtype (f32, f16 or bf16); the sum is
+   taken in f32, then rounded to nearest even. */
+DDP_KERNELS_API int ddp_k_add(void *dst, const void *src, int dtype, size_t n, void *stream);
 
 /* ---- reductions and checks ----------------------------------------------- */
 
@@ -242,9 +297,14 @@ DDP_KERNELS_API int  ddp_ref_adamw_mixed(void *param16, int param16_dtype, float
                                          const void *grad, int grad_dtype, float *m, float *v,
                                          size_t n, float lr, float beta1, float beta2,
                                          float eps, float weight_decay, int step);
+DDP_KERNELS_API int  ddp_ref_optimizer_step(void *param16, int param16_dtype, float *master,
+                                            const void *grad, int grad_dtype, float *m, float *v,
+                                            size_t n, const ddp_k_optim *opt,
+                                            const ddp_k_groups *groups);
 DDP_KERNELS_API void ddp_ref_scale(float *x, size_t n, float alpha);
 DDP_KERNELS_API int  ddp_ref_cast(void *dst, int dst_dtype, const void *src, int src_dtype,
                                   size_t n, float scale);
+DDP_KERNELS_API int  ddp_ref_add(void *dst, const void *src, int dtype, size_t n);
 /* Sums in double; ddp_ref_sumsq_typed returns -1 for a bad dtype. */
 DDP_KERNELS_API double ddp_ref_sumsq(const float *x, size_t n);
 DDP_KERNELS_API double ddp_ref_sumsq_typed(const void *x, int dtype, size_t n);
@@ -301,59 +361,93 @@ typedef char ddp_k__dtype_codes_match[(DDP_F32 == DDP_K_F32 && DDP_F64 == DDP_K_
 
 /* ---- per-element arithmetic ---------------------------------------------- */
 
-typedef struct ddp_k__adamw_consts {
-    float decay;      /* 1 - lr * weight_decay */
-    float b1, b2;
-    float omb1, omb2; /* 1 - beta */
-    float eps;
-    float step_size;  /* lr / (1 - beta1^t) */
-    float sqrt_bc2;   /* sqrt(1 - beta2^t) */
-} ddp_k__adamw_consts;
+/* One optimizer step's constants, prepared on the host from double
+   hyper-parameters (like PyTorch: scalars in double, each rounded to f32
+   once), per parameter group where they depend on the group. */
+typedef struct ddp_k__ocs {
+    int   adamw;
+    float lr[DDP_K_MAX_GROUPS], wd[DDP_K_MAX_GROUPS];       /* SGD */
+    float decay[DDP_K_MAX_GROUPS];                          /* AdamW: 1 - lr * weight_decay */
+    float step_size[DDP_K_MAX_GROUPS];                      /* AdamW: lr / (1 - beta1^t) */
+    float momentum, omd;                                    /* SGD: momentum, 1 - dampening */
+    int   nesterov, first;                                  /* SGD */
+    float b1, b2, omb1, omb2, eps, sqrt_bc2;                /* AdamW */
+    float gs;                                               /* gradient multiplier */
+    const unsigned char *map;                               /* group of each chunk, or NULL */
+    size_t map_first;
+    int   log2;
+} ddp_k__ocs;
 
-static DDP_K__UNUSED int ddp_k__adamw_prepare(float lr, float beta1, float beta2, float eps,
-                                              float weight_decay, int step,
-                                              ddp_k__adamw_consts *c)
+static DDP_K__UNUSED int ddp_k__opt_prepare(const ddp_k_optim *o, const ddp_k_groups *gr, ddp_k__ocs *c)
 {
-    double bc1, bc2;
-    if (step < 1 || !(beta1 >= 0.0f && beta1 < 1.0f) || !(beta2 >= 0.0f && beta2 < 1.0f))
-        return 1;
-    /* Like PyTorch: scalars in double, rounded to f32 once. */
-    bc1 = 1.0 - pow((double)beta1, (double)step);
-    bc2 = 1.0 - pow((double)beta2, (double)step);
-    c->decay = (float)(1.0 - (double)lr * (double)weight_decay);
-    c->b1 = beta1;
-    c->b2 = beta2;
-    c->omb1 = (float)(1.0 - (double)beta1);
-    c->omb2 = (float)(1.0 - (double)beta2);
-    c->eps = eps;
-    c->step_size = (float)((double)lr / bc1);
+    int k, count = gr ? gr->count : 1;
+    double bc1 = 1.0, bc2 = 1.0;
+    memset(c, 0, sizeof *c);
+    if (!o || (o->type != DDP_K_SGD && o->type != DDP_K_ADAMW) || o->step < 1) return 1;
+    if (gr && (count < 1 || count > DDP_K_MAX_GROUPS || gr->chunk_log2 < 0 || gr->chunk_log2 > 62)) return 1;
+    c->adamw = o->type == DDP_K_ADAMW;
+    if (c->adamw) {
+        if (!(o->beta1 >= 0.0 && o->beta1 < 1.0) || !(o->beta2 >= 0.0 && o->beta2 < 1.0)) return 1;
+        bc1 = 1.0 - pow(o->beta1, (double)o->step);
+        bc2 = 1.0 - pow(o->beta2, (double)o->step);
+    }
+    for (k = 0; k < count; k++) {
+        const double lr = o->lr * (gr ? gr->lr_scale[k] : 1.0);
+        const double wd = o->weight_decay * (gr ? gr->wd_scale[k] : 1.0);
+        c->lr[k] = (float)lr;
+        c->wd[k] = (float)wd;
+        c->decay[k] = (float)(1.0 - lr * wd);
+        c->step_size[k] = (float)(lr / bc1);
+    }
+    c->momentum = (float)o->momentum;
+    c->omd = (float)(1.0 - o->dampening);
+    c->nesterov = o->nesterov;
+    c->first = o->step == 1;
+    c->b1 = (float)o->beta1;
+    c->b2 = (float)o->beta2;
+    c->omb1 = (float)(1.0 - o->beta1);
+    c->omb2 = (float)(1.0 - o->beta2);
+    c->eps = (float)o->eps;
     c->sqrt_bc2 = (float)sqrt(bc2);
+    c->gs = o->grad_scale == 0.0 ? 1.0f : (float)o->grad_scale;
+    c->map = gr ? gr->map : NULL;
+    c->map_first = gr ? gr->first : 0;
+    c->log2 = gr ? gr->chunk_log2 : 0;
     return 0;
 }
 
-/* Returns the new param; updates *m and *v. */
-DDP_K__HD float ddp_k__adamw1(float p, float g, float *m, float *v, ddp_k__adamw_consts c)
+/* The parameter group of element i of a call. */
+DDP_K__HD int ddp_k__grp(const ddp_k__ocs *c, size_t i)
 {
-    const float mm = c.b1 * *m + c.omb1 * g;
-    const float vv = c.b2 * *v + c.omb2 * g * g;
-    const float denom = sqrtf(vv) / c.sqrt_bc2 + c.eps;
-    *m = mm;
-    *v = vv;
-    return p * c.decay - c.step_size * (mm / denom);
+    return c->map ? (int)c->map[(c->map_first + i) >> c->log2] : 0;
 }
 
-/* Returns the new param; *buf holds the old momentum (unused when
-   first_step) and receives the new one. */
-DDP_K__HD float ddp_k__sgd1(float p, float g, float *buf, float lr, float momentum,
-                            float weight_decay, int nesterov, int first_step)
+/* PyTorch's AdamW on one element of group k: returns the new param,
+   updates *m and *v. */
+DDP_K__HD float ddp_k__adamw_el(float p, float g, float *m, float *v, const ddp_k__ocs *c, int k)
 {
-    if (weight_decay != 0.0f) g = g + weight_decay * p;
-    if (momentum != 0.0f) {
-        const float b = first_step ? g : momentum * *buf + g;
+    float mm, vv, denom;
+    g = g * c->gs;
+    mm = c->b1 * *m + c->omb1 * g;
+    vv = c->b2 * *v + c->omb2 * g * g;
+    denom = sqrtf(vv) / c->sqrt_bc2 + c->eps;
+    *m = mm;
+    *v = vv;
+    return p * c->decay[k] - c->step_size[k] * (mm / denom);
+}
+
+/* PyTorch's SGD on one element of group k: returns the new param; *buf
+   holds the old momentum (unused on the first step) and receives the new. */
+DDP_K__HD float ddp_k__sgd_el(float p, float g, float *buf, const ddp_k__ocs *c, int k)
+{
+    g = g * c->gs;
+    if (c->wd[k] != 0.0f) g = g + c->wd[k] * p;
+    if (c->momentum != 0.0f) {
+        const float b = c->first ? g : c->momentum * *buf + c->omd * g;
         *buf = b;
-        g = nesterov ? g + momentum * b : b;
+        g = c->nesterov ? g + c->momentum * b : b;
     }
-    return p - lr * g;
+    return p - c->lr[k] * g;
 }
 
 DDP_K__HD int ddp_k__float_dtype(int dt)
@@ -620,198 +714,59 @@ static void ddp_k__ref_put(void *p, int dt, size_t i, float x)
 }
 #endif /* DDP_K__REFS */
 
-/* ---- SGD ----------------------------------------------------------------- */
+/* ---- optimizer steps: SGD and AdamW ------------------------------------- */
 
 #if DDP_K__CUDA
-/* PD 0: param is the fp32 buffer itself, no 16-bit copy. */
-template <int GD, int PD> struct ddp_k__sgd_op {
-    float *w;
-    const typename ddp_k__io<GD>::T *g;
-    float *buf;
-    typename ddp_k__io<PD>::T *p16;
-    float lr, momentum, weight_decay;
-    int nesterov, first_step;
-
-    __device__ __forceinline__ void one(size_t i) const
-    {
-        float b = 0.0f, p;
-        if (momentum != 0.0f && !first_step) b = buf[i];
-        p = ddp_k__sgd1(w[i], ddp_k__io<GD>::get(g, i), &b, lr, momentum, weight_decay,
-                        nesterov, first_step);
-        w[i] = p;
-        if (momentum != 0.0f) buf[i] = b;
-        ddp_k__io<PD>::put(p16, i, p);
-    }
-    __device__ __forceinline__ void vec4(size_t i) const
-    {
-        float W[4], G[4], B[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        int k;
-        ddp_k__io<DDP_K_F32>::get4(w, i, W);
-        ddp_k__io<GD>::get4(g, i, G);
-        if (momentum != 0.0f && !first_step) ddp_k__io<DDP_K_F32>::get4(buf, i, B);
-#pragma unroll
-        for (k = 0; k < 4; k++)
-            W[k] = ddp_k__sgd1(W[k], G[k], &B[k], lr, momentum, weight_decay, nesterov,
-                               first_step);
-        ddp_k__io<DDP_K_F32>::put4(w, i, W);
-        if (momentum != 0.0f) ddp_k__io<DDP_K_F32>::put4(buf, i, B);
-        ddp_k__io<PD>::put4(p16, i, W);
-    }
-};
-
-struct ddp_k__sgd_args {
-    void *param16; int pd; float *w; const void *g; int gd; float *buf; size_t n;
-    float lr, momentum, weight_decay; int nesterov, first_step; void *stream;
-};
-
-template <int GD, int PD> static int ddp_k__sgd_run(const ddp_k__sgd_args &a)
-{
-    ddp_k__sgd_op<GD, PD> op;
-    const void *ptr[4];
-    size_t es[4];
-    int count = 0;
-    op.w = a.w;
-    op.g = (const typename ddp_k__io<GD>::T *)a.g;
-    op.buf = a.buf;
-    op.p16 = (typename ddp_k__io<PD>::T *)a.param16;
-    op.lr = a.lr; op.momentum = a.momentum; op.weight_decay = a.weight_decay;
-    op.nesterov = a.nesterov; op.first_step = a.first_step;
-    ptr[count] = a.w; es[count++] = 4;
-    ptr[count] = a.g; es[count++] = ddp_k__dtype_size(GD);
-    if (a.momentum != 0.0f) { ptr[count] = a.buf; es[count++] = 4; }
-    if (PD != 0) { ptr[count] = a.param16; es[count++] = ddp_k__dtype_size(PD); }
-    return ddp_k__run_ew(op, a.n, ddp_k__make_plan(a.n, 4, count, ptr, es), a.stream);
-}
-
-template <int PD> static int ddp_k__sgd_g(const ddp_k__sgd_args &a)
-{
-    switch (a.gd) {
-    case DDP_K_F32: return ddp_k__sgd_run<DDP_K_F32, PD>(a);
-    case DDP_K_F16: return ddp_k__sgd_run<DDP_K_F16, PD>(a);
-    case DDP_K_BF16: return ddp_k__sgd_run<DDP_K_BF16, PD>(a);
-    default: return DDP_K__BAD;
-    }
-}
-
-static int ddp_k__sgd_dispatch(const ddp_k__sgd_args &a)
-{
-    if (!ddp_k__float_dtype(a.gd)) return DDP_K__BAD;
-    if (a.pd != 0 && !ddp_k__float_dtype(a.pd)) return DDP_K__BAD;
-    if (a.n == 0) return 0;
-    if (!a.w || !a.g || (a.momentum != 0.0f && !a.buf) || (a.pd != 0 && !a.param16))
-        return DDP_K__BAD;
-    switch (a.pd) {
-    case 0: return ddp_k__sgd_g<0>(a);
-    case DDP_K_F32: return ddp_k__sgd_g<DDP_K_F32>(a);
-    case DDP_K_F16: return ddp_k__sgd_g<DDP_K_F16>(a);
-    default: return ddp_k__sgd_g<DDP_K_BF16>(a);
-    }
-}
-
-DDP_KERNELS_API int ddp_k_sgd(float *param, const float *grad, float *momentum_buf,
-                              size_t n, float lr, float momentum, float weight_decay,
-                              int nesterov, int first_step, void *stream)
-{
-    ddp_k__sgd_args a;
-    a.param16 = NULL; a.pd = 0; a.w = param; a.g = grad; a.gd = DDP_K_F32;
-    a.buf = momentum_buf; a.n = n; a.lr = lr; a.momentum = momentum;
-    a.weight_decay = weight_decay; a.nesterov = nesterov; a.first_step = first_step;
-    a.stream = stream;
-    return ddp_k__sgd_dispatch(a);
-}
-
-DDP_KERNELS_API int ddp_k_sgd_mixed(void *param16, int param16_dtype, float *master,
-                                    const void *grad, int grad_dtype, float *momentum_buf,
-                                    size_t n, float lr, float momentum, float weight_decay,
-                                    int nesterov, int first_step, void *stream)
-{
-    ddp_k__sgd_args a;
-    if (!ddp_k__float_dtype(param16_dtype)) return DDP_K__BAD;
-    a.param16 = param16; a.pd = param16_dtype; a.w = master; a.g = grad; a.gd = grad_dtype;
-    a.buf = momentum_buf; a.n = n; a.lr = lr; a.momentum = momentum;
-    a.weight_decay = weight_decay; a.nesterov = nesterov; a.first_step = first_step;
-    a.stream = stream;
-    return ddp_k__sgd_dispatch(a);
-}
-#endif /* DDP_K__CUDA */
-
-#if DDP_K__REFS
-DDP_KERNELS_API void ddp_ref_sgd(float *param, const float *grad, float *momentum_buf,
-                                 size_t n, float lr, float momentum, float weight_decay,
-                                 int nesterov, int first_step)
-{
-    size_t i;
-    for (i = 0; i < n; i++) {
-        float b = (momentum != 0.0f && !first_step) ? momentum_buf[i] : 0.0f;
-        param[i] = ddp_k__sgd1(param[i], grad[i], &b, lr, momentum, weight_decay, nesterov,
-                               first_step);
-        if (momentum != 0.0f) momentum_buf[i] = b;
-    }
-}
-
-DDP_KERNELS_API int ddp_ref_sgd_mixed(void *param16, int param16_dtype, float *master,
-                                      const void *grad, int grad_dtype, float *momentum_buf,
-                                      size_t n, float lr, float momentum, float weight_decay,
-                                      int nesterov, int first_step)
-{
-    size_t i;
-    if (!ddp_k__float_dtype(param16_dtype) || !ddp_k__float_dtype(grad_dtype)) return 1;
-    for (i = 0; i < n; i++) {
-        float b = (momentum != 0.0f && !first_step) ? momentum_buf[i] : 0.0f;
-        const float p = ddp_k__sgd1(master[i], ddp_k__ref_get(grad, grad_dtype, i), &b, lr,
-                                    momentum, weight_decay, nesterov, first_step);
-        master[i] = p;
-        if (momentum != 0.0f) momentum_buf[i] = b;
-        ddp_k__ref_put(param16, param16_dtype, i, p);
-    }
-    return 0;
-}
-#endif /* DDP_K__REFS */
-
-/* ---- AdamW --------------------------------------------------------------- */
-
-#if DDP_K__CUDA
-template <int GD, int PD> struct ddp_k__adamw_op {
+/* PD 0: the f32 buffer w is the parameter itself, no 16-bit copy. */
+template <int GD, int PD, int ADAMW> struct ddp_k__opt_op {
     float *w;
     const typename ddp_k__io<GD>::T *g;
     float *m, *v;
     typename ddp_k__io<PD>::T *p16;
-    ddp_k__adamw_consts c;
+    ddp_k__ocs c;
 
+    __device__ __forceinline__ int uses_m() const { return ADAMW || c.momentum != 0.0f; }
     __device__ __forceinline__ void one(size_t i) const
     {
-        float mm = m[i], vv = v[i];
-        const float p = ddp_k__adamw1(w[i], ddp_k__io<GD>::get(g, i), &mm, &vv, c);
+        float M = 0.0f, V = 0.0f, p;
+        const int k = ddp_k__grp(&c, i);
+        if (ADAMW || (c.momentum != 0.0f && !c.first)) M = m[i];
+        if (ADAMW) V = v[i];
+        p = ADAMW ? ddp_k__adamw_el(w[i], ddp_k__io<GD>::get(g, i), &M, &V, &c, k)
+                  : ddp_k__sgd_el(w[i], ddp_k__io<GD>::get(g, i), &M, &c, k);
         w[i] = p;
-        m[i] = mm;
-        v[i] = vv;
+        if (uses_m()) m[i] = M;
+        if (ADAMW) v[i] = V;
         ddp_k__io<PD>::put(p16, i, p);
     }
     __device__ __forceinline__ void vec4(size_t i) const
     {
-        float W[4], G[4], M[4], V[4];
+        float W[4], G[4], M[4] = {0.0f, 0.0f, 0.0f, 0.0f}, V[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         int k;
         ddp_k__io<DDP_K_F32>::get4(w, i, W);
         ddp_k__io<GD>::get4(g, i, G);
-        ddp_k__io<DDP_K_F32>::get4(m, i, M);
-        ddp_k__io<DDP_K_F32>::get4(v, i, V);
+        if (ADAMW || (c.momentum != 0.0f && !c.first)) ddp_k__io<DDP_K_F32>::get4(m, i, M);
+        if (ADAMW) ddp_k__io<DDP_K_F32>::get4(v, i, V);
 #pragma unroll
-        for (k = 0; k < 4; k++) W[k] = ddp_k__adamw1(W[k], G[k], &M[k], &V[k], c);
+        for (k = 0; k < 4; k++) {
+            const int grp = ddp_k__grp(&c, i + (size_t)k);
+            W[k] = ADAMW ? ddp_k__adamw_el(W[k], G[k], &M[k], &V[k], &c, grp)
+                         : ddp_k__sgd_el(W[k], G[k], &M[k], &c, grp);
+        }
         ddp_k__io<DDP_K_F32>::put4(w, i, W);
-        ddp_k__io<DDP_K_F32>::put4(m, i, M);
-        ddp_k__io<DDP_K_F32>::put4(v, i, V);
+        if (uses_m()) ddp_k__io<DDP_K_F32>::put4(m, i, M);
+        if (ADAMW) ddp_k__io<DDP_K_F32>::put4(v, i, V);
         ddp_k__io<PD>::put4(p16, i, W);
     }
 };
 
-struct ddp_k__adamw_args {
-    void *param16; int pd; float *w; const void *g; int gd; float *m, *v; size_t n;
-    ddp_k__adamw_consts c; void *stream;
+struct ddp_k__opt_args {
+    void *param16; int pd; float *w; const void *g; int gd; float *m, *v; size_t n; void *stream;
 };
 
-template <int GD, int PD> static int ddp_k__adamw_run(const ddp_k__adamw_args &a)
+template <int GD, int PD, int ADAMW> static int ddp_k__opt_run(const ddp_k__opt_args &a, const ddp_k__ocs &c)
 {
-    ddp_k__adamw_op<GD, PD> op;
+    ddp_k__opt_op<GD, PD, ADAMW> op;
     const void *ptr[5];
     size_t es[5];
     int count = 0;
@@ -820,49 +775,108 @@ template <int GD, int PD> static int ddp_k__adamw_run(const ddp_k__adamw_args &a
     op.m = a.m;
     op.v = a.v;
     op.p16 = (typename ddp_k__io<PD>::T *)a.param16;
-    op.c = a.c;
+    op.c = c;
     ptr[count] = a.w; es[count++] = 4;
     ptr[count] = a.g; es[count++] = ddp_k__dtype_size(GD);
-    ptr[count] = a.m; es[count++] = 4;
-    ptr[count] = a.v; es[count++] = 4;
+    if (ADAMW || c.momentum != 0.0f) { ptr[count] = a.m; es[count++] = 4; }
+    if (ADAMW) { ptr[count] = a.v; es[count++] = 4; }
     if (PD != 0) { ptr[count] = a.param16; es[count++] = ddp_k__dtype_size(PD); }
     return ddp_k__run_ew(op, a.n, ddp_k__make_plan(a.n, 4, count, ptr, es), a.stream);
 }
 
-template <int PD> static int ddp_k__adamw_g(const ddp_k__adamw_args &a)
+template <int PD, int ADAMW> static int ddp_k__opt_g(const ddp_k__opt_args &a, const ddp_k__ocs &c)
 {
     switch (a.gd) {
-    case DDP_K_F32: return ddp_k__adamw_run<DDP_K_F32, PD>(a);
-    case DDP_K_F16: return ddp_k__adamw_run<DDP_K_F16, PD>(a);
-    case DDP_K_BF16: return ddp_k__adamw_run<DDP_K_BF16, PD>(a);
+    case DDP_K_F32: return ddp_k__opt_run<DDP_K_F32, PD, ADAMW>(a, c);
+    case DDP_K_F16: return ddp_k__opt_run<DDP_K_F16, PD, ADAMW>(a, c);
+    case DDP_K_BF16: return ddp_k__opt_run<DDP_K_BF16, PD, ADAMW>(a, c);
     default: return DDP_K__BAD;
     }
 }
 
-static int ddp_k__adamw_dispatch(ddp_k__adamw_args &a, float lr, float beta1, float beta2,
-                                 float eps, float weight_decay, int step)
+template <int ADAMW> static int ddp_k__opt_p(const ddp_k__opt_args &a, const ddp_k__ocs &c)
 {
+    switch (a.pd) {
+    case 0: return ddp_k__opt_g<0, ADAMW>(a, c);
+    case DDP_K_F32: return ddp_k__opt_g<DDP_K_F32, ADAMW>(a, c);
+    case DDP_K_F16: return ddp_k__opt_g<DDP_K_F16, ADAMW>(a, c);
+    default: return ddp_k__opt_g<DDP_K_BF16, ADAMW>(a, c);
+    }
+}
+
+static int ddp_k__opt_launch(const ddp_k__opt_args &a, const ddp_k_optim *o, const ddp_k_groups *gr)
+{
+    ddp_k__ocs c;
     if (!ddp_k__float_dtype(a.gd)) return DDP_K__BAD;
     if (a.pd != 0 && !ddp_k__float_dtype(a.pd)) return DDP_K__BAD;
-    if (ddp_k__adamw_prepare(lr, beta1, beta2, eps, weight_decay, step, &a.c)) return DDP_K__BAD;
+    if (ddp_k__opt_prepare(o, gr, &c)) return DDP_K__BAD;
     if (a.n == 0) return 0;
-    if (!a.w || !a.g || !a.m || !a.v || (a.pd != 0 && !a.param16)) return DDP_K__BAD;
-    switch (a.pd) {
-    case 0: return ddp_k__adamw_g<0>(a);
-    case DDP_K_F32: return ddp_k__adamw_g<DDP_K_F32>(a);
-    case DDP_K_F16: return ddp_k__adamw_g<DDP_K_F16>(a);
-    default: return ddp_k__adamw_g<DDP_K_BF16>(a);
-    }
+    if (!a.w || !a.g || (c.adamw && (!a.m || !a.v)) || (!c.adamw && c.momentum != 0.0f && !a.m) ||
+        (a.pd != 0 && !a.param16))
+        return DDP_K__BAD;
+    return c.adamw ? ddp_k__opt_p<1>(a, c) : ddp_k__opt_p<0>(a, c);
+}
+
+static ddp_k__opt_args ddp_k__args(void *param16, int pd, float *w, const void *g, int gd, float *m,
+                                   float *v, size_t n, void *stream)
+{
+    ddp_k__opt_args a;
+    a.param16 = param16; a.pd = pd; a.w = w; a.g = g; a.gd = gd; a.m = m; a.v = v; a.n = n;
+    a.stream = stream;
+    return a;
+}
+#endif /* DDP_K__CUDA */
+
+/* The float-argument launchers and references as one ddp_k_optim. */
+static DDP_K__UNUSED ddp_k_optim ddp_k__sgd_optim(float lr, float momentum, float weight_decay,
+                                                  int nesterov, int first_step)
+{
+    ddp_k_optim o;
+    memset(&o, 0, sizeof o);
+    o.type = DDP_K_SGD;
+    o.lr = lr; o.momentum = momentum; o.weight_decay = weight_decay; o.nesterov = nesterov;
+    o.step = first_step ? 1 : 2;
+    o.grad_scale = 1.0;
+    return o;
+}
+
+static DDP_K__UNUSED ddp_k_optim ddp_k__adamw_optim(float lr, float beta1, float beta2, float eps,
+                                                    float weight_decay, int step)
+{
+    ddp_k_optim o;
+    memset(&o, 0, sizeof o);
+    o.type = DDP_K_ADAMW;
+    o.lr = lr; o.beta1 = beta1; o.beta2 = beta2; o.eps = eps; o.weight_decay = weight_decay;
+    o.step = step;
+    o.grad_scale = 1.0;
+    return o;
+}
+
+#if DDP_K__CUDA
+DDP_KERNELS_API int ddp_k_sgd(float *param, const float *grad, float *momentum_buf,
+                              size_t n, float lr, float momentum, float weight_decay,
+                              int nesterov, int first_step, void *stream)
+{
+    const ddp_k_optim o = ddp_k__sgd_optim(lr, momentum, weight_decay, nesterov, first_step);
+    return ddp_k__opt_launch(ddp_k__args(NULL, 0, param, grad, DDP_K_F32, momentum_buf, NULL, n, stream), &o, NULL);
+}
+
+DDP_KERNELS_API int ddp_k_sgd_mixed(void *param16, int param16_dtype, float *master,
+                                    const void *grad, int grad_dtype, float *momentum_buf,
+                                    size_t n, float lr, float momentum, float weight_decay,
+                                    int nesterov, int first_step, void *stream)
+{
+    const ddp_k_optim o = ddp_k__sgd_optim(lr, momentum, weight_decay, nesterov, first_step);
+    if (!ddp_k__float_dtype(param16_dtype)) return DDP_K__BAD;
+    return ddp_k__opt_launch(ddp_k__args(param16, param16_dtype, master, grad, grad_dtype, momentum_buf, NULL, n, stream), &o, NULL);
 }
 
 DDP_KERNELS_API int ddp_k_adamw(float *param, const float *grad, float *m, float *v,
                                 size_t n, float lr, float beta1, float beta2, float eps,
                                 float weight_decay, int step, void *stream)
 {
-    ddp_k__adamw_args a;
-    a.param16 = NULL; a.pd = 0; a.w = param; a.g = grad; a.gd = DDP_K_F32;
-    a.m = m; a.v = v; a.n = n; a.stream = stream;
-    return ddp_k__adamw_dispatch(a, lr, beta1, beta2, eps, weight_decay, step);
+    const ddp_k_optim o = ddp_k__adamw_optim(lr, beta1, beta2, eps, weight_decay, step);
+    return ddp_k__opt_launch(ddp_k__args(NULL, 0, param, grad, DDP_K_F32, m, v, n, stream), &o, NULL);
 }
 
 DDP_KERNELS_API int ddp_k_adamw_mixed(void *param16, int param16_dtype, float *master,
@@ -870,24 +884,76 @@ DDP_KERNELS_API int ddp_k_adamw_mixed(void *param16, int param16_dtype, float *m
                                       size_t n, float lr, float beta1, float beta2, float eps,
                                       float weight_decay, int step, void *stream)
 {
-    ddp_k__adamw_args a;
+    const ddp_k_optim o = ddp_k__adamw_optim(lr, beta1, beta2, eps, weight_decay, step);
     if (!ddp_k__float_dtype(param16_dtype)) return DDP_K__BAD;
-    a.param16 = param16; a.pd = param16_dtype; a.w = master; a.g = grad; a.gd = grad_dtype;
-    a.m = m; a.v = v; a.n = n; a.stream = stream;
-    return ddp_k__adamw_dispatch(a, lr, beta1, beta2, eps, weight_decay, step);
+    return ddp_k__opt_launch(ddp_k__args(param16, param16_dtype, master, grad, grad_dtype, m, v, n, stream), &o, NULL);
+}
+
+DDP_KERNELS_API int ddp_k_optimizer_step(void *param16, int param16_dtype, float *master,
+                                         const void *grad, int grad_dtype, float *m, float *v,
+                                         size_t n, const ddp_k_optim *opt,
+                                         const ddp_k_groups *groups, void *stream)
+{
+    if ((param16_dtype == 0) != (param16 == NULL)) return DDP_K__BAD;
+    return ddp_k__opt_launch(ddp_k__args(param16, param16_dtype, master, grad, grad_dtype, m, v, n, stream), opt, groups);
 }
 #endif /* DDP_K__CUDA */
 
 #if DDP_K__REFS
+DDP_KERNELS_API int ddp_ref_optimizer_step(void *param16, int param16_dtype, float *master,
+                                           const void *grad, int grad_dtype, float *m, float *v,
+                                           size_t n, const ddp_k_optim *opt,
+                                           const ddp_k_groups *groups)
+{
+    ddp_k__ocs c;
+    size_t i;
+    if (!ddp_k__float_dtype(grad_dtype)) return 1;
+    if (param16_dtype != 0 && !ddp_k__float_dtype(param16_dtype)) return 1;
+    if ((param16_dtype == 0) != (param16 == NULL)) return 1;
+    if (ddp_k__opt_prepare(opt, groups, &c)) return 1;
+    if (n == 0) return 0;
+    if (!master || !grad || (c.adamw && (!m || !v)) || (!c.adamw && c.momentum != 0.0f && !m)) return 1;
+    if (c.map)
+        for (i = 0; i < n; i++)
+            if ((int)c.map[(c.map_first + i) >> c.log2] >= groups->count) return 1;
+    for (i = 0; i < n; i++) {
+        const int k = ddp_k__grp(&c, i);
+        const float g = ddp_k__ref_get(grad, grad_dtype, i);
+        float M = 0.0f, V = 0.0f;
+        if (c.adamw || (c.momentum != 0.0f && !c.first)) M = m[i];
+        if (c.adamw) V = v[i];
+        master[i] = c.adamw ? ddp_k__adamw_el(master[i], g, &M, &V, &c, k) : ddp_k__sgd_el(master[i], g, &M, &c, k);
+        if (c.adamw || c.momentum != 0.0f) m[i] = M;
+        if (c.adamw) v[i] = V;
+        if (param16_dtype != 0) ddp_k__ref_put(param16, param16_dtype, i, master[i]);
+    }
+    return 0;
+}
+
+DDP_KERNELS_API void ddp_ref_sgd(float *param, const float *grad, float *momentum_buf,
+                                 size_t n, float lr, float momentum, float weight_decay,
+                                 int nesterov, int first_step)
+{
+    const ddp_k_optim o = ddp_k__sgd_optim(lr, momentum, weight_decay, nesterov, first_step);
+    (void)ddp_ref_optimizer_step(NULL, 0, param, grad, DDP_K_F32, momentum_buf, NULL, n, &o, NULL);
+}
+
+DDP_KERNELS_API int ddp_ref_sgd_mixed(void *param16, int param16_dtype, float *master,
+                                      const void *grad, int grad_dtype, float *momentum_buf,
+                                      size_t n, float lr, float momentum, float weight_decay,
+                                      int nesterov, int first_step)
+{
+    const ddp_k_optim o = ddp_k__sgd_optim(lr, momentum, weight_decay, nesterov, first_step);
+    if (!ddp_k__float_dtype(param16_dtype)) return 1;
+    return ddp_ref_optimizer_step(param16, param16_dtype, master, grad, grad_dtype, momentum_buf, NULL, n, &o, NULL);
+}
+
 DDP_KERNELS_API int ddp_ref_adamw(float *param, const float *grad, float *m, float *v,
                                   size_t n, float lr, float beta1, float beta2, float eps,
                                   float weight_decay, int step)
 {
-    ddp_k__adamw_consts c;
-    size_t i;
-    if (ddp_k__adamw_prepare(lr, beta1, beta2, eps, weight_decay, step, &c)) return 1;
-    for (i = 0; i < n; i++) param[i] = ddp_k__adamw1(param[i], grad[i], &m[i], &v[i], c);
-    return 0;
+    const ddp_k_optim o = ddp_k__adamw_optim(lr, beta1, beta2, eps, weight_decay, step);
+    return ddp_ref_optimizer_step(NULL, 0, param, grad, DDP_K_F32, m, v, n, &o, NULL);
 }
 
 DDP_KERNELS_API int ddp_ref_adamw_mixed(void *param16, int param16_dtype, float *master,
@@ -895,15 +961,9 @@ DDP_KERNELS_API int ddp_ref_adamw_mixed(void *param16, int param16_dtype, float 
                                         size_t n, float lr, float beta1, float beta2,
                                         float eps, float weight_decay, int step)
 {
-    ddp_k__adamw_consts c;
-    size_t i;
-    if (!ddp_k__float_dtype(param16_dtype) || !ddp_k__float_dtype(grad_dtype)) return 1;
-    if (ddp_k__adamw_prepare(lr, beta1, beta2, eps, weight_decay, step, &c)) return 1;
-    for (i = 0; i < n; i++) {
-        master[i] = ddp_k__adamw1(master[i], ddp_k__ref_get(grad, grad_dtype, i), &m[i], &v[i], c);
-        ddp_k__ref_put(param16, param16_dtype, i, master[i]);
-    }
-    return 0;
+    const ddp_k_optim o = ddp_k__adamw_optim(lr, beta1, beta2, eps, weight_decay, step);
+    if (!ddp_k__float_dtype(param16_dtype)) return 1;
+    return ddp_ref_optimizer_step(param16, param16_dtype, master, grad, grad_dtype, m, v, n, &o, NULL);
 }
 #endif /* DDP_K__REFS */
 
@@ -1016,6 +1076,64 @@ DDP_KERNELS_API int ddp_ref_cast(void *dst, int dst_dtype, const void *src, int 
     if (!ddp_k__float_dtype(dst_dtype) || !ddp_k__float_dtype(src_dtype)) return 1;
     for (i = 0; i < n; i++)
         ddp_k__ref_put(dst, dst_dtype, i, ddp_k__ref_get(src, src_dtype, i) * scale);
+    return 0;
+}
+#endif /* DDP_K__REFS */
+
+/* ---- add ----------------------------------------------------------------- */
+
+#if DDP_K__CUDA
+template <int DT> struct ddp_k__add_op {
+    typename ddp_k__io<DT>::T *d;
+    const typename ddp_k__io<DT>::T *s;
+    __device__ __forceinline__ void one(size_t i) const
+    {
+        ddp_k__io<DT>::put(d, i, ddp_k__io<DT>::get(d, i) + ddp_k__io<DT>::get(s, i));
+    }
+    __device__ __forceinline__ void vec4(size_t i) const
+    {
+        float a[4], b[4];
+        int k;
+        ddp_k__io<DT>::get4(d, i, a);
+        ddp_k__io<DT>::get4(s, i, b);
+#pragma unroll
+        for (k = 0; k < 4; k++) a[k] = a[k] + b[k];
+        ddp_k__io<DT>::put4(d, i, a);
+    }
+};
+
+template <int DT> static int ddp_k__add_run(void *dst, const void *src, size_t n, void *stream)
+{
+    ddp_k__add_op<DT> op;
+    const void *ptr[2];
+    size_t es[2];
+    op.d = (typename ddp_k__io<DT>::T *)dst;
+    op.s = (const typename ddp_k__io<DT>::T *)src;
+    ptr[0] = dst; es[0] = ddp_k__dtype_size(DT);
+    ptr[1] = src; es[1] = ddp_k__dtype_size(DT);
+    return ddp_k__run_ew(op, n, ddp_k__make_plan(n, 4, 2, ptr, es), stream);
+}
+
+DDP_KERNELS_API int ddp_k_add(void *dst, const void *src, int dtype, size_t n, void *stream)
+{
+    if (!ddp_k__float_dtype(dtype)) return DDP_K__BAD;
+    if (n == 0) return 0;
+    if (!dst || !src) return DDP_K__BAD;
+    switch (dtype) {
+    case DDP_K_F32: return ddp_k__add_run<DDP_K_F32>(dst, src, n, stream);
+    case DDP_K_F16: return ddp_k__add_run<DDP_K_F16>(dst, src, n, stream);
+    default: return ddp_k__add_run<DDP_K_BF16>(dst, src, n, stream);
+    }
+}
+#endif /* DDP_K__CUDA */
+
+#if DDP_K__REFS
+DDP_KERNELS_API int ddp_ref_add(void *dst, const void *src, int dtype, size_t n)
+{
+    size_t i;
+    if (!ddp_k__float_dtype(dtype)) return 1;
+    for (i = 0; i < n; i++)
+        ddp_k__ref_put(dst, dtype, i, ddp_k__ref_get(dst, dtype, i) + ddp_k__ref_get(src, dtype, i));
     return 0;
 }
 #endif /* DDP_K__REFS */

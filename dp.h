@@ -30,9 +30,10 @@
 
        dp_config c = {0};
        c.num_devices = 2;                 // or c.device_ids = ids
-       c.ddp.optimizer.type = DDP_OPTIM_SGD; c.ddp.optimizer.lr = 0.1f;
+       c.ddp.optimizer = ddp_optimizer_defaults(DDP_OPTIM_SGD); c.ddp.optimizer.lr = 0.1;
        dp_create(&c, &dp);
        dp_register_param(dp, "fc1.weight", n, DDP_F32, init, &id);  // for each
+       dp_set_param_options(dp, bias_id, &no_decay);  // optional: parameter groups
        dp_finalize(dp);
        for each step:
            dp_batch b = { x, row_bytes, rows, y, y_row_bytes };
@@ -52,6 +53,19 @@
 
    Or pass a NULL batch: each replica loads its own shard (r->input NULL,
    r->grad_scale 1).
+
+   TRAINING SEMANTICS
+
+   Each replica is a ddp.h context, so ddp.h's manual applies (ACCUMULATION,
+   OPTIMIZERS, PARAMETER GROUPS, SCHEDULES, LOSS SCALING): the optimizer,
+   the schedule (c.ddp.schedule) and loss scaling (c.ddp.loss_scale) come
+   from c.ddp; per-parameter options from dp_set_param_options. With loss
+   scaling your callback also multiplies its gradients by
+   ddp_loss_scale(r->ctx) (the same on every replica); a step with a
+   non-finite gradient on any replica is skipped on all. dp_step runs one
+   ddp_train_step per replica: without an optimizer (DDP_OPTIM_NONE) the
+   gradients accumulate across dp_step calls until dp_zero_grad. Uneven
+   inputs (ddp_join) do not apply: dp_step splits one batch.
 
    ERRORS
 
@@ -133,6 +147,8 @@ DP_API ddp_context *dp_replica_context(dp_context *dp, int replica);
 
 DP_API ddp_result dp_register_param(dp_context *dp, const char *name, size_t count,
                                     ddp_dtype dtype, const void *init, int *out_id);
+/* ddp_set_param_options for every replica (before dp_finalize). */
+DP_API ddp_result dp_set_param_options(dp_context *dp, int id, const ddp_param_options *options);
 DP_API ddp_result dp_finalize(dp_context *dp);
 
 /* One training step: split the batch, run fn on every replica in parallel,
@@ -141,6 +157,11 @@ DP_API ddp_result dp_finalize(dp_context *dp);
    receives each replica's loss. */
 DP_API ddp_result dp_step(dp_context *dp, const dp_batch *batch, dp_forward_backward_fn fn,
                           void *user, float *loss, float *losses);
+
+/* Zero every replica's gradients (ddp_zero_grad). Gradients accumulate
+   until the optimizer step; with config.ddp.optimizer.type DDP_OPTIM_NONE
+   (your own optimizer) call this between steps. */
+DP_API ddp_result dp_zero_grad(dp_context *dp);
 
 /* 1 if every replica's parameters and optimizer state hold the same bits. */
 DP_API ddp_result dp_check_replicas(dp_context *dp, int *identical);
@@ -163,9 +184,12 @@ DP_API ddp_result dp_check_replicas(dp_context *dp, int *identical);
 extern "C" {
 #endif
 
-enum { DP__CMD_NONE, DP__CMD_CREATE, DP__CMD_FINALIZE, DP__CMD_STEP, DP__CMD_CHECKSUM, DP__CMD_EXIT };
+enum { DP__CMD_NONE, DP__CMD_CREATE, DP__CMD_FINALIZE, DP__CMD_STEP, DP__CMD_CHECKSUM, DP__CMD_ZERO, DP__CMD_EXIT };
 
-typedef struct dp__param { char name[DDP__MAX_NAME]; size_t count; ddp_dtype dtype; const void *init; } dp__param;
+typedef struct dp__param {
+    char name[DDP__MAX_NAME]; size_t count; ddp_dtype dtype; const void *init;
+    ddp_param_options options; int has_options;
+} dp__param;
 
 typedef struct dp__worker {
     struct dp_context *dp;
@@ -256,8 +280,10 @@ static ddp_result dp__run_create(dp__worker *w) {
 static ddp_result dp__run_finalize(dp__worker *w) {
     dp_context *dp = w->dp;
     int i, id;
-    for (i = 0; i < dp->num_params; i++)
+    for (i = 0; i < dp->num_params; i++) {
         DDP__TRY(ddp_register_param(w->ctx, dp->params[i].name, dp->params[i].count, dp->params[i].dtype, dp->params[i].init, &id));
+        if (dp->params[i].has_options) DDP__TRY(ddp_set_param_options(w->ctx, id, &dp->params[i].options));
+    }
     DDP__TRY(ddp_finalize(w->ctx));
 #if defined(DDP_CUDA)
     if (ddp_query_device(w->ctx) == DDP_DEVICE_CUDA) {
@@ -339,6 +365,7 @@ static void *dp__worker_main(void *arg) {
         case DP__CMD_FINALIZE: r = dp__run_finalize(w); break;
         case DP__CMD_STEP: r = dp__run_step(w); break;
         case DP__CMD_CHECKSUM: r = dp__run_checksum(w); break;
+        case DP__CMD_ZERO: r = ddp_zero_grad(w->ctx); break;
         default: break;
         }
         if (r != DDP_SUCCESS && w->ctx && !w->err[0]) ddp__copy_str(w->err, sizeof w->err, ddp_last_error(w->ctx));
@@ -507,8 +534,30 @@ DP_API ddp_result dp_register_param(dp_context *dp, const char *name, size_t cou
     dp->params[dp->num_params].count = count;
     dp->params[dp->num_params].dtype = dtype;
     dp->params[dp->num_params].init = init;
+    dp->params[dp->num_params].has_options = 0;
     *out_id = dp->num_params++;
     return DDP_SUCCESS;
+}
+
+DP_API ddp_result dp_set_param_options(dp_context *dp, int id, const ddp_param_options *options) {
+    const ddp_param_options *o = options;
+    if (!dp) return DDP_ERROR_INVALID_ARGUMENT;
+    if (id < 0 || id >= dp->num_params) return dp__fail(dp, DDP_ERROR_INVALID_ARGUMENT, "dp_set_param_options: %d is not a parameter id", id);
+    if (dp->finalized) return dp__fail(dp, DDP_ERROR_INVALID_STATE, "dp_set_param_options: parameter '%s': options are set before dp_finalize()", dp->params[id].name);
+    if (!o) return dp__fail(dp, DDP_ERROR_INVALID_ARGUMENT, "dp_set_param_options: options of parameter '%s' are NULL", dp->params[id].name);
+    if (!(o->lr_scale >= 0 && o->lr_scale < HUGE_VAL) || !(o->weight_decay_scale >= 0 && o->weight_decay_scale < HUGE_VAL))
+        return dp__fail(dp, DDP_ERROR_INVALID_ARGUMENT, "dp_set_param_options: parameter '%s': lr_scale %g and weight_decay_scale %g must be finite and >= 0",
+                        dp->params[id].name, o->lr_scale, o->weight_decay_scale);
+    dp->params[id].options = *o;
+    dp->params[id].has_options = 1;
+    return DDP_SUCCESS;
+}
+
+DP_API ddp_result dp_zero_grad(dp_context *dp) {
+    if (!dp) return DDP_ERROR_INVALID_ARGUMENT;
+    if (dp->broken) return dp__fail(dp, DDP_ERROR_INVALID_STATE, "dp_zero_grad: the context is broken by an earlier error");
+    if (!dp->finalized) return dp__fail(dp, DDP_ERROR_INVALID_STATE, "dp_zero_grad: call dp_finalize() first");
+    return dp__broadcast_cmd(dp, DP__CMD_ZERO, "zeroing the gradients");
 }
 
 DP_API ddp_result dp_finalize(dp_context *dp) {

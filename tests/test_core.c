@@ -323,11 +323,11 @@ static void test_buckets(void) {
 }
 
 /* reference SGD/AdamW in double, straight from PyTorch's documented formulas */
-static void ref_sgd(double *p, const double *g, double *buf, int n, double lr, double mom, double wd, int nest, int t) {
+static void ref_sgd(double *p, const double *g, double *buf, int n, double lr, double mom, double damp, double wd, int nest, int t) {
     int i;
     for (i = 0; i < n; i++) {
         double d = g[i] + wd * p[i];
-        if (mom > 0) { buf[i] = t == 1 ? d : mom * buf[i] + d; d = nest ? d + mom * buf[i] : buf[i]; }
+        if (mom > 0) { buf[i] = t == 1 ? d : mom * buf[i] + (1 - damp) * d; d = nest ? d + mom * buf[i] : buf[i]; }
         p[i] -= lr * d;
     }
 }
@@ -344,7 +344,9 @@ static void ref_adamw(double *p, const double *g, double *m, double *v, int n, d
 
 static double grad_of(int step, int i) { return sin(0.37 * i + 1.3 * step) * (1 + 0.1 * i); }
 
-static void run_optimizer_case(ddp_optimizer type, int nesterov, ddp_dtype dtype, double tol) {
+/* the optimizer from ddp_optimizer_defaults() with a few changes, N steps
+   against the double reference */
+static void run_optimizer_case(ddp_optimizer type, int nesterov, double damp, ddp_dtype dtype, double tol) {
     enum { N = 37, STEPS = 4 };
     ddp_config c = base_config();
     ddp_context *ctx;
@@ -354,11 +356,13 @@ static void run_optimizer_case(ddp_optimizer type, int nesterov, ddp_dtype dtype
     uint16_t init16[N];
     int id, i, s;
     double maxerr = 0;
-    c.optimizer.type = type;
-    c.optimizer.lr = 0.05f;
-    c.optimizer.momentum = type == DDP_OPTIM_SGD ? 0.9f : 0;
+    c.optimizer = ddp_optimizer_defaults(type);
+    c.optimizer.lr = 0.05;
+    c.optimizer.momentum = type == DDP_OPTIM_SGD ? 0.9 : 0;
+    c.optimizer.dampening = damp;
     c.optimizer.nesterov = nesterov;
-    c.optimizer.weight_decay = 0.01f;
+    c.optimizer.weight_decay = 0.01;
+    if (type == DDP_OPTIM_ADAMW) c.optimizer.beta2 = 0.95;
     ctx = make(&c);
     for (i = 0; i < N; i++) {
         p[i] = cos(0.5 * i);
@@ -371,6 +375,8 @@ static void run_optimizer_case(ddp_optimizer type, int nesterov, ddp_dtype dtype
             init16[i] = dtype == DDP_BF16 ? ddp__f32_to_bf16(init32[i]) : ddp__f32_to_f16(init32[i]);
             p[i] = dtype == DDP_BF16 ? ddp__bf16_to_f32(init16[i]) : ddp__f16_to_f32(init16[i]);
         }
+    } else if (dtype == DDP_F32) {
+        for (i = 0; i < N; i++) p[i] = init32[i];
     }
     CHECK_OK(ddp_register_param(ctx, "w", N, dtype, dtype == DDP_F64 ? (void *)init64 : dtype == DDP_F32 ? (void *)init32 : (void *)init16, &id), ctx);
     CHECK_OK(ddp_finalize(ctx), ctx);
@@ -380,7 +386,7 @@ static void run_optimizer_case(ddp_optimizer type, int nesterov, ddp_dtype dtype
         gp = ddp_param_grad(ctx, id);
         for (i = 0; i < N; i++) {
             g[i] = grad_of(s, i);
-            if (dtype == DDP_F32) ((float *)gp)[i] += (float)g[i];
+            if (dtype == DDP_F32) { ((float *)gp)[i] += (float)g[i]; g[i] = (float)g[i]; }
             else if (dtype == DDP_F64) ((double *)gp)[i] += g[i];
             else if (dtype == DDP_BF16) { ((uint16_t *)gp)[i] = ddp__f32_to_bf16((float)g[i]); g[i] = ddp__bf16_to_f32(((uint16_t *)gp)[i]); }
             else { ((uint16_t *)gp)[i] = ddp__f32_to_f16((float)g[i]); g[i] = ddp__f16_to_f32(((uint16_t *)gp)[i]); }
@@ -388,9 +394,8 @@ static void run_optimizer_case(ddp_optimizer type, int nesterov, ddp_dtype dtype
         CHECK_OK(ddp_mark_ready(ctx, id), ctx);
         CHECK_OK(ddp_step_end(ctx), ctx);
         CHECK_OK(ddp_optimizer_step(ctx), ctx);
-        /* the hyper-parameters are floats in the config: use exactly those values */
-        if (type == DDP_OPTIM_SGD) ref_sgd(p, g, m, N, 0.05f, 0.9f, 0.01f, nesterov, s);
-        else ref_adamw(p, g, m, v, N, 0.05f, 0.9f, 0.999f, 1e-8f, 0.01f, s);
+        if (type == DDP_OPTIM_SGD) ref_sgd(p, g, m, N, 0.05, 0.9, damp, 0.01, nesterov, s);
+        else ref_adamw(p, g, m, v, N, 0.05, 0.9, 0.95, 1e-8, 0.01, s);
     }
     for (i = 0; i < N; i++) {
         double got = dtype == DDP_F32 ? ((float *)ddp_param_data(ctx, id))[i]
@@ -400,29 +405,230 @@ static void run_optimizer_case(ddp_optimizer type, int nesterov, ddp_dtype dtype
         double e = fabs(got - p[i]) / (fabs(p[i]) + 1e-3);
         if (e > maxerr) maxerr = e;
     }
-    CHECK(maxerr <= tol, "%s nesterov=%d %s: max relative error %.3g > %.3g",
-          type == DDP_OPTIM_SGD ? "sgd" : "adamw", nesterov, ddp_dtype_name(dtype), maxerr, tol);
+    CHECK(maxerr <= tol, "%s nesterov=%d dampening=%g %s: max relative error %.3g > %.3g",
+          type == DDP_OPTIM_SGD ? "sgd" : "adamw", nesterov, damp, ddp_dtype_name(dtype), maxerr, tol);
     CHECK(ddp_optimizer_steps(ctx) == STEPS, "step counter");
     ddp_destroy(ctx);
 }
 
 static void test_optimizers(void) {
     TEST("optimizers");
-    run_optimizer_case(DDP_OPTIM_SGD, 0, DDP_F32, 1e-5);
-    run_optimizer_case(DDP_OPTIM_SGD, 1, DDP_F32, 1e-5);
-    run_optimizer_case(DDP_OPTIM_ADAMW, 0, DDP_F32, 1e-5);
-    run_optimizer_case(DDP_OPTIM_SGD, 1, DDP_F64, 1e-12);
-    run_optimizer_case(DDP_OPTIM_ADAMW, 0, DDP_F64, 1e-12);
+    run_optimizer_case(DDP_OPTIM_SGD, 0, 0, DDP_F32, 1e-5);
+    run_optimizer_case(DDP_OPTIM_SGD, 1, 0, DDP_F32, 1e-5);
+    run_optimizer_case(DDP_OPTIM_SGD, 0, 0.3, DDP_F32, 1e-5);
+    run_optimizer_case(DDP_OPTIM_ADAMW, 0, 0, DDP_F32, 1e-5);
+    /* f64: double hyper-parameters, so PyTorch's f64 arithmetic to the last bits */
+    run_optimizer_case(DDP_OPTIM_SGD, 1, 0, DDP_F64, 1e-14);
+    run_optimizer_case(DDP_OPTIM_SGD, 0, 0.3, DDP_F64, 1e-14);
+    run_optimizer_case(DDP_OPTIM_ADAMW, 0, 0, DDP_F64, 1e-14);
     /* 16-bit parameters: f32 master weights, the stored copy is rounded */
-    run_optimizer_case(DDP_OPTIM_ADAMW, 0, DDP_BF16, 1e-2);
-    run_optimizer_case(DDP_OPTIM_SGD, 0, DDP_F16, 2e-3);
+    run_optimizer_case(DDP_OPTIM_ADAMW, 0, 0, DDP_BF16, 1e-2);
+    run_optimizer_case(DDP_OPTIM_SGD, 0, 0, DDP_F16, 2e-3);
+}
+
+/* ddp_optimizer_defaults() gives PyTorch's defaults, and values are used as
+   written (zero means zero); a zeroed desc keeps meaning "defaults" */
+static void test_optimizer_defaults(void) {
+    ddp_optimizer_desc d;
+    ddp_config c = base_config(), q;
+    ddp_context *ctx;
+    TEST("optimizer defaults");
+    d = ddp_optimizer_defaults(DDP_OPTIM_ADAMW);
+    CHECK(d.exact == 1 && d.lr == 1e-3 && d.beta1 == 0.9 && d.beta2 == 0.999 && d.eps == 1e-8 && d.weight_decay == 1e-2 &&
+          d.max_grad_norm == 0, "AdamW defaults: lr %g betas (%g, %g) eps %g weight_decay %g", d.lr, d.beta1, d.beta2, d.eps, d.weight_decay);
+    d = ddp_optimizer_defaults(DDP_OPTIM_SGD);
+    CHECK(d.exact == 1 && d.lr == 1e-3 && d.momentum == 0 && d.dampening == 0 && d.nesterov == 0 && d.weight_decay == 0,
+          "SGD defaults: lr %g momentum %g dampening %g weight_decay %g", d.lr, d.momentum, d.dampening, d.weight_decay);
+    /* exact: zero stays zero */
+    c.optimizer = ddp_optimizer_defaults(DDP_OPTIM_ADAMW);
+    c.optimizer.beta1 = 0;
+    c.optimizer.eps = 0;
+    c.optimizer.weight_decay = 0;
+    ctx = make(&c);
+    q = ddp_query_config(ctx);
+    CHECK(q.optimizer.beta1 == 0 && q.optimizer.eps == 0 && q.optimizer.weight_decay == 0 && q.optimizer.beta2 == 0.999,
+          "exact desc: beta1 %g eps %g weight_decay %g kept", q.optimizer.beta1, q.optimizer.eps, q.optimizer.weight_decay);
+    ddp_destroy(ctx);
+    /* a zeroed (legacy) desc: zero means the default, AdamW's weight decay included */
+    c = base_config();
+    c.optimizer.type = DDP_OPTIM_ADAMW;
+    c.optimizer.lr = 0.01;
+    ctx = make(&c);
+    q = ddp_query_config(ctx);
+    CHECK(q.optimizer.lr == 0.01 && q.optimizer.beta1 == 0.9 && q.optimizer.beta2 == 0.999 && q.optimizer.eps == 1e-8 &&
+          q.optimizer.weight_decay == 1e-2 && q.optimizer.exact == 1,
+          "zeroed desc resolved to defaults: beta1 %g weight_decay %g", q.optimizer.beta1, q.optimizer.weight_decay);
+    ddp_destroy(ctx);
+    c = base_config();
+    c.optimizer.type = DDP_OPTIM_SGD;
+    ctx = make(&c);
+    q = ddp_query_config(ctx);
+    CHECK(q.optimizer.weight_decay == 0 && q.optimizer.lr == 1e-3, "zeroed SGD desc: weight_decay 0, lr 1e-3");
+    ddp_destroy(ctx);
+    /* bad values name the field */
+    {
+        ddp_context *bad = NULL;
+        c = base_config();
+        c.optimizer = ddp_optimizer_defaults(DDP_OPTIM_ADAMW);
+        c.optimizer.beta2 = 1.0;
+        CHECK_ERR(ddp_create(&c, &bad), DDP_ERROR_INVALID_ARGUMENT, NULL, "config.optimizer.beta2 = 1");
+        c.optimizer = ddp_optimizer_defaults(DDP_OPTIM_SGD);
+        c.optimizer.lr = -1;
+        CHECK_ERR(ddp_create(&c, &bad), DDP_ERROR_INVALID_ARGUMENT, NULL, "config.optimizer.lr = -1");
+        c.optimizer.lr = 0.1;
+        c.optimizer.weight_decay = 0.0 / 0.0;
+        CHECK_ERR(ddp_create(&c, &bad), DDP_ERROR_INVALID_ARGUMENT, NULL, "config.optimizer.weight_decay");
+        c.optimizer.weight_decay = 0;
+        c.optimizer.momentum = 0.9;
+        c.optimizer.dampening = 0.1;
+        c.optimizer.nesterov = 1;
+        CHECK_ERR(ddp_create(&c, &bad), DDP_ERROR_INVALID_ARGUMENT, NULL, "dampening 0");
+        c.optimizer.nesterov = 0;
+        c.optimizer.max_grad_norm = -2;
+        CHECK_ERR(ddp_create(&c, &bad), DDP_ERROR_INVALID_ARGUMENT, NULL, "config.optimizer.max_grad_norm = -2");
+        CHECK(bad == NULL, "no context");
+    }
+}
+
+/* per-parameter options: the API, its errors, and the group limit */
+static void test_param_options(void) {
+    ddp_config c = base_config();
+    ddp_context *ctx;
+    ddp_param_options o, q;
+    int id, i;
+    char name[16];
+    TEST("parameter options");
+    ctx = make(&c);
+    ddp_register_param(ctx, "w", 8, DDP_F32, NULL, &id);
+    memset(&o, 0, sizeof o);
+    q = ddp_get_param_options(ctx, id);
+    CHECK(q.lr_scale == 1 && q.weight_decay_scale == 1 && !q.no_weight_decay, "defaults: scales 1");
+    CHECK_ERR(ddp_set_param_options(ctx, 5, &o), DDP_ERROR_INVALID_ARGUMENT, ctx, "5 is not a parameter id");
+    CHECK_ERR(ddp_set_param_options(ctx, id, NULL), DDP_ERROR_INVALID_ARGUMENT, ctx, "'w' are NULL");
+    o.lr_scale = -1;
+    CHECK_ERR(ddp_set_param_options(ctx, id, &o), DDP_ERROR_INVALID_ARGUMENT, ctx, "parameter 'w': lr_scale -1");
+    o.lr_scale = 0.5;
+    o.weight_decay_scale = 0.0 / 0.0;
+    CHECK_ERR(ddp_set_param_options(ctx, id, &o), DDP_ERROR_INVALID_ARGUMENT, ctx, "weight_decay_scale");
+    o.weight_decay_scale = 0;
+    o.no_weight_decay = 1;
+    CHECK_OK(ddp_set_param_options(ctx, id, &o), ctx);
+    q = ddp_get_param_options(ctx, id);
+    CHECK(q.lr_scale == 0.5 && q.weight_decay_scale == 0 && q.no_weight_decay, "set: lr 0.5, no decay");
+    CHECK_OK(ddp_finalize(ctx), ctx);
+    CHECK_ERR(ddp_set_param_options(ctx, id, &o), DDP_ERROR_INVALID_STATE, ctx, "before ddp_finalize");
+    ddp_destroy(ctx);
+    /* 17 distinct options: one too many */
+    ctx = make(&c);
+    for (i = 0; i < DDP_MAX_PARAM_GROUPS + 1; i++) {
+        snprintf(name, sizeof name, "p%d", i);
+        ddp_register_param(ctx, name, 4, DDP_F32, NULL, &id);
+        memset(&o, 0, sizeof o);
+        o.lr_scale = 1.0 + i;
+        ddp_set_param_options(ctx, id, &o);
+    }
+    CHECK_ERR(ddp_finalize(ctx), DDP_ERROR_INVALID_ARGUMENT, ctx, "'p16' makes a 17th distinct set");
+    ddp_destroy(ctx);
+}
+
+/* the schedules, written out independently */
+static double want_lr(const ddp_schedule_desc *d, double lr, long t) {
+    if (t < d->warmup_steps) return lr * (t + 1.0) / (double)d->warmup_steps;
+    if (d->type == DDP_SCHEDULE_COSINE || d->type == DDP_SCHEDULE_LINEAR) {
+        double x = (double)(t - d->warmup_steps) / (double)(d->total_steps - d->warmup_steps);
+        if (t >= d->total_steps) return d->min_lr;
+        if (d->type == DDP_SCHEDULE_COSINE) return d->min_lr + (lr - d->min_lr) * (1 + cos(3.14159265358979323846 * x)) / 2;
+        return d->min_lr + (lr - d->min_lr) * (1 - x);
+    }
+    if (d->type == DDP_SCHEDULE_STEP) {
+        double f = 1;
+        long k;
+        for (k = 0; k < (t - d->warmup_steps) / d->step_size; k++) f *= d->gamma == 0 ? 0.1 : d->gamma;
+        return lr * f;
+    }
+    return lr;
+}
+
+/* every schedule: ddp_get_lr before each step, and the weights of plain
+   SGD (p -= lr_t * g) against the same lrs */
+static void test_schedules(void) {
+    static const ddp_schedule_desc cases[] = {
+        { DDP_SCHEDULE_CONSTANT, 0, 0, 0, 0, 0 },
+        { DDP_SCHEDULE_CONSTANT, 3, 0, 0, 0, 0 },
+        { DDP_SCHEDULE_COSINE, 4, 12, 0.01, 0, 0 },
+        { DDP_SCHEDULE_COSINE, 0, 9, 0, 0, 0 },
+        { DDP_SCHEDULE_LINEAR, 2, 10, 0.02, 0, 0 },
+        { DDP_SCHEDULE_STEP, 0, 0, 0, 4, 0 },
+        { DDP_SCHEDULE_STEP, 2, 0, 0, 3, 0.5 },
+    };
+    size_t k;
+    TEST("schedules");
+    for (k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+        ddp_config c = base_config();
+        ddp_context *ctx;
+        int id, t, ok_lr = 1;
+        float w0 = 1.0f;
+        double p = 1.0, worst = 0;
+        c.optimizer = ddp_optimizer_defaults(DDP_OPTIM_SGD);
+        c.optimizer.lr = 0.2;
+        c.schedule = cases[k];
+        ctx = make(&c);
+        ddp_register_param(ctx, "w", 1, DDP_F32, &w0, &id);
+        ddp_finalize(ctx);
+        for (t = 0; t < 15; t++) {
+            double lr = want_lr(&cases[k], 0.2, t), got = ddp_get_lr(ctx);
+            if (fabs(got - lr) > 1e-15 * lr) { ok_lr = 0; fprintf(stderr, "case %zu t=%d: lr %.17g, want %.17g\n", k, t, got, lr); }
+            CHECK_OK(ddp_step_begin(ctx), ctx);
+            ((float *)ddp_param_grad(ctx, id))[0] += 0.5f;
+            ddp_mark_ready(ctx, id);
+            CHECK_OK(ddp_step_end(ctx), ctx);
+            CHECK_OK(ddp_optimizer_step(ctx), ctx);
+            p -= (double)(float)lr * 0.5;
+            if (fabs(((float *)ddp_param_data(ctx, id))[0] - p) > worst) worst = fabs(((float *)ddp_param_data(ctx, id))[0] - p);
+        }
+        CHECK(ok_lr, "schedule case %zu: ddp_get_lr follows the formula", k);
+        CHECK(worst < 1e-6, "schedule case %zu: weights off by %.3g", k, worst);
+        ddp_destroy(ctx);
+    }
+    {   /* ddp_set_lr sets the lr the schedule starts from */
+        ddp_config c = base_config();
+        ddp_context *ctx, *bad = NULL;
+        int id;
+        c.optimizer = ddp_optimizer_defaults(DDP_OPTIM_SGD);
+        c.schedule.type = DDP_SCHEDULE_STEP;
+        c.schedule.step_size = 1;
+        c.schedule.gamma = 0.5;
+        ctx = make(&c);
+        ddp_register_param(ctx, "w", 1, DDP_F32, NULL, &id);
+        ddp_finalize(ctx);
+        CHECK(ddp_get_lr(ctx) == 1e-3, "lr at step 0: %g", ddp_get_lr(ctx));
+        CHECK_OK(ddp_set_lr(ctx, 0.4), ctx);
+        CHECK(ddp_get_lr(ctx) == 0.4, "after ddp_set_lr: %g", ddp_get_lr(ctx));
+        CHECK_ERR(ddp_set_lr(ctx, -1), DDP_ERROR_INVALID_ARGUMENT, ctx, "lr -1");
+        ddp_step_begin(ctx); ddp_mark_ready(ctx, id); ddp_step_end(ctx); ddp_optimizer_step(ctx);
+        CHECK(ddp_get_lr(ctx) == 0.2, "one step later: %g", ddp_get_lr(ctx));
+        ddp_destroy(ctx);
+        c = base_config();
+        c.schedule.type = DDP_SCHEDULE_COSINE;
+        c.schedule.warmup_steps = 10;
+        c.schedule.total_steps = 10;
+        CHECK_ERR(ddp_create(&c, &bad), DDP_ERROR_INVALID_ARGUMENT, NULL, "config.schedule.total_steps = 10");
+        c.schedule.type = DDP_SCHEDULE_STEP;
+        CHECK_ERR(ddp_create(&c, &bad), DDP_ERROR_INVALID_ARGUMENT, NULL, "config.schedule.step_size = 0");
+        c.schedule.type = (ddp_schedule)9;
+        CHECK_ERR(ddp_create(&c, &bad), DDP_ERROR_INVALID_ARGUMENT, NULL, "config.schedule.type 9");
+        c.schedule.type = DDP_SCHEDULE_CONSTANT;
+        c.schedule.min_lr = -1;
+        CHECK_ERR(ddp_create(&c, &bad), DDP_ERROR_INVALID_ARGUMENT, NULL, "config.schedule.min_lr = -1");
+    }
 }
 
 static void test_clip(void) {
     ddp_config c = base_config();
     ddp_context *ctx;
     int a, b;
-    float norm = 0, *ga, *gb;
+    double norm = 0;
+    float *ga, *gb;
     TEST("clip");
     ctx = make(&c);
     ddp_register_param(ctx, "a", 2, DDP_F32, NULL, &a);
@@ -434,52 +640,92 @@ static void test_clip(void) {
     ddp_mark_ready(ctx, a); ddp_mark_ready(ctx, b);
     CHECK_OK(ddp_step_end(ctx), ctx);
     CHECK_OK(ddp_clip_grad_norm(ctx, 0, &norm), ctx);
-    CHECK(fabsf(norm - 5) < 1e-6f && ga[0] == 3, "measure only: norm %g", (double)norm);
-    CHECK_OK(ddp_clip_grad_norm(ctx, 1.0f, &norm), ctx);
-    CHECK(fabsf(norm - 5) < 1e-6f && fabsf(ga[0] - 0.6f) < 1e-5f && fabsf(gb[0] - 0.8f) < 1e-5f, "clipped to norm 1: %g %g", (double)ga[0], (double)gb[0]);
-    CHECK_OK(ddp_clip_grad_norm(ctx, 10.0f, &norm), ctx);
+    CHECK(fabs(norm - 5) < 1e-12 && ga[0] == 3, "measure only: norm %g", norm);
+    CHECK_OK(ddp_clip_grad_norm(ctx, 1.0, &norm), ctx);
+    CHECK(fabs(norm - 5) < 1e-12 && fabsf(ga[0] - 0.6f) < 1e-5f && fabsf(gb[0] - 0.8f) < 1e-5f, "clipped to norm 1: %g %g", (double)ga[0], (double)gb[0]);
+    CHECK_OK(ddp_clip_grad_norm(ctx, 10.0, &norm), ctx);
     CHECK(fabsf(ga[0] - 0.6f) < 1e-5f, "no change under the limit");
     ddp_destroy(ctx);
 }
 
-/* micro-steps accumulate; the synced step averages over them; grads restart from zero */
+/* One micro-step on a world of one: add v to every element of w's gradient. */
+static void micro(ddp_context *ctx, int id, int no_sync, float v) {
+    float *g;
+    size_t i;
+    CHECK_OK(ddp_set_no_sync(ctx, no_sync), ctx);
+    CHECK_OK(ddp_step_begin(ctx), ctx);
+    g = (float *)ddp_param_grad(ctx, id);
+    for (i = 0; i < ddp_param_numel(ctx, id); i++) g[i] += v * (float)(i + 1);
+    CHECK_OK(ddp_mark_ready(ctx, id), ctx);
+    CHECK_OK(ddp_step_end(ctx), ctx);
+}
+
+static int noop_fb(ddp_context *ctx, void *user, int m, float *loss) { (void)ctx; (void)user; (void)m; (void)loss; return 0; }
+
+/* the accumulation rule (ACCUMULATION): gradients accumulate until
+   ddp_optimizer_step() or ddp_zero_grad(), whatever mix of synced and
+   no_sync steps; on a world of one the average over ranks is the identity */
 static void test_accumulation(void) {
     ddp_config c = base_config();
     ddp_context *ctx;
-    int id, k;
+    int id;
     float *g;
     TEST("accumulation");
     ctx = make(&c);
     ddp_register_param(ctx, "w", 3, DDP_F32, NULL, &id);
     ddp_finalize(ctx);
-    for (k = 0; k < 3; k++) {
-        CHECK_OK(ddp_set_no_sync(ctx, k < 2), ctx);
-        CHECK_OK(ddp_step_begin(ctx), ctx);
-        g = (float *)ddp_param_grad(ctx, id);
-        g[0] += (float)(k + 1); g[1] += 1.0f; g[2] += 0.0f;
-        CHECK_OK(ddp_mark_ready(ctx, id), ctx);
-        CHECK_OK(ddp_step_end(ctx), ctx);
-        if (k == 0) CHECK_ERR(ddp_optimizer_step(ctx), DDP_ERROR_INVALID_STATE, ctx, "never reduced");
-    }
     g = (float *)ddp_param_grad(ctx, id);
-    CHECK(fabsf(g[0] - 2.0f) < 1e-6f && fabsf(g[1] - 1.0f) < 1e-6f, "average over 3 micro-steps: %g %g", (double)g[0], (double)g[1]);
-    CHECK_OK(ddp_step_begin(ctx), ctx);
-    CHECK(g[0] == 0 && g[1] == 0, "next step starts from zero");
-    ddp_mark_ready(ctx, id);
-    ddp_step_end(ctx);
+    /* no_sync, no_sync, synced: the sum of the three (PyTorch's no_sync) */
+    micro(ctx, id, 1, 1.0f);
+    CHECK_ERR(ddp_optimizer_step(ctx), DDP_ERROR_INVALID_STATE, ctx, "never reduced");
+    micro(ctx, id, 1, 2.0f);
+    micro(ctx, id, 0, 3.0f);
+    CHECK(g[0] == 6.0f && g[2] == 18.0f, "sum over 3 micro-steps: %g %g", (double)g[0], (double)g[2]);
+    /* synced steps without an optimizer step keep accumulating */
+    micro(ctx, id, 0, 0.5f);
+    CHECK(g[0] == 6.5f && g[2] == 19.5f, "a second synced step adds: %g %g", (double)g[0], (double)g[2]);
+    /* after a reduce, a no_sync step shows the reduced part plus the local one */
+    micro(ctx, id, 1, 0.25f);
+    CHECK(g[0] == 6.75f && g[1] == 13.5f, "no_sync after a reduce shows R + L: %g %g", (double)g[0], (double)g[1]);
+    micro(ctx, id, 1, 0.25f);
+    CHECK(g[0] == 7.0f, "and keeps accumulating: %g", (double)g[0]);
+    micro(ctx, id, 0, 1.0f);
+    CHECK(g[0] == 8.0f && g[2] == 24.0f, "mixed sequence: %g %g", (double)g[0], (double)g[2]);
+    /* ddp_zero_grad ends it */
+    CHECK_OK(ddp_zero_grad(ctx), ctx);
+    CHECK(g[0] == 0 && g[2] == 0, "zeroed");
+    micro(ctx, id, 0, 2.0f);
+    CHECK(g[0] == 2.0f, "from zero after ddp_zero_grad: %g", (double)g[0]);
     ddp_destroy(ctx);
 
+    /* with an optimizer: the step ends the accumulation; the gradient stays
+       readable until the next step begins */
+    c.optimizer = ddp_optimizer_defaults(DDP_OPTIM_SGD);
+    c.optimizer.lr = 0.5;
+    ctx = make(&c);
+    ddp_register_param(ctx, "w", 3, DDP_F32, NULL, &id);
+    ddp_finalize(ctx);
+    g = (float *)ddp_param_grad(ctx, id);
+    micro(ctx, id, 0, 1.0f);
+    micro(ctx, id, 0, 1.0f);
+    CHECK_OK(ddp_optimizer_step(ctx), ctx);
+    CHECK(g[0] == 2.0f && ((float *)ddp_param_data(ctx, id))[0] == -1.0f, "step used the sum of 2 synced micro-steps (w %g)",
+          (double)((float *)ddp_param_data(ctx, id))[0]);
+    micro(ctx, id, 0, 1.0f);
+    CHECK(g[0] == 1.0f, "the next step starts from zero: %g", (double)g[0]);
+    /* ddp_train_step refuses to swallow un-reduced no_sync micro-steps */
+    CHECK_OK(ddp_optimizer_step(ctx), ctx);
+    micro(ctx, id, 1, 1.0f);
+    CHECK_ERR(ddp_train_step(ctx, noop_fb, NULL, 2, NULL), DDP_ERROR_INVALID_STATE, ctx, "not reduced yet");
+    ddp_destroy(ctx);
+
+    c = base_config();
     c.gradient_sum = 1;
     ctx = make(&c);
     ddp_register_param(ctx, "w", 1, DDP_F32, NULL, &id);
     ddp_finalize(ctx);
-    for (k = 0; k < 2; k++) {
-        ddp_set_no_sync(ctx, k == 0);
-        ddp_step_begin(ctx);
-        ((float *)ddp_param_grad(ctx, id))[0] += 3.0f;
-        ddp_mark_ready(ctx, id);
-        CHECK_OK(ddp_step_end(ctx), ctx);
-    }
+    micro(ctx, id, 1, 3.0f);
+    micro(ctx, id, 0, 3.0f);
     CHECK(((float *)ddp_param_grad(ctx, id))[0] == 6.0f, "gradient_sum leaves the sum");
     ddp_destroy(ctx);
 }
@@ -629,6 +875,238 @@ static void test_checkpoint(void) {
     ddp_destroy(a);
 }
 
+/* ---- checkpoint tampering: every header field range-checked ---- */
+
+static uint64_t fnv(const unsigned char *p, size_t n) {
+    uint64_t h = 0xcbf29ce484222325ull;
+    size_t i;
+    for (i = 0; i < n; i++) { h ^= p[i]; h *= 0x100000001b3ull; }
+    return h;
+}
+
+/* write bytes with a recomputed checksum */
+static void write_signed(const char *path, unsigned char *b, size_t n) {
+    uint64_t h = fnv(b, n - 8);
+    FILE *f = fopen(path, "wb");
+    memcpy(b + n - 8, &h, 8);
+    fwrite(b, 1, n, f);
+    fclose(f);
+}
+
+static unsigned char *read_all(const char *path, size_t *n) {
+    FILE *f = fopen(path, "rb");
+    unsigned char *b;
+    long sz;
+    fseek(f, 0, SEEK_END); sz = ftell(f); fseek(f, 0, SEEK_SET);
+    b = (unsigned char *)malloc((size_t)sz);
+    *n = fread(b, 1, (size_t)sz, f);
+    fclose(f);
+    return b;
+}
+
+typedef struct tamper { size_t off; int len; int64_t i; double d; int is_double; const char *field; } tamper;
+
+static void test_checkpoint_tampering(void) {
+    /* the v2 layout for ck_model(0): header 120 bytes, then 'fc.weight' (9
+       chars, 2 dims) at 120: namelen 120, name 124, dtype 133, numel 137,
+       ndim 145, shape 149, lr_scale 165, weight_decay_scale 173 */
+    static const tamper cases[] = {
+        { 8, 4, 0, 0, 0, "'version'" }, { 8, 4, 3, 0, 0, "'version'" }, { 8, 4, 0xffffffffll, 0, 0, "'version'" },
+        { 12, 4, 0, 0, 0, "'nparams'" }, { 12, 4, 0xffffffffll, 0, 0, "'nparams'" },
+        { 16, 4, 7, 0, 0, "'optimizer'" },
+        { 20, 4, 0x80, 0, 0, "'flags'" }, { 20, 4, 1, 0, 0, "'flags'" }, { 20, 4, 7, 0, 0, "'flags'" },
+        { 24, 8, INT64_MAX, 0, 0, "'steps'" }, { 24, 8, -1, 0, 0, "'steps'" }, { 24, 8, ((int64_t)1 << 53) + 1, 0, 0, "'steps'" },
+        { 32, 8, -1, 0, 0, "'sched_steps'" }, { 32, 8, 99, 0, 0, "'sched_steps'" },
+        { 40, 8, 0, -1.0, 1, "'lr'" }, { 40, 8, 0, 0.0 / 0.0, 1, "'lr'" }, { 40, 8, 0, 1.0 / 0.0, 1, "'lr'" },
+        { 48, 4, 9, 0, 0, "'schedule'" },
+        { 52, 8, -5, 0, 0, "'warmup_steps'" }, { 60, 8, INT64_MIN, 0, 0, "'total_steps'" },
+        { 68, 8, 0, -0.5, 1, "'min_lr'" }, { 76, 8, -1, 0, 0, "'step_size'" }, { 84, 8, 0, 1.0 / 0.0, 1, "'gamma'" },
+        { 92, 4, 2, 0, 0, "'loss_scaling'" },
+        { 96, 8, 0, 0.0, 1, "'loss_scale'" }, { 96, 8, 0, 1.0 / 0.0, 1, "'loss_scale'" }, { 96, 8, 0, 0.1, 1, "'loss_scale'" },
+        { 104, 8, -1, 0, 0, "'growth_tracker'" }, { 112, 8, -1, 0, 0, "'skipped'" }, { 112, 8, INT64_MAX, 0, 0, "'skipped'" },
+        { 120, 4, 0, 0, 0, "'namelen' of parameter '0" }, { 120, 4, 100000, 0, 0, "'namelen' of parameter '0" },
+        { 133, 4, 9, 0, 0, "'dtype' of parameter 0 'fc.weight'" }, { 133, 4, 5, 0, 0, "'dtype' of parameter 0" },
+        { 137, 8, 0, 0, 0, "'numel' of parameter 0" }, { 137, 8, (int64_t)1 << 41, 0, 0, "'numel' of parameter 0" },
+        { 137, 8, 13, 0, 0, "'shape' of parameter 0" },
+        { 145, 4, 0, 0, 0, "'ndim' of parameter 0" }, { 145, 4, 9, 0, 0, "'ndim' of parameter 0" },
+        { 149, 8, 0, 0, 0, "'shape' of parameter 0" }, { 149, 8, -4, 0, 0, "'shape' of parameter 0" },
+        { 165, 8, 0, 0.0 / 0.0, 1, "'lr_scale' of parameter 0" }, { 173, 8, 0, -1.0, 1, "'weight_decay_scale' of parameter 0" },
+    };
+    char path[256], bad[300];
+    unsigned char *orig, *b;
+    size_t n, k;
+    ddp_context *a, *m;
+    TEST("checkpoint tampering");
+    snprintf(path, sizeof path, "/tmp/ddp_test_tamper_%d.bin", (int)getpid());
+    snprintf(bad, sizeof bad, "%s.bad", path);
+    a = ck_model(0, DDP_OPTIM_ADAMW);
+    train_some(a, 3);
+    CHECK_OK(ddp_save_checkpoint(a, path), a);
+    orig = read_all(path, &n);
+    b = (unsigned char *)malloc(n);
+    m = ck_model(0, DDP_OPTIM_ADAMW);
+    {   /* the layout above is the file's */
+        uint32_t v, nl;
+        memcpy(&v, orig + 8, 4);
+        memcpy(&nl, orig + 120, 4);
+        CHECK(v == 2 && nl == 9 && !memcmp(orig + 124, "fc.weight", 9), "version 2 layout (version %u, namelen %u)", v, nl);
+    }
+    for (k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+        const tamper *t = &cases[k];
+        float before = ((float *)ddp_param_data(m, 0))[2];
+        ddp_result r;
+        memcpy(b, orig, n);
+        if (t->is_double) memcpy(b + t->off, &t->d, 8);
+        else if (t->len == 4) { uint32_t u = (uint32_t)t->i; memcpy(b + t->off, &u, 4); }
+        else memcpy(b + t->off, &t->i, 8);
+        write_signed(bad, b, n);
+        r = ddp_load_checkpoint(m, bad);
+        CHECK(r == DDP_ERROR_CORRUPT && strstr(ddp_last_error(m), t->field) != NULL,
+              "offset %zu = %lld/%g: %s: %s (expected CORRUPT naming %s)", t->off, (long long)t->i, t->d, ddp_result_string(r),
+              ddp_last_error(m), t->field);
+        CHECK(((float *)ddp_param_data(m, 0))[2] == before && ddp_optimizer_steps(m) == 0, "a rejected file changes nothing");
+    }
+    /* an in-range count of another model is a mismatch, not corruption */
+    memcpy(b, orig, n);
+    { uint32_t u = 5; memcpy(b + 12, &u, 4); }
+    write_signed(bad, b, n);
+    CHECK_ERR(ddp_load_checkpoint(m, bad), DDP_ERROR_MISMATCH, m, "it has 5 parameters, this model 2");
+    /* the untouched bytes, re-signed, load */
+    memcpy(b, orig, n);
+    write_signed(bad, b, n);
+    CHECK_OK(ddp_load_checkpoint(m, bad), m);
+    CHECK(ddp_optimizer_steps(m) == 3, "steps restored");
+
+    /* version 1 (no training-state block, no scales) is still read */
+    {
+        ddp_context *v1 = ck_model(0, DDP_OPTIM_ADAMW);
+        unsigned char *o = (unsigned char *)malloc(n);
+        size_t at = 0, i = 0, len;
+        uint32_t one = 1;
+        int q;
+        memcpy(o, orig, 32); at = 32;          /* magic .. steps */
+        memcpy(o + 8, &one, 4);
+        i = 120;
+        for (q = 0; q < 2; q++) {              /* parameter headers without the scales */
+            uint32_t nl, nd;
+            memcpy(&nl, orig + i, 4);
+            memcpy(&nd, orig + i + 4 + nl + 12, 4);
+            len = 4 + nl + 4 + 8 + 4 + 8 * (size_t)nd;
+            memcpy(o + at, orig + i, len);
+            at += len;
+            i += len + 16;
+        }
+        memcpy(o + at, orig + i, n - i);       /* data, state, checksum */
+        at += n - i;
+        write_signed(bad, o, at);
+        CHECK_OK(ddp_load_checkpoint(v1, bad), v1);
+        CHECK(memcmp(ddp_flat_params(a), ddp_flat_params(v1), ddp_flat_bytes(a)) == 0 && ddp_optimizer_steps(v1) == 3,
+              "a version-1 file loads the weights and the optimizer state");
+        train_some(a, 2);
+        train_some(v1, 2);
+        CHECK(memcmp(ddp_flat_params(a), ddp_flat_params(v1), ddp_flat_bytes(a)) == 0, "and training goes on as from the original");
+        free(o);
+        ddp_destroy(v1);
+    }
+    free(b);
+    free(orig);
+    remove(bad);
+    remove(path);
+    ddp_destroy(m);
+    ddp_destroy(a);
+}
+
+/* a file without the optimizer state a context needs is an error, unless
+   the call asks for a fresh optimizer */
+static void test_checkpoint_reset(void) {
+    char path[256];
+    ddp_context *none, *adam, *sgd, *mom;
+    ddp_config c = base_config();
+    int id;
+    TEST("checkpoint without optimizer state");
+    snprintf(path, sizeof path, "/tmp/ddp_test_reset_%d.bin", (int)getpid());
+    none = ck_model(0, DDP_OPTIM_NONE);
+    CHECK_OK(ddp_save_checkpoint(none, path), none);
+    adam = ck_model(0, DDP_OPTIM_ADAMW);
+    train_some(adam, 2);
+    CHECK_ERR(ddp_load_checkpoint(adam, path), DDP_ERROR_MISMATCH, adam, "holds no optimizer state");
+    CHECK(ddp_optimizer_steps(adam) == 2, "refused: state kept");
+    CHECK_ERR(ddp_load_checkpoint_ex(adam, path, 8), DDP_ERROR_INVALID_ARGUMENT, adam, "unknown bits");
+    CHECK_OK(ddp_load_checkpoint_ex(adam, path, DDP_LOAD_RESET_OPTIMIZER), adam);
+    CHECK(ddp_optimizer_steps(adam) == 0 && memcmp(ddp_flat_params(adam), ddp_flat_params(none), ddp_flat_bytes(none)) == 0,
+          "reset: the weights, step 0");
+    {   /* and it trains like a new context from those weights */
+        ddp_context *fresh = ck_model(0, DDP_OPTIM_ADAMW);
+        CHECK_OK(ddp_load_checkpoint_ex(fresh, path, DDP_LOAD_RESET_OPTIMIZER), fresh);
+        train_some(fresh, 2);
+        train_some(adam, 2);
+        CHECK(memcmp(ddp_flat_params(adam), ddp_flat_params(fresh), ddp_flat_bytes(fresh)) == 0, "no stale moments after the reset");
+        ddp_destroy(fresh);
+    }
+    /* plain SGD at step 3 has no momentum buffer: a momentum SGD needs one */
+    sgd = ck_model(0, DDP_OPTIM_SGD);
+    train_some(sgd, 3);
+    CHECK_OK(ddp_save_checkpoint(sgd, path), sgd);
+    c.optimizer = ddp_optimizer_defaults(DDP_OPTIM_SGD);
+    c.optimizer.momentum = 0.9;
+    mom = make(&c);
+    {
+        int64_t shape[2] = { 4, 3 };
+        ddp_register_param_shape(mom, "fc.weight", 2, shape, DDP_F32, NULL, &id);
+        ddp_register_param(mom, "fc.bias", 4, DDP_F32, NULL, &id);
+        ddp_finalize(mom);
+    }
+    CHECK_ERR(ddp_load_checkpoint(mom, path), DDP_ERROR_MISMATCH, mom, "no momentum / first-moment state for this optimizer at step 3");
+    CHECK_OK(ddp_load_checkpoint_ex(mom, path, DDP_LOAD_RESET_OPTIMIZER), mom);
+    /* other parameter options than at save time */
+    {
+        ddp_context *g = make(&c);
+        ddp_param_options o;
+        int64_t shape[2] = { 4, 3 };
+        memset(&o, 0, sizeof o);
+        o.no_weight_decay = 1;
+        ddp_register_param_shape(g, "fc.weight", 2, shape, DDP_F32, NULL, &id);
+        ddp_register_param(g, "fc.bias", 4, DDP_F32, NULL, &id);
+        ddp_set_param_options(g, id, &o);
+        ddp_finalize(g);
+        train_some(g, 1);
+        CHECK_OK(ddp_save_checkpoint(g, path), g);
+        CHECK_ERR(ddp_load_checkpoint(mom, path), DDP_ERROR_MISMATCH, mom, "other options for parameter 1 'fc.bias'");
+        CHECK_OK(ddp_load_checkpoint_ex(mom, path, DDP_LOAD_RESET_OPTIMIZER), mom);
+        ddp_destroy(g);
+    }
+    ddp_destroy(mom);
+    ddp_destroy(sgd);
+    ddp_destroy(adam);
+    ddp_destroy(none);
+    remove(path);
+}
+
+static void test_join_world1(void) {
+    ddp_config c = base_config();
+    ddp_context *ctx;
+    int id;
+    TEST("join, world 1");
+    ctx = make(&c);
+    ddp_register_param(ctx, "w", 4, DDP_F32, NULL, &id);
+    ddp_finalize(ctx);
+    CHECK_ERR(ddp_join(ctx), DDP_ERROR_INVALID_STATE, ctx, "config.uneven_inputs");
+    ddp_destroy(ctx);
+    c.uneven_inputs = 1;
+    c.optimizer = ddp_optimizer_defaults(DDP_OPTIM_SGD);
+    ctx = make(&c);
+    ddp_register_param(ctx, "w", 4, DDP_F32, NULL, &id);
+    ddp_finalize(ctx);
+    CHECK_OK(ddp_step_begin(ctx), ctx);
+    CHECK_ERR(ddp_join(ctx), DDP_ERROR_INVALID_STATE, ctx, "inside a step");
+    ddp_mark_ready(ctx, id);
+    CHECK_OK(ddp_step_end(ctx), ctx);
+    CHECK_OK(ddp_optimizer_step(ctx), ctx);
+    CHECK_OK(ddp_join(ctx), ctx);
+    CHECK_ERR(ddp_train_step(ctx, noop_fb, NULL, 70000, NULL), DDP_ERROR_INVALID_ARGUMENT, ctx, "above 65536");
+    ddp_destroy(ctx);
+}
+
 static void test_collectives_world1(void) {
     ddp_config c = base_config();
     ddp_context *ctx = make(&c);
@@ -671,11 +1149,17 @@ int main(void) {
     test_missing_mark_long_names();
     test_buckets();
     test_optimizers();
+    test_optimizer_defaults();
+    test_param_options();
+    test_schedules();
     test_clip();
     test_accumulation();
     test_train_step();
     test_checkpoint();
+    test_checkpoint_tampering();
+    test_checkpoint_reset();
     test_collectives_world1();
+    test_join_world1();
     test_f16_conversions();
     return t_summary("test_core");
 }

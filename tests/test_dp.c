@@ -40,6 +40,8 @@ static void set_optim(ddp_config *c, int adamw) {
     else { c->optimizer.type = DDP_OPTIM_SGD; c->optimizer.lr = 0.1f; c->optimizer.momentum = 0.9f; c->optimizer.nesterov = 1; c->optimizer.weight_decay = 1e-3f; }
 }
 
+static int g_groups; /* 1: biases without weight decay, the first layer at half the lr */
+
 static dp_context *make_dp(int K, int adamw, const mlp_shape *s, float *const *init) {
     dp_config c;
     dp_context *dp;
@@ -53,6 +55,13 @@ static dp_context *make_dp(int K, int adamw, const mlp_shape *s, float *const *i
         char name[32];
         mlp_param_name(p, name, sizeof name);
         dp_register_param(dp, name, mlp_param_numel(s, p), DDP_F32, init[p], &id);
+        if (g_groups) {
+            ddp_param_options o;
+            memset(&o, 0, sizeof o);
+            o.no_weight_decay = p & 1;
+            o.lr_scale = p < 2 ? 0.5 : 1.0;
+            if (dp_set_param_options(dp, id, &o) != DDP_SUCCESS) { fprintf(stderr, "%s\n", dp_last_error(dp)); exit(2); }
+        }
     }
     if (dp_finalize(dp) != DDP_SUCCESS) { fprintf(stderr, "dp_finalize: %s\n", dp_last_error(dp)); exit(2); }
     return dp;
@@ -69,7 +78,7 @@ static void check_equivalence(int K, int B, int adamw, int steps) {
     double maxdiff = 0, maxref = 0;
     float loss = 0, loss1 = 0, losses[DP_MAX_DEVICES];
     char name[64];
-    snprintf(name, sizeof name, "dp K=%d B=%d %s", K, B, adamw ? "adamw" : "sgd");
+    snprintf(name, sizeof name, "dp K=%d B=%d %s%s", K, B, adamw ? "adamw" : "sgd", g_groups ? " groups" : "");
     TEST(name);
     mlp_shape_parse("20,16,12,5", &shape);
     for (p = 0; p < mlp_num_params(&shape); p++) init[p] = (float *)malloc(mlp_param_numel(&shape, p) * sizeof(float));
@@ -147,6 +156,51 @@ static void check_failure(void) {
     mlp_dataset_free(&data);
 }
 
+/* loss scaling through c.ddp: a replica's inf skips the step on every replica */
+typedef struct ls_model { int bad_step, step; } ls_model;
+static int ls_fb(const dp_replica *r, void *user, float *loss) {
+    ls_model *m = (ls_model *)user;
+    float *g = (float *)ddp_param_grad(r->ctx, 0), *w = (float *)ddp_param_data(r->ctx, 0);
+    float S = (float)ddp_loss_scale(r->ctx);
+    int i;
+    for (i = 0; i < 8; i++) g[i] += S * (w[i] - (float)(r->index + i));
+    if (m->step == m->bad_step && r->index == 1) g[3] = 1.0f / 0.0f;
+    *loss = 0;
+    return ddp_mark_ready(r->ctx, 0) == DDP_SUCCESS ? 0 : 1;
+}
+
+static void check_loss_scale(void) {
+    dp_config c;
+    dp_context *dp;
+    ls_model m;
+    int id, i, same = 0;
+    TEST("dp loss scaling");
+    memset(&c, 0, sizeof c);
+    c.num_devices = 3;
+    c.device = DDP_DEVICE_CPU;
+    c.ddp.timeout_s = 20;
+    c.ddp.optimizer = ddp_optimizer_defaults(DDP_OPTIM_SGD);
+    c.ddp.optimizer.lr = 0.1;
+    c.ddp.loss_scale.enabled = 1;
+    c.ddp.loss_scale.init_scale = 256;
+    CHECK_OK(dp_create(&c, &dp), NULL);
+    dp_register_param(dp, "w", 8, DDP_F32, NULL, &id);
+    CHECK_OK(dp_finalize(dp), NULL);
+    m.bad_step = 1;
+    for (m.step = 0; m.step < 3; m.step++) {
+        CHECK_OK(dp_step(dp, NULL, ls_fb, &m, NULL, NULL), NULL);
+        for (i = 0; i < 3; i++) {
+            ddp_context *r = dp_replica_context(dp, i);
+            CHECK(ddp_last_step_skipped(r) == (m.step == 1), "step %d replica %d: skipped %d", m.step, i, ddp_last_step_skipped(r));
+            CHECK(ddp_loss_scale(r) == (m.step == 0 ? 256 : 128), "step %d replica %d: scale %g", m.step, i, ddp_loss_scale(r));
+        }
+    }
+    CHECK_OK(dp_check_replicas(dp, &same), NULL);
+    CHECK(same == 1, "replicas identical");
+    CHECK(ddp_optimizer_steps(dp_replica_context(dp, 0)) == 2, "2 steps taken");
+    dp_destroy(dp);
+}
+
 static void check_bad_input(void) {
     dp_config c;
     dp_context *dp = NULL;
@@ -222,6 +276,11 @@ int main(int argc, char **argv) {
     check_equivalence(3, 10, 1, 4);
     check_equivalence(2, 7, 1, 3);    /* 4, 3 rows */
     check_equivalence(4, 3, 0, 3);    /* 1, 1, 1, 0 rows: an empty replica still takes part */
+    g_groups = 1;                     /* parameter groups through dp_set_param_options */
+    check_equivalence(3, 10, 1, 4);
+    check_equivalence(2, 8, 0, 3);
+    g_groups = 0;
     check_failure();
+    check_loss_scale();
     return t_summary("test_dp");
 }

@@ -281,6 +281,115 @@ static void test_sgd(void)
         }
 }
 
+/* ddp_ref_optimizer_step: groups by chunk map (with an offset into the
+   map), double hyper-parameters, dampening, the gradient multiplier */
+static void test_optimizer_step(void)
+{
+    enum { N = 40 };
+    static const unsigned char map[] = {1, 0, 2, 2, 1, 0, 1, 2, 0, 1, 0, 2};
+    ddp_k_optim o;
+    ddp_k_groups gr;
+    float p[N], m[N], v[N], g[N], q[N], qm[N], qv[N], qg[N];
+    double dp[N], dm[N], dv[N];
+    int i, t, type, ok = 1;
+    char buf[96];
+    double worst = 0;
+    memset(&gr, 0, sizeof gr);
+    gr.map = map;
+    gr.first = 3;         /* element 0 is element 3 of the map's numbering */
+    gr.chunk_log2 = 2;    /* chunks of 4 elements */
+    gr.count = 3;
+    gr.lr_scale[0] = 1.0; gr.lr_scale[1] = 0.5; gr.lr_scale[2] = 2.0;
+    gr.wd_scale[0] = 1.0; gr.wd_scale[1] = 0.0; gr.wd_scale[2] = 3.0;
+    for (type = DDP_K_SGD; type <= DDP_K_ADAMW; type++) {
+        memset(&o, 0, sizeof o);
+        o.type = type;
+        o.lr = 0.05; o.momentum = 0.9; o.dampening = 0.25; o.weight_decay = 0.1;
+        o.beta1 = 0.9; o.beta2 = 0.999; o.eps = 1e-8;
+        o.grad_scale = 0.5;
+        for (i = 0; i < N; i++) {
+            p[i] = (float)sin(i + 0.5); dp[i] = p[i];
+            m[i] = v[i] = 0; dm[i] = dv[i] = 0;
+        }
+        for (t = 1; t <= 3; t++) {
+            o.step = t;
+            for (i = 0; i < N; i++) g[i] = (float)cos(1.3 * i + t);
+            ok &= ddp_ref_optimizer_step(NULL, 0, p, g, DDP_K_F32, m, v, N, &o, &gr) == 0;
+            for (i = 0; i < N; i++) {
+                const int k = map[(3 + i) >> 2];
+                const double lr = 0.05 * gr.lr_scale[k], wd = 0.1 * gr.wd_scale[k], gi = 0.5 * g[i];
+                if (type == DDP_K_SGD) {
+                    double d = gi + wd * dp[i];
+                    dm[i] = t == 1 ? d : 0.9 * dm[i] + 0.75 * d;
+                    dp[i] -= lr * dm[i];
+                } else {
+                    dp[i] *= 1 - lr * wd;
+                    dm[i] = 0.9 * dm[i] + 0.1 * gi;
+                    dv[i] = 0.999 * dv[i] + 0.001 * gi * gi;
+                    dp[i] -= lr / (1 - pow(0.9, t)) * dm[i] / (sqrt(dv[i]) / sqrt(1 - pow(0.999, t)) + 1e-8);
+                }
+            }
+        }
+        for (i = 0; i < N; i++) {
+            const double e = fabs(p[i] - dp[i]) / (fabs(dp[i]) + 1e-3);
+            if (e > worst) worst = e;
+        }
+    }
+    sprintf(buf, "err=%.2e", worst);
+    check(ok && worst < 1e-5, "ref_optimizer_step_groups", buf);
+
+    /* with double betas, 1 - beta2 is PyTorch's (float)(1 - 0.999), not
+       1 - 0.999f: one step from v = 0 gives v = (float)0.001 * g * g */
+    memset(&o, 0, sizeof o);
+    o.type = DDP_K_ADAMW; o.lr = 0.01; o.beta1 = 0.9; o.beta2 = 0.999; o.eps = 1e-8; o.step = 1;
+    p[0] = 1; m[0] = v[0] = 0; g[0] = 3;
+    ok = ddp_ref_optimizer_step(NULL, 0, p, g, DDP_K_F32, m, v, 1, &o, NULL) == 0;
+    check(ok && v[0] == (float)(1.0 - 0.999) * 3.0f * 3.0f && v[0] != (1.0f - 0.999f) * 3.0f * 3.0f,
+          "ref_optimizer_step_double_beta2", "");
+
+    /* grad_scale s on g is the step on s * g (power of two: the same bits) */
+    for (type = DDP_K_SGD; type <= DDP_K_ADAMW; type++) {
+        memset(&o, 0, sizeof o);
+        o.type = type; o.lr = 0.1; o.momentum = 0.9; o.beta1 = 0.9; o.beta2 = 0.99; o.eps = 1e-8; o.weight_decay = 0.01;
+        for (i = 0; i < N; i++) { p[i] = q[i] = (float)sin(i); m[i] = v[i] = qm[i] = qv[i] = 0; }
+        ok = 1;
+        for (t = 1; t <= 2; t++) {
+            o.step = t;
+            for (i = 0; i < N; i++) { g[i] = 4096.0f * (float)cos(i + t); qg[i] = g[i] / 4096.0f; }
+            o.grad_scale = 1.0 / 4096.0;
+            ok &= ddp_ref_optimizer_step(NULL, 0, p, g, DDP_K_F32, m, v, N, &o, NULL) == 0;
+            o.grad_scale = 1.0;
+            ok &= ddp_ref_optimizer_step(NULL, 0, q, qg, DDP_K_F32, qm, qv, N, &o, NULL) == 0;
+        }
+        for (i = 0; i < N; i++) ok &= p[i] == q[i];
+        check(ok, type == DDP_K_SGD ? "ref_optimizer_step_grad_scale_sgd" : "ref_optimizer_step_grad_scale_adamw", "");
+    }
+
+    /* bad arguments: a group index past count, a bad type, param16 without a dtype */
+    memset(&o, 0, sizeof o);
+    o.type = DDP_K_SGD; o.lr = 0.1; o.step = 1;
+    gr.count = 2; /* map holds 2s */
+    check(ddp_ref_optimizer_step(NULL, 0, p, g, DDP_K_F32, m, v, N, &o, &gr) == 1, "ref_optimizer_step_bad_group", "");
+    o.type = 7;
+    check(ddp_ref_optimizer_step(NULL, 0, p, g, DDP_K_F32, m, v, N, &o, NULL) == 1, "ref_optimizer_step_bad_type", "");
+    o.type = DDP_K_SGD;
+    check(ddp_ref_optimizer_step(p, 0, p, g, DDP_K_F32, m, v, N, &o, NULL) == 1, "ref_optimizer_step_param16_without_dtype", "");
+}
+
+static void test_add(void)
+{
+    float a[5] = {1, 2, 3, 4, 5}, b[5] = {0.5f, -2, 1e-8f, 4, 0};
+    uint16_t h[2], hb[2];
+    int ok;
+    ok = ddp_ref_add(a, b, DDP_K_F32, 5) == 0 && a[0] == 1.5f && a[1] == 0 && a[2] == 3.0f && a[3] == 8;
+    h[0] = ddp_f32_to_bf16_bits(1.0f); h[1] = ddp_f32_to_bf16_bits(256.0f);
+    hb[0] = ddp_f32_to_bf16_bits(0.5f); hb[1] = ddp_f32_to_bf16_bits(1.0f);
+    ok &= ddp_ref_add(h, hb, DDP_K_BF16, 2) == 0 && ddp_bf16_bits_to_f32(h[0]) == 1.5f &&
+          ddp_bf16_bits_to_f32(h[1]) == 256.0f; /* 257 rounds to even in bf16 */
+    ok &= ddp_ref_add(a, b, DDP_K_F64, 5) == 1;
+    check(ok, "ref_add", "");
+}
+
 /* ---- reductions, checks, casts ------------------------------------------- */
 
 static void test_sumsq(void)
@@ -361,6 +470,8 @@ int main(void)
     test_adamw();
     test_adamw_mixed();
     test_sgd();
+    test_optimizer_step();
+    test_add();
     test_sumsq();
     test_nonfinite();
     test_cast();

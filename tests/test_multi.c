@@ -178,6 +178,8 @@ static int reducer_rank(int rank, int world, int port, void *arg) {
     RANK_CHECK(ddp_finalize(ctx) == DDP_SUCCESS, "finalize: %s", ddp_last_error(ctx));
     RANK_CHECK(ddp_bucket_count(ctx) >= 3, "several buckets");
     for (step = 0; step < 4; step++) {
+        /* gradients accumulate until ddp_zero_grad() (or an optimizer step): each step here stands alone */
+        RANK_CHECK(ddp_zero_grad(ctx) == DDP_SUCCESS, "zero: %s", ddp_last_error(ctx));
         RANK_CHECK(ddp_step_begin(ctx) == DDP_SUCCESS, "begin: %s", ddp_last_error(ctx));
         for (p = 4; p >= 0; p--) {
             float *g = (float *)ddp_param_grad(ctx, ids[p]);

@@ -2,11 +2,15 @@
    implementation TU is examples/ddp_impl.cu (nvcc), the model is
    examples/mlp_cuda.cu (cuBLAS).
 
-     test_gpu_ddp equiv [--steps S] [--accum K] [--backend nccl|staged]
+     test_gpu_ddp equiv [--steps S] [--accum K] [--backend nccl|staged] [--features]
          under ddprun -n N: DDP on the GPU (nccl needs one GPU per rank;
          staged lets N ranks share one), then one CPU replica (a world-1 CPU
          context, the plain C model) on the concatenated batch; the weights
          must agree within fp32 tolerance and every replica hold the same bits.
+         --features: both contexts also use parameter groups (biases
+         without decay, the first layer at half the lr), a warmup + cosine
+         schedule, clipping and dynamic loss scaling (ddp_k_optimizer_step's
+         group map and multiplier, ddp_k_nonfinite).
      test_gpu_ddp kill
          3 forked ranks on the staged backend; rank 2 is killed in the middle
          of a step; the others must fail within the timeout, and nothing is
@@ -60,10 +64,12 @@ static int fb(ddp_context *ctx, void *user, int micro, float *loss) {
         grads[p] = (float *)ddp_param_grad(ctx, p);
     }
     if (mlp_cuda_upload(j->model, j->x + (size_t)row * (size_t)j->shape.dims[0], j->y + row, j->rows) != 0) return 1;
-    if (mlp_cuda_forward_backward(j->model, params, grads, j->rows, 1.0f, on_ready, j) != 0) return 2;
+    if (mlp_cuda_forward_backward(j->model, params, grads, j->rows, (float)ddp_loss_scale(ctx), on_ready, j) != 0) return 2;
     *loss = 0;
     return 0;
 }
+
+static int g_features;
 
 static ddp_context *make_ctx(ddp_config *c, const mlp_shape *s, float *const *init) {
     ddp_context *ctx;
@@ -76,6 +82,13 @@ static ddp_context *make_ctx(ddp_config *c, const mlp_shape *s, float *const *in
         int nd = mlp_param_shape(s, p, dims);
         mlp_param_name(p, name, sizeof name);
         if (ddp_register_param_shape(ctx, name, nd, dims, DDP_F32, init[p], &id) != DDP_SUCCESS) { fprintf(stderr, "%s\n", ddp_last_error(ctx)); exit(3); }
+        if (g_features) {
+            ddp_param_options o;
+            memset(&o, 0, sizeof o);
+            o.no_weight_decay = p & 1;
+            o.lr_scale = p < 2 ? 0.5 : 1.0;
+            if (ddp_set_param_options(ctx, id, &o) != DDP_SUCCESS) { fprintf(stderr, "%s\n", ddp_last_error(ctx)); exit(3); }
+        }
     }
     if (ddp_finalize(ctx) != DDP_SUCCESS) { fprintf(stderr, "finalize: %s\n", ddp_last_error(ctx)); exit(3); }
     return ctx;
@@ -107,6 +120,15 @@ static int run_equiv(int steps, int accum, const char *optim) {
     c.first_bucket_bytes = 4096;
     c.bucket_bytes = 8192;
     set_optimizer(&c, optim);
+    if (g_features) {
+        c.optimizer.max_grad_norm = 1.0;
+        c.schedule.type = DDP_SCHEDULE_COSINE;
+        c.schedule.warmup_steps = 2;
+        c.schedule.total_steps = steps;
+        c.loss_scale.enabled = 1;
+        c.loss_scale.init_scale = 1024;
+        c.loss_scale.growth_interval = 2;
+    }
     gpu = make_ctx(&c, &shape, init);
     world = ddp_world_size(gpu);
     rank = ddp_rank(gpu);
@@ -135,7 +157,7 @@ static int run_equiv(int steps, int accum, const char *optim) {
         int g = rows * accum * world;
         ddp_step_begin(cpu);
         for (p = 0; p < mlp_num_params(&shape); p++) { params[p] = (float *)ddp_param_data(cpu, p); grads[p] = (float *)ddp_param_grad(cpu, p); }
-        mlp_forward_backward(params, data.x + (size_t)s * (size_t)g * 64, data.y + s * g, g, 1.0f, grads, &ws, NULL, NULL, NULL);
+        mlp_forward_backward(params, data.x + (size_t)s * (size_t)g * 64, data.y + s * g, g, (float)ddp_loss_scale(cpu), grads, &ws, NULL, NULL, NULL);
         for (p = 0; p < mlp_num_params(&shape); p++) ddp_mark_ready(cpu, p);
         if (ddp_step_end(cpu) != DDP_SUCCESS || ddp_optimizer_step(cpu) != DDP_SUCCESS) { fprintf(stderr, "reference: %s\n", ddp_last_error(cpu)); return 3; }
     }
@@ -158,8 +180,8 @@ static int run_equiv(int steps, int accum, const char *optim) {
     for (i = 0; i < world; i++) if (all[i] != h) failed = 1;
     if (maxdiff / maxref > 1e-4) failed = 1;
     if (rank == 0)
-        printf("%s gpu_equiv backend=%s world=%d optim=%s accum=%d steps=%d max_rel_diff_vs_cpu=%.3g replicas_identical=%s\n",
-               failed ? "FAIL" : "PASS", ddp_backend_name(ddp_query_backend(gpu)), world, optim, accum, steps,
+        printf("%s gpu_equiv backend=%s world=%d optim=%s accum=%d steps=%d features=%d max_rel_diff_vs_cpu=%.3g replicas_identical=%s\n",
+               failed ? "FAIL" : "PASS", ddp_backend_name(ddp_query_backend(gpu)), world, optim, accum, steps, g_features,
                maxdiff / maxref, all[0] == h ? "yes" : "no");
     free(all);
     mlp_workspace_free(&ws);
@@ -288,11 +310,12 @@ static int run_safetensors(void) {
 int main(int argc, char **argv) {
     int steps = 4, accum = 1, i;
     const char *optim = "sgd";
-    if (argc < 2) { fprintf(stderr, "usage: test_gpu_ddp equiv|kill|safetensors [--steps S] [--accum K] [--optim sgd|adamw]\n"); return 2; }
+    if (argc < 2) { fprintf(stderr, "usage: test_gpu_ddp equiv|kill|safetensors [--steps S] [--accum K] [--optim sgd|adamw] [--features]\n"); return 2; }
     for (i = 2; i < argc; i++) {
         if (!strcmp(argv[i], "--steps") && i + 1 < argc) steps = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--accum") && i + 1 < argc) accum = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--optim") && i + 1 < argc) optim = argv[++i];
+        else if (!strcmp(argv[i], "--features")) g_features = 1;
     }
     /* fork before anything touches CUDA: a process that initialised CUDA
        must not fork children that use it */

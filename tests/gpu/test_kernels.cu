@@ -462,6 +462,109 @@ static void test_adamw(void)
                 for (cfg = 0; cfg < 3; cfg++) run_adamw(p16s[pi], gds[gi], k_sizes[s], cfg);
 }
 
+/* ---- ddp_k_optimizer_step: groups, double hyper-parameters, multiplier ---- */
+
+static void run_optimizer_step(int type, int pd, int gd, size_t n, int cfg)
+{
+    ddp_k_optim o;
+    ddp_k_groups gr;
+    Check c;
+    Buf w, g, m, v, p16;
+    const size_t first = 3 + rnd_index(200), chunks = (first + n) / 64 + 2;
+    std::vector<unsigned char> map(chunks);
+    unsigned char *dmap = NULL;
+    size_t i;
+    int step, k;
+    std::string name = std::string(type == DDP_K_SGD ? "optimizer_step/sgd/" : "optimizer_step/adamw/") +
+                       (pd ? std::string("p=") + dt_name(pd) + ",g=" + dt_name(gd) + "/" : std::string()) + k_off_name[cfg];
+    memset(&o, 0, sizeof o);
+    memset(&gr, 0, sizeof gr);
+    o.type = type;
+    o.lr = 1e-2 * (0.5 + rnd_pos());
+    o.momentum = 0.9; o.dampening = 0.1; o.weight_decay = 0.01;
+    o.beta1 = 0.9; o.beta2 = 0.999; o.eps = 1e-8;
+    o.grad_scale = 0.25;
+    gr.count = 3;
+    gr.chunk_log2 = 6;
+    gr.first = first;
+    for (k = 0; k < 3; k++) { gr.lr_scale[k] = 0.5 + k; gr.wd_scale[k] = k == 1 ? 0.0 : 1.0 + k; }
+    for (i = 0; i < chunks; i++) map[i] = (unsigned char)(rnd_u64() % 3);
+    CK(cudaMalloc((void **)&dmap, chunks));
+    CK(cudaMemcpy(dmap, map.data(), chunks, cudaMemcpyHostToDevice));
+    check_begin(c, name, n);
+    buf_create(w, DDP_K_F32, n, off_of(cfg, 0), FILL_SYM);
+    buf_create(g, gd, n, off_of(cfg, 1), FILL_SYM);
+    buf_create(m, DDP_K_F32, n, off_of(cfg, 2), FILL_SMALL);
+    buf_create(v, DDP_K_F32, n, off_of(cfg, 3), FILL_POS);
+    if (pd) buf_create(p16, pd, n, off_of(cfg, 4), FILL_NAN);
+    std::vector<unsigned char> rw = region(w), rm = region(m), rv = region(v), rp16(pd ? n * dt_size(pd) : 1);
+    for (step = 1; step <= 3 && c.ok; step++) {
+        ddp_k_groups hg = gr;
+        int rc;
+        o.step = step;
+        if (step > 1) { buf_fill(g, FILL_SYM); buf_upload(g); }
+        if (pd) { buf_fill(p16, FILL_NAN); buf_upload(p16); }
+        gr.map = dmap;
+        rc = ddp_k_optimizer_step(pd ? dptr(p16) : NULL, pd, (float *)dptr(w), dptr(g), gd, (float *)dptr(m),
+                                  (float *)dptr(v), n, &o, &gr, g_stream);
+        hg.map = map.data();
+        if (ddp_ref_optimizer_step(pd ? rp16.data() : NULL, pd, (float *)rw.data(), hptr(g), gd, (float *)rm.data(),
+                                   (float *)rv.data(), n, &o, &hg) != 0)
+            check_fail(c, "reference refused the arguments");
+        if (!launched(rc, c)) break;
+        compare(c, w, rw.data(), TOL32, "param");
+        compare(c, m, rm.data(), TOL32, "m");
+        if (type == DDP_K_ADAMW) compare(c, v, rv.data(), TOL32, "v");
+        else compare_unchanged(c, v, "v (SGD has none)");
+        if (pd) compare(c, p16, rp16.data(), pd == DDP_K_F32 ? TOL32 : TOL16, "param16");
+        compare_unchanged(c, g, "grad (an input)");
+    }
+    check_end(c);
+    buf_free(w); buf_free(g); buf_free(m); buf_free(v);
+    if (pd) buf_free(p16);
+    CK(cudaFree(dmap));
+}
+
+static void test_optimizer_step(void)
+{
+    int s, cfg, type;
+    for (type = DDP_K_SGD; type <= DDP_K_ADAMW; type++)
+        for (s = 0; s < NSIZES; s++)
+            for (cfg = 0; cfg < 3; cfg++) run_optimizer_step(type, 0, DDP_K_F32, k_sizes[s], cfg);
+    for (type = DDP_K_SGD; type <= DDP_K_ADAMW; type++)
+        for (s = 0; s < NSIZES; s++) {
+            run_optimizer_step(type, DDP_K_F16, DDP_K_F16, k_sizes[s], 0);
+            run_optimizer_step(type, DDP_K_BF16, DDP_K_BF16, k_sizes[s], 1);
+        }
+}
+
+/* ---- add ----------------------------------------------------------------- */
+
+static void test_add(void)
+{
+    static const int dts[3] = {DDP_K_F32, DDP_K_F16, DDP_K_BF16};
+    int s, cfg, d;
+    for (d = 0; d < 3; d++)
+        for (s = 0; s < NSIZES; s++)
+            for (cfg = 0; cfg < 3; cfg++) {
+                const size_t n = k_sizes[s];
+                Check c;
+                Buf x, y;
+                check_begin(c, std::string("add/") + dt_name(dts[d]) + "/" + k_off_name[cfg], n);
+                buf_create(x, dts[d], n, off_of(cfg, 0), FILL_SYM);
+                buf_create(y, dts[d], n, off_of(cfg, 1), FILL_SYM);
+                std::vector<unsigned char> ref = region(x);
+                ddp_ref_add(ref.data(), hptr(y), dts[d], n);
+                if (launched(ddp_k_add(dptr(x), dptr(y), dts[d], n, g_stream), c)) {
+                    compare(c, x, ref.data(), dts[d] == DDP_K_F32 ? TOL32 : TOL16, "dst");
+                    compare_unchanged(c, y, "src (an input)");
+                }
+                check_end(c);
+                buf_free(x);
+                buf_free(y);
+            }
+}
+
 /* ---- sum of squares ------------------------------------------------------ */
 
 /* scratch_mode 0: full scratch, 1: NULL (one block), 2: 5 floats. */
@@ -644,6 +747,8 @@ int main(int argc, char **argv)
     test_cast();
     test_sgd();
     test_adamw();
+    test_optimizer_step();
+    test_add();
     test_sumsq();
     test_nonfinite();
 
