@@ -23,7 +23,7 @@ int main(void) {
     float loss = 0;
     int w, b, step, steps = 100;
     cfg.optimizer = ddp_optimizer_defaults(DDP_OPTIM_ADAMW); /* PyTorch's: betas (0.9, 0.999), eps 1e-8, weight_decay 1e-2 */
-    cfg.optimizer.lr = 3e-3;
+    cfg.optimizer.lr = 3e-2;
     cfg.schedule.type = DDP_SCHEDULE_COSINE;    /* linear warmup, then cosine down to min_lr */
     cfg.schedule.warmup_steps = 10;
     cfg.schedule.total_steps = steps;
