@@ -728,13 +728,34 @@ static double ddp__now(void) {
 #endif
 }
 
-/* Windows sleeps in milliseconds (Sleep(1) is about 15.6 ms on real Windows
-   unless the timer resolution was raised; 1 ms under Wine): below half a
-   millisecond it gives up the time slice instead. */
+/* Windows' Sleep counts milliseconds (and Sleep(1) takes about 15.6 ms on
+   real Windows unless the timer resolution was raised; 1 ms under Wine):
+   shorter sleeps use a high-resolution waitable timer (Windows 10 1803 and
+   later, and Wine), else Sleep(1). A waiting rank must really sleep: giving
+   up the time slice alone keeps the core busy, and starves the other ranks
+   and the store's thread on a loaded machine. */
+#  if defined(_WIN32) && !defined(CREATE_WAITABLE_TIMER_HIGH_RESOLUTION)
+#    define CREATE_WAITABLE_TIMER_HIGH_RESOLUTION 0x00000002
+#  endif
 static void ddp__sleep_us(long us) {
 #if defined(_WIN32)
-    if (us < 500) SwitchToThread();
-    else Sleep((DWORD)((us + 999) / 1000));
+    static int no_hires = 0; /* set once when the timer kind is unknown (a benign race) */
+    if (us <= 0) {
+        SwitchToThread();
+        return;
+    }
+    if (us < 1000 && !no_hires) {
+        HANDLE t = CreateWaitableTimerExW(NULL, NULL, CREATE_WAITABLE_TIMER_HIGH_RESOLUTION, TIMER_ALL_ACCESS);
+        if (t) {
+            LARGE_INTEGER due;
+            due.QuadPart = -(LONGLONG)us * 10; /* relative, in 100 ns */
+            if (SetWaitableTimer(t, &due, 0, NULL, NULL, FALSE)) WaitForSingleObject(t, INFINITE);
+            CloseHandle(t);
+            return;
+        }
+        no_hires = 1;
+    }
+    Sleep((DWORD)((us + 999) / 1000));
 #else
     struct timespec ts;
     ts.tv_sec = us / 1000000;
@@ -1189,44 +1210,36 @@ static int ddp__sock_poll(struct pollfd *p, ddp__nfds n, int ms) {
 
 /* ---- the wake-up channel ------------------------------------------------------
    A pipe whose read end sits in a poll set beside sockets: a pipe on POSIX;
-   on Windows, where WSAPoll takes sockets only, a connected pair of loopback
-   TCP sockets. p[0] is read, p[1] written. 0 or -1 (ddp__sock_errno). */
+   on Windows, where WSAPoll takes sockets only, a pair of loopback UDP
+   sockets connected to each other (no listener, no TCP port taken, and a
+   connected datagram socket takes datagrams from its peer only). p[0] is
+   read, p[1] written. 0 or -1 (ddp__sock_errno). */
 
 static int ddp__pipe_open(int p[2]) {
 #if defined(_WIN32)
-    struct sockaddr_in a, b, c;
-    socklen_t al = sizeof a, bl = sizeof b, cl = sizeof c;
-    int l = -1, w = -1, r = -1, e, one = 1;
-    memset(&a, 0, sizeof a);
-    a.sin_family = AF_INET;
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    l = ddp__sock_open(AF_INET, SOCK_STREAM, 0);
-    if (l < 0) return -1;
-    if (ddp__sock_bind(l, (struct sockaddr *)&a, sizeof a) != 0 || ddp__sock_listen(l, 1) != 0 ||
-        ddp__sock_name(l, (struct sockaddr *)&a, &al) != 0)
-        goto fail;
-    w = ddp__sock_open(AF_INET, SOCK_STREAM, 0);
-    if (w < 0 || ddp__sock_connect(w, (struct sockaddr *)&a, sizeof a) != 0) goto fail;
-    r = ddp__sock_accept(l);
-    if (r < 0) goto fail;
-    /* the accepted end must be ours, not another local program's connection */
-    if (getpeername(ddp__s(r), (struct sockaddr *)&b, &bl) != 0 || ddp__sock_name(w, (struct sockaddr *)&c, &cl) != 0 ||
-        b.sin_port != c.sin_port || b.sin_addr.s_addr != c.sin_addr.s_addr) {
-        WSASetLastError(WSAECONNREFUSED);
-        goto fail;
+    struct sockaddr_in a[2];
+    int fd[2] = { -1, -1 }, i, e;
+    for (i = 0; i < 2; i++) {
+        socklen_t len = sizeof a[i];
+        memset(&a[i], 0, sizeof a[i]);
+        a[i].sin_family = AF_INET;
+        a[i].sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        fd[i] = ddp__sock_open(AF_INET, SOCK_DGRAM, 0);
+        if (fd[i] < 0 || ddp__sock_bind(fd[i], (struct sockaddr *)&a[i], sizeof a[i]) != 0 ||
+            ddp__sock_name(fd[i], (struct sockaddr *)&a[i], &len) != 0)
+            goto fail;
     }
-    ddp__sock_close(l);
-    ddp__sock_prepare(r);
-    ddp__sock_prepare(w);
-    ddp__sock_setopt(w, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    p[0] = r;
-    p[1] = w;
+    if (ddp__sock_connect(fd[0], (struct sockaddr *)&a[1], sizeof a[1]) != 0 ||
+        ddp__sock_connect(fd[1], (struct sockaddr *)&a[0], sizeof a[0]) != 0)
+        goto fail;
+    ddp__sock_prepare(fd[0]);
+    ddp__sock_prepare(fd[1]);
+    p[0] = fd[0];
+    p[1] = fd[1];
     return 0;
 fail:
     e = WSAGetLastError();
-    if (l >= 0) ddp__sock_close(l);
-    if (w >= 0) ddp__sock_close(w);
-    if (r >= 0) ddp__sock_close(r);
+    for (i = 0; i < 2; i++) if (fd[i] >= 0) ddp__sock_close(fd[i]);
     WSASetLastError(e);
     return -1;
 #else
@@ -2292,6 +2305,7 @@ typedef struct ddp__store_server {
     ddp__store_conn **conns;
     size_t nconns, conns_cap;
     int live_clients;          /* nconns, published for other threads (atomic) */
+    int listener_closed;       /* the server thread closed the listener (atomic) */
 } ddp__store_server;
 
 static uint64_t ddp__store_hash(const void *p, size_t n) {
@@ -2795,7 +2809,11 @@ static void *ddp__store_server_main(void *arg) {
             int stop = 0;
             for (j = 0; j < k; j++) {
                 if (cmd[j] == 1) stop = 1;
-                if (cmd[j] == 2 && sv->listen_fd >= 0) { ddp__sock_close(sv->listen_fd); sv->listen_fd = -1; }
+                if (cmd[j] == 2 && sv->listen_fd >= 0) {
+                    ddp__sock_close(sv->listen_fd);
+                    sv->listen_fd = -1;
+                    ddp__atomic_store_int(&sv->listener_closed, 1);
+                }
             }
             if (stop) break;
         }
@@ -2925,12 +2943,18 @@ static DDP__STORE_UNUSED int ddp__store_server_start(const char *bind_host, int 
 static DDP__STORE_UNUSED int ddp__store_server_port(const ddp__store_server *sv) { return sv ? sv->port : 0; }
 
 /* Stop accepting connections; the clients connected keep being served.
-   The port is then free for a new store (the next context's). */
+   The port is then free for a new store (the next context's). Returns once
+   the listener is closed (at most 2 s): a client of the next store must not
+   be queued on this one's listener, which resets it when it closes (seen
+   under Wine, where the server thread may wake late on a loaded machine). */
 static DDP__STORE_UNUSED void ddp__store_server_close_listener(ddp__store_server *sv) {
     char b = 2;
+    double deadline;
     if (!sv) return;
     while (ddp__pipe_write(sv->wake[1], &b, 1) < 0 && ddp__sock_errno() == EINTR) {
     }
+    deadline = ddp__store_now() + 2.0;
+    while (!ddp__atomic_load_int(&sv->listener_closed) && ddp__store_now() < deadline) ddp__store_sleep(1e-4);
 }
 
 /* Clients connected right now (any thread may ask). */
@@ -3675,7 +3699,11 @@ static ddp_result ddp__shm_wait(ddp_context *ctx, int field, uint64_t target, in
             }
             if ((spins & 1023) == 0) {
                 int32_t pid = ddp__slot(ctx, missing)->pid;
-                if (pid > 0 && ddp__proc_dead((int)pid)) {
+                /* a peer that arrived and then finished and exited is no
+                   failure: its counter, read again after the death check,
+                   says so (Windows reports an exit at once; POSIX only once
+                   the process was reaped) */
+                if (pid > 0 && ddp__proc_dead((int)pid) && ddp__counter(ddp__slot(ctx, missing), field) < target) {
                     ddp__fail(ctx, DDP_ERROR_PEER, "rank %d (pid %d) exited while rank %d waited for %s",
                               missing, (int)pid, ctx->rank, what);
                     ddp__set_broken(ctx, DDP_ERROR_PEER);
