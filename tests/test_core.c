@@ -5,7 +5,6 @@
 #include "../ddp.h"
 #include "testing.h"
 #include <math.h>
-#include <unistd.h>
 
 static ddp_config base_config(void) {
     ddp_config c;
@@ -55,7 +54,7 @@ static void clear_env(void) {
                                   "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE",
                                   "TORCHELASTIC_USE_AGENT_STORE", "DDP_TIMEOUT" };
     size_t i;
-    for (i = 0; i < sizeof vars / sizeof vars[0]; i++) unsetenv(vars[i]);
+    for (i = 0; i < sizeof vars / sizeof vars[0]; i++) t_unsetenv(vars[i]);
 }
 
 /* ddp_create from the environment with the given variables set. */
@@ -63,7 +62,7 @@ static ddp_result create_env(const char *const *kv, ddp_context **out) {
     ddp_config c;
     int i;
     clear_env();
-    for (i = 0; kv[i]; i += 2) setenv(kv[i], kv[i + 1], 1);
+    for (i = 0; kv[i]; i += 2) t_setenv(kv[i], kv[i + 1]);
     memset(&c, 0, sizeof c);
     c.timeout_s = 1;
     *out = NULL;
@@ -85,8 +84,13 @@ static void test_bad_environment(void) {
       CHECK_ERR(create_env(kv, &ctx), DDP_ERROR_ENVIRONMENT, NULL, "RANK=-1"); }
     { const char *kv[] = { "RANK", "0", NULL };
       CHECK_ERR(create_env(kv, &ctx), DDP_ERROR_ENVIRONMENT, NULL, "WORLD_SIZE is not"); }
+#if defined(_WIN32) /* Windows' C library removes a variable set to "": a blank value instead */
+    { const char *kv[] = { "RANK", "0", "WORLD_SIZE", "2", "LOCAL_RANK", " ", NULL };
+      CHECK_ERR(create_env(kv, &ctx), DDP_ERROR_ENVIRONMENT, NULL, "LOCAL_RANK=' '"); }
+#else
     { const char *kv[] = { "RANK", "0", "WORLD_SIZE", "2", "LOCAL_RANK", "", NULL };
       CHECK_ERR(create_env(kv, &ctx), DDP_ERROR_ENVIRONMENT, NULL, "LOCAL_RANK=''"); }
+#endif
     { const char *kv[] = { "RANK", "0", "WORLD_SIZE", "2", "LOCAL_RANK", "5", NULL };
       CHECK_ERR(create_env(kv, &ctx), DDP_ERROR_ENVIRONMENT, NULL, "LOCAL_RANK=5"); }
     { const char *kv[] = { "RANK", "0", "WORLD_SIZE", "2", "LOCAL_WORLD_SIZE", "zwei", NULL };
@@ -547,7 +551,7 @@ static void test_checkpoint(void) {
     long size;
     unsigned char *bytes;
     TEST("checkpoint");
-    snprintf(path, sizeof path, "/tmp/ddp_test_ckpt_%d.bin", (int)getpid());
+    t_temp_path(path, sizeof path, "ddp_test_ckpt.bin");
     a = ck_model(0, DDP_OPTIM_ADAMW);
     train_some(a, 3);
     CHECK_OK(ddp_save_checkpoint(a, path), a);
@@ -559,6 +563,20 @@ static void test_checkpoint(void) {
     train_some(b, 2);
     CHECK(memcmp(ddp_flat_params(a), ddp_flat_params(b), ddp_flat_bytes(a)) == 0, "resumed training equals uninterrupted (optimizer state restored)");
     ddp_destroy(b);
+
+    /* saving over an existing checkpoint replaces it whole (rename on POSIX,
+       MoveFileEx on Windows, where rename() refuses an existing target) and
+       leaves no temporary file */
+    CHECK_OK(ddp_save_checkpoint(a, path), a);
+    b = ck_model(0, DDP_OPTIM_ADAMW);
+    CHECK_OK(ddp_load_checkpoint(b, path), b);
+    CHECK(ddp_optimizer_steps(b) == 5, "the second save replaced the first: %lld steps", (long long)ddp_optimizer_steps(b));
+    CHECK(memcmp(ddp_flat_params(a), ddp_flat_params(b), ddp_flat_bytes(a)) == 0, "the replaced checkpoint holds the new weights");
+    ddp_destroy(b);
+    snprintf(bad, sizeof bad, "%s.tmp.%d", path, t_getpid());
+    f = fopen(bad, "rb");
+    CHECK(f == NULL, "no temporary file '%s' left", bad);
+    if (f) fclose(f);
 
     b = ck_model(1, DDP_OPTIM_ADAMW);
     CHECK_ERR(ddp_load_checkpoint(b, path), DDP_ERROR_MISMATCH, b, "parameter 0 is 'fc.weight' f32 [4,3] there, 'fc.weight' f32 [4,5] here");
