@@ -19,8 +19,12 @@
        DDP_CUDA             GPU support (default: on when __CUDACC__ is defined;
                             define DDP_NO_CUDA to force it off)
        DDP_NCCL             NCCL backend (default: on with DDP_CUDA unless
-                            DDP_NO_NCCL is defined)
+                            DDP_NO_NCCL is defined; always off on Windows,
+                            where NCCL does not exist)
        DDP_ASSERT(c)        your assert (default: assert from <assert.h>)
+       DDP_WIN32_MSVC_ATOMICS  mingw-w64: use the MSVC atomics (_Interlocked*
+                            and barriers) instead of the GCC builtins, as an
+                            MSVC build does (CI runs that branch this way)
 
    LINK LINES
 
@@ -29,10 +33,40 @@
                           (other files of a C project keep being compiled by
                           their own C compiler: the declarations below have no
                           CUDA types)
+       Windows, MSVC:     cl /O2 app.c ws2_32.lib advapi32.lib
+                          (the implementation also asks for both with
+                          #pragma comment(lib))
+       Windows, mingw-w64: gcc -std=c99 -O2 app.c -lws2_32 -ladvapi32
+       Windows, CUDA:     nvcc -O2 impl.cu app.c cudart.lib ws2_32.lib advapi32.lib
+                          (no NCCL: the staged backend, below)
 
-   Platforms: Linux and other POSIX systems. The Windows seams (threads,
-   shared memory, sockets, processes) are kept in the PLATFORM section but are
-   not implemented yet.
+   PLATFORMS
+
+       Linux (tested), other POSIX systems, and Windows (the Vista API level,
+       _WIN32_WINNT >= 0x0600; MSVC, clang-cl, mingw-w64). The operating system is used in one
+       section of the implementation (search for PLATFORM): threads, locks,
+       atomics, clock, sockets, shared memory, processes, file replacement.
+       On Windows:
+       - shared memory between ranks is a paging-file-backed named mapping
+         (CreateFileMapping), readable and writable by the current user only
+         (a DACL with one entry; hence advapi32) under a random name
+         "Local\ddp-<pid>-<n>-<what>-<96 random bits>"; it vanishes with the
+         last process that maps it, so nothing is left whatever kills a rank;
+       - Winsock is started (WSAStartup) by every ddp_create() of a world
+         larger than one and stopped by its ddp_destroy(); dp_create() too;
+       - a rank that exits is seen through OpenProcess/WaitForSingleObject;
+       - checkpoints are replaced with MoveFileEx(MOVEFILE_REPLACE_EXISTING |
+         MOVEFILE_WRITE_THROUGH); paths are in the ANSI code page;
+       - the implementation includes <winsock2.h> and <windows.h> with
+         WIN32_LEAN_AND_MEAN: in the file that defines DDP_IMPLEMENTATION,
+         include ddp.h before <windows.h> (or define WIN32_LEAN_AND_MEAN), as
+         <windows.h> alone pulls in the old <winsock.h>;
+       - NCCL does not exist: CUDA builds use the staged backend between
+         processes (ddp.h) and dp.h within one;
+       - the local launcher is ddprun.exe (tools/ddprun_win.c): the same
+         command line and behaviour as ddprun, with job objects.
+       Verified: mingw-w64 builds under Wine (CI). Not verified: real
+       Windows, an MSVC compile, Windows GPUs.
 
    STEP BY STEP
 
@@ -61,7 +95,8 @@
 
    BACKENDS
 
-       shm     processes on one host through POSIX shared memory. The CPU
+       shm     processes on one host through shared memory (POSIX shm_open;
+               Windows: a named file mapping, see PLATFORMS). The CPU
                default. The flat gradient buffer lives in the shared segment,
                so an all-reduce of gradients copies nothing in or out: every
                rank reduces its own slice of every rank's buffer and writes the
@@ -70,7 +105,8 @@
                on the GPU.
        staged  GPU buffers reduced through the shm backend (device to host,
                reduce, host to device). For machines without NCCL and for
-               several ranks on one GPU.
+               several ranks on one GPU, and the multi-process GPU path on
+               Windows, which has no NCCL.
 
    BUCKETS
 

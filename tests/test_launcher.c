@@ -89,6 +89,11 @@ static int child(const char *mode, const char *d) {
         ddp__sleep_us(30000000);
         return 0;
     }
+    if (!strcmp(mode, "sleep")) { /* write the pid, then sleep 30 s */
+        write_pid(d, rank);
+        ddp__sleep_us(30000000);
+        return 0;
+    }
     if (!strcmp(mode, "killed")) { /* rank 0 dies as if killed */
         if (r == 0) t_kill_self();
         ddp__sleep_us(30000000);
@@ -261,6 +266,41 @@ static void test_failure(void) {
     free(out); free(err);
 }
 
+/* No rank outlives the launcher, however it ends: killed (SIGKILL, or
+   TerminateProcess), its ranks end too (Linux: PR_SET_PDEATHSIG; Windows:
+   the job objects close with it). */
+static void test_launcher_killed(void) {
+    const char *args[] = { "-n", "2", "--grace", "1", t_self_path, "--child", "sleep", dir, NULL };
+    char p0[600], p1[600];
+    t_proc run;
+    double t0 = ddp__now();
+    int i, gone = 0;
+    TEST("launcher killed");
+    path_in(p0, sizeof p0, dir, "pid", "0");
+    path_in(p1, sizeof p1, dir, "pid", "1");
+    remove(p0);
+    remove(p1);
+    CHECK(t_proc_spawn(&run, ddprun, args) == 0, "ddprun started");
+    while (!(file_exists(p0) && file_exists(p1)) && ddp__now() - t0 < 20) ddp__sleep_us(20000);
+    CHECK(file_exists(p0) && file_exists(p1), "both ranks started");
+    ddp__sleep_us(100000); /* the pid files are written whole */
+    t_proc_kill(&run);
+    while (!t_proc_poll(&run)) ddp__sleep_us(10000);
+    {
+        char *s0 = slurp(p0), *s1 = slurp(p1);
+        int pid0 = s0 ? atoi(s0) : 0, pid1 = s1 ? atoi(s1) : 0;
+        free(s0);
+        free(s1);
+        for (i = 0; i < 500 && !gone; i++) { /* 5 s */
+            gone = pid0 > 0 && pid1 > 0 && t_pid_gone(pid0) && t_pid_gone(pid1);
+            if (!gone) ddp__sleep_us(10000);
+        }
+        CHECK(gone, "the ranks (pids %d %d) ended with the killed launcher", pid0, pid1);
+    }
+    remove(p0);
+    remove(p1);
+}
+
 static void usage_case(const char *what, const char *needle, const char *const *args) {
     char *out, *err;
     int code = run(args, &out, &err);
@@ -316,6 +356,7 @@ int main(int argc, char **argv) {
     test_env();
     test_output();
     test_failure();
+    test_launcher_killed();
     test_usage();
     remove(out_path);
     remove(err_path);

@@ -59,8 +59,8 @@ TP_UNUSED static void t_proc_init(const char *argv0) {
 #endif
 }
 
-/* Start this program again with args (NULL-terminated; simple words). */
-TP_UNUSED static int t_proc_spawn_self(t_proc *p, const char *const *args) {
+/* Start program `path` with args (NULL-terminated; simple words). */
+TP_UNUSED static int t_proc_spawn(t_proc *p, const char *path, const char *const *args) {
 #if defined(_WIN32)
     char cmd[8192];
     size_t n;
@@ -68,7 +68,7 @@ TP_UNUSED static int t_proc_spawn_self(t_proc *p, const char *const *args) {
     STARTUPINFOA si;
     PROCESS_INFORMATION pi;
     HANDLE std[3];
-    n = (size_t)snprintf(cmd, sizeof cmd, "\"%s\"", t_self_path);
+    n = (size_t)snprintf(cmd, sizeof cmd, "\"%s\"", path);
     for (i = 0; args[i] && n < sizeof cmd; i++) n += (size_t)snprintf(cmd + n, sizeof cmd - n, " %s", args[i]);
     memset(&si, 0, sizeof si);
     si.cb = sizeof si;
@@ -82,7 +82,7 @@ TP_UNUSED static int t_proc_spawn_self(t_proc *p, const char *const *args) {
     si.hStdOutput = std[1];
     si.hStdError = std[2];
     memset(p, 0, sizeof *p);
-    if (!CreateProcessA(t_self_path, cmd, NULL, NULL, TRUE, 0, NULL, NULL, &si, &pi)) return -1;
+    if (!CreateProcessA(NULL, cmd, NULL, NULL, TRUE, 0, NULL, NULL, &si, &pi)) return -1;
     CloseHandle(pi.hThread);
     p->h = pi.hProcess;
     p->pid = (int)pi.dwProcessId;
@@ -91,7 +91,7 @@ TP_UNUSED static int t_proc_spawn_self(t_proc *p, const char *const *args) {
     const char *argv[64];
     int i;
     pid_t pid;
-    argv[0] = t_self_path;
+    argv[0] = path;
     for (i = 0; args[i] && i < 62; i++) argv[i + 1] = args[i];
     argv[i + 1] = NULL;
     fflush(stdout);
@@ -100,11 +100,41 @@ TP_UNUSED static int t_proc_spawn_self(t_proc *p, const char *const *args) {
     pid = fork();
     if (pid < 0) return -1;
     if (pid == 0) {
-        execv(t_self_path, (char *const *)argv);
+        execv(path, (char *const *)argv);
         _exit(127);
     }
     p->pid = (int)pid;
     return 0;
+#endif
+}
+
+/* Start this program again with args. */
+TP_UNUSED static int t_proc_spawn_self(t_proc *p, const char *const *args) {
+    return t_proc_spawn(p, t_self_path, args);
+}
+
+/* 1 when process pid no longer runs (a zombie counts as gone: an orphan of
+   a pid 1 that does not reap, in some containers, stays one). */
+TP_UNUSED static int t_pid_gone(int pid) {
+#if defined(_WIN32)
+    HANDLE h = OpenProcess(SYNCHRONIZE, FALSE, (DWORD)pid);
+    int gone;
+    if (!h) return 1;
+    gone = WaitForSingleObject(h, 0) == WAIT_OBJECT_0;
+    CloseHandle(h);
+    return gone;
+#else
+    char path[64], buf[512], *rp;
+    FILE *f;
+    if (kill((pid_t)pid, 0) != 0) return 1;
+    snprintf(path, sizeof path, "/proc/%d/stat", pid);
+    f = fopen(path, "r");
+    if (!f) return 0;
+    buf[0] = 0;
+    if (!fgets(buf, sizeof buf, f)) buf[0] = 0;
+    fclose(f);
+    rp = strrchr(buf, ')');
+    return rp && rp[1] == ' ' && rp[2] == 'Z';
 #endif
 }
 
