@@ -1212,7 +1212,7 @@ static int ddp__sock_select1(struct pollfd *p, int ms) {
    POLLRDNORM alone on Windows (test with &, never ==). */
 static int ddp__sock_poll(struct pollfd *p, ddp__nfds n, int ms) {
 #if defined(_WIN32)
-    struct pollfd small[16], *q = small;
+    struct pollfd few[16], *q = few;
     ULONG *idx = NULL, small_idx[16], i, k = 0;
     int rc;
     if (n == 1 && p[0].fd != INVALID_SOCKET) return ddp__sock_select1(p, ms);
@@ -1237,7 +1237,7 @@ static int ddp__sock_poll(struct pollfd *p, ddp__nfds n, int ms) {
     }
     rc = k ? WSAPoll(q, k, ms) : (Sleep(ms < 0 ? INFINITE : (DWORD)ms), 0);
     if (rc > 0) for (i = 0; i < k; i++) p[idx[i]].revents = q[i].revents;
-    if (q != small) { free(q); free(idx); }
+    if (q != few) { free(q); free(idx); }
     return rc == SOCKET_ERROR ? -1 : rc;
 #else
     return poll(p, n, ms);
