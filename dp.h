@@ -24,7 +24,8 @@
    everything also runs without a GPU. A GPU id may repeat (several replicas
    on one GPU). Backends: NCCL with one communicator per device when the GPUs
    are distinct and NCCL is built in; host-staged reduction through shared
-   memory otherwise (and on the CPU).
+   memory otherwise (and on the CPU, and always on Windows, which has no
+   NCCL). Platforms: those of ddp.h (POSIX and Windows).
 
    STEP BY STEP
 
