@@ -4,6 +4,9 @@
 #define DDP_IMPLEMENTATION
 #include "../ddp.h"
 #include "testing.h"
+#if defined(_WIN32)
+#  include <aclapi.h>
+#endif
 #include <math.h>
 
 static ddp_config base_config(void) {
@@ -668,8 +671,66 @@ static void test_f16_conversions(void) {
     CHECK(ddp__f32_to_bf16(1.0f + 3 * ldexpf(1.0f, -8)) == 0x3f82, "bf16 ties to even (up)");
 }
 
+/* A segment's name lives until ddp__shm_unlink (Windows: the handle
+   ddp__shm_create keeps), the mapping until it is unmapped; on Windows the
+   segment is the current user's alone (one ACE, the user's SID) and its
+   name carries 96 random bits. */
+static void test_shm_segments(void) {
+    char name[64];
+    ddp__shm_handle h, h2;
+    int e = 0;
+    void *p, *q;
+    TEST("shared-memory segments");
+    ddp__shm_name(NULL, name, sizeof name, "test");
+    CHECK(!strncmp(name, DDP__SHM_NAME_PREFIX "ddp-", strlen(DDP__SHM_NAME_PREFIX) + 4), "name '%s'", name);
+    CHECK(ddp__shm_create(name, 1 << 16, &h, &e) == DDP__SHM_OK, "create '%s': %s", name, ddp__strerror(e));
+    CHECK(ddp__shm_create(name, 1 << 16, &h2, &e) == DDP__SHM_E_OPEN, "a second create of '%s' fails (O_EXCL)", name);
+    p = ddp__shm_map_view(h, 1 << 16, &e);
+    CHECK(p != NULL, "map: %s", ddp__strerror(e));
+    ddp__shm_close(h);
+    CHECK(ddp__shm_open(name, 1 << 17, &h2, &e) == DDP__SHM_E_SMALL, "opening for more bytes than it has fails");
+    CHECK(ddp__shm_open(name, 1 << 16, &h2, &e) == DDP__SHM_OK, "the name outlives the creator's handle: %s", ddp__strerror(e));
+    q = ddp__shm_map_view(h2, 1 << 16, &e);
+    ddp__shm_close(h2);
+    CHECK(q != NULL, "second map");
+    if (p && q) {
+        ((volatile int *)p)[100] = 4242;
+        CHECK(((volatile int *)q)[100] == 4242, "both views share the memory");
+    }
+#if defined(_WIN32)
+    {
+        HANDLE m = OpenFileMappingA(READ_CONTROL, FALSE, name);
+        PACL dacl = NULL;
+        PSECURITY_DESCRIPTOR sd = NULL;
+        void *ace = NULL;
+        union { TOKEN_USER tu; unsigned char b[256]; } user;
+        HANDLE tok;
+        DWORD len = 0;
+        const char *rnd = strrchr(name, '-');
+        CHECK(rnd && strlen(rnd + 1) == 24 && strspn(rnd + 1, "0123456789abcdef") == 24, "96 random bits in '%s'", name);
+        CHECK(m != NULL, "open for READ_CONTROL");
+        CHECK(m && GetSecurityInfo(m, SE_KERNEL_OBJECT, DACL_SECURITY_INFORMATION, NULL, NULL, &dacl, NULL, &sd) == ERROR_SUCCESS,
+              "read its security");
+        CHECK(dacl && dacl->AceCount == 1 && GetAce(dacl, 0, &ace), "a DACL of one entry (%d)", dacl ? (int)dacl->AceCount : -1);
+        CHECK(OpenProcessToken(GetCurrentProcess(), TOKEN_QUERY, &tok), "token");
+        CHECK(GetTokenInformation(tok, TokenUser, user.b, sizeof user.b, &len), "token user");
+        CloseHandle(tok);
+        CHECK(ace && ((ACE_HEADER *)ace)->AceType == ACCESS_ALLOWED_ACE_TYPE &&
+              EqualSid((PSID)&((ACCESS_ALLOWED_ACE *)ace)->SidStart, user.tu.User.Sid), "the entry allows the current user");
+        if (sd) LocalFree(sd);
+        if (m) CloseHandle(m);
+    }
+#endif
+    ddp__shm_unlink(name);
+    CHECK(ddp__shm_open(name, 1 << 16, &h2, &e) == DDP__SHM_E_OPEN, "the name is gone after unlink");
+    if (q && p) CHECK(((volatile int *)q)[100] == 4242, "the mappings stay valid after unlink");
+    if (p) ddp__shm_unmap(p, 1 << 16);
+    if (q) ddp__shm_unmap(q, 1 << 16);
+}
+
 int main(void) {
     clear_env();
+    test_shm_segments();
     test_names();
     test_config();
     test_bad_environment();

@@ -645,7 +645,6 @@ static void spawn_all(void)
         rk->job = new_job();
         if (!env || !rk->job) {
             msg("ddprun: cannot prepare rank %d: %s\n", r, env ? win_error(GetLastError(), why, sizeof why) : "out of memory");
-            free(env);
             fail_code = EXIT_LAUNCHER;
         }
         memset(&si, 0, sizeof si);
