@@ -52,6 +52,9 @@
          (a DACL with one entry; hence advapi32) under a random name
          "Local\ddp-<pid>-<n>-<what>-<96 random bits>"; it vanishes with the
          last process that maps it, so nothing is left whatever kills a rank;
+         rank 0 keeps a handle on each name until every rank has mapped it
+         (at most 64 such names per process at once, DDP__SHM_KEEP: a
+         context needs one or two, during its set-up only);
        - Winsock is started (WSAStartup) by every ddp_create() of a world
          larger than one and stopped by its ddp_destroy(); dp_create() too;
        - a rank that exits is seen through OpenProcess/WaitForSingleObject;

@@ -8,8 +8,8 @@
 # `cmake -B build-wine --toolchain cmake/mingw-w64.cmake && cmake --build build-wine -j2`:
 #   bench/wine_vs_linux.sh build build-wine
 #
-# ROUNDS (default 5) times, alternating, each build runs on 2 ranks
-#   ddprun -n 2 bench/allreduce --inplace --min 4K --max 64M --reps 5
+# ROUNDS (default 9) times, alternating, each build runs on 2 ranks
+#   ddprun -n 2 bench/allreduce --inplace --min 4K --max 64M --reps 9
 # (Windows: cmake/wine-run.sh --dir WINE_BUILD/wine WINE_BUILD/ddprun.exe ...
 # WINE_BUILD/bench/allreduce.exe, the same options): the all-reduce of
 # sub-ranges of the library's own gradient storage, reduced in place. One
@@ -22,9 +22,9 @@
 set -euo pipefail
 linux=${1:?usage: $0 LINUX_BUILD WINE_BUILD [ROUNDS]}
 wine=${2:?usage: $0 LINUX_BUILD WINE_BUILD [ROUNDS]}
-rounds=${3:-5}
+rounds=${3:-9}
 here=$(cd "$(dirname "$0")/.." && pwd)
-opts=(--inplace --min 4K --max 64M --reps 5)
+opts=(--inplace --min 4K --max 64M --reps 9)
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
