@@ -29,6 +29,16 @@ BENCH_UNUSED static double now_s(void) {
 #endif
 }
 
+/* set / remove an environment variable (Windows: _putenv_s; "" removes) */
+BENCH_UNUSED static void bench_setenv(const char *name, const char *value) {
+#if defined(_WIN32)
+    _putenv_s(name, value ? value : "");
+#else
+    if (value) setenv(name, value, 1);
+    else unsetenv(name);
+#endif
+}
+
 BENCH_UNUSED static void die(const char *what, const char *detail) {
     fprintf(stderr, "%s: %s%s%s\n", bench_name, what, detail ? ": " : "", detail ? detail : "");
     exit(1);
