@@ -6,6 +6,11 @@
 #include <stdio.h>
 #include <string.h>
 #include <stdlib.h>
+#if defined(_WIN32)
+#  include <process.h>
+#else
+#  include <unistd.h>
+#endif
 
 static int t_pass = 0, t_fail = 0;
 static const char *t_name = "";
@@ -30,6 +35,52 @@ static const char *t_name = "";
 } while (0)
 
 #define TEST(name) t_name = name
+
+/* ---- the little the tests need from the OS (POSIX and Windows) ---- */
+
+#if defined(__GNUC__) || defined(__clang__)
+#  define T_UNUSED __attribute__((unused))
+#else
+#  define T_UNUSED
+#endif
+
+T_UNUSED static int t_setenv(const char *name, const char *value) {
+#if defined(_WIN32)
+    return _putenv_s(name, value);
+#else
+    return setenv(name, value, 1);
+#endif
+}
+
+T_UNUSED static int t_unsetenv(const char *name) {
+#if defined(_WIN32)
+    return _putenv_s(name, ""); /* an empty value removes it */
+#else
+    return unsetenv(name);
+#endif
+}
+
+T_UNUSED static int t_getpid(void) {
+#if defined(_WIN32)
+    return _getpid();
+#else
+    return (int)getpid();
+#endif
+}
+
+/* A path for a temporary file named `name` (plus this process's id). */
+T_UNUSED static void t_temp_path(char *out, size_t cap, const char *name) {
+#if defined(_WIN32)
+    const char *d = getenv("TEMP");
+    if (!d || !*d) d = getenv("TMP");
+    if (!d || !*d) d = ".";
+    snprintf(out, cap, "%s\\%s_%d", d, name, t_getpid());
+#else
+    const char *d = getenv("TMPDIR");
+    if (!d || !*d) d = "/tmp";
+    snprintf(out, cap, "%s/%s_%d", d, name, t_getpid());
+#endif
+}
 
 static int t_summary(const char *suite) {
     printf("%s: %d passed, %d failed\n", suite, t_pass, t_fail);
