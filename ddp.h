@@ -1039,6 +1039,132 @@ static long long ddp__shm_named_free(void) {
 #endif
 }
 
+/* Checkpoint temporaries. The file is written unnamed where the file
+   system allows it (Linux O_TMPFILE): a writer killed while writing leaves
+   nothing. It gets a name, "<path>.tmp.<host>.<pid>", only once complete,
+   for the instant before it is renamed over <path>; a writer killed in that
+   instant (or writing where O_TMPFILE is missing) leaves a temporary that
+   the next save in the directory removes (ddp__file_sweep_tmp), as every
+   temporary of a writer that no longer runs on this host. */
+typedef struct ddp__tmpfile {
+    FILE *f;
+    int   unnamed;        /* no name yet (O_TMPFILE) */
+    int   named;          /* tmp exists on disk */
+    char  tmp[4200];
+} ddp__tmpfile;
+
+static int ddp__tmp_dir_of(const char *path, char *dir, size_t cap) {
+    const char *slash = strrchr(path, '/');
+    size_t n;
+    if (!slash) { ddp__copy_str(dir, cap, "."); return 0; }
+    n = (size_t)(slash - path);
+    if (n == 0) n = 1;
+    if (n >= cap) return -1;
+    memcpy(dir, path, n);
+    dir[n] = 0;
+    return 0;
+}
+
+/* Remove the temporaries of <path> left by writers (this host's) that no
+   longer exist. Returns how many. */
+static int ddp__file_sweep_tmp(const char *path) {
+    char dir[4096], host[256], prefix[1200], full[4400];
+    const char *base = strrchr(path, '/');
+    DIR *d;
+    struct dirent *e;
+    size_t pl;
+    int n = 0;
+    base = base ? base + 1 : path;
+    if (ddp__tmp_dir_of(path, dir, sizeof dir) != 0 || strlen(base) > 1000) return 0;
+    ddp__proc_hostname(host, sizeof host);
+    snprintf(prefix, sizeof prefix, "%s.tmp.", base);
+    pl = strlen(prefix);
+    d = opendir(dir);
+    if (!d) return 0;
+    while ((e = readdir(d)) != NULL) {
+        const char *rest, *dot;
+        char *end;
+        long pid;
+        struct stat sb;
+        if (strncmp(e->d_name, prefix, pl) != 0) continue;
+        rest = e->d_name + pl;
+        dot = strrchr(rest, '.');
+        if (!dot || (size_t)(dot - rest) != strlen(host) || strncmp(rest, host, strlen(host)) != 0) continue;
+        pid = strtol(dot + 1, &end, 10);
+        if (end == dot + 1 || *end || pid <= 0 || ddp__proc_alive((int)pid)) continue;
+        snprintf(full, sizeof full, "%s/%s", dir, e->d_name);
+        if (lstat(full, &sb) != 0 || !S_ISREG(sb.st_mode) || sb.st_uid != geteuid()) continue;
+        if (unlink(full) == 0) n++;
+    }
+    closedir(d);
+    return n;
+}
+
+/* A temporary for path, opened for writing. 0, or an errno value. */
+static int ddp__file_tmp_open(ddp__tmpfile *t, const char *path) {
+    char host[256];
+    int fd = -1;
+    memset(t, 0, sizeof *t);
+    ddp__proc_hostname(host, sizeof host);
+    if (snprintf(t->tmp, sizeof t->tmp, "%s.tmp.%s.%d", path, host, ddp__proc_self()) >= (int)sizeof t->tmp) return ENAMETOOLONG;
+#if defined(__linux__) && defined(O_TMPFILE)
+    {
+        char dir[4096];
+        if (ddp__tmp_dir_of(path, dir, sizeof dir) == 0 && access("/proc/self/fd", X_OK) == 0)
+            fd = open(dir, O_TMPFILE | O_WRONLY | O_CLOEXEC, 0644);
+        if (fd >= 0) t->unnamed = 1;
+    }
+#endif
+    if (fd < 0) {
+        unlink(t->tmp); /* this process's own, from an earlier failed attempt */
+        fd = open(t->tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+        if (fd < 0) return errno;
+        t->named = 1;
+    }
+    t->f = fdopen(fd, "wb");
+    if (!t->f) {
+        int e = errno;
+        close(fd);
+        if (t->named) unlink(t->tmp);
+        t->named = 0;
+        return e;
+    }
+    return 0;
+}
+
+/* The complete (flushed, synced) temporary gets its name, just before the
+   rename: 0, or an errno value. */
+static int ddp__file_tmp_name(ddp__tmpfile *t) {
+#if defined(__linux__) && defined(O_TMPFILE)
+    if (t->unnamed) {
+        char self[64];
+        snprintf(self, sizeof self, "/proc/self/fd/%d", fileno(t->f));
+        unlink(t->tmp);
+        if (linkat(AT_FDCWD, self, AT_FDCWD, t->tmp, AT_SYMLINK_FOLLOW) != 0) return errno;
+        t->unnamed = 0;
+        t->named = 1;
+    }
+#else
+    (void)t;
+#endif
+    return 0;
+}
+
+/* After a failure: nothing of the temporary stays. */
+static void ddp__file_tmp_discard(ddp__tmpfile *t) {
+    if (t->named) unlink(t->tmp);
+    t->named = 0;
+}
+
+/* Make a rename in path's directory durable. */
+static void ddp__file_sync_dir(const char *path) {
+    char dir[4096];
+    int fd;
+    if (ddp__tmp_dir_of(path, dir, sizeof dir) != 0) return;
+    fd = open(dir, O_RDONLY | O_CLOEXEC);
+    if (fd >= 0) { fsync(fd); close(fd); }
+}
+
 /* Named segments are called "/ddp-<creator pid>-...": remove those whose
    creator no longer exists on this host (a rank killed in the window
    before its segment's name was removed), and only ours (same owner).
@@ -6445,7 +6571,7 @@ static ddp_result ddp__ck_write_block(ddp_context *ctx, ddp__ckfile *c, const vo
 }
 
 static ddp_result ddp__save_file(ddp_context *ctx, const char *path) {
-    char tmp[4096];
+    ddp__tmpfile t;
     ddp__ckfile c;
     uint32_t u;
     int64_t steps = ctx->opt_steps;
@@ -6453,12 +6579,15 @@ static ddp_result ddp__save_file(ddp_context *ctx, const char *path) {
     void *bases[3];
     int i, k;
     ddp_result r = DDP_SUCCESS;
-    if (snprintf(tmp, sizeof tmp, "%s.tmp.%d", path, (int)getpid()) >= (int)sizeof tmp)
-        return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_save_checkpoint: path is too long");
+    int e;
+    if (strlen(path) > 4000) return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_save_checkpoint: path is too long");
+    /* temporaries of writers killed before (this host's) go first */
+    ddp__file_sweep_tmp(path);
     memset(&c, 0, sizeof c);
     c.hash = 0xcbf29ce484222325ull;
-    c.f = fopen(tmp, "wb");
-    if (!c.f) return ddp__fail(ctx, DDP_ERROR_IO, "ddp_save_checkpoint: cannot create '%s': %s", tmp, strerror(errno));
+    e = ddp__file_tmp_open(&t, path);
+    if (e != 0) return ddp__fail(ctx, DDP_ERROR_IO, "ddp_save_checkpoint: cannot create a temporary file beside '%s': %s", path, strerror(e));
+    c.f = t.f;
     ddp__ck_write(&c, DDP__CKPT_MAGIC, 8);
     u = 1; ddp__ck_write(&c, &u, 4);
     u = (uint32_t)ctx->num_params; ddp__ck_write(&c, &u, 4);
@@ -6491,20 +6620,13 @@ static ddp_result ddp__save_file(ddp_context *ctx, const char *path) {
     }
     if (r == DDP_SUCCESS && !c.err && fflush(c.f) != 0) c.err = errno;
     if (r == DDP_SUCCESS && !c.err && fsync(fileno(c.f)) != 0) c.err = errno;
+    if (r == DDP_SUCCESS && !c.err) c.err = ddp__file_tmp_name(&t);
     if (fclose(c.f) != 0 && !c.err) c.err = errno;
-    if (r == DDP_SUCCESS && c.err) r = ddp__fail(ctx, DDP_ERROR_IO, "ddp_save_checkpoint: cannot write '%s': %s", tmp, strerror(c.err));
-    if (r == DDP_SUCCESS && rename(tmp, path) != 0)
-        r = ddp__fail(ctx, DDP_ERROR_IO, "ddp_save_checkpoint: cannot rename '%s' to '%s': %s", tmp, path, strerror(errno));
-    if (r != DDP_SUCCESS) { remove(tmp); return r; }
-    {   /* make the rename itself durable */
-        char dir[4096];
-        const char *slash = strrchr(path, '/');
-        int fd;
-        if (slash) { size_t n = (size_t)(slash - path); memcpy(dir, path, n ? n : 1); dir[n ? n : 1] = 0; }
-        else ddp__copy_str(dir, sizeof dir, ".");
-        fd = open(dir, O_RDONLY);
-        if (fd >= 0) { fsync(fd); close(fd); }
-    }
+    if (r == DDP_SUCCESS && c.err) r = ddp__fail(ctx, DDP_ERROR_IO, "ddp_save_checkpoint: cannot write '%s': %s", t.tmp, strerror(c.err));
+    if (r == DDP_SUCCESS && rename(t.tmp, path) != 0)
+        r = ddp__fail(ctx, DDP_ERROR_IO, "ddp_save_checkpoint: cannot rename '%s' to '%s': %s", t.tmp, path, strerror(errno));
+    if (r != DDP_SUCCESS) { ddp__file_tmp_discard(&t); return r; }
+    ddp__file_sync_dir(path); /* make the rename itself durable */
     return DDP_SUCCESS;
 }
 
