@@ -1981,6 +1981,7 @@ static ddp_result ddp__resolve_trust(ddp_config *c, unsigned char *secret, size_
 #define DDP__STORE_Q_HELLO 0x44
 #define DDP__STORE_Q_PROOF 0x45
 #define DDP__STORE_Q_EVENT 0x46
+#define DDP__STORE_Q_ABORT 0x47 /* a rank gives up: every pending and later WAIT ends with its message */
 #define DDP__STORE_HELLO_MAGIC 0x44445048u  /* "HPDD" little-endian: "ddp.h hello" */
 #define DDP__STORE_REPLY_MAGIC 0x44445053u
 enum {
@@ -1994,7 +1995,7 @@ enum {
  * was ended by an event (another job, a version mismatch, tampering);
  * DDP__STORE_Q_EVENT tells which. */
 #define DDP__STORE_WAIT_ABORTED 0xD5u
-enum { DDP__EVENT_MISMATCH = 1, DDP__EVENT_TAMPER = 2 };
+enum { DDP__EVENT_MISMATCH = 1, DDP__EVENT_TAMPER = 2, DDP__EVENT_ABORT = 3 };
 
 enum {
     DDP__STORE_PROTO_AUTO = 0,
@@ -2207,6 +2208,9 @@ typedef struct ddp__store_server {
     char event_msg[1024];
     int event_kind;
     int event_set;
+    /* rank 0's own abort, handed to the server thread (ddp__store_server_abort) */
+    char ext_msg[1024];
+    int ext_set;
 } ddp__store_server;
 
 static DDP__STORE_PRINTF(3, 4) void ddp__store_logf(ddp__store_server *sv, int level, const char *fmt, ...) {
@@ -2447,7 +2451,7 @@ static DDP__STORE_PRINTF(3, 4) void ddp__store_event(ddp__store_server *sv, int 
     va_end(ap);
     sv->event_kind = kind;
     __atomic_store_n(&sv->event_set, 1, __ATOMIC_RELEASE);
-    ddp__store_logf(sv, 0, "store: %s", sv->event_msg);
+    ddp__store_logf(sv, 1, "store: %s", sv->event_msg);
     for (i = 0; i < sv->nconns; i++) {
         ddp__store_conn *c = sv->conns[i];
         if (!c->waiting) continue;
@@ -2637,7 +2641,7 @@ static int ddp__store_serve_one(ddp__store_server *sv, ddp__store_conn *c) {
         }
     }
     op = r.p[0];
-    if (op == DDP__STORE_Q_HELLO || op == DDP__STORE_Q_PROOF || op == DDP__STORE_Q_EVENT) {
+    if (op == DDP__STORE_Q_HELLO || op == DDP__STORE_Q_PROOF || op == DDP__STORE_Q_EVENT || op == DDP__STORE_Q_ABORT) {
         /* the library's own requests: the same byte in both wire versions */
     } else if (c->proto == 2) {
         op = op == 0 ? DDP__STORE_Q_VALIDATE : op <= 7 ? op - 1 : op;
@@ -2720,6 +2724,15 @@ static int ddp__store_serve_one(ddp__store_server *sv, ddp__store_conn *c) {
         ddp__store_conn_send(sv, c, &n, 8);
         ddp__store_conn_send(sv, c, &kind, 1);
         ddp__store_conn_send(sv, c, sv->event_msg, ml);
+        break;
+    }
+    case DDP__STORE_Q_ABORT: {
+        char msg[1024];
+        DDP__STORE_RD(ddp__store_rd_blob(&r, 1000, &v, &vl));
+        if (c->hello != 2) return -1; /* only a rank may end the rendezvous */
+        for (i = 0; i < vl && i + 1 < sizeof msg; i++) msg[i] = v[i] >= 32 && v[i] < 127 ? (char)v[i] : '?';
+        msg[i] = 0;
+        ddp__store_event(sv, DDP__EVENT_ABORT, "%s", msg);
         break;
     }
     case DDP__STORE_Q_VALIDATE: {
@@ -3117,6 +3130,7 @@ static void *ddp__store_server_main(void *arg) {
             for (j = 0; j < k; j++) {
                 if (cmd[j] == 1) stop = 1;
                 if (cmd[j] == 2 && sv->listen_fd >= 0) { close(sv->listen_fd); sv->listen_fd = -1; }
+                if (cmd[j] == 3 && __atomic_load_n(&sv->ext_set, __ATOMIC_ACQUIRE)) ddp__store_event(sv, DDP__EVENT_ABORT, "%s", sv->ext_msg);
             }
             if (stop) break;
         }
@@ -3297,6 +3311,17 @@ static DDP__STORE_UNUSED int ddp__store_server_port(const ddp__store_server *sv)
 static DDP__STORE_UNUSED void ddp__store_server_close_listener(ddp__store_server *sv) {
     char b = 2;
     if (!sv) return;
+    while (write(sv->wake[1], &b, 1) < 0 && errno == EINTR) {
+    }
+}
+
+/* Rank 0 gives up: every rank waiting in the store (and every later
+   wait) ends with msg. Any thread; the first call wins. */
+static DDP__STORE_UNUSED void ddp__store_server_abort(ddp__store_server *sv, const char *msg) {
+    char b = 3;
+    if (!sv || __atomic_load_n(&sv->ext_set, __ATOMIC_ACQUIRE)) return;
+    ddp__copy_str(sv->ext_msg, sizeof sv->ext_msg, msg);
+    __atomic_store_n(&sv->ext_set, 1, __ATOMIC_RELEASE);
     while (write(sv->wake[1], &b, 1) < 0 && errno == EINTR) {
     }
 }
@@ -4025,9 +4050,23 @@ static int ddp__store_event_fail(ddp__store *s, char *err, size_t errlen) {
     }
     p = (const unsigned char *)val;
     if (p[0] == DDP__EVENT_TAMPER) s->fatal = DDP_ERROR_SECURITY;
+    if (p[0] == DDP__EVENT_ABORT) s->fatal = DDP_ERROR_PEER;
     ddp__store_fail(err, errlen, "the store of rank 0 ended the rendezvous: %s", (const char *)p + 1);
     free(val);
     return -1;
+}
+
+/* This rank gives up: the ranks waiting in rank 0's store learn it (and
+   why) at once instead of at their timeout. Best effort, no answer. */
+static DDP__STORE_UNUSED void ddp__store_abort(ddp__store *s, const char *msg) {
+    ddp__store_buf b;
+    size_t n = strlen(msg) < 1000 ? strlen(msg) : 1000;
+    int e = 0;
+    if (!s->hello || s->fd < 0 || s->broken) return;
+    ddp__store_req(s, &b, DDP__STORE_Q_ABORT);
+    ddp__store_buf_blob(&b, msg, n);
+    if (!b.oom) ddp__store_send_all(s->fd, b.p, b.n, ddp__store_deadline(1.0), &e);
+    free(b.p);
 }
 
 /* After a WAIT timed out the server still owes an answer, so this connection
@@ -4199,7 +4238,7 @@ static DDP__STORE_UNUSED int ddp__store_barrier(ddp__store *s, const char *name,
         snprintf(key, sizeof key, "%s/%lld/arrived/%d", name, (long long)gen, i);
         if (ddp__store_check(s, &k, 1, &r, NULL, 0) != 0) break;
         if (r) continue;
-        if (listed < 8) ddp__store_appendf(buf, sizeof buf, "%s%d", listed ? ", " : " (missing: rank ", i);
+        if (listed < 8) ddp__store_appendf(buf, sizeof buf, "%srank %d", listed ? ", " : " (missing: ", i);
         listed++;
     }
     if (listed > 8) ddp__store_appendf(buf, sizeof buf, ", ... %d in all", listed);
@@ -4337,13 +4376,20 @@ static ddp_result ddp__shm_wait(ddp_context *ctx, int field, uint64_t target, in
                 return DDP_ERROR_TIMEOUT;
             }
             if ((spins & 1023) == 0) {
-                int32_t pid = ddp__slot(ctx, missing)->pid;
-                if (pid > 0 && kill(pid, 0) != 0 && errno == ESRCH) {
-                    ddp__fail(ctx, DDP_ERROR_PEER, "rank %d (pid %d) exited while rank %d waited for %s",
-                              missing, (int)pid, ctx->rank, what);
-                    ddp__set_broken(ctx, DDP_ERROR_PEER);
-                    ddp__shm_abort(ctx, ddp__errbuf(ctx));
-                    return DDP_ERROR_PEER;
+                /* every rank not arrived, not only the first: when one dies,
+                   another may be stuck waiting for it, and the dead one is
+                   the one to name */
+                for (q = q0; q < q1; q++) {
+                    int32_t pid;
+                    if (ddp__counter(ddp__slot(ctx, q), field) >= target) continue;
+                    pid = ddp__slot(ctx, q)->pid;
+                    if (pid > 0 && !ddp__proc_alive(pid)) {
+                        ddp__fail(ctx, DDP_ERROR_PEER, "rank %d (pid %d) exited while rank %d waited for %s",
+                                  q, (int)pid, ctx->rank, what);
+                        ddp__set_broken(ctx, DDP_ERROR_PEER);
+                        ddp__shm_abort(ctx, ddp__errbuf(ctx));
+                        return DDP_ERROR_PEER;
+                    }
                 }
             }
         }
@@ -4760,7 +4806,35 @@ static ddp_result ddp__check_event(ddp_context *ctx) {
     char ev[1024];
     int kind = ddp__store_server_event(ctx->server, ev, sizeof ev);
     if (!kind) return DDP_SUCCESS;
-    return ddp__fail(ctx, kind == DDP__EVENT_TAMPER ? DDP_ERROR_SECURITY : DDP_ERROR_MISMATCH, "rank %d: %s", ctx->rank, ev);
+    return ddp__fail(ctx, kind == DDP__EVENT_TAMPER ? DDP_ERROR_SECURITY : kind == DDP__EVENT_ABORT ? DDP_ERROR_PEER : DDP_ERROR_MISMATCH,
+                     "rank %d: %s", ctx->rank, ev);
+}
+
+/* Something broke outside the store (rank 0 closed the socket it hands
+   shared memory through): if a rank gave up, its message says why. Waits
+   up to a second for it; its error (with the message in ctx->err), or
+   DDP_SUCCESS when there is none. */
+static ddp_result ddp__kv_why(ddp_context *ctx) {
+    ddp__store *st = (ddp__store *)ctx->store;
+    char key[160], err[1024];
+    const char *k = key;
+    int timed_out = 0;
+    ddp_result r = ddp__check_event(ctx);
+    if (r != DDP_SUCCESS) return r;
+    if (!st || !st->hello || st->fatal) return DDP_SUCCESS;
+    ddp__key(ctx, key, sizeof key, "never/written");
+    if (ddp__store_wait_until(st, &k, 1, ddp__now() + 1.0, &timed_out, err, sizeof err) == 0 || timed_out || !st->fatal)
+        return DDP_SUCCESS;
+    return ddp__fail(ctx, (ddp_result)st->fatal, "rank %d: %s", ctx->rank, err);
+}
+
+/* This rank gives up during the rendezvous or finalize: the ranks waiting
+   in the store learn it, and why, now rather than at their timeout. */
+static void ddp__kv_abort(ddp_context *ctx, const char *why) {
+    char msg[1100];
+    snprintf(msg, sizeof msg, "rank %d gave up: %s", ctx->rank, why);
+    if (ctx->server) ddp__store_server_abort(ctx->server, msg);
+    else if (ctx->store) ddp__store_abort((ddp__store *)ctx->store, msg);
 }
 
 /* A failed store call: the event or refusal behind it when there is one. */
@@ -5182,8 +5256,10 @@ static ddp_result ddp__seg_serve(ddp_context *ctx, int lfd, int seg_fd, const ch
             next_check = now + 0.05;
             for (q = 1; q < ctx->world && r == DDP_SUCCESS; q++) {
                 int pid = ddp__rank_pid(ctx, q);
-                if (!served[q] && pid > 0 && !ddp__proc_alive(pid))
+                if (!served[q] && pid > 0 && !ddp__proc_alive(pid)) {
                     r = ddp__fail(ctx, DDP_ERROR_PEER, "rank %d (pid %d) exited before it received the %s's shared memory from rank 0", q, pid, what);
+                    ddp__shm_abort(ctx, ctx->err); /* the others may wait on it in the control segment */
+                }
             }
         }
         if (r == DDP_SUCCESS && now > deadline) {
@@ -5191,8 +5267,8 @@ static ddp_result ddp__seg_serve(ddp_context *ctx, int lfd, int seg_fd, const ch
             size_t n = 0;
             list[0] = 0;
             for (q = 1; q < ctx->world && n + 16 < sizeof list; q++)
-                if (!served[q]) n += (size_t)snprintf(list + n, sizeof list - n, "%s%d", n ? ", " : "", q);
-            r = ddp__fail(ctx, DDP_ERROR_TIMEOUT, "timed out after %.1f s: rank 0 handed the %s's shared memory to every rank but %s (dead or stuck?)",
+                if (!served[q]) n += (size_t)snprintf(list + n, sizeof list - n, "%srank %d", n ? ", " : "", q);
+            r = ddp__fail(ctx, DDP_ERROR_TIMEOUT, "timed out after %.1f s: rank 0 handed the %s's shared memory to every rank but %s (dead or stuck before it asked?)",
                           ctx->cfg.connect_timeout_s, what, list);
         }
     }
@@ -5296,17 +5372,17 @@ static ddp_result ddp__seg_attach(ddp_context *ctx, const char *key, int kind, s
         memcpy(req, &magic, 4);
         memcpy(req + 4, &rank, 4);
         memcpy(req + 8, ctx->shm.nonce, 16);
-        r = send(s, req, sizeof req, MSG_NOSIGNAL) == (ssize_t)sizeof req ? DDP_SUCCESS : DDP_ERROR_SYSTEM;
-        if (r == DDP_SUCCESS && ddp__sock_recv_fd(s, deadline, &status, &fd) != 0) {
+        if (send(s, req, sizeof req, MSG_NOSIGNAL) != (ssize_t)sizeof req || ddp__sock_recv_fd(s, deadline, &status, &fd) != 0) {
             int e = errno;
             ddp__fd_close(s);
+            if (e != ETIMEDOUT && (r = ddp__kv_why(ctx)) != DDP_SUCCESS) return r;
             if (ctx->peer0.pid > 0 && !ddp__proc_alive(ctx->peer0.pid))
                 return ddp__fail(ctx, DDP_ERROR_PEER, "rank 0 (pid %d) exited while rank %d waited for shared memory", ctx->peer0.pid, ctx->rank);
             return ddp__fail(ctx, e == ETIMEDOUT ? DDP_ERROR_TIMEOUT : DDP_ERROR_PEER, "rank %d did not receive the shared memory of key '%s%s' from rank 0: %s",
                              ctx->rank, ctx->key_prefix, key, e == ETIMEDOUT ? "timed out" : strerror(e));
         }
         ddp__fd_close(s);
-        if (r != DDP_SUCCESS || status != 0 || fd < 0) {
+        if (status != 0 || fd < 0) {
             ddp__fd_close(fd);
             return ddp__fail(ctx, DDP_ERROR_SECURITY, "rank %d: rank 0 refused to hand over the shared memory of key '%s%s' (see rank 0's log)", ctx->rank, ctx->key_prefix, key);
         }
@@ -5469,6 +5545,7 @@ DDP_API ddp_result ddp_create(const ddp_config *config, ddp_context **out) {
         r = ddp__shm_setup(ctx);
     if (r != DDP_SUCCESS) {
         memcpy(ddp__create_err, ctx->err, sizeof ctx->err);
+        ddp__kv_abort(ctx, ctx->err);
         ddp_destroy(ctx);
         return r;
     }
@@ -5766,7 +5843,11 @@ static ddp_result ddp__verify_params(ddp_context *ctx) {
     r = ddp__kv_set_once(ctx, key, mine, len);
     ddp__free(ctx, mine);
     if (r != DDP_SUCCESS) return r;
-    DDP__TRY(ddp__kv_get(ctx, "params/0", &t0, &l0));
+    r = ddp__kv_get(ctx, "params/0", &t0, &l0);
+    if (r == DDP_ERROR_TIMEOUT)
+        return ddp__fail(ctx, r, "rank 0 did not publish its parameters within %.1f s (dead, stuck, or failed before ddp_finalize: see rank 0's error)",
+                         ctx->cfg.connect_timeout_s);
+    if (r != DDP_SUCCESS) return r;
     /* every rank compares every rank with rank 0, so all report the same error */
     for (q = 1; q < ctx->world && r == DDP_SUCCESS; q++) {
         void *tq = NULL;
@@ -5930,6 +6011,7 @@ DDP_API ddp_result ddp_finalize(ddp_context *ctx) {
     r = ddp__finalize(ctx);
     if (r != DDP_SUCCESS) {
         ctx->finalized = 0;
+        if (ctx->store || ctx->server) ddp__kv_abort(ctx, ctx->err);
         return ddp__break(ctx, r);
     }
     return DDP_SUCCESS;
