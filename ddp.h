@@ -32,7 +32,8 @@
 
    Platforms: Linux and other POSIX systems. The Windows seams (threads,
    shared memory, sockets, processes) are kept in the PLATFORM section but are
-   not implemented yet.
+   not implemented yet. The platform layer's functions are ddp__proc_*,
+   ddp__sys_*, ddp__sock_*, ddp__shm_obj_* and ddp__file_*.
 
    STEP BY STEP
 
@@ -61,8 +62,11 @@
 
    BACKENDS
 
-       shm     processes on one host through POSIX shared memory. The CPU
-               default. The flat gradient buffer lives in the shared segment,
+       shm     processes on one host through shared memory (Linux: anonymous
+               memory that rank 0 hands to the other ranks over a Unix socket,
+               so no name exists in /dev/shm; elsewhere: named POSIX segments,
+               see SECURITY). The CPU default. The flat gradient buffer lives
+               in the shared segment,
                so an all-reduce of gradients copies nothing in or out: every
                rank reduces its own slice of every rank's buffer and writes the
                result back to all of them.
@@ -92,11 +96,92 @@
        timeout (config.timeout_s): a rank that dies makes the others fail with
        DDP_ERROR_PEER or DDP_ERROR_TIMEOUT instead of hanging. After such an
        error the context is broken: only ddp_destroy() is allowed.
+       DDP_ERROR_MISMATCH also reports another job on the rendezvous port
+       and ranks built from different ddp.h versions; DDP_ERROR_SECURITY a
+       job secret that differs, store tampering, or shared memory that is
+       not this job's (see SECURITY).
+
+   WHEN A RANK DIES
+
+       Whatever ends a rank (SIGKILL, SIGTERM, a crash), at whatever instant,
+       the others fail within config.timeout_s with an error naming it,
+       mostly within milliseconds: they watch its process (same host), its
+       store connection (rank 0), and a rank that gives up during the
+       rendezvous or ddp_finalize tells the others why through the store at
+       once. Nothing is left behind: shared memory has no name (or, named,
+       is removed by ddprun and by the next rank 0 on the host), checkpoint
+       temporaries have none while they are written (see
+       ddp_save_checkpoint), and ddprun ends each rank's process group.
+       tests/fault.c kills ranks at random instants; docs/RELIABILITY.md has
+       its figures.
+
+   SECURITY
+
+       Rank 0 runs the rendezvous store (a TCPStore) on MASTER_PORT. It
+       listens only on the master address (loopback when MASTER_ADDR is
+       loopback or unset), not on every interface, unless config.store_bind
+       or DDP_STORE_BIND says otherwise ("*": every interface). A master
+       address that is loopback on rank 0's host while the job spans hosts
+       is an error naming the remedy.
+
+       The job secret (config.job_secret, DDP_JOB_SECRET; ddprun makes a new
+       one per run) is what lets a process into the job: the store answers
+       nothing to a client that has not proven it knows the secret
+       (challenge-response with HMAC-SHA-256 over fresh random nonces of
+       both sides, so the secret itself never travels), logs each rejected
+       client (logger, DDP_LOG_WARN), and a rank whose secret differs fails
+       with DDP_ERROR_SECURITY saying so. The secret proves membership; it
+       does not encrypt: keep it out of logs and out of other users' reach
+       (the environment of a process is readable by its user and root).
+       Without a secret, anyone who can reach the port can read and write
+       the job's keys; the checks below then catch mistakes and tampering,
+       not a determined attacker on the host.
+
+       Ranks compare identity records at rendezvous: library version (the
+       major.minor of this header), world size, job secret present or not,
+       and the job id (config.job_id, DDP_JOB_ID, else the launcher's:
+       TORCHELASTIC_RUN_ID, SLURM_JOB_ID.SLURM_STEP_ID, Open MPI's
+       OMPI_MCA_ess_base_jobid or PMIX_NAMESPACE). A difference fails both
+       sides at once: "port P is used by another job", or "rank 1 runs
+       ddp.h 0.1 but rank 0 runs ddp.h 0.2". So do two processes claiming
+       one rank. With a secret, a client that cannot prove it is turned
+       away without ending the job (it is a stranger). Two jobs without
+       secret and without any job id cannot be told apart: set DDP_JOB_ID.
+
+       What a rank reads from the store and then trusts is checked. Shared
+       memory: handed over a Unix socket whose peer must be rank 0's pid
+       and this user; the memory must be this user's, mode 0600, of the
+       expected size, and carry rank 0's random per-context nonce in its
+       header (read before it is mapped). Keys the library writes once
+       (shared-memory references, parameter tables, the NCCL id, identity
+       records) are refused by rank 0's store when anyone changes them, and
+       read back before the store closes: a change fails the job with
+       DDP_ERROR_SECURITY, "store tampering: ... key '...'". Text where a
+       counter belongs gets an error naming the key.
+
+       torchrun's agent store speaks PyTorch's protocol, which has no
+       authentication: under it the secret cannot be checked (a warning is
+       logged), keys are read back but not protected, and a stranger on the
+       network can still read or change them.
+
+       Store limits (named constants in the implementation, each with why):
+       keys 4 KiB; values 16 MiB (a parameter table of 160 thousand
+       parameters); 4096 keys per WAIT/CHECK/MULTI request; memory 256 MiB
+       in all (config.store_max_bytes, DDP_STORE_MAX_BYTES, at least 64
+       MiB); unread replies 16 MiB + 64 KiB per connection (a client that
+       does not read is dropped); 2 x world + 64 connections (at the cap
+       the oldest silent one is evicted); a connection silent for 10 s, or
+       a request not complete 30 s after it started, is dropped; at most
+       10 log lines a second about clients. Rank 0's ddp_destroy waits at
+       most 0.9 s for ranks still connected, never for strangers.
 
    THREAD SAFETY
 
        A context is used by one thread at a time (the library runs its own
        communication thread inside). Different contexts are independent.
+       The logger may be called from the library's own threads too (the
+       communication thread; on rank 0, the store's thread, about clients
+       it rejects): make it thread-safe.
 
    ENVIRONMENT
 
@@ -110,6 +195,15 @@
                                     srun
        DDP_TIMEOUT                  overrides config.timeout_s (seconds)
        DDP_BACKEND                  shm | nccl | staged (overrides the default)
+       DDP_JOB_SECRET               the job secret, 16 to 1024 characters, the same
+                                    on every rank (config.job_secret; ddprun sets one)
+       DDP_JOB_ID                   the job's name (config.job_id; ddprun sets one)
+       TORCHELASTIC_RUN_ID SLURM_JOB_ID SLURM_STEP_ID OMPI_MCA_ess_base_jobid
+       PMIX_NAMESPACE               the launcher's job id, when DDP_JOB_ID is unset
+       DDP_STORE_BIND               where rank 0's store listens (config.store_bind;
+                                    default the master address; "*" every interface)
+       DDP_STORE_MAX_BYTES          the store's memory cap in bytes
+                                    (config.store_max_bytes; default 256 MiB)
        DDP_FORCE_COMM=1             GPU, world of one: run the gradient collective
                                     anyway (by default a world of one exchanges
                                     nothing; the GPU tests use this to exercise NCCL)
@@ -292,7 +386,9 @@ typedef struct ddp_config {
     int    allow_unused_parameters; /* 1: a parameter never marked is reduced as it is (zero) */
     ddp_dtype compress;       /* GPU: all-reduce gradients in DDP_BF16 or DDP_F16 */
     int    no_comm_thread;    /* 1: reduce buckets inline in ddp_step_end (no overlap) */
-    size_t staging_bytes;     /* shm: per-rank staging for user buffers, default 16 MiB */
+    size_t staging_bytes;     /* shm: per-rank staging for user buffers, default 16 MiB;
+                                 with named segments, less when /dev/shm is small
+                                 (logged); anonymous ones are only backed where used */
 
     ddp_optimizer_desc optimizer;
 
@@ -432,8 +528,13 @@ DDP_API ddp_result ddp_train_step(ddp_context *ctx, ddp_forward_backward_fn fn, 
 
 /* ---- checkpoints ----------------------------------------------------------- */
 
-/* Rank 0 writes parameters and optimizer state atomically (temporary file,
-   fsync, rename; with a checksum); all ranks wait for it. */
+/* Rank 0 writes parameters and optimizer state atomically (a temporary
+   file, fsync, rename; with a checksum); all ranks wait for it. The
+   temporary has no name while it is written where the file system allows
+   it (Linux O_TMPFILE), and "PATH.tmp.<host>.<pid>" only for the instant
+   before the rename; temporaries of writers that no longer run on this
+   host are removed by the next save. A killed writer leaves the old file
+   or the new one, whole. */
 DDP_API ddp_result ddp_save_checkpoint(ddp_context *ctx, const char *path);
 /* Every rank reads the file, verifies checksum, names, shapes and dtypes. */
 DDP_API ddp_result ddp_load_checkpoint(ddp_context *ctx, const char *path);
@@ -831,6 +932,54 @@ static int ddp__sock_peer(int fd, int *pid, unsigned *uid) {
 #else
     (void)fd; *pid = 0; *uid = 0; errno = ENOSYS; return -1;
 #endif
+}
+
+/* Wait up to ms for any of n local sockets to be readable; ready[i] set
+   for those that are (or closed). */
+static void ddp__sock_local_wait(const int *fds, int n, int ms, int *ready) {
+    struct pollfd pf[65];
+    int i;
+    if (n > 65) n = 65;
+    for (i = 0; i < n; i++) { pf[i].fd = fds[i]; pf[i].events = POLLIN; pf[i].revents = 0; }
+    if (poll(pf, (nfds_t)n, ms) < 0) for (i = 0; i < n; i++) pf[i].revents = 0;
+    for (i = 0; i < n; i++) ready[i] = pf[i].revents != 0;
+}
+
+/* Read what is there without waiting: > 0 bytes, 0 nothing yet, -1 closed
+   or failed. */
+static long ddp__sock_local_read(int fd, void *buf, size_t n) {
+    ssize_t got = recv(fd, buf, n, MSG_DONTWAIT);
+    if (got > 0) return (long)got;
+    if (got < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) return 0;
+    return -1;
+}
+
+/* Send all n bytes (a few dozen, into an empty socket); 0 ok. */
+static int ddp__sock_local_write(int fd, const void *buf, size_t n) {
+    return send(fd, buf, n, MSG_NOSIGNAL) == (ssize_t)n ? 0 : -1;
+}
+
+/* Does every address the name stands for belong to the loopback interface? */
+static int ddp__sock_addr_is_loopback(const char *host) {
+    struct addrinfo hints, *res = NULL, *ai;
+    int all = 1;
+    memset(&hints, 0, sizeof hints);
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    if (getaddrinfo(host, NULL, &hints, &res) != 0) return 0;
+    for (ai = res; ai; ai = ai->ai_next) {
+        if (ai->ai_family == AF_INET) {
+            const struct sockaddr_in *a = (const struct sockaddr_in *)(const void *)ai->ai_addr;
+            if ((ntohl(a->sin_addr.s_addr) >> 24) != 127) all = 0;
+        } else if (ai->ai_family == AF_INET6) {
+            const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)(const void *)ai->ai_addr;
+            if (!IN6_IS_ADDR_LOOPBACK(&a->sin6_addr)) all = 0;
+        } else {
+            all = 0;
+        }
+    }
+    freeaddrinfo(res);
+    return all;
 }
 
 /* One status byte, with a descriptor attached when fd >= 0. */
@@ -1873,6 +2022,25 @@ static ddp_result ddp__resolve_trust(ddp_config *c, unsigned char *secret, size_
  *   The server here accepts both versions on every port: a connection whose
  *   first 5 bytes are VALIDATE+magic is V2, anything else V1.
  *
+ * THE LIBRARY'S OWN REQUESTS (rank 0's store and its ranks only; V1 framing)
+ *   HELLO  0x44 u32 0x44445048, u32 n, n bytes of identity record,
+ *               32-byte client nonce Nc
+ *          -> u32 0x44445053, verdict, and with status CHALLENGE: 32-byte
+ *             server nonce Ns, HMAC(K, "ddp.h store server" Nc Ns)
+ *   PROOF  0x45 HMAC(K, "ddp.h store client" Ns Nc)     -> verdict
+ *          verdict = u8 status (OK, CHALLENGE, MISMATCH, NEED_SECRET,
+ *          BAD_PROOF), u32 n + rank 0's identity record (only once the
+ *          secret is proven, or without one), u32 n + reason
+ *   EVENT  0x46                  -> blob: u8 kind + message ("" none)
+ *   ABORT  0x47 blob message     -> (no reply; accepted ranks only)
+ *   K is the job secret. With one, the store serves nothing but HELLO and
+ *   PROOF to a connection until its proof checks. After an event (another
+ *   job, another version, tampering, a rank that gave up) every pending and
+ *   later WAIT is answered 0xD5 instead of STOP_WAITING; EVENT says why.
+ *   Keys under "ddp/" are the job's: a SET that changes one, a SET of a
+ *   counter ("/count"), APPEND, COMPARE_SET or DELETE of one is refused and
+ *   is an event.
+ *
  * KEYS
  *   Keys go on the wire verbatim, after the client's prefix (see
  *   ddp__store_set_prefix). A torch TCPStore prepends "/" to user keys (not to
@@ -2245,14 +2413,15 @@ static const char *ddp__store_show(const unsigned char *k, size_t kl, char *out,
 }
 
 /* Memory the server holds, against its cap. */
+/* (Only the server thread writes bytes; a test may read it at any time.) */
 static int ddp__store_charge(ddp__store_server *sv, size_t more) {
     if (more > sv->max_bytes || sv->bytes > sv->max_bytes - more) return -1;
-    sv->bytes += more;
+    __atomic_store_n(&sv->bytes, sv->bytes + more, __ATOMIC_RELAXED);
     return 0;
 }
 
 static void ddp__store_uncharge(ddp__store_server *sv, size_t less) {
-    sv->bytes -= less <= sv->bytes ? less : sv->bytes;
+    __atomic_store_n(&sv->bytes, sv->bytes - (less <= sv->bytes ? less : sv->bytes), __ATOMIC_RELAXED);
 }
 
 static DDP__STORE_PRINTF(3, 4) void ddp__store_drop(ddp__store_server *sv, ddp__store_conn *c, const char *fmt, ...) {
@@ -4172,7 +4341,11 @@ static void ddp__store_add_diag(ddp__store *s, const char *key, char *err, size_
     size_t len = 0, i;
     int ready = 0;
     int64_t num;
-    if (!s->broken || s->fatal || ddp__store_recover(s, note, sizeof note) != 0) return;
+    if (!s->broken || s->fatal) return;
+    if (ddp__store_recover(s, note, sizeof note) != 0) {
+        if (s->fatal) ddp__store_appendf(err, errlen, "; then %s", note); /* rank 0 is gone: say so */
+        return;
+    }
     if (s->hello) {
         char ev[600];
         ev[0] = 0;
@@ -4956,29 +5129,6 @@ static void ddp__server_log(int level, const char *msg, void *user) {
     ddp__log((const ddp_context *)user, (ddp_log_level)level, msg);
 }
 
-/* Does every address the name stands for belong to the loopback interface? */
-static int ddp__addr_is_loopback(const char *host) {
-    struct addrinfo hints, *res = NULL, *ai;
-    int all = 1;
-    memset(&hints, 0, sizeof hints);
-    hints.ai_family = AF_UNSPEC;
-    hints.ai_socktype = SOCK_STREAM;
-    if (getaddrinfo(host, NULL, &hints, &res) != 0) return 0;
-    for (ai = res; ai; ai = ai->ai_next) {
-        if (ai->ai_family == AF_INET) {
-            const struct sockaddr_in *a = (const struct sockaddr_in *)(const void *)ai->ai_addr;
-            if ((ntohl(a->sin_addr.s_addr) >> 24) != 127) all = 0;
-        } else if (ai->ai_family == AF_INET6) {
-            const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)(const void *)ai->ai_addr;
-            if (!IN6_IS_ADDR_LOOPBACK(&a->sin6_addr)) all = 0;
-        } else {
-            all = 0;
-        }
-    }
-    freeaddrinfo(res);
-    return all;
-}
-
 static ddp_result ddp__rendezvous(ddp_context *ctx) {
     /* contexts created on the agent's store by this process: the same
        sequence on every rank, so keys of successive contexts never mix */
@@ -5045,7 +5195,7 @@ static ddp_result ddp__rendezvous(ddp_context *ctx) {
         ddp__store_opts o;
         const char *bind = strcmp(ctx->bind, "*") ? ctx->bind : NULL;
         if (bind && !ctx->cfg.store_bind && !getenv("DDP_STORE_BIND") && ctx->local_world < ctx->world &&
-            ddp__addr_is_loopback(bind)) {
+            ddp__sock_addr_is_loopback(bind)) {
             ddp__free(ctx, st);
             return ddp__fail(ctx, DDP_ERROR_ENVIRONMENT,
                              "rank 0: the master address '%s' is a loopback address on this host, which the ranks on other hosts cannot reach; "
@@ -5190,19 +5340,17 @@ static ddp_result ddp__seg_serve(ddp_context *ctx, int lfd, int seg_fd, const ch
     ddp_result r = DDP_SUCCESS;
     if (!served) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory");
     while (left > 0 && r == DDP_SUCCESS) {
-        struct pollfd pf[DDP__SEG_PENDING + 1];
+        int fds[DDP__SEG_PENDING + 1], ready[DDP__SEG_PENDING + 1];
         double now;
-        pf[0].fd = lfd;
-        pf[0].events = POLLIN;
-        pf[0].revents = 0;
-        for (i = 0; i < npend; i++) { pf[1 + i].fd = pend[i].fd; pf[1 + i].events = POLLIN; pf[1 + i].revents = 0; }
-        poll(pf, (nfds_t)(npend + 1), 50);
+        fds[0] = lfd;
+        for (i = 0; i < npend; i++) fds[1 + i] = pend[i].fd;
+        ddp__sock_local_wait(fds, npend + 1, 50, ready);
         for (i = 0; i < npend; i++) {
-            ssize_t got;
-            if (!pf[1 + i].revents) continue;
-            got = recv(pend[i].fd, pend[i].req + pend[i].have, sizeof pend[i].req - pend[i].have, MSG_DONTWAIT);
+            long got;
+            if (!ready[1 + i]) continue;
+            got = ddp__sock_local_read(pend[i].fd, pend[i].req + pend[i].have, sizeof pend[i].req - pend[i].have);
             if (got > 0) pend[i].have += (size_t)got;
-            if (got == 0 || (got < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) pend[i].have = (size_t)-1;
+            else if (got < 0) pend[i].have = (size_t)-1;
         }
         for (i = 0; i < npend;) {
             asker *a = &pend[i];
@@ -5239,7 +5387,7 @@ static ddp_result ddp__seg_serve(ddp_context *ctx, int lfd, int seg_fd, const ch
             }
             i++;
         }
-        if (pf[0].revents) {
+        if (ready[0]) {
             for (;;) {
                 int fd = ddp__sock_local_accept(lfd);
                 if (fd < 0) break;
@@ -5372,7 +5520,7 @@ static ddp_result ddp__seg_attach(ddp_context *ctx, const char *key, int kind, s
         memcpy(req, &magic, 4);
         memcpy(req + 4, &rank, 4);
         memcpy(req + 8, ctx->shm.nonce, 16);
-        if (send(s, req, sizeof req, MSG_NOSIGNAL) != (ssize_t)sizeof req || ddp__sock_recv_fd(s, deadline, &status, &fd) != 0) {
+        if (ddp__sock_local_write(s, req, sizeof req) != 0 || ddp__sock_recv_fd(s, deadline, &status, &fd) != 0) {
             int e = errno;
             ddp__fd_close(s);
             if (e != ETIMEDOUT && (r = ddp__kv_why(ctx)) != DDP_SUCCESS) return r;

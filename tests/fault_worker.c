@@ -66,14 +66,20 @@ static int verify(void) {
     size_t i;
     c.world_size = 1;
     for (i = 0; i < NPARAM; i++) init[i] = 123.0f; /* never a checkpoint's value */
-    if ((r = ddp_create(&c, &ctx)) != DDP_SUCCESS) return fail("create", r, ddp_create_error());
+    if ((r = ddp_create(&c, &ctx)) != DDP_SUCCESS) { free(init); return fail("create", r, ddp_create_error()); }
     ddp_register_param(ctx, "w", NPARAM, DDP_F32, init, &id);
-    if ((r = ddp_finalize(ctx)) != DDP_SUCCESS) return fail("finalize", r, ddp_last_error(ctx));
     snprintf(path, sizeof path, "%s/ckpt", dir);
-    if ((r = ddp_load_checkpoint(ctx, path)) != DDP_SUCCESS) return fail("load", r, ddp_last_error(ctx));
+    if ((r = ddp_finalize(ctx)) != DDP_SUCCESS || (r = ddp_load_checkpoint(ctx, path)) != DDP_SUCCESS) {
+        int code = fail("load", r, ddp_last_error(ctx));
+        ddp_destroy(ctx);
+        free(init);
+        return code;
+    }
     s = ddp_optimizer_steps(ctx);
     if (s < EVERY || s > STEPS || s % EVERY != 0) {
         fprintf(stderr, "ERROR: the checkpoint says %lld steps: not a state that was saved\n", (long long)s);
+        ddp_destroy(ctx);
+        free(init);
         return 3;
     }
     w = (float *)ddp_param_data(ctx, id);
@@ -82,12 +88,19 @@ static int verify(void) {
         for (k = 0; k < s; k++) want -= 0.5f;
         if (w[i] != want) {
             fprintf(stderr, "ERROR: weight %zu is %.9g, %lld steps give %.9g: a torn checkpoint\n", i, (double)w[i], (long long)s, (double)want);
+            ddp_destroy(ctx);
+            free(init);
             return 3;
         }
     }
     /* the next save is what removes a temporary a killed writer left in the
        instant between naming and renaming its file */
-    if ((r = ddp_save_checkpoint(ctx, path)) != DDP_SUCCESS) return fail("save", r, ddp_last_error(ctx));
+    if ((r = ddp_save_checkpoint(ctx, path)) != DDP_SUCCESS) {
+        int code = fail("save", r, ddp_last_error(ctx));
+        ddp_destroy(ctx);
+        free(init);
+        return code;
+    }
     printf("verified: %lld steps\n", (long long)s);
     ddp_destroy(ctx);
     free(init);
@@ -96,11 +109,12 @@ static int verify(void) {
 
 int main(int argc, char **argv) {
     ddp_config c = config();
-    ddp_context *ctx;
+    ddp_context *ctx = NULL;
     float *init;
     char path[4096];
+    const char *what = "ddp_create";
     ddp_result r;
-    int id, step;
+    int id, step, code = 0;
     size_t i;
     FILE *f;
     if (argc == 3 && !strcmp(argv[1], "--verify")) { dir = argv[2]; rank = 0; return verify(); }
@@ -119,27 +133,34 @@ int main(int argc, char **argv) {
     init = (float *)malloc(NPARAM * sizeof(float));
     for (i = 0; i < NPARAM; i++) init[i] = init_value(i);
     phase("create");
-    if ((r = ddp_create(&c, &ctx)) != DDP_SUCCESS) return fail("ddp_create", r, ddp_create_error());
+    if ((r = ddp_create(&c, &ctx)) != DDP_SUCCESS) { code = fail(what, r, ddp_create_error()); goto done; }
     ddp_register_param(ctx, "w", NPARAM, DDP_F32, init, &id);
     phase("finalize");
-    if ((r = ddp_finalize(ctx)) != DDP_SUCCESS) return fail("ddp_finalize", r, ddp_last_error(ctx));
+    what = "ddp_finalize";
+    if ((r = ddp_finalize(ctx)) != DDP_SUCCESS) goto failed;
     snprintf(path, sizeof path, "%s/ckpt", dir);
     for (step = 1; step <= STEPS; step++) {
         float *g;
         phase("step");
-        if ((r = ddp_step_begin(ctx)) != DDP_SUCCESS) return fail("ddp_step_begin", r, ddp_last_error(ctx));
+        what = "a step";
+        if ((r = ddp_step_begin(ctx)) != DDP_SUCCESS) goto failed;
         g = (float *)ddp_param_grad(ctx, id);
         for (i = 0; i < NPARAM; i++) g[i] += 1.0f;
-        if ((r = ddp_mark_ready(ctx, id)) != DDP_SUCCESS) return fail("ddp_mark_ready", r, ddp_last_error(ctx));
-        if ((r = ddp_step_end(ctx)) != DDP_SUCCESS) return fail("ddp_step_end", r, ddp_last_error(ctx));
-        if ((r = ddp_optimizer_step(ctx)) != DDP_SUCCESS) return fail("ddp_optimizer_step", r, ddp_last_error(ctx));
+        if ((r = ddp_mark_ready(ctx, id)) != DDP_SUCCESS || (r = ddp_step_end(ctx)) != DDP_SUCCESS ||
+            (r = ddp_optimizer_step(ctx)) != DDP_SUCCESS)
+            goto failed;
         if (step % EVERY == 0) {
             phase("save");
-            if ((r = ddp_save_checkpoint(ctx, path)) != DDP_SUCCESS) return fail("ddp_save_checkpoint", r, ddp_last_error(ctx));
+            what = "ddp_save_checkpoint";
+            if ((r = ddp_save_checkpoint(ctx, path)) != DDP_SUCCESS) goto failed;
         }
     }
     phase("done");
+    goto done;
+failed:
+    code = fail(what, r, ddp_last_error(ctx));
+done:
     ddp_destroy(ctx);
     free(init);
-    return 0;
+    return code;
 }

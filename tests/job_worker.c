@@ -45,10 +45,12 @@ int main(int argc, char **argv) {
     }
     x = 1.0f;
     if (r == DDP_SUCCESS) r = ddp_allreduce(ctx, &x, 1, DDP_F32, DDP_OP_SUM);
-    if (r != DDP_SUCCESS) { printf("ERROR: %s: %s\n", ddp_result_string(r), ddp_last_error(ctx)); ddp_destroy(ctx); return 3; }
+    if (r != DDP_SUCCESS) { printf("ERROR: %s: %s\n", ddp_result_string(r), ddp_last_error(ctx)); ddp_destroy(ctx); free(init); return 3; }
     g = (float *)ddp_param_grad(ctx, id);
     if (x != (float)ddp_world_size(ctx) || g[n - 1] != (float)(ddp_world_size(ctx) + 1) / 2.0f) {
         printf("ERROR: wrong results: sum %g, mean gradient %g\n", (double)x, (double)g[n - 1]);
+        ddp_destroy(ctx);
+        free(init);
         return 4;
     }
     printf("OK rank %d of %d\n", rank, ddp_world_size(ctx));

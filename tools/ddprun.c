@@ -207,7 +207,8 @@ static void print_help(void)
     fputs("\n"
           "Start N processes of `program args...` on this host, with the torchrun\n"
           "variables set (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,\n"
-          "GROUP_RANK=0, MASTER_ADDR, MASTER_PORT, DDP_LAUNCHER=ddprun).\n"
+          "GROUP_RANK=0, MASTER_ADDR, MASTER_PORT, DDP_LAUNCHER=ddprun), and a\n"
+          "new job secret and job id for every run (DDP_JOB_SECRET, DDP_JOB_ID).\n"
           "\n"
           "  -n N               number of processes, 1 to 1024 (required)\n"
           "  --master-addr A    MASTER_ADDR (default 127.0.0.1)\n"
@@ -220,7 +221,9 @@ static void print_help(void)
           "Exit status: 0 if every rank exits 0; else the first failing rank's\n"
           "status (128+signal if it was killed), after the others are stopped;\n"
           "2 bad usage; 125 ddprun itself failed; 127 the program cannot run.\n"
-          "SIGINT, SIGTERM, SIGHUP and SIGQUIT are forwarded to every rank.\n",
+          "SIGINT, SIGTERM, SIGHUP and SIGQUIT are forwarded to every rank.\n"
+          "Each rank runs in its own process group, which ends with it; if ddprun\n"
+          "is killed, a watchdog ends the ranks' groups.\n",
           stdout);
 }
 
