@@ -3568,7 +3568,13 @@ typedef struct ddp__store {
     char peer_ident[DDP__IDENT_MAX + 1]; /* rank 0's, from the store's answer ("" before) */
     int owner_pid;    /* rank 0's pid when it runs on this host: reconnects stop when it is gone */
     int fatal;        /* a ddp_result: the store refused this rank for good, or ended the rendezvous */
+    char fatal_msg[512]; /* why (repeated by every later call) */
 } ddp__store;
+
+/* A failure that ends this client for good: remember why. */
+static void ddp__store_note_fatal(ddp__store *s, const char *err) {
+    if (s->fatal && !s->fatal_msg[0] && err) ddp__copy_str(s->fatal_msg, sizeof s->fatal_msg, err);
+}
 
 enum { DDP__STORE_IO_OK, DDP__STORE_IO_TIMEOUT, DDP__STORE_IO_CLOSED, DDP__STORE_IO_ERROR };
 
@@ -3887,14 +3893,14 @@ static int ddp__store_hello(ddp__store *s, int fd, double deadline, int *again, 
 
 /* Connect and agree on the wire version (s->host/port already set); with
  * s->hello, the library's hello follows (V1 framing: the store is ours). */
-static int ddp__store_open(ddp__store *s, int proto, double timeout_s, char *err, size_t errlen) {
+static int ddp__store_open_(ddp__store *s, int proto, double timeout_s, char *err, size_t errlen) {
     double deadline = ddp__store_deadline(timeout_s);
     char why[200];
     int fd = -1, e = 0, r;
     if (s->fd >= 0) close(s->fd);
     s->fd = -1;
     s->broken = 1;
-    if (s->fatal) return ddp__store_fail(err, errlen, "the store at %s:%d refused this rank earlier", s->host, s->port);
+    if (s->fatal) return ddp__store_fail(err, errlen, "%s", s->fatal_msg[0] ? s->fatal_msg : "the store refused this rank earlier");
     if (s->hello) {
         for (;;) {
             int again = 0;
@@ -3943,6 +3949,12 @@ static int ddp__store_open(ddp__store *s, int proto, double timeout_s, char *err
     s->proto = proto;
     s->broken = 0;
     return 0;
+}
+
+static int ddp__store_open(ddp__store *s, int proto, double timeout_s, char *err, size_t errlen) {
+    int r = ddp__store_open_(s, proto, timeout_s, err, errlen);
+    if (r != 0) ddp__store_note_fatal(s, err);
+    return r;
 }
 
 /* Connect to the store at host:port, retrying until timeout_s (<= 0: forever);
@@ -4071,7 +4083,8 @@ static int ddp__store_io_fail(ddp__store *s, int why, int err_no, int op, const 
 /* Reconnect when an earlier failure left the connection in an unknown state. */
 static int ddp__store_ready(ddp__store *s, char *err, size_t errlen) {
     if (!s->host[0]) return ddp__store_fail(err, errlen, "store client is not connected");
-    if (s->fatal && (s->fd < 0 || s->broken)) return ddp__store_fail(err, errlen, "the store at %s:%d refused this rank earlier", s->host, s->port);
+    if (s->fatal && (s->fd < 0 || s->broken))
+        return ddp__store_fail(err, errlen, "%s", s->fatal_msg[0] ? s->fatal_msg : "the store refused this rank earlier");
     if (s->fd >= 0 && !s->broken) return 0;
     return ddp__store_open(s, s->proto, s->timeout_s, err, errlen);
 }
@@ -4221,6 +4234,7 @@ static int ddp__store_event_fail(ddp__store *s, char *err, size_t errlen) {
     if (p[0] == DDP__EVENT_TAMPER) s->fatal = DDP_ERROR_SECURITY;
     if (p[0] == DDP__EVENT_ABORT) s->fatal = DDP_ERROR_PEER;
     ddp__store_fail(err, errlen, "the store of rank 0 ended the rendezvous: %s", (const char *)p + 1);
+    ddp__store_note_fatal(s, err);
     free(val);
     return -1;
 }
@@ -4365,6 +4379,7 @@ static void ddp__store_add_diag(ddp__store *s, const char *key, char *err, size_
         ddp__store_fail(err, errlen, "key '%s%s' holds '%s%s' where a counter is expected "
                         "(store tampering: another job on port %d, or a process that is not a rank, wrote it)",
                         s->prefix, key, val, len >= sizeof val ? "..." : "", s->port);
+        ddp__store_note_fatal(s, err);
     }
     free(v);
 }
@@ -6030,10 +6045,16 @@ static ddp_result ddp__verify_params(ddp_context *ctx) {
         free(tq);
     }
     free(t0);
-    /* rank 0 serves the store: keep it until every rank has read the tables */
-    if (r != DDP_ERROR_TIMEOUT) {
-        ddp_result b = ddp__kv_barrier(ctx, "params/read");
+    /* rank 0 serves the store: keep it until every rank has read the tables
+       (after a mismatch too: every rank found the same one); a failed store
+       call is reported as it is */
+    if (r == DDP_SUCCESS || r == DDP_ERROR_MISMATCH) {
+        char keep[DDP__ERRLEN];
+        ddp_result b;
+        memcpy(keep, ctx->err, sizeof keep);
+        b = ddp__kv_barrier(ctx, "params/read");
         if (r == DDP_SUCCESS) r = b;
+        else memcpy(ctx->err, keep, sizeof keep);
     }
     return r;
 }
