@@ -303,9 +303,12 @@
 
    BACKENDS
 
-       shm     processes on one host through shared memory (POSIX shm_open;
-               Windows: a named file mapping, see PLATFORMS). The CPU
-               default. The flat gradient buffer lives in the shared segment,
+       shm     processes on one host through shared memory (Linux: anonymous
+               memory that rank 0 hands to the other ranks over a Unix socket,
+               so no name exists in /dev/shm; other POSIX systems: named
+               segments; Windows: paging-file-backed mappings, see
+               PLATFORMS and SECURITY). The CPU default. The flat gradient
+               buffer lives in the shared segment,
                so an all-reduce of gradients copies nothing in or out: every
                rank reduces its own slice of every rank's buffer and writes the
                result back to all of them.
@@ -336,11 +339,92 @@
        timeout (config.timeout_s): a rank that dies makes the others fail with
        DDP_ERROR_PEER or DDP_ERROR_TIMEOUT instead of hanging. After such an
        error the context is broken: only ddp_destroy() is allowed.
+       DDP_ERROR_MISMATCH also reports another job on the rendezvous port
+       and ranks built from different ddp.h versions; DDP_ERROR_SECURITY a
+       job secret that differs, store tampering, or shared memory that is
+       not this job's (see SECURITY).
+
+   WHEN A RANK DIES
+
+       Whatever ends a rank (SIGKILL, SIGTERM, a crash), at whatever instant,
+       the others fail within config.timeout_s with an error naming it,
+       mostly within milliseconds: they watch its process (same host), its
+       store connection (rank 0), and a rank that gives up during the
+       rendezvous or ddp_finalize tells the others why through the store at
+       once. Nothing is left behind: shared memory has no name (or, named,
+       is removed by ddprun and by the next rank 0 on the host), checkpoint
+       temporaries have none while they are written (see
+       ddp_save_checkpoint), and ddprun ends each rank's process group.
+       tests/fault.c kills ranks at random instants; docs/RELIABILITY.md has
+       its figures.
+
+   SECURITY
+
+       Rank 0 runs the rendezvous store (a TCPStore) on MASTER_PORT. It
+       listens only on the master address (loopback when MASTER_ADDR is
+       loopback or unset), not on every interface, unless config.store_bind
+       or DDP_STORE_BIND says otherwise ("*": every interface). A master
+       address that is loopback on rank 0's host while the job spans hosts
+       is an error naming the remedy.
+
+       The job secret (config.job_secret, DDP_JOB_SECRET; ddprun makes a new
+       one per run) is what lets a process into the job: the store answers
+       nothing to a client that has not proven it knows the secret
+       (challenge-response with HMAC-SHA-256 over fresh random nonces of
+       both sides, so the secret itself never travels), logs each rejected
+       client (logger, DDP_LOG_WARN), and a rank whose secret differs fails
+       with DDP_ERROR_SECURITY saying so. The secret proves membership; it
+       does not encrypt: keep it out of logs and out of other users' reach
+       (the environment of a process is readable by its user and root).
+       Without a secret, anyone who can reach the port can read and write
+       the job's keys; the checks below then catch mistakes and tampering,
+       not a determined attacker on the host.
+
+       Ranks compare identity records at rendezvous: library version (the
+       major.minor of this header), world size, job secret present or not,
+       and the job id (config.job_id, DDP_JOB_ID, else the launcher's:
+       TORCHELASTIC_RUN_ID, SLURM_JOB_ID.SLURM_STEP_ID, Open MPI's
+       OMPI_MCA_ess_base_jobid or PMIX_NAMESPACE). A difference fails both
+       sides at once: "port P is used by another job", or "rank 1 runs
+       ddp.h 0.1 but rank 0 runs ddp.h 0.2". So do two processes claiming
+       one rank. With a secret, a client that cannot prove it is turned
+       away without ending the job (it is a stranger). Two jobs without
+       secret and without any job id cannot be told apart: set DDP_JOB_ID.
+
+       What a rank reads from the store and then trusts is checked. Shared
+       memory: handed over a Unix socket whose peer must be rank 0's pid
+       and this user; the memory must be this user's, mode 0600, of the
+       expected size, and carry rank 0's random per-context nonce in its
+       header (read before it is mapped). Keys the library writes once
+       (shared-memory references, parameter tables, the NCCL id, identity
+       records) are refused by rank 0's store when anyone changes them, and
+       read back before the store closes: a change fails the job with
+       DDP_ERROR_SECURITY, "store tampering: ... key '...'". Text where a
+       counter belongs gets an error naming the key.
+
+       torchrun's agent store speaks PyTorch's protocol, which has no
+       authentication: under it the secret cannot be checked (a warning is
+       logged), keys are read back but not protected, and a stranger on the
+       network can still read or change them.
+
+       Store limits (named constants in the implementation, each with why):
+       keys 4 KiB; values 16 MiB (a parameter table of 160 thousand
+       parameters); 4096 keys per WAIT/CHECK/MULTI request; memory 256 MiB
+       in all (config.store_max_bytes, DDP_STORE_MAX_BYTES, at least 64
+       MiB); unread replies 16 MiB + 64 KiB per connection (a client that
+       does not read is dropped); 2 x world + 64 connections (at the cap
+       the oldest silent one is evicted); a connection silent for 10 s, or
+       a request not complete 30 s after it started, is dropped; at most
+       10 log lines a second about clients. Rank 0's ddp_destroy waits at
+       most 0.9 s for ranks still connected, never for strangers.
 
    THREAD SAFETY
 
        A context is used by one thread at a time (the library runs its own
        communication thread inside). Different contexts are independent.
+       The logger may be called from the library's own threads too (the
+       communication thread; on rank 0, the store's thread, about clients
+       it rejects): make it thread-safe.
 
    SAFETENSORS
 
@@ -412,6 +496,15 @@
                                     srun
        DDP_TIMEOUT                  overrides config.timeout_s (seconds)
        DDP_BACKEND                  shm | nccl | staged (overrides the default)
+       DDP_JOB_SECRET               the job secret, 16 to 1024 characters, the same
+                                    on every rank (config.job_secret; ddprun sets one)
+       DDP_JOB_ID                   the job's name (config.job_id; ddprun sets one)
+       TORCHELASTIC_RUN_ID SLURM_JOB_ID SLURM_STEP_ID OMPI_MCA_ess_base_jobid
+       PMIX_NAMESPACE               the launcher's job id, when DDP_JOB_ID is unset
+       DDP_STORE_BIND               where rank 0's store listens (config.store_bind;
+                                    default the master address; "*" every interface)
+       DDP_STORE_MAX_BYTES          the store's memory cap in bytes
+                                    (config.store_max_bytes; default 256 MiB)
        DDP_FORCE_COMM=1             GPU, world of one: run the gradient collective
                                     anyway (by default a world of one exchanges
                                     nothing; the GPU tests use this to exercise NCCL)
@@ -492,7 +585,9 @@ typedef enum ddp_result {
     DDP_ERROR_CUDA             = -12,
     DDP_ERROR_NCCL             = -13,
     DDP_ERROR_UNSUPPORTED      = -14, /* not available in this build or setup */
-    DDP_ERROR_USER             = -15  /* your callback returned an error */
+    DDP_ERROR_USER             = -15, /* your callback returned an error */
+    DDP_ERROR_SECURITY         = -16  /* a job secret that differs, store tampering, shared
+                                         memory that is not this job's (see SECURITY) */
 } ddp_result;
 
 /* The name of a result code ("DDP_ERROR_TIMEOUT"); never NULL. */
@@ -634,6 +729,18 @@ typedef struct ddp_config {
     const char *master_addr;  /* NULL: MASTER_ADDR, else 127.0.0.1 */
     int master_port;          /* 0: MASTER_PORT, else 29500 */
 
+    /* Who may join (see SECURITY). job_secret: at least 16 characters that
+       every rank of the job, and nobody else, knows (NULL: DDP_JOB_SECRET;
+       ddprun sets one per job). job_id: a name of the job, the same on
+       every rank (NULL: DDP_JOB_ID, else the launcher's job id). store_bind:
+       the address rank 0's store listens on (NULL: DDP_STORE_BIND, else
+       master_addr; "*" every interface). store_max_bytes: memory the store
+       may hold (0: DDP_STORE_MAX_BYTES, else 256 MiB; at least 64 MiB). */
+    const char *job_secret;
+    const char *job_id;
+    const char *store_bind;
+    size_t store_max_bytes;
+
     ddp_backend backend;
     ddp_device  device;       /* where parameters and gradients live */
     int cuda_device;          /* 0: LOCAL_RANK; n > 0: device n - 1 */
@@ -647,7 +754,9 @@ typedef struct ddp_config {
     int    allow_unused_parameters; /* 1: a parameter never marked is reduced as it is (zero) */
     ddp_dtype compress;       /* GPU: all-reduce gradients in DDP_BF16 or DDP_F16 */
     int    no_comm_thread;    /* 1: reduce buckets inline in ddp_step_end (no overlap) */
-    size_t staging_bytes;     /* shm: per-rank staging for user buffers, default 16 MiB */
+    size_t staging_bytes;     /* shm: per-rank staging for user buffers, default 16 MiB;
+                                 with named segments, less when /dev/shm is small
+                                 (logged); anonymous ones are only backed where used */
 
     /* uneven inputs (PyTorch's Join, see UNEVEN INPUTS): 1 lets ranks run
        out of data at different steps and call ddp_join(); costs one small
@@ -849,9 +958,15 @@ DDP_API ddp_result ddp_join(ddp_context *ctx);
 
 /* Rank 0 writes parameters and the training state (optimizer state and
    step, schedule position and lr, loss scale, parameter options)
-   atomically (temporary file, fsync, rename; with a checksum); all ranks
+   atomically (a temporary file, fsync, rename; with a checksum); all ranks
    wait for it. The format is version 2 (see the implementation's
-   checkpoints section). */
+   checkpoints section). The temporary has no name while it is written
+   where the system allows it (Linux: O_TMPFILE; Windows: it is marked for
+   deletion until complete, so the system removes it if the writer dies),
+   and "PATH.tmp.<host>.<pid>" only for the instant before the rename;
+   temporaries of writers that no longer run on this host are removed by
+   the next save. A killed writer leaves the old file or the new one,
+   whole. ddp_save_safetensors writes its file the same way. */
 DDP_API ddp_result ddp_save_checkpoint(ddp_context *ctx, const char *path);
 /* Every rank reads the file and verifies its checksum, every header field
    (DDP_ERROR_CORRUPT naming the field), the names, shapes and dtypes and
@@ -961,7 +1076,10 @@ DDP_API ddp_result ddp_load_safetensors(ddp_context *ctx, const char *path, int 
 #  include <windows.h>
 #  include <process.h>
 #  include <io.h>
+#  include <fcntl.h>
 #  include <intrin.h>
+#  include <aclapi.h>
+#  include <sddl.h>
 #  if defined(_MSC_VER)
 #    pragma comment(lib, "ws2_32.lib")
 #    pragma comment(lib, "advapi32.lib")
@@ -986,9 +1104,17 @@ DDP_API ddp_result ddp_load_safetensors(ddp_context *ctx, const char *path, int 
 #  include <arpa/inet.h>
 #  include <netdb.h>
 #  include <poll.h>
+#  include <dirent.h>
+#  include <sys/un.h>
+#  include <sys/uio.h>
+#  include <sys/statvfs.h>
+#  if defined(__linux__)
+#    include <sys/syscall.h>
+#  endif
 #endif
 
 #include <stdio.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include <stdarg.h>
@@ -1399,18 +1525,97 @@ static int ddp__getpid(void) {
 #endif
 }
 
-/* 1 when process pid certainly no longer runs (0 when it does, or when
-   that cannot be told, e.g. another user's process). */
+/* 1 when process pid certainly no longer runs on this host (0 when it
+   does, when that cannot be told, e.g. another user's process, and for
+   pid <= 0). POSIX counts a zombie (exited, not yet reaped) as running;
+   Windows reports an exit at once. */
 static int ddp__proc_dead(int pid) {
 #if defined(_WIN32)
-    HANDLE h = OpenProcess(SYNCHRONIZE | PROCESS_QUERY_LIMITED_INFORMATION, FALSE, (DWORD)pid);
+    HANDLE h;
     int dead;
+    if (pid <= 0) return 0;
+    h = OpenProcess(SYNCHRONIZE | PROCESS_QUERY_LIMITED_INFORMATION, FALSE, (DWORD)pid);
     if (!h) return GetLastError() == ERROR_INVALID_PARAMETER; /* no process has that id */
     dead = WaitForSingleObject(h, 0) == WAIT_OBJECT_0;          /* it exited; its id is kept by our handle */
     CloseHandle(h);
     return dead;
 #else
+    if (pid <= 0) return 0;
     return kill((pid_t)pid, 0) != 0 && errno == ESRCH;
+#endif
+}
+
+/* The user this process runs as, as identity records carry it: the
+   effective uid on POSIX; 0 on Windows, which has no number for a user
+   (its shared memory is checked against the owner's SID instead, see
+   ddp__shm_obj_trust). */
+static unsigned ddp__proc_uid(void) {
+#if defined(_WIN32)
+    return 0;
+#else
+    return (unsigned)geteuid();
+#endif
+}
+
+/* This host's name, "?" when unknown. */
+static void ddp__proc_hostname(char *out, size_t cap) {
+#if defined(_WIN32)
+    DWORD n = (DWORD)cap;
+    if (!GetComputerNameA(out, &n)) snprintf(out, cap, "?");
+#else
+    if (gethostname(out, cap) != 0) snprintf(out, cap, "?");
+#endif
+    out[cap - 1] = 0;
+}
+
+/* ---- randomness ------------------------------------------------------------------ */
+
+/* n bytes from the operating system's random generator: 0, or -1 (errno).
+   Linux: getrandom, else /dev/urandom; other POSIX systems: /dev/urandom;
+   Windows: RtlGenRandom (advapi32's SystemFunction036, what the CRT's
+   rand_s uses), looked up at run time because the SDK declares it only in
+   <ntsecapi.h> under another name. */
+static int ddp__sys_random(void *buf, size_t n) {
+#if defined(_WIN32)
+    typedef BOOLEAN (WINAPI *gen_fn)(PVOID, ULONG);
+    static gen_fn gen = NULL; /* set once (a benign race: every thread finds the same) */
+    unsigned char *p = (unsigned char *)buf;
+    if (!gen) {
+        HMODULE adv = LoadLibraryA("advapi32.dll"); /* kept loaded: gen must stay valid */
+        gen = adv ? (gen_fn)(void (*)(void))GetProcAddress(adv, "SystemFunction036") : NULL;
+        if (!gen) { errno = ENOSYS; return -1; }
+    }
+    while (n > 0) {
+        ULONG k = n > 0x40000000u ? 0x40000000u : (ULONG)n;
+        if (!gen(p, k)) { errno = EIO; return -1; }
+        p += k;
+        n -= k;
+    }
+    return 0;
+#else
+    unsigned char *p = (unsigned char *)buf;
+    int fd;
+#  if defined(__linux__) && defined(SYS_getrandom)
+    while (n > 0) {
+        long r = syscall(SYS_getrandom, p, n, 0);
+        if (r > 0) { p += r; n -= (size_t)r; continue; }
+        if (r < 0 && errno == EINTR) continue;
+        break; /* ENOSYS (old kernel, seccomp): /dev/urandom below */
+    }
+    if (n == 0) return 0;
+#  endif
+    fd = open("/dev/urandom", O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return -1;
+    while (n > 0) {
+        ssize_t r = read(fd, p, n);
+        if (r > 0) { p += r; n -= (size_t)r; continue; }
+        if (r < 0 && errno == EINTR) continue;
+        close(fd);
+        errno = r == 0 ? EIO : errno;
+        return -1;
+    }
+    close(fd);
+    return 0;
 #endif
 }
 
@@ -1515,14 +1720,15 @@ static void ddp__sock_close(int fd) {
 #endif
 }
 
-static int ddp__sock_accept(int fd) {
+/* A pending connection (sa, len: its address, or NULL); -1 when none. */
+static int ddp__sock_accept(int fd, struct sockaddr *sa, socklen_t *len) {
 #if defined(_WIN32)
-    SOCKET s = accept(ddp__s(fd), NULL, NULL);
+    SOCKET s = accept(ddp__s(fd), sa, len);
     if (s == INVALID_SOCKET) return -1;
     SetHandleInformation((HANDLE)s, HANDLE_FLAG_INHERIT, 0);
     return (int)s;
 #else
-    return accept(fd, NULL, NULL);
+    return accept(fd, sa, len);
 #endif
 }
 
@@ -1582,12 +1788,21 @@ static int ddp__sock_so_error(int fd) {
 #endif
 }
 
-/* A listening socket that can be reopened at once while the connections of
-   a previous one linger in TIME_WAIT. Windows allows that by default, and
-   its SO_REUSEADDR would let a second socket take a port in use. */
-static void ddp__sock_reuse_addr(int fd) {
+/* A listening socket, before its bind. POSIX: SO_REUSEADDR, so a store can
+   listen again at once while a previous one's connections linger in
+   TIME_WAIT (on POSIX it never lets two sockets listen on one port).
+   Windows: SO_EXCLUSIVEADDRUSE, so that no other socket can bind the port
+   while this one holds it: not with SO_REUSEADDR (which on Windows would
+   let a second socket take a port in use, and steal its connections), and
+   not on the wildcard address beside this one's specific address (or the
+   reverse), which Windows otherwise allows. Two jobs on one port then fail
+   at bind, as on POSIX. Windows documents that such a port stays taken
+   while connections the listener accepted are open, after the listener
+   closed (see PLATFORMS in the manual). */
+static void ddp__sock_listen_prepare(int fd) {
 #if defined(_WIN32)
-    (void)fd;
+    BOOL one = TRUE;
+    setsockopt(ddp__s(fd), SOL_SOCKET, SO_EXCLUSIVEADDRUSE, (const char *)&one, (int)sizeof one);
 #else
     int one = 1;
     setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
@@ -1670,6 +1885,29 @@ static int ddp__sock_poll(struct pollfd *p, ddp__nfds n, int ms) {
 #endif
 }
 
+/* Does every address the name stands for belong to the loopback interface? */
+static int ddp__sock_addr_is_loopback(const char *host) {
+    struct addrinfo hints, *res = NULL, *ai;
+    int all = 1;
+    memset(&hints, 0, sizeof hints);
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    if (getaddrinfo(host, NULL, &hints, &res) != 0) return 0;
+    for (ai = res; ai; ai = ai->ai_next) {
+        if (ai->ai_family == AF_INET) {
+            const struct sockaddr_in *a = (const struct sockaddr_in *)(const void *)ai->ai_addr;
+            if ((ntohl(a->sin_addr.s_addr) >> 24) != 127) all = 0;
+        } else if (ai->ai_family == AF_INET6) {
+            const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)(const void *)ai->ai_addr;
+            if (!IN6_IS_ADDR_LOOPBACK(&a->sin6_addr)) all = 0;
+        } else {
+            all = 0;
+        }
+    }
+    freeaddrinfo(res);
+    return all;
+}
+
 /* ---- the wake-up channel ------------------------------------------------------
    A pipe whose read end sits in a poll set beside sockets: a pipe on POSIX;
    on Windows, where WSAPoll takes sockets only, a pair of loopback UDP
@@ -1736,53 +1974,350 @@ static void ddp__pipe_close(int fd) {
 #endif
 }
 
-/* ---- shared memory ---------------------------------------------------------------
-   A named segment that rank 0 creates and the other local ranks open, mapped
-   read-write, fully reserved up front (an exhausted /dev/shm or paging file
-   is an error here, not a crash later).
-     POSIX    shm_open + ftruncate + posix_fallocate + mmap; the name lives
-              until ddp__shm_unlink.
-     Windows  a mapping backed by the paging file (CreateFileMapping with
-              INVALID_HANDLE_VALUE, SEC_COMMIT): it vanishes with its last
-              handle and view, so nothing outlives the processes, and its
-              name vanishes with its last handle. ddp__shm_create keeps one
-              handle (in a small table) until ddp__shm_unlink, which is what
-              keeps the name alive for the peers in the meantime. Only the
-              current user may open it (a DACL with one entry, advapi32) and
-              its name carries 96 random bits. */
+/* ---- local sockets (shared memory handed over as descriptors) -------------------
+   Linux: Unix-domain stream sockets in the abstract namespace, so the name
+   exists nowhere on disk and dies with its socket; rank 0 hands memfd
+   descriptors to the ranks of its host through them (SCM_RIGHTS), and
+   each side asks the kernel who the other is (SO_PEERCRED). Elsewhere
+   (other POSIX systems, Windows) these fail with ENOSYS, and the shared
+   memory layer uses named segments instead (see "shared memory" below).
+   Names are "@ddp-<pid>-<32 hex>". Descriptors are ints; -1 is none. */
 
-enum { DDP__SHM_OK = 0, DDP__SHM_E_OPEN, DDP__SHM_E_SIZE, DDP__SHM_E_RESERVE, DDP__SHM_E_SMALL };
+#if defined(__linux__)
+static socklen_t ddp__sock_local_addr(const char *name, struct sockaddr_un *a) {
+    size_t n = strlen(name);
+    memset(a, 0, sizeof *a);
+    a->sun_family = AF_UNIX;
+    if (n < 2 || name[0] != '@' || n > sizeof a->sun_path - 1) return 0;
+    memcpy(a->sun_path + 1, name + 1, n - 1); /* sun_path[0] = 0: abstract */
+    return (socklen_t)(offsetof(struct sockaddr_un, sun_path) + n);
+}
+#endif
+
+/* Listen on a new random name (written to name): 0, or -1 (errno). */
+static int ddp__sock_local_listen(char *name, size_t cap, int *fd_out) {
+#if defined(__linux__)
+    struct sockaddr_un a;
+    unsigned char rnd[16];
+    char hex[33];
+    socklen_t len;
+    int fd, i;
+    *fd_out = -1;
+    if (ddp__sys_random(rnd, sizeof rnd) != 0) return -1;
+    for (i = 0; i < 16; i++) snprintf(hex + 2 * i, 3, "%02x", rnd[i]);
+    snprintf(name, cap, "@ddp-%d-%s", ddp__getpid(), hex);
+    len = ddp__sock_local_addr(name, &a);
+    if (!len) { errno = ENAMETOOLONG; return -1; }
+    fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    if (fd < 0) return -1;
+    if (bind(fd, (struct sockaddr *)&a, len) != 0 || listen(fd, 1024) != 0) {
+        int e = errno;
+        close(fd);
+        errno = e;
+        return -1;
+    }
+    *fd_out = fd;
+    return 0;
+#else
+    (void)name; (void)cap; *fd_out = -1;
+    errno = ENOSYS;
+    return -1;
+#endif
+}
+
+/* A pending connection, non-blocking; -1 when none (or on error). */
+static int ddp__sock_local_accept(int lfd) {
+#if defined(__linux__)
+    return accept4(lfd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
+#else
+    (void)lfd; errno = ENOSYS; return -1;
+#endif
+}
+
+static int ddp__sock_local_connect(const char *name, int *fd_out) {
+#if defined(__linux__)
+    struct sockaddr_un a;
+    socklen_t len = ddp__sock_local_addr(name, &a);
+    int fd;
+    *fd_out = -1;
+    if (!len) { errno = EINVAL; return -1; }
+    fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return -1;
+    while (connect(fd, (struct sockaddr *)&a, len) != 0) {
+        int e = errno;
+        if (e == EINTR) continue;
+        close(fd);
+        errno = e;
+        return -1;
+    }
+    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+    *fd_out = fd;
+    return 0;
+#else
+    (void)name; *fd_out = -1; errno = ENOSYS; return -1;
+#endif
+}
+
+static void ddp__sock_local_close(int fd) {
+#if defined(__linux__)
+    if (fd >= 0) close(fd);
+#else
+    (void)fd; /* never opened */
+#endif
+}
+
+/* The process at the other end of a local socket (the kernel's word, not
+   the peer's): 0, or -1 (errno). */
+static int ddp__sock_peer(int fd, int *pid, unsigned *uid) {
+#if defined(__linux__) && defined(SO_PEERCRED)
+    struct ucred cr;
+    socklen_t len = sizeof cr;
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cr, &len) != 0) return -1;
+    *pid = (int)cr.pid;
+    *uid = (unsigned)cr.uid;
+    return 0;
+#else
+    (void)fd; *pid = 0; *uid = 0; errno = ENOSYS; return -1;
+#endif
+}
+
+/* Wait up to ms for any of n local sockets to be readable; ready[i] set
+   for those that are (or closed). */
+static void ddp__sock_local_wait(const int *fds, int n, int ms, int *ready) {
+#if defined(__linux__)
+    struct pollfd pf[65];
+    int i;
+    if (n > 65) n = 65;
+    for (i = 0; i < n; i++) { pf[i].fd = fds[i]; pf[i].events = POLLIN; pf[i].revents = 0; }
+    if (poll(pf, (nfds_t)n, ms) < 0) for (i = 0; i < n; i++) pf[i].revents = 0;
+    for (i = 0; i < n; i++) ready[i] = pf[i].revents != 0;
+#else
+    int i;
+    (void)fds; (void)ms;
+    for (i = 0; i < n; i++) ready[i] = 0;
+#endif
+}
+
+/* Read what is there without waiting: > 0 bytes, 0 nothing yet, -1 closed
+   or failed. */
+static long ddp__sock_local_read(int fd, void *buf, size_t n) {
+#if defined(__linux__)
+    ssize_t got = recv(fd, buf, n, MSG_DONTWAIT);
+    if (got > 0) return (long)got;
+    if (got < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) return 0;
+    return -1;
+#else
+    (void)fd; (void)buf; (void)n; errno = ENOSYS; return -1;
+#endif
+}
+
+/* Send all n bytes (a few dozen, into an empty socket); 0 ok. */
+static int ddp__sock_local_write(int fd, const void *buf, size_t n) {
+#if defined(__linux__)
+    return send(fd, buf, n, MSG_NOSIGNAL) == (ssize_t)n ? 0 : -1;
+#else
+    (void)fd; (void)buf; (void)n; errno = ENOSYS; return -1;
+#endif
+}
+
+/* One status byte, with a descriptor attached when fd >= 0. */
+static int ddp__sock_send_fd(int sock, int fd, unsigned char status) {
+#if defined(__linux__)
+    struct msghdr m;
+    struct iovec iov;
+    union { struct cmsghdr h; char buf[CMSG_SPACE(sizeof(int))]; } ctl;
+    memset(&m, 0, sizeof m);
+    memset(&ctl, 0, sizeof ctl);
+    iov.iov_base = &status;
+    iov.iov_len = 1;
+    m.msg_iov = &iov;
+    m.msg_iovlen = 1;
+    if (fd >= 0) {
+        struct cmsghdr *c;
+        m.msg_control = ctl.buf;
+        m.msg_controllen = sizeof ctl.buf;
+        c = CMSG_FIRSTHDR(&m);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(sizeof(int));
+        memcpy(CMSG_DATA(c), &fd, sizeof(int));
+    }
+    for (;;) {
+        ssize_t w = sendmsg(sock, &m, MSG_NOSIGNAL);
+        if (w == 1) return 0;
+        if (w < 0 && errno == EINTR) continue;
+        if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            struct pollfd p;
+            p.fd = sock; p.events = POLLOUT; p.revents = 0;
+            if (poll(&p, 1, 1000) <= 0) return -1; /* one byte into an empty socket: never long */
+            continue;
+        }
+        return -1;
+    }
+#else
+    (void)sock; (void)fd; (void)status; errno = ENOSYS; return -1;
+#endif
+}
+
+/* Receive what ddp__sock_send_fd sent, waiting until deadline (ddp__now
+   seconds). *fd_out is -1 when no descriptor came. 0 ok; -1 error/timeout
+   (errno ETIMEDOUT), or the peer closed (errno ECONNRESET). */
+static int ddp__sock_recv_fd(int sock, double deadline, unsigned char *status, int *fd_out) {
+#if defined(__linux__)
+    *fd_out = -1;
+    for (;;) {
+        struct msghdr m;
+        struct iovec iov;
+        union { struct cmsghdr h; char buf[CMSG_SPACE(sizeof(int) * 4)]; } ctl;
+        struct cmsghdr *c;
+        ssize_t r;
+        memset(&m, 0, sizeof m);
+        iov.iov_base = status;
+        iov.iov_len = 1;
+        m.msg_iov = &iov;
+        m.msg_iovlen = 1;
+        m.msg_control = ctl.buf;
+        m.msg_controllen = sizeof ctl.buf;
+#  if defined(MSG_CMSG_CLOEXEC)
+        r = recvmsg(sock, &m, MSG_CMSG_CLOEXEC);
+#  else
+        r = recvmsg(sock, &m, 0);
+#  endif
+        if (r == 1) {
+            for (c = CMSG_FIRSTHDR(&m); c; c = CMSG_NXTHDR(&m, c)) {
+                if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
+                    size_t k, n = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+                    for (k = 0; k < n; k++) {
+                        int got;
+                        memcpy(&got, CMSG_DATA(c) + k * sizeof(int), sizeof(int));
+                        if (*fd_out < 0) *fd_out = got;
+                        else close(got); /* more than asked for: never kept */
+                    }
+                }
+            }
+            return 0;
+        }
+        if (r == 0) { errno = ECONNRESET; return -1; }
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            struct pollfd p;
+            double left = deadline - ddp__now();
+            if (left <= 0) { errno = ETIMEDOUT; return -1; }
+            p.fd = sock; p.events = POLLIN; p.revents = 0;
+            poll(&p, 1, left > 0.1 ? 100 : (int)(left * 1000) + 1);
+            continue;
+        }
+        return -1;
+    }
+#else
+    (void)sock; (void)deadline; (void)status; *fd_out = -1; errno = ENOSYS; return -1;
+#endif
+}
+
+/* ---- shared memory ---------------------------------------------------------------
+   Objects that rank 0 makes and the other ranks of its host map. A handle
+   is an int (-1: none): a descriptor on POSIX, a section HANDLE on Windows
+   (32-bit significant, as sockets are). What decides whom to trust sits
+   above, in "shared-memory segments"; these functions only do what the
+   system does. They fail with -1 and errno (a Win32 error travels as
+   DDP__WINERR(code)), or return an error number where the comment says so.
+     Linux    anonymous objects (memfd_create): no name at all, the memory
+              goes with the last descriptor and mapping whatever kills the
+              processes; rank 0 hands the descriptor to the other ranks over
+              a local socket (above).
+     POSIX    named objects (shm_open, "/dev/shm/ddp-<pid>-..."), where
+              memfd is missing or DDP__SHM_NAMED is defined: their names can
+              outlive a killed creator (ddp__shm_sweep_dead removes those of
+              dead creators).
+     Windows  named sections backed by the paging file (CreateFileMapping
+              with INVALID_HANDLE_VALUE, SEC_COMMIT: the whole size is
+              committed at creation, so an exhausted paging file fails there
+              and not later). A section vanishes with its last handle and
+              view, so nothing outlives the processes whatever kills them,
+              and its name vanishes with its last handle: the creator keeps
+              one handle per name (a small table) until ddp__shm_obj_unlink,
+              which is what lets the other ranks open it meanwhile. Only the
+              current user may open one (its owner is the user's SID, its
+              DACL one entry granting that SID; hence advapi32) and its name
+              carries 96 random bits ("Local\ddp-<pid>-<n>-<what>-<24 hex>").
+              Handing section handles to the peers with DuplicateHandle
+              instead of names was considered: rank 0 would need
+              PROCESS_DUP_HANDLE on every peer (a right equal to full control
+              of it) and the handle's value still travels through the store,
+              where a receiver can trust it no more than a name; a name that
+              lives only until every rank has mapped it, and that each
+              receiver verifies before it trusts the memory (owner, DACL,
+              size, the context's nonce in the header), gives the same
+              guarantees with less. */
 
 #if defined(_WIN32)
-typedef HANDLE ddp__shm_handle;
 #  define DDP__SHM_NAME_PREFIX "Local\\"
-#  define DDP__SHM_FULL_HINT "is the paging file too small?"
-#  define DDP__SHM_KEEP 64
-static struct { char name[64]; HANDLE h; } ddp__shm_kept[DDP__SHM_KEEP];
+#  define DDP__SHM_WHERE       "the paging file"
+#  define DDP__SHM_REMEDY      "free memory, or let Windows enlarge the paging file"
+#  define DDP__SHM_KEEP 64 /* names kept alive at once per process (a context needs one, during set-up) */
+static struct { char name[96]; HANDLE h; } ddp__shm_kept[DDP__SHM_KEEP];
 static SRWLOCK ddp__shm_kept_lock = SRWLOCK_INIT;
+
+static HANDLE ddp__shm_h(int fd) { return (HANDLE)(INT_PTR)fd; }
+
+/* A Win32 error as an errno value where callers test one. */
+static int ddp__win_errno(DWORD e) {
+    switch (e) {
+    case ERROR_NOT_ENOUGH_MEMORY: case ERROR_OUTOFMEMORY: case ERROR_COMMITMENT_LIMIT: return ENOMEM;
+    case ERROR_DISK_FULL: return ENOSPC;
+    case ERROR_ALREADY_EXISTS: case ERROR_FILE_EXISTS: return EEXIST;
+    case ERROR_FILE_NOT_FOUND: case ERROR_PATH_NOT_FOUND: return ENOENT;
+    case ERROR_ACCESS_DENIED: return EACCES;
+    default: return DDP__WINERR(e);
+    }
+}
+
+/* The current user's SID (TokenUser) and the default owner of what it
+   creates (TokenOwner: the Administrators group for an elevated
+   administrator). 0 or a Win32 error. */
+typedef struct ddp__win_user {
+    union { TOKEN_USER tu; unsigned char b[256]; unsigned long long align; } user;
+    union { TOKEN_OWNER to; unsigned char b[256]; unsigned long long align; } owner;
+} ddp__win_user;
+
+static DWORD ddp__win_user_get(ddp__win_user *u) {
+    HANDLE tok;
+    DWORD len = 0, e = 0;
+    if (!OpenProcessToken(GetCurrentProcess(), TOKEN_QUERY, &tok)) return GetLastError();
+    if (!GetTokenInformation(tok, TokenUser, u->user.b, (DWORD)sizeof u->user.b, &len) ||
+        !GetTokenInformation(tok, TokenOwner, u->owner.b, (DWORD)sizeof u->owner.b, &len))
+        e = GetLastError();
+    CloseHandle(tok);
+    return e;
+}
+
+/* A SID as text ("S-1-5-21-..."), for messages. */
+static void ddp__win_sid_text(PSID sid, char *out, size_t cap) {
+    char *s = NULL;
+    if (sid && ConvertSidToStringSidA(sid, &s)) {
+        snprintf(out, cap, "%s", s);
+        LocalFree(s);
+    } else {
+        snprintf(out, cap, "an unknown user");
+    }
+}
 
 typedef struct ddp__win_sa {
     SECURITY_ATTRIBUTES sa;
     SECURITY_DESCRIPTOR sd;
-    union { TOKEN_USER tu; unsigned char b[256]; unsigned long long align; } user;
+    ddp__win_user u;
     union { ACL acl; unsigned char b[256]; unsigned long long align; } acl;
 } ddp__win_sa;
 
-/* Security attributes granting everything to the current user and nothing
-   to anybody else. 0 or a Win32 error. */
+/* Security attributes: owned by the current user, everything granted to
+   that user and nothing to anybody else. 0 or a Win32 error. */
 static DWORD ddp__win_owner_only(ddp__win_sa *s) {
-    HANDLE tok;
-    DWORD len = 0, e;
-    if (!OpenProcessToken(GetCurrentProcess(), TOKEN_QUERY, &tok)) return GetLastError();
-    if (!GetTokenInformation(tok, TokenUser, s->user.b, (DWORD)sizeof s->user.b, &len)) {
-        e = GetLastError();
-        CloseHandle(tok);
-        return e;
-    }
-    CloseHandle(tok);
+    DWORD e = ddp__win_user_get(&s->u);
+    if (e) return e;
     if (!InitializeAcl(&s->acl.acl, (DWORD)sizeof s->acl.b, ACL_REVISION) ||
-        !AddAccessAllowedAce(&s->acl.acl, ACL_REVISION, SECTION_ALL_ACCESS, s->user.tu.User.Sid) ||
+        !AddAccessAllowedAce(&s->acl.acl, ACL_REVISION, SECTION_ALL_ACCESS, s->u.user.tu.User.Sid) ||
         !InitializeSecurityDescriptor(&s->sd, SECURITY_DESCRIPTOR_REVISION) ||
+        !SetSecurityDescriptorOwner(&s->sd, s->u.user.tu.User.Sid, FALSE) ||
         !SetSecurityDescriptorDacl(&s->sd, TRUE, &s->acl.acl, FALSE))
         return GetLastError();
     s->sa.nLength = (DWORD)sizeof s->sa;
@@ -1791,161 +2326,134 @@ static DWORD ddp__win_owner_only(ddp__win_sa *s) {
     return 0;
 }
 #else
-typedef int ddp__shm_handle;
 #  define DDP__SHM_NAME_PREFIX "/"
-#  define DDP__SHM_FULL_HINT "is /dev/shm full or too small?"
+#  define DDP__SHM_WHERE       "/dev/shm"
+#  define DDP__SHM_REMEDY      "give it more (docker run --shm-size=..., or a bigger tmpfs on /dev/shm)"
 #endif
 
-/* The random part of a segment name (cap >= 32). */
-static void ddp__shm_name_random(char *out, size_t cap) {
-#if defined(_WIN32)
-    typedef BOOLEAN (WINAPI *gen_fn)(PVOID, ULONG);
-    unsigned char b[12];
-    HMODULE adv = LoadLibraryA("advapi32.dll");
-    gen_fn gen = adv ? (gen_fn)(void (*)(void))GetProcAddress(adv, "SystemFunction036") : NULL; /* RtlGenRandom */
-    size_t i;
-    if (!gen || !gen(b, (ULONG)sizeof b)) { /* never seen; still unique, if guessable */
-        LARGE_INTEGER c;
-        QueryPerformanceCounter(&c);
-        memcpy(b, &c, 8);
-        i = GetCurrentProcessId() ^ GetCurrentThreadId();
-        memcpy(b + 8, &i, 4);
-    }
-    if (adv) FreeLibrary(adv);
-    for (i = 0; i < sizeof b && 2 * i + 2 < cap; i++) snprintf(out + 2 * i, cap - 2 * i, "%02x", b[i]);
+/* 1 where anonymous objects exist and travel to peers as descriptors
+   (Linux: memfd_create and SCM_RIGHTS over the local sockets above). */
+#if defined(__linux__) && defined(SYS_memfd_create)
+#  define DDP__SHM_ANON 1
 #else
-    snprintf(out, cap, "%08x", (unsigned)(ddp__now() * 1e9) ^ ((unsigned)getpid() << 8));
+#  define DDP__SHM_ANON 0
+#endif
+
+/* An anonymous object of `bytes` (Linux memfd, mode 0600, size sealed):
+   0, or -1 with errno (ENOSYS where there is none: Windows, other POSIX
+   systems). */
+static int ddp__shm_obj_anon(size_t bytes, int *fd_out) {
+#if defined(__linux__) && defined(SYS_memfd_create)
+    int fd, flags = 1 /* MFD_CLOEXEC */;
+#  if defined(MFD_ALLOW_SEALING)
+    flags |= MFD_ALLOW_SEALING;
+#  endif
+    *fd_out = -1;
+    fd = (int)syscall(SYS_memfd_create, "ddp", flags);
+    if (fd < 0) return -1;
+    /* owner only, as a named segment would be; the receivers check it */
+    if (fchmod(fd, 0600) != 0 || ftruncate(fd, (off_t)bytes) != 0) {
+        int e = errno;
+        close(fd);
+        errno = e;
+        return -1;
+    }
+#  if defined(F_ADD_SEALS) && defined(F_SEAL_SHRINK) && defined(F_SEAL_GROW)
+    /* no rank can shrink it under the others (a SIGBUS for them) */
+    fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW);
+#  endif
+    *fd_out = fd;
+    return 0;
+#else
+    (void)bytes; *fd_out = -1; errno = ENOSYS; return -1;
 #endif
 }
 
-/* Create the segment `name` of `bytes`; DDP__SHM_OK or the failed step (*err: its error). */
-static int ddp__shm_create(const char *name, size_t bytes, ddp__shm_handle *h, int *err) {
+/* Create the named object `name` of `bytes`, for this user only, failing
+   when the name exists: 0, or -1 (errno). */
+static int ddp__shm_obj_create_named(const char *name, size_t bytes, int *fd_out) {
 #if defined(_WIN32)
     ddp__win_sa sa;
-    HANDLE m, dup = NULL;
+    HANDLE m, keep = NULL;
     DWORD e;
     int i, slot = -1;
-    if (strlen(name) >= sizeof ddp__shm_kept[0].name) { *err = DDP__WINERR(ERROR_FILENAME_EXCED_RANGE); return DDP__SHM_E_OPEN; }
-    if ((e = ddp__win_owner_only(&sa)) != 0) { *err = DDP__WINERR(e); return DDP__SHM_E_OPEN; }
+    *fd_out = -1;
+    if (strlen(name) >= sizeof ddp__shm_kept[0].name) { errno = ENAMETOOLONG; return -1; }
+    if ((e = ddp__win_owner_only(&sa)) != 0) { errno = DDP__WINERR(e); return -1; }
     m = CreateFileMappingA(INVALID_HANDLE_VALUE, &sa.sa, PAGE_READWRITE | SEC_COMMIT,
                            (DWORD)((unsigned long long)bytes >> 32), (DWORD)(bytes & 0xFFFFFFFFu), name);
-    if (!m) {
+    if (!m) { errno = ddp__win_errno(GetLastError()); return -1; }
+    if (GetLastError() == ERROR_ALREADY_EXISTS) { CloseHandle(m); errno = EEXIST; return -1; } /* O_EXCL */
+    if (!DuplicateHandle(GetCurrentProcess(), m, GetCurrentProcess(), &keep, 0, FALSE, DUPLICATE_SAME_ACCESS)) {
         e = GetLastError();
-        *err = DDP__WINERR(e);
-        return e == ERROR_NOT_ENOUGH_MEMORY || e == ERROR_COMMITMENT_LIMIT || e == ERROR_DISK_FULL
-                   ? DDP__SHM_E_RESERVE : DDP__SHM_E_OPEN;
-    }
-    if (GetLastError() == ERROR_ALREADY_EXISTS) { /* O_EXCL */
         CloseHandle(m);
-        *err = DDP__WINERR(ERROR_ALREADY_EXISTS);
-        return DDP__SHM_E_OPEN;
-    }
-    if (!DuplicateHandle(GetCurrentProcess(), m, GetCurrentProcess(), &dup, 0, FALSE, DUPLICATE_SAME_ACCESS)) {
-        *err = DDP__WINERR(GetLastError());
-        CloseHandle(m);
-        return DDP__SHM_E_OPEN;
+        errno = DDP__WINERR(e);
+        return -1;
     }
     AcquireSRWLockExclusive(&ddp__shm_kept_lock);
     for (i = 0; i < DDP__SHM_KEEP && slot < 0; i++)
         if (!ddp__shm_kept[i].h) slot = i;
     if (slot >= 0) {
         memcpy(ddp__shm_kept[slot].name, name, strlen(name) + 1);
-        ddp__shm_kept[slot].h = m;
+        ddp__shm_kept[slot].h = keep;
     }
     ReleaseSRWLockExclusive(&ddp__shm_kept_lock);
-    if (slot < 0) { /* more than DDP__SHM_KEEP segments waiting for their peers at once */
+    if (slot < 0) { /* more than DDP__SHM_KEEP names waiting for their peers at once */
+        CloseHandle(keep);
         CloseHandle(m);
-        CloseHandle(dup);
-        *err = DDP__WINERR(ERROR_TOO_MANY_OPEN_FILES);
-        return DDP__SHM_E_OPEN;
+        errno = EMFILE;
+        return -1;
     }
-    *h = dup;
-    return DDP__SHM_OK;
+    *fd_out = (int)(INT_PTR)m;
+    return 0;
 #else
-    int fd = shm_open(name, O_RDWR | O_CREAT | O_EXCL, 0600), e;
-    if (fd < 0) { *err = errno; return DDP__SHM_E_OPEN; }
-    if (ftruncate(fd, (off_t)bytes) != 0) {
-        *err = errno;
+    int fd = shm_open(name, O_RDWR | O_CREAT | O_EXCL, 0600);
+    *fd_out = -1;
+    if (fd < 0) return -1;
+    fcntl(fd, F_SETFD, fcntl(fd, F_GETFD) | FD_CLOEXEC);
+    if (fchmod(fd, 0600) != 0 || ftruncate(fd, (off_t)bytes) != 0) {
+        int e = errno;
         close(fd);
         shm_unlink(name);
-        return DDP__SHM_E_SIZE;
+        errno = e;
+        return -1;
     }
-    e = posix_fallocate(fd, 0, (off_t)bytes);
-    if (e != 0 && e != EOPNOTSUPP && e != EINVAL) {
-        *err = e;
-        close(fd);
-        shm_unlink(name);
-        return DDP__SHM_E_RESERVE;
-    }
-    *h = fd;
-    return DDP__SHM_OK;
+    *fd_out = fd;
+    return 0;
 #endif
 }
 
-/* Open the existing segment `name`, which must hold at least `bytes`. */
-static int ddp__shm_open(const char *name, size_t bytes, ddp__shm_handle *h, int *err) {
+/* Open the existing named object `name` read-write (and, on Windows, for
+   reading its size and security): 0, or -1 (errno). */
+static int ddp__shm_obj_open_named(const char *name, int *fd_out) {
 #if defined(_WIN32)
-    MEMORY_BASIC_INFORMATION mi;
-    HANDLE m = OpenFileMappingA(FILE_MAP_READ | FILE_MAP_WRITE, FALSE, name);
-    void *v;
-    if (!m) { *err = DDP__WINERR(GetLastError()); return DDP__SHM_E_OPEN; }
-    v = MapViewOfFile(m, FILE_MAP_READ, 0, 0, 0); /* the whole section: its size */
-    if (!v || !VirtualQuery(v, &mi, sizeof mi) || mi.RegionSize < bytes) {
-        if (v) UnmapViewOfFile(v);
-        CloseHandle(m);
-        *err = 0;
-        return DDP__SHM_E_SMALL;
-    }
-    UnmapViewOfFile(v);
-    *h = m;
-    return DDP__SHM_OK;
+    HANDLE m = OpenFileMappingA(FILE_MAP_READ | FILE_MAP_WRITE | READ_CONTROL, FALSE, name);
+    *fd_out = -1;
+    if (!m) { errno = ddp__win_errno(GetLastError()); return -1; }
+    *fd_out = (int)(INT_PTR)m;
+    return 0;
 #else
-    struct stat sb;
-    int fd = shm_open(name, O_RDWR, 0600);
-    if (fd < 0) { *err = errno; return DDP__SHM_E_OPEN; }
-    if (fstat(fd, &sb) != 0 || (size_t)sb.st_size < bytes) {
-        close(fd);
-        *err = 0;
-        return DDP__SHM_E_SMALL;
-    }
-    *h = fd;
-    return DDP__SHM_OK;
+    int fd = shm_open(name, O_RDWR, 0);
+    *fd_out = fd;
+    if (fd < 0) return -1;
+    fcntl(fd, F_SETFD, fcntl(fd, F_GETFD) | FD_CLOEXEC);
+    return 0;
 #endif
 }
 
-/* Map `bytes` of an open segment read-write; NULL on failure (*err). */
-static void *ddp__shm_map_view(ddp__shm_handle h, size_t bytes, int *err) {
+/* The handle is not needed once mapped (the mapping keeps the memory). */
+static void ddp__shm_obj_close(int fd) {
+    if (fd < 0) return;
 #if defined(_WIN32)
-    void *p = MapViewOfFile(h, FILE_MAP_READ | FILE_MAP_WRITE, 0, 0, bytes);
-    if (!p) *err = DDP__WINERR(GetLastError());
-    return p;
+    CloseHandle(ddp__shm_h(fd));
 #else
-    void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, h, 0);
-    if (p == MAP_FAILED) { *err = errno; return NULL; }
-    return p;
+    close(fd);
 #endif
 }
 
-/* The handle is not needed once mapped. */
-static void ddp__shm_close(ddp__shm_handle h) {
-#if defined(_WIN32)
-    CloseHandle(h);
-#else
-    close(h);
-#endif
-}
-
-static void ddp__shm_unmap(void *p, size_t bytes) {
-#if defined(_WIN32)
-    (void)bytes;
-    UnmapViewOfFile(p);
-#else
-    munmap(p, bytes);
-#endif
-}
-
-/* Remove the name (a mapping stays valid until unmapped). */
-static void ddp__shm_unlink(const char *name) {
+/* Remove the name (mappings stay valid until unmapped). Windows: close the
+   handle ddp__shm_obj_create_named kept; with the last handle the name goes. */
+static void ddp__shm_obj_unlink(const char *name) {
 #if defined(_WIN32)
     HANDLE h = NULL;
     int i;
@@ -1956,31 +2464,422 @@ static void ddp__shm_unlink(const char *name) {
             ddp__shm_kept[i].h = NULL;
         }
     ReleaseSRWLockExclusive(&ddp__shm_kept_lock);
-    if (h) CloseHandle(h); /* the last handle: the name goes */
+    if (h) CloseHandle(h);
 #else
     shm_unlink(name);
 #endif
 }
 
-/* Memory for this process alone (a world of one), freed by ddp__shm_unmap. */
-static void *ddp__shm_anon(size_t bytes, int *err) {
+/* Back [0, bytes) with memory now, so that a full /dev/shm or a memory
+   limit is an error here and not a SIGBUS later. Returns an errno value
+   (0 ok; file systems that cannot preallocate count as ok). Windows: the
+   section was committed whole when it was made. */
+static int ddp__shm_obj_reserve(int fd, size_t bytes) {
+#if defined(_WIN32)
+    (void)fd; (void)bytes;
+    return 0;
+#else
+    int e;
+    if (bytes == 0) return 0;
+    do e = posix_fallocate(fd, 0, (off_t)bytes); while (e == EINTR);
+    return e == EOPNOTSUPP || e == EINVAL ? 0 : e;
+#endif
+}
+
+/* ddp__shm_obj_trust's verdicts (other than -1: it cannot tell, errno) */
+enum { DDP__SHM_TRUSTED = 0, DDP__SHM_FOREIGN = 1, DDP__SHM_SHARED = 2 };
+
+/* Whose is the object and who else may open it, and its size.
+   DDP__SHM_TRUSTED: the current user's, nobody else's. DDP__SHM_FOREIGN:
+   another user's (who: "uid 1001", or a SID on Windows). DDP__SHM_SHARED:
+   others may open it too (who: "mode 644, 600 expected", or the SID a
+   Windows DACL entry admits). POSIX: the owner's uid and the mode bits;
+   Windows: the owner SID must be the user's (or the user's default owner)
+   and every entry of the DACL that allows anything must name the user (no
+   DACL at all admits everyone). *size: POSIX the object's size; Windows
+   the size of a view of the whole section (rounded up to whole pages, so
+   the library makes only page-multiple segments). */
+static int ddp__shm_obj_trust(int fd, size_t *size, char *who, size_t cap) {
+#if defined(_WIN32)
+    ddp__win_user u;
+    PSID owner = NULL;
+    PACL dacl = NULL;
+    PSECURITY_DESCRIPTOR sd = NULL;
+    MEMORY_BASIC_INFORMATION mi;
+    void *v;
+    DWORD e, i;
+    int verdict = DDP__SHM_TRUSTED;
+    *size = 0;
+    who[0] = 0;
+    if ((e = ddp__win_user_get(&u)) != 0) { errno = DDP__WINERR(e); return -1; }
+    e = GetSecurityInfo(ddp__shm_h(fd), SE_KERNEL_OBJECT, OWNER_SECURITY_INFORMATION | DACL_SECURITY_INFORMATION,
+                        &owner, NULL, &dacl, NULL, &sd);
+    if (e != ERROR_SUCCESS) { errno = DDP__WINERR(e); return -1; }
+    if (!owner || (!EqualSid(owner, u.user.tu.User.Sid) && !EqualSid(owner, u.owner.to.Owner))) {
+        char s[200];
+        ddp__win_sid_text(owner, s, sizeof s);
+        snprintf(who, cap, "%s", s);
+        verdict = DDP__SHM_FOREIGN;
+    } else if (!dacl) {
+        snprintf(who, cap, "no DACL: everyone may open it");
+        verdict = DDP__SHM_SHARED;
+    } else {
+        for (i = 0; i < dacl->AceCount && verdict == DDP__SHM_TRUSTED; i++) {
+            void *ace = NULL;
+            if (!GetAce(dacl, i, &ace)) continue;
+            if (((ACE_HEADER *)ace)->AceType == ACCESS_DENIED_ACE_TYPE) continue;
+            if (((ACE_HEADER *)ace)->AceType != ACCESS_ALLOWED_ACE_TYPE ||
+                !EqualSid((PSID)&((ACCESS_ALLOWED_ACE *)ace)->SidStart, u.user.tu.User.Sid)) {
+                char s[200];
+                if (((ACE_HEADER *)ace)->AceType == ACCESS_ALLOWED_ACE_TYPE)
+                    ddp__win_sid_text((PSID)&((ACCESS_ALLOWED_ACE *)ace)->SidStart, s, sizeof s);
+                else
+                    snprintf(s, sizeof s, "an entry of type %d", (int)((ACE_HEADER *)ace)->AceType);
+                snprintf(who, cap, "its DACL admits %s", s);
+                verdict = DDP__SHM_SHARED;
+            }
+        }
+    }
+    LocalFree(sd);
+    v = MapViewOfFile(ddp__shm_h(fd), FILE_MAP_READ, 0, 0, 0); /* the whole section */
+    if (!v) { errno = DDP__WINERR(GetLastError()); return -1; }
+    if (VirtualQuery(v, &mi, sizeof mi)) *size = (size_t)mi.RegionSize;
+    UnmapViewOfFile(v);
+    return verdict;
+#else
+    struct stat sb;
+    if (fstat(fd, &sb) != 0) return -1;
+    *size = (size_t)sb.st_size;
+    who[0] = 0;
+    if (sb.st_uid != geteuid()) {
+        snprintf(who, cap, "uid %u (this job's user is uid %u)", (unsigned)sb.st_uid, (unsigned)geteuid());
+        return DDP__SHM_FOREIGN;
+    }
+    if (sb.st_mode & 077) {
+        snprintf(who, cap, "mode %o, 600 expected", (unsigned)(sb.st_mode & 07777));
+        return DDP__SHM_SHARED;
+    }
+    return DDP__SHM_TRUSTED;
+#endif
+}
+
+/* Map `bytes` of the object; NULL on failure (errno). */
+static void *ddp__shm_obj_map(int fd, size_t bytes, int writable) {
+#if defined(_WIN32)
+    void *p = MapViewOfFile(ddp__shm_h(fd), FILE_MAP_READ | (writable ? FILE_MAP_WRITE : 0), 0, 0, bytes);
+    if (!p) errno = ddp__win_errno(GetLastError());
+    return p;
+#else
+    void *p = mmap(NULL, bytes, PROT_READ | (writable ? PROT_WRITE : 0), MAP_SHARED, fd, 0);
+    return p == MAP_FAILED ? NULL : p;
+#endif
+}
+
+static void ddp__shm_obj_unmap(void *p, size_t bytes) {
+    if (!p) return;
+#if defined(_WIN32)
+    (void)bytes;
+    UnmapViewOfFile(p);
+#else
+    munmap(p, bytes);
+#endif
+}
+
+/* The first n bytes of an object, before it is mapped for use: a receiver
+   looks at a segment's header before it lets the memory into its address
+   space (Linux: pread; elsewhere a short read-only view). 0, or -1. */
+static int ddp__shm_obj_peek(int fd, void *buf, size_t n) {
+#if defined(__linux__)
+    ssize_t r;
+    do r = pread(fd, buf, n, 0); while (r < 0 && errno == EINTR);
+    if (r == (ssize_t)n) return 0;
+    if (r >= 0) errno = EIO;
+    return -1;
+#else
+    void *p = ddp__shm_obj_map(fd, n, 0);
+    if (!p) return -1;
+    memcpy(buf, p, n);
+    ddp__shm_obj_unmap(p, n);
+    return 0;
+#endif
+}
+
+/* Memory for this process alone (a world of one), freed by
+   ddp__shm_obj_unmap; NULL on failure (errno). */
+static void *ddp__shm_obj_map_private(size_t bytes) {
 #if defined(_WIN32)
     HANDLE m = CreateFileMappingA(INVALID_HANDLE_VALUE, NULL, PAGE_READWRITE | SEC_COMMIT,
                                   (DWORD)((unsigned long long)bytes >> 32), (DWORD)(bytes & 0xFFFFFFFFu), NULL);
     void *p;
-    if (!m) { *err = DDP__WINERR(GetLastError()); return NULL; }
+    if (!m) { errno = ddp__win_errno(GetLastError()); return NULL; }
     p = MapViewOfFile(m, FILE_MAP_READ | FILE_MAP_WRITE, 0, 0, bytes);
-    if (!p) *err = DDP__WINERR(GetLastError());
+    if (!p) errno = ddp__win_errno(GetLastError());
     CloseHandle(m);
     return p;
 #else
     void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED) { *err = errno; return NULL; }
-    return p;
+    return p == MAP_FAILED ? NULL : p;
 #endif
 }
 
-/* ---- files ---------------------------------------------------------------------- */
+/* Bytes free where named objects live (POSIX: /dev/shm; Windows: what is
+   left of the commit limit, paging file included); -1 when unknown. */
+static long long ddp__shm_named_free(void) {
+#if defined(_WIN32)
+    MEMORYSTATUSEX ms;
+    ms.dwLength = (DWORD)sizeof ms;
+    if (!GlobalMemoryStatusEx(&ms)) return -1;
+    return ms.ullAvailPageFile > (DWORDLONG)LLONG_MAX ? LLONG_MAX : (long long)ms.ullAvailPageFile;
+#elif defined(__linux__)
+    struct statvfs v;
+    if (statvfs("/dev/shm", &v) != 0) return -1;
+    return (long long)v.f_bavail * (long long)v.f_frsize;
+#else
+    return -1;
+#endif
+}
+
+/* Named objects are called "ddp-<creator pid>-...": remove those whose
+   creator no longer runs on this host (a rank 0 killed in the window
+   before it removed a name), and only the user's own. Returns how many.
+   Windows: nothing to do, a section cannot outlive its processes. */
+static int ddp__shm_sweep_dead(void) {
+#if defined(__linux__)
+    DIR *d = opendir("/dev/shm");
+    struct dirent *e;
+    int n = 0;
+    if (!d) return 0;
+    while ((e = readdir(d)) != NULL) {
+        char path[300], *end;
+        struct stat sb;
+        long pid;
+        if (strncmp(e->d_name, "ddp-", 4) != 0) continue;
+        pid = strtol(e->d_name + 4, &end, 10);
+        if (end == e->d_name + 4 || *end != '-' || pid <= 0) continue;
+        if (!ddp__proc_dead((int)pid)) continue;
+        snprintf(path, sizeof path, "/dev/shm/%s", e->d_name);
+        if (lstat(path, &sb) != 0 || sb.st_uid != geteuid() || !S_ISREG(sb.st_mode)) continue;
+        if (unlink(path) == 0) n++;
+    }
+    closedir(d);
+    return n;
+#else
+    return 0;
+#endif
+}
+
+/* ---- files ---------------------------------------------------------------------- 
+   Files written atomically (checkpoints, safetensors) go through a
+   temporary beside the target that no death can leave behind:
+     Linux    the temporary is made without a name (O_TMPFILE) and linked
+              as "<path>.tmp.<host>.<pid>" only once complete, for the
+              instant before the rename;
+     Windows  the temporary "<path>.tmp.<host>.<pid>" is marked for deletion
+              as soon as it is created (FileDispositionInfo), so the system
+              removes it when its handle closes, however the writer ends
+              (TerminateProcess included); the mark is taken off once the
+              file is complete, for the instant before the rename;
+     POSIX    (no O_TMPFILE, or a file system without it) the temporary has
+              its name from the start.
+   A writer killed inside the window leaves a named temporary, which the
+   next save of the same path removes with every temporary of a writer
+   that no longer runs on this host (ddp__file_sweep_tmp). */
+
+typedef struct ddp__tmpfile {
+    FILE *f;
+    int   unnamed;        /* Linux: no name yet; Windows: marked for deletion */
+    int   named;          /* the temporary exists on disk under tmp */
+    char  tmp[4200];
+} ddp__tmpfile;
+
+/* The directory of path ("." when it has none): 0, or -1 when too long. */
+static int ddp__path_dir(const char *path, char *dir, size_t cap) {
+    const char *slash = strrchr(path, '/');
+    size_t n;
+#if defined(_WIN32)
+    const char *bs = strrchr(path, '\\');
+    if (bs && (!slash || bs > slash)) slash = bs;
+    if (!slash && path[0] && path[1] == ':') slash = path + 1; /* "C:name": the current directory of C: */
+#endif
+    if (!slash) { snprintf(dir, cap, "."); return 0; }
+    n = (size_t)(slash - path);
+    if (n == 0 || (n == 2 && path[1] == ':')) n++; /* the root: "/", "C:\" (or "C:" when relative) */
+    if (n >= cap) return -1;
+    memcpy(dir, path, n);
+    dir[n] = 0;
+    return 0;
+}
+
+/* The last component of path. */
+static const char *ddp__path_base(const char *path) {
+    const char *slash = strrchr(path, '/');
+#if defined(_WIN32)
+    const char *bs = strrchr(path, '\\');
+    if (bs && (!slash || bs > slash)) slash = bs;
+    if (!slash && path[0] && path[1] == ':') slash = path + 1;
+#endif
+    return slash ? slash + 1 : path;
+}
+
+/* Is name "<base>.tmp.<host>.<pid>" of a writer of this host that no longer runs? */
+static int ddp__tmp_is_stale(const char *name, const char *prefix, const char *host) {
+    size_t pl = strlen(prefix), hl = strlen(host);
+    const char *rest, *dot;
+    char *end;
+    long pid;
+    if (strncmp(name, prefix, pl) != 0) return 0;
+    rest = name + pl;
+    dot = strrchr(rest, '.');
+    if (!dot || (size_t)(dot - rest) != hl || strncmp(rest, host, hl) != 0) return 0;
+    pid = strtol(dot + 1, &end, 10);
+    return end != dot + 1 && !*end && pid > 0 && pid <= INT_MAX && ddp__proc_dead((int)pid);
+}
+
+/* Remove the temporaries of path left by writers of this host that no
+   longer run, the user's own regular files only. Returns how many. */
+static int ddp__file_sweep_tmp(const char *path) {
+    char dir[4096], host[256], prefix[1200], full[4400];
+    const char *base = ddp__path_base(path);
+    int n = 0;
+    if (ddp__path_dir(path, dir, sizeof dir) != 0 || strlen(base) > 1000) return 0;
+    ddp__proc_hostname(host, sizeof host);
+    snprintf(prefix, sizeof prefix, "%s.tmp.", base);
+#if defined(_WIN32)
+    {
+        WIN32_FIND_DATAA fd;
+        HANDLE h;
+        ddp__win_user u;
+        char pattern[4400];
+        if (ddp__win_user_get(&u) != 0) return 0;
+        snprintf(pattern, sizeof pattern, "%s\\%s*", dir, prefix);
+        h = FindFirstFileA(pattern, &fd);
+        if (h == INVALID_HANDLE_VALUE) return 0;
+        do {
+            PSID owner = NULL;
+            PSECURITY_DESCRIPTOR sd = NULL;
+            int mine;
+            if (fd.dwFileAttributes & (FILE_ATTRIBUTE_DIRECTORY | FILE_ATTRIBUTE_REPARSE_POINT)) continue;
+            if (!ddp__tmp_is_stale(fd.cFileName, prefix, host)) continue;
+            snprintf(full, sizeof full, "%s\\%s", dir, fd.cFileName);
+            if (GetNamedSecurityInfoA(full, SE_FILE_OBJECT, OWNER_SECURITY_INFORMATION, &owner, NULL, NULL, NULL, &sd) != ERROR_SUCCESS)
+                continue;
+            mine = owner && (EqualSid(owner, u.user.tu.User.Sid) || EqualSid(owner, u.owner.to.Owner));
+            LocalFree(sd);
+            if (mine && DeleteFileA(full)) n++;
+        } while (FindNextFileA(h, &fd));
+        FindClose(h);
+    }
+#else
+    {
+        DIR *d = opendir(dir);
+        struct dirent *e;
+        if (!d) return 0;
+        while ((e = readdir(d)) != NULL) {
+            struct stat sb;
+            if (!ddp__tmp_is_stale(e->d_name, prefix, host)) continue;
+            snprintf(full, sizeof full, "%s/%s", dir, e->d_name);
+            if (lstat(full, &sb) != 0 || !S_ISREG(sb.st_mode) || sb.st_uid != geteuid()) continue;
+            if (unlink(full) == 0) n++;
+        }
+        closedir(d);
+    }
+#endif
+    return n;
+}
+
+/* A temporary for path, open for writing (t->f). 0, or an error number. */
+static int ddp__file_tmp_open(ddp__tmpfile *t, const char *path) {
+    char host[256];
+    memset(t, 0, sizeof *t);
+    ddp__proc_hostname(host, sizeof host);
+    if (snprintf(t->tmp, sizeof t->tmp, "%s.tmp.%s.%d", path, host, ddp__getpid()) >= (int)sizeof t->tmp) return ENAMETOOLONG;
+#if defined(_WIN32)
+    {
+        HANDLE h;
+        FILE_DISPOSITION_INFO d;
+        int fd;
+        DeleteFileA(t->tmp); /* this process's own, from an earlier failed attempt */
+        h = CreateFileA(t->tmp, GENERIC_WRITE | DELETE, FILE_SHARE_READ | FILE_SHARE_DELETE, NULL, CREATE_NEW,
+                        FILE_ATTRIBUTE_NORMAL, NULL);
+        if (h == INVALID_HANDLE_VALUE) return ddp__win_errno(GetLastError());
+        t->named = 1;
+        d.DeleteFile = TRUE;
+        if (SetFileInformationByHandle(h, FileDispositionInfo, &d, (DWORD)sizeof d)) t->unnamed = 1;
+        fd = _open_osfhandle((intptr_t)h, _O_WRONLY | _O_BINARY);
+        if (fd < 0) { CloseHandle(h); t->named = 0; return EMFILE; } /* deleted, if it was marked */
+        t->f = _fdopen(fd, "wb");
+        if (!t->f) {
+            int e = errno ? errno : ENOMEM;
+            _close(fd);
+            if (!t->unnamed) DeleteFileA(t->tmp);
+            t->named = 0;
+            return e;
+        }
+        if (!t->unnamed) return 0;
+        t->named = 0; /* marked: the system removes it whatever happens now */
+        return 0;
+    }
+#else
+    {
+        int fd = -1;
+#  if defined(__linux__) && defined(O_TMPFILE)
+        char dir[4096];
+        if (ddp__path_dir(path, dir, sizeof dir) == 0 && access("/proc/self/fd", X_OK) == 0)
+            fd = open(dir, O_TMPFILE | O_WRONLY | O_CLOEXEC, 0644);
+        if (fd >= 0) t->unnamed = 1;
+#  endif
+        if (fd < 0) {
+            unlink(t->tmp); /* this process's own, from an earlier failed attempt */
+            fd = open(t->tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+            if (fd < 0) return errno;
+            t->named = 1;
+        }
+        t->f = fdopen(fd, "wb");
+        if (!t->f) {
+            int e = errno;
+            close(fd);
+            if (t->named) unlink(t->tmp);
+            t->named = 0;
+            return e;
+        }
+        return 0;
+    }
+#endif
+}
+
+/* The complete (flushed, synced) temporary gets its name, just before the
+   rename: 0, or an error number. */
+static int ddp__file_tmp_name(ddp__tmpfile *t) {
+    if (!t->unnamed) return 0;
+#if defined(_WIN32)
+    {
+        FILE_DISPOSITION_INFO d;
+        d.DeleteFile = FALSE;
+        if (!SetFileInformationByHandle((HANDLE)_get_osfhandle(_fileno(t->f)), FileDispositionInfo, &d, (DWORD)sizeof d))
+            return ddp__win_errno(GetLastError());
+    }
+#elif defined(__linux__) && defined(O_TMPFILE)
+    {
+        char self[64];
+        snprintf(self, sizeof self, "/proc/self/fd/%d", fileno(t->f));
+        unlink(t->tmp);
+        if (linkat(AT_FDCWD, self, AT_FDCWD, t->tmp, AT_SYMLINK_FOLLOW) != 0) return errno;
+    }
+#endif
+    t->unnamed = 0;
+    t->named = 1;
+    return 0;
+}
+
+/* After a failure (t->f closed): nothing of the temporary stays. */
+static void ddp__file_tmp_discard(ddp__tmpfile *t) {
+#if defined(_WIN32)
+    if (t->named) DeleteFileA(t->tmp);
+#else
+    if (t->named) unlink(t->tmp);
+#endif
+    t->named = 0;
+}
 
 /* Flush f's data to the disk: 0 or an error number. */
 static int ddp__file_sync(FILE *f) {
@@ -2010,13 +2909,9 @@ static void ddp__dir_sync(const char *path) {
     (void)path;
 #else
     char dir[4096];
-    const char *slash = strrchr(path, '/');
     int fd;
-    size_t n = slash ? (size_t)(slash - path) : 0;
-    if (slash && n < sizeof dir) { memcpy(dir, path, n ? n : 1); dir[n ? n : 1] = 0; }
-    else if (slash) return;
-    else { dir[0] = '.'; dir[1] = 0; }
-    fd = open(dir, O_RDONLY);
+    if (ddp__path_dir(path, dir, sizeof dir) != 0) return;
+    fd = open(dir, O_RDONLY | O_CLOEXEC);
     if (fd >= 0) { fsync(fd); close(fd); }
 #endif
 }
@@ -2074,6 +2969,129 @@ static void ddp__copy_str(char *dst, size_t cap, const char *src) {
     dst[n] = 0;
 }
 
+/* ---- SHA-256 and HMAC-SHA-256 (FIPS 180-4, RFC 2104) ------------------------------
+
+   Portable C: the job secret is proven with HMAC-SHA-256 challenge-response
+   (see SECURITY in the manual), and the RFC 4231 vectors in
+   tests/test_security.c hold this code to the standard. */
+
+typedef struct ddp__sha256 {
+    uint32_t h[8];
+    uint64_t len;              /* bytes hashed so far */
+    unsigned char buf[64];
+    size_t fill;
+} ddp__sha256;
+
+static const uint32_t ddp__sha256_k[64] = {
+    0x428a2f98u, 0x71374491u, 0xb5c0fbcfu, 0xe9b5dba5u, 0x3956c25bu, 0x59f111f1u, 0x923f82a4u, 0xab1c5ed5u,
+    0xd807aa98u, 0x12835b01u, 0x243185beu, 0x550c7dc3u, 0x72be5d74u, 0x80deb1feu, 0x9bdc06a7u, 0xc19bf174u,
+    0xe49b69c1u, 0xefbe4786u, 0x0fc19dc6u, 0x240ca1ccu, 0x2de92c6fu, 0x4a7484aau, 0x5cb0a9dcu, 0x76f988dau,
+    0x983e5152u, 0xa831c66du, 0xb00327c8u, 0xbf597fc7u, 0xc6e00bf3u, 0xd5a79147u, 0x06ca6351u, 0x14292967u,
+    0x27b70a85u, 0x2e1b2138u, 0x4d2c6dfcu, 0x53380d13u, 0x650a7354u, 0x766a0abbu, 0x81c2c92eu, 0x92722c85u,
+    0xa2bfe8a1u, 0xa81a664bu, 0xc24b8b70u, 0xc76c51a3u, 0xd192e819u, 0xd6990624u, 0xf40e3585u, 0x106aa070u,
+    0x19a4c116u, 0x1e376c08u, 0x2748774cu, 0x34b0bcb5u, 0x391c0cb3u, 0x4ed8aa4au, 0x5b9cca4fu, 0x682e6ff3u,
+    0x748f82eeu, 0x78a5636fu, 0x84c87814u, 0x8cc70208u, 0x90befffau, 0xa4506cebu, 0xbef9a3f7u, 0xc67178f2u
+};
+
+#define DDP__ROR32(x, n) (((x) >> (n)) | ((x) << (32 - (n))))
+
+static void ddp__sha256_block(ddp__sha256 *s, const unsigned char *p) {
+    uint32_t w[64], a, b, c, d, e, f, g, h, t1, t2;
+    int i;
+    for (i = 0; i < 16; i++)
+        w[i] = (uint32_t)p[4 * i] << 24 | (uint32_t)p[4 * i + 1] << 16 | (uint32_t)p[4 * i + 2] << 8 | (uint32_t)p[4 * i + 3];
+    for (i = 16; i < 64; i++) {
+        uint32_t s0 = DDP__ROR32(w[i - 15], 7) ^ DDP__ROR32(w[i - 15], 18) ^ (w[i - 15] >> 3);
+        uint32_t s1 = DDP__ROR32(w[i - 2], 17) ^ DDP__ROR32(w[i - 2], 19) ^ (w[i - 2] >> 10);
+        w[i] = w[i - 16] + s0 + w[i - 7] + s1;
+    }
+    a = s->h[0]; b = s->h[1]; c = s->h[2]; d = s->h[3];
+    e = s->h[4]; f = s->h[5]; g = s->h[6]; h = s->h[7];
+    for (i = 0; i < 64; i++) {
+        t1 = h + (DDP__ROR32(e, 6) ^ DDP__ROR32(e, 11) ^ DDP__ROR32(e, 25)) + ((e & f) ^ (~e & g)) + ddp__sha256_k[i] + w[i];
+        t2 = (DDP__ROR32(a, 2) ^ DDP__ROR32(a, 13) ^ DDP__ROR32(a, 22)) + ((a & b) ^ (a & c) ^ (b & c));
+        h = g; g = f; f = e; e = d + t1; d = c; c = b; b = a; a = t1 + t2;
+    }
+    s->h[0] += a; s->h[1] += b; s->h[2] += c; s->h[3] += d;
+    s->h[4] += e; s->h[5] += f; s->h[6] += g; s->h[7] += h;
+}
+
+static void ddp__sha256_init(ddp__sha256 *s) {
+    static const uint32_t iv[8] = { 0x6a09e667u, 0xbb67ae85u, 0x3c6ef372u, 0xa54ff53au,
+                                    0x510e527fu, 0x9b05688cu, 0x1f83d9abu, 0x5be0cd19u };
+    memcpy(s->h, iv, sizeof iv);
+    s->len = 0;
+    s->fill = 0;
+}
+
+static void ddp__sha256_update(ddp__sha256 *s, const void *data, size_t n) {
+    const unsigned char *p = (const unsigned char *)data;
+    s->len += n;
+    while (n > 0) {
+        size_t take = 64 - s->fill < n ? 64 - s->fill : n;
+        memcpy(s->buf + s->fill, p, take);
+        s->fill += take;
+        p += take;
+        n -= take;
+        if (s->fill == 64) { ddp__sha256_block(s, s->buf); s->fill = 0; }
+    }
+}
+
+static void ddp__sha256_final(ddp__sha256 *s, unsigned char out[32]) {
+    uint64_t bits = s->len * 8;
+    unsigned char pad = 0x80, zero = 0, lenb[8];
+    int i;
+    ddp__sha256_update(s, &pad, 1);
+    while (s->fill != 56) ddp__sha256_update(s, &zero, 1);
+    for (i = 0; i < 8; i++) lenb[i] = (unsigned char)(bits >> (56 - 8 * i));
+    ddp__sha256_update(s, lenb, 8);
+    for (i = 0; i < 8; i++) {
+        out[4 * i] = (unsigned char)(s->h[i] >> 24);
+        out[4 * i + 1] = (unsigned char)(s->h[i] >> 16);
+        out[4 * i + 2] = (unsigned char)(s->h[i] >> 8);
+        out[4 * i + 3] = (unsigned char)s->h[i];
+    }
+}
+
+/* HMAC-SHA-256 of the concatenation of up to 3 parts (NULL parts skipped). */
+static void ddp__hmac_sha256(const void *key, size_t klen, const void *m1, size_t n1, const void *m2, size_t n2,
+                             const void *m3, size_t n3, unsigned char out[32]) {
+    unsigned char k[64], pad[64], inner[32];
+    ddp__sha256 s;
+    int i;
+    memset(k, 0, sizeof k);
+    if (klen > 64) { ddp__sha256_init(&s); ddp__sha256_update(&s, key, klen); ddp__sha256_final(&s, k); }
+    else if (klen) memcpy(k, key, klen);
+    for (i = 0; i < 64; i++) pad[i] = (unsigned char)(k[i] ^ 0x36);
+    ddp__sha256_init(&s);
+    ddp__sha256_update(&s, pad, 64);
+    if (m1) ddp__sha256_update(&s, m1, n1);
+    if (m2) ddp__sha256_update(&s, m2, n2);
+    if (m3) ddp__sha256_update(&s, m3, n3);
+    ddp__sha256_final(&s, inner);
+    for (i = 0; i < 64; i++) pad[i] = (unsigned char)(k[i] ^ 0x5c);
+    ddp__sha256_init(&s);
+    ddp__sha256_update(&s, pad, 64);
+    ddp__sha256_update(&s, inner, 32);
+    ddp__sha256_final(&s, out);
+}
+
+/* Equal without an early exit, so the time taken says nothing about where
+   a forged proof first differs. */
+static int ddp__ct_equal(const unsigned char *a, const unsigned char *b, size_t n) {
+    unsigned d = 0;
+    size_t i;
+    for (i = 0; i < n; i++) d |= (unsigned)(a[i] ^ b[i]);
+    return d == 0;
+}
+
+static void ddp__hex(const unsigned char *p, size_t n, char *out) {
+    static const char digits[] = "0123456789abcdef";
+    size_t i;
+    for (i = 0; i < n; i++) { out[2 * i] = digits[p[i] >> 4]; out[2 * i + 1] = digits[p[i] & 15]; }
+    out[2 * n] = 0;
+}
+
 /* ---- results ------------------------------------------------------------------ */
 
 DDP_API const char *ddp_result_string(ddp_result r) {
@@ -2094,6 +3112,7 @@ DDP_API const char *ddp_result_string(ddp_result r) {
     case DDP_ERROR_NCCL:             return "DDP_ERROR_NCCL";
     case DDP_ERROR_UNSUPPORTED:      return "DDP_ERROR_UNSUPPORTED";
     case DDP_ERROR_USER:             return "DDP_ERROR_USER";
+    case DDP_ERROR_SECURITY:         return "DDP_ERROR_SECURITY";
     }
     return "DDP_ERROR_UNKNOWN";
 }
@@ -2188,6 +3207,26 @@ static uint16_t ddp__f32_to_f16(float f) {
     }
 }
 
+/* ---- identity records (see "job identity" below) ---- */
+
+/* The library version as ranks compare it: major * 1000 + minor. A test
+   builds one rank with another value to play an old binary. */
+#ifndef DDP__WIRE_VERSION
+#define DDP__WIRE_VERSION (DDP_VERSION_MAJOR * 1000 + DDP_VERSION_MINOR)
+#endif
+#define DDP__IDENT_MAX     512 /* bytes of an identity record, with room for job id and host name */
+#define DDP__JOB_ID_MAX    64  /* a longer job id is cut (it only has to differ between jobs) */
+#define DDP__SECRET_MIN    16  /* characters: shorter secrets are guessable */
+#define DDP__SECRET_MAX    1024
+
+typedef struct ddp__ident {
+    int version, world, rank, secret, pid;
+    unsigned uid;
+    char job[DDP__JOB_ID_MAX + 1];   /* "-": none */
+    char host[DDP__JOB_ID_MAX + 1];
+    char nonce[33];                  /* rank 0: the context's shared-memory nonce (hex); else "-" */
+} ddp__ident;
+
 /* ---- the context ------------------------------------------------------------- */
 
 typedef struct ddp__param {
@@ -2228,13 +3267,16 @@ typedef struct ddp__backend_ops ddp__backend_ops;
 typedef struct ddp__shm {
     struct ddp__shm_ctrl *ctrl;
     size_t   ctrl_bytes;
-    char     ctrl_name[64];
+    char     ctrl_name[64];      /* named fallback: the name until it is removed */
     unsigned char *staging;      /* world * staging_bytes */
     size_t   staging_bytes;      /* per rank */
-    unsigned char *grads;        /* world * grad_stride */
-    size_t   grads_bytes;
+    unsigned char *grads;        /* world * grad_stride, after the segment's header page */
+    unsigned char *grads_base;   /* the mapping */
+    size_t   grads_bytes;        /* of the mapping */
     size_t   grad_stride;
     char     grads_name[64];
+    int      named;              /* segments are named (/dev/shm) instead of anonymous */
+    unsigned char nonce[16];     /* rank 0's random per-context nonce, in every segment header */
     uint64_t seq;                /* collectives issued by this rank */
     uint64_t half_last[2];       /* seq that last wrote each staging half */
 } ddp__shm;
@@ -2255,6 +3297,16 @@ struct ddp_context {
     int      agent_store;
     int      from_env;           /* rank and world came from the environment */
     int      net_started;        /* ddp__net_start() succeeded (Winsock) */
+    unsigned char secret[DDP__SECRET_MAX]; /* the job secret (wiped at destroy) */
+    size_t   secret_len;
+    char     job_id[DDP__JOB_ID_MAX + 1];
+    char     bind[256];          /* where rank 0's store listens ("" every interface) */
+    char     ident[DDP__IDENT_MAX + 1]; /* this rank's identity record */
+    ddp__ident peer0;            /* rank 0's identity (pid, host, nonce) */
+    int     *rank_pid;           /* rank 0 under torchrun: every rank's pid, from its identity record */
+    int      npinned;            /* keys this rank wrote once: re-read before the store goes */
+    char     pinned[8][48];
+    unsigned char pinned_hash[8][32];
 
     const ddp__backend_ops *ops;
     ddp__shm shm;
@@ -2622,6 +3674,151 @@ static ddp_result ddp__resolve_backend(ddp_config *c) {
     return DDP_SUCCESS;
 }
 
+/* ---- job identity ------------------------------------------------------------------
+
+   Every rank describes itself in one line of text, its identity record:
+       ddp-ident 1 version=1 world=2 rank=1 secret=1 pid=4242 uid=1000 job=ddprun-... host=n1 nonce=...
+   It travels in the store's hello (a store of our own) or under the key
+   "ident/<rank>" (torchrun's agent store). Ranks of one job agree on
+   version, world, secret and job; anything else is another job on the same
+   port, or a stale binary, and both sides fail with a message naming both.
+   The first two words and the key=value form are the part every future
+   version keeps, so that ranks of different versions can still say so. */
+
+
+/* Job ids and host names go into the record as one word of safe characters. */
+static void ddp__ident_word(char *dst, size_t cap, const char *src) {
+    size_t i, n = 0;
+    for (i = 0; src && src[i] && n + 1 < cap; i++) {
+        char ch = src[i];
+        int ok = (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
+                 ch == '.' || ch == '-' || ch == '_' || ch == ':' || ch == '/' || ch == '+' || ch == '@';
+        dst[n++] = ok ? ch : '_';
+    }
+    if (n == 0) dst[n++] = '-';
+    dst[n] = 0;
+}
+
+static void ddp__ident_format(const ddp__ident *id, char *out, size_t cap) {
+    snprintf(out, cap, "ddp-ident 1 version=%d world=%d rank=%d secret=%d pid=%d uid=%u job=%s host=%s nonce=%s",
+             id->version, id->world, id->rank, id->secret, id->pid, id->uid, id->job, id->host, id->nonce);
+}
+
+/* 0, or -1 when the text is not an identity record (words it does not know
+   are skipped: a later version may add some). */
+static int ddp__ident_parse(const char *text, size_t len, ddp__ident *id) {
+    char buf[DDP__IDENT_MAX + 1], *tok, *next;
+    int seen = 0;
+    memset(id, 0, sizeof *id);
+    ddp__copy_str(id->job, sizeof id->job, "-");
+    ddp__copy_str(id->host, sizeof id->host, "-");
+    ddp__copy_str(id->nonce, sizeof id->nonce, "-");
+    while (len > 0 && text[len - 1] == 0) len--;
+    if (len == 0 || len > DDP__IDENT_MAX || memchr(text, 0, len)) return -1;
+    memcpy(buf, text, len);
+    buf[len] = 0;
+    if (strncmp(buf, "ddp-ident 1 ", 12) != 0) return -1;
+    for (tok = buf + 12; *tok; tok = next) {
+        char *eq, *end;
+        long v;
+        next = strchr(tok, ' ');
+        if (next) *next++ = 0;
+        else next = tok + strlen(tok);
+        if (!*tok) continue;
+        eq = strchr(tok, '=');
+        if (!eq || eq == tok || !eq[1]) return -1;
+        *eq = 0;
+        if (!strcmp(tok, "job")) { ddp__ident_word(id->job, sizeof id->job, eq + 1); continue; }
+        if (!strcmp(tok, "host")) { ddp__ident_word(id->host, sizeof id->host, eq + 1); continue; }
+        if (!strcmp(tok, "nonce")) { ddp__ident_word(id->nonce, sizeof id->nonce, eq + 1); continue; }
+        if (strcmp(tok, "version") && strcmp(tok, "world") && strcmp(tok, "rank") && strcmp(tok, "secret") &&
+            strcmp(tok, "pid") && strcmp(tok, "uid"))
+            continue;
+        errno = 0;
+        v = strtol(eq + 1, &end, 10);
+        if (*end || errno) return -1;
+        if (!strcmp(tok, "version")) { id->version = (int)v; seen |= 1; }
+        else if (!strcmp(tok, "world")) { id->world = (int)v; seen |= 2; }
+        else if (!strcmp(tok, "rank")) { id->rank = (int)v; seen |= 4; }
+        else if (!strcmp(tok, "secret")) id->secret = v != 0;
+        else if (!strcmp(tok, "pid")) id->pid = (int)v;
+        else if (!strcmp(tok, "uid")) id->uid = (unsigned)v;
+    }
+    if (seen != 7 || id->world < 1 || id->rank < 0 || id->rank >= id->world) return -1;
+    return 0;
+}
+
+/* Do two ranks belong to one job? DDP_SUCCESS, or DDP_ERROR_MISMATCH with a
+   message naming both ranks (port: the rendezvous port, for the message). */
+static ddp_result ddp__ident_compare(const ddp__ident *a, const ddp__ident *b, int port, char *msg, size_t cap) {
+    if (a->version != b->version) {
+        snprintf(msg, cap, "rank %d runs ddp.h %d.%d but rank %d runs ddp.h %d.%d: every rank must be built from the same library version",
+                 a->rank, a->version / 1000, a->version % 1000, b->rank, b->version / 1000, b->version % 1000);
+        return DDP_ERROR_MISMATCH;
+    }
+    if (a->secret != b->secret) {
+        snprintf(msg, cap, "port %d is used by another job: rank %d %s a job secret and rank %d %s (or DDP_JOB_SECRET is set for some ranks only)",
+                 port, a->rank, a->secret ? "has" : "has no", b->rank, b->secret ? "has one" : "has none");
+        return DDP_ERROR_MISMATCH;
+    }
+    if (a->world != b->world) {
+        snprintf(msg, cap, "port %d is used by another job: rank %d is in a world of %d, rank %d in a world of %d",
+                 port, a->rank, a->world, b->rank, b->world);
+        return DDP_ERROR_MISMATCH;
+    }
+    if (strcmp(a->job, b->job) != 0) {
+        snprintf(msg, cap, "port %d is used by another job: rank %d belongs to job '%s', rank %d to job '%s'",
+                 port, a->rank, a->job, b->rank, b->job);
+        return DDP_ERROR_MISMATCH;
+    }
+    return DDP_SUCCESS;
+}
+
+/* The job secret, the job id, where rank 0's store listens, and its memory
+   cap: from the config, else the environment (see ENVIRONMENT, SECURITY). */
+static ddp_result ddp__resolve_trust(ddp_config *c, unsigned char *secret, size_t *secret_len,
+                                     char *job, char *bind, size_t bindcap) {
+    const char *sec = c->job_secret, *what = "config.job_secret", *j = c->job_id, *b = c->store_bind;
+    char buf[DDP__JOB_ID_MAX * 2 + 2];
+    size_t n;
+    if (!sec) { sec = getenv("DDP_JOB_SECRET"); what = "environment variable DDP_JOB_SECRET"; }
+    *secret_len = 0;
+    if (sec && *sec) {
+        n = strlen(sec);
+        if (n < DDP__SECRET_MIN || n > DDP__SECRET_MAX)
+            return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "%s has %" DDP__PRIzu " characters: a job secret needs %d to %d (ddprun makes one of 64)",
+                             what, n, DDP__SECRET_MIN, DDP__SECRET_MAX);
+        memcpy(secret, sec, n);
+        *secret_len = n;
+    }
+    /* the job id: the user's, else the launcher's (every rank of a job
+       sees the same one; two jobs never do) */
+    buf[0] = 0;
+    if (!j) j = getenv("DDP_JOB_ID");
+    if (j && *j) ddp__copy_str(buf, sizeof buf, j);
+    else if ((j = getenv("TORCHELASTIC_RUN_ID")) && *j) snprintf(buf, sizeof buf, "torchelastic:%.*s", DDP__JOB_ID_MAX, j);
+    else if ((j = getenv("SLURM_JOB_ID")) && *j) {
+        const char *step = getenv("SLURM_STEP_ID");
+        snprintf(buf, sizeof buf, "slurm:%.*s.%.16s", DDP__JOB_ID_MAX / 2, j, step && *step ? step : "-");
+    } else if ((j = getenv("OMPI_MCA_ess_base_jobid")) && *j) snprintf(buf, sizeof buf, "ompi:%.*s", DDP__JOB_ID_MAX, j);
+    else if ((j = getenv("PMIX_NAMESPACE")) && *j) snprintf(buf, sizeof buf, "pmix:%.*s", DDP__JOB_ID_MAX, j);
+    ddp__ident_word(job, DDP__JOB_ID_MAX + 1, buf[0] ? buf : "-");
+    if (!b) b = getenv("DDP_STORE_BIND");
+    if (!b || !*b) b = c->master_addr;
+    if (strlen(b) >= bindcap) return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "store bind address '%.40s...' is too long", b);
+    ddp__copy_str(bind, bindcap, b);
+    if (c->store_max_bytes == 0) {
+        int f;
+        long v = 0;
+        DDP__TRY(ddp__env_int("DDP_STORE_MAX_BYTES", 64L << 20, LONG_MAX, &f, &v));
+        c->store_max_bytes = f ? (size_t)v : ((size_t)256 << 20);
+    }
+    if (c->store_max_bytes < ((size_t)64 << 20))
+        return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "config.store_max_bytes %" DDP__PRIzu " is below the minimum of %" DDP__PRIzu " (64 MiB)",
+                         c->store_max_bytes, (size_t)64 << 20);
+    return DDP_SUCCESS;
+}
+
 /* store.inc.c -- ddp.h rendezvous layer: a TCP key-value store that speaks
  * PyTorch's TCPStore wire protocol (server + client).
  *
@@ -2677,6 +3874,25 @@ static ddp_result ddp__resolve_backend(ddp_config *c) {
  *   The server here accepts both versions on every port: a connection whose
  *   first 5 bytes are VALIDATE+magic is V2, anything else V1.
  *
+ * THE LIBRARY'S OWN REQUESTS (rank 0's store and its ranks only; V1 framing)
+ *   HELLO  0x44 u32 0x44445048, u32 n, n bytes of identity record,
+ *               32-byte client nonce Nc
+ *          -> u32 0x44445053, verdict, and with status CHALLENGE: 32-byte
+ *             server nonce Ns, HMAC(K, "ddp.h store server" Nc Ns)
+ *   PROOF  0x45 HMAC(K, "ddp.h store client" Ns Nc)     -> verdict
+ *          verdict = u8 status (OK, CHALLENGE, MISMATCH, NEED_SECRET,
+ *          BAD_PROOF), u32 n + rank 0's identity record (only once the
+ *          secret is proven, or without one), u32 n + reason
+ *   EVENT  0x46                  -> blob: u8 kind + message ("" none)
+ *   ABORT  0x47 blob message     -> (no reply; accepted ranks only)
+ *   K is the job secret. With one, the store serves nothing but HELLO and
+ *   PROOF to a connection until its proof checks. After an event (another
+ *   job, another version, tampering, a rank that gave up) every pending and
+ *   later WAIT is answered 0xD5 instead of STOP_WAITING; EVENT says why.
+ *   Keys under "ddp/" are the job's: a SET that changes one, a SET of a
+ *   counter ("/count"), APPEND, COMPARE_SET or DELETE of one is refused and
+ *   is an event.
+ *
  * KEYS
  *   Keys go on the wire verbatim, after the client's prefix (see
  *   ddp__store_set_prefix). A torch TCPStore prepends "/" to user keys (not to
@@ -2708,17 +3924,79 @@ static ddp_result ddp__resolve_backend(ddp_config *c) {
 #define DDP__STORE_UNUSED DDP__UNUSED
 #define DDP__STORE_PRINTF(f, a) DDP__PRINTF(f, a)
 
-/* Limits the server enforces on what a client may send (a connection that
- * exceeds one is dropped, as torch's libuv backend does). */
+/* LIMITS. The store is rank 0's, so a client that is not a rank of the job
+ * must never make it hold much memory, keep it busy, or delay rank 0's
+ * exit. A connection that breaks a limit is dropped (as torch's libuv
+ * backend does) and the drop is logged. Each number says why it is what it
+ * is; the manual (SECURITY) lists them. */
+
+/* Keys the library writes are "ddp/<context>/<name>" plus a short name:
+ * under 300 bytes. torch's own keys are shorter still. */
 #ifndef DDP__STORE_MAX_KEY_LEN
-#define DDP__STORE_MAX_KEY_LEN (64u * 1024u)
+#define DDP__STORE_MAX_KEY_LEN 4096u
 #endif
+/* The largest value the library writes is a rank's parameter table, about
+ * 100 bytes per parameter: 16 MiB holds 160 thousand parameters. Every
+ * other value is under 1 KiB. (A torch store allowed 2^30.) */
 #ifndef DDP__STORE_MAX_VALUE_LEN
-#define DDP__STORE_MAX_VALUE_LEN (1024u * 1024u * 1024u)
+#define DDP__STORE_MAX_VALUE_LEN (16u * 1024u * 1024u)
 #endif
+/* Keys in one WAIT, CHECK, MULTI_GET or MULTI_SET: the library waits for
+ * one key at a time; torch's own lists hold one key per rank at most. */
 #ifndef DDP__STORE_MAX_KEYS
-#define DDP__STORE_MAX_KEYS (128u * 1024u)
+#define DDP__STORE_MAX_KEYS 4096u
 #endif
+/* All the memory the server holds (keys, values, every connection's
+ * buffers and pending waits): 256 MiB by default, enough for a world of
+ * 1024 ranks with 200 KiB parameter tables each; config.store_max_bytes
+ * (DDP_STORE_MAX_BYTES) sets another, not below the minimum, which keeps
+ * room for a few largest values and their replies. */
+#define DDP__STORE_DEFAULT_MAX_BYTES ((size_t)256 << 20)
+#define DDP__STORE_MIN_MAX_BYTES     ((size_t)64 << 20)
+/* Reply bytes a client may leave unread: one largest value and some.
+ * A client that asks and never reads is dropped here. */
+#define DDP__STORE_MAX_UNREAD (DDP__STORE_MAX_VALUE_LEN + (64u << 10))
+/* Connections: every rank holds one, two while it reconnects; 64 more for
+ * the moments when old ones are still closing. At the cap a silent
+ * connection (one that never sent a byte) is evicted for the new one. */
+#define DDP__STORE_CONN_HEADROOM 64
+/* A connection that has sent nothing within this time is dropped: ranks
+ * send their hello the moment they connect, so 10 s is generous even on
+ * a loaded machine. */
+#define DDP__STORE_IDLE_TIMEOUT_S 10.0
+/* A request that has started arriving must be complete within this time
+ * (16 MiB at 1 MB/s fits): a slow or stalled writer holds nothing long. */
+#define DDP__STORE_SLOW_TIMEOUT_S 30.0
+/* At most this many log lines per second about rejected or dropped
+ * clients, so a flood cannot flood the log too. */
+#define DDP__STORE_LOG_PER_S 10
+/* ddp_destroy on rank 0 lets the ranks still connected hang up for at most
+ * this long (their last answers are already sent; this only spares them a
+ * reset): the promise is that rank 0 returns within 1 s. */
+#define DDP__STORE_DRAIN_S 0.9
+
+/* The library's own requests, beside torch's: a hello that carries the
+ * identity record and starts the secret's challenge-response, the proof
+ * that answers the challenge, and the query for the event that ended the
+ * rendezvous. Numbers far from torch's (0..13). */
+#define DDP__STORE_Q_HELLO 0x44
+#define DDP__STORE_Q_PROOF 0x45
+#define DDP__STORE_Q_EVENT 0x46
+#define DDP__STORE_Q_ABORT 0x47 /* a rank gives up: every pending and later WAIT ends with its message */
+#define DDP__STORE_HELLO_MAGIC 0x44445048u  /* "HPDD" little-endian: "ddp.h hello" */
+#define DDP__STORE_REPLY_MAGIC 0x44445053u
+enum {
+    DDP__HELLO_OK = 0,          /* same job: go on */
+    DDP__HELLO_CHALLENGE = 1,   /* prove the secret (server nonce and server proof follow) */
+    DDP__HELLO_MISMATCH = 2,    /* another job or version: both sides fail */
+    DDP__HELLO_NEED_SECRET = 3, /* the store has a secret, the client none */
+    DDP__HELLO_BAD_PROOF = 4    /* the proof is wrong: the secrets differ */
+};
+/* A WAIT answered with this byte instead of STOP_WAITING: the rendezvous
+ * was ended by an event (another job, a version mismatch, tampering);
+ * DDP__STORE_Q_EVENT tells which. */
+#define DDP__STORE_WAIT_ABORTED 0xD5u
+enum { DDP__EVENT_MISMATCH = 1, DDP__EVENT_TAMPER = 2, DDP__EVENT_ABORT = 3 };
 
 enum {
     DDP__STORE_PROTO_AUTO = 0,
@@ -2848,11 +4126,36 @@ typedef struct ddp__store_kv {
     char *key; /* klen bytes + NUL, in the same allocation, after the struct */
 } ddp__store_kv;
 
+typedef void (*ddp__store_log_fn)(int level, const char *msg, void *user); /* level: a ddp_log_level */
+
+/* How rank 0 runs its store. Zero fields mean: no secret, no hello checks
+ * (a bare TCPStore, as the tests use it), nothing protected, default limits. */
+typedef struct ddp__store_opts {
+    const unsigned char *secret;   /* the job secret (copied); NULL: none */
+    size_t secret_len;
+    const char *ident;             /* rank 0's identity record: hellos are checked against it */
+    const char *protect;           /* keys with this prefix are written once, counters only added to */
+    size_t max_bytes;              /* memory cap; 0: DDP__STORE_DEFAULT_MAX_BYTES */
+    int world;                     /* for the connection cap; 0: 1 */
+    double idle_timeout_s;         /* 0: DDP__STORE_IDLE_TIMEOUT_S (tests shorten it) */
+    double slow_timeout_s;         /* 0: DDP__STORE_SLOW_TIMEOUT_S */
+    ddp__store_log_fn log;         /* rejected and dropped clients; called on the server thread */
+    void *log_user;
+} ddp__store_opts;
+
 typedef struct ddp__store_conn {
     int fd;
-    int proto;  /* 0 until the first bytes tell */
-    int eof;    /* peer closed (or read error): serve what is buffered, then drop */
+    int proto;   /* 0 until the first bytes tell */
+    int eof;     /* peer closed (or read error): serve what is buffered, then drop */
     int dead;
+    int closing; /* a final answer is queued: drop once it is sent */
+    int active;  /* it has sent at least one byte */
+    int hello;   /* 0 none, 1 challenged (its proof is due), 2 accepted as a rank */
+    int rank;    /* of an accepted hello; -1 otherwise */
+    char peer[64];
+    double t_open, t_partial; /* accepted at; a request started arriving at (0: none pending) */
+    unsigned char cnonce[32], snonce[32];
+    ddp__ident ident;
     unsigned char *in;
     size_t in_off, in_len, in_cap;
     ddp__store_buf out;
@@ -2860,7 +4163,7 @@ typedef struct ddp__store_conn {
     /* a pending WAIT: the keys still missing */
     char **wkeys;
     size_t *wlens;
-    size_t nwait;
+    size_t nwait, wbytes;
     int waiting;
 } ddp__store_conn;
 
@@ -2872,10 +4175,91 @@ typedef struct ddp__store_server {
     ddp__store_kv **buckets;
     size_t nbuckets, nkeys;
     ddp__store_conn **conns;
-    size_t nconns, conns_cap;
+    size_t nconns, conns_cap, max_conns;
     int live_clients;          /* nconns, published for other threads (atomic) */
     int listener_closed;       /* the server thread closed the listener (atomic) */
+    int rank_clients;          /* accepted connections of ranks other than 0 (atomic) */
+    size_t bytes, max_bytes;   /* memory held now (the server thread's), and the cap */
+    uint64_t bytes_pub;        /* bytes, published for other threads (atomic) */
+    double idle_timeout_s, slow_timeout_s;
+    unsigned char *secret;
+    size_t secret_len;
+    int has_ident;
+    ddp__ident ident;          /* rank 0's */
+    char ident_text[DDP__IDENT_MAX + 1];
+    char protect[64];
+    size_t protect_len;
+    int *rank_pid;             /* per rank: the pid of its accepted hello (atomic; rank 0 reads it) */
+    ddp__store_log_fn log;
+    void *log_user;
+    double log_window;
+    int log_count, log_dropped;
+    /* the event that ended the rendezvous: written once by the server
+       thread, then published through event_set (atomic) */
+    char event_msg[1024];
+    int event_kind;
+    int event_set;
+    /* rank 0's own abort, handed to the server thread (ddp__store_server_abort) */
+    char ext_msg[1024];
+    int ext_set;
 } ddp__store_server;
+
+static DDP__STORE_PRINTF(3, 4) void ddp__store_logf(ddp__store_server *sv, int level, const char *fmt, ...) {
+    char msg[1024];
+    va_list ap;
+    double now;
+    if (!sv->log) return;
+    now = ddp__store_now();
+    if (now - sv->log_window >= 1.0) {
+        if (sv->log_dropped) {
+            snprintf(msg, sizeof msg, "store: %d more log lines about clients suppressed", sv->log_dropped);
+            sv->log(1, msg, sv->log_user);
+        }
+        sv->log_window = now;
+        sv->log_count = 0;
+        sv->log_dropped = 0;
+    }
+    if (++sv->log_count > DDP__STORE_LOG_PER_S) { sv->log_dropped++; return; }
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    sv->log(level, msg, sv->log_user);
+}
+
+/* A key for a message: printable, cut at 120 bytes. */
+static const char *ddp__store_show(const unsigned char *k, size_t kl, char *out, size_t cap) {
+    size_t i, n = kl < 120 && kl < cap - 4 ? kl : (cap - 4 < 120 ? cap - 4 : 120);
+    for (i = 0; i < n; i++) out[i] = k[i] >= 32 && k[i] < 127 && k[i] != '\'' ? (char)k[i] : '?';
+    if (n < kl) { out[n++] = '.'; out[n++] = '.'; out[n++] = '.'; }
+    out[n] = 0;
+    return out;
+}
+
+/* Memory the server holds, against its cap. */
+/* (Only the server thread writes bytes; a test may read it at any time.) */
+static int ddp__store_charge(ddp__store_server *sv, size_t more) {
+    if (more > sv->max_bytes || sv->bytes > sv->max_bytes - more) return -1;
+    sv->bytes += more;
+    ddp__atomic_store_u64(&sv->bytes_pub, (uint64_t)sv->bytes);
+    return 0;
+}
+
+static void ddp__store_uncharge(ddp__store_server *sv, size_t less) {
+    sv->bytes -= less <= sv->bytes ? less : sv->bytes;
+    ddp__atomic_store_u64(&sv->bytes_pub, (uint64_t)sv->bytes);
+}
+
+static DDP__STORE_PRINTF(3, 4) void ddp__store_drop(ddp__store_server *sv, ddp__store_conn *c, const char *fmt, ...) {
+    char why[512];
+    va_list ap;
+    if (c->dead) return;
+    c->dead = 1;
+    va_start(ap, fmt);
+    vsnprintf(why, sizeof why, fmt, ap);
+    va_end(ap);
+    if (c->rank >= 0) ddp__store_logf(sv, 1, "store: dropped the connection of rank %d (%s): %s", c->rank, c->peer, why);
+    else ddp__store_logf(sv, 1, "store: dropped client %s: %s", c->peer, why);
+}
 
 static uint64_t ddp__store_hash(const void *p, size_t n) {
     const unsigned char *s = (const unsigned char *)p;
@@ -2910,15 +4294,19 @@ static void ddp__store_kv_grow(ddp__store_server *sv) {
     sv->nbuckets = n;
 }
 
-/* Find or create the entry for key (value empty when created); NULL on OOM. */
+static size_t ddp__store_kv_cost(size_t klen) { return sizeof(ddp__store_kv) + klen + 1 + sizeof(void *); }
+
+/* Find or create the entry for key (value empty when created); NULL on OOM
+ * or when the memory cap is reached. */
 static ddp__store_kv *ddp__store_kv_get(ddp__store_server *sv, const void *key, size_t klen,
                                         int *created) {
     ddp__store_kv *e = ddp__store_kv_find(sv, key, klen);
     size_t b;
     *created = 0;
     if (e) return e;
+    if (ddp__store_charge(sv, ddp__store_kv_cost(klen)) != 0) return NULL;
     e = (ddp__store_kv *)malloc(sizeof *e + klen + 1);
-    if (!e) return NULL;
+    if (!e) { ddp__store_uncharge(sv, ddp__store_kv_cost(klen)); return NULL; }
     e->key = (char *)(e + 1);
     e->val = NULL;
     e->vlen = 0;
@@ -2942,6 +4330,7 @@ static int ddp__store_kv_del(ddp__store_server *sv, const void *key, size_t klen
         ddp__store_kv *e = *pp;
         if (e->hash == h && e->klen == klen && memcmp(e->key, key, klen) == 0) {
             *pp = e->next;
+            ddp__store_uncharge(sv, ddp__store_kv_cost(klen) + (e->val ? e->vlen + 1 : 0));
             free(e->val);
             free(e);
             sv->nkeys--;
@@ -2951,7 +4340,8 @@ static int ddp__store_kv_del(ddp__store_server *sv, const void *key, size_t klen
     return 0;
 }
 
-/* Replace (or, with append, extend) the value; creates the key. -1 on OOM. */
+/* Replace (or, with append, extend) the value; creates the key. -1 on OOM
+ * or at the memory cap. */
 static int ddp__store_kv_put(ddp__store_server *sv, const void *key, size_t klen,
                              const void *val, size_t vlen, int append) {
     int created;
@@ -2960,46 +4350,108 @@ static int ddp__store_kv_put(ddp__store_server *sv, const void *key, size_t klen
     size_t base;
     if (!e) return -1;
     base = append ? e->vlen : 0;
+    if (base + vlen > DDP__STORE_MAX_VALUE_LEN || ddp__store_charge(sv, base + vlen + 1) != 0) {
+        if (created) ddp__store_kv_del(sv, key, klen);
+        return -1;
+    }
     nv = (unsigned char *)malloc(base + vlen + 1);
     if (!nv) {
+        ddp__store_uncharge(sv, base + vlen + 1);
         if (created) ddp__store_kv_del(sv, key, klen);
         return -1;
     }
     if (base) memcpy(nv, e->val, base);
     if (vlen) memcpy(nv + base, val, vlen);
+    nv[base + vlen] = 0;
+    if (e->val) ddp__store_uncharge(sv, e->vlen + 1);
     free(e->val);
     e->val = nv;
     e->vlen = base + vlen;
     return 0;
 }
 
-static void ddp__store_conn_send(ddp__store_conn *c, const void *d, size_t n) {
-    ddp__store_buf_put(&c->out, d, n);
-    if (c->out.oom) c->dead = 1;
+/* Queue reply bytes. A client whose unread replies pass DDP__STORE_MAX_UNREAD,
+ * or that would push the store past its memory cap, is dropped. */
+static void ddp__store_conn_send(ddp__store_server *sv, ddp__store_conn *c, const void *d, size_t n) {
+    size_t pending, need, cap;
+    unsigned char *q;
+    if (c->dead || n == 0) return;
+    pending = c->out.n - c->out_off;
+    if (pending + n > DDP__STORE_MAX_UNREAD) {
+        ddp__store_drop(sv, c, "it leaves more than %u reply bytes unread", (unsigned)DDP__STORE_MAX_UNREAD);
+        return;
+    }
+    if (c->out.n + n > c->out.cap && c->out_off > 0) { /* compact before growing */
+        memmove(c->out.p, c->out.p + c->out_off, pending);
+        c->out.n = pending;
+        c->out_off = 0;
+    }
+    need = c->out.n + n;
+    if (need > c->out.cap) {
+        cap = c->out.cap ? c->out.cap : 256;
+        while (cap < need) cap *= 2;
+        if (ddp__store_charge(sv, cap - c->out.cap) != 0) {
+            ddp__store_drop(sv, c, "its replies would make the store hold more than %" DDP__PRIzu " bytes", sv->max_bytes);
+            return;
+        }
+        q = (unsigned char *)realloc(c->out.p, cap);
+        if (!q) {
+            ddp__store_uncharge(sv, cap - c->out.cap);
+            ddp__store_drop(sv, c, "out of memory for its replies");
+            return;
+        }
+        c->out.p = q;
+        c->out.cap = cap;
+    }
+    memcpy(c->out.p + c->out.n, d, n);
+    c->out.n += n;
 }
 
-static void ddp__store_conn_send_u8(ddp__store_conn *c, unsigned v) {
+static void ddp__store_conn_send_u8(ddp__store_server *sv, ddp__store_conn *c, unsigned v) {
     unsigned char b = (unsigned char)v;
-    ddp__store_conn_send(c, &b, 1);
+    ddp__store_conn_send(sv, c, &b, 1);
 }
 
-static void ddp__store_conn_send_i64(ddp__store_conn *c, int64_t v) { ddp__store_conn_send(c, &v, 8); }
+static void ddp__store_conn_send_u32(ddp__store_server *sv, ddp__store_conn *c, uint32_t v) { ddp__store_conn_send(sv, c, &v, 4); }
+static void ddp__store_conn_send_i64(ddp__store_server *sv, ddp__store_conn *c, int64_t v) { ddp__store_conn_send(sv, c, &v, 8); }
 
-static void ddp__store_conn_send_blob(ddp__store_conn *c, const void *d, size_t n) {
+static void ddp__store_conn_send_blob(ddp__store_server *sv, ddp__store_conn *c, const void *d, size_t n) {
     uint64_t len = (uint64_t)n;
-    ddp__store_conn_send(c, &len, 8);
-    ddp__store_conn_send(c, d, n);
+    ddp__store_conn_send(sv, c, &len, 8);
+    ddp__store_conn_send(sv, c, d, n);
 }
 
-static void ddp__store_conn_clear_wait(ddp__store_conn *c) {
+static void ddp__store_conn_clear_wait(ddp__store_server *sv, ddp__store_conn *c) {
     size_t i;
     for (i = 0; i < c->nwait; i++) free(c->wkeys[i]);
     free(c->wkeys);
     free(c->wlens);
+    ddp__store_uncharge(sv, c->wbytes);
     c->wkeys = NULL;
     c->wlens = NULL;
     c->nwait = 0;
+    c->wbytes = 0;
     c->waiting = 0;
+}
+
+/* The rendezvous is over: remember why (first event wins), answer every
+ * pending WAIT with DDP__STORE_WAIT_ABORTED, and from now on every new one. */
+static DDP__STORE_PRINTF(3, 4) void ddp__store_event(ddp__store_server *sv, int kind, const char *fmt, ...) {
+    va_list ap;
+    size_t i;
+    if (ddp__atomic_load_int(&sv->event_set)) return;
+    va_start(ap, fmt);
+    vsnprintf(sv->event_msg, sizeof sv->event_msg, fmt, ap);
+    va_end(ap);
+    sv->event_kind = kind;
+    ddp__atomic_store_int(&sv->event_set, 1);
+    ddp__store_logf(sv, 1, "store: %s", sv->event_msg);
+    for (i = 0; i < sv->nconns; i++) {
+        ddp__store_conn *c = sv->conns[i];
+        if (!c->waiting) continue;
+        ddp__store_conn_clear_wait(sv, c);
+        ddp__store_conn_send_u8(sv, c, DDP__STORE_WAIT_ABORTED);
+    }
 }
 
 /* A key appeared: drop it from every pending WAIT; answer the WAITs it completes
@@ -3020,8 +4472,8 @@ static void ddp__store_wake(ddp__store_server *sv, const void *key, size_t klen)
             }
         }
         if (c->nwait == 0) {
-            ddp__store_conn_clear_wait(c);
-            ddp__store_conn_send_u8(c, 0); /* STOP_WAITING */
+            ddp__store_conn_clear_wait(sv, c);
+            ddp__store_conn_send_u8(sv, c, 0); /* STOP_WAITING */
         }
     }
 }
@@ -3078,9 +4530,83 @@ static int ddp__store_parse_i64(const unsigned char *p, size_t n, int64_t *out) 
     tmp[n] = 0;
     errno = 0;
     v = strtoll(tmp, &end, 10);
-    if (end == tmp || errno == ERANGE) return -1;
+    if (end == tmp || *end != 0 || errno == ERANGE) return -1;
     *out = (int64_t)v;
     return 0;
+}
+
+/* Keys under the protected prefix are the job's: written once (SET of a
+ * different value later is tampering), counters ("/count") only ADDed to,
+ * never deleted. */
+static int ddp__store_protected(const ddp__store_server *sv, const unsigned char *k, size_t kl) {
+    return sv->protect_len && kl >= sv->protect_len && memcmp(k, sv->protect, sv->protect_len) == 0;
+}
+
+static int ddp__store_is_counter(const unsigned char *k, size_t kl) {
+    return kl >= 6 && memcmp(k + kl - 6, "/count", 6) == 0;
+}
+
+/* A write to a protected key: 0 allowed (or the same value again), -1 refused
+ * (the event is recorded, the value kept, the writer dropped). */
+static int ddp__store_check_write(ddp__store_server *sv, ddp__store_conn *c, const char *op,
+                                  const unsigned char *k, size_t kl, const unsigned char *v, size_t vl) {
+    char show[128];
+    ddp__store_kv *e;
+    if (!ddp__store_protected(sv, k, kl)) return 0;
+    e = ddp__store_kv_find(sv, k, kl);
+    if (op[0] == 'S' && !ddp__store_is_counter(k, kl) &&
+        (!e || (e->vlen == vl && (vl == 0 || memcmp(e->val, v, vl) == 0))))
+        return 0;
+    ddp__store_event(sv, DDP__EVENT_TAMPER,
+                     "store tampering: %s of key '%s' by %s%s (the job writes that key once%s); another job on port %d, or a process that is not a rank",
+                     op, ddp__store_show(k, kl, show, sizeof show), c->rank >= 0 ? "rank " : "a client at ",
+                     c->rank >= 0 ? "" : c->peer, ddp__store_is_counter(k, kl) ? " and only adds to its counters" : "", sv->port);
+    c->dead = 1;
+    return -1;
+}
+
+/* The answer to a hello or a proof: status, rank 0's identity record (only
+ * to a client that may see it: no secret, or the secret proven), and the
+ * reason for a refusal. */
+static void ddp__store_verdict(ddp__store_server *sv, ddp__store_conn *c, int status, int with_ident, const char *reason) {
+    uint32_t il = with_ident ? (uint32_t)strlen(sv->ident_text) : 0, rl = (uint32_t)strlen(reason);
+    ddp__store_conn_send_u8(sv, c, (unsigned)status);
+    ddp__store_conn_send_u32(sv, c, il);
+    ddp__store_conn_send(sv, c, sv->ident_text, il);
+    ddp__store_conn_send_u32(sv, c, rl);
+    ddp__store_conn_send(sv, c, reason, rl);
+}
+
+/* The identity in a hello: same job (accept), or both sides fail. */
+static void ddp__store_hello_accept(ddp__store_server *sv, ddp__store_conn *c, int after_proof) {
+    char msg[768];
+    int status = DDP__HELLO_OK, r = c->ident.rank;
+    size_t i;
+    msg[0] = 0;
+    if (sv->has_ident) {
+        if (ddp__ident_compare(&sv->ident, &c->ident, sv->port, msg, sizeof msg) != DDP_SUCCESS) status = DDP__HELLO_MISMATCH;
+        /* a rank reconnects from the same process; another process
+           claiming a rank that is connected is another job's */
+        for (i = 0; i < sv->nconns && status == DDP__HELLO_OK; i++) {
+            const ddp__store_conn *o = sv->conns[i];
+            if (o == c || o->hello != 2 || o->rank != r || o->dead || o->closing) continue;
+            if (o->ident.pid == c->ident.pid && !strcmp(o->ident.host, c->ident.host)) continue;
+            snprintf(msg, sizeof msg, "port %d is used by another job: two processes claim rank %d (pid %d on %s, pid %d on %s)",
+                     sv->port, r, o->ident.pid, o->ident.host, c->ident.pid, c->ident.host);
+            status = DDP__HELLO_MISMATCH;
+        }
+    }
+    if (!after_proof) ddp__store_conn_send_u32(sv, c, DDP__STORE_REPLY_MAGIC);
+    ddp__store_verdict(sv, c, status, 1, msg);
+    if (status != DDP__HELLO_OK) {
+        ddp__store_event(sv, DDP__EVENT_MISMATCH, "%s (a client at %s)", msg, c->peer);
+        c->closing = 1;
+        return;
+    }
+    c->hello = 2;
+    c->rank = r;
+    if (sv->rank_pid && r < sv->ident.world) ddp__atomic_store_int(&sv->rank_pid[r], c->ident.pid);
+    if (r != 0) ddp__atomic_add_int(&sv->rank_clients, 1);
 }
 
 /* Serve one complete command from c's input: 1 served, 0 incomplete, -1 drop. */
@@ -3095,7 +4621,7 @@ static int ddp__store_serve_one(ddp__store_server *sv, ddp__store_conn *c) {
     r.p = c->in + c->in_off;
     r.n = c->in_len - c->in_off;
     r.off = 1;
-    if (r.n == 0) return 0;
+    if (r.n == 0 || c->closing || c->dead) return 0;
     if (c->proto == 0) {
         /* A V2 client starts with VALIDATE (0) + magic; a V1 SET (also 0) has an
          * 8-byte length there, which cannot hold the magic for any sane key. */
@@ -3109,9 +4635,100 @@ static int ddp__store_serve_one(ddp__store_server *sv, ddp__store_conn *c) {
         }
     }
     op = r.p[0];
-    if (c->proto == 2) op = op == 0 ? DDP__STORE_Q_VALIDATE : op <= 7 ? op - 1 : op;
+    if (op == DDP__STORE_Q_HELLO || op == DDP__STORE_Q_PROOF || op == DDP__STORE_Q_EVENT || op == DDP__STORE_Q_ABORT) {
+        /* the library's own requests: the same byte in both wire versions */
+    } else if (c->proto == 2) {
+        op = op == 0 ? DDP__STORE_Q_VALIDATE : op <= 7 ? op - 1 : op;
+    }
+    /* with a secret, nothing but the hello and its proof before the proof */
+    if (sv->secret && c->hello != 2 && op != DDP__STORE_Q_HELLO && op != DDP__STORE_Q_PROOF) {
+        ddp__store_logf(sv, 1, "store: rejected client %s: its first request (byte %u) came before it proved the job secret; not a rank of this job, or a rank without DDP_JOB_SECRET",
+                        c->peer, (unsigned)r.p[0]);
+        return -1;
+    }
 
     switch (op) {
+    case DDP__STORE_Q_HELLO: {
+        uint32_t magic, len;
+        const unsigned char *text;
+        if (r.n - r.off < 8) return 0;
+        memcpy(&magic, r.p + r.off, 4);
+        memcpy(&len, r.p + r.off + 4, 4);
+        if (magic != DDP__STORE_HELLO_MAGIC || len > DDP__IDENT_MAX || c->hello) {
+            ddp__store_logf(sv, 1, "store: rejected client %s: a malformed or repeated hello", c->peer);
+            return -1;
+        }
+        if (r.n - r.off < 8 + (size_t)len + 32) return 0;
+        text = r.p + r.off + 8;
+        memcpy(c->cnonce, text + len, 32);
+        r.off += 8 + (size_t)len + 32;
+        if (ddp__ident_parse((const char *)text, len, &c->ident) != 0) {
+            ddp__store_logf(sv, 1, "store: rejected client %s: its hello holds no identity record (another program, or another ddp.h version?)", c->peer);
+            return -1;
+        }
+        if (sv->secret && !c->ident.secret) {
+            ddp__store_conn_send_u32(sv, c, DDP__STORE_REPLY_MAGIC);
+            ddp__store_verdict(sv, c, DDP__HELLO_NEED_SECRET, 0, "");
+            ddp__store_logf(sv, 1, "store: rejected client %s claiming rank %d: it has no job secret (not a rank of this job, or started without DDP_JOB_SECRET)",
+                            c->peer, c->ident.rank);
+            c->closing = 1;
+            break;
+        }
+        if (sv->secret) {
+            unsigned char proof[32];
+            if (ddp__sys_random(c->snonce, sizeof c->snonce) != 0) return -1;
+            ddp__hmac_sha256(sv->secret, sv->secret_len, "ddp.h store server", 18, c->cnonce, 32, c->snonce, 32, proof);
+            ddp__store_conn_send_u32(sv, c, DDP__STORE_REPLY_MAGIC);
+            ddp__store_verdict(sv, c, DDP__HELLO_CHALLENGE, 0, "");
+            ddp__store_conn_send(sv, c, c->snonce, 32);
+            ddp__store_conn_send(sv, c, proof, 32);
+            c->hello = 1;
+            break;
+        }
+        ddp__store_hello_accept(sv, c, 0);
+        break;
+    }
+    case DDP__STORE_Q_PROOF: {
+        unsigned char want[32];
+        if (r.n - r.off < 32) return 0;
+        if (c->hello != 1) return -1;
+        ddp__hmac_sha256(sv->secret, sv->secret_len, "ddp.h store client", 18, c->snonce, 32, c->cnonce, 32, want);
+        if (!ddp__ct_equal(want, r.p + r.off, 32)) {
+            r.off += 32;
+            ddp__store_verdict(sv, c, DDP__HELLO_BAD_PROOF, 0, "");
+            ddp__store_logf(sv, 1, "store: rejected client %s claiming rank %d: wrong job secret (not a rank of this job, or the ranks were given different secrets)",
+                            c->peer, c->ident.rank);
+            c->closing = 1;
+            break;
+        }
+        r.off += 32;
+        ddp__store_hello_accept(sv, c, 1);
+        break;
+    }
+    case DDP__STORE_Q_EVENT: {
+        unsigned char kind;
+        size_t ml;
+        if (!ddp__atomic_load_int(&sv->event_set)) {
+            ddp__store_conn_send_blob(sv, c, "", 0);
+            break;
+        }
+        kind = (unsigned char)sv->event_kind;
+        ml = strlen(sv->event_msg);
+        n = (uint64_t)(ml + 1);
+        ddp__store_conn_send(sv, c, &n, 8);
+        ddp__store_conn_send(sv, c, &kind, 1);
+        ddp__store_conn_send(sv, c, sv->event_msg, ml);
+        break;
+    }
+    case DDP__STORE_Q_ABORT: {
+        char msg[1024];
+        DDP__STORE_RD(ddp__store_rd_blob(&r, 1000, &v, &vl));
+        if (c->hello != 2) return -1; /* only a rank may end the rendezvous */
+        for (i = 0; i < vl && i + 1 < sizeof msg; i++) msg[i] = v[i] >= 32 && v[i] < 127 ? (char)v[i] : '?';
+        msg[i] = 0;
+        ddp__store_event(sv, DDP__EVENT_ABORT, "%s", msg);
+        break;
+    }
     case DDP__STORE_Q_VALIDATE: {
         uint32_t m;
         if (r.n - r.off < 4) return 0;
@@ -3122,7 +4739,7 @@ static int ddp__store_serve_one(ddp__store_server *sv, ddp__store_conn *c) {
     }
     case DDP__STORE_Q_PING: {
         if (r.n - r.off < 4) return 0;
-        ddp__store_conn_send(c, r.p + r.off, 4);
+        ddp__store_conn_send(sv, c, r.p + r.off, 4);
         r.off += 4;
         break;
     }
@@ -3130,67 +4747,92 @@ static int ddp__store_serve_one(ddp__store_server *sv, ddp__store_conn *c) {
     case DDP__STORE_Q_APPEND:
         DDP__STORE_RD(ddp__store_rd_blob(&r, DDP__STORE_MAX_KEY_LEN, &k, &kl));
         DDP__STORE_RD(ddp__store_rd_blob(&r, DDP__STORE_MAX_VALUE_LEN, &v, &vl));
-        if (ddp__store_kv_put(sv, k, kl, v, vl, op == DDP__STORE_Q_APPEND) != 0) return -1;
+        if (ddp__store_check_write(sv, c, op == DDP__STORE_Q_SET ? "SET" : "APPEND", k, kl, v, vl) != 0) return -1;
+        if (ddp__store_kv_put(sv, k, kl, v, vl, op == DDP__STORE_Q_APPEND) != 0) {
+            ddp__store_drop(sv, c, "storing %" DDP__PRIzu " bytes would pass the store's cap of %" DDP__PRIzu " bytes", vl, sv->max_bytes);
+            return -1;
+        }
         ddp__store_wake(sv, k, kl);
         break;
     case DDP__STORE_Q_COMPARE_SET:
         DDP__STORE_RD(ddp__store_rd_blob(&r, DDP__STORE_MAX_KEY_LEN, &k, &kl));
         DDP__STORE_RD(ddp__store_rd_blob(&r, DDP__STORE_MAX_VALUE_LEN, &v, &vl));
         DDP__STORE_RD(ddp__store_rd_blob(&r, DDP__STORE_MAX_VALUE_LEN, &v2, &vl2));
+        if (ddp__store_check_write(sv, c, "COMPARE_SET", k, kl, v2, vl2) != 0) return -1;
         e = ddp__store_kv_find(sv, k, kl);
         if (!e) {
             /* torch: a missing key is created only when expected is empty;
              * otherwise the reply is the expected value (its own "lie"). */
             if (vl == 0) {
                 if (ddp__store_kv_put(sv, k, kl, v2, vl2, 0) != 0) return -1;
-                ddp__store_conn_send_blob(c, v2, vl2);
+                ddp__store_conn_send_blob(sv, c, v2, vl2);
                 ddp__store_wake(sv, k, kl);
             } else {
-                ddp__store_conn_send_blob(c, v, vl);
+                ddp__store_conn_send_blob(sv, c, v, vl);
             }
         } else {
             if (e->vlen == vl && (vl == 0 || memcmp(e->val, v, vl) == 0)) {
                 if (ddp__store_kv_put(sv, k, kl, v2, vl2, 0) != 0) return -1;
                 e = ddp__store_kv_find(sv, k, kl);
             }
-            ddp__store_conn_send_blob(c, e->val, e->vlen);
+            ddp__store_conn_send_blob(sv, c, e->val, e->vlen);
         }
         break;
     case DDP__STORE_Q_GET:
         DDP__STORE_RD(ddp__store_rd_blob(&r, DDP__STORE_MAX_KEY_LEN, &k, &kl));
         e = ddp__store_kv_find(sv, k, kl);
         if (!e) return -1; /* as torch: GET of a missing key drops the client */
-        ddp__store_conn_send_blob(c, e->val, e->vlen);
+        ddp__store_conn_send_blob(sv, c, e->val, e->vlen);
         break;
     case DDP__STORE_Q_ADD: {
         uint64_t d;
         int64_t cur = 0, sum;
-        char text[32];
+        char text[32], show[128];
         DDP__STORE_RD(ddp__store_rd_blob(&r, DDP__STORE_MAX_KEY_LEN, &k, &kl));
         DDP__STORE_RD(ddp__store_rd_u64(&r, &d));
         e = ddp__store_kv_find(sv, k, kl);
-        if (e && ddp__store_parse_i64(e->val, e->vlen, &cur) != 0) return -1;
+        if (e && ddp__store_parse_i64(e->val, e->vlen, &cur) != 0) {
+            if (ddp__store_protected(sv, k, kl)) {
+                char val[64];
+                ddp__store_event(sv, DDP__EVENT_TAMPER,
+                                 "store tampering: key '%s' holds '%s' where a counter is expected (written by another job on port %d, or a process that is not a rank)",
+                                 ddp__store_show(k, kl, show, sizeof show), ddp__store_show(e->val, e->vlen < 40 ? e->vlen : 40, val, sizeof val), sv->port);
+            }
+            return -1; /* as torch: the client is dropped */
+        }
+        if (!e && ddp__store_protected(sv, k, kl) && !ddp__store_is_counter(k, kl) &&
+            ddp__store_check_write(sv, c, "ADD", k, kl, NULL, 0) != 0)
+            return -1;
         sum = (int64_t)((uint64_t)cur + d); /* wraps like torch's int64 */
         snprintf(text, sizeof text, "%lld", (long long)sum);
         if (ddp__store_kv_put(sv, k, kl, text, strlen(text), 0) != 0) return -1;
-        ddp__store_conn_send_i64(c, sum);
+        ddp__store_conn_send_i64(sv, c, sum);
         ddp__store_wake(sv, k, kl);
         break;
     }
     case DDP__STORE_Q_CHECK:
     case DDP__STORE_Q_WAIT: {
-        size_t start = r.off, missing = 0;
+        size_t start = r.off, missing = 0, bytes = 0;
         DDP__STORE_RD(ddp__store_rd_keys(&r, &n));
         r.off = start + 8;
         for (i = 0; i < n; i++) {
             ddp__store_rd_blob(&r, DDP__STORE_MAX_KEY_LEN, &k, &kl);
-            if (!ddp__store_kv_find(sv, k, kl)) missing++;
+            if (!ddp__store_kv_find(sv, k, kl)) { missing++; bytes += kl + 1 + sizeof(char *) + sizeof(size_t); }
         }
-        if (op == DDP__STORE_Q_CHECK || missing == 0) {
-            ddp__store_conn_send_u8(c, missing == 0 ? 0 : 1); /* READY/STOP_WAITING : NOT_READY */
+        if (op == DDP__STORE_Q_WAIT && ddp__atomic_load_int(&sv->event_set)) {
+            ddp__store_conn_send_u8(sv, c, DDP__STORE_WAIT_ABORTED);
             break;
         }
-        ddp__store_conn_clear_wait(c);
+        if (op == DDP__STORE_Q_CHECK || missing == 0) {
+            ddp__store_conn_send_u8(sv, c, missing == 0 ? 0 : 1); /* READY/STOP_WAITING : NOT_READY */
+            break;
+        }
+        ddp__store_conn_clear_wait(sv, c);
+        if (ddp__store_charge(sv, bytes) != 0) {
+            ddp__store_drop(sv, c, "its WAIT would make the store hold more than %" DDP__PRIzu " bytes", sv->max_bytes);
+            return -1;
+        }
+        c->wbytes = bytes;
         c->wkeys = (char **)calloc(missing, sizeof *c->wkeys);
         c->wlens = (size_t *)calloc(missing, sizeof *c->wlens);
         if (!c->wkeys || !c->wlens) return -1;
@@ -3207,15 +4849,16 @@ static int ddp__store_serve_one(ddp__store_server *sv, ddp__store_conn *c) {
         break;
     }
     case DDP__STORE_Q_CANCEL_WAIT:
-        ddp__store_conn_clear_wait(c);
-        ddp__store_conn_send_u8(c, 1); /* WAIT_CANCELED */
+        ddp__store_conn_clear_wait(sv, c);
+        ddp__store_conn_send_u8(sv, c, 1); /* WAIT_CANCELED */
         break;
     case DDP__STORE_Q_GETNUMKEYS:
-        ddp__store_conn_send_i64(c, (int64_t)sv->nkeys);
+        ddp__store_conn_send_i64(sv, c, (int64_t)sv->nkeys);
         break;
     case DDP__STORE_Q_DELETE_KEY:
         DDP__STORE_RD(ddp__store_rd_blob(&r, DDP__STORE_MAX_KEY_LEN, &k, &kl));
-        ddp__store_conn_send_i64(c, ddp__store_kv_del(sv, k, kl));
+        if (ddp__store_protected(sv, k, kl) && ddp__store_check_write(sv, c, "DELETE", k, kl, NULL, 0) != 0) return -1;
+        ddp__store_conn_send_i64(sv, c, ddp__store_kv_del(sv, k, kl));
         break;
     case DDP__STORE_Q_MULTI_GET: {
         size_t start = r.off;
@@ -3225,7 +4868,7 @@ static int ddp__store_serve_one(ddp__store_server *sv, ddp__store_conn *c) {
             ddp__store_rd_blob(&r, DDP__STORE_MAX_KEY_LEN, &k, &kl);
             e = ddp__store_kv_find(sv, k, kl);
             if (!e) return -1;
-            ddp__store_conn_send_blob(c, e->val, e->vlen);
+            ddp__store_conn_send_blob(sv, c, e->val, e->vlen);
         }
         break;
     }
@@ -3241,6 +4884,7 @@ static int ddp__store_serve_one(ddp__store_server *sv, ddp__store_conn *c) {
         for (i = 0; i < n; i++) {
             ddp__store_rd_blob(&r, DDP__STORE_MAX_KEY_LEN, &k, &kl);
             ddp__store_rd_blob(&r, DDP__STORE_MAX_VALUE_LEN, &v, &vl);
+            if (ddp__store_check_write(sv, c, "SET", k, kl, v, vl) != 0) return -1;
             if (ddp__store_kv_put(sv, k, kl, v, vl, 0) != 0) return -1;
             ddp__store_wake(sv, k, kl);
         }
@@ -3253,7 +4897,7 @@ static int ddp__store_serve_one(ddp__store_server *sv, ddp__store_conn *c) {
     return 1;
 }
 
-static void ddp__store_conn_flush(ddp__store_conn *c) {
+static void ddp__store_conn_flush(ddp__store_server *sv, ddp__store_conn *c) {
     while (!c->dead && c->out_off < c->out.n) {
         ddp__ssize w = ddp__sock_send(c->fd, c->out.p + c->out_off, c->out.n - c->out_off,
                          DDP__SOCK_NOSIGNAL | DDP__SOCK_DONTWAIT);
@@ -3262,7 +4906,16 @@ static void ddp__store_conn_flush(ddp__store_conn *c) {
         if (w < 0 && (ddp__sock_errno() == EAGAIN || ddp__sock_errno() == EWOULDBLOCK)) return;
         c->dead = 1; /* EPIPE, ECONNRESET, ...: the peer is gone */
     }
-    if (c->out_off == c->out.n) c->out_off = c->out.n = 0;
+    if (c->out_off == c->out.n) {
+        c->out_off = c->out.n = 0;
+        if (c->out.cap > (1u << 20)) { /* an idle connection holds no large buffer */
+            ddp__store_uncharge(sv, c->out.cap);
+            free(c->out.p);
+            c->out.p = NULL;
+            c->out.cap = 0;
+        }
+        if (c->closing) c->dead = 1;
+    }
 }
 
 /* Read what is there, serve every complete command, note EOF. */
@@ -3273,13 +4926,21 @@ static void ddp__store_conn_input(ddp__store_server *sv, ddp__store_conn *c) {
             size_t cap = c->in_cap ? c->in_cap : 65536;
             unsigned char *q;
             while (cap - c->in_len < 65536) cap *= 2;
+            if (ddp__store_charge(sv, cap - c->in_cap) != 0) {
+                ddp__store_drop(sv, c, "its request would make the store hold more than %" DDP__PRIzu " bytes", sv->max_bytes);
+                return;
+            }
             q = (unsigned char *)realloc(c->in, cap);
-            if (!q) { c->dead = 1; return; }
+            if (!q) {
+                ddp__store_uncharge(sv, cap - c->in_cap);
+                ddp__store_drop(sv, c, "out of memory for its request");
+                return;
+            }
             c->in = q;
             c->in_cap = cap;
         }
         got = ddp__sock_recv(c->fd, c->in + c->in_len, c->in_cap - c->in_len, 0);
-        if (got > 0) { c->in_len += (size_t)got; break; }
+        if (got > 0) { c->in_len += (size_t)got; c->active = 1; break; }
         if (got < 0 && ddp__sock_errno() == EINTR) continue;
         if (got < 0 && (ddp__sock_errno() == EAGAIN || ddp__sock_errno() == EWOULDBLOCK)) break;
         c->eof = 1; /* 0 = orderly close; errors count as a close too */
@@ -3287,59 +4948,141 @@ static void ddp__store_conn_input(ddp__store_server *sv, ddp__store_conn *c) {
     }
     for (;;) {
         int rc = ddp__store_serve_one(sv, c);
-        if (rc < 0) { c->dead = 1; break; }
+        if (rc < 0) {
+            if (!c->dead) ddp__store_drop(sv, c, "it sent a malformed request or broke a limit");
+            break;
+        }
         if (rc == 0) break;
     }
     if (c->in_off == c->in_len) {
         c->in_off = c->in_len = 0;
-    } else if (c->in_off > 0) {
-        memmove(c->in, c->in + c->in_off, c->in_len - c->in_off);
-        c->in_len -= c->in_off;
-        c->in_off = 0;
+        c->t_partial = 0;
+    } else {
+        if (c->in_off > 0) {
+            memmove(c->in, c->in + c->in_off, c->in_len - c->in_off);
+            c->in_len -= c->in_off;
+            c->in_off = 0;
+        }
+        if (c->t_partial == 0) c->t_partial = ddp__store_now();
     }
     /* shrink after a large value so idle connections do not hold memory */
     if (c->in_len == 0 && c->in_cap > (1u << 20)) {
+        ddp__store_uncharge(sv, c->in_cap);
         free(c->in);
         c->in = NULL;
         c->in_cap = 0;
     }
 }
 
-static void ddp__store_conn_free(ddp__store_conn *c) {
+static void ddp__store_conn_free(ddp__store_server *sv, ddp__store_conn *c) {
+    if (c->hello == 1 && c->eof)
+        ddp__store_logf(sv, 1, "store: rejected client %s claiming rank %d: it did not prove the job secret (the secrets differ, or not a rank of this job)",
+                        c->peer, c->ident.rank);
+    if (c->hello == 2 && c->rank != 0) ddp__atomic_add_int(&sv->rank_clients, -1);
     ddp__sock_close(c->fd);
-    ddp__store_conn_clear_wait(c);
+    ddp__store_conn_clear_wait(sv, c);
+    ddp__store_uncharge(sv, c->in_cap + c->out.cap + sizeof *c);
     free(c->in);
     free(c->out.p);
     free(c);
 }
 
+static void ddp__store_peer_name(const struct sockaddr_storage *ss, char *out, size_t cap) {
+    char host[INET6_ADDRSTRLEN] = "?";
+    int port = 0;
+    if (ss->ss_family == AF_INET) {
+        const struct sockaddr_in *a = (const struct sockaddr_in *)(const void *)ss;
+        inet_ntop(AF_INET, &a->sin_addr, host, sizeof host);
+        port = ntohs(a->sin_port);
+    } else if (ss->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)(const void *)ss;
+        inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof host);
+        port = ntohs(a->sin6_port);
+    }
+    snprintf(out, cap, "%s:%d", host, port);
+}
+
 static void ddp__store_server_accept(ddp__store_server *sv, int *paused) {
     for (;;) {
-        int fd = ddp__sock_accept(sv->listen_fd), one = 1;
+        struct sockaddr_storage ss;
+        socklen_t sl = sizeof ss;
+        int fd = ddp__sock_accept(sv->listen_fd, (struct sockaddr *)&ss, &sl), one = 1;
         ddp__store_conn *c;
+        char peer[64];
         if (fd < 0) {
             if (ddp__sock_errno() == EINTR || ddp__sock_errno() == ECONNABORTED) continue;
             if (ddp__sock_errno() == EMFILE || ddp__sock_errno() == ENFILE || ddp__sock_errno() == ENOBUFS || ddp__sock_errno() == ENOMEM)
                 *paused = 1; /* retry in a while instead of spinning on POLLIN */
             return;
         }
+        ddp__store_peer_name(&ss, peer, sizeof peer);
+        if (sv->nconns >= sv->max_conns) {
+            /* at the cap: the oldest connection that never sent a byte makes room */
+            ddp__store_conn *victim = NULL;
+            size_t i;
+            for (i = 0; i < sv->nconns; i++) {
+                ddp__store_conn *o = sv->conns[i];
+                if (!o->active && !o->dead && (!victim || o->t_open < victim->t_open)) victim = o;
+            }
+            if (!victim) {
+                ddp__store_logf(sv, 1, "store: refused a connection from %s: %" DDP__PRIzu " connections are open, the cap", peer, sv->max_conns);
+                ddp__sock_close(fd);
+                continue;
+            }
+            ddp__store_drop(sv, victim, "evicted: %" DDP__PRIzu " connections are open, the cap, and it has sent nothing", sv->max_conns);
+        }
         ddp__store_sock_setup(fd);
         ddp__sock_setopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-        c = (ddp__store_conn *)calloc(1, sizeof *c);
+        c = NULL;
+        if (ddp__store_charge(sv, sizeof *c) == 0) {
+            c = (ddp__store_conn *)calloc(1, sizeof *c);
+            if (!c) ddp__store_uncharge(sv, sizeof *c);
+        }
         if (c && sv->nconns == sv->conns_cap) {
             size_t cap = sv->conns_cap ? sv->conns_cap * 2 : 16;
             ddp__store_conn **q = (ddp__store_conn **)realloc(sv->conns, cap * sizeof *q);
             if (q) { sv->conns = q; sv->conns_cap = cap; }
         }
         if (!c || sv->nconns == sv->conns_cap) {
+            if (c) ddp__store_uncharge(sv, sizeof *c);
             free(c);
             ddp__sock_close(fd);
+            ddp__store_logf(sv, 1, "store: refused a connection from %s: the store holds %" DDP__PRIzu " bytes, its cap", peer, sv->bytes);
             *paused = 1;
             return;
         }
         c->fd = fd;
+        c->rank = -1;
+        c->t_open = ddp__store_now();
+        memcpy(c->peer, peer, sizeof c->peer);
         sv->conns[sv->nconns++] = c;
     }
+}
+
+/* Drop connections that sent nothing, or left a request half-sent, for too
+ * long; return the poll timeout (ms) until the next such deadline, -1 none. */
+static int ddp__store_expire(ddp__store_server *sv) {
+    double now = ddp__store_now(), next = 1e300;
+    size_t i;
+    int dropped = 0;
+    for (i = 0; i < sv->nconns; i++) {
+        ddp__store_conn *c = sv->conns[i];
+        double due;
+        if (c->dead) { dropped = 1; continue; }
+        if (!c->active) {
+            due = c->t_open + sv->idle_timeout_s;
+            if (now >= due) { ddp__store_drop(sv, c, "it sent nothing for %.1f s", sv->idle_timeout_s); dropped = 1; continue; }
+            if (due < next) next = due;
+        }
+        if (c->t_partial > 0) {
+            due = c->t_partial + sv->slow_timeout_s;
+            if (now >= due) { ddp__store_drop(sv, c, "a request took more than %.1f s to arrive", sv->slow_timeout_s); dropped = 1; continue; }
+            if (due < next) next = due;
+        }
+    }
+    if (dropped) return 0; /* free them in this round */
+    if (next >= 1e299) return -1;
+    return (int)((next - now) * 1000.0) + 1;
 }
 
 static void *ddp__store_server_main(void *arg) {
@@ -3349,7 +5092,7 @@ static void *ddp__store_server_main(void *arg) {
     int paused = 0;
     for (;;) {
         size_t i, n = sv->nconns, live;
-        int rc;
+        int rc, tmo;
         if (n + 2 > pcap) {
             size_t cap = (n + 2) * 2;
             struct pollfd *q = (struct pollfd *)realloc(pfd, cap * sizeof *q);
@@ -3365,7 +5108,9 @@ static void *ddp__store_server_main(void *arg) {
             pfd[2 + i].events = (short)(POLLIN | (sv->conns[i]->out.n ? POLLOUT : 0));
         }
         for (i = 0; i < n + 2; i++) pfd[i].revents = 0;
-        rc = ddp__sock_poll(pfd, (ddp__nfds)(n + 2), paused ? 100 : -1);
+        tmo = ddp__store_expire(sv);
+        if (paused && (tmo < 0 || tmo > 100)) tmo = 100;
+        rc = ddp__sock_poll(pfd, (ddp__nfds)(n + 2), tmo);
         if (rc < 0) {
             if (ddp__sock_errno() != EINTR) ddp__store_sleep(0.01);
             continue;
@@ -3383,6 +5128,7 @@ static void *ddp__store_server_main(void *arg) {
                     sv->listen_fd = -1;
                     ddp__atomic_store_int(&sv->listener_closed, 1);
                 }
+                if (cmd[j] == 3 && ddp__atomic_load_int(&sv->ext_set)) ddp__store_event(sv, DDP__EVENT_ABORT, "%s", sv->ext_msg);
             }
             if (stop) break;
         }
@@ -3390,15 +5136,16 @@ static void *ddp__store_server_main(void *arg) {
         for (i = 0; i < n; i++) { /* connections accepted just now wait a round */
             ddp__store_conn *c = sv->conns[i];
             short re = pfd[2 + i].revents;
-            if (re & POLLOUT) ddp__store_conn_flush(c);
+            if (c->dead) continue;
+            if (re & POLLOUT) ddp__store_conn_flush(sv, c);
             if (re & (POLLIN | POLLHUP | POLLERR)) ddp__store_conn_input(sv, c);
         }
         /* answers may have been queued on any connection (WAITs woken) */
         for (live = 0, i = 0; i < sv->nconns; i++) {
             ddp__store_conn *c = sv->conns[i];
-            ddp__store_conn_flush(c);
+            ddp__store_conn_flush(sv, c);
             if (c->dead || c->eof) {
-                ddp__store_conn_free(c);
+                ddp__store_conn_free(sv, c);
             } else {
                 sv->conns[live++] = c;
             }
@@ -3415,7 +5162,7 @@ static int ddp__store_listen_on(const struct sockaddr *sa, socklen_t len, int *f
     int fd = ddp__sock_open(sa->sa_family, SOCK_STREAM, 0);
     if (fd < 0) { *err_no = ddp__sock_errno(); return -1; }
     ddp__store_sock_setup(fd);
-    ddp__sock_reuse_addr(fd); /* restart within TIME_WAIT */
+    ddp__sock_listen_prepare(fd); /* POSIX: restart within TIME_WAIT; Windows: nobody else takes the port */
     if (sa->sa_family == AF_INET6) ddp__sock_setopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof zero);
     if (ddp__sock_bind(fd, sa, len) != 0 || ddp__sock_listen(fd, 4096) != 0) {
         *err_no = ddp__sock_errno();
@@ -3426,12 +5173,19 @@ static int ddp__store_listen_on(const struct sockaddr *sa, socklen_t len, int *f
     return 0;
 }
 
+static void ddp__store_server_free(ddp__store_server *sv) {
+    free(sv->buckets);
+    free(sv->rank_pid);
+    if (sv->secret) { memset(sv->secret, 0, sv->secret_len); free(sv->secret); }
+    free(sv);
+}
+
 /* Listen on bind_host (NULL: every interface, IPv6 dual-stack when available)
  * and serve on a background thread. port 0 picks a free port (see
- * ddp__store_server_port). Fails, naming the port, when it is taken. */
-static DDP__STORE_UNUSED int ddp__store_server_start(const char *bind_host, int port,
-                                                     ddp__store_server **out, char *err,
-                                                     size_t errlen) {
+ * ddp__store_server_port). Fails, naming the port, when it is taken.
+ * opts may be NULL (a bare TCPStore with the default limits). */
+static DDP__STORE_UNUSED int ddp__store_server_start(const char *bind_host, int port, const ddp__store_opts *opts,
+                                                     ddp__store_server **out, char *err, size_t errlen) {
     ddp__store_server *sv;
     int fd = -1, err_no = 0, rc;
     union {
@@ -3441,9 +5195,45 @@ static DDP__STORE_UNUSED int ddp__store_server_start(const char *bind_host, int 
         struct sockaddr_storage ss;
     } addr;
     socklen_t alen;
+    ddp__store_opts none;
 
     *out = NULL;
+    if (!opts) { memset(&none, 0, sizeof none); opts = &none; }
     if (port < 0 || port > 65535) return ddp__store_fail(err, errlen, "cannot listen on port %d: not a TCP port (0..65535)", port);
+
+    sv = (ddp__store_server *)calloc(1, sizeof *sv);
+    if (sv) sv->buckets = (ddp__store_kv **)calloc(64, sizeof *sv->buckets);
+    if (!sv || !sv->buckets) {
+        if (sv) free(sv);
+        return ddp__store_fail(err, errlen, "cannot start store server on port %d: out of memory", port);
+    }
+    sv->nbuckets = 64;
+    sv->listen_fd = -1;
+    sv->max_bytes = opts->max_bytes ? opts->max_bytes : DDP__STORE_DEFAULT_MAX_BYTES;
+    sv->max_conns = (size_t)(opts->world > 0 ? opts->world : 1) * 2 + DDP__STORE_CONN_HEADROOM;
+    sv->idle_timeout_s = opts->idle_timeout_s > 0 ? opts->idle_timeout_s : DDP__STORE_IDLE_TIMEOUT_S;
+    sv->slow_timeout_s = opts->slow_timeout_s > 0 ? opts->slow_timeout_s : DDP__STORE_SLOW_TIMEOUT_S;
+    sv->log = opts->log;
+    sv->log_user = opts->log_user;
+    if (opts->protect) ddp__copy_str(sv->protect, sizeof sv->protect, opts->protect);
+    sv->protect_len = strlen(sv->protect);
+    if (opts->secret && opts->secret_len) {
+        sv->secret = (unsigned char *)malloc(opts->secret_len);
+        if (!sv->secret) { ddp__store_server_free(sv); return ddp__store_fail(err, errlen, "cannot start store server: out of memory"); }
+        memcpy(sv->secret, opts->secret, opts->secret_len);
+        sv->secret_len = opts->secret_len;
+    }
+    if (opts->ident) {
+        if (ddp__ident_parse(opts->ident, strlen(opts->ident), &sv->ident) != 0) {
+            ddp__store_server_free(sv);
+            return ddp__store_fail(err, errlen, "cannot start store server: malformed identity record '%.80s'", opts->ident);
+        }
+        sv->has_ident = 1;
+        ddp__copy_str(sv->ident_text, sizeof sv->ident_text, opts->ident);
+        sv->rank_pid = (int *)calloc((size_t)sv->ident.world, sizeof *sv->rank_pid);
+        if (!sv->rank_pid) { ddp__store_server_free(sv); return ddp__store_fail(err, errlen, "cannot start store server: out of memory"); }
+    }
+
     if (!bind_host || !*bind_host) {
         memset(&addr, 0, sizeof addr);
         addr.in6.sin6_family = AF_INET6;
@@ -3457,7 +5247,10 @@ static DDP__STORE_UNUSED int ddp__store_server_start(const char *bind_host, int 
             addr.in4.sin_port = htons((uint16_t)port);
             ddp__store_listen_on(&addr.sa, sizeof addr.in4, &fd, &err_no);
         }
-        if (fd < 0) return ddp__store_fail(err, errlen, "cannot listen on port %d: %s", port, ddp__strerror(err_no));
+        if (fd < 0) {
+            ddp__store_server_free(sv);
+            return ddp__store_fail(err, errlen, "cannot listen on port %d: %s", port, ddp__strerror(err_no));
+        }
     } else {
         struct addrinfo hints, *res = NULL, *ai;
         char ps[16];
@@ -3467,23 +5260,19 @@ static DDP__STORE_UNUSED int ddp__store_server_start(const char *bind_host, int 
         hints.ai_flags = AI_PASSIVE;
         snprintf(ps, sizeof ps, "%d", port);
         rc = getaddrinfo(bind_host, ps, &hints, &res);
-        if (rc != 0)
+        if (rc != 0) {
+            ddp__store_server_free(sv);
             return ddp__store_fail(err, errlen, "cannot listen on %s:%d: cannot resolve '%s': %s",
                                    bind_host, port, bind_host, ddp__gai_strerror(rc));
+        }
         for (ai = res; ai && fd < 0; ai = ai->ai_next)
             ddp__store_listen_on(ai->ai_addr, ai->ai_addrlen, &fd, &err_no);
         freeaddrinfo(res);
-        if (fd < 0) return ddp__store_fail(err, errlen, "cannot listen on %s:%d: %s", bind_host, port, ddp__strerror(err_no));
+        if (fd < 0) {
+            ddp__store_server_free(sv);
+            return ddp__store_fail(err, errlen, "cannot listen on %s:%d: %s", bind_host, port, ddp__strerror(err_no));
+        }
     }
-
-    sv = (ddp__store_server *)calloc(1, sizeof *sv);
-    if (sv) sv->buckets = (ddp__store_kv **)calloc(64, sizeof *sv->buckets);
-    if (!sv || !sv->buckets) {
-        if (sv) free(sv);
-        ddp__sock_close(fd);
-        return ddp__store_fail(err, errlen, "cannot start store server on port %d: out of memory", port);
-    }
-    sv->nbuckets = 64;
     sv->listen_fd = fd;
     alen = sizeof addr;
     if (ddp__sock_name(fd, &addr.sa, &alen) == 0)
@@ -3491,8 +5280,7 @@ static DDP__STORE_UNUSED int ddp__store_server_start(const char *bind_host, int 
     if (ddp__pipe_open(sv->wake) != 0) {
         err_no = ddp__sock_errno();
         ddp__sock_close(fd);
-        free(sv->buckets);
-        free(sv);
+        ddp__store_server_free(sv);
         return ddp__store_fail(err, errlen, "cannot start store server on port %d: pipe: %s", port, ddp__strerror(err_no));
     }
     /* the server thread takes no signals: they belong to the user's threads */
@@ -3501,8 +5289,7 @@ static DDP__STORE_UNUSED int ddp__store_server_start(const char *bind_host, int 
         ddp__sock_close(fd);
         ddp__pipe_close(sv->wake[0]);
         ddp__pipe_close(sv->wake[1]);
-        free(sv->buckets);
-        free(sv);
+        ddp__store_server_free(sv);
         return ddp__store_fail(err, errlen, "cannot start store server thread: %s", ddp__strerror(rc));
     }
     *out = sv;
@@ -3526,9 +5313,45 @@ static DDP__STORE_UNUSED void ddp__store_server_close_listener(ddp__store_server
     while (!ddp__atomic_load_int(&sv->listener_closed) && ddp__store_now() < deadline) ddp__store_sleep(1e-4);
 }
 
+/* Rank 0 gives up: every rank waiting in the store (and every later
+   wait) ends with msg. Any thread; the first call wins. */
+static DDP__STORE_UNUSED void ddp__store_server_abort(ddp__store_server *sv, const char *msg) {
+    char b = 3;
+    if (!sv || ddp__atomic_load_int(&sv->ext_set)) return;
+    ddp__copy_str(sv->ext_msg, sizeof sv->ext_msg, msg);
+    ddp__atomic_store_int(&sv->ext_set, 1);
+    while (ddp__pipe_write(sv->wake[1], &b, 1) < 0 && ddp__sock_errno() == EINTR) {
+    }
+}
+
 /* Clients connected right now (any thread may ask). */
 static DDP__STORE_UNUSED int ddp__store_server_clients(const ddp__store_server *sv) {
     return sv ? ddp__atomic_load_int(&sv->live_clients) : 0;
+}
+
+/* Connections of accepted ranks other than rank 0 (any thread may ask):
+   strangers do not count, so they cannot delay rank 0's exit. */
+static DDP__STORE_UNUSED int ddp__store_server_rank_clients(const ddp__store_server *sv) {
+    return sv ? ddp__atomic_load_int(&sv->rank_clients) : 0;
+}
+
+/* The event that ended the rendezvous, if any (any thread may ask): its
+   kind (DDP__EVENT_*) and message; 0 when there is none. */
+static DDP__STORE_UNUSED int ddp__store_server_event(const ddp__store_server *sv, char *msg, size_t cap) {
+    if (!sv || !ddp__atomic_load_int(&sv->event_set)) return 0;
+    if (msg && cap) ddp__copy_str(msg, cap, sv->event_msg);
+    return sv->event_kind;
+}
+
+/* The pid rank r gave in its accepted hello (0: none yet; any thread). */
+static DDP__STORE_UNUSED int ddp__store_server_rank_pid(const ddp__store_server *sv, int r) {
+    if (!sv || !sv->rank_pid || r < 0 || r >= sv->ident.world) return 0;
+    return ddp__atomic_load_int(&sv->rank_pid[r]);
+}
+
+/* Memory the server holds now (its thread's figure; a test's probe). */
+static DDP__STORE_UNUSED size_t ddp__store_server_bytes(const ddp__store_server *sv) {
+    return sv ? (size_t)ddp__atomic_load_u64(&sv->bytes_pub) : 0;
 }
 
 /* Stop serving, drop every connection (blocked clients see the close), free. */
@@ -3539,7 +5362,7 @@ static DDP__STORE_UNUSED void ddp__store_server_stop(ddp__store_server *sv) {
     while (ddp__pipe_write(sv->wake[1], &b, 1) < 0 && ddp__sock_errno() == EINTR) {
     }
     ddp__thread_join(&sv->thread);
-    for (i = 0; i < sv->nconns; i++) ddp__store_conn_free(sv->conns[i]);
+    for (i = 0; i < sv->nconns; i++) ddp__store_conn_free(sv, sv->conns[i]);
     free(sv->conns);
     for (i = 0; i < sv->nbuckets; i++) {
         ddp__store_kv *e = sv->buckets[i], *next;
@@ -3549,11 +5372,10 @@ static DDP__STORE_UNUSED void ddp__store_server_stop(ddp__store_server *sv) {
             free(e);
         }
     }
-    free(sv->buckets);
     if (sv->listen_fd >= 0) ddp__sock_close(sv->listen_fd);
     ddp__pipe_close(sv->wake[0]);
     ddp__pipe_close(sv->wake[1]);
-    free(sv);
+    ddp__store_server_free(sv);
 }
 
 /* ======================================================================== */
@@ -3567,7 +5389,21 @@ typedef struct ddp__store {
     int port;
     char host[256];
     char prefix[256]; /* prepended verbatim to every key (ddp__store_set_prefix) */
+    /* the library's hello, with a store of rank 0's (ddp__store_set_hello) */
+    int hello;
+    unsigned char secret[DDP__SECRET_MAX];
+    size_t secret_len;                   /* 0: no secret */
+    char ident[DDP__IDENT_MAX + 1];      /* this rank's identity record */
+    char peer_ident[DDP__IDENT_MAX + 1]; /* rank 0's, from the store's answer ("" before) */
+    int owner_pid;    /* rank 0's pid when it runs on this host: reconnects stop when it is gone */
+    int fatal;        /* a ddp_result: the store refused this rank for good, or ended the rendezvous */
+    char fatal_msg[512]; /* why (repeated by every later call) */
 } ddp__store;
+
+/* A failure that ends this client for good: remember why. */
+static void ddp__store_note_fatal(ddp__store *s, const char *err) {
+    if (s->fatal && !s->fatal_msg[0] && err) ddp__copy_str(s->fatal_msg, sizeof s->fatal_msg, err);
+}
 
 enum { DDP__STORE_IO_OK, DDP__STORE_IO_TIMEOUT, DDP__STORE_IO_CLOSED, DDP__STORE_IO_ERROR };
 
@@ -3627,7 +5463,7 @@ static int ddp__store_recv_all(int fd, void *buf, size_t n, double deadline, int
 
 /* Open a TCP connection, retrying refusals and failed look-ups until deadline
  * (the server may start after us). why receives the last failure. */
-static int ddp__store_tcp_connect(const char *host, int port, double deadline, int *fd_out,
+static int ddp__store_tcp_connect(const char *host, int port, double deadline, int owner_pid, int *fd_out,
                                   char *why, size_t whylen) {
     char ps[16];
     double backoff = 0.01;
@@ -3668,6 +5504,10 @@ static int ddp__store_tcp_connect(const char *host, int port, double deadline, i
             ddp__sock_close(fd);
         }
         if (rc == 0) freeaddrinfo(res);
+        if (owner_pid > 0 && ddp__proc_dead(owner_pid)) {
+            snprintf(why, whylen, "rank 0 (pid %d), which runs the store, has exited", owner_pid);
+            return -2;
+        }
         left_ms = ddp__store_ms_left(deadline);
         if (left_ms == 0) return -1;
         ddp__store_sleep(left_ms > 0 && backoff * 1000.0 > left_ms ? left_ms / 1000.0 : backoff);
@@ -3702,7 +5542,7 @@ static int ddp__store_probe(ddp__store *s, double deadline, double timeout_s, in
 
     ddp__store_v2_hello(&hello, &nonce);
     for (i = 0; i < 2; i++) {
-        if (ddp__store_tcp_connect(s->host, s->port, deadline, &fd[i], why, sizeof why) != 0) {
+        if (ddp__store_tcp_connect(s->host, s->port, deadline, s->owner_pid, &fd[i], why, sizeof why) != 0) {
             if (i == 1) ddp__sock_close(fd[0]);
             free(hello.p);
             return ddp__store_fail(err, errlen, "cannot connect to store at %s:%d within %.1f s: %s",
@@ -3753,16 +5593,166 @@ static int ddp__store_probe(ddp__store *s, double deadline, double timeout_s, in
 }
 
 /* Connect and agree on the wire version (s->host/port already set). */
-static int ddp__store_open(ddp__store *s, int proto, double timeout_s, char *err, size_t errlen) {
+/* One verdict of a store of rank 0's (see ddp__store_verdict). */
+static int ddp__store_recv_verdict(ddp__store *s, int fd, double deadline, int *status, char *reason, size_t rcap, int *e) {
+    unsigned char st;
+    uint32_t il, rl;
+    char skip[256];
+    int r = ddp__store_recv_all(fd, &st, 1, deadline, e);
+    if (r == DDP__STORE_IO_OK) r = ddp__store_recv_all(fd, &il, 4, deadline, e);
+    if (r != DDP__STORE_IO_OK) return r;
+    if (il > DDP__IDENT_MAX) return DDP__STORE_IO_ERROR;
+    r = ddp__store_recv_all(fd, s->peer_ident, il, deadline, e);
+    s->peer_ident[r == DDP__STORE_IO_OK ? il : 0] = 0;
+    if (r == DDP__STORE_IO_OK) r = ddp__store_recv_all(fd, &rl, 4, deadline, e);
+    if (r != DDP__STORE_IO_OK) return r;
+    if (rl > 4096) return DDP__STORE_IO_ERROR;
+    reason[0] = 0;
+    while (rl > 0 && r == DDP__STORE_IO_OK) { /* keep what fits, read the rest */
+        size_t have = strlen(reason), take = rl < sizeof skip ? rl : sizeof skip;
+        r = ddp__store_recv_all(fd, skip, take, deadline, e);
+        if (r == DDP__STORE_IO_OK && have + 1 < rcap) {
+            size_t keep = rcap - have - 1 < take ? rcap - have - 1 : take;
+            memcpy(reason + have, skip, keep);
+            reason[have + keep] = 0;
+        }
+        rl -= (uint32_t)take;
+    }
+    *status = st;
+    return r;
+}
+
+/* The library's hello on a fresh connection to a store of rank 0's: the
+ * identity records are compared and, with a secret, each side proves it
+ * knows it (HMAC-SHA-256 over both sides' random nonces; the secret never
+ * travels). 0 accepted. -1 refused (s->fatal set: no retry) or failed;
+ * *again = 1 when the store closed the connection before answering (full,
+ * or being replaced by the next context's store): try again. */
+static int ddp__store_hello(ddp__store *s, int fd, double deadline, int *again, char *err, size_t errlen) {
+    ddp__store_buf b = {NULL, 0, 0, 0};
+    unsigned char cn[32], sn[32], proof[32], want[32];
+    uint32_t magic = 0, il = (uint32_t)strlen(s->ident);
+    char reason[768];
+    int e = 0, r, status = -1;
+    *again = 0;
+    if (ddp__sys_random(cn, sizeof cn) != 0)
+        return ddp__store_fail(err, errlen, "cannot read random bytes for the store's hello: %s", ddp__strerror(errno));
+    ddp__store_buf_u8(&b, DDP__STORE_Q_HELLO);
+    ddp__store_buf_u32(&b, DDP__STORE_HELLO_MAGIC);
+    ddp__store_buf_u32(&b, il);
+    ddp__store_buf_put(&b, s->ident, il);
+    ddp__store_buf_put(&b, cn, sizeof cn);
+    r = b.oom ? DDP__STORE_IO_ERROR : ddp__store_send_all(fd, b.p, b.n, deadline, &e);
+    free(b.p);
+    if (r == DDP__STORE_IO_OK) r = ddp__store_recv_all(fd, &magic, 4, deadline, &e);
+    if (r == DDP__STORE_IO_OK && magic != DDP__STORE_REPLY_MAGIC) {
+        s->fatal = DDP_ERROR_NETWORK;
+        return ddp__store_fail(err, errlen, "the process listening on %s:%d does not answer as a ddp.h store (another program on port %d?)",
+                               s->host, s->port, s->port);
+    }
+    if (r == DDP__STORE_IO_OK) r = ddp__store_recv_verdict(s, fd, deadline, &status, reason, sizeof reason, &e);
+    if (r == DDP__STORE_IO_OK && status == DDP__HELLO_CHALLENGE) {
+        r = ddp__store_recv_all(fd, sn, 32, deadline, &e);
+        if (r == DDP__STORE_IO_OK) r = ddp__store_recv_all(fd, proof, 32, deadline, &e);
+        if (r == DDP__STORE_IO_OK) {
+            ddp__hmac_sha256(s->secret, s->secret_len, "ddp.h store server", 18, cn, 32, sn, 32, want);
+            if (!s->secret_len || !ddp__ct_equal(want, proof, 32)) {
+                s->fatal = DDP_ERROR_SECURITY;
+                return ddp__store_fail(err, errlen,
+                                       "the store of rank 0 at %s:%d does not know this rank's job secret: the secrets differ "
+                                       "(port %d is used by another job, or the ranks were given different DDP_JOB_SECRET values)",
+                                       s->host, s->port, s->port);
+            }
+            ddp__hmac_sha256(s->secret, s->secret_len, "ddp.h store client", 18, sn, 32, cn, 32, proof);
+            b.p = NULL; b.n = b.cap = 0; b.oom = 0;
+            ddp__store_buf_u8(&b, DDP__STORE_Q_PROOF);
+            ddp__store_buf_put(&b, proof, 32);
+            r = b.oom ? DDP__STORE_IO_ERROR : ddp__store_send_all(fd, b.p, b.n, deadline, &e);
+            free(b.p);
+            if (r == DDP__STORE_IO_OK) r = ddp__store_recv_verdict(s, fd, deadline, &status, reason, sizeof reason, &e);
+        }
+    }
+    if (r == DDP__STORE_IO_CLOSED) {
+        *again = 1;
+        return ddp__store_fail(err, errlen, "the store at %s:%d closed the connection during the hello", s->host, s->port);
+    }
+    if (r != DDP__STORE_IO_OK)
+        return ddp__store_fail(err, errlen, "the store at %s:%d did not complete the hello: %s", s->host, s->port,
+                               r == DDP__STORE_IO_TIMEOUT ? "no answer" : e ? ddp__strerror(e) : "malformed answer");
+    switch (status) {
+    case DDP__HELLO_OK: {
+        ddp__ident mine, peer;
+        if (ddp__ident_parse(s->peer_ident, strlen(s->peer_ident), &peer) != 0) {
+            s->fatal = DDP_ERROR_NETWORK;
+            return ddp__store_fail(err, errlen, "the store at %s:%d answered the hello without rank 0's identity record", s->host, s->port);
+        }
+        if (ddp__ident_parse(s->ident, strlen(s->ident), &mine) == 0 && !strcmp(mine.host, peer.host)) s->owner_pid = peer.pid;
+        return 0;
+    }
+    case DDP__HELLO_MISMATCH: {
+        ddp__ident mine, peer;
+        char msg[768];
+        s->fatal = DDP_ERROR_MISMATCH;
+        if (ddp__ident_parse(s->ident, strlen(s->ident), &mine) == 0 &&
+            ddp__ident_parse(s->peer_ident, strlen(s->peer_ident), &peer) == 0 &&
+            ddp__ident_compare(&mine, &peer, s->port, msg, sizeof msg) != DDP_SUCCESS)
+            return ddp__store_fail(err, errlen, "%s", msg);
+        return ddp__store_fail(err, errlen, "the store of rank 0 at %s:%d refused this rank: %s", s->host, s->port,
+                               reason[0] ? reason : "another job");
+    }
+    case DDP__HELLO_NEED_SECRET:
+        s->fatal = DDP_ERROR_SECURITY;
+        return ddp__store_fail(err, errlen,
+                               "the store of rank 0 at %s:%d requires the job secret and this rank has none (DDP_JOB_SECRET is not set): "
+                               "the secrets differ; port %d is used by another job, or this rank was started without the job's secret",
+                               s->host, s->port, s->port);
+    case DDP__HELLO_BAD_PROOF:
+        s->fatal = DDP_ERROR_SECURITY;
+        return ddp__store_fail(err, errlen,
+                               "the store of rank 0 at %s:%d rejected this rank's job secret: the secrets differ "
+                               "(port %d is used by another job, or the ranks were given different DDP_JOB_SECRET values)",
+                               s->host, s->port, s->port);
+    default:
+        s->fatal = DDP_ERROR_NETWORK;
+        return ddp__store_fail(err, errlen, "the store at %s:%d answered the hello with status %d", s->host, s->port, status);
+    }
+}
+
+/* Connect and agree on the wire version (s->host/port already set); with
+ * s->hello, the library's hello follows (V1 framing: the store is ours). */
+static int ddp__store_open_(ddp__store *s, int proto, double timeout_s, char *err, size_t errlen) {
     double deadline = ddp__store_deadline(timeout_s);
     char why[200];
     int fd = -1, e = 0, r;
     if (s->fd >= 0) ddp__sock_close(s->fd);
     s->fd = -1;
     s->broken = 1;
-    if (proto == DDP__STORE_PROTO_AUTO) {
+    if (s->fatal) return ddp__store_fail(err, errlen, "%s", s->fatal_msg[0] ? s->fatal_msg : "the store refused this rank earlier");
+    if (s->hello) {
+        for (;;) {
+            int again = 0;
+            r = ddp__store_tcp_connect(s->host, s->port, deadline, s->owner_pid, &fd, why, sizeof why);
+            if (r == -2) {
+                s->fatal = DDP_ERROR_PEER;
+                return ddp__store_fail(err, errlen, "cannot reach the store at %s:%d: %s", s->host, s->port, why);
+            }
+            if (r != 0)
+                return ddp__store_fail(err, errlen, "cannot connect to store at %s:%d within %.1f s: %s",
+                                       s->host, s->port, timeout_s, why);
+            if (ddp__store_hello(s, fd, deadline, &again, err, errlen) == 0) break;
+            ddp__sock_close(fd);
+            fd = -1;
+            if (!again || s->fatal || ddp__store_ms_left(deadline) == 0) return -1;
+            ddp__store_sleep(0.05);
+        }
+        proto = DDP__STORE_PROTO_V1;
+    } else if (proto == DDP__STORE_PROTO_AUTO) {
         if (ddp__store_probe(s, deadline, timeout_s, &fd, &proto, err, errlen) != 0) return -1;
-    } else if (ddp__store_tcp_connect(s->host, s->port, deadline, &fd, why, sizeof why) != 0) {
+    } else if ((r = ddp__store_tcp_connect(s->host, s->port, deadline, s->owner_pid, &fd, why, sizeof why)) != 0) {
+        if (r == -2) {
+            s->fatal = DDP_ERROR_PEER;
+            return ddp__store_fail(err, errlen, "cannot reach the store at %s:%d: %s", s->host, s->port, why);
+        }
         return ddp__store_fail(err, errlen, "cannot connect to store at %s:%d within %.1f s: %s",
                                s->host, s->port, timeout_s, why);
     } else if (proto == DDP__STORE_PROTO_V2) {
@@ -3786,6 +5776,12 @@ static int ddp__store_open(ddp__store *s, int proto, double timeout_s, char *err
     s->proto = proto;
     s->broken = 0;
     return 0;
+}
+
+static int ddp__store_open(ddp__store *s, int proto, double timeout_s, char *err, size_t errlen) {
+    int r = ddp__store_open_(s, proto, timeout_s, err, errlen);
+    if (r != 0) ddp__store_note_fatal(s, err);
+    return r;
 }
 
 /* Connect to the store at host:port, retrying until timeout_s (<= 0: forever);
@@ -3828,6 +5824,39 @@ static DDP__STORE_UNUSED int ddp__store_set_prefix(ddp__store *s, const char *pr
         return ddp__store_fail(err, errlen, "store key prefix '%.40s...' is longer than %d bytes", prefix, (int)sizeof s->prefix - 1);
     strcpy(s->prefix, prefix);
     return 0;
+}
+
+/* Use the library's hello on every (re)connection: this rank's identity
+ * record and the job secret (NULL/0: none). Call before ddp__store_open
+ * (ddp__store_connect_hello does both). */
+static DDP__STORE_UNUSED int ddp__store_set_hello(ddp__store *s, const char *ident, const void *secret,
+                                                  size_t secret_len, char *err, size_t errlen) {
+    if (strlen(ident) > DDP__IDENT_MAX || secret_len > sizeof s->secret)
+        return ddp__store_fail(err, errlen, "identity record or secret too long for the store's hello");
+    s->hello = 1;
+    ddp__copy_str(s->ident, sizeof s->ident, ident);
+    if (secret_len) memcpy(s->secret, secret, secret_len);
+    s->secret_len = secret_len;
+    return 0;
+}
+
+/* Connect to a store of rank 0's with the library's hello. */
+static DDP__STORE_UNUSED int ddp__store_connect_hello(ddp__store *s, const char *host, int port, double timeout_s,
+                                                      const char *ident, const void *secret, size_t secret_len,
+                                                      char *err, size_t errlen) {
+    memset(s, 0, sizeof *s);
+    s->fd = -1;
+    s->broken = 1;
+    s->timeout_s = timeout_s;
+    if (!host || !*host) return ddp__store_fail(err, errlen, "cannot connect to store: no host given");
+    if (strlen(host) >= sizeof s->host)
+        return ddp__store_fail(err, errlen, "cannot connect to store: host name longer than %d bytes", (int)sizeof s->host - 1);
+    if (port <= 0 || port > 65535)
+        return ddp__store_fail(err, errlen, "cannot connect to store at %s:%d: not a TCP port (1..65535)", host, port);
+    strcpy(s->host, host);
+    s->port = port;
+    if (ddp__store_set_hello(s, ident, secret, secret_len, err, errlen) != 0) return -1;
+    return ddp__store_open(s, DDP__STORE_PROTO_V1, timeout_s, err, errlen);
 }
 
 /* Request building: the op byte for the connection's wire version, keys with
@@ -3881,6 +5910,8 @@ static int ddp__store_io_fail(ddp__store *s, int why, int err_no, int op, const 
 /* Reconnect when an earlier failure left the connection in an unknown state. */
 static int ddp__store_ready(ddp__store *s, char *err, size_t errlen) {
     if (!s->host[0]) return ddp__store_fail(err, errlen, "store client is not connected");
+    if (s->fatal && (s->fd < 0 || s->broken))
+        return ddp__store_fail(err, errlen, "%s", s->fatal_msg[0] ? s->fatal_msg : "the store refused this rank earlier");
     if (s->fd >= 0 && !s->broken) return 0;
     return ddp__store_open(s, s->proto, s->timeout_s, err, errlen);
 }
@@ -3944,6 +5975,8 @@ static DDP__STORE_UNUSED int ddp__store_set(ddp__store *s, const char *key, cons
     return ddp__store_rpc(s, &b, DDP__STORE_Q_SET, key, NULL, 0, err, errlen);
 }
 
+static void ddp__store_add_diag(ddp__store *s, const char *key, char *err, size_t errlen);
+
 static DDP__STORE_UNUSED int ddp__store_add(ddp__store *s, const char *key, int64_t delta, int64_t *out,
                                             char *err, size_t errlen) {
     ddp__store_buf b;
@@ -3951,7 +5984,10 @@ static DDP__STORE_UNUSED int ddp__store_add(ddp__store *s, const char *key, int6
     ddp__store_req(s, &b, DDP__STORE_Q_ADD);
     ddp__store_req_key(s, &b, key);
     ddp__store_buf_u64(&b, (uint64_t)delta);
-    if (ddp__store_rpc(s, &b, DDP__STORE_Q_ADD, key, &v, 8, err, errlen) != 0) return -1;
+    if (ddp__store_rpc(s, &b, DDP__STORE_Q_ADD, key, &v, 8, err, errlen) != 0) {
+        ddp__store_add_diag(s, key, err, errlen);
+        return -1;
+    }
     if (out) *out = v;
     return 0;
 }
@@ -4007,6 +6043,42 @@ static DDP__STORE_UNUSED int ddp__store_compare_set(ddp__store *s, const char *k
     return ddp__store_recv_blob(s, DDP__STORE_Q_COMPARE_SET, key, val, len, err, errlen);
 }
 
+/* The rendezvous was ended by an event at rank 0's store (another job,
+ * another version, tampering): fetch its message, fail for good. */
+static int ddp__store_event_fail(ddp__store *s, char *err, size_t errlen) {
+    ddp__store_buf b;
+    void *val = NULL;
+    size_t len = 0;
+    const unsigned char *p;
+    ddp__store_req(s, &b, DDP__STORE_Q_EVENT);
+    s->fatal = DDP_ERROR_MISMATCH;
+    if (ddp__store_rpc(s, &b, DDP__STORE_Q_EVENT, NULL, NULL, 0, err, errlen) != 0 ||
+        ddp__store_recv_blob(s, DDP__STORE_Q_EVENT, "(event)", &val, &len, err, errlen) != 0 || len < 2) {
+        free(val);
+        return ddp__store_fail(err, errlen, "the store of rank 0 at %s:%d ended the rendezvous (see rank 0's error)", s->host, s->port);
+    }
+    p = (const unsigned char *)val;
+    if (p[0] == DDP__EVENT_TAMPER) s->fatal = DDP_ERROR_SECURITY;
+    if (p[0] == DDP__EVENT_ABORT) s->fatal = DDP_ERROR_PEER;
+    ddp__store_fail(err, errlen, "the store of rank 0 ended the rendezvous: %s", (const char *)p + 1);
+    ddp__store_note_fatal(s, err);
+    free(val);
+    return -1;
+}
+
+/* This rank gives up: the ranks waiting in rank 0's store learn it (and
+   why) at once instead of at their timeout. Best effort, no answer. */
+static DDP__STORE_UNUSED void ddp__store_abort(ddp__store *s, const char *msg) {
+    ddp__store_buf b;
+    size_t n = strlen(msg) < 1000 ? strlen(msg) : 1000;
+    int e = 0;
+    if (!s->hello || s->fd < 0 || s->broken) return;
+    ddp__store_req(s, &b, DDP__STORE_Q_ABORT);
+    ddp__store_buf_blob(&b, msg, n);
+    if (!b.oom) ddp__store_send_all(s->fd, b.p, b.n, ddp__store_deadline(1.0), &e);
+    free(b.p);
+}
+
 /* After a WAIT timed out the server still owes an answer, so this connection
  * cannot be reused: open a fresh one (short timeout). note gets the failure. */
 static int ddp__store_recover(ddp__store *s, char *note, size_t notelen) {
@@ -4036,6 +6108,7 @@ static int ddp__store_wait_until(ddp__store *s, const char *const *keys, int nke
         return -1;
     }
     if (r != DDP__STORE_IO_OK) return ddp__store_io_fail(s, r, e, DDP__STORE_Q_WAIT, nkeys > 0 ? keys[0] : NULL, err, errlen);
+    if (v == DDP__STORE_WAIT_ABORTED && s->hello) return ddp__store_event_fail(s, err, errlen);
     if (v != 0) {
         s->broken = 1;
         return ddp__store_fail(err, errlen, "store at %s:%d answered WAIT with %u (protocol mismatch?)", s->host, s->port, v);
@@ -4078,6 +6151,7 @@ static DDP__STORE_UNUSED int ddp__store_wait(ddp__store *s, const char *const *k
     for (;;) {
         if (ddp__store_wait_until(s, keys, nkeys, deadline, &timed_out, note, sizeof note) == 0) return 0;
         if (timed_out) return ddp__store_wait_timeout_msg(s, keys, nkeys, note, err, errlen);
+        if (s->fatal) return ddp__store_fail(err, errlen, "%s", note);
         /* the server went away mid-wait (a store being replaced by the next
            one on the same port): reconnect and wait again, same deadline */
         if (!s->broken || (deadline > 0 && ddp__store_now() > deadline - 0.05)) return ddp__store_fail(err, errlen, "%s", note);
@@ -4097,6 +6171,44 @@ static DDP__STORE_UNUSED int ddp__store_get(ddp__store *s, const char *key, void
     ddp__store_req_key(s, &b, key);
     if (ddp__store_rpc(s, &b, DDP__STORE_Q_GET, key, NULL, 0, err, errlen) != 0) return -1;
     return ddp__store_recv_blob(s, DDP__STORE_Q_GET, key, val, len, err, errlen);
+}
+
+/* An ADD failed: if the store dropped us because the key holds no number
+ * (a torch store and ours both do), say so, naming the key. */
+static void ddp__store_add_diag(ddp__store *s, const char *key, char *err, size_t errlen) {
+    char note[256], val[48];
+    const char *k = key;
+    void *v = NULL;
+    size_t len = 0, i;
+    int ready = 0;
+    int64_t num;
+    if (!s->broken || s->fatal) return;
+    if (ddp__store_recover(s, note, sizeof note) != 0) {
+        if (s->fatal) ddp__store_appendf(err, errlen, "; then %s", note); /* rank 0 is gone: say so */
+        return;
+    }
+    if (s->hello) {
+        char ev[600];
+        ev[0] = 0;
+        ddp__store_event_fail(s, ev, sizeof ev);
+        if (strstr(ev, "ended the rendezvous:")) { ddp__store_fail(err, errlen, "%s", ev); return; }
+        s->fatal = 0;
+    }
+    if (ddp__store_check(s, &k, 1, &ready, NULL, 0) != 0 || !ready) return;
+    if (ddp__store_get(s, key, &v, &len, NULL, 0) != 0) return;
+    if (ddp__store_parse_i64((const unsigned char *)v, len, &num) != 0) {
+        for (i = 0; i < len && i + 1 < sizeof val; i++) {
+            unsigned char ch = ((const unsigned char *)v)[i];
+            val[i] = ch >= 32 && ch < 127 && ch != '\'' ? (char)ch : '?';
+        }
+        val[i] = 0;
+        s->fatal = DDP_ERROR_SECURITY;
+        ddp__store_fail(err, errlen, "key '%s%s' holds '%s%s' where a counter is expected "
+                        "(store tampering: another job on port %d, or a process that is not a rank, wrote it)",
+                        s->prefix, key, val, len >= sizeof val ? "..." : "", s->port);
+        ddp__store_note_fatal(s, err);
+    }
+    free(v);
 }
 
 /* Barrier of world ranks on name, reusable: ADD "<name>/count" gives each
@@ -4141,7 +6253,7 @@ static DDP__STORE_UNUSED int ddp__store_barrier(ddp__store *s, const char *name,
         snprintf(key, sizeof key, "%s/%lld/arrived/%d", name, (long long)gen, i);
         if (ddp__store_check(s, &k, 1, &r, NULL, 0) != 0) break;
         if (r) continue;
-        if (listed < 8) ddp__store_appendf(buf, sizeof buf, "%s%d", listed ? ", " : " (missing: rank ", i);
+        if (listed < 8) ddp__store_appendf(buf, sizeof buf, "%srank %d", listed ? ", " : " (missing: ", i);
         listed++;
     }
     if (listed > 8) ddp__store_appendf(buf, sizeof buf, ", ... %d in all", listed);
@@ -4177,13 +6289,22 @@ typedef struct ddp__shm_slot {
     char     pad[DDP__CACHELINE - 32];
 } ddp__shm_slot;
 
-typedef struct ddp__shm_ctrl {
+/* The first bytes of every segment: whose it is. */
+typedef struct ddp__seg_hdr {
     uint64_t magic;
     int32_t  world;
+    int32_t  kind;                       /* 1 control, 2 gradients */
+    unsigned char nonce[16];             /* rank 0's random per-context nonce */
+    uint64_t bytes;                      /* the segment's size */
+    uint64_t staging;                    /* control: staging bytes per rank */
+} ddp__seg_hdr;
+
+typedef struct ddp__shm_ctrl {
+    ddp__seg_hdr h;
     int32_t  abort_rank;                 /* -1 until somebody aborts; published after abort_msg */
     char     abort_msg[512];
     int32_t  abort_claim;                /* 0 until one rank owns the abort message */
-    char     pad[DDP__CACHELINE * 5 - 532];
+    char     pad[DDP__CACHELINE * 5 - sizeof(ddp__seg_hdr) - 520];
 } ddp__shm_ctrl;
 
 static ddp__shm_slot *ddp__slot(ddp_context *ctx, int q) {
@@ -4267,17 +6388,23 @@ static ddp_result ddp__shm_wait(ddp_context *ctx, int field, uint64_t target, in
                 return DDP_ERROR_TIMEOUT;
             }
             if ((spins & 1023) == 0) {
-                int32_t pid = ddp__slot(ctx, missing)->pid;
-                /* a peer that arrived and then finished and exited is no
-                   failure: its counter, read again after the death check,
-                   says so (Windows reports an exit at once; POSIX only once
-                   the process was reaped) */
-                if (pid > 0 && ddp__proc_dead((int)pid) && ddp__counter(ddp__slot(ctx, missing), field) < target) {
-                    ddp__fail(ctx, DDP_ERROR_PEER, "rank %d (pid %d) exited while rank %d waited for %s",
-                              missing, (int)pid, ctx->rank, what);
-                    ddp__set_broken(ctx, DDP_ERROR_PEER);
-                    ddp__shm_abort(ctx, ddp__errbuf(ctx));
-                    return DDP_ERROR_PEER;
+                /* every rank not arrived, not only the first: when one dies,
+                   another may be stuck waiting for it, and the dead one is
+                   the one to name. A peer that arrived and then finished
+                   and exited is no failure: its counter, read again after
+                   the death check, says so (Windows reports an exit at
+                   once; POSIX only once the process was reaped). */
+                for (q = q0; q < q1; q++) {
+                    int32_t pid;
+                    if (ddp__counter(ddp__slot(ctx, q), field) >= target) continue;
+                    pid = ddp__slot(ctx, q)->pid;
+                    if (pid > 0 && ddp__proc_dead((int)pid) && ddp__counter(ddp__slot(ctx, q), field) < target) {
+                        ddp__fail(ctx, DDP_ERROR_PEER, "rank %d (pid %d) exited while rank %d waited for %s",
+                                  q, (int)pid, ctx->rank, what);
+                        ddp__set_broken(ctx, DDP_ERROR_PEER);
+                        ddp__shm_abort(ctx, ddp__errbuf(ctx));
+                        return DDP_ERROR_PEER;
+                    }
                 }
             }
         }
@@ -4630,56 +6757,6 @@ static ddp_result ddp__shm_barrier(ddp_context *ctx, const char *what) {
     return DDP_SUCCESS;
 }
 
-/* ---- shared-memory segments ---- */
-
-/* Create (rank 0) or open a named segment of `bytes`, fully reserved so that
-   a full /dev/shm (paging file) is an error here and not a SIGBUS later. */
-static ddp_result ddp__shm_map(ddp_context *ctx, const char *name, size_t bytes, int create, void **out) {
-    ddp__shm_handle h;
-    int e = 0, step;
-    void *p;
-    *out = NULL;
-    step = create ? ddp__shm_create(name, bytes, &h, &e) : ddp__shm_open(name, bytes, &h, &e);
-    if (step == DDP__SHM_E_OPEN)
-        return ddp__fail(ctx, DDP_ERROR_SYSTEM, "cannot %s shared memory '%s': %s",
-                         create ? "create" : "open", name, ddp__strerror(e));
-    if (step == DDP__SHM_E_SIZE)
-        return ddp__fail(ctx, DDP_ERROR_SYSTEM, "cannot size shared memory '%s' to %" DDP__PRIzu " bytes: %s", name, bytes, ddp__strerror(e));
-    if (step == DDP__SHM_E_RESERVE)
-        return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "cannot reserve %" DDP__PRIzu " bytes of shared memory for '%s' (" DDP__SHM_FULL_HINT "): %s",
-                         bytes, name, ddp__strerror(e));
-    if (step == DDP__SHM_E_SMALL)
-        return ddp__fail(ctx, DDP_ERROR_SYSTEM, "shared memory '%s' is smaller than the %" DDP__PRIzu " bytes expected", name, bytes);
-    p = ddp__shm_map_view(h, bytes, &e);
-    ddp__shm_close(h);
-    if (!p) {
-        if (create) ddp__shm_unlink(name);
-        return ddp__fail(ctx, DDP_ERROR_SYSTEM, "cannot map shared memory '%s' (%" DDP__PRIzu " bytes): %s", name, bytes, ddp__strerror(e));
-    }
-    *out = p;
-    return DDP_SUCCESS;
-}
-
-/* world 1 needs no name: an anonymous mapping. */
-static ddp_result ddp__anon_map(ddp_context *ctx, size_t bytes, void **out) {
-    int e = 0;
-    void *p = ddp__shm_anon(bytes, &e);
-    if (!p) {
-        *out = NULL;
-        return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "cannot map %" DDP__PRIzu " bytes: %s", bytes, ddp__strerror(e));
-    }
-    *out = p;
-    return DDP_SUCCESS;
-}
-
-static void ddp__shm_name(ddp_context *ctx, char *out, size_t cap, const char *what) {
-    static int counter = 0;
-    char r[32];
-    ddp__shm_name_random(r, sizeof r);
-    snprintf(out, cap, DDP__SHM_NAME_PREFIX "ddp-%d-%d-%s-%s", ddp__getpid(), ddp__atomic_add_int(&counter, 1), what, r);
-    (void)ctx;
-}
-
 /* ---- backends ------------------------------------------------------------------ */
 
 struct ddp__backend_ops {
@@ -4743,31 +6820,160 @@ static void ddp__key(const ddp_context *ctx, char *out, size_t cap, const char *
     snprintf(out, cap, "%s%s", ctx->key_prefix, name);
 }
 
+/* Rank 0 learns at once of an event at its store (another job on the port,
+   another version, tampering), whatever it is waiting for. */
+static ddp_result ddp__check_event(ddp_context *ctx) {
+    char ev[1024];
+    int kind = ddp__store_server_event(ctx->server, ev, sizeof ev);
+    if (!kind) return DDP_SUCCESS;
+    return ddp__fail(ctx, kind == DDP__EVENT_TAMPER ? DDP_ERROR_SECURITY : kind == DDP__EVENT_ABORT ? DDP_ERROR_PEER : DDP_ERROR_MISMATCH,
+                     "rank %d: %s", ctx->rank, ev);
+}
+
+/* Something broke outside the store (rank 0 closed the socket it hands
+   shared memory through): if a rank gave up, its message says why. Waits
+   up to a second for it; its error (with the message in ctx->err), or
+   DDP_SUCCESS when there is none. */
+static ddp_result ddp__kv_why(ddp_context *ctx) {
+    ddp__store *st = (ddp__store *)ctx->store;
+    char key[160], err[1024];
+    const char *k = key;
+    int timed_out = 0;
+    ddp_result r = ddp__check_event(ctx);
+    if (r != DDP_SUCCESS) return r;
+    if (!st || !st->hello || st->fatal) return DDP_SUCCESS;
+    ddp__key(ctx, key, sizeof key, "never/written");
+    if (ddp__store_wait_until(st, &k, 1, ddp__now() + 1.0, &timed_out, err, sizeof err) == 0 || timed_out || !st->fatal)
+        return DDP_SUCCESS;
+    return ddp__fail(ctx, (ddp_result)st->fatal, "rank %d: %s", ctx->rank, err);
+}
+
+/* This rank gives up during the rendezvous or finalize: the ranks waiting
+   in the store learn it, and why, now rather than at their timeout. */
+static void ddp__kv_abort(ddp_context *ctx, const char *why) {
+    char msg[1100];
+    snprintf(msg, sizeof msg, "rank %d gave up: %s", ctx->rank, why);
+    if (ctx->server) ddp__store_server_abort(ctx->server, msg);
+    else if (ctx->store) ddp__store_abort((ddp__store *)ctx->store, msg);
+}
+
+/* A failed store call: the event or refusal behind it when there is one. */
 static ddp_result ddp__store_err(ddp_context *ctx, const char *err) {
-    ddp_result code = strstr(err, "timed out") ? DDP_ERROR_TIMEOUT : DDP_ERROR_NETWORK;
-    return ddp__fail(ctx, code, "rank %d: %s", ctx->rank, err);
+    const ddp__store *st = (const ddp__store *)ctx->store;
+    ddp_result code = ddp__check_event(ctx);
+    if (code != DDP_SUCCESS) return code;
+    if (st && st->fatal) return ddp__fail(ctx, (ddp_result)st->fatal, "rank %d: %s", ctx->rank, err);
+    code = strstr(err, "timed out") ? DDP_ERROR_TIMEOUT : DDP_ERROR_NETWORK;
+    return ddp__fail(ctx, code, "rank %d: %s (the rendezvous store is %s)", ctx->rank, err,
+                     ctx->agent_store ? "torchrun's agent's" : "rank 0's");
 }
 
 static ddp_result ddp__kv_set(ddp_context *ctx, const char *name, const void *val, size_t len) {
-    char key[256], err[512];
+    char key[256], err[1024];
+    DDP__TRY(ddp__check_event(ctx));
     ddp__key(ctx, key, sizeof key, name);
     if (ddp__store_set((ddp__store *)ctx->store, key, val, len, err, sizeof err) != 0) return ddp__store_err(ctx, err);
     return DDP_SUCCESS;
 }
 
 static ddp_result ddp__kv_get(ddp_context *ctx, const char *name, void **val, size_t *len) {
-    char key[256], err[512];
+    char key[256], err[1024];
+    DDP__TRY(ddp__check_event(ctx));
     ddp__key(ctx, key, sizeof key, name);
     if (ddp__store_get((ddp__store *)ctx->store, key, val, len, err, sizeof err) != 0) return ddp__store_err(ctx, err);
     return DDP_SUCCESS;
 }
 
 static ddp_result ddp__kv_barrier(ddp_context *ctx, const char *name) {
-    char key[256], err[512];
+    char key[256], err[1024];
+    DDP__TRY(ddp__check_event(ctx));
     ddp__key(ctx, key, sizeof key, name);
     if (ddp__store_barrier((ddp__store *)ctx->store, key, ctx->rank, ctx->world, err, sizeof err) != 0)
         return ddp__store_err(ctx, err);
+    return ddp__check_event(ctx);
+}
+
+/* A key this rank writes once and others trust (shared memory, the NCCL
+   id, identity records): remembered, and read back by ddp__kv_verify_pinned
+   before the store goes. Rank 0's own store refuses any change to such a
+   key and reports the attempt; torchrun's store cannot, so reading back is
+   what finds a change there. */
+static ddp_result ddp__kv_set_once(ddp_context *ctx, const char *name, const void *val, size_t len) {
+    DDP__TRY(ddp__kv_set(ctx, name, val, len));
+    if (ctx->npinned < (int)(sizeof ctx->pinned / sizeof ctx->pinned[0]) && strlen(name) < sizeof ctx->pinned[0]) {
+        ddp__sha256 h;
+        ddp__sha256_init(&h);
+        ddp__sha256_update(&h, val, len);
+        ddp__sha256_final(&h, ctx->pinned_hash[ctx->npinned]);
+        ddp__copy_str(ctx->pinned[ctx->npinned], sizeof ctx->pinned[0], name);
+        ctx->npinned++;
+    }
     return DDP_SUCCESS;
+}
+
+static ddp_result ddp__kv_verify_pinned(ddp_context *ctx) {
+    int i;
+    for (i = 0; i < ctx->npinned; i++) {
+        void *v = NULL;
+        size_t len = 0;
+        unsigned char d[32];
+        ddp__sha256 h;
+        DDP__TRY(ddp__kv_get(ctx, ctx->pinned[i], &v, &len));
+        ddp__sha256_init(&h);
+        ddp__sha256_update(&h, v, len);
+        ddp__sha256_final(&h, d);
+        free(v);
+        if (memcmp(d, ctx->pinned_hash[i], 32) != 0)
+            return ddp__fail(ctx, DDP_ERROR_SECURITY,
+                             "rank %d: store tampering: key '%s%s' changed after this rank wrote it (another job on port %d, or a process that is not a rank)",
+                             ctx->rank, ctx->key_prefix, ctx->pinned[i], ctx->cfg.master_port);
+    }
+    ctx->npinned = 0;
+    return ddp__check_event(ctx);
+}
+
+/* torchrun's agent store has no hello: every rank publishes its identity
+   record under "ident/<rank>" and compares it with rank 0's (rank 0 with
+   every rank's), so both sides of a mismatch fail. */
+static ddp_result ddp__ident_exchange(ddp_context *ctx) {
+    ddp__ident mine, other;
+    char key[32], msg[768];
+    int q;
+    ddp__ident_parse(ctx->ident, strlen(ctx->ident), &mine);
+    if (ctx->rank == 0) {
+        ctx->rank_pid = (int *)ddp__calloc(ctx, (size_t)ctx->world * sizeof(int));
+        if (!ctx->rank_pid) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory");
+    }
+    snprintf(key, sizeof key, "ident/%d", ctx->rank);
+    DDP__TRY(ddp__kv_set_once(ctx, key, ctx->ident, strlen(ctx->ident) + 1));
+    for (q = ctx->rank == 0 ? 1 : 0; q < (ctx->rank == 0 ? ctx->world : 1); q++) {
+        void *v = NULL;
+        size_t len = 0;
+        ddp_result r;
+        snprintf(key, sizeof key, "ident/%d", q);
+        r = ddp__kv_get(ctx, key, &v, &len);
+        if (r == DDP_ERROR_TIMEOUT)
+            return ddp__fail(ctx, r, "rank %d: rank %d did not publish its identity record within %.1f s (dead or stuck before ddp_create, or built from a ddp.h older than 0.2)",
+                             ctx->rank, q, ctx->cfg.connect_timeout_s);
+        if (r != DDP_SUCCESS) return r;
+        if (ddp__ident_parse((const char *)v, len, &other) != 0 || other.rank != q) {
+            char show[64];
+            ddp__ident_word(show, sizeof show, (const char *)v);
+            free(v);
+            return ddp__fail(ctx, DDP_ERROR_MISMATCH, "rank %d: key '%s%s' does not hold rank %d's identity record ('%.40s'): another program or another ddp.h version uses this store",
+                             ctx->rank, ctx->key_prefix, key, q, show);
+        }
+        free(v);
+        r = ddp__ident_compare(&mine, &other, ctx->cfg.master_port, msg, sizeof msg);
+        if (r != DDP_SUCCESS) return ddp__fail(ctx, r, "%s", msg);
+        if (q == 0) ctx->peer0 = other;
+        else if (ctx->rank_pid) ctx->rank_pid[q] = other.pid;
+    }
+    return DDP_SUCCESS;
+}
+
+static void ddp__server_log(int level, const char *msg, void *user) {
+    ddp__log((const ddp_context *)user, (ddp_log_level)level, msg);
 }
 
 static ddp_result ddp__rendezvous(ddp_context *ctx) {
@@ -4775,79 +6981,509 @@ static ddp_result ddp__rendezvous(ddp_context *ctx) {
        sequence on every rank, so keys of successive contexts never mix */
     static int generation = 0;
     const char *agent = getenv("TORCHELASTIC_USE_AGENT_STORE");
-    char err[512];
+    char err[1024], host[256];
     ddp__store *st;
+    ddp__ident me;
     /* only a rank that read its identity from torchrun's variables uses the agent's store */
     ctx->agent_store = ctx->from_env && agent && (!strcmp(agent, "True") || !strcmp(agent, "true") || !strcmp(agent, "1"));
+
+    /* this rank's identity record; rank 0's carries the context's nonce,
+       which every shared-memory segment of the context carries too */
+    memset(&me, 0, sizeof me);
+    if (ctx->rank == 0 && ddp__sys_random(ctx->shm.nonce, sizeof ctx->shm.nonce) != 0)
+        return ddp__fail(ctx, DDP_ERROR_SYSTEM, "cannot read random bytes: %s", ddp__strerror(errno));
+    me.version = DDP__WIRE_VERSION;
+    me.world = ctx->world;
+    me.rank = ctx->rank;
+    me.secret = ctx->secret_len > 0;
+    me.pid = ddp__getpid();
+    me.uid = ddp__proc_uid();
+    ddp__ident_word(me.job, sizeof me.job, ctx->job_id[0] ? ctx->job_id : "-");
+    ddp__proc_hostname(host, sizeof host);
+    ddp__ident_word(me.host, sizeof me.host, host);
+    if (ctx->rank == 0) ddp__hex(ctx->shm.nonce, sizeof ctx->shm.nonce, me.nonce);
+    else ddp__copy_str(me.nonce, sizeof me.nonce, "-");
+    ddp__ident_format(&me, ctx->ident, sizeof ctx->ident);
+    if (ctx->rank == 0) ctx->peer0 = me;
+
+    st = (ddp__store *)ddp__calloc(ctx, sizeof *st);
+    if (!st) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for the store client");
     if (ctx->agent_store) {
         int f, gen = ddp__atomic_add_int(&generation, 1);
         long restart = 0;
-        DDP__TRY(ddp__env_int("TORCHELASTIC_RESTART_COUNT", 0, INT_MAX, &f, &restart));
+        ddp_result r = ddp__env_int("TORCHELASTIC_RESTART_COUNT", 0, INT_MAX, &f, &restart);
+        if (r != DDP_SUCCESS) { ddp__free(ctx, st); return r; }
         snprintf(ctx->key_prefix, sizeof ctx->key_prefix, "/worker/attempt_%ld/ddp/%d/", restart, gen);
-    } else {
-        /* a store of our own, new for every context; the generation (per
-           thread: dp.h's replicas each create one context on their own
-           thread) keeps a late peer from reading the previous context's keys */
+        {
+            char msg[400];
+            snprintf(msg, sizeof msg, "rank %d: torchrun's agent store at %s:%d has no authentication: any process that can reach it can read and change "
+                     "this job's rendezvous keys%s (see SECURITY in ddp.h)", ctx->rank, ctx->cfg.master_addr, ctx->cfg.master_port,
+                     ctx->secret_len ? "; DDP_JOB_SECRET cannot be checked there" : "");
+            ddp__log(ctx, DDP_LOG_WARN, msg);
+        }
+        if (ddp__store_connect(st, ctx->cfg.master_addr, ctx->cfg.master_port, ctx->cfg.connect_timeout_s, err, sizeof err) != 0) {
+            ddp__free(ctx, st);
+            return ddp__fail(ctx, strstr(err, "within") || strstr(err, "timed out") ? DDP_ERROR_TIMEOUT : DDP_ERROR_NETWORK,
+                             "rank %d cannot reach the rendezvous store of torchrun's agent: %s", ctx->rank, err);
+        }
+        st->timeout_s = ctx->cfg.connect_timeout_s;
+        ctx->store = st;
+        return ddp__ident_exchange(ctx);
+    }
+
+    /* a store of our own, new for every context; the generation (per
+       thread: dp.h's replicas each create one context on their own
+       thread) keeps a late peer from reading the previous context's keys */
+    {
         static DDP__TLS int own_generation = 0;
         snprintf(ctx->key_prefix, sizeof ctx->key_prefix, "ddp/%d/", ++own_generation);
-        if (ctx->rank == 0 &&
-            ddp__store_server_start(NULL, ctx->cfg.master_port, &ctx->server, err, sizeof err) != 0)
-            return ddp__fail(ctx, DDP_ERROR_NETWORK, "rank 0 cannot start the rendezvous store: %s", err);
     }
-    st = (ddp__store *)ddp__calloc(ctx, sizeof *st);
-    if (!st) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for the store client");
-    if (ddp__store_connect(st, ctx->cfg.master_addr, ctx->cfg.master_port, ctx->cfg.connect_timeout_s, err, sizeof err) != 0) {
+    if (ctx->rank == 0) {
+        ddp__store_opts o;
+        const char *bind = strcmp(ctx->bind, "*") ? ctx->bind : NULL;
+        if (bind && !ctx->cfg.store_bind && !getenv("DDP_STORE_BIND") && ctx->local_world < ctx->world &&
+            ddp__sock_addr_is_loopback(bind)) {
+            ddp__free(ctx, st);
+            return ddp__fail(ctx, DDP_ERROR_ENVIRONMENT,
+                             "rank 0: the master address '%s' is a loopback address on this host, which the ranks on other hosts cannot reach; "
+                             "set MASTER_ADDR to an address of this host that they use (or DDP_STORE_BIND to the address to listen on, '*' for every interface)",
+                             ctx->cfg.master_addr);
+        }
+        memset(&o, 0, sizeof o);
+        o.secret = ctx->secret_len ? ctx->secret : NULL;
+        o.secret_len = ctx->secret_len;
+        o.ident = ctx->ident;
+        o.protect = "ddp/";
+        o.max_bytes = ctx->cfg.store_max_bytes;
+        o.world = ctx->world;
+        o.log = ddp__server_log;
+        o.log_user = ctx;
+        if (ddp__store_server_start(bind, ctx->cfg.master_port, &o, &ctx->server, err, sizeof err) != 0) {
+            ddp__free(ctx, st);
+            return ddp__fail(ctx, DDP_ERROR_NETWORK, "rank 0 cannot start the rendezvous store: %s%s", err,
+                             strstr(err, "in use") ? " (another job or program uses this port)"
+                             : strstr(err, "assign") ? " (the address is not one of this host's: set DDP_STORE_BIND to the address to listen on, '*' for every interface)" : "");
+        }
+    }
+    if (ddp__store_connect_hello(st, ctx->cfg.master_addr, ctx->cfg.master_port, ctx->cfg.connect_timeout_s, ctx->ident,
+                                 ctx->secret, ctx->secret_len, err, sizeof err) != 0) {
+        ddp_result code = st->fatal ? (ddp_result)st->fatal
+                          : strstr(err, "within") || strstr(err, "timed out") ? DDP_ERROR_TIMEOUT : DDP_ERROR_NETWORK;
+        ddp_result ev = ddp__check_event(ctx);
         ddp__free(ctx, st);
-        return ddp__fail(ctx, strstr(err, "within") || strstr(err, "timed out") ? DDP_ERROR_TIMEOUT : DDP_ERROR_NETWORK,
-                         "rank %d cannot reach the rendezvous store%s: %s", ctx->rank,
-                         ctx->agent_store ? " of torchrun's agent" : " of rank 0", err);
+        if (ev != DDP_SUCCESS) return ev;
+        if (code == DDP_ERROR_TIMEOUT || code == DDP_ERROR_NETWORK)
+            return ddp__fail(ctx, code, "rank %d cannot reach the rendezvous store of rank 0: %s", ctx->rank, err);
+        return ddp__fail(ctx, code, "rank %d: %s", ctx->rank, err);
     }
     st->timeout_s = ctx->cfg.connect_timeout_s;
     ctx->store = st;
+    if (ctx->rank != 0 && ddp__ident_parse(st->peer_ident, strlen(st->peer_ident), &ctx->peer0) != 0)
+        return ddp__fail(ctx, DDP_ERROR_NETWORK, "rank %d: rank 0's store sent a malformed identity record", ctx->rank);
     return DDP_SUCCESS;
 }
 
-/* The control segment: rank 0 creates it and publishes its name; everybody
-   maps it; after a barrier rank 0 removes the name, so nothing is left in
-   /dev/shm whatever happens to the processes later. */
-static ddp_result ddp__shm_setup(ddp_context *ctx) {
-    size_t hdr = ddp__ctrl_header_bytes(ctx->world);
-    size_t bytes = hdr + (size_t)ctx->world * ctx->shm.staging_bytes;
-    void *p = NULL;
-    ddp_result r;
-    ctx->shm.ctrl_bytes = bytes;
-    if (ctx->world == 1) {
-        DDP__TRY(ddp__anon_map(ctx, bytes, &p));
-    } else if (ctx->rank == 0) {
-        ddp__shm_name(ctx, ctx->shm.ctrl_name, sizeof ctx->shm.ctrl_name, "ctrl");
-        DDP__TRY(ddp__shm_map(ctx, ctx->shm.ctrl_name, bytes, 1, &p));
-        r = ddp__kv_set(ctx, "shm/ctrl", ctx->shm.ctrl_name, strlen(ctx->shm.ctrl_name) + 1);
-        if (r != DDP_SUCCESS) { ddp__shm_unmap(p, bytes); ddp__shm_unlink(ctx->shm.ctrl_name); return r; }
-    } else {
-        void *name = NULL; size_t len = 0;
-        DDP__TRY(ddp__kv_get(ctx, "shm/ctrl", &name, &len));
-        ddp__copy_str(ctx->shm.ctrl_name, sizeof ctx->shm.ctrl_name, len ? (const char *)name : "");
-        free(name);
-        DDP__TRY(ddp__shm_map(ctx, ctx->shm.ctrl_name, bytes, 0, &p));
+/* ---- shared-memory segments ---------------------------------------------------------
+
+   No name outlives the job. On Linux rank 0 makes each segment with
+   memfd_create (anonymous: nothing in /dev/shm, ever) and hands the
+   descriptor to each local rank over a Unix socket in the abstract
+   namespace (nameless on disk too); the memory goes with the last process
+   that maps it, whatever kills whom and when. Both ends check who is at the
+   other end (the kernel's peer credentials: the same user; the receiver
+   also checks it is rank 0's pid), and the receiver checks the memory:
+   owned by this user, mode 0600, the size expected, and the context's
+   random nonce in its header, the nonce rank 0 sent in its identity record.
+
+   Elsewhere (or built with DDP__SHM_NAMED) segments are named
+   "/ddp-<pid>-..." in /dev/shm: rank 0 removes the name as soon as every
+   rank has mapped it. A rank 0 killed in that window leaves the name
+   behind; ddprun removes the names of its ranks when they end, and the next
+   rank 0 on the host removes those of dead creators. Named segments are
+   sized to fit /dev/shm (the staging area shrinks, with a log line). */
+
+#define DDP__SEG_HDR_BYTES ((size_t)4096) /* the gradient segment's header page */
+#define DDP__SEG_REQ_MAGIC 0x46504444u    /* "DDPF": a request for a segment's descriptor */
+#define DDP__SEG_PENDING   64             /* requests rank 0 holds at once; more wait in the backlog */
+
+static int ddp__unhex16(const char *hex, unsigned char out[16]) {
+    int i;
+    for (i = 0; i < 32; i++) {
+        char ch = hex[i];
+        int v = ch >= '0' && ch <= '9' ? ch - '0' : ch >= 'a' && ch <= 'f' ? ch - 'a' + 10 : -1;
+        if (v < 0) return -1;
+        if (i & 1) out[i / 2] = (unsigned char)(out[i / 2] | v);
+        else out[i / 2] = (unsigned char)(v << 4);
     }
-    ctx->shm.ctrl = (ddp__shm_ctrl *)p;
-    ctx->shm.staging = (unsigned char *)p + hdr;
-    if (ctx->rank == 0) {
-        ctx->shm.ctrl->magic = DDP__SHM_MAGIC;
-        ctx->shm.ctrl->world = ctx->world;
-        ctx->shm.ctrl->abort_rank = -1;
-        ctx->shm.ctrl->abort_claim = 0;
+    return hex[32] == 0 ? 0 : -1;
+}
+
+/* The pid rank q gave in its identity record (0: unknown). */
+static int ddp__rank_pid(ddp_context *ctx, int q) {
+    if (q == 0) return ctx->peer0.pid;
+    if (ctx->server) return ddp__store_server_rank_pid(ctx->server, q);
+    return ctx->rank_pid ? ctx->rank_pid[q] : 0;
+}
+
+/* Rank 0: a segment of `bytes`, the first `reserve` of them backed by
+   memory now; mapped at *p. Anonymous unless ctx->shm.named. */
+static ddp_result ddp__seg_create(ddp_context *ctx, const char *what, size_t bytes, size_t reserve,
+                                  int *fd, char *name, size_t ncap, void **p) {
+    static int counter = 0;
+    int e;
+    *fd = -1;
+    *p = NULL;
+    name[0] = 0;
+    if (!ctx->shm.named) {
+        if (ddp__shm_obj_anon(bytes, fd) != 0) {
+            e = errno;
+            if (e != ENOSYS && e != EPERM && e != EINVAL)
+                return ddp__fail(ctx, e == ENOMEM || e == ENOSPC ? DDP_ERROR_OUT_OF_MEMORY : DDP_ERROR_SYSTEM,
+                                 "rank 0 cannot create %" DDP__PRIzu " bytes of shared memory for the %s: %s", bytes, what, ddp__strerror(e));
+            ctx->shm.named = 1;
+            ddp__log(ctx, DDP_LOG_INFO, "anonymous shared memory (memfd) is not available: using named segments in " DDP__SHM_WHERE);
+        }
     }
-    ddp__slot(ctx, ctx->rank)->pid = (int32_t)ddp__getpid();
-    if (ctx->world > 1) {
-        r = ddp__kv_barrier(ctx, "shm/ctrl-open");
-        if (ctx->rank == 0) ddp__shm_unlink(ctx->shm.ctrl_name);
-        if (r != DDP_SUCCESS) return r;
-        if (ctx->shm.ctrl->magic != DDP__SHM_MAGIC || ctx->shm.ctrl->world != ctx->world)
-            return ddp__fail(ctx, DDP_ERROR_MISMATCH, "shared memory '%s' was made for a world of %d, this rank is in a world of %d",
-                             ctx->shm.ctrl_name, (int)ctx->shm.ctrl->world, ctx->world);
+    if (ctx->shm.named) {
+        /* "ddp-<pid>-...": the sweep of dead creators reads the pid; 96
+           random bits: nobody guesses the name to take it first */
+        unsigned char rnd[12];
+        char hex[25];
+        if (ddp__sys_random(rnd, sizeof rnd) != 0)
+            return ddp__fail(ctx, DDP_ERROR_SYSTEM, "rank 0 cannot read random bytes for a shared-memory name: %s", ddp__strerror(errno));
+        ddp__hex(rnd, sizeof rnd, hex);
+        snprintf(name, ncap, DDP__SHM_NAME_PREFIX "ddp-%d-%d-%s-%s", ddp__getpid(), ddp__atomic_add_int(&counter, 1), what, hex);
+        if (ddp__shm_obj_create_named(name, bytes, fd) != 0) {
+            e = errno;
+            name[0] = 0;
+            if (e == ENOMEM || e == ENOSPC)
+                return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "rank 0 cannot reserve %" DDP__PRIzu " bytes of shared memory for the %s: %s; " DDP__SHM_WHERE " is full or too small: " DDP__SHM_REMEDY,
+                                 bytes, what, ddp__strerror(e));
+            return ddp__fail(ctx, DDP_ERROR_SYSTEM, "rank 0 cannot create shared memory for the %s (%" DDP__PRIzu " bytes): %s", what, bytes, ddp__strerror(e));
+        }
+    }
+    e = ddp__shm_obj_reserve(*fd, reserve);
+    if (e == 0) {
+        *p = ddp__shm_obj_map(*fd, bytes, 1);
+        if (!*p) e = errno ? errno : ENOMEM;
+    }
+    if (e != 0) {
+        ddp__shm_obj_close(*fd);
+        *fd = -1;
+        if (name[0]) { ddp__shm_obj_unlink(name); name[0] = 0; }
+        if (e == ENOSPC || e == ENOMEM || e == EFBIG)
+            return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "rank 0 cannot reserve %" DDP__PRIzu " bytes of shared memory for the %s: %s; %s",
+                             reserve, what, ddp__strerror(e),
+                             ctx->shm.named ? DDP__SHM_WHERE " is full or too small: " DDP__SHM_REMEDY
+                                            : "not enough memory: free some, or raise this container's memory limit");
+        return ddp__fail(ctx, DDP_ERROR_SYSTEM, "rank 0 cannot map %" DDP__PRIzu " bytes of shared memory for the %s: %s", bytes, what, ddp__strerror(e));
     }
     return DDP_SUCCESS;
+}
+
+/* Rank 0 hands the descriptor to ranks 1..world-1 as they ask, checking
+   each asker (same user, the pid its rank gave, the context's nonce);
+   returns when every rank has it. */
+static ddp_result ddp__seg_serve(ddp_context *ctx, int lfd, int seg_fd, const char *what) {
+    typedef struct { int fd; size_t have; unsigned char req[24]; } asker;
+    asker pend[DDP__SEG_PENDING];
+    int npend = 0, left = ctx->world - 1, q, i;
+    char *served = (char *)ddp__calloc(ctx, (size_t)ctx->world);
+    double deadline = ddp__now() + ctx->cfg.connect_timeout_s, next_check = 0;
+    ddp_result r = DDP_SUCCESS;
+    if (!served) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory");
+    while (left > 0 && r == DDP_SUCCESS) {
+        int fds[DDP__SEG_PENDING + 1], ready[DDP__SEG_PENDING + 1];
+        double now;
+        fds[0] = lfd;
+        for (i = 0; i < npend; i++) fds[1 + i] = pend[i].fd;
+        ddp__sock_local_wait(fds, npend + 1, 50, ready);
+        for (i = 0; i < npend; i++) {
+            long got;
+            if (!ready[1 + i]) continue;
+            got = ddp__sock_local_read(pend[i].fd, pend[i].req + pend[i].have, sizeof pend[i].req - pend[i].have);
+            if (got > 0) pend[i].have += (size_t)got;
+            else if (got < 0) pend[i].have = (size_t)-1;
+        }
+        for (i = 0; i < npend;) {
+            asker *a = &pend[i];
+            if (a->have == sizeof a->req) {
+                uint32_t magic;
+                int32_t rank;
+                int pid = 0, want = 0, ok;
+                unsigned uid = 0;
+                char why[160];
+                memcpy(&magic, a->req, 4);
+                memcpy(&rank, a->req + 4, 4);
+                ok = ddp__sock_peer(a->fd, &pid, &uid) == 0;
+                why[0] = 0;
+                if (!ok) snprintf(why, sizeof why, "its credentials are unknown");
+                else if (magic != DDP__SEG_REQ_MAGIC || rank < 1 || rank >= ctx->world) snprintf(why, sizeof why, "a malformed request");
+                else if (uid != ddp__proc_uid()) snprintf(why, sizeof why, "it runs as uid %u, this job as uid %u", uid, ddp__proc_uid());
+                else if (served[rank]) snprintf(why, sizeof why, "rank %d has the memory already", (int)rank);
+                else if ((want = ddp__rank_pid(ctx, rank)) > 0 && want != pid) snprintf(why, sizeof why, "rank %d is pid %d", (int)rank, want);
+                else if (!ddp__ct_equal(a->req + 8, ctx->shm.nonce, 16)) snprintf(why, sizeof why, "it does not know the context's nonce");
+                if (!why[0]) {
+                    if (ddp__sock_send_fd(a->fd, seg_fd, 0) == 0) { served[rank] = 1; left--; }
+                } else {
+                    char msg[400];
+                    ddp__sock_send_fd(a->fd, -1, 1);
+                    snprintf(msg, sizeof msg, "rank 0 refused the %s's shared memory to pid %d (claiming rank %d): %s", what, pid, (int)rank, why);
+                    ddp__log(ctx, DDP_LOG_WARN, msg);
+                }
+                a->have = (size_t)-1;
+            }
+            if (a->have == (size_t)-1) {
+                ddp__sock_local_close(a->fd);
+                pend[i] = pend[--npend];
+                continue;
+            }
+            i++;
+        }
+        if (ready[0]) {
+            for (;;) {
+                int fd = ddp__sock_local_accept(lfd);
+                if (fd < 0) break;
+                if (npend == DDP__SEG_PENDING) { ddp__sock_local_close(pend[0].fd); pend[0] = pend[--npend]; }
+                pend[npend].fd = fd;
+                pend[npend].have = 0;
+                npend++;
+            }
+        }
+        if (left == 0) break;
+        r = ddp__check_event(ctx);
+        now = ddp__now();
+        if (r == DDP_SUCCESS && now >= next_check) {
+            next_check = now + 0.05;
+            for (q = 1; q < ctx->world && r == DDP_SUCCESS; q++) {
+                int pid = ddp__rank_pid(ctx, q);
+                if (!served[q] && pid > 0 && ddp__proc_dead(pid)) {
+                    r = ddp__fail(ctx, DDP_ERROR_PEER, "rank %d (pid %d) exited before it received the %s's shared memory from rank 0", q, pid, what);
+                    ddp__shm_abort(ctx, ctx->err); /* the others may wait on it in the control segment */
+                }
+            }
+        }
+        if (r == DDP_SUCCESS && now > deadline) {
+            char list[256];
+            size_t n = 0;
+            list[0] = 0;
+            for (q = 1; q < ctx->world && n + 16 < sizeof list; q++)
+                if (!served[q]) n += (size_t)snprintf(list + n, sizeof list - n, "%srank %d", n ? ", " : "", q);
+            r = ddp__fail(ctx, DDP_ERROR_TIMEOUT, "timed out after %.1f s: rank 0 handed the %s's shared memory to every rank but %s (dead or stuck before it asked?)",
+                          ctx->cfg.connect_timeout_s, what, list);
+        }
+    }
+    for (i = 0; i < npend; i++) ddp__sock_local_close(pend[i].fd);
+    ddp__free(ctx, served);
+    return r;
+}
+
+/* Rank 0: publish the segment under key and, when it is anonymous, hand it
+   to every rank. */
+static ddp_result ddp__seg_share(ddp_context *ctx, const char *key, const char *what, int fd, const char *name, size_t bytes) {
+    char val[200], sock[128];
+    int lfd = -1;
+    ddp_result r;
+    if (ctx->shm.named) {
+        snprintf(val, sizeof val, "name %s bytes=%" DDP__PRIzu, name, bytes);
+        return ddp__kv_set_once(ctx, key, val, strlen(val) + 1);
+    }
+    if (ddp__sock_local_listen(sock, sizeof sock, &lfd) != 0)
+        return ddp__fail(ctx, DDP_ERROR_SYSTEM, "rank 0 cannot open a local socket to hand out shared memory: %s", ddp__strerror(errno));
+    snprintf(val, sizeof val, "fd %s bytes=%" DDP__PRIzu, sock, bytes);
+    r = ddp__kv_set_once(ctx, key, val, strlen(val) + 1);
+    if (r == DDP_SUCCESS) r = ddp__seg_serve(ctx, lfd, fd, what);
+    ddp__sock_local_close(lfd);
+    return r;
+}
+
+/* The checks every receiver makes before it uses a segment: this user's,
+   nobody else's, the size expected, and (its header, read before the
+   memory is mapped for use) this context's: kind, world, rank 0's nonce,
+   size. (What "this user's, nobody else's" means on each system:
+   ddp__shm_obj_trust.) */
+static ddp_result ddp__seg_verify(ddp_context *ctx, int fd, const char *key, int kind, size_t bytes) {
+    size_t size = 0;
+    char who[300];
+    ddp__seg_hdr h;
+    int t = ddp__shm_obj_trust(fd, &size, who, sizeof who);
+    if (t < 0)
+        return ddp__fail(ctx, DDP_ERROR_SYSTEM, "rank %d cannot inspect the shared memory of key '%s%s': %s", ctx->rank, ctx->key_prefix, key, ddp__strerror(errno));
+    if (t == DDP__SHM_FOREIGN)
+        return ddp__fail(ctx, DDP_ERROR_SECURITY, "rank %d: the shared memory of key '%s%s' belongs to %s, not to this job's user: store tampering, or another job on port %d",
+                         ctx->rank, ctx->key_prefix, key, who, ctx->cfg.master_port);
+    if (t == DDP__SHM_SHARED)
+        return ddp__fail(ctx, DDP_ERROR_SECURITY, "rank %d: the shared memory of key '%s%s' is open to other users (%s): store tampering, or not this job's",
+                         ctx->rank, ctx->key_prefix, key, who);
+    if (size != bytes)
+        return ddp__fail(ctx, DDP_ERROR_SECURITY, "rank %d: the shared memory of key '%s%s' has %" DDP__PRIzu " bytes, %" DDP__PRIzu " expected: store tampering, or another job",
+                         ctx->rank, ctx->key_prefix, key, size, bytes);
+    if (ddp__shm_obj_peek(fd, &h, sizeof h) != 0)
+        return ddp__fail(ctx, DDP_ERROR_SYSTEM, "rank %d cannot read the header of the shared memory of key '%s%s': %s", ctx->rank, ctx->key_prefix, key, ddp__strerror(errno));
+    if (h.magic != DDP__SHM_MAGIC || h.kind != kind || h.world != ctx->world || h.bytes != (uint64_t)bytes ||
+        !ddp__ct_equal(h.nonce, ctx->shm.nonce, 16))
+        return ddp__fail(ctx, DDP_ERROR_SECURITY, "rank %d: the shared memory of key '%s%s' is not this context's (its header does not carry rank 0's nonce): store tampering, or another job on port %d",
+                         ctx->rank, ctx->key_prefix, key, ctx->cfg.master_port);
+    return DDP_SUCCESS;
+}
+
+/* Ranks 1..: the segment rank 0 published under key, verified and mapped.
+   *bytes: expected size, or 0 to take the size rank 0 published (then
+   checked against the header). */
+static ddp_result ddp__seg_attach(ddp_context *ctx, const char *key, int kind, size_t *bytes, void **p) {
+    void *val = NULL;
+    size_t len = 0, said = 0;
+    char kindw[8], ref[128];
+    int fd = -1;
+    ddp_result r;
+    *p = NULL;
+    if (ddp__unhex16(ctx->peer0.nonce, ctx->shm.nonce) != 0)
+        return ddp__fail(ctx, DDP_ERROR_MISMATCH, "rank %d: rank 0's identity record carries no shared-memory nonce", ctx->rank);
+    DDP__TRY(ddp__kv_get(ctx, key, &val, &len));
+    if (sscanf((const char *)val, "%7s %127s bytes=%" DDP__PRIzu, kindw, ref, &said) != 3 || (strcmp(kindw, "fd") && strcmp(kindw, "name")) ||
+        said == 0 || (*bytes && said != *bytes)) {
+        char show[64];
+        ddp__ident_word(show, sizeof show, (const char *)val);
+        free(val);
+        return ddp__fail(ctx, DDP_ERROR_SECURITY, "rank %d: key '%s%s' holds '%.60s', not a reference to rank 0's shared memory%s: store tampering, or another job on port %d",
+                         ctx->rank, ctx->key_prefix, key, show, *bytes && said && said != *bytes ? " of the expected size" : "", ctx->cfg.master_port);
+    }
+    free(val);
+    if (!strcmp(kindw, "name")) {
+        ctx->shm.named = 1;
+        if (ddp__shm_obj_open_named(ref, &fd) != 0)
+            return ddp__fail(ctx, DDP_ERROR_SYSTEM, "rank %d cannot open shared memory '%s' (key '%s%s'): %s", ctx->rank, ref, ctx->key_prefix, key, ddp__strerror(errno));
+    } else {
+        int s = -1, pid = 0;
+        unsigned uid = 0;
+        unsigned char req[24], status = 1;
+        uint32_t magic = DDP__SEG_REQ_MAGIC;
+        int32_t rank = ctx->rank;
+        double deadline = ddp__now() + ctx->cfg.connect_timeout_s;
+        if (ddp__sock_local_connect(ref, &s) != 0) {
+            int e = errno;
+            if (ctx->peer0.pid > 0 && ddp__proc_dead(ctx->peer0.pid))
+                return ddp__fail(ctx, DDP_ERROR_PEER, "rank 0 (pid %d) exited while rank %d fetched shared memory", ctx->peer0.pid, ctx->rank);
+            return ddp__fail(ctx, DDP_ERROR_SYSTEM, "rank %d cannot reach rank 0's shared-memory socket '%s' (key '%s%s'): %s",
+                             ctx->rank, ref, ctx->key_prefix, key, ddp__strerror(e));
+        }
+        if (ddp__sock_peer(s, &pid, &uid) != 0 || uid != ddp__proc_uid() || pid != ctx->peer0.pid) {
+            ddp__sock_local_close(s);
+            return ddp__fail(ctx, DDP_ERROR_SECURITY,
+                             "rank %d: the shared memory offered under key '%s%s' is served by pid %d (uid %u), not by rank 0 (pid %d, uid %u): store tampering, or another job on port %d",
+                             ctx->rank, ctx->key_prefix, key, pid, uid, ctx->peer0.pid, ddp__proc_uid(), ctx->cfg.master_port);
+        }
+        memcpy(req, &magic, 4);
+        memcpy(req + 4, &rank, 4);
+        memcpy(req + 8, ctx->shm.nonce, 16);
+        if (ddp__sock_local_write(s, req, sizeof req) != 0 || ddp__sock_recv_fd(s, deadline, &status, &fd) != 0) {
+            int e = errno;
+            ddp__sock_local_close(s);
+            if (e != ETIMEDOUT && (r = ddp__kv_why(ctx)) != DDP_SUCCESS) return r;
+            if (ctx->peer0.pid > 0 && ddp__proc_dead(ctx->peer0.pid))
+                return ddp__fail(ctx, DDP_ERROR_PEER, "rank 0 (pid %d) exited while rank %d waited for shared memory", ctx->peer0.pid, ctx->rank);
+            return ddp__fail(ctx, e == ETIMEDOUT ? DDP_ERROR_TIMEOUT : DDP_ERROR_PEER, "rank %d did not receive the shared memory of key '%s%s' from rank 0: %s",
+                             ctx->rank, ctx->key_prefix, key, e == ETIMEDOUT ? "timed out" : ddp__strerror(e));
+        }
+        ddp__sock_local_close(s);
+        if (status != 0 || fd < 0) {
+            ddp__shm_obj_close(fd);
+            return ddp__fail(ctx, DDP_ERROR_SECURITY, "rank %d: rank 0 refused to hand over the shared memory of key '%s%s' (see rank 0's log)", ctx->rank, ctx->key_prefix, key);
+        }
+    }
+    r = ddp__seg_verify(ctx, fd, key, kind, said);
+    if (r == DDP_SUCCESS) {
+        *p = ddp__shm_obj_map(fd, said, 1);
+        if (!*p) r = ddp__fail(ctx, DDP_ERROR_SYSTEM, "rank %d cannot map %" DDP__PRIzu " bytes of shared memory (key '%s%s'): %s", ctx->rank, said, ctx->key_prefix, key, ddp__strerror(errno));
+    }
+    ddp__shm_obj_close(fd);
+    *bytes = said;
+    return r;
+}
+
+static void ddp__seg_header(struct ddp__seg_hdr *h, const ddp_context *ctx, int kind, size_t bytes, size_t staging) {
+    h->magic = DDP__SHM_MAGIC;
+    h->world = ctx->world;
+    h->kind = kind;
+    memcpy(h->nonce, ctx->shm.nonce, 16);
+    h->bytes = (uint64_t)bytes;
+    h->staging = (uint64_t)staging;
+}
+
+/* Named segments live in /dev/shm, which may be small (a container's 64
+   MiB): the staging area gets at most half of what is free, the gradients
+   (sized at ddp_finalize) the rest. A smaller staging area only means more
+   rounds for large collectives on your own buffers. */
+static size_t ddp__shm_fit_staging(ddp_context *ctx, size_t hdr, size_t want) {
+    long long avail = ddp__shm_named_free();
+    size_t room, got;
+    char msg[300];
+    if (avail < 0) return want;
+    room = (size_t)avail / 2 > hdr ? ((size_t)avail / 2 - hdr) / (size_t)ctx->world : 0;
+    room = room / 4096 * 4096;
+    if (room >= want) return want;
+    got = room < ((size_t)64 << 10) ? ((size_t)64 << 10) : room;
+    snprintf(msg, sizeof msg, "shared memory: " DDP__SHM_WHERE " has %lld bytes free; the staging area for collectives on your own buffers is reduced from %" DDP__PRIzu " to %" DDP__PRIzu " bytes per rank",
+             avail, want, got);
+    ddp__log(ctx, DDP_LOG_WARN, msg);
+    return got;
+}
+
+/* The control segment: counters, abort flag and staging. Rank 0 makes it
+   and hands it out; everybody maps it; a barrier; then rank 0 removes a
+   name if there is one. */
+static ddp_result ddp__shm_setup(ddp_context *ctx) {
+    size_t hdr = ddp__ctrl_header_bytes(ctx->world), staging = ctx->shm.staging_bytes, bytes = 0;
+    void *p = NULL;
+    int fd = -1;
+    ddp_result r;
+    if (ctx->world == 1) {
+        bytes = hdr + staging;
+        p = ddp__shm_obj_map_private(bytes);
+        if (!p) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "cannot map %" DDP__PRIzu " bytes: %s", bytes, ddp__strerror(errno));
+        ctx->shm.ctrl = (ddp__shm_ctrl *)p;
+        ctx->shm.ctrl_bytes = bytes;
+        ctx->shm.staging = (unsigned char *)p + hdr;
+        ddp__seg_header(&ctx->shm.ctrl->h, ctx, 1, bytes, staging);
+        ctx->shm.ctrl->abort_rank = -1;
+        ddp__slot(ctx, 0)->pid = (int32_t)ddp__getpid();
+        return DDP_SUCCESS;
+    }
+    if (ctx->rank == 0) {
+#if defined(DDP__SHM_NAMED) || !DDP__SHM_ANON
+        ctx->shm.named = 1;
+#endif
+        ddp__shm_sweep_dead();
+        if (ctx->shm.named) staging = ddp__shm_fit_staging(ctx, hdr, staging);
+        bytes = hdr + (size_t)ctx->world * staging;
+        /* named: all of it now (a full /dev/shm must fail here, not with
+           SIGBUS later); anonymous: the header, staging pages come when used */
+        DDP__TRY(ddp__seg_create(ctx, "control", bytes, ctx->shm.named ? bytes : hdr, &fd, ctx->shm.ctrl_name, sizeof ctx->shm.ctrl_name, &p));
+        ctx->shm.ctrl = (ddp__shm_ctrl *)p;
+        ctx->shm.ctrl_bytes = bytes;
+        ddp__seg_header(&ctx->shm.ctrl->h, ctx, 1, bytes, staging);
+        ctx->shm.ctrl->abort_rank = -1;
+        ctx->shm.ctrl->abort_claim = 0;
+        r = ddp__seg_share(ctx, "shm/ctrl", "control", fd, ctx->shm.ctrl_name, bytes);
+        ddp__shm_obj_close(fd);
+        if (r != DDP_SUCCESS) return r;
+    } else {
+        DDP__TRY(ddp__seg_attach(ctx, "shm/ctrl", 1, &bytes, &p));
+        ctx->shm.ctrl = (ddp__shm_ctrl *)p;
+        ctx->shm.ctrl_bytes = bytes;
+        staging = (size_t)ctx->shm.ctrl->h.staging;
+        if (staging < ((size_t)4 << 10) || hdr + (size_t)ctx->world * staging != bytes)
+            return ddp__fail(ctx, DDP_ERROR_SECURITY, "rank %d: the control segment's header says %" DDP__PRIzu " bytes of staging per rank, which does not fit its %" DDP__PRIzu " bytes",
+                             ctx->rank, staging, bytes);
+    }
+    ctx->shm.staging_bytes = staging;
+    ctx->cfg.staging_bytes = staging;
+    ctx->shm.staging = (unsigned char *)p + hdr;
+    ddp__slot(ctx, ctx->rank)->pid = (int32_t)ddp__getpid();
+    r = ddp__kv_barrier(ctx, "shm/ctrl-open");
+    if (ctx->rank == 0 && ctx->shm.ctrl_name[0]) { ddp__shm_obj_unlink(ctx->shm.ctrl_name); ctx->shm.ctrl_name[0] = 0; }
+    if (r != DDP_SUCCESS) return r;
+    return ddp__kv_verify_pinned(ctx);
 }
 
 static ddp_result ddp__cuda_setup(ddp_context *ctx);
@@ -4865,7 +7501,9 @@ static void ddp__join_reset(ddp_context *ctx) {
 DDP_API ddp_result ddp_create(const ddp_config *config, ddp_context **out) {
     ddp_config c;
     ddp_context *ctx;
-    char addr[256];
+    char addr[256], job[DDP__JOB_ID_MAX + 1], bind[256];
+    unsigned char secret[DDP__SECRET_MAX];
+    size_t secret_len = 0;
     ddp_result r;
     ddp__create_err[0] = 0;
     if (!out) return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "ddp_create: out is NULL");
@@ -4874,6 +7512,7 @@ DDP_API ddp_result ddp_create(const ddp_config *config, ddp_context **out) {
     DDP__TRY(ddp__resolve_identity(&c));
     DDP__TRY(ddp__resolve_address(&c, addr, sizeof addr));
     DDP__TRY(ddp__resolve_backend(&c));
+    DDP__TRY(ddp__resolve_trust(&c, secret, &secret_len, job, bind, sizeof bind));
     if (c.world_size > DDP__MAX_WORLD)
         return ddp__fail(NULL, DDP_ERROR_UNSUPPORTED, "a world of %d ranks: this version supports up to %d", c.world_size, DDP__MAX_WORLD);
     if (c.staging_bytes < ((size_t)64 << 10))
@@ -4904,9 +7543,18 @@ DDP_API ddp_result ddp_create(const ddp_config *config, ddp_context **out) {
     ddp__mutex_init(&ctx->err_mu);
     ddp__cond_init(&ctx->cv_work);
     ddp__cond_init(&ctx->cv_done);
-    /* the copied config must not point into the caller's memory */
+    /* the copied config must not point into the caller's memory, and
+       ddp_query_config never shows the secret */
     ddp__copy_str(ctx->addr, sizeof ctx->addr, addr);
     ctx->cfg.master_addr = ctx->addr;
+    memcpy(ctx->secret, secret, secret_len);
+    memset(secret, 0, sizeof secret);
+    ctx->secret_len = secret_len;
+    ctx->cfg.job_secret = NULL;
+    ddp__copy_str(ctx->job_id, sizeof ctx->job_id, job);
+    ctx->cfg.job_id = ctx->job_id;
+    ddp__copy_str(ctx->bind, sizeof ctx->bind, bind);
+    ctx->cfg.store_bind = ctx->bind;
 
     r = DDP_SUCCESS;
     if (ctx->world > 1) {
@@ -4920,6 +7568,7 @@ DDP_API ddp_result ddp_create(const ddp_config *config, ddp_context **out) {
         r = ddp__shm_setup(ctx);
     if (r != DDP_SUCCESS) {
         memcpy(ddp__create_err, ctx->err, sizeof ctx->err);
+        ddp__kv_abort(ctx, ctx->err);
         ddp_destroy(ctx);
         return r;
     }
@@ -4950,12 +7599,10 @@ DDP_API void ddp_destroy(ddp_context *ctx) {
     if (!ctx) return;
     ddp__comm_stop(ctx);
     ddp__free_flat_grads(ctx);
-    if (ctx->shm.grads) ddp__shm_unmap(ctx->shm.grads, ctx->shm.grads_bytes);
-    if (ctx->shm.ctrl) {
-        if (ctx->rank == 0 && ctx->world > 1 && ctx->shm.ctrl_name[0]) ddp__shm_unlink(ctx->shm.ctrl_name);
-        ddp__shm_unmap(ctx->shm.ctrl, ctx->shm.ctrl_bytes);
-    }
-    if (ctx->rank == 0 && ctx->shm.grads_name[0]) ddp__shm_unlink(ctx->shm.grads_name);
+    ddp__shm_obj_unmap(ctx->shm.grads_base, ctx->shm.grads_bytes);
+    ddp__shm_obj_unmap(ctx->shm.ctrl, ctx->shm.ctrl_bytes);
+    if (ctx->rank == 0 && ctx->shm.ctrl_name[0]) ddp__shm_obj_unlink(ctx->shm.ctrl_name);
+    if (ctx->rank == 0 && ctx->shm.grads_name[0]) ddp__shm_obj_unlink(ctx->shm.grads_name);
     if (ctx->cfg.device == DDP_DEVICE_CUDA) {
         ddp__free_device(ctx, ctx->flat_params);
         ddp__free_device(ctx, ctx->opt_m);
@@ -4974,12 +7621,16 @@ DDP_API void ddp_destroy(ddp_context *ctx) {
     ddp__cuda_teardown(ctx);
     if (ctx->store) { ddp__store_close((ddp__store *)ctx->store); ddp__free(ctx, ctx->store); ctx->store = NULL; }
     if (ctx->server) {
-        /* a peer may still be reading its last answer: let the clients go first */
-        double deadline = ddp__now() + (ctx->cfg.timeout_s < 10 ? ctx->cfg.timeout_s : 10);
-        while (ddp__store_server_clients(ctx->server) > 0 && ddp__now() < deadline) ddp__sleep_us(1000);
+        /* a rank may still be reading its last answer: let the ranks hang
+           up first, for at most DDP__STORE_DRAIN_S; other clients (strangers)
+           are not waited for */
+        double deadline = ddp__now() + (ctx->cfg.timeout_s < DDP__STORE_DRAIN_S ? ctx->cfg.timeout_s : DDP__STORE_DRAIN_S);
+        while (ddp__store_server_rank_clients(ctx->server) > 0 && ddp__now() < deadline) ddp__sleep_us(1000);
         ddp__store_server_stop(ctx->server);
     }
     if (ctx->net_started) ddp__net_stop();
+    memset(ctx->secret, 0, sizeof ctx->secret);
+    ddp__free(ctx, ctx->rank_pid);
     ddp__free(ctx, ctx->params);
     ddp__free(ctx, ctx->buckets);
     ddp__free(ctx, ctx->queue);
@@ -5281,10 +7932,14 @@ static ddp_result ddp__verify_params(ddp_context *ctx) {
     int q;
     if (!mine) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for the parameter table");
     snprintf(key, sizeof key, "params/%d", ctx->rank);
-    r = ddp__kv_set(ctx, key, mine, len);
+    r = ddp__kv_set_once(ctx, key, mine, len);
     ddp__free(ctx, mine);
     if (r != DDP_SUCCESS) return r;
-    DDP__TRY(ddp__kv_get(ctx, "params/0", &t0, &l0));
+    r = ddp__kv_get(ctx, "params/0", &t0, &l0);
+    if (r == DDP_ERROR_TIMEOUT)
+        return ddp__fail(ctx, r, "rank 0 did not publish its parameters within %.1f s (dead, stuck, or failed before ddp_finalize: see rank 0's error)",
+                         ctx->cfg.connect_timeout_s);
+    if (r != DDP_SUCCESS) return r;
     /* every rank compares every rank with rank 0, so all report the same error */
     for (q = 1; q < ctx->world && r == DDP_SUCCESS; q++) {
         void *tq = NULL;
@@ -5319,10 +7974,16 @@ static ddp_result ddp__verify_params(ddp_context *ctx) {
         free(tq);
     }
     free(t0);
-    /* rank 0 serves the store: keep it until every rank has read the tables */
-    if (r != DDP_ERROR_TIMEOUT) {
-        ddp_result b = ddp__kv_barrier(ctx, "params/read");
+    /* rank 0 serves the store: keep it until every rank has read the tables
+       (after a mismatch too: every rank found the same one); a failed store
+       call is reported as it is */
+    if (r == DDP_SUCCESS || r == DDP_ERROR_MISMATCH) {
+        char keep[DDP__ERRLEN];
+        ddp_result b;
+        memcpy(keep, ctx->err, sizeof keep);
+        b = ddp__kv_barrier(ctx, "params/read");
         if (r == DDP_SUCCESS) r = b;
+        else memcpy(ctx->err, keep, sizeof keep);
     }
     return r;
 }
@@ -5330,30 +7991,46 @@ static ddp_result ddp__verify_params(ddp_context *ctx) {
 static ddp_result ddp__cuda_finalize(ddp_context *ctx);
 
 /* Every rank's flat gradients in one shared segment (shm and staged), so
-   reductions read and write peers' buffers directly. */
+   reductions read and write peers' buffers directly. The segment starts
+   with a header page (whose it is); the buffers follow. All of it is
+   backed by memory at once: when it does not fit, the error says how many
+   bytes are needed and what to do. */
 static ddp_result ddp__alloc_grad_segment(ddp_context *ctx) {
     void *p = NULL;
+    size_t hdr = DDP__SEG_HDR_BYTES, bytes;
+    int fd = -1;
     ddp_result r;
     ctx->shm.grad_stride = ctx->flat_bytes;
-    ctx->shm.grads_bytes = ctx->flat_bytes * (size_t)ctx->world;
+    /* whole pages: Windows sizes a section in pages, and the receivers'
+       size check is exact */
+    bytes = ddp__align_up(hdr + ctx->flat_bytes * (size_t)ctx->world, 4096);
     if (ctx->world == 1) {
-        DDP__TRY(ddp__anon_map(ctx, ctx->shm.grads_bytes, &p));
+        p = ddp__shm_obj_map_private(bytes);
+        if (!p) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "cannot map %" DDP__PRIzu " bytes for the gradients: %s", bytes, ddp__strerror(errno));
     } else if (ctx->rank == 0) {
-        ddp__shm_name(ctx, ctx->shm.grads_name, sizeof ctx->shm.grads_name, "grads");
-        DDP__TRY(ddp__shm_map(ctx, ctx->shm.grads_name, ctx->shm.grads_bytes, 1, &p));
-        ctx->shm.grads = (unsigned char *)p;
-        DDP__TRY(ddp__kv_set(ctx, "shm/grads", ctx->shm.grads_name, strlen(ctx->shm.grads_name) + 1));
+        long long avail = ctx->shm.named ? ddp__shm_named_free() : -1;
+        if (avail >= 0 && (unsigned long long)bytes > (unsigned long long)avail)
+            return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY,
+                             "the gradients need %" DDP__PRIzu " bytes of shared memory (%d ranks x %" DDP__PRIzu " bytes) but " DDP__SHM_WHERE " has %lld bytes free: "
+                             DDP__SHM_REMEDY " (about %" DDP__PRIzu " MiB for this job)",
+                             bytes, ctx->world, ctx->flat_bytes, avail, (bytes + ctx->shm.ctrl_bytes) / ((size_t)1 << 20) + 64);
+        DDP__TRY(ddp__seg_create(ctx, "gradients", bytes, bytes, &fd, ctx->shm.grads_name, sizeof ctx->shm.grads_name, &p));
+        ddp__seg_header((ddp__seg_hdr *)p, ctx, 2, bytes, 0);
+        ctx->shm.grads_base = (unsigned char *)p;
+        ctx->shm.grads_bytes = bytes;
+        ctx->shm.grads = (unsigned char *)p + hdr;
+        r = ddp__seg_share(ctx, "shm/grads", "gradients", fd, ctx->shm.grads_name, bytes);
+        ddp__shm_obj_close(fd);
+        if (r != DDP_SUCCESS) return r;
     } else {
-        void *name = NULL; size_t len = 0;
-        DDP__TRY(ddp__kv_get(ctx, "shm/grads", &name, &len));
-        ddp__copy_str(ctx->shm.grads_name, sizeof ctx->shm.grads_name, len ? (const char *)name : "");
-        free(name);
-        DDP__TRY(ddp__shm_map(ctx, ctx->shm.grads_name, ctx->shm.grads_bytes, 0, &p));
-        ctx->shm.grads_name[0] = 0; /* only rank 0 unlinks */
+        size_t got = bytes;
+        DDP__TRY(ddp__seg_attach(ctx, "shm/grads", 2, &got, &p));
     }
-    ctx->shm.grads = (unsigned char *)p;
+    ctx->shm.grads_base = (unsigned char *)p;
+    ctx->shm.grads_bytes = bytes;
+    ctx->shm.grads = (unsigned char *)p + hdr;
     r = ddp__shm_barrier(ctx, "every rank to map the gradient segment");
-    if (ctx->rank == 0 && ctx->shm.grads_name[0]) { ddp__shm_unlink(ctx->shm.grads_name); ctx->shm.grads_name[0] = 0; }
+    if (ctx->rank == 0 && ctx->shm.grads_name[0]) { ddp__shm_obj_unlink(ctx->shm.grads_name); ctx->shm.grads_name[0] = 0; }
     return r;
 }
 
@@ -5398,6 +8075,9 @@ static ddp_result ddp__finalize(ddp_context *ctx) {
     ctx->finalized = 1;
     r = ddp_sync_params(ctx);
     if (r != DDP_SUCCESS) return r;
+    /* what this rank wrote once is still what it wrote (and rank 0's store
+       saw no tampering) */
+    if (ctx->store) DDP__TRY(ddp__kv_verify_pinned(ctx));
     /* the store has served its purpose; rank 0 keeps serving until the others hung up */
     if (ctx->store && ctx->rank != 0) {
         ddp__store_close((ddp__store *)ctx->store);
@@ -5433,6 +8113,7 @@ DDP_API ddp_result ddp_finalize(ddp_context *ctx) {
     r = ddp__finalize(ctx);
     if (r != DDP_SUCCESS) {
         ctx->finalized = 0;
+        if (ctx->store || ctx->server) ddp__kv_abort(ctx, ctx->err);
         return ddp__break(ctx, r);
     }
     return DDP_SUCCESS;
@@ -6648,27 +9329,65 @@ static ddp_result ddp__ck_write_content(ddp_context *ctx, ddp__ckfile *c) {
     return r;
 }
 
-static ddp_result ddp__save_file(ddp_context *ctx, const char *path) {
-    char tmp[4096];
-    ddp__ckfile c;
+/* ---- files written atomically ---------------------------------------------------
+   Checkpoints and safetensors files alike: a temporary beside the target
+   that has no name while it is written where the system allows it (see
+   "files" in PLATFORM), flushed and synced, named, renamed over the target,
+   and the rename made durable. Before the temporary is made, stale
+   temporaries of the same path (writers of this host that no longer run)
+   are removed. A writer killed at any instant leaves the old file or the
+   new one, whole, and at most one named temporary (killed inside the
+   instant between naming and renaming), which the next save removes. */
+
+static ddp_result ddp__atomic_open(ddp_context *ctx, const char *what, const char *path, ddp__tmpfile *t) {
     int e;
-    ddp_result r = DDP_SUCCESS;
-    if (snprintf(tmp, sizeof tmp, "%s.tmp.%d", path, ddp__getpid()) >= (int)sizeof tmp)
-        return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_save_checkpoint: path is too long");
-    memset(&c, 0, sizeof c);
-    c.hash = 0xcbf29ce484222325ull;
-    c.f = fopen(tmp, "wb");
-    if (!c.f) return ddp__fail(ctx, DDP_ERROR_IO, "ddp_save_checkpoint: cannot create '%s': %s", tmp, ddp__strerror(errno));
-    r = ddp__ck_write_content(ctx, &c);
-    if (r == DDP_SUCCESS && !c.err && fflush(c.f) != 0) c.err = errno;
-    if (r == DDP_SUCCESS && !c.err) c.err = ddp__file_sync(c.f);
-    if (fclose(c.f) != 0 && !c.err) c.err = errno;
-    if (r == DDP_SUCCESS && c.err) r = ddp__fail(ctx, DDP_ERROR_IO, "ddp_save_checkpoint: cannot write '%s': %s", tmp, ddp__strerror(c.err));
-    if (r == DDP_SUCCESS && (e = ddp__file_replace(tmp, path)) != 0)
-        r = ddp__fail(ctx, DDP_ERROR_IO, "ddp_save_checkpoint: cannot rename '%s' to '%s': %s", tmp, path, ddp__strerror(e));
-    if (r != DDP_SUCCESS) { remove(tmp); return r; }
+    if (strlen(path) > 4000) return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "%s: path '%.200s...' is too long", what, path);
+    ddp__file_sweep_tmp(path);
+    e = ddp__file_tmp_open(t, path);
+    if (e != 0) return ddp__fail(ctx, DDP_ERROR_IO, "%s: cannot create a temporary file beside '%s': %s", what, path, ddp__strerror(e));
+    return DDP_SUCCESS;
+}
+
+/* After a failure while writing: the temporary goes, whatever it holds. */
+static void ddp__atomic_abort(ddp__tmpfile *t) {
+    if (t->f) fclose(t->f);
+    t->f = NULL;
+    ddp__file_tmp_discard(t);
+}
+
+/* write_err: 0, or the error number of a failed write. Closes the file;
+   on any failure nothing of the temporary stays. */
+static ddp_result ddp__atomic_commit(ddp_context *ctx, const char *what, ddp__tmpfile *t, const char *path, int write_err) {
+    int err = write_err;
+    if (!err && fflush(t->f) != 0) err = errno ? errno : EIO;
+    if (!err) err = ddp__file_sync(t->f);
+    if (!err) err = ddp__file_tmp_name(t);
+    if (fclose(t->f) != 0 && !err) err = errno ? errno : EIO;
+    t->f = NULL;
+    if (err) {
+        ddp__file_tmp_discard(t);
+        return ddp__fail(ctx, DDP_ERROR_IO, "%s: cannot write '%s': %s", what, t->tmp, ddp__strerror(err));
+    }
+    if ((err = ddp__file_replace(t->tmp, path)) != 0) {
+        ddp__file_tmp_discard(t);
+        return ddp__fail(ctx, DDP_ERROR_IO, "%s: cannot rename '%s' to '%s': %s", what, t->tmp, path, ddp__strerror(err));
+    }
+    t->named = 0;
     ddp__dir_sync(path); /* make the rename itself durable */
     return DDP_SUCCESS;
+}
+
+static ddp_result ddp__save_file(ddp_context *ctx, const char *path) {
+    ddp__tmpfile t;
+    ddp__ckfile c;
+    ddp_result r;
+    memset(&c, 0, sizeof c);
+    c.hash = 0xcbf29ce484222325ull;
+    DDP__TRY(ddp__atomic_open(ctx, "ddp_save_checkpoint", path, &t));
+    c.f = t.f;
+    r = ddp__ck_write_content(ctx, &c);
+    if (r != DDP_SUCCESS) { ddp__atomic_abort(&t); return r; }
+    return ddp__atomic_commit(ctx, "ddp_save_checkpoint", &t, path, c.err);
 }
 
 /* Every rank learns whether every other rank succeeded: the same result everywhere. */
@@ -7004,38 +9723,6 @@ DDP_API ddp_result ddp_load_checkpoint(ddp_context *ctx, const char *path) {
 #define DDP__ST_PAD        8          /* the header is padded to a multiple of this */
 #define DDP__ST_CHUNK      (1u << 20) /* bytes read at once (header, skipped tensors) */
 
-/* ---- files written atomically: temporary file, fsync, rename, fsync of the directory.
-   The checkpoint writer does the same inline; one helper for both is the plan. */
-
-static ddp_result ddp__atomic_open(ddp_context *ctx, const char *what, const char *path,
-                                   char *tmp, size_t cap, FILE **out) {
-    *out = NULL;
-    if (snprintf(tmp, cap, "%s.tmp.%d", path, ddp__getpid()) >= (int)cap)
-        return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "%s: path '%.200s...' is too long", what, path);
-    *out = fopen(tmp, "wb");
-    if (!*out) return ddp__fail(ctx, DDP_ERROR_IO, "%s: cannot create '%s': %s", what, tmp, ddp__strerror(errno));
-    return DDP_SUCCESS;
-}
-
-/* write_err: 0, or the errno of a failed write. Closes f; on failure removes tmp. */
-static ddp_result ddp__atomic_commit(ddp_context *ctx, const char *what, FILE *f, const char *tmp,
-                                     const char *path, int write_err) {
-    int err = write_err;
-    if (!err && fflush(f) != 0) err = errno ? errno : EIO;
-    if (!err) err = ddp__file_sync(f);
-    if (fclose(f) != 0 && !err) err = errno ? errno : EIO;
-    if (err) {
-        remove(tmp);
-        return ddp__fail(ctx, DDP_ERROR_IO, "%s: cannot write '%s': %s", what, tmp, ddp__strerror(err));
-    }
-    if ((err = ddp__file_replace(tmp, path)) != 0) {
-        remove(tmp);
-        return ddp__fail(ctx, DDP_ERROR_IO, "%s: cannot rename '%s' to '%s': %s", what, tmp, path, ddp__strerror(err));
-    }
-    ddp__dir_sync(path); /* make the rename itself durable */
-    return DDP_SUCCESS;
-}
-
 /* ---- format helpers ---- */
 
 typedef struct ddp__st_dtype { const char *name; size_t size; ddp_dtype param; } ddp__st_dtype;
@@ -7224,7 +9911,7 @@ static ddp_result ddp__st_header(ddp_context *ctx, const char *const *metadata, 
 static ddp_result ddp__st_save_file(ddp_context *ctx, const char *path, const char *const *metadata) {
     const char *what = "ddp_save_safetensors";
     ddp__strbuf h;
-    char tmp[4096];
+    ddp__tmpfile t;
     unsigned char len8[8];
     int *order = NULL, k, werr = 0;
     FILE *f = NULL;
@@ -7235,8 +9922,9 @@ static ddp_result ddp__st_save_file(ddp_context *ctx, const char *path, const ch
     if (!order) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "%s: out of memory", what);
     ddp__st_order(ctx, order);
     r = ddp__st_header(ctx, metadata, order, &h);
-    if (r == DDP_SUCCESS) r = ddp__atomic_open(ctx, what, path, tmp, sizeof tmp, &f);
+    if (r == DDP_SUCCESS) r = ddp__atomic_open(ctx, what, path, &t);
     if (r != DDP_SUCCESS) { ddp__free(ctx, order); ddp__free(ctx, h.s); return r; }
+    f = t.f;
     for (k = 0; k < 8; k++) len8[k] = (unsigned char)(((uint64_t)h.len >> (8 * k)) & 0xffu);
     if (fwrite(len8, 1, 8, f) != 8 || fwrite(h.s, 1, h.len, f) != h.len) werr = errno ? errno : EIO;
     for (k = 0; k < ctx->num_params && !werr && r == DDP_SUCCESS; k++) {
@@ -7260,8 +9948,8 @@ static ddp_result ddp__st_save_file(ddp_context *ctx, const char *path, const ch
     }
     ddp__free(ctx, order);
     ddp__free(ctx, h.s);
-    if (r != DDP_SUCCESS) { fclose(f); remove(tmp); return r; }
-    return ddp__atomic_commit(ctx, what, f, tmp, path, werr);
+    if (r != DDP_SUCCESS) { ddp__atomic_abort(&t); return r; }
+    return ddp__atomic_commit(ctx, what, &t, path, werr);
 }
 
 DDP_API ddp_result ddp_save_safetensors(ddp_context *ctx, const char *path, const char *const *metadata) {
@@ -7660,7 +10348,7 @@ static ddp_result ddp__st_load_file(ddp_context *ctx, const char *path, int flag
     FILE *f = fopen(path, "rb");
     memset(&ps, 0, sizeof ps);
     ps.ctx = ctx;
-    if (!f) return ddp__fail(ctx, DDP_ERROR_IO, "%s: cannot open '%s': %s", what, path, strerror(errno));
+    if (!f) return ddp__fail(ctx, DDP_ERROR_IO, "%s: cannot open '%s': %s", what, path, ddp__strerror(errno));
     if (fread(len8, 1, 8, f) != 8) { r = ddp__fail(ctx, DDP_ERROR_CORRUPT, "%s: '%s' is shorter than the 8-byte header length", what, path); goto done; }
     for (i = 7; i >= 0; i--) n = (n << 8) | len8[i];
     if (n > DDP__ST_MAX_HEADER) {
@@ -7918,7 +10606,7 @@ static ddp_result ddp__nccl_init(ddp_context *ctx) {
     if (ctx->rank == 0) {
         r = ncclGetUniqueId(&id);
         if (r != ncclSuccess) return ddp__nccl_fail(ctx, r, "ncclGetUniqueId");
-        if (ctx->world > 1) DDP__TRY(ddp__kv_set(ctx, "nccl/id", &id, sizeof id));
+        if (ctx->world > 1) DDP__TRY(ddp__kv_set_once(ctx, "nccl/id", &id, sizeof id));
     } else {
         void *v = NULL;
         size_t len = 0;

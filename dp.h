@@ -78,6 +78,13 @@
    THREAD SAFETY
 
    A dp_context is used by one thread at a time.
+
+   SECURITY
+
+   The replicas meet through a ddp.h store on 127.0.0.1 (a free port) and
+   shared memory handed from replica 0 to the others inside the process.
+   dp_create makes a random job secret for them (unless c.ddp.job_secret
+   is set), so no other process of the host can join or read their store.
 */
 #ifndef DP_H_INCLUDED
 #define DP_H_INCLUDED
@@ -211,6 +218,7 @@ struct dp_context {
     int K;
     int devices[DP_MAX_DEVICES];
     int port;
+    char secret[65];            /* the replicas' job secret: nobody else joins their store */
     dp__worker w[DP_MAX_DEVICES];
     ddp__mutex mu;
     ddp__cond cv_cmd, cv_done;
@@ -268,6 +276,7 @@ static ddp_result dp__run_create(dp__worker *w) {
     c.local_world_size = dp->K;
     c.master_addr = "127.0.0.1";
     c.master_port = dp->port;
+    if (!c.job_secret) c.job_secret = dp->secret;
     c.device = dp->cfg.device;
     c.backend = dp->cfg.backend;
     c.cuda_device = dp->devices[w->index] >= 0 ? dp->devices[w->index] + 1 : 0;
@@ -461,6 +470,12 @@ DP_API ddp_result dp_create(const dp_config *config, dp_context **out) {
         dp->cfg.backend = DDP_BACKEND_STAGED;
 #endif
     }
+    {   /* the replicas' rendezvous store listens on 127.0.0.1: a secret of
+           their own keeps other processes of this host out of it */
+        unsigned char rnd[32];
+        if (ddp__sys_random(rnd, sizeof rnd) != 0) { free(dp); return ddp__fail(NULL, DDP_ERROR_SYSTEM, "dp_create: cannot read random bytes"); }
+        ddp__hex(rnd, sizeof rnd, dp->secret);
+    }
     dp->port = dp__free_port();
     if (!dp->port) { free(dp); return ddp__fail(NULL, DDP_ERROR_NETWORK, "dp_create: no free TCP port on 127.0.0.1 for the replicas' rendezvous"); }
     ddp__mutex_init(&dp->mu);
@@ -507,6 +522,7 @@ DP_API void dp_destroy(dp_context *dp) {
     ddp__cond_destroy(&dp->cv_cmd);
     ddp__cond_destroy(&dp->cv_done);
     free(dp->params);
+    memset(dp->secret, 0, sizeof dp->secret);
     free(dp);
 }
 

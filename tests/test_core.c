@@ -1159,27 +1159,48 @@ static void test_f16_conversions(void) {
     CHECK(ddp__f32_to_bf16(1.0f + 3 * ldexpf(1.0f, -8)) == 0x3f82, "bf16 ties to even (up)");
 }
 
-/* A segment's name lives until ddp__shm_unlink (Windows: the handle
-   ddp__shm_create keeps), the mapping until it is unmapped; on Windows the
-   segment is the current user's alone (one ACE, the user's SID) and its
-   name carries 96 random bits. */
+/* Named shared-memory segments, the kind Windows (and POSIX without memfd)
+   uses: rank 0 makes one (ddp__seg_create) under a name with its pid and 96
+   random bits that exists once (O_EXCL), lives until ddp__shm_obj_unlink
+   (Windows: the handle the creator keeps), the mapping until it is
+   unmapped; the memory is the current user's and nobody else's (Windows:
+   owned by the user's SID, a DACL of that one entry), in whole pages; a
+   receiver (ddp__seg_verify) accepts it with rank 0's nonce and refuses it
+   with another, and refuses memory that others may open. */
 static void test_shm_segments(void) {
-    char name[64];
-    ddp__shm_handle h, h2;
-    int e = 0;
-    void *p, *q;
+    ddp_context *r0 = (ddp_context *)calloc(1, sizeof *r0), *r1 = (ddp_context *)calloc(1, sizeof *r1);
+    char name[64], who[300];
+    int fd = -1, fd2 = -1, t;
+    size_t size = 0, bytes = (size_t)1 << 16;
+    void *p = NULL, *q = NULL;
+    const char *rnd;
     TEST("shared-memory segments");
-    ddp__shm_name(NULL, name, sizeof name, "test");
-    CHECK(!strncmp(name, DDP__SHM_NAME_PREFIX "ddp-", strlen(DDP__SHM_NAME_PREFIX) + 4), "name '%s'", name);
-    CHECK(ddp__shm_create(name, 1 << 16, &h, &e) == DDP__SHM_OK, "create '%s': %s", name, ddp__strerror(e));
-    CHECK(ddp__shm_create(name, 1 << 16, &h2, &e) == DDP__SHM_E_OPEN, "a second create of '%s' fails (O_EXCL)", name);
-    p = ddp__shm_map_view(h, 1 << 16, &e);
-    CHECK(p != NULL, "map: %s", ddp__strerror(e));
-    ddp__shm_close(h);
-    CHECK(ddp__shm_open(name, 1 << 17, &h2, &e) == DDP__SHM_E_SMALL, "opening for more bytes than it has fails");
-    CHECK(ddp__shm_open(name, 1 << 16, &h2, &e) == DDP__SHM_OK, "the name outlives the creator's handle: %s", ddp__strerror(e));
-    q = ddp__shm_map_view(h2, 1 << 16, &e);
-    ddp__shm_close(h2);
+    r0->world = r1->world = 2;
+    r1->rank = 1;
+    r0->shm.named = r1->shm.named = 1;
+    ddp__mutex_init(&r0->err_mu);
+    ddp__mutex_init(&r1->err_mu);
+    CHECK(ddp__sys_random(r0->shm.nonce, sizeof r0->shm.nonce) == 0, "random bytes");
+    memcpy(r1->shm.nonce, r0->shm.nonce, sizeof r1->shm.nonce);
+    CHECK(ddp__seg_create(r0, "test", bytes, bytes, &fd, name, sizeof name, &p) == DDP_SUCCESS, "create: %s", r0->err);
+    CHECK(!strncmp(name, DDP__SHM_NAME_PREFIX "ddp-", strlen(DDP__SHM_NAME_PREFIX) + 4) && atoi(name + strlen(DDP__SHM_NAME_PREFIX) + 4) == ddp__getpid(),
+          "name '%s' starts with the creator's pid", name);
+    rnd = strrchr(name, '-');
+    CHECK(rnd && strlen(rnd + 1) == 24 && strspn(rnd + 1, "0123456789abcdef") == 24, "96 random bits in '%s'", name);
+    CHECK(ddp__shm_obj_create_named(name, bytes, &fd2) != 0 && errno == EEXIST, "a second create of '%s' fails (O_EXCL)", name);
+    if (p) ddp__seg_header((ddp__seg_hdr *)p, r0, 1, bytes, 0);
+    t = ddp__shm_obj_trust(fd, &size, who, sizeof who);
+    CHECK(t == DDP__SHM_TRUSTED && size == bytes, "the creator's own, nobody else's, %zu bytes (%d, %zu, %s)", bytes, t, size, who);
+    ddp__shm_obj_close(fd);
+    CHECK(ddp__shm_obj_open_named(name, &fd2) == 0, "the name outlives the creator's handle: %s", ddp__strerror(errno));
+    CHECK(ddp__seg_verify(r1, fd2, "shm/test", 1, bytes) == DDP_SUCCESS, "a receiver with rank 0's nonce accepts it: %s", r1->err);
+    CHECK(ddp__seg_verify(r1, fd2, "shm/test", 1, bytes * 2) == DDP_ERROR_SECURITY && strstr(r1->err, "expected"),
+          "... not when the size differs: %s", r1->err);
+    r1->shm.nonce[3] ^= 1;
+    CHECK(ddp__seg_verify(r1, fd2, "shm/test", 1, bytes) == DDP_ERROR_SECURITY && strstr(r1->err, "not this context's"),
+          "... nor with another nonce: %s", r1->err);
+    r1->shm.nonce[3] ^= 1;
+    q = ddp__shm_obj_map(fd2, bytes, 1);
     CHECK(q != NULL, "second map");
     if (p && q) {
         ((volatile int *)p)[100] = 4242;
@@ -1189,15 +1210,14 @@ static void test_shm_segments(void) {
     {
         HANDLE m = OpenFileMappingA(READ_CONTROL, FALSE, name);
         PACL dacl = NULL;
+        PSID owner = NULL;
         PSECURITY_DESCRIPTOR sd = NULL;
         void *ace = NULL;
         union { TOKEN_USER tu; unsigned char b[256]; } user;
         HANDLE tok;
         DWORD len = 0;
-        const char *rnd = strrchr(name, '-');
-        CHECK(rnd && strlen(rnd + 1) == 24 && strspn(rnd + 1, "0123456789abcdef") == 24, "96 random bits in '%s'", name);
         CHECK(m != NULL, "open for READ_CONTROL");
-        CHECK(m && GetSecurityInfo(m, SE_KERNEL_OBJECT, DACL_SECURITY_INFORMATION, NULL, NULL, &dacl, NULL, &sd) == ERROR_SUCCESS,
+        CHECK(m && GetSecurityInfo(m, SE_KERNEL_OBJECT, OWNER_SECURITY_INFORMATION | DACL_SECURITY_INFORMATION, &owner, NULL, &dacl, NULL, &sd) == ERROR_SUCCESS,
               "read its security");
         CHECK(dacl && dacl->AceCount == 1 && GetAce(dacl, 0, &ace), "a DACL of one entry (%d)", dacl ? (int)dacl->AceCount : -1);
         CHECK(OpenProcessToken(GetCurrentProcess(), TOKEN_QUERY, &tok), "token");
@@ -1205,15 +1225,45 @@ static void test_shm_segments(void) {
         CloseHandle(tok);
         CHECK(ace && ((ACE_HEADER *)ace)->AceType == ACCESS_ALLOWED_ACE_TYPE &&
               EqualSid((PSID)&((ACCESS_ALLOWED_ACE *)ace)->SidStart, user.tu.User.Sid), "the entry allows the current user");
+        CHECK(owner && EqualSid(owner, user.tu.User.Sid), "the current user owns it");
         if (sd) LocalFree(sd);
         if (m) CloseHandle(m);
     }
 #endif
-    ddp__shm_unlink(name);
-    CHECK(ddp__shm_open(name, 1 << 16, &h2, &e) == DDP__SHM_E_OPEN, "the name is gone after unlink");
+    ddp__shm_obj_close(fd2);
+    ddp__shm_obj_unlink(name);
+    CHECK(ddp__shm_obj_open_named(name, &fd2) != 0, "the name is gone after unlink");
     if (q && p) CHECK(((volatile int *)q)[100] == 4242, "the mappings stay valid after unlink");
-    if (p) ddp__shm_unmap(p, 1 << 16);
-    if (q) ddp__shm_unmap(q, 1 << 16);
+    ddp__shm_obj_unmap(p, bytes);
+    ddp__shm_obj_unmap(q, bytes);
+
+    /* memory others may open (default security) is refused */
+    {
+        char other[96];
+        int ofd = -1;
+        snprintf(other, sizeof other, DDP__SHM_NAME_PREFIX "ddp-%d-0-open-test", ddp__getpid());
+#if defined(_WIN32)
+        {
+            HANDLE m = CreateFileMappingA(INVALID_HANDLE_VALUE, NULL, PAGE_READWRITE | SEC_COMMIT, 0, (DWORD)bytes, other);
+            CHECK(m != NULL, "a mapping with default security");
+            ofd = m ? (int)(INT_PTR)m : -1;
+        }
+#else
+        ofd = shm_open(other, O_RDWR | O_CREAT | O_EXCL, 0644);
+        CHECK(ofd >= 0 && fchmod(ofd, 0644) == 0 && ftruncate(ofd, (off_t)bytes) == 0, "a segment of mode 644");
+        shm_unlink(other);
+#endif
+        if (ofd >= 0) {
+            CHECK(ddp__shm_obj_trust(ofd, &size, who, sizeof who) == DDP__SHM_SHARED, "... is open to others: %s", who);
+            CHECK(ddp__seg_verify(r1, ofd, "shm/x", 1, bytes) == DDP_ERROR_SECURITY && strstr(r1->err, "open to other users"),
+                  "... and refused: %s", r1->err);
+            ddp__shm_obj_close(ofd);
+        }
+    }
+    ddp__mutex_destroy(&r0->err_mu);
+    ddp__mutex_destroy(&r1->err_mu);
+    free(r0);
+    free(r1);
 }
 
 int main(void) {

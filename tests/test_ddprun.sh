@@ -179,6 +179,65 @@ check "... SIGKILL after the grace period (took ${elapsed} ms)" \
 check "... and says so" grep -q 'rank 1 (pid [0-9]*) still running .*SIGKILL' "$T/err"
 check "... the stubborn rank is gone" all_gone "$T/pid.1"
 
+# The rank that failed first is named, even when a survivor's error exit
+# (it saw the first one die: a killed process with many threads and much
+# memory is reported by the kernel well after its sockets closed) reaches
+# ddprun first. Here rank 1 exits 1, and rank 0 is killed 50 ms later.
+bad=0
+for i in 1 2 3; do
+    rm -f "$T"/pid.* "$T"/gone
+    dr -n 2 sh -c '
+        if [ "$RANK" = 1 ]; then : > "$0/gone"; exit 1; fi
+        while [ ! -e "$0/gone" ]; do :; done
+        sleep 0.05; kill -9 $$' "$T" >"$T/out" 2>"$T/err"
+    rc=$?
+    if [ "$rc" != 137 ] || ! grep -q 'rank 0 (pid [0-9]*) killed by signal 9' "$T/err" || grep -q 'rank 1 (pid [0-9]*) exited' "$T/err"; then
+        bad=$((bad + 1)); show stderr "$T/err"
+    fi
+done
+check "a signal death is reported, not a survivor's exit reaped before it (3 runs, $bad wrong)" [ "$bad" = 0 ]
+
+# A rank that exits 0 but leaves a child behind: its group is ended.
+rm -f "$T"/pid.*
+dr -n 2 --grace 1 sh -c '
+    if [ "$RANK" = 0 ]; then sleep 30 & echo $! > "$0/pid.child"; fi
+    exit 0' "$T" >"$T/out" 2>"$T/err"
+rc=$?
+check "a rank's leftover child is ended with its group (exit $rc)" eval '[ "$rc" = 0 ] && all_gone "$T/pid.child"'
+
+# Names a rank left in /dev/shm (ddp.h's named segments: ddp-<pid>-...)
+# are removed once ddprun has reaped it.
+if [ -d /dev/shm ] && [ -w /dev/shm ]; then
+    dr -n 2 sh -c 'echo x > /dev/shm/ddp-$$-test-ctrl; echo $$ > "$0/shm.$RANK"; [ "$RANK" = 1 ] && kill -9 $$; exit 0' "$T" >"$T/out" 2>"$T/err"
+    check "a dead rank's /dev/shm names are removed" eval '[ ! -e /dev/shm/ddp-$(cat "$T/shm.0")-test-ctrl ] && [ ! -e /dev/shm/ddp-$(cat "$T/shm.1")-test-ctrl ]'
+fi
+
+# The job secret and name: new for each run, the same for every rank.
+dr -n 2 sh -c 'echo "$DDP_JOB_SECRET $DDP_JOB_ID"' >"$T/out"
+dr -n 1 sh -c 'echo "$DDP_JOB_SECRET $DDP_JOB_ID"' >"$T/out2"
+check "DDP_JOB_SECRET: 64 hex digits, one per job" \
+    eval '[ "$(sed "s/^\[[01]\] //" "$T/out" | sort -u | wc -l)" = 1 ] && grep -Eq "^\[0\] [0-9a-f]{64} ddprun-" "$T/out" && [ "$(cut -d" " -f2 "$T/out" | head -1)" != "$(cut -d" " -f2 "$T/out2")" ]'
+check "DDP_JOB_ID: ddprun-<host>-<pid>-<random>, another per run" \
+    eval '[ "$(cut -d" " -f3 "$T/out" | head -1)" != "$(cut -d" " -f3 "$T/out2")" ]'
+
+# ddprun killed with SIGKILL: the ranks and what they started end anyway
+# (the ranks by PR_SET_PDEATHSIG, their children by ddprun's watchdog).
+if [ "$(uname)" = Linux ]; then
+    rm -f "$T"/pid.* "$T"/kid.*
+    "$DDPRUN" -n 2 --grace 1 sh -c '
+        sleep 60 & echo $! > "$0/kid.$RANK"
+        echo $$ > "$0/pid.$RANK"
+        trap "" TERM
+        wait' "$T" >"$T/out" 2>"$T/err" &
+    pid=$!
+    wait_files "$T/pid.0" "$T/pid.1" "$T/kid.0" "$T/kid.1"
+    kill -9 "$pid"
+    wait "$pid" 2>/dev/null
+    sleep 2
+    check "ddprun SIGKILLed: ranks (ignoring SIGTERM) and their children are gone within --grace" \
+        all_gone "$T/pid.0" "$T/pid.1" "$T/kid.0" "$T/kid.1"
+fi
+
 dr -n 2 /nonexistent/program >"$T/out" 2>"$T/err"
 rc=$?
 check "nonexistent program -> exit 127 (got $rc)" [ "$rc" = 127 ]

@@ -257,7 +257,7 @@ static void test_port_in_use(void) {
     t_arg port = { 0, 0 };
     TEST("port in use");
     fd = ddp__sock_open(AF_INET, SOCK_STREAM, 0);
-    ddp__sock_reuse_addr(fd);
+    ddp__sock_listen_prepare(fd);
     memset(&a, 0, sizeof a);
     a.sin_family = AF_INET;
     a.sin_addr.s_addr = htonl(INADDR_ANY);

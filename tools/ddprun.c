@@ -23,6 +23,12 @@
    ENVIRONMENT OF EACH RANK (r = 0..N-1), overwriting inherited values
        RANK=r  WORLD_SIZE=N  LOCAL_RANK=r  LOCAL_WORLD_SIZE=N  GROUP_RANK=0
        MASTER_ADDR  MASTER_PORT  DDP_LAUNCHER=ddprun
+       DDP_JOB_SECRET  64 random hex digits (from the kernel's random
+                       generator), new for every run of ddprun: rank 0's
+                       store admits only processes that prove they know it
+                       (see SECURITY in ddp.h); it is never printed
+       DDP_JOB_ID      ddprun-<host>-<pid>-<random>: the job's name, which
+                       ranks compare at rendezvous
        TORCHELASTIC_USE_AGENT_STORE is removed: ddprun runs no agent store, and a
        ddprun started under torchrun must not send its ranks looking for one.
 
@@ -39,7 +45,11 @@
        c      the first rank to fail exited with status c, or was killed by
               signal s and c = 128 + s (as a shell reports it). That rank is
               named on stderr, the other ranks get SIGTERM, and after --grace
-              seconds the ones still running get SIGKILL.
+              seconds the ones still running get SIGKILL. When a rank dies by
+              a signal, the others usually see it and exit with an error a
+              moment later: a failure by signal therefore wins over failures
+              by exit status that end within DEATH_SETTLE_S (0.2 s) of it,
+              whatever order the kernel reports them in.
        128+s  ddprun got signal s (see SIGNALS) and every rank still exited 0
        2      bad usage (message and usage line on stderr)
        125    ddprun itself failed (fork, pipe, open-file limit, no free port)
@@ -66,6 +76,20 @@
        ddprun's stdin is a terminal the ranks get /dev/null as stdin.
        On Linux each rank also gets SIGTERM if ddprun dies (PR_SET_PDEATHSIG),
        so a ddprun killed with SIGKILL leaves no ranks behind.
+
+   WHEN A RANK OR DDPRUN ENDS
+       A rank's process group outlives the rank when the rank leaves children
+       behind; when the rank ends, ddprun ends its group too (SIGTERM, then
+       SIGKILL after --grace), whether the rank failed or not, and removes
+       the shared-memory names the rank may have left in /dev/shm (ddp.h
+       names them /dev/shm/ddp-<pid>-...; on Linux it uses none, but builds
+       without memfd do). ddprun exits only when every group is empty.
+       If ddprun itself is killed (even with SIGKILL), a watchdog process it
+       started first (in its own process group, so Ctrl-C does not reach it)
+       sees ddprun's end and does the same for every rank: SIGTERM to each
+       rank's group, SIGKILL after --grace, and the /dev/shm names. What a
+       rank started in another process group or session (setsid, a daemon)
+       is beyond ddprun's reach.
 
    FILE DESCRIPTORS
        Ranks inherit only 0, 1 and 2. Every descriptor ddprun opens is
@@ -96,7 +120,9 @@
 #include <sys/wait.h>
 #ifdef __linux__
 #include <sys/prctl.h>
+#include <sys/syscall.h>
 #endif
+#include <sys/stat.h>
 
 #define MAX_RANKS      1024
 #define LINE_CAP       (1u << 20)  /* longest line kept whole */
@@ -104,6 +130,7 @@
 #define EXIT_USAGE     2
 #define EXIT_LAUNCHER  125
 #define EXIT_NO_EXEC   127
+#define DEATH_SETTLE_S 0.2         /* a signal death beats exit failures this close to it */
 
 static const char usage_line[] =
     "usage: ddprun -n N [--master-addr A] [--master-port P] [--grace S] "
@@ -149,6 +176,15 @@ static int fail_code = -1;    /* exit status of the first failure */
 static int got_signal;        /* first terminating signal ddprun received */
 static int out_dead[3];       /* ddprun's stdout/stderr is gone (EPIPE) */
 static struct buf outbuf;     /* prefixed lines waiting for one write() */
+static char job_secret[65];   /* DDP_JOB_SECRET for the ranks */
+static char job_id[160];      /* DDP_JOB_ID */
+static pid_t watchdog = -1;   /* ends the ranks' groups if ddprun dies */
+static int watchdog_fd = -1;  /* ddprun's end of the pipe to it */
+static struct {               /* a failure by exit status, waiting DEATH_SETTLE_S for a signal death */
+    struct rank *rk;
+    int status;
+    double until;
+} pend;
 
 /* ---------------------------------------------------------------- helpers */
 
@@ -171,7 +207,8 @@ static void print_help(void)
     fputs("\n"
           "Start N processes of `program args...` on this host, with the torchrun\n"
           "variables set (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,\n"
-          "GROUP_RANK=0, MASTER_ADDR, MASTER_PORT, DDP_LAUNCHER=ddprun).\n"
+          "GROUP_RANK=0, MASTER_ADDR, MASTER_PORT, DDP_LAUNCHER=ddprun), and a\n"
+          "new job secret and job id for every run (DDP_JOB_SECRET, DDP_JOB_ID).\n"
           "\n"
           "  -n N               number of processes, 1 to 1024 (required)\n"
           "  --master-addr A    MASTER_ADDR (default 127.0.0.1)\n"
@@ -184,7 +221,9 @@ static void print_help(void)
           "Exit status: 0 if every rank exits 0; else the first failing rank's\n"
           "status (128+signal if it was killed), after the others are stopped;\n"
           "2 bad usage; 125 ddprun itself failed; 127 the program cannot run.\n"
-          "SIGINT, SIGTERM, SIGHUP and SIGQUIT are forwarded to every rank.\n",
+          "SIGINT, SIGTERM, SIGHUP and SIGQUIT are forwarded to every rank.\n"
+          "Each rank runs in its own process group, which ends with it; if ddprun\n"
+          "is killed, a watchdog ends the ranks' groups.\n",
           stdout);
 }
 
@@ -495,6 +534,66 @@ static void on_failure(struct rank *rk, int status)
         stop_all();
 }
 
+/* The verdict waiting in pend is final. */
+static void settle(void)
+{
+    if (pend.rk) {
+        struct rank *rk = pend.rk;
+        pend.rk = NULL;
+        on_failure(rk, pend.status);
+    }
+}
+
+/* A rank failed: a death by signal is the verdict at once (nothing beats
+   it); an exit status waits DEATH_SETTLE_S, in case the rank only exited
+   because another was killed and the kernel reported them out of order. */
+static void candidate(struct rank *rk, int status)
+{
+    if (fail_code >= 0)
+        return;
+    if (stopping) { /* we are stopping them: no race to judge */
+        on_failure(rk, status);
+        return;
+    }
+    if (WIFSIGNALED(status)) {
+        pend.rk = NULL;
+        on_failure(rk, status);
+        return;
+    }
+    if (!pend.rk) {
+        pend.rk = rk;
+        pend.status = status;
+        pend.until = now_s() + DEATH_SETTLE_S;
+    }
+}
+
+/* Names ddp.h may have given shared memory in /dev/shm: "ddp-<pid>-...".
+   A rank killed at the wrong instant leaves them; once it is reaped they
+   serve nobody (whoever mapped them keeps the memory). */
+static void sweep_shm(pid_t pid)
+{
+#ifdef __linux__
+    DIR *d = opendir("/dev/shm");
+    struct dirent *e;
+    char prefix[32], path[300];
+    size_t n;
+    if (!d)
+        return;
+    n = (size_t)snprintf(prefix, sizeof prefix, "ddp-%ld-", (long)pid);
+    while ((e = readdir(d)) != NULL) {
+        struct stat sb;
+        if (strncmp(e->d_name, prefix, n) != 0)
+            continue;
+        snprintf(path, sizeof path, "/dev/shm/%s", e->d_name);
+        if (lstat(path, &sb) == 0 && S_ISREG(sb.st_mode) && sb.st_uid == geteuid())
+            unlink(path);
+    }
+    closedir(d);
+#else
+    (void)pid;
+#endif
+}
+
 static void reap(void)
 {
     for (;;) {
@@ -509,11 +608,222 @@ static void reap(void)
             rk->alive = 0;
             live--;
             drain_rank(rk); /* its last words come before our verdict */
+            sweep_shm(pid);
             if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
-                on_failure(rk, status);
+                candidate(rk, status);
             break;
         }
     }
+}
+
+/* Every rank is reaped; what is left of their process groups (children
+   they left behind) is ended too: SIGTERM, SIGKILL after --grace. */
+static void end_groups(void)
+{
+    double until = now_s() + opt.grace;
+    int i, left, sent = 0;
+    for (;;) {
+        left = 0;
+        for (i = 0; i < nstarted; i++)
+            if (ranks[i].pid > 0 && kill(-ranks[i].pid, 0) == 0)
+                left++;
+        if (left == 0)
+            return;
+        if (!sent) {
+            for (i = 0; i < nstarted; i++)
+                if (ranks[i].pid > 0 && kill(-ranks[i].pid, 0) == 0) {
+                    kill(-ranks[i].pid, SIGTERM);
+                    kill(-ranks[i].pid, SIGCONT);
+                }
+            sent = 1;
+        }
+        if (now_s() >= until) {
+            for (i = 0; i < nstarted; i++)
+                if (ranks[i].pid > 0)
+                    kill(-ranks[i].pid, SIGKILL);
+            return;
+        }
+        while (waitpid(-1, NULL, WNOHANG) > 0) /* children of ours among them */
+            ;
+        poll(NULL, 0, 20);
+    }
+}
+
+/* ---------------------------------------------------------------- secret */
+
+/* n random bytes from the kernel (getrandom, else /dev/urandom). */
+static int random_bytes(unsigned char *p, size_t n)
+{
+    int fd;
+#if defined(__linux__) && defined(SYS_getrandom)
+    while (n > 0) {
+        long r = syscall(SYS_getrandom, p, n, 0);
+        if (r > 0) { p += r; n -= (size_t)r; continue; }
+        if (r < 0 && errno == EINTR) continue;
+        break;
+    }
+    if (n == 0)
+        return 0;
+#endif
+    fd = open("/dev/urandom", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    while (n > 0) {
+        ssize_t r = read(fd, p, n);
+        if (r > 0) { p += r; n -= (size_t)r; continue; }
+        if (r < 0 && errno == EINTR) continue;
+        close(fd);
+        return -1;
+    }
+    close(fd);
+    return 0;
+}
+
+static void hex(const unsigned char *p, size_t n, char *out)
+{
+    static const char d[] = "0123456789abcdef";
+    size_t i;
+    for (i = 0; i < n; i++) {
+        out[2 * i] = d[p[i] >> 4];
+        out[2 * i + 1] = d[p[i] & 15];
+    }
+    out[2 * n] = 0;
+}
+
+/* The job's secret and name, new for every run. */
+static int make_job_identity(void)
+{
+    unsigned char r[36];
+    char h[16], tag[9];
+    if (random_bytes(r, sizeof r) != 0)
+        return -1;
+    hex(r, 32, job_secret);
+    hex(r + 32, 4, tag);
+    if (gethostname(h, sizeof h) != 0)
+        strcpy(h, "host");
+    h[sizeof h - 1] = 0;
+    snprintf(job_id, sizeof job_id, "ddprun-%s-%ld-%s", h, (long)getpid(), tag);
+    memset(r, 0, sizeof r);
+    return 0;
+}
+
+/* ---------------------------------------------------------------- watchdog */
+
+/* Runs in the watchdog: reads "<pid>\n" lines (the ranks, as they start)
+   until ddprun closes the pipe. "done" first means ddprun ended normally;
+   anything else means it died, and the ranks' groups are ended here. */
+static void watchdog_main(int fd)
+{
+    static pid_t pids[MAX_RANKS];
+    int n = 0, done = 0, i, left;
+    char buf[4096], line[64];
+    size_t ll = 0;
+    double until;
+    for (;;) {
+        ssize_t r = read(fd, buf, sizeof buf), k;
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            break;
+        for (k = 0; k < r; k++) {
+            if (buf[k] != '\n') {
+                if (ll + 1 < sizeof line)
+                    line[ll++] = buf[k];
+                continue;
+            }
+            line[ll] = 0;
+            ll = 0;
+            if (!strcmp(line, "done"))
+                done = 1;
+            else if (n < MAX_RANKS && atol(line) > 0)
+                pids[n++] = (pid_t)atol(line);
+        }
+    }
+    if (done)
+        _exit(0);
+    for (i = 0; i < n; i++) {
+        kill(-pids[i], SIGTERM);
+        kill(-pids[i], SIGCONT);
+    }
+    until = now_s() + opt.grace;
+    do {
+        poll(NULL, 0, 20);
+        for (left = 0, i = 0; i < n; i++)
+            if (kill(-pids[i], 0) == 0)
+                left++;
+    } while (left > 0 && now_s() < until);
+    for (i = 0; i < n; i++)
+        kill(-pids[i], SIGKILL);
+    poll(NULL, 0, 50);
+    for (i = 0; i < n; i++)
+        sweep_shm(pids[i]);
+    _exit(0);
+}
+
+/* Started before the ranks. Its own process group: a Ctrl-C meant for
+   ddprun and the ranks does not end it before it is needed. */
+static void start_watchdog(void)
+{
+    int p[2], i;
+    sigset_t none;
+    if (pipe2(p, O_CLOEXEC) != 0)
+        return; /* the ranks still get PR_SET_PDEATHSIG */
+    watchdog = fork();
+    if (watchdog == 0) {
+        struct sigaction sa;
+        close(p[1]);
+        setpgid(0, 0);
+        memset(&sa, 0, sizeof sa);
+        sa.sa_handler = SIG_DFL;
+        sigemptyset(&sa.sa_mask);
+        for (i = 0; i < NHANDLED; i++)
+            sigaction(handled[i], &sa, NULL);
+        sa.sa_handler = SIG_IGN; /* a hang-up of the terminal is not ddprun's death */
+        sigaction(SIGHUP, &sa, NULL);
+        sigaction(SIGINT, &sa, NULL);
+        sigemptyset(&none);
+        sigprocmask(SIG_SETMASK, &none, NULL);
+        i = open("/dev/null", O_RDWR); /* it prints nothing, and must not hold the caller's pipes */
+        if (i >= 0) {
+            dup2(i, 0);
+            dup2(i, 1);
+            dup2(i, 2);
+            if (i > 2)
+                close(i);
+        }
+        watchdog_main(p[0]);
+    }
+    close(p[0]);
+    if (watchdog < 0) {
+        close(p[1]);
+        return;
+    }
+    setpgid(watchdog, watchdog);
+    watchdog_fd = p[1];
+}
+
+static void watchdog_add(pid_t pid)
+{
+    char line[32];
+    int n = snprintf(line, sizeof line, "%ld\n", (long)pid);
+    if (watchdog_fd >= 0 && write(watchdog_fd, line, (size_t)n) != n) {
+        close(watchdog_fd);
+        watchdog_fd = -1;
+    }
+}
+
+/* ddprun ends normally: the watchdog goes quietly. */
+static void watchdog_done(void)
+{
+    if (watchdog_fd >= 0) {
+        if (write(watchdog_fd, "done\n", 5) != 5) {
+            /* it is gone already */
+        }
+        close(watchdog_fd);
+        watchdog_fd = -1;
+    }
+    if (watchdog > 0)
+        waitpid(watchdog, NULL, 0);
 }
 
 static void setenv_int(const char *name, long v)
@@ -564,6 +874,8 @@ static void exec_rank(int r, const int out_w[2], int devnull,
     setenv("MASTER_ADDR", opt.master_addr, 1);
     setenv("MASTER_PORT", opt.master_port, 1);
     setenv("DDP_LAUNCHER", "ddprun", 1);
+    setenv("DDP_JOB_SECRET", job_secret, 1);
+    setenv("DDP_JOB_ID", job_id, 1);
     unsetenv("TORCHELASTIC_USE_AGENT_STORE");
 
     sigprocmask(SIG_SETMASK, orig_mask, NULL);
@@ -623,6 +935,7 @@ static void spawn_all(const struct rlimit *orig_nofile)
             fail_code = EXIT_LAUNCHER;
         } else {
             setpgid(pid, pid); /* also here, so the group exists before any kill */
+            watchdog_add(pid);
             rk->pid = pid;
             rk->alive = 1;
             nstarted++;
@@ -667,8 +980,14 @@ static void supervise(void)
         handle_signals();
         take_pending(SIGCHLD); /* reap() runs every turn: waitpid is cheap */
         reap();
+        if (pend.rk && (live == 0 || now_s() >= pend.until))
+            settle();
         if (live == 0)
             break;
+        if (pend.rk) {
+            double left = pend.until - now_s();
+            timeout = (int)(left * 1000.0) + 1;
+        }
         if (stopping && !killed) {
             double left = deadline - now_s();
             if (left <= 0) {
@@ -681,7 +1000,7 @@ static void supervise(void)
                     signal_rank(&ranks[i], SIGKILL);
                 }
                 killed = 1;
-            } else {
+            } else if (timeout < 0 || (int)(left * 1000.0) + 1 < timeout) {
                 timeout = (int)(left * 1000.0) + 1;
             }
         }
@@ -908,9 +1227,17 @@ int main(int argc, char **argv)
         fprintf(stderr, "ddprun: cannot create a pipe: %s\n", strerror(errno));
         return EXIT_LAUNCHER;
     }
+    if (make_job_identity() != 0) {
+        fprintf(stderr, "ddprun: cannot read random bytes for the job secret: %s\n", strerror(errno));
+        return EXIT_LAUNCHER;
+    }
     install_handlers();
+    start_watchdog();
     spawn_all(&orig_nofile);
     supervise();
+    end_groups();
+    watchdog_done();
+    memset(job_secret, 0, sizeof job_secret);
     close(wake[0]);
     close(wake[1]);
     free(outbuf.p);

@@ -1,0 +1,449 @@
+/* fault: kill ranks of real jobs at random instants and check what is left.
+
+       fault WORKER DDPRUN [--trials N] [--seed S] [--timeout T] [--quiet]
+
+   Each trial starts a job of fault_worker (world 2 or 3; through ddprun or
+   started here directly, half of those with a job secret), waits until
+   every rank runs, then sends SIGKILL or SIGTERM to one rank at a random
+   instant of the job's life (rendezvous, finalize, steps, checkpoint
+   writes, teardown). The seed fixes every choice. For each trial:
+
+   - no process hangs: every rank (and ddprun) ends within timeout + 2 s of
+     the kill (a process still there 5 s later is killed and counted);
+   - every survivor either finished its work (a kill after the victim's last
+     collective) or failed with a message that names the dead rank, within
+     timeout + 2 s; under ddprun, ddprun reports the victim by its signal;
+   - nothing of the trial's processes is left in /dev/shm;
+   - no temporary checkpoint file is left (one named in the microseconds
+     between naming and renaming would be removed by the next save, which
+     the verification runs, and is counted apart);
+   - the checkpoint, if there is one, loads and holds exactly the weights of
+     a step count that was saved (fault_worker --verify).
+
+   It prints one line per trial and a summary (trials, hangs, leaks, time
+   from the kill to the last survivor's error: median and maximum) and
+   exits 1 if any trial broke a rule. docs/RELIABILITY.md has the figures. */
+#define _GNU_SOURCE 1
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <netinet/in.h>
+#include <arpa/inet.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MAXW 3
+
+static const char *worker, *ddprun;
+static double timeout_s = 3.0;
+static double span = 0.3; /* a job's life from its ranks' start: measured by calibrate() */
+static int quiet;
+
+static double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static void sleep_s(double s) {
+    struct timespec ts;
+    if (s <= 0) return;
+    ts.tv_sec = (time_t)s;
+    ts.tv_nsec = (long)((s - (double)ts.tv_sec) * 1e9);
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR) { }
+}
+
+static uint64_t rng_state;
+static uint64_t rnd(void) { /* splitmix64: the same sequence everywhere */
+    uint64_t z = (rng_state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+static double rnd01(void) { return (double)(rnd() >> 11) / 9007199254740992.0; }
+
+static int free_port(void) {
+    struct sockaddr_in a;
+    socklen_t len = sizeof a;
+    int fd = socket(AF_INET, SOCK_STREAM, 0), port = 0;
+    memset(&a, 0, sizeof a);
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (bind(fd, (struct sockaddr *)&a, sizeof a) == 0 && getsockname(fd, (struct sockaddr *)&a, &len) == 0) port = ntohs(a.sin_port);
+    close(fd);
+    return port;
+}
+
+static char *slurp(const char *path) {
+    FILE *f = fopen(path, "rb");
+    char *s;
+    long n;
+    if (!f) return NULL;
+    fseek(f, 0, SEEK_END);
+    n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    s = (char *)malloc((size_t)n + 1);
+    n = (long)fread(s, 1, (size_t)n, f);
+    s[n] = 0;
+    fclose(f);
+    return s;
+}
+
+/* The last phase a rank wrote at or before time t ("" if none). */
+static void phase_at(const char *dir, int r, double t, char *out, size_t cap) {
+    char path[512], line[128];
+    FILE *f;
+    snprintf(path, sizeof path, "%s/phase.%d", dir, r);
+    out[0] = 0;
+    f = fopen(path, "r");
+    if (!f) return;
+    while (fgets(line, sizeof line, f)) {
+        double ts;
+        char what[32];
+        if (sscanf(line, "%lf %31s", &ts, what) == 2 && ts <= t) snprintf(out, cap, "%s", what);
+    }
+    fclose(f);
+}
+
+/* Entries of /dev/shm that one of these pids created ("ddp-<pid>-..."). */
+static int shm_left(const pid_t *pids, int n) {
+    DIR *d = opendir("/dev/shm");
+    struct dirent *e;
+    int left = 0, i;
+    if (!d) return 0;
+    while ((e = readdir(d)) != NULL)
+        for (i = 0; i < n; i++) {
+            char prefix[32];
+            snprintf(prefix, sizeof prefix, "ddp-%d-", (int)pids[i]);
+            if (pids[i] > 0 && !strncmp(e->d_name, prefix, strlen(prefix))) left++;
+        }
+    closedir(d);
+    return left;
+}
+
+static int tmp_left(const char *dir) {
+    DIR *d = opendir(dir);
+    struct dirent *e;
+    int n = 0;
+    if (!d) return 0;
+    while ((e = readdir(d)) != NULL)
+        if (!strncmp(e->d_name, "ckpt.tmp", 8)) n++;
+    closedir(d);
+    return n;
+}
+
+static void rm_rf(const char *dir) {
+    DIR *d = opendir(dir);
+    struct dirent *e;
+    char path[600];
+    if (!d) return;
+    while ((e = readdir(d)) != NULL) {
+        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
+        snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+        unlink(path);
+    }
+    closedir(d);
+    rmdir(dir);
+}
+
+/* Start a process with stdout/stderr into files, env additions "K=V". */
+static pid_t spawn(char *const argv[], const char *out, const char *err, char *const *env) {
+    pid_t p = fork();
+    if (p == 0) {
+        int fo = open(out, O_WRONLY | O_CREAT | O_TRUNC, 0644), fe = open(err, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+        int i;
+        dup2(fo, 1);
+        dup2(fe, 2);
+        for (i = 0; env && env[i]; i++) putenv(env[i]);
+        setpgid(0, 0);
+        execv(argv[0], argv);
+        _exit(127);
+    }
+    return p;
+}
+
+typedef struct { int trials, failures, hangs, shm_leaks, tmp_leaks, tmp_swept, errors; double ttf[4096]; int nttf; int phases[6]; } stats;
+static const char *phase_names[6] = { "before-create", "create", "finalize", "step", "save", "done" };
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+static int fail_line(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("  FAIL ", stdout);
+    vprintf(fmt, ap);
+    va_end(ap);
+    fputc('\n', stdout);
+    return 1;
+}
+
+/* One trial; returns the number of broken rules. */
+static int trial(int i, stats *st) {
+    char dir[256], path[512], ph[32], portstr[16];
+    int world = 2 + (int)(rnd() % 2), with_ddprun = (int)(rnd() % 2), secret = (int)(rnd() % 2);
+    int victim = (int)(rnd() % (uint64_t)world), sig = rnd() % 2 ? SIGKILL : SIGTERM;
+    double frac = rnd01(), t0, t_kill = 0, deadline, last_exit = 0, took = -1;
+    pid_t pids[MAXW], launcher = -1, direct[MAXW];
+    int status[MAXW], done[MAXW], r, bad = 0, lstatus = 0, ldone = 0, port = free_port(), k;
+    char *envs[MAXW][12], bufs[MAXW][12][160];
+    memset(pids, 0, sizeof pids);
+    memset(done, 0, sizeof done);
+    if (rnd() % 3 == 0) frac *= 0.15; /* a third of the kills in the rendezvous and finalize */
+    snprintf(dir, sizeof dir, "%s/fault.XXXXXX", getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp");
+    if (!mkdtemp(dir)) { perror("mkdtemp"); exit(2); }
+    snprintf(portstr, sizeof portstr, "%d", port);
+    for (r = 0; r < world; r++) {
+        int e = 0;
+        snprintf(bufs[r][e], 160, "RANK=%d", r); envs[r][e] = bufs[r][e]; e++;
+        snprintf(bufs[r][e], 160, "WORLD_SIZE=%d", world); envs[r][e] = bufs[r][e]; e++;
+        snprintf(bufs[r][e], 160, "LOCAL_RANK=%d", r); envs[r][e] = bufs[r][e]; e++;
+        snprintf(bufs[r][e], 160, "LOCAL_WORLD_SIZE=%d", world); envs[r][e] = bufs[r][e]; e++;
+        snprintf(bufs[r][e], 160, "MASTER_ADDR=127.0.0.1"); envs[r][e] = bufs[r][e]; e++;
+        snprintf(bufs[r][e], 160, "MASTER_PORT=%d", port); envs[r][e] = bufs[r][e]; e++;
+        snprintf(bufs[r][e], 160, "DDP_TIMEOUT=%g", timeout_s); envs[r][e] = bufs[r][e]; e++;
+        snprintf(bufs[r][e], 160, "DDP_JOB_ID=fault-%d-%d", (int)getpid(), i); envs[r][e] = bufs[r][e]; e++;
+        snprintf(bufs[r][e], 160, "DDP_JOB_SECRET=%s", secret ? "fault-suite-secret-0123456789" : ""); envs[r][e] = bufs[r][e]; e++;
+        envs[r][e] = NULL;
+    }
+    t0 = now();
+    if (with_ddprun) {
+        char n[8];
+        char *argv[] = { (char *)ddprun, (char *)"-n", n, (char *)"--master-port", portstr, (char *)"--grace", (char *)"2",
+                         (char *)"--", (char *)worker, dir, NULL };
+        char *env[] = { bufs[0][6], NULL };
+        char o[512], e2[512];
+        snprintf(n, sizeof n, "%d", world);
+        snprintf(o, sizeof o, "%s/ddprun.out", dir);
+        snprintf(e2, sizeof e2, "%s/ddprun.err", dir);
+        launcher = spawn(argv, o, e2, env);
+    } else {
+        for (r = 0; r < world; r++) {
+            char *argv[] = { (char *)worker, dir, NULL };
+            char o[512], e2[512];
+            snprintf(o, sizeof o, "%s/out.%d", dir, r);
+            snprintf(e2, sizeof e2, "%s/err.%d", dir, r);
+            direct[r] = spawn(argv, o, e2, envs[r]);
+        }
+    }
+    /* every rank runs (has written its pid); the kill lands anywhere in the
+       job's life and a little after (a kill after the end is no error) */
+    for (r = 0; r < world; r++) {
+        while (!pids[r] && now() - t0 < 10) {
+            char *s;
+            snprintf(path, sizeof path, "%s/pid.%d", dir, r);
+            s = slurp(path);
+            if (s) { pids[r] = (pid_t)atoi(s); free(s); }
+            else sleep_s(0.002);
+        }
+        if (!pids[r]) { bad += fail_line("trial %d: rank %d never started", i); }
+    }
+    if (!bad) {
+        sleep_s(frac * span);
+        t_kill = now();
+        phase_at(dir, victim, t_kill, ph, sizeof ph);
+        kill(pids[victim], sig);
+    }
+    /* everyone ends: reap (promptly: a zombie still "exists" for its peers) */
+    deadline = t_kill + timeout_s + 2.0;
+    for (;;) {
+        int all = 1;
+        if (with_ddprun) {
+            if (!ldone && waitpid(launcher, &lstatus, WNOHANG) == launcher) { ldone = 1; last_exit = now(); }
+            all = ldone;
+        } else {
+            for (r = 0; r < world; r++) {
+                if (!done[r] && waitpid(direct[r], &status[r], WNOHANG) == direct[r]) {
+                    done[r] = 1;
+                    if (r != victim) last_exit = now();
+                }
+                all &= done[r];
+            }
+        }
+        if (all) break;
+        if (now() > deadline + 5.0) {
+            st->hangs++;
+            bad += fail_line("trial %d: a process still runs %.1f s after the kill: killed, counted as a hang", i, now() - t_kill);
+            if (with_ddprun) { kill(-launcher, SIGKILL); for (r = 0; r < world; r++) kill(pids[r], SIGKILL); }
+            else for (r = 0; r < world; r++) kill(direct[r], SIGKILL);
+            deadline = 1e300;
+        }
+        sleep_s(0.001);
+    }
+    /* ranks under ddprun: gone too (ddprun waits for them) */
+    for (r = 0; r < world; r++)
+        if (with_ddprun && kill(pids[r], 0) == 0) bad += fail_line("trial %d: rank %d outlived ddprun", i, r);
+
+    for (k = 0; k < 6; k++) if (!strcmp(ph[0] ? ph : "before-create", phase_names[k])) st->phases[k]++;
+    if (with_ddprun) {
+        char *err;
+        snprintf(path, sizeof path, "%s/ddprun.err", dir);
+        err = slurp(path);
+        if (WIFEXITED(lstatus) && WEXITSTATUS(lstatus) == 0) {
+            if (strcmp(ph, "done") != 0 && strcmp(ph, "save") != 0)
+                bad += fail_line("trial %d: ddprun exited 0 although rank %d was killed in phase '%s'", i, victim, ph);
+        } else {
+            char want[64];
+            snprintf(want, sizeof want, "rank %d (pid %d) killed by signal %d", victim, (int)pids[victim], sig);
+            if (!err || !strstr(err, want))
+                bad += fail_line("trial %d: ddprun does not report '%s': %s", i, want, err ? err : "(no stderr)");
+            if (last_exit - t_kill > timeout_s + 2.0)
+                bad += fail_line("trial %d: ddprun ended %.2f s after the kill", i, last_exit - t_kill);
+            else if (st->nttf < 4096) st->ttf[st->nttf++] = last_exit - t_kill;
+            took = last_exit - t_kill;
+            st->errors++;
+        }
+        free(err);
+    } else {
+        int errors = 0;
+        for (r = 0; r < world; r++) {
+            char *err, want[32], rph[32];
+            if (r == victim) continue;
+            snprintf(path, sizeof path, "%s/err.%d", dir, r);
+            err = slurp(path);
+            snprintf(want, sizeof want, "rank %d", victim);
+            phase_at(dir, r, 1e300, rph, sizeof rph);
+            if (WIFEXITED(status[r]) && WEXITSTATUS(status[r]) == 0) {
+                if (strcmp(rph, "done") != 0) bad += fail_line("trial %d: rank %d exited 0 without finishing", i, r);
+            } else if (!WIFEXITED(status[r]) || WEXITSTATUS(status[r]) != 3) {
+                bad += fail_line("trial %d: survivor rank %d ended with status %d", i, r, status[r]);
+            } else {
+                /* the error line itself (log lines come before it) */
+                char *line = err ? strstr(err, "ERROR: ") : NULL, *nl = line ? strchr(line, '\n') : NULL;
+                if (nl) *nl = 0;
+                errors++;
+                if (!line || !strstr(line, want))
+                    bad += fail_line("trial %d: survivor rank %d's error does not name rank %d: %s", i, r, victim, err ? err : "");
+                if (nl) *nl = '\n';
+            }
+            free(err);
+        }
+        if (errors) {
+            if (last_exit - t_kill > timeout_s + 2.0) bad += fail_line("trial %d: the last survivor failed %.2f s after the kill", i, last_exit - t_kill);
+            else if (st->nttf < 4096) st->ttf[st->nttf++] = last_exit - t_kill;
+            took = last_exit - t_kill;
+            st->errors++;
+        }
+    }
+    /* nothing left behind */
+    k = shm_left(pids, world);
+    if (k) { st->shm_leaks += k; bad += fail_line("trial %d: %d entries of the trial's processes left in /dev/shm", i, k); }
+    snprintf(path, sizeof path, "%s/ckpt", dir);
+    if (access(path, F_OK) == 0) {
+        char cmd[1024];
+        int had_tmp = tmp_left(dir), vs;
+        snprintf(cmd, sizeof cmd, "'%s' --verify '%s' > '%s/verify.out' 2>&1", worker, dir, dir);
+        vs = system(cmd);
+        if (vs != 0) {
+            char *v;
+            snprintf(path, sizeof path, "%s/verify.out", dir);
+            v = slurp(path);
+            bad += fail_line("trial %d: the checkpoint is not a complete saved state: %s", i, v ? v : "");
+            free(v);
+        } else if (had_tmp) {
+            st->tmp_swept += had_tmp;
+        }
+    }
+    k = tmp_left(dir);
+    if (k) { st->tmp_leaks += k; bad += fail_line("trial %d: %d temporary checkpoint files left", i, k); }
+    if (!quiet || bad)
+        printf("trial %3d: world %d %-7s %-9s rank %d %s in %-13s -> %s%s\n", i, world, with_ddprun ? "ddprun" : "direct",
+               secret ? "secret" : "no-secret", victim, sig == SIGKILL ? "SIGKILL" : "SIGTERM", ph[0] ? ph : "before-create",
+               bad ? "FAILED" : "ok", took >= 0 ? (took > 1.0 ? " (error at the timeout)" : " (error within 1 s)") : " (finished)");
+    fflush(stdout);
+    if (!bad) rm_rf(dir);
+    else printf("  (kept %s)\n", dir);
+    st->trials++;
+    if (bad) st->failures++;
+    return bad;
+}
+
+/* How long a job lives here (this machine, this build, this load): a
+   world of 3 without a kill, from the ranks' start to the last exit. */
+static double calibrate(void) {
+    char dir[256], path[512], port[32], n1[32], n2[32];
+    pid_t p[3];
+    double t0, t1 = 0;
+    int r, ok = 1;
+    snprintf(dir, sizeof dir, "%s/fault.XXXXXX", getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp");
+    if (!mkdtemp(dir)) return 0.3;
+    snprintf(port, sizeof port, "MASTER_PORT=%d", free_port());
+    t0 = now();
+    for (r = 0; r < 3; r++) {
+        char *argv[] = { (char *)worker, dir, NULL };
+        char rk[16], lr[16];
+        char *env[] = { rk, lr, n1, n2, (char *)"MASTER_ADDR=127.0.0.1", port, (char *)"DDP_JOB_ID=fault-calibration", NULL };
+        snprintf(rk, sizeof rk, "RANK=%d", r);
+        snprintf(lr, sizeof lr, "LOCAL_RANK=%d", r);
+        snprintf(n1, sizeof n1, "WORLD_SIZE=3");
+        snprintf(n2, sizeof n2, "LOCAL_WORLD_SIZE=3");
+        snprintf(path, sizeof path, "%s/out.%d", dir, r);
+        p[r] = spawn(argv, path, path, env);
+    }
+    for (r = 0; r < 3; r++) {
+        int s;
+        waitpid(p[r], &s, 0);
+        ok &= WIFEXITED(s) && WEXITSTATUS(s) == 0;
+        t1 = now();
+    }
+    rm_rf(dir);
+    if (!ok) { fprintf(stderr, "fault: the calibration job failed\n"); exit(1); }
+    return t1 - t0;
+}
+
+int main(int argc, char **argv) {
+    int trials = 30, i;
+    unsigned long seed = 1;
+    stats st;
+    double t0 = now();
+    if (argc < 3) { fprintf(stderr, "usage: fault WORKER DDPRUN [--trials N] [--seed S] [--timeout T] [--quiet]\n"); return 2; }
+    worker = argv[1];
+    ddprun = argv[2];
+    for (i = 3; i < argc; i++) {
+        if (!strcmp(argv[i], "--trials") && i + 1 < argc) trials = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--seed") && i + 1 < argc) seed = strtoul(argv[++i], NULL, 10);
+        else if (!strcmp(argv[i], "--timeout") && i + 1 < argc) timeout_s = atof(argv[++i]);
+        else if (!strcmp(argv[i], "--quiet")) quiet = 1;
+        else { fprintf(stderr, "fault: unknown argument '%s'\n", argv[i]); return 2; }
+    }
+    if (trials < 1 || trials > 4096) { fprintf(stderr, "fault: --trials 1..4096\n"); return 2; }
+    signal(SIGPIPE, SIG_IGN);
+    memset(&st, 0, sizeof st);
+    rng_state = seed * 0x2545f4914f6cdd1dull + 1;
+    for (i = 0; i < trials; i++) {
+        /* how long a job lives depends on the machine's load: measured
+           again every 40 trials (the middle of three runs) */
+        if (i % 40 == 0) {
+            double a = calibrate(), b = calibrate(), c = calibrate(), m = a < b ? (b < c ? b : (a < c ? c : a)) : (a < c ? a : (b < c ? c : b));
+            span = 1.2 * m;
+            if (!quiet || i == 0) printf("fault: a job lives %.3f s here; kills land in 0..%.3f s after its ranks start\n", m, span);
+        }
+        trial(i, &st);
+    }
+    qsort(st.ttf, (size_t)st.nttf, sizeof st.ttf[0], cmp_double);
+    printf("fault: seed %lu, %d trials in %.0f s: %d failed, %d hangs, %d /dev/shm entries left, %d temporary checkpoints left "
+           "(%d removed by the next save), %d trials ended in an error naming the victim",
+           seed, st.trials, now() - t0, st.failures, st.hangs, st.shm_leaks, st.tmp_leaks, st.tmp_swept, st.errors);
+    if (st.nttf) {
+        int fast = 0;
+        for (i = 0; i < st.nttf; i++) fast += st.ttf[i] < 1.0;
+        printf("; kill to error: median %.3f s, max %.3f s (timeout %.1f s); %d within 1 s, %d at the timeout",
+               st.ttf[st.nttf / 2], st.ttf[st.nttf - 1], timeout_s, fast, st.nttf - fast);
+    }
+    printf("\nfault: kills by the victim's phase:");
+    for (i = 0; i < 6; i++) printf(" %s %d", phase_names[i], st.phases[i]);
+    printf("\n");
+    return st.failures ? 1 : 0;
+}
