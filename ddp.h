@@ -823,7 +823,8 @@ DDP_API ddp_result ddp_reduce_scatter(ddp_context *ctx, const void *send, void *
 
 /* Register one parameter (in forward order, before ddp_finalize). init, if
    not NULL, holds count elements of dtype copied in at finalize (rank 0's
-   values win); NULL means zeros. *out_id receives the parameter's id. */
+   values win); NULL means zeros. *out_id receives the parameter's id, or -1 when the
+   call fails (it is written on every path when out_id is not NULL). */
 DDP_API ddp_result ddp_register_param(ddp_context *ctx, const char *name, size_t count,
                                       ddp_dtype dtype, const void *init, int *out_id);
 /* Same with a shape (ndim <= 8); the shape is checked across ranks too. */
@@ -7726,8 +7727,8 @@ DDP_API ddp_result ddp_register_param_shape(ddp_context *ctx, const char *name, 
     ddp__param *p;
     size_t numel = 1;
     int i;
+    if (out_id) *out_id = -1; /* on every failure path, the first one included */
     if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
-    if (out_id) *out_id = -1;
     if (ctx->finalized)
         return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_register_param: parameter '%.64s' registered after ddp_finalize()", name ? name : "(null)");
     if (!name || !*name) return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_register_param: name is NULL or empty");
@@ -7836,9 +7837,9 @@ static ddp_result ddp__assign_groups(ddp_context *ctx) {
 DDP_API ddp_result ddp_register_param(ddp_context *ctx, const char *name, size_t count,
                                       ddp_dtype dtype, const void *init, int *out_id) {
     int64_t shape[1];
+    if (out_id) *out_id = -1;
     if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
     if (count == 0 || count > ((size_t)1 << 40)) {
-        if (out_id) *out_id = -1;
         return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_register_param: parameter '%.64s' has %" DDP__PRIzu " elements (must be 1..2^40)",
                          name ? name : "(null)", count);
     }

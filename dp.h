@@ -535,8 +535,8 @@ DP_API ddp_context *dp_replica_context(dp_context *dp, int replica) {
 DP_API ddp_result dp_register_param(dp_context *dp, const char *name, size_t count, ddp_dtype dtype,
                                     const void *init, int *out_id) {
     int i;
+    if (out_id) *out_id = -1; /* on every failure path */
     if (!dp) return DDP_ERROR_INVALID_ARGUMENT;
-    if (out_id) *out_id = -1;
     if (dp->finalized) return dp__fail(dp, DDP_ERROR_INVALID_STATE, "dp_register_param: '%.64s' registered after dp_finalize()", name ? name : "(null)");
     if (!name || !*name || strlen(name) >= DDP__MAX_NAME) return dp__fail(dp, DDP_ERROR_INVALID_ARGUMENT, "dp_register_param: name is NULL, empty or too long");
     if (!out_id) return dp__fail(dp, DDP_ERROR_INVALID_ARGUMENT, "dp_register_param: out_id is NULL for '%s'", name);
