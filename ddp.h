@@ -1733,9 +1733,14 @@ static int ddp__sock_accept(int fd, struct sockaddr *sa, socklen_t *len) {
 #endif
 }
 
+/* Windows answers a bind to a port another socket holds with
+   SO_EXCLUSIVEADDRUSE (ddp__sock_listen_prepare) with WSAEACCES: that is
+   EADDRINUSE to the callers. */
 static int ddp__sock_bind(int fd, const struct sockaddr *sa, socklen_t len) {
 #if defined(_WIN32)
-    return bind(ddp__s(fd), sa, len) == 0 ? 0 : -1;
+    if (bind(ddp__s(fd), sa, len) == 0) return 0;
+    if (WSAGetLastError() == WSAEACCES) WSASetLastError(WSAEADDRINUSE);
+    return -1;
 #else
     return bind(fd, sa, len);
 #endif
@@ -2516,14 +2521,14 @@ static int ddp__shm_obj_trust(int fd, size_t *size, char *who, size_t cap) {
     e = GetSecurityInfo(ddp__shm_h(fd), SE_KERNEL_OBJECT, OWNER_SECURITY_INFORMATION | DACL_SECURITY_INFORMATION,
                         &owner, NULL, &dacl, NULL, &sd);
     if (e != ERROR_SUCCESS) { errno = DDP__WINERR(e); return -1; }
-    if (!owner || (!EqualSid(owner, u.user.tu.User.Sid) && !EqualSid(owner, u.owner.to.Owner))) {
+    if (!dacl) { /* (Wine gives objects made without security neither owner nor DACL) */
+        snprintf(who, cap, "no DACL: everyone may open it");
+        verdict = DDP__SHM_SHARED;
+    } else if (!owner || (!EqualSid(owner, u.user.tu.User.Sid) && !EqualSid(owner, u.owner.to.Owner))) {
         char s[200];
         ddp__win_sid_text(owner, s, sizeof s);
         snprintf(who, cap, "%s", s);
         verdict = DDP__SHM_FOREIGN;
-    } else if (!dacl) {
-        snprintf(who, cap, "no DACL: everyone may open it");
-        verdict = DDP__SHM_SHARED;
     } else {
         for (i = 0; i < dacl->AceCount && verdict == DDP__SHM_TRUSTED; i++) {
             void *ace = NULL;
@@ -7352,8 +7357,19 @@ static ddp_result ddp__seg_attach(ddp_context *ctx, const char *key, int kind, s
     free(val);
     if (!strcmp(kindw, "name")) {
         ctx->shm.named = 1;
-        if (ddp__shm_obj_open_named(ref, &fd) != 0)
-            return ddp__fail(ctx, DDP_ERROR_SYSTEM, "rank %d cannot open shared memory '%s' (key '%s%s'): %s", ctx->rank, ref, ctx->key_prefix, key, ddp__strerror(errno));
+        if (ddp__shm_obj_open_named(ref, &fd) != 0) {
+            /* rank 0 keeps the name until every rank has it: a name that is
+               gone means rank 0 gave up (its message says why) or died (on
+               Windows the name goes with its last handle, at its death) */
+            int e = errno;
+            double until = ddp__now() + 2.0;
+            if (e == ENOENT && (r = ddp__kv_why(ctx)) != DDP_SUCCESS) return r;
+            while (e == ENOENT && ctx->peer0.pid > 0 && !ddp__proc_dead(ctx->peer0.pid) && ddp__now() < until) ddp__sleep_us(10000);
+            if (ctx->peer0.pid > 0 && ddp__proc_dead(ctx->peer0.pid))
+                return ddp__fail(ctx, DDP_ERROR_PEER, "rank 0 (pid %d) exited before rank %d opened its shared memory (key '%s%s')",
+                                 ctx->peer0.pid, ctx->rank, ctx->key_prefix, key);
+            return ddp__fail(ctx, DDP_ERROR_SYSTEM, "rank %d cannot open shared memory '%s' (key '%s%s'): %s", ctx->rank, ref, ctx->key_prefix, key, ddp__strerror(e));
+        }
     } else {
         int s = -1, pid = 0;
         unsigned uid = 0;
