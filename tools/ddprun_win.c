@@ -18,6 +18,12 @@
        MASTER_ADDR  MASTER_PORT  DDP_LAUNCHER=ddprun; TORCHELASTIC_USE_AGENT_STORE
        removed. Each rank gets its own environment block (names compared
        without regard to case, as Windows does).
+       DDP_JOB_SECRET  64 random hex digits from the system's generator
+                       (RtlGenRandom), new for every run of ddprun: rank 0's
+                       store admits only processes that prove they know it
+                       (see SECURITY in ddp.h); it is never printed
+       DDP_JOB_ID      ddprun-<host>-<pid>-<random>: the job's name, which
+                       ranks compare at rendezvous
 
    OUTPUT
        As on POSIX: "[r] line", stdout lines on stdout, stderr lines on
@@ -34,7 +40,16 @@
               (0xC000013A, what a console program's default Ctrl-C or
               Ctrl-Break handler exits with) counts as 130, as a shell
               reports SIGINT. That rank is named on stderr and the others are
-              stopped (see STOPPING).
+              stopped (see STOPPING). Which rank failed first: among the
+              failures that end within DEATH_SETTLE_S (0.2 s) of the first
+              one ddprun sees, a crash (an exception code, 0xC0000000 and
+              up, Ctrl-C's included) wins over a plain exit code, as a death
+              by signal does on POSIX (the others usually fail because it
+              died); within the same kind the rank that ended first wins, by
+              the exit time the system recorded (GetProcessTimes), whatever
+              order ddprun noticed them in. (Windows cannot tell a process
+              ended by TerminateProcess from one that exited with the same
+              code: both are plain exit codes here.)
        130    ddprun got Ctrl-C or Ctrl-Break and every rank still exited 0
        2      bad usage (message and usage line on stderr)
        125    ddprun itself failed (pipe, job object, no free port)
@@ -53,6 +68,20 @@
        seconds later, terminates the jobs still running (SIGKILL's part).
        Without a console to deliver CTRL_BREAK_EVENT through, the jobs are
        terminated at once.
+
+   WHEN A RANK OR DDPRUN ENDS
+       A rank's job outlives the rank when the rank leaves processes behind;
+       once every rank has ended, ddprun ends what is left in their jobs
+       (CTRL_BREAK_EVENT to the rank's console process group, the jobs
+       terminated after --grace), whether the ranks failed or not, and
+       exits only then. If ddprun itself is killed (TerminateProcess
+       included), its job handles close and KILL_ON_JOB_CLOSE ends every
+       rank and every process a rank started, at once (without the grace
+       period: the POSIX ddprun needs a watchdog process for this, Windows
+       does it by itself). A process that a rank started with
+       CREATE_BREAKAWAY_FROM_JOB (where the job allows it, which ddprun's
+       do not) would escape. Shared memory needs no clean-up: ddp.h's
+       sections vanish with the last process that holds them.
 
    CONSOLE EVENTS (SetConsoleCtrlHandler)
        Ctrl-C reaches ddprun alone; it forwards CTRL_BREAK_EVENT once to every
@@ -98,6 +127,7 @@
 #define EXIT_LAUNCHER 125
 #define EXIT_NO_EXEC  127
 #define STATUS_CTRL_C_EXIT 0xC000013Aul
+#define DEATH_SETTLE_S 0.2 /* a crash beats plain exit failures this close to it */
 
 static const char usage_line[] =
     "usage: ddprun -n N [--master-addr A] [--master-port P] [--grace S] "
@@ -124,6 +154,7 @@ struct rank {
     HANDLE proc, job;
     DWORD pid;
     int alive;
+    ULONGLONG exit_time; /* when the system says it ended (100 ns units) */
     struct stream streams[2];
 };
 
@@ -148,6 +179,13 @@ static volatile LONG pending_c, pending_break;
 static CRITICAL_SECTION out_lock;
 static HANDLE std_out[3];
 static int out_dead[3];
+static wchar_t job_secret[65];   /* DDP_JOB_SECRET for the ranks */
+static wchar_t job_id[160];      /* DDP_JOB_ID */
+static struct {                  /* the failure that wins so far, waiting DEATH_SETTLE_S */
+    struct rank *rk;
+    DWORD code;
+    double until;
+} pend;
 
 /* ---------------------------------------------------------------- helpers */
 
@@ -206,7 +244,8 @@ static void print_help(void)
     fputs("\n"
           "Start N processes of `program args...` on this host, with the torchrun\n"
           "variables set (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,\n"
-          "GROUP_RANK=0, MASTER_ADDR, MASTER_PORT, DDP_LAUNCHER=ddprun).\n"
+          "GROUP_RANK=0, MASTER_ADDR, MASTER_PORT, DDP_LAUNCHER=ddprun), and a\n"
+          "new job secret and job id for every run (DDP_JOB_SECRET, DDP_JOB_ID).\n"
           "\n"
           "  -n N               number of processes, 1 to 1024 (required)\n"
           "  --master-addr A    MASTER_ADDR (default 127.0.0.1)\n"
@@ -220,7 +259,7 @@ static void print_help(void)
           "exit code, after the others are stopped; 2 bad usage; 125 ddprun\n"
           "itself failed; 127 the program cannot run. Ctrl-C is forwarded to\n"
           "every rank as CTRL_BREAK_EVENT. Every rank runs in a job object\n"
-          "that ends with ddprun.\n",
+          "that ends with ddprun; what a rank leaves in it is ended too.\n",
           stdout);
 }
 
@@ -434,17 +473,92 @@ static void on_failure(struct rank *rk, DWORD code)
     if (!stopping) stop_all();
 }
 
+/* A crash: an NTSTATUS error code (what an unhandled exception, or the
+   default Ctrl-C handler, ends a process with). */
+static int is_crash(DWORD code)
+{
+    return code >= 0xC0000000ul;
+}
+
+/* The failure waiting in pend is final. */
+static void settle(void)
+{
+    if (pend.rk) {
+        struct rank *rk = pend.rk;
+        pend.rk = NULL;
+        on_failure(rk, pend.code);
+    }
+}
+
+/* A rank failed. The first failure ddprun notices waits DEATH_SETTLE_S for
+   a better candidate: a crash beats a plain exit code, and between two of
+   the same kind the one that ended first (the system's exit time) wins. */
+static void candidate(struct rank *rk, DWORD code)
+{
+    if (fail_code >= 0) return;
+    if (stopping) { /* we are stopping them: no race to judge */
+        if (pend.rk) settle();
+        else on_failure(rk, code);
+        return;
+    }
+    if (!pend.rk) {
+        pend.rk = rk;
+        pend.code = code;
+        pend.until = now_s() + DEATH_SETTLE_S;
+        return;
+    }
+    if ((is_crash(code) && !is_crash(pend.code)) ||
+        (is_crash(code) == is_crash(pend.code) && rk->exit_time < pend.rk->exit_time)) {
+        pend.rk = rk;
+        pend.code = code;
+    }
+}
+
 /* A rank exited: collect its last output (bounded), then judge it. */
 static void reap(struct rank *rk)
 {
     DWORD code = 1;
+    FILETIME created, ended, kernel, user;
     int i;
     GetExitCodeProcess(rk->proc, &code);
+    if (GetProcessTimes(rk->proc, &created, &ended, &kernel, &user))
+        rk->exit_time = ((ULONGLONG)ended.dwHighDateTime << 32) | ended.dwLowDateTime;
     rk->alive = 0;
     live--;
     for (i = 0; i < 2; i++)
         if (rk->streams[i].thread) WaitForSingleObject(rk->streams[i].thread, 1000);
-    if (code != 0) on_failure(rk, code);
+    if (code != 0) candidate(rk, code);
+}
+
+/* Every rank has ended: what is left in their jobs (processes a rank
+   started) is ended too: CTRL_BREAK_EVENT to each rank's console process
+   group, the jobs terminated after --grace. */
+static void end_jobs(void)
+{
+    double until = now_s() + opt.grace;
+    int i, left, sent = 0;
+    for (;;) {
+        left = 0;
+        for (i = 0; i < nstarted; i++) {
+            JOBOBJECT_BASIC_ACCOUNTING_INFORMATION ai;
+            if (!ranks[i].job) continue;
+            if (QueryInformationJobObject(ranks[i].job, JobObjectBasicAccountingInformation, &ai, sizeof ai, NULL) &&
+                ai.ActiveProcesses > 0)
+                left++;
+        }
+        if (left == 0) return;
+        if (!sent) {
+            for (i = 0; i < nstarted; i++)
+                if (ranks[i].job && opt.grace > 0) GenerateConsoleCtrlEvent(CTRL_BREAK_EVENT, ranks[i].pid);
+            sent = 1;
+        }
+        if (now_s() >= until || opt.grace <= 0) {
+            for (i = 0; i < nstarted; i++)
+                if (ranks[i].job) TerminateJobObject(ranks[i].job, 1);
+            return;
+        }
+        Sleep(20);
+    }
 }
 
 /* "NAME=" at the start of entry e, without regard to case */
@@ -461,34 +575,36 @@ static int env_cmp(const void *a, const void *b)
 
 static const wchar_t *const replaced[] = {
     L"RANK", L"WORLD_SIZE", L"LOCAL_RANK", L"LOCAL_WORLD_SIZE", L"GROUP_RANK", L"MASTER_ADDR",
-    L"MASTER_PORT", L"DDP_LAUNCHER", L"TORCHELASTIC_USE_AGENT_STORE", NULL
+    L"MASTER_PORT", L"DDP_LAUNCHER", L"TORCHELASTIC_USE_AGENT_STORE", L"DDP_JOB_SECRET", L"DDP_JOB_ID", NULL
 };
 
 /* The inherited environment without the variables above, then ours,
    sorted, as one block; NULL when out of memory. */
 static wchar_t *make_env(int r)
 {
-    wchar_t ours[8][128], *block = NULL, **list = NULL;
+    wchar_t ours[10][200], *block = NULL, **list = NULL;
     const wchar_t *base = GetEnvironmentStringsW(), *e;
     size_t count = 0, chars = 0, k, i;
     if (!base) return NULL;
-    swprintf(ours[0], 128, L"RANK=%d", r);
-    swprintf(ours[1], 128, L"WORLD_SIZE=%d", opt.n);
-    swprintf(ours[2], 128, L"LOCAL_RANK=%d", r);
-    swprintf(ours[3], 128, L"LOCAL_WORLD_SIZE=%d", opt.n);
-    swprintf(ours[4], 128, L"GROUP_RANK=0");
-    swprintf(ours[5], 128, L"MASTER_ADDR=%ls", opt.master_addr);
-    swprintf(ours[6], 128, L"MASTER_PORT=%ls", opt.master_port);
-    swprintf(ours[7], 128, L"DDP_LAUNCHER=ddprun");
+    swprintf(ours[0], 200, L"RANK=%d", r);
+    swprintf(ours[1], 200, L"WORLD_SIZE=%d", opt.n);
+    swprintf(ours[2], 200, L"LOCAL_RANK=%d", r);
+    swprintf(ours[3], 200, L"LOCAL_WORLD_SIZE=%d", opt.n);
+    swprintf(ours[4], 200, L"GROUP_RANK=0");
+    swprintf(ours[5], 200, L"MASTER_ADDR=%ls", opt.master_addr);
+    swprintf(ours[6], 200, L"MASTER_PORT=%ls", opt.master_port);
+    swprintf(ours[7], 200, L"DDP_LAUNCHER=ddprun");
+    swprintf(ours[8], 200, L"DDP_JOB_SECRET=%ls", job_secret);
+    swprintf(ours[9], 200, L"DDP_JOB_ID=%ls", job_id);
     for (e = base; *e; e += wcslen(e) + 1) count++;
-    list = (wchar_t **)malloc((count + 8) * sizeof *list);
+    list = (wchar_t **)malloc((count + 10) * sizeof *list);
     if (!list) goto out;
     for (k = 0, e = base; *e; e += wcslen(e) + 1) {
         int skip = 0;
         for (i = 0; replaced[i]; i++) skip |= env_is(e, replaced[i]);
         if (!skip) list[k++] = (wchar_t *)e;
     }
-    for (i = 0; i < 8; i++) list[k++] = ours[i];
+    for (i = 0; i < 10; i++) list[k++] = ours[i];
     qsort(list, k, sizeof *list, env_cmp);
     for (i = 0; i < k; i++) chars += wcslen(list[i]) + 1;
     block = (wchar_t *)malloc((chars + 1) * sizeof *block);
@@ -502,6 +618,7 @@ static wchar_t *make_env(int r)
         *p = 0;
     }
 out:
+    SecureZeroMemory(ours[8], sizeof ours[8]);
     free(list);
     FreeEnvironmentStringsW((wchar_t *)base);
     return block;
@@ -757,6 +874,7 @@ static void supervise(void)
         handle_events();
         for (i = 0; i < nstarted; i++)
             if (ranks[i].alive && WaitForSingleObject(ranks[i].proc, 0) == WAIT_OBJECT_0) reap(&ranks[i]);
+        if (pend.rk && (live == 0 || now_s() >= pend.until)) settle();
         if (live == 0) break;
         if (stopping && !killed) {
             double left = deadline - now_s();
@@ -777,6 +895,11 @@ static void supervise(void)
             if (ranks[i].alive) h[nh++] = ranks[i].proc;
         if (nh == MAXIMUM_WAIT_OBJECTS && live > (int)nh - 1 && (timeout == INFINITE || timeout > 20))
             timeout = 20; /* more ranks than one wait takes: look at the rest often */
+        if (pend.rk) {
+            double left = pend.until - now_s();
+            DWORD ms = left > 0 ? (DWORD)(left * 1000.0) + 1 : 0;
+            if (timeout == INFINITE || timeout > ms) timeout = ms;
+        }
         WaitForMultipleObjects(nh, h, FALSE, timeout);
         ResetEvent(wake);
     }
@@ -865,6 +988,36 @@ static void parse_args(int argc, wchar_t **argv)
     opt.argc = argc - i;
 }
 
+/* ---------------------------------------------------------------- secret */
+
+/* n random bytes from the system's generator: RtlGenRandom (advapi32's
+   SystemFunction036, what the CRT's rand_s uses), looked up at run time. */
+static int random_bytes(unsigned char *p, ULONG n)
+{
+    typedef BOOLEAN (WINAPI *gen_fn)(PVOID, ULONG);
+    HMODULE adv = LoadLibraryW(L"advapi32.dll");
+    gen_fn gen = adv ? (gen_fn)(void (*)(void))GetProcAddress(adv, "SystemFunction036") : NULL;
+    int ok = gen && gen(p, n);
+    if (adv) FreeLibrary(adv);
+    return ok ? 0 : -1;
+}
+
+/* The job's secret and name, new for every run. */
+static int make_job_identity(void)
+{
+    unsigned char r[36];
+    wchar_t host[64];
+    DWORD hn = 64;
+    int i;
+    if (random_bytes(r, sizeof r) != 0) return -1;
+    for (i = 0; i < 32; i++) swprintf(job_secret + 2 * i, 3, L"%02x", r[i]);
+    if (!GetComputerNameW(host, &hn)) wcscpy(host, L"host");
+    host[15] = 0;
+    swprintf(job_id, 160, L"ddprun-%ls-%lu-%02x%02x%02x%02x", host, (unsigned long)GetCurrentProcessId(), r[32], r[33], r[34], r[35]);
+    SecureZeroMemory(r, sizeof r);
+    return 0;
+}
+
 /* Asks the system for a free port; it may be taken again before rank 0
    binds it, the same race torchrun's standalone mode accepts. */
 static int find_free_port(wchar_t *out, size_t n)
@@ -902,6 +1055,10 @@ int wmain(int argc, wchar_t **argv)
         msg("ddprun: cannot find a free port on 127.0.0.1 (use --master-port)\n");
         return EXIT_LAUNCHER;
     }
+    if (make_job_identity() != 0) {
+        msg("ddprun: cannot read random bytes for the job secret\n");
+        return EXIT_LAUNCHER;
+    }
     wake = CreateEventW(NULL, TRUE, FALSE, NULL);
     if (!wake) {
         msg("ddprun: cannot create an event\n");
@@ -910,8 +1067,10 @@ int wmain(int argc, wchar_t **argv)
     SetConsoleCtrlHandler(on_console_event, TRUE);
     spawn_all();
     supervise();
-    /* Everyone is reaped. Closing the jobs ends what the ranks left running
-       (and so the pipes they held); then the readers finish. */
+    /* Everyone is reaped: what the ranks left running in their jobs ends
+       (CTRL_BREAK_EVENT, then terminated after --grace), and with it the
+       pipes those processes held; then the readers finish. */
+    end_jobs();
     for (i = 0; i < nstarted; i++) {
         if (ranks[i].job) CloseHandle(ranks[i].job);
         CloseHandle(ranks[i].proc);
