@@ -4,16 +4,20 @@
 
    Each trial starts a job of fault_worker (world 2 or 3; through ddprun or
    started here directly, half of those with a job secret), waits until
-   every rank runs, then sends SIGKILL or SIGTERM to one rank at a random
-   instant of the job's life (rendezvous, finalize, steps, checkpoint
-   writes, teardown). The seed fixes every choice. For each trial:
+   every rank runs, then kills one rank at a random instant of the job's
+   life (rendezvous, finalize, steps, checkpoint writes, teardown): SIGKILL
+   or SIGTERM on POSIX; on Windows, which has no signals for other
+   processes, TerminateProcess with exit code 137 or 143 (128 + the signal
+   number). The seed fixes every choice. For each trial:
 
    - no process hangs: every rank (and ddprun) ends within timeout + 2 s of
      the kill (a process still there 5 s later is killed and counted);
    - every survivor either finished its work (a kill after the victim's last
      collective) or failed with a message that names the dead rank, within
-     timeout + 2 s; under ddprun, ddprun reports the victim by its signal;
-   - nothing of the trial's processes is left in /dev/shm;
+     timeout + 2 s; under ddprun, ddprun reports the victim (by its signal;
+     on Windows by its exit code);
+   - nothing of the trial's processes is left: no entry in /dev/shm (on
+     Windows, no named object "ddp-<pid>-..." in the session's namespace);
    - no temporary checkpoint file is left (one named in the microseconds
      between naming and renaming would be removed by the next save, which
      the verification runs, and is counted apart);
@@ -23,24 +27,10 @@
    It prints one line per trial and a summary (trials, hangs, leaks, time
    from the kill to the last survivor's error: median and maximum) and
    exits 1 if any trial broke a rule. docs/RELIABILITY.md has the figures. */
-#define _GNU_SOURCE 1
-#include <dirent.h>
-#include <errno.h>
-#include <fcntl.h>
-#include <signal.h>
-#include <stdarg.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/socket.h>
-#include <sys/stat.h>
-#include <sys/types.h>
-#include <sys/wait.h>
-#include <netinet/in.h>
-#include <arpa/inet.h>
-#include <time.h>
-#include <unistd.h>
+#define DDP_IMPLEMENTATION
+#include "../ddp.h"
+#include "testing.h"
+#include "testproc.h"
 
 #define MAXW 3
 
@@ -49,18 +39,11 @@ static double timeout_s = 3.0;
 static double span = 0.3; /* a job's life from its ranks' start: measured by calibrate() */
 static int quiet;
 
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
+/* the workers stamp their phases with the same clock */
+static double now(void) { return ddp__now(); }
 
 static void sleep_s(double s) {
-    struct timespec ts;
-    if (s <= 0) return;
-    ts.tv_sec = (time_t)s;
-    ts.tv_nsec = (long)((s - (double)ts.tv_sec) * 1e9);
-    while (nanosleep(&ts, &ts) != 0 && errno == EINTR) { }
+    if (s > 0) ddp__sleep_us((long)(s * 1e6));
 }
 
 static uint64_t rng_state;
@@ -75,13 +58,22 @@ static double rnd01(void) { return (double)(rnd() >> 11) / 9007199254740992.0; }
 static int free_port(void) {
     struct sockaddr_in a;
     socklen_t len = sizeof a;
-    int fd = socket(AF_INET, SOCK_STREAM, 0), port = 0;
+    int fd = ddp__sock_open(AF_INET, SOCK_STREAM, 0), port = 0;
     memset(&a, 0, sizeof a);
     a.sin_family = AF_INET;
     a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    if (bind(fd, (struct sockaddr *)&a, sizeof a) == 0 && getsockname(fd, (struct sockaddr *)&a, &len) == 0) port = ntohs(a.sin_port);
-    close(fd);
+    if (ddp__sock_bind(fd, (struct sockaddr *)&a, sizeof a) == 0 && ddp__sock_name(fd, (struct sockaddr *)&a, &len) == 0)
+        port = ntohs(a.sin_port);
+    ddp__sock_close(fd);
     return port;
+}
+
+static void path_in(char *out, size_t cap, const char *dir, const char *name) {
+#if defined(_WIN32)
+    snprintf(out, cap, "%s\\%s", dir, name);
+#else
+    snprintf(out, cap, "%s/%s", dir, name);
+#endif
 }
 
 static char *slurp(const char *path) {
@@ -103,7 +95,9 @@ static char *slurp(const char *path) {
 static void phase_at(const char *dir, int r, double t, char *out, size_t cap) {
     char path[512], line[128];
     FILE *f;
-    snprintf(path, sizeof path, "%s/phase.%d", dir, r);
+    char name[32];
+    snprintf(name, sizeof name, "phase.%d", r);
+    path_in(path, sizeof path, dir, name);
     out[0] = 0;
     f = fopen(path, "r");
     if (!f) return;
@@ -115,62 +109,78 @@ static void phase_at(const char *dir, int r, double t, char *out, size_t cap) {
     fclose(f);
 }
 
-/* Entries of /dev/shm that one of these pids created ("ddp-<pid>-..."). */
-static int shm_left(const pid_t *pids, int n) {
-    DIR *d = opendir("/dev/shm");
-    struct dirent *e;
-    int left = 0, i;
-    if (!d) return 0;
-    while ((e = readdir(d)) != NULL)
-        for (i = 0; i < n; i++) {
-            char prefix[32];
-            snprintf(prefix, sizeof prefix, "ddp-%d-", (int)pids[i]);
-            if (pids[i] > 0 && !strncmp(e->d_name, prefix, strlen(prefix))) left++;
-        }
-    closedir(d);
-    return left;
+/* What one of these pids left of its shared memory ("ddp-<pid>-..."). */
+static int shm_left(const int *pids, int n) {
+    int k = t_shm_leftovers(pids, n);
+    return k < 0 ? 0 : k;
 }
 
 static int tmp_left(const char *dir) {
-    DIR *d = opendir(dir);
-    struct dirent *e;
-    int n = 0;
-    if (!d) return 0;
-    while ((e = readdir(d)) != NULL)
-        if (!strncmp(e->d_name, "ckpt.tmp", 8)) n++;
-    closedir(d);
-    return n;
+    int n = t_dir_count(dir, "ckpt.tmp");
+    return n < 0 ? 0 : n;
 }
 
 static void rm_rf(const char *dir) {
+#if defined(_WIN32)
+    char pat[600], path[600];
+    WIN32_FIND_DATAA fd;
+    HANDLE h;
+    snprintf(pat, sizeof pat, "%s\\*", dir);
+    h = FindFirstFileA(pat, &fd);
+    if (h != INVALID_HANDLE_VALUE) {
+        do {
+            if (!strcmp(fd.cFileName, ".") || !strcmp(fd.cFileName, "..")) continue;
+            path_in(path, sizeof path, dir, fd.cFileName);
+            DeleteFileA(path);
+        } while (FindNextFileA(h, &fd));
+        FindClose(h);
+    }
+    RemoveDirectoryA(dir);
+#else
     DIR *d = opendir(dir);
     struct dirent *e;
     char path[600];
     if (!d) return;
     while ((e = readdir(d)) != NULL) {
         if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
-        snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+        path_in(path, sizeof path, dir, e->d_name);
         unlink(path);
     }
     closedir(d);
     rmdir(dir);
+#endif
 }
 
-/* Start a process with stdout/stderr into files, env additions "K=V". */
-static pid_t spawn(char *const argv[], const char *out, const char *err, char *const *env) {
-    pid_t p = fork();
-    if (p == 0) {
-        int fo = open(out, O_WRONLY | O_CREAT | O_TRUNC, 0644), fe = open(err, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-        int i;
-        dup2(fo, 1);
-        dup2(fe, 2);
-        for (i = 0; env && env[i]; i++) putenv(env[i]);
-        setpgid(0, 0);
-        execv(argv[0], argv);
-        _exit(127);
+/* A new private directory for a trial. */
+static void make_dir(char *dir, size_t cap) {
+    static int seq = 0;
+    char name[64];
+    snprintf(name, sizeof name, "fault.%d", ++seq);
+    if (t_make_dir(dir, cap, name) != 0) {
+        rm_rf(dir); /* a stale one of an earlier run with the same pid */
+        if (t_make_dir(dir, cap, name) != 0) { fprintf(stderr, "fault: cannot make directory %s\n", dir); exit(2); }
     }
-    return p;
 }
+
+/* Start a process with stdout/stderr into files, env additions "K=V", in a
+   process group of its own (POSIX). */
+static int spawn(t_proc *p, const char *const argv[], const char *out, const char *err, const char *const *env) {
+    return t_proc_start(p, argv, out, err, env, 1);
+}
+
+/* End p and whatever it started (POSIX: its process group; Windows: ddprun's
+   job objects end its ranks with it). */
+static void kill_tree(t_proc *p) {
+#if defined(_WIN32)
+    t_proc_kill(p);
+#else
+    kill(-(pid_t)p->pid, SIGKILL);
+#endif
+}
+
+/* An exit status as "exited with code c" (POSIX: -s for a death by signal s). */
+static int exited_ok(const t_proc *p) { return p->code == 0; }
+static int exited_with(const t_proc *p, int c) { return p->code == c; }
 
 typedef struct { int trials, failures, hangs, shm_leaks, tmp_leaks, tmp_swept, errors; double ttf[4096]; int nttf; int phases[6]; } stats;
 static const char *phase_names[6] = { "before-create", "create", "finalize", "step", "save", "done" };
@@ -190,20 +200,31 @@ static int fail_line(const char *fmt, ...) {
     return 1;
 }
 
+static const char *sig_name(int sig) {
+#if defined(_WIN32)
+    return sig == T_SIGKILL ? "TerminateProcess(137)" : "TerminateProcess(143)";
+#else
+    return sig == T_SIGKILL ? "SIGKILL" : "SIGTERM";
+#endif
+}
+
 /* One trial; returns the number of broken rules. */
 static int trial(int i, stats *st) {
-    char dir[256], path[512], ph[32], portstr[16];
+    char dir[512], path[600], ph[32], portstr[16];
     int world = 2 + (int)(rnd() % 2), with_ddprun = (int)(rnd() % 2), secret = (int)(rnd() % 2);
-    int victim = (int)(rnd() % (uint64_t)world), sig = rnd() % 2 ? SIGKILL : SIGTERM;
+    int victim = (int)(rnd() % (uint64_t)world), sig = rnd() % 2 ? T_SIGKILL : T_SIGTERM;
     double frac = rnd01(), t0, t_kill = 0, deadline, last_exit = 0, took = -1;
-    pid_t pids[MAXW], launcher = -1, direct[MAXW];
-    int status[MAXW], done[MAXW], r, bad = 0, lstatus = 0, ldone = 0, port = free_port(), k;
+    int pids[MAXW];
+    t_proc launcher, direct[MAXW];
+    int done[MAXW], r, bad = 0, ldone = 0, port = free_port(), k;
     char *envs[MAXW][12], bufs[MAXW][12][160];
     memset(pids, 0, sizeof pids);
     memset(done, 0, sizeof done);
+    memset(&launcher, 0, sizeof launcher);
+    memset(direct, 0, sizeof direct);
+    ph[0] = 0;
     if (rnd() % 3 == 0) frac *= 0.15; /* a third of the kills in the rendezvous and finalize */
-    snprintf(dir, sizeof dir, "%s/fault.XXXXXX", getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp");
-    if (!mkdtemp(dir)) { perror("mkdtemp"); exit(2); }
+    make_dir(dir, sizeof dir);
     snprintf(portstr, sizeof portstr, "%d", port);
     for (r = 0; r < world; r++) {
         int e = 0;
@@ -214,58 +235,60 @@ static int trial(int i, stats *st) {
         snprintf(bufs[r][e], 160, "MASTER_ADDR=127.0.0.1"); envs[r][e] = bufs[r][e]; e++;
         snprintf(bufs[r][e], 160, "MASTER_PORT=%d", port); envs[r][e] = bufs[r][e]; e++;
         snprintf(bufs[r][e], 160, "DDP_TIMEOUT=%g", timeout_s); envs[r][e] = bufs[r][e]; e++;
-        snprintf(bufs[r][e], 160, "DDP_JOB_ID=fault-%d-%d", (int)getpid(), i); envs[r][e] = bufs[r][e]; e++;
+        snprintf(bufs[r][e], 160, "DDP_JOB_ID=fault-%d-%d", ddp__getpid(), i); envs[r][e] = bufs[r][e]; e++;
         snprintf(bufs[r][e], 160, "DDP_JOB_SECRET=%s", secret ? "fault-suite-secret-0123456789" : ""); envs[r][e] = bufs[r][e]; e++;
         envs[r][e] = NULL;
     }
     t0 = now();
     if (with_ddprun) {
         char n[8];
-        char *argv[] = { (char *)ddprun, (char *)"-n", n, (char *)"--master-port", portstr, (char *)"--grace", (char *)"2",
-                         (char *)"--", (char *)worker, dir, NULL };
-        char *env[] = { bufs[0][6], NULL };
-        char o[512], e2[512];
+        const char *argv[] = { ddprun, "-n", n, "--master-port", portstr, "--grace", "2", "--", worker, dir, NULL };
+        const char *env[] = { bufs[0][6], NULL };
+        char o[600], e2[600];
         snprintf(n, sizeof n, "%d", world);
-        snprintf(o, sizeof o, "%s/ddprun.out", dir);
-        snprintf(e2, sizeof e2, "%s/ddprun.err", dir);
-        launcher = spawn(argv, o, e2, env);
+        path_in(o, sizeof o, dir, "ddprun.out");
+        path_in(e2, sizeof e2, dir, "ddprun.err");
+        if (spawn(&launcher, argv, o, e2, env) != 0) { fprintf(stderr, "fault: cannot start %s\n", ddprun); exit(2); }
     } else {
         for (r = 0; r < world; r++) {
-            char *argv[] = { (char *)worker, dir, NULL };
-            char o[512], e2[512];
-            snprintf(o, sizeof o, "%s/out.%d", dir, r);
-            snprintf(e2, sizeof e2, "%s/err.%d", dir, r);
-            direct[r] = spawn(argv, o, e2, envs[r]);
+            const char *argv[] = { worker, dir, NULL };
+            char o[600], e2[600], name[32];
+            snprintf(name, sizeof name, "out.%d", r);
+            path_in(o, sizeof o, dir, name);
+            snprintf(name, sizeof name, "err.%d", r);
+            path_in(e2, sizeof e2, dir, name);
+            if (spawn(&direct[r], argv, o, e2, (const char *const *)envs[r]) != 0) { fprintf(stderr, "fault: cannot start %s\n", worker); exit(2); }
         }
     }
     /* every rank runs (has written its pid); the kill lands anywhere in the
        job's life and a little after (a kill after the end is no error) */
     for (r = 0; r < world; r++) {
-        while (!pids[r] && now() - t0 < 10) {
-            char *s;
-            snprintf(path, sizeof path, "%s/pid.%d", dir, r);
+        while (!pids[r] && now() - t0 < 20) {
+            char *s, name[32];
+            snprintf(name, sizeof name, "pid.%d", r);
+            path_in(path, sizeof path, dir, name);
             s = slurp(path);
-            if (s) { pids[r] = (pid_t)atoi(s); free(s); }
+            if (s) { pids[r] = atoi(s); free(s); }
             else sleep_s(0.002);
         }
-        if (!pids[r]) { bad += fail_line("trial %d: rank %d never started", i); }
+        if (!pids[r]) { bad += fail_line("trial %d: rank %d never started", i, r); }
     }
     if (!bad) {
         sleep_s(frac * span);
         t_kill = now();
         phase_at(dir, victim, t_kill, ph, sizeof ph);
-        kill(pids[victim], sig);
+        t_pid_signal(pids[victim], sig);
     }
     /* everyone ends: reap (promptly: a zombie still "exists" for its peers) */
     deadline = t_kill + timeout_s + 2.0;
     for (;;) {
         int all = 1;
         if (with_ddprun) {
-            if (!ldone && waitpid(launcher, &lstatus, WNOHANG) == launcher) { ldone = 1; last_exit = now(); }
+            if (!ldone && t_proc_poll(&launcher)) { ldone = 1; last_exit = now(); }
             all = ldone;
         } else {
             for (r = 0; r < world; r++) {
-                if (!done[r] && waitpid(direct[r], &status[r], WNOHANG) == direct[r]) {
+                if (!done[r] && t_proc_poll(&direct[r])) {
                     done[r] = 1;
                     if (r != victim) last_exit = now();
                 }
@@ -276,27 +299,31 @@ static int trial(int i, stats *st) {
         if (now() > deadline + 5.0) {
             st->hangs++;
             bad += fail_line("trial %d: a process still runs %.1f s after the kill: killed, counted as a hang", i, now() - t_kill);
-            if (with_ddprun) { kill(-launcher, SIGKILL); for (r = 0; r < world; r++) kill(pids[r], SIGKILL); }
-            else for (r = 0; r < world; r++) kill(direct[r], SIGKILL);
+            if (with_ddprun) { kill_tree(&launcher); for (r = 0; r < world; r++) t_pid_signal(pids[r], T_SIGKILL); }
+            else for (r = 0; r < world; r++) t_proc_kill(&direct[r]);
             deadline = 1e300;
         }
         sleep_s(0.001);
     }
     /* ranks under ddprun: gone too (ddprun waits for them) */
     for (r = 0; r < world; r++)
-        if (with_ddprun && kill(pids[r], 0) == 0) bad += fail_line("trial %d: rank %d outlived ddprun", i, r);
+        if (with_ddprun && !t_pid_gone(pids[r])) bad += fail_line("trial %d: rank %d outlived ddprun", i, r);
 
     for (k = 0; k < 6; k++) if (!strcmp(ph[0] ? ph : "before-create", phase_names[k])) st->phases[k]++;
     if (with_ddprun) {
         char *err;
-        snprintf(path, sizeof path, "%s/ddprun.err", dir);
+        path_in(path, sizeof path, dir, "ddprun.err");
         err = slurp(path);
-        if (WIFEXITED(lstatus) && WEXITSTATUS(lstatus) == 0) {
+        if (exited_ok(&launcher)) {
             if (strcmp(ph, "done") != 0 && strcmp(ph, "save") != 0)
                 bad += fail_line("trial %d: ddprun exited 0 although rank %d was killed in phase '%s'", i, victim, ph);
         } else {
-            char want[64];
-            snprintf(want, sizeof want, "rank %d (pid %d) killed by signal %d", victim, (int)pids[victim], sig);
+            char want[80];
+#if defined(_WIN32)
+            snprintf(want, sizeof want, "rank %d (pid %d) exited with code %d", victim, pids[victim], 128 + sig);
+#else
+            snprintf(want, sizeof want, "rank %d (pid %d) killed by signal %d", victim, pids[victim], sig);
+#endif
             if (!err || !strstr(err, want))
                 bad += fail_line("trial %d: ddprun does not report '%s': %s", i, want, err ? err : "(no stderr)");
             if (last_exit - t_kill > timeout_s + 2.0)
@@ -309,16 +336,17 @@ static int trial(int i, stats *st) {
     } else {
         int errors = 0;
         for (r = 0; r < world; r++) {
-            char *err, want[32], rph[32];
+            char *err, want[32], rph[32], name[32];
             if (r == victim) continue;
-            snprintf(path, sizeof path, "%s/err.%d", dir, r);
+            snprintf(name, sizeof name, "err.%d", r);
+            path_in(path, sizeof path, dir, name);
             err = slurp(path);
             snprintf(want, sizeof want, "rank %d", victim);
             phase_at(dir, r, 1e300, rph, sizeof rph);
-            if (WIFEXITED(status[r]) && WEXITSTATUS(status[r]) == 0) {
+            if (exited_ok(&direct[r])) {
                 if (strcmp(rph, "done") != 0) bad += fail_line("trial %d: rank %d exited 0 without finishing", i, r);
-            } else if (!WIFEXITED(status[r]) || WEXITSTATUS(status[r]) != 3) {
-                bad += fail_line("trial %d: survivor rank %d ended with status %d", i, r, status[r]);
+            } else if (!exited_with(&direct[r], 3)) {
+                bad += fail_line("trial %d: survivor rank %d ended with status %d", i, r, direct[r].code);
             } else {
                 /* the error line itself (log lines come before it) */
                 char *line = err ? strstr(err, "ERROR: ") : NULL, *nl = line ? strchr(line, '\n') : NULL;
@@ -339,28 +367,32 @@ static int trial(int i, stats *st) {
     }
     /* nothing left behind */
     k = shm_left(pids, world);
-    if (k) { st->shm_leaks += k; bad += fail_line("trial %d: %d entries of the trial's processes left in /dev/shm", i, k); }
-    snprintf(path, sizeof path, "%s/ckpt", dir);
-    if (access(path, F_OK) == 0) {
-        char cmd[1024];
-        int had_tmp = tmp_left(dir), vs;
-        snprintf(cmd, sizeof cmd, "'%s' --verify '%s' > '%s/verify.out' 2>&1", worker, dir, dir);
-        vs = system(cmd);
-        if (vs != 0) {
-            char *v;
-            snprintf(path, sizeof path, "%s/verify.out", dir);
-            v = slurp(path);
-            bad += fail_line("trial %d: the checkpoint is not a complete saved state: %s", i, v ? v : "");
-            free(v);
-        } else if (had_tmp) {
-            st->tmp_swept += had_tmp;
+    if (k) { st->shm_leaks += k; bad += fail_line("trial %d: %d shared-memory objects of the trial's processes left", i, k); }
+    path_in(path, sizeof path, dir, "ckpt");
+    {
+        FILE *ck = fopen(path, "rb");
+        if (ck) {
+            const char *argv[] = { worker, "--verify", dir, NULL };
+            char vo[600], ve[600];
+            int had_tmp = tmp_left(dir), vs = -1;
+            fclose(ck);
+            path_in(vo, sizeof vo, dir, "verify.out");
+            path_in(ve, sizeof ve, dir, "verify.err");
+            if (t_run_capture(argv, vo, ve, 60, &vs) != 0) vs = -1;
+            if (vs != 0) {
+                char *v = slurp(ve);
+                bad += fail_line("trial %d: the checkpoint is not a complete saved state (%d): %s", i, vs, v ? v : "");
+                free(v);
+            } else if (had_tmp) {
+                st->tmp_swept += had_tmp;
+            }
         }
     }
     k = tmp_left(dir);
     if (k) { st->tmp_leaks += k; bad += fail_line("trial %d: %d temporary checkpoint files left", i, k); }
     if (!quiet || bad)
         printf("trial %3d: world %d %-7s %-9s rank %d %s in %-13s -> %s%s\n", i, world, with_ddprun ? "ddprun" : "direct",
-               secret ? "secret" : "no-secret", victim, sig == SIGKILL ? "SIGKILL" : "SIGTERM", ph[0] ? ph : "before-create",
+               secret ? "secret" : "no-secret", victim, sig_name(sig), ph[0] ? ph : "before-create",
                bad ? "FAILED" : "ok", took >= 0 ? (took > 1.0 ? " (error at the timeout)" : " (error within 1 s)") : " (finished)");
     fflush(stdout);
     if (!bad) rm_rf(dir);
@@ -373,29 +405,28 @@ static int trial(int i, stats *st) {
 /* How long a job lives here (this machine, this build, this load): a
    world of 3 without a kill, from the ranks' start to the last exit. */
 static double calibrate(void) {
-    char dir[256], path[512], port[32], n1[32], n2[32];
-    pid_t p[3];
+    char dir[512], path[600], port[32], n1[32], n2[32];
+    t_proc p[3];
     double t0, t1 = 0;
     int r, ok = 1;
-    snprintf(dir, sizeof dir, "%s/fault.XXXXXX", getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp");
-    if (!mkdtemp(dir)) return 0.3;
+    make_dir(dir, sizeof dir);
     snprintf(port, sizeof port, "MASTER_PORT=%d", free_port());
     t0 = now();
     for (r = 0; r < 3; r++) {
-        char *argv[] = { (char *)worker, dir, NULL };
-        char rk[16], lr[16];
-        char *env[] = { rk, lr, n1, n2, (char *)"MASTER_ADDR=127.0.0.1", port, (char *)"DDP_JOB_ID=fault-calibration", NULL };
+        const char *argv[] = { worker, dir, NULL };
+        char rk[16], lr[16], name[32];
+        const char *env[] = { rk, lr, n1, n2, "MASTER_ADDR=127.0.0.1", port, "DDP_JOB_ID=fault-calibration", NULL };
         snprintf(rk, sizeof rk, "RANK=%d", r);
         snprintf(lr, sizeof lr, "LOCAL_RANK=%d", r);
         snprintf(n1, sizeof n1, "WORLD_SIZE=3");
         snprintf(n2, sizeof n2, "LOCAL_WORLD_SIZE=3");
-        snprintf(path, sizeof path, "%s/out.%d", dir, r);
-        p[r] = spawn(argv, path, path, env);
+        snprintf(name, sizeof name, "out.%d", r);
+        path_in(path, sizeof path, dir, name);
+        if (spawn(&p[r], argv, path, NULL, env) != 0) { fprintf(stderr, "fault: cannot start %s\n", worker); exit(2); }
     }
     for (r = 0; r < 3; r++) {
-        int s;
-        waitpid(p[r], &s, 0);
-        ok &= WIFEXITED(s) && WEXITSTATUS(s) == 0;
+        while (!t_proc_poll(&p[r])) sleep_s(0.001);
+        ok &= p[r].code == 0;
         t1 = now();
     }
     rm_rf(dir);
@@ -409,6 +440,7 @@ int main(int argc, char **argv) {
     stats st;
     double t0 = now();
     if (argc < 3) { fprintf(stderr, "usage: fault WORKER DDPRUN [--trials N] [--seed S] [--timeout T] [--quiet]\n"); return 2; }
+    t_proc_init(argv[0]);
     worker = argv[1];
     ddprun = argv[2];
     for (i = 3; i < argc; i++) {
@@ -419,7 +451,7 @@ int main(int argc, char **argv) {
         else { fprintf(stderr, "fault: unknown argument '%s'\n", argv[i]); return 2; }
     }
     if (trials < 1 || trials > 4096) { fprintf(stderr, "fault: --trials 1..4096\n"); return 2; }
-    signal(SIGPIPE, SIG_IGN);
+    if (ddp__net_start() != 0) { fprintf(stderr, "fault: cannot start the sockets layer\n"); return 2; }
     memset(&st, 0, sizeof st);
     rng_state = seed * 0x2545f4914f6cdd1dull + 1;
     for (i = 0; i < trials; i++) {
@@ -433,7 +465,7 @@ int main(int argc, char **argv) {
         trial(i, &st);
     }
     qsort(st.ttf, (size_t)st.nttf, sizeof st.ttf[0], cmp_double);
-    printf("fault: seed %lu, %d trials in %.0f s: %d failed, %d hangs, %d /dev/shm entries left, %d temporary checkpoints left "
+    printf("fault: seed %lu, %d trials in %.0f s: %d failed, %d hangs, %d shared-memory objects left, %d temporary checkpoints left "
            "(%d removed by the next save), %d trials ended in an error naming the victim",
            seed, st.trials, now() - t0, st.failures, st.hangs, st.shm_leaks, st.tmp_leaks, st.tmp_swept, st.errors);
     if (st.nttf) {
@@ -445,5 +477,6 @@ int main(int argc, char **argv) {
     printf("\nfault: kills by the victim's phase:");
     for (i = 0; i < 6; i++) printf(" %s %d", phase_names[i], st.phases[i]);
     printf("\n");
+    ddp__net_stop();
     return st.failures ? 1 : 0;
 }

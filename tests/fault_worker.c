@@ -125,7 +125,7 @@ int main(int argc, char **argv) {
     f = fopen(path, "w");
     if (f) {
         char final[4096];
-        fprintf(f, "%d\n", (int)getpid());
+        fprintf(f, "%d\n", ddp__getpid());
         fclose(f);
         snprintf(final, sizeof final, "%s/pid.%d", dir, rank);
         rename(path, final);

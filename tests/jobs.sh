@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # Jobs that must not mix, as a user starts them: two jobs on one port (with
 # and without ddprun), and a rank built from another library version.
-#   jobs.sh DDPRUN JOB_WORKER JOB_WORKER_OLD
-# About 10 s.
+#   jobs.sh DDPRUN JOB_WORKER JOB_WORKER_OLD [EMULATOR...]
+# EMULATOR (cross-built Windows programs: cmake/wine-run.sh --dir D) runs
+# ddprun.exe and the workers started by hand; ddprun.exe starts its ranks
+# itself. About 10 s (30 s under Wine).
 set -u
 DDPRUN=$1 W=$2 OLD=$3
+shift 3
+EMU=("$@")
 T=$(mktemp -d "${TMPDIR:-/tmp}/jobs.XXXXXX") || exit 2
 trap 'rm -rf "$T"' EXIT
 failures=0 checks=0
@@ -14,7 +18,7 @@ check() { local what=$1; shift; if "$@"; then ok "$what"; else fail "$what"; for
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' 2>/dev/null || echo $((20000 + RANDOM % 20000)); }
 now_ms() { date +%s%3N; }
 # rank R of a world of N on port P, by hand (no launcher): RANK=... program
-by_hand() { local r=$1 n=$2 p=$3; shift 3; env RANK=$r WORLD_SIZE=$n MASTER_ADDR=127.0.0.1 MASTER_PORT=$p DDP_TIMEOUT=6 "$@"; }
+by_hand() { local r=$1 n=$2 p=$3; shift 3; env RANK=$r WORLD_SIZE=$n MASTER_ADDR=127.0.0.1 MASTER_PORT=$p DDP_TIMEOUT=6 "${EMU[@]}" "$@"; }
 unset DDP_JOB_SECRET DDP_JOB_ID
 
 # ---- the case: a job's rank 0 waits for its rank 1; a second job,
@@ -25,7 +29,7 @@ start=$(now_ms)
 by_hand 0 2 "$P" "$W" >"$T/a0.out" 2>&1 &
 a0=$!
 sleep 0.3
-DDP_TIMEOUT=6 timeout 30 "$DDPRUN" -n 2 --master-port "$P" "$W" >"$T/b.out" 2>&1
+DDP_TIMEOUT=6 timeout 30 "${EMU[@]}" "$DDPRUN" -n 2 --master-port "$P" "$W" >"$T/b.out" 2>&1
 brc=$?
 wait $a0
 arc=$?
@@ -56,10 +60,10 @@ check "... both name both jobs" \
 # ---- two ddprun jobs on one port: the first (its rank 1 late) keeps its
 # port and finishes; the second cannot get in (another secret) and fails.
 P=$(port)
-JOB_WORKER_DELAY=1.5 DDP_TIMEOUT=6 timeout 30 "$DDPRUN" -n 2 --master-port "$P" "$W" >"$T/a.out" 2>&1 &
+JOB_WORKER_DELAY=1.5 DDP_TIMEOUT=6 timeout 30 "${EMU[@]}" "$DDPRUN" -n 2 --master-port "$P" "$W" >"$T/a.out" 2>&1 &
 a=$!
 sleep 0.4
-DDP_TIMEOUT=6 timeout 30 "$DDPRUN" -n 2 --master-port "$P" "$W" >"$T/b.out" 2>&1
+DDP_TIMEOUT=6 timeout 30 "${EMU[@]}" "$DDPRUN" -n 2 --master-port "$P" "$W" >"$T/b.out" 2>&1
 brc=$?
 wait $a
 arc=$?

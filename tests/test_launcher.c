@@ -99,6 +99,49 @@ static int child(const char *mode, const char *d) {
         ddp__sleep_us(30000000);
         return 0;
     }
+    if (!strcmp(mode, "ident")) { /* the job secret and job id */
+        printf("%s %s\n", getenv("DDP_JOB_SECRET") ? getenv("DDP_JOB_SECRET") : "unset",
+               getenv("DDP_JOB_ID") ? getenv("DDP_JOB_ID") : "unset");
+        return 0;
+    }
+    if (!strcmp(mode, "late_death")) {
+        /* rank 1 exits 1 first (a survivor that saw rank 0 go), rank 0 dies
+           50 ms later: killed on POSIX, crashed on Windows (the exit code an
+           unhandled access violation gives) */
+        char gone[600];
+        path_in(gone, sizeof gone, d, "gone", "1");
+        if (r == 1) {
+            FILE *f = fopen(gone, "w");
+            if (f) fclose(f);
+            return 1;
+        }
+        for (i = 0; i < 1000 && !file_exists(gone); i++) ddp__sleep_us(10000);
+        ddp__sleep_us(50000);
+#if defined(_WIN32)
+        TerminateProcess(GetCurrentProcess(), 0xC0000005u);
+#endif
+        t_kill_self();
+        return 0;
+    }
+    if (!strcmp(mode, "leftover")) { /* rank 0 starts a process of its own and exits 0 without it */
+        if (r == 0) {
+            t_proc kid;
+            const char *args[] = { "--child", "kid", d, NULL };
+            if (t_proc_spawn_self(&kid, args) != 0) return 92;
+            for (i = 0; i < 500; i++) {
+                char p[600];
+                path_in(p, sizeof p, d, "pid", "kid");
+                if (file_exists(p)) break;
+                ddp__sleep_us(10000);
+            }
+        }
+        return 0;
+    }
+    if (!strcmp(mode, "kid")) { /* a rank's own child: write the pid, then sleep 30 s */
+        write_pid(d, "kid");
+        ddp__sleep_us(30000000);
+        return 0;
+    }
     return 91;
 }
 
@@ -260,9 +303,92 @@ static void test_failure(void) {
     CHECK(ddp__now() - t0 < 10, "within 10 s");
     free(out); free(err);
 
+    {
+        /* the rank that failed first is named, even when a survivor's
+           failure reaches ddprun first (POSIX: a death by signal wins over
+           exit codes within 0.2 s; Windows: a crash does, and the exit
+           times order the rest) */
+        const char *a4[] = { "-n", "2", "--grace", "1", t_self_path, "--child", "late_death", dir, NULL };
+        char gone[600];
+        int k, bad = 0;
+        path_in(gone, sizeof gone, dir, "gone", "1");
+        for (k = 0; k < 3; k++) {
+            remove(gone);
+            code = run(a4, &out, &err);
+#if defined(_WIN32)
+            if (code != (int)0xC0000005u || !strstr(err, "ddprun: rank 0 (pid ") || !strstr(err, "exited with code 0xC0000005 (an exception)") ||
+                strstr(err, "rank 1 (pid"))
+#else
+            if (code != 137 || !strstr(err, "ddprun: rank 0 (pid ") || !strstr(err, "killed by signal 9") || strstr(err, "rank 1 (pid"))
+#endif
+            { bad++; fprintf(stderr, "  (run %d: exit %d)\n%s", k, code, err); }
+            free(out); free(err);
+        }
+        remove(gone);
+        CHECK(bad == 0, "a death is reported, not a survivor's failure seen before it (3 runs, %d wrong)", bad);
+    }
+
     code = run(a3, &out, &err);
     CHECK(code == 127, "nonexistent program -> 127, got %d", code);
     CHECK(strstr(err, "ddprun: cannot run '/nonexistent/program': ") != NULL, "with the reason:\n%s", err);
+    free(out); free(err);
+}
+
+/* A job secret (64 hex digits) and a job id, the same for every rank of a
+   run, new for every run. */
+static void test_ident(void) {
+    const char *a1[] = { "-n", "3", t_self_path, "--child", "ident", dir, NULL };
+    const char *a2[] = { "-n", "1", t_self_path, "--child", "ident", dir, NULL };
+    char *out, *err, *out2, *err2, sec[3][80], id[3][200], sec2[80], id2[200];
+    int code, code2, r, ok = 1;
+    TEST("job secret and job id");
+    code = run(a1, &out, &err);
+    code2 = run(a2, &out2, &err2);
+    CHECK(code == 0 && code2 == 0, "exit %d %d", code, code2);
+    for (r = 0; r < 3; r++) {
+        char want[16];
+        const char *p;
+        snprintf(want, sizeof want, "[%d] ", r);
+        p = strstr(out, want);
+        sec[r][0] = id[r][0] = 0;
+        if (!p || sscanf(p + strlen(want), "%79s %199s", sec[r], id[r]) != 2) ok = 0;
+    }
+    CHECK(ok, "every rank printed both:\n%s", out);
+    CHECK(strlen(sec[0]) == 64 && strspn(sec[0], "0123456789abcdef") == 64, "DDP_JOB_SECRET: 64 hex digits ('%s')", sec[0]);
+    CHECK(!strcmp(sec[0], sec[1]) && !strcmp(sec[0], sec[2]) && !strcmp(id[0], id[1]) && !strcmp(id[0], id[2]),
+          "the same secret and id for every rank:\n%s", out);
+    CHECK(!strncmp(id[0], "ddprun-", 7), "DDP_JOB_ID: ddprun-<host>-<pid>-<random> ('%s')", id[0]);
+    CHECK(sscanf(out2, "[0] %79s %199s", sec2, id2) == 2 && strcmp(sec2, sec[0]) != 0 && strcmp(id2, id[0]) != 0,
+          "another secret and id for the next run:\n%s", out2);
+    CHECK(!strstr(err, sec[0]), "the secret is not printed by ddprun");
+    free(out); free(err); free(out2); free(err2);
+}
+
+/* A rank that exits 0 but leaves a process of its own behind: ddprun ends
+   it (POSIX: the rank's process group; Windows: the rank's job). */
+static void test_leftover(void) {
+    const char *a1[] = { "-n", "2", "--grace", "1", t_self_path, "--child", "leftover", dir, NULL };
+    char *out, *err;
+    int code;
+    double t0 = ddp__now();
+    TEST("a rank's leftover process");
+    code = run(a1, &out, &err);
+    CHECK(code == 0, "exit %d: %s", code, err);
+    {
+        char p[600], *k;
+        int pid, i, gone = 0;
+        path_in(p, sizeof p, dir, "pid", "kid");
+        k = slurp(p);
+        pid = k ? atoi(k) : 0;
+        free(k);
+        remove(p);
+        for (i = 0; i < 100 && !gone; i++) { /* a zombie waits for its reaper a moment */
+            gone = pid > 0 && t_pid_gone(pid);
+            if (!gone) ddp__sleep_us(20000);
+        }
+        CHECK(gone, "the rank's own child (pid %d) is gone once ddprun returned", pid);
+    }
+    CHECK(ddp__now() - t0 < 20, "within 20 s (took %.1f s)", ddp__now() - t0);
     free(out); free(err);
 }
 
@@ -356,6 +482,8 @@ int main(int argc, char **argv) {
     test_env();
     test_output();
     test_failure();
+    test_ident();
+    test_leftover();
     test_launcher_killed();
     test_usage();
     remove(out_path);

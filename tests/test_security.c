@@ -6,7 +6,8 @@
    tampering with keys the job writes once, text where a counter belongs.
    Each case asserts what the store and the ranks do, and that the store's
    memory stays under its cap. (The same attacks against whole jobs, with
-   real ranks, are in test_hostile.c.) */
+   real ranks, are in test_hostile.c.) The same source runs on Windows
+   (under Wine in CI): everything here goes through ddp.h's platform layer. */
 #define DDP_IMPLEMENTATION
 #include "../ddp.h"
 #include "testing.h"
@@ -25,7 +26,9 @@
 #ifndef UNDER_ASAN
 #  define UNDER_ASAN 0
 #endif
-#include <sys/wait.h>
+#if defined(_WIN32)
+#  include <psapi.h>
+#endif
 
 /* ---- helpers ---- */
 
@@ -40,32 +43,40 @@ static void unhex(const char *h, unsigned char *out, size_t *n) {
 }
 
 static char logbuf[65536];
-static pthread_mutex_t log_mu = PTHREAD_MUTEX_INITIALIZER;
+static ddp__mutex log_mu; /* initialized first in main */
 
 static void capture_log(int level, const char *msg, void *user) {
     size_t n;
     (void)level; (void)user;
-    pthread_mutex_lock(&log_mu);
+    ddp__mutex_lock(&log_mu);
     n = strlen(logbuf);
     if (n + strlen(msg) + 2 < sizeof logbuf) { strcat(logbuf, msg); strcat(logbuf, "\n"); }
-    pthread_mutex_unlock(&log_mu);
+    ddp__mutex_unlock(&log_mu);
 }
 
 static int log_has(const char *needle) {
     int r;
-    pthread_mutex_lock(&log_mu);
+    ddp__mutex_lock(&log_mu);
     r = strstr(logbuf, needle) != NULL;
-    pthread_mutex_unlock(&log_mu);
+    ddp__mutex_unlock(&log_mu);
     return r;
 }
 
 static void log_clear(void) {
-    pthread_mutex_lock(&log_mu);
+    ddp__mutex_lock(&log_mu);
     logbuf[0] = 0;
-    pthread_mutex_unlock(&log_mu);
+    ddp__mutex_unlock(&log_mu);
 }
 
+/* This process's resident memory (Windows: its working set), KiB. */
 static long rss_kib(void) {
+#if defined(_WIN32)
+    PROCESS_MEMORY_COUNTERS pmc;
+    memset(&pmc, 0, sizeof pmc);
+    pmc.cb = sizeof pmc;
+    if (!K32GetProcessMemoryInfo(GetCurrentProcess(), &pmc, sizeof pmc)) return -1;
+    return (long)(pmc.WorkingSetSize / 1024);
+#else
     FILE *f = fopen("/proc/self/status", "r");
     char line[256];
     long v = -1;
@@ -74,41 +85,62 @@ static long rss_kib(void) {
         if (!strncmp(line, "VmRSS:", 6)) v = strtol(line + 6, NULL, 10);
     fclose(f);
     return v;
+#endif
 }
 
+/* memmem (not in every C library) */
+static const void *find_bytes(const void *hay, size_t hn, const void *needle, size_t nn) {
+    const unsigned char *h = (const unsigned char *)hay;
+    size_t i;
+    if (nn == 0) return hay;
+    for (i = 0; i + nn <= hn; i++)
+        if (h[i] == *(const unsigned char *)needle && !memcmp(h + i, needle, nn)) return h + i;
+    return NULL;
+}
+
+/* A blocking connection to 127.0.0.1:port; -1 on failure. */
 static int raw_connect(int port) {
     struct sockaddr_in a;
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    int fd = ddp__sock_open(AF_INET, SOCK_STREAM, 0);
+    if (fd < 0) return -1;
     memset(&a, 0, sizeof a);
     a.sin_family = AF_INET;
     a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
     a.sin_port = htons((uint16_t)port);
-    if (connect(fd, (struct sockaddr *)&a, sizeof a) != 0) { close(fd); return -1; }
+    if (ddp__sock_connect(fd, (struct sockaddr *)&a, sizeof a) != 0) { ddp__sock_close(fd); return -1; }
     return fd;
 }
 
+static void raw_close(int fd) { if (fd >= 0) ddp__sock_close(fd); }
+
 static void raw_send(int fd, const void *p, size_t n) {
     const unsigned char *b = (const unsigned char *)p;
-    while (n > 0) {
-        ssize_t w = send(fd, b, n, MSG_NOSIGNAL);
+    while (n > 0 && fd >= 0) {
+        ddp__ssize w = ddp__sock_send(fd, b, n, DDP__SOCK_NOSIGNAL);
         if (w <= 0) return;
         b += w;
         n -= (size_t)w;
     }
 }
 
+/* What is there to read on fd within ms (-1 none, 0 closed, > 0 bytes). */
+static long raw_recv(int fd, void *buf, size_t n, int ms) {
+    struct pollfd p;
+    ddp__ssize r;
+    p.fd = fd; p.events = POLLIN; p.revents = 0;
+    if (ddp__sock_poll(&p, 1, ms) <= 0) return -1;
+    r = ddp__sock_recv(fd, buf, n, 0);
+    if (r < 0) return ddp__sock_errno() == ECONNRESET || ddp__sock_errno() == ECONNABORTED ? 0 : -1;
+    return (long)r;
+}
+
 /* 1 if the server closed fd within s seconds (reading and discarding). */
 static int closed_within(int fd, double s) {
     double end = ddp__now() + s;
-    char buf[65536];
-    while (ddp__now() < end) {
-        struct pollfd p;
-        ssize_t r;
-        p.fd = fd; p.events = POLLIN; p.revents = 0;
-        if (poll(&p, 1, 50) <= 0) continue;
-        r = recv(fd, buf, sizeof buf, 0);
-        if (r == 0 || (r < 0 && errno == ECONNRESET)) return 1;
-    }
+    static char buf[65536];
+    if (fd < 0) return 1;
+    while (ddp__now() < end)
+        if (raw_recv(fd, buf, sizeof buf, 50) == 0) return 1;
     return 0;
 }
 
@@ -129,7 +161,7 @@ static ddp__store_server *start_store(const char *secret, const char *job, int w
     ddp__store_opts o;
     ddp__store_server *sv = NULL;
     char ident[DDP__IDENT_MAX + 1], err[512];
-    make_ident(ident, sizeof ident, DDP__WIRE_VERSION, world, 0, secret != NULL, (int)getpid(), job);
+    make_ident(ident, sizeof ident, DDP__WIRE_VERSION, world, 0, secret != NULL, ddp__getpid(), job);
     memset(&o, 0, sizeof o);
     o.secret = (const unsigned char *)secret;
     o.secret_len = secret ? strlen(secret) : 0;
@@ -308,27 +340,27 @@ static void test_secret(void) {
         raw_send(fd, &q, 1);
     }
     CHECK(closed_within(fd, 2.0), "dropped");
-    close(fd);
+    raw_close(fd);
     ddp__sleep_us(50000);
     CHECK(log_has("before it proved the job secret"), "logged: %s", logbuf);
     CHECK(ddp__store_server_event(sv, NULL, 0) == 0, "strangers without the secret end nothing");
 
     TEST("secret: the proof is never the secret");
     {   /* what a client sends holds no copy of the secret */
-        int lfd, cfd, afd, one = 1;
+        int lfd, cfd, afd;
         struct sockaddr_in a;
         socklen_t al = sizeof a;
         unsigned char buf[4096];
-        ssize_t got;
+        long got;
         char ident[DDP__IDENT_MAX + 1];
         memset(&a, 0, sizeof a);
         a.sin_family = AF_INET;
         a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-        lfd = socket(AF_INET, SOCK_STREAM, 0);
-        setsockopt(lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-        bind(lfd, (struct sockaddr *)&a, sizeof a);
-        listen(lfd, 1);
-        getsockname(lfd, (struct sockaddr *)&a, &al);
+        lfd = ddp__sock_open(AF_INET, SOCK_STREAM, 0);
+        ddp__sock_listen_prepare(lfd);
+        ddp__sock_bind(lfd, (struct sockaddr *)&a, sizeof a);
+        ddp__sock_listen(lfd, 1);
+        ddp__sock_name(lfd, (struct sockaddr *)&a, &al);
         make_ident(ident, sizeof ident, DDP__WIRE_VERSION, 2, 1, 1, 9, "j");
         memset(&st, 0, sizeof st);
         st.fd = -1;
@@ -337,7 +369,12 @@ static void test_secret(void) {
         ddp__store_set_hello(&st, ident, SECRET, strlen(SECRET), err, sizeof err);
         cfd = -1;
         ddp__store_tcp_connect("127.0.0.1", st.port, ddp__now() + 2, 0, &cfd, err, sizeof err);
-        afd = accept(lfd, NULL, NULL);
+        {   /* the connection may still be on its way to the listener */
+            struct pollfd p;
+            p.fd = lfd; p.events = POLLIN; p.revents = 0;
+            ddp__sock_poll(&p, 1, 2000);
+        }
+        afd = ddp__sock_accept(lfd, NULL, NULL);
         {   /* a fake store: read the hello, answer a challenge with a made-up proof */
             int again = 0;
             unsigned char reply[9 + 8 + 64];
@@ -351,9 +388,9 @@ static void test_secret(void) {
             CHECK(ddp__store_hello(&st, cfd, ddp__now() + 2, &again, err, sizeof err) != 0, "a store that cannot prove the secret is refused");
             CHECK(strstr(err, "does not know this rank's job secret") != NULL, "message: %s", err);
         }
-        got = recv(afd, buf, sizeof buf, MSG_DONTWAIT);
-        CHECK(got > 0 && memmem(buf, (size_t)got, SECRET, strlen(SECRET)) == NULL, "the hello holds no copy of the secret");
-        close(afd); close(cfd); close(lfd);
+        got = raw_recv(afd, buf, sizeof buf, 0);
+        CHECK(got > 0 && find_bytes(buf, (size_t)got, SECRET, strlen(SECRET)) == NULL, "the hello holds no copy of the secret");
+        raw_close(afd); raw_close(cfd); raw_close(lfd);
     }
     ddp__store_server_stop(sv);
 }
@@ -362,7 +399,7 @@ static void test_secret(void) {
 
 typedef struct waiter { ddp__store st; int rc; double took; char err[1024]; } waiter;
 
-static void *wait_thread(void *arg) {
+static void *wait_thread(void *arg) { /* a ddp__thread_fn */
     waiter *w = (waiter *)arg;
     const char *k = "ddp/1/never";
     double t0 = ddp__now();
@@ -375,21 +412,21 @@ static void test_other_job(void) {
     ddp__store_server *sv;
     ddp__store st;
     waiter w;
-    pthread_t th;
+    ddp__thread th;
     char err[1024], ev[1024];
     int kind;
 
     TEST("another job: both sides fail at once");
     sv = start_store(NULL, "job-A", 2, 0, 0, 0);
     memset(&w, 0, sizeof w);
-    CHECK(client(&w.st, sv, DDP__WIRE_VERSION, 2, 0, NULL, (int)getpid(), "job-A", err, sizeof err) == 0, "rank 0's own client: %s", err);
+    CHECK(client(&w.st, sv, DDP__WIRE_VERSION, 2, 0, NULL, ddp__getpid(), "job-A", err, sizeof err) == 0, "rank 0's own client: %s", err);
     w.st.timeout_s = 10;
-    pthread_create(&th, NULL, wait_thread, &w);
+    ddp__thread_start(&th, wait_thread, &w);
     ddp__sleep_us(100000);
     CHECK(client(&st, sv, DDP__WIRE_VERSION, 2, 1, NULL, 77, "job-B", err, sizeof err) != 0, "the other job's rank is refused");
     CHECK(st.fatal == DDP_ERROR_MISMATCH && strstr(err, "is used by another job: rank 1 belongs to job 'job-B', rank 0 to job 'job-A'"), "its message: %s", err);
     ddp__store_close(&st);
-    pthread_join(th, NULL);
+    ddp__thread_join(&th);
     CHECK(w.rc != 0 && w.took < 2.0, "rank 0's pending wait ended at once (%.2f s)", w.took);
     CHECK(strstr(w.err, "port") && strstr(w.err, "is used by another job"), "rank 0's side: %s", w.err);
     kind = ddp__store_server_event(sv, ev, sizeof ev);
@@ -445,7 +482,7 @@ static void test_tamper(void) {
     size_t len = 0;
     int64_t n;
     TEST("tampering: a write-once key changed");
-    CHECK(client(&r0, sv, DDP__WIRE_VERSION, 2, 0, NULL, (int)getpid(), "j", err, sizeof err) == 0, "rank 0: %s", err);
+    CHECK(client(&r0, sv, DDP__WIRE_VERSION, 2, 0, NULL, ddp__getpid(), "j", err, sizeof err) == 0, "rank 0: %s", err);
     CHECK(ddp__store_set(&r0, "ddp/1/shm/ctrl", "fd @ddp-1-abc bytes=4096", 25, err, sizeof err) == 0, "rank 0 writes");
     CHECK(ddp__store_set(&r0, "ddp/1/shm/ctrl", "fd @ddp-1-abc bytes=4096", 25, err, sizeof err) == 0, "the same value again is no change");
     CHECK(ddp__store_server_event(sv, NULL, 0) == 0, "no event yet");
@@ -474,7 +511,7 @@ static void test_tamper(void) {
 
     TEST("tampering: text where a counter is expected");
     sv = start_store(NULL, "j", 2, 0, 0, 0);
-    CHECK(client(&r0, sv, DDP__WIRE_VERSION, 2, 0, NULL, (int)getpid(), "j", err, sizeof err) == 0, "rank 0: %s", err);
+    CHECK(client(&r0, sv, DDP__WIRE_VERSION, 2, 0, NULL, ddp__getpid(), "j", err, sizeof err) == 0, "rank 0: %s", err);
     ddp__store_connect_proto(&x, "127.0.0.1", ddp__store_server_port(sv), 2.0, DDP__STORE_PROTO_V1, err, sizeof err);
     CHECK(ddp__store_set(&x, "ddp/1/b/count", "abc", 3, err, sizeof err) == 0, "sent");
     ddp__sleep_us(100000);
@@ -515,7 +552,7 @@ static void test_pinned_key(void) {
     ctx->store = st;
     ctx->cfg.master_port = ddp__store_server_port(bare);
     ctx->cfg.timeout_s = ctx->cfg.connect_timeout_s = 2;
-    pthread_mutex_init(&ctx->err_mu, NULL);
+    ddp__mutex_init(&ctx->err_mu);
     ddp__copy_str(ctx->key_prefix, sizeof ctx->key_prefix, "/worker/attempt_0/ddp/1/");
     CHECK_OK(ddp__kv_set_once(ctx, "nccl/id", id, sizeof id), ctx);
     CHECK_OK(ddp__kv_verify_pinned(ctx), ctx);
@@ -536,8 +573,8 @@ static void test_pinned_key(void) {
         ddp__store_server *sv = start_store(NULL, "j", 2, 0, 0, 0);
         ddp__store_close(st);
         memset(ctx, 0, sizeof *ctx);
-        pthread_mutex_init(&ctx->err_mu, NULL);
-        client(st, sv, DDP__WIRE_VERSION, 2, 0, NULL, (int)getpid(), "j", err, sizeof err);
+        ddp__mutex_init(&ctx->err_mu);
+        client(st, sv, DDP__WIRE_VERSION, 2, 0, NULL, ddp__getpid(), "j", err, sizeof err);
         ctx->store = st;
         ctx->server = sv;
         ctx->cfg.master_port = ddp__store_server_port(sv);
@@ -554,7 +591,7 @@ static void test_pinned_key(void) {
         ddp__store_close(st);
         ddp__store_server_stop(sv);
     }
-    pthread_mutex_destroy(&ctx->err_mu);
+    ddp__mutex_destroy(&ctx->err_mu);
     free(st);
     free(ctx);
 }
@@ -598,13 +635,13 @@ static void test_limits(void) {
     fds[0] = raw_connect(port);
     send_set(fds[0], "ddp/9/huge", (uint64_t)DDP__STORE_MAX_VALUE_LEN + 1, NULL, 0);
     CHECK(closed_within(fds[0], 2.0), "dropped at once");
-    close(fds[0]);
+    raw_close(fds[0]);
 
     TEST("limits: a huge length field");
     fds[0] = raw_connect(port);
     send_set(fds[0], "ddp/9/x", (uint64_t)1 << 62, NULL, 0);
     CHECK(closed_within(fds[0], 2.0), "dropped");
-    close(fds[0]);
+    raw_close(fds[0]);
     fds[0] = raw_connect(port);
     {
         unsigned char q = 0;
@@ -613,7 +650,7 @@ static void test_limits(void) {
         raw_send(fds[0], &kl, 8);
     }
     CHECK(closed_within(fds[0], 2.0), "a huge key length: dropped");
-    close(fds[0]);
+    raw_close(fds[0]);
 
     TEST("limits: garbage");
     fds[0] = raw_connect(port);
@@ -625,13 +662,13 @@ static void test_limits(void) {
         raw_send(fds[0], g, sizeof g);
     }
     CHECK(closed_within(fds[0], 2.0), "dropped");
-    close(fds[0]);
+    raw_close(fds[0]);
 
     TEST("limits: truncated requests");
     for (i = 0; i < 20; i++) {
         fds[0] = raw_connect(port);
         send_set(fds[0], "ddp/9/t", 1000, big, (size_t)(i * 40));
-        close(fds[0]);
+        raw_close(fds[0]);
     }
     ddp__sleep_us(100000);
     CHECK(ddp__store_server_bytes(sv) < ((size_t)1 << 20), "nothing kept from them (%zu bytes held)", ddp__store_server_bytes(sv));
@@ -657,7 +694,7 @@ static void test_limits(void) {
         CHECK(ddp__store_server_bytes(sv) <= cap, "held %zu bytes, cap %zu", ddp__store_server_bytes(sv), cap);
         CHECK(ddp__store_server_clients(sv) == 0, "the client that does not read is dropped (%d connected)", ddp__store_server_clients(sv));
         CHECK(closed_within(fds[0], 3.0), "... and sees the close");
-        close(fds[0]);
+        raw_close(fds[0]);
     }
 
     TEST("limits: total memory");
@@ -674,7 +711,7 @@ static void test_limits(void) {
         if (r > peak) peak = r;
     }
     CHECK(ddp__store_server_bytes(sv) <= cap, "held %zu bytes, cap %zu", ddp__store_server_bytes(sv), cap);
-    for (n = 0, i = 0; i < 12; i++) { n += closed_within(fds[i], 0.2); close(fds[i]); }
+    for (n = 0, i = 0; i < 12; i++) { n += closed_within(fds[i], 0.2); raw_close(fds[i]); }
     CHECK(n >= 4, "the writers that would pass the cap were dropped (%d of 12)", n);
 
     TEST("limits: a WAIT flood");
@@ -700,7 +737,7 @@ static void test_limits(void) {
         if (r > peak) peak = r;
     }
     CHECK(ddp__store_server_bytes(sv) <= cap, "held %zu bytes, cap %zu", ddp__store_server_bytes(sv), cap);
-    for (i = 0; i < 20; i++) close(fds[i]);
+    for (i = 0; i < 20; i++) raw_close(fds[i]);
 
     TEST("limits: a slow writer");
     fds[0] = raw_connect(port);
@@ -708,7 +745,7 @@ static void test_limits(void) {
     send_set(fds[0], "ddp/9/slow", 100, NULL, 0);
     for (i = 0; i < 40 && !closed_within(fds[0], 0.05); i++) raw_send(fds[0], "s", 1);
     CHECK(ddp__now() - t0 < 1.6, "dropped %.2f s after its request started (slow timeout 0.5 s)", ddp__now() - t0);
-    close(fds[0]);
+    raw_close(fds[0]);
 
     TEST("limits: hundreds of idle connections");
     ddp__sleep_us(1100000); /* a new second for the log's rate limit */
@@ -720,7 +757,7 @@ static void test_limits(void) {
     t0 = ddp__now(); /* the last ones were accepted just now: 0.5 s from then, and some slack for a loaded machine */
     while (ddp__store_server_clients(sv) > 0 && ddp__now() - t0 < 3.0) ddp__sleep_us(10000);
     CHECK(ddp__store_server_clients(sv) == 0, "silent connections time out (%d left)", ddp__store_server_clients(sv));
-    for (i = 0; i < 300; i++) close(fds[i]);
+    for (i = 0; i < 300; i++) raw_close(fds[i]);
     ddp__store_server_stop(sv);
 
     TEST("limits: a store under attack keeps serving, and stops at once");
@@ -732,7 +769,7 @@ static void test_limits(void) {
     t0 = ddp__now();
     ddp__store_server_stop(sv);
     CHECK(ddp__now() - t0 < 1.0, "stopped in %.3f s with 120 strangers connected", ddp__now() - t0);
-    for (i = 0; i < 120; i++) close(fds[i]);
+    for (i = 0; i < 120; i++) raw_close(fds[i]);
     {
         long r = rss_kib();
         if (r > peak) peak = r;
@@ -743,7 +780,11 @@ static void test_limits(void) {
 }
 
 int main(void) {
+#if !defined(_WIN32)
     signal(SIGPIPE, SIG_IGN);
+#endif
+    ddp__mutex_init(&log_mu);
+    if (ddp__net_start() != 0) { fprintf(stderr, "test_security: cannot start the sockets layer\n"); return 2; }
     test_sha256();
     test_hmac_rfc4231();
     test_ident();
@@ -752,5 +793,6 @@ int main(void) {
     test_tamper();
     test_pinned_key();
     test_limits();
+    ddp__net_stop();
     return t_summary("test_security");
 }

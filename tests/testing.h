@@ -16,8 +16,15 @@
 #  include <sys/stat.h>
 #endif
 
-static int t_pass = 0, t_fail = 0;
-static const char *t_name = "";
+#if defined(__GNUC__) || defined(__clang__)
+#  define T_UNUSED __attribute__((unused))
+#else
+#  define T_UNUSED
+#endif
+
+/* (unused in the programs that only borrow the helpers below, as tests/fault.c) */
+T_UNUSED static int t_pass = 0, t_fail = 0;
+T_UNUSED static const char *t_name = "";
 
 #define CHECK(cond, ...) do { \
     if (cond) t_pass++; \
@@ -42,11 +49,6 @@ static const char *t_name = "";
 
 /* ---- the little the tests need from the OS (POSIX and Windows) ---- */
 
-#if defined(__GNUC__) || defined(__clang__)
-#  define T_UNUSED __attribute__((unused))
-#else
-#  define T_UNUSED
-#endif
 
 T_UNUSED static int t_setenv(const char *name, const char *value) {
 #if defined(_WIN32)
@@ -145,7 +147,7 @@ T_UNUSED static int t_remove_dir(const char *dir, const char *const *names) {
 #endif
 }
 
-static int t_summary(const char *suite) {
+T_UNUSED static int t_summary(const char *suite) {
     printf("%s: %d passed, %d failed\n", suite, t_pass, t_fail);
     return t_fail ? 1 : 0;
 }

@@ -108,6 +108,118 @@ TP_UNUSED static int t_proc_spawn(t_proc *p, const char *path, const char *const
 #endif
 }
 
+/* Start argv[0] (a path) with the arguments argv[1..] (simple words), its
+   stdout and stderr into files (NULL: ours), with the variables of env
+   ("NAME=VALUE", NULL-terminated; NULL: none) set for it; group: on POSIX
+   the child leads a process group of its own (Windows: no effect). */
+TP_UNUSED static int t_proc_start(t_proc *p, const char *const *argv, const char *out_path, const char *err_path,
+                                  const char *const *env, int group) {
+#if defined(_WIN32)
+    char cmd[16384], *old[32];
+    size_t n = 0;
+    int i, ne = 0, ok;
+    STARTUPINFOA si;
+    PROCESS_INFORMATION pi;
+    SECURITY_ATTRIBUTES sa;
+    HANDLE f[2] = { NULL, NULL };
+    const char *paths[2];
+    (void)group;
+    paths[0] = out_path;
+    paths[1] = err_path;
+    for (i = 0; argv[i] && n < sizeof cmd; i++)
+        n += (size_t)snprintf(cmd + n, sizeof cmd - n, i ? " %s" : "\"%s\"", argv[i]);
+    sa.nLength = sizeof sa;
+    sa.lpSecurityDescriptor = NULL;
+    sa.bInheritHandle = TRUE;
+    for (i = 0; i < 2; i++) {
+        if (!paths[i]) { f[i] = GetStdHandle(i ? STD_ERROR_HANDLE : STD_OUTPUT_HANDLE); continue; }
+        f[i] = CreateFileA(paths[i], GENERIC_WRITE, FILE_SHARE_READ | FILE_SHARE_WRITE | FILE_SHARE_DELETE, &sa, CREATE_ALWAYS,
+                           FILE_ATTRIBUTE_NORMAL, NULL);
+        if (f[i] == INVALID_HANDLE_VALUE) { if (i && paths[0]) CloseHandle(f[0]); return -1; }
+    }
+    /* the child inherits our environment: set its variables around CreateProcess */
+    for (ne = 0; env && env[ne] && ne < 32; ne++) {
+        char name[256];
+        const char *eq = strchr(env[ne], '=');
+        size_t k = eq ? (size_t)(eq - env[ne]) : strlen(env[ne]);
+        DWORD got;
+        if (k >= sizeof name) k = sizeof name - 1;
+        memcpy(name, env[ne], k);
+        name[k] = 0;
+        old[ne] = (char *)malloc(32768);
+        got = old[ne] ? GetEnvironmentVariableA(name, old[ne], 32768) : 0;
+        if (old[ne] && (got == 0 || got >= 32768)) { free(old[ne]); old[ne] = NULL; }
+        SetEnvironmentVariableA(name, eq ? eq + 1 : "");
+    }
+    memset(&si, 0, sizeof si);
+    si.cb = sizeof si;
+    si.dwFlags = STARTF_USESTDHANDLES;
+    si.hStdInput = GetStdHandle(STD_INPUT_HANDLE);
+    si.hStdOutput = f[0];
+    si.hStdError = f[1];
+    memset(p, 0, sizeof *p);
+    ok = CreateProcessA(NULL, cmd, NULL, NULL, TRUE, 0, NULL, NULL, &si, &pi);
+    for (i = 0; i < ne; i++) {
+        char name[256];
+        const char *eq = strchr(env[i], '=');
+        size_t k = eq ? (size_t)(eq - env[i]) : strlen(env[i]);
+        if (k >= sizeof name) k = sizeof name - 1;
+        memcpy(name, env[i], k);
+        name[k] = 0;
+        SetEnvironmentVariableA(name, old[i]); /* NULL removes it */
+        free(old[i]);
+    }
+    for (i = 0; i < 2; i++) if (paths[i]) CloseHandle(f[i]);
+    if (!ok) return -1;
+    CloseHandle(pi.hThread);
+    p->h = pi.hProcess;
+    p->pid = (int)pi.dwProcessId;
+    return 0;
+#else
+    pid_t pid;
+    fflush(stdout);
+    fflush(stderr);
+    memset(p, 0, sizeof *p);
+    pid = fork();
+    if (pid < 0) return -1;
+    if (pid == 0) {
+        int i;
+        if ((out_path && !freopen(out_path, "w", stdout)) || (err_path && !freopen(err_path, "w", stderr))) _exit(126);
+        for (i = 0; env && env[i]; i++) putenv((char *)env[i]);
+        if (group) setpgid(0, 0);
+        execv(argv[0], (char *const *)argv);
+        _exit(127);
+    }
+    p->pid = (int)pid;
+    return 0;
+#endif
+}
+
+/* Signal numbers t_pid_signal knows on every system. */
+#if defined(_WIN32)
+#  define T_SIGKILL 9
+#  define T_SIGTERM 15
+#else
+#  define T_SIGKILL SIGKILL
+#  define T_SIGTERM SIGTERM
+#endif
+
+/* Send sig to process pid. POSIX: kill(); Windows, which has no signals
+   for other processes: TerminateProcess with exit code 128 + sig (137 for
+   T_SIGKILL, 143 for T_SIGTERM). 0, or -1. */
+TP_UNUSED static int t_pid_signal(int pid, int sig) {
+#if defined(_WIN32)
+    HANDLE h = OpenProcess(PROCESS_TERMINATE, FALSE, (DWORD)pid);
+    BOOL ok;
+    if (!h) return -1;
+    ok = TerminateProcess(h, (UINT)(128 + sig));
+    CloseHandle(h);
+    return ok ? 0 : -1;
+#else
+    return kill((pid_t)pid, sig);
+#endif
+}
+
 /* Start this program again with args. */
 TP_UNUSED static int t_proc_spawn_self(t_proc *p, const char *const *args) {
     return t_proc_spawn(p, t_self_path, args);
