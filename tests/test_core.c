@@ -804,7 +804,7 @@ static void train_some(ddp_context *ctx, int steps) {
 }
 
 static void test_checkpoint(void) {
-    char path[256], bad[300];
+    char path[256], bad[600];
     ddp_context *a, *b;
     FILE *f;
     long size;
@@ -832,10 +832,56 @@ static void test_checkpoint(void) {
     CHECK(ddp_optimizer_steps(b) == 5, "the second save replaced the first: %lld steps", (long long)ddp_optimizer_steps(b));
     CHECK(memcmp(ddp_flat_params(a), ddp_flat_params(b), ddp_flat_bytes(a)) == 0, "the replaced checkpoint holds the new weights");
     ddp_destroy(b);
-    snprintf(bad, sizeof bad, "%s.tmp.%d", path, t_getpid());
+    {   /* the writer's temporary is "PATH.tmp.<host>.<pid>" */
+        char host[256];
+        ddp__proc_hostname(host, sizeof host);
+        snprintf(bad, sizeof bad, "%s.tmp.%s.%d", path, host, t_getpid());
+    }
     f = fopen(bad, "rb");
     CHECK(f == NULL, "no temporary file '%s' left", bad);
     if (f) fclose(f);
+
+    /* temporaries of writers killed in the instant between naming and
+       renaming: those of dead writers on this host go (the next save
+       removes them), those of live writers and of other hosts stay */
+    {
+        char host[256], dead[600], live[600], other[600], *names[3];
+        int k, n;
+        ddp__proc_hostname(host, sizeof host);
+        snprintf(dead, sizeof dead, "%s.tmp.%s.%d", path, host, 2147483000); /* no such process */
+        snprintf(live, sizeof live, "%s.tmp.%s.%d", path, host, t_getpid());
+        snprintf(other, sizeof other, "%s.tmp.%s-elsewhere.%d", path, host, 2147483000);
+        names[0] = dead; names[1] = live; names[2] = other;
+        for (k = 0; k < 3; k++) {
+            f = fopen(names[k], "wb");
+            CHECK(f != NULL, "make '%s'", names[k]);
+            if (f) { fputs("half a checkpoint", f); fclose(f); }
+        }
+        n = ddp__file_sweep_tmp(path);
+        CHECK(n == 1, "the sweep removed one temporary, got %d", n);
+        f = fopen(dead, "rb");
+        CHECK(f == NULL, "a dead writer's temporary is removed");
+        if (f) fclose(f);
+        f = fopen(live, "rb");
+        CHECK(f != NULL, "a live writer's temporary stays");
+        if (f) fclose(f);
+        f = fopen(other, "rb");
+        CHECK(f != NULL, "another host's temporary stays");
+        if (f) fclose(f);
+        remove(live);
+        f = fopen(dead, "wb");
+        if (f) { fputs("half a checkpoint", f); fclose(f); }
+        CHECK_OK(ddp_save_checkpoint(a, path), a);
+        f = fopen(dead, "rb");
+        CHECK(f == NULL, "the next save removes a dead writer's temporary");
+        if (f) fclose(f);
+        remove(dead);
+        remove(other);
+        b = ck_model(0, DDP_OPTIM_ADAMW);
+        CHECK_OK(ddp_load_checkpoint(b, path), b);
+        CHECK(ddp_optimizer_steps(b) == 5, "and writes the checkpoint: %lld steps", (long long)ddp_optimizer_steps(b));
+        ddp_destroy(b);
+    }
 
     b = ck_model(1, DDP_OPTIM_ADAMW);
     CHECK_ERR(ddp_load_checkpoint(b, path), DDP_ERROR_MISMATCH, b, "parameter 0 is 'fc.weight' f32 [4,3] there, 'fc.weight' f32 [4,5] here");
