@@ -81,8 +81,12 @@
          <windows.h> alone pulls in the old <winsock.h>;
        - NCCL does not exist: CUDA builds use the staged backend between
          processes (ddp.h) and dp.h within one;
+       - rank 0's store listens with SO_EXCLUSIVEADDRUSE (see SECURITY);
+         Windows keeps such a port taken while connections the listener
+         accepted are still open, even after the listener closed;
        - the local launcher is ddprun.exe (tools/ddprun_win.c): the same
-         command line and behaviour as ddprun, with job objects.
+         command line and behaviour as ddprun (a new DDP_JOB_SECRET and
+         DDP_JOB_ID per run included), with job objects.
        Verified: mingw-w64 builds under Wine (CI). Not verified: real
        Windows, an MSVC compile, Windows GPUs.
 
@@ -354,7 +358,9 @@
        once. Nothing is left behind: shared memory has no name (or, named,
        is removed by ddprun and by the next rank 0 on the host), checkpoint
        temporaries have none while they are written (see
-       ddp_save_checkpoint), and ddprun ends each rank's process group.
+       ddp_save_checkpoint), and ddprun ends each rank's process group
+       (Windows: shared memory and checkpoint temporaries vanish with the
+       last handle, and ddprun.exe ends each rank's job object).
        tests/fault.c kills ranks at random instants; docs/RELIABILITY.md has
        its figures.
 
@@ -401,6 +407,19 @@
        read back before the store closes: a change fails the job with
        DDP_ERROR_SECURITY, "store tampering: ... key '...'". Text where a
        counter belongs gets an error naming the key.
+
+       On Windows the same checks hold with Windows' means. The store's
+       listening socket is exclusive (SO_EXCLUSIVEADDRUSE): no other
+       socket, of this user or another, can bind its port while it listens,
+       so a second job on the port fails at bind as on POSIX. Shared memory
+       is a named mapping under a random name
+       ("Local\ddp-<pid>-<n>-<what>-<96 random bits>") that ranks learn only
+       from the store (so, with a secret, only from a store that proved it
+       knows it), created for this user alone (owner: the user's SID, a DACL
+       of that one entry; a mapping that anyone else may open, or owned by
+       another user, is refused), of the expected size, and carrying rank
+       0's nonce in its header. ddprun.exe makes the job secret from the
+       system's generator (RtlGenRandom).
 
        torchrun's agent store speaks PyTorch's protocol, which has no
        authentication: under it the secret cannot be checked (a warning is
