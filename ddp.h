@@ -5647,6 +5647,21 @@ static int ddp__store_recv_verdict(ddp__store *s, int fd, double deadline, int *
     return r;
 }
 
+/* The store's owner (rank 0, on this host) has exited: a fatal PEER failure
+ * that names it, and 1; else 0. A store that stops answering is often a
+ * dead rank 0 whose connections the system has not closed yet (seen under
+ * Wine on a loaded machine): its pid says so at once, without waiting out
+ * a reconnection. */
+static int ddp__store_owner_gone(ddp__store *s, const char *what, char *err, size_t errlen) {
+    if (s->owner_pid <= 0 || !ddp__proc_dead(s->owner_pid)) return 0;
+    s->broken = 1;
+    s->fatal = DDP_ERROR_PEER;
+    snprintf(s->fatal_msg, sizeof s->fatal_msg, "rank 0 (pid %d), which runs the store at %s:%d, has exited (while this rank waited for %s)",
+             s->owner_pid, s->host, s->port, what);
+    ddp__store_fail(err, errlen, "%s", s->fatal_msg);
+    return 1;
+}
+
 /* The library's hello on a fresh connection to a store of rank 0's: the
  * identity records are compared and, with a secret, each side proves it
  * knows it (HMAC-SHA-256 over both sides' random nonces; the secret never
@@ -5701,6 +5716,7 @@ static int ddp__store_hello(ddp__store *s, int fd, double deadline, int *again, 
         *again = 1;
         return ddp__store_fail(err, errlen, "the store at %s:%d closed the connection during the hello", s->host, s->port);
     }
+    if (r != DDP__STORE_IO_OK && ddp__store_owner_gone(s, "the hello", err, errlen)) return -1;
     if (r != DDP__STORE_IO_OK)
         return ddp__store_fail(err, errlen, "the store at %s:%d did not complete the hello: %s", s->host, s->port,
                                r == DDP__STORE_IO_TIMEOUT ? "no answer" : e ? ddp__strerror(e) : "malformed answer");
@@ -5922,6 +5938,7 @@ static int ddp__store_io_fail(ddp__store *s, int why, int err_no, int op, const 
     if (key) snprintf(what, sizeof what, "%s '%s'", ddp__store_op_name(op), key);
     else snprintf(what, sizeof what, "%s", ddp__store_op_name(op));
     s->broken = 1;
+    if (ddp__store_owner_gone(s, what, err, errlen)) return -1;
     if (why == DDP__STORE_IO_TIMEOUT)
         return ddp__store_fail(err, errlen, "timed out after %.1f s waiting for the store at %s:%d to answer %s",
                                s->timeout_s, s->host, s->port, what);
@@ -6125,6 +6142,9 @@ static int ddp__store_wait_until(ddp__store *s, const char *const *keys, int nke
     if (ddp__store_rpc(s, &b, DDP__STORE_Q_WAIT, nkeys > 0 ? keys[0] : NULL, NULL, 0, err, errlen) != 0) return -1;
     r = ddp__store_recv_all(s->fd, &v, 1, deadline, &e);
     if (r == DDP__STORE_IO_TIMEOUT) {
+        char what[300];
+        snprintf(what, sizeof what, "key '%.250s'", nkeys > 0 ? keys[0] : "");
+        if (ddp__store_owner_gone(s, what, err, errlen)) return -1;
         *timed_out = 1;
         if (err && errlen) err[0] = 0;
         s->broken = 1;
