@@ -5656,8 +5656,8 @@ static int ddp__store_owner_gone(ddp__store *s, const char *what, char *err, siz
     if (s->owner_pid <= 0 || !ddp__proc_dead(s->owner_pid)) return 0;
     s->broken = 1;
     s->fatal = DDP_ERROR_PEER;
-    snprintf(s->fatal_msg, sizeof s->fatal_msg, "rank 0 (pid %d), which runs the store at %s:%d, has exited (while this rank waited for %s)",
-             s->owner_pid, s->host, s->port, what);
+    ddp__store_fail(s->fatal_msg, sizeof s->fatal_msg, "rank 0 (pid %d), which runs the store at %s:%d, has exited (while this rank waited for %s)",
+                    s->owner_pid, s->host, s->port, what);
     ddp__store_fail(err, errlen, "%s", s->fatal_msg);
     return 1;
 }
