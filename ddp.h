@@ -7382,9 +7382,20 @@ static ddp_result ddp__seg_attach(ddp_context *ctx, const char *key, int kind, s
     int fd = -1;
     ddp_result r;
     *p = NULL;
-    if (ddp__unhex16(ctx->peer0.nonce, ctx->shm.nonce) != 0)
-        return ddp__fail(ctx, DDP_ERROR_MISMATCH, "rank %d: rank 0's identity record carries no shared-memory nonce", ctx->rank);
     DDP__TRY(ddp__kv_get(ctx, key, &val, &len));
+    /* rank 0's identity as the store that answered says it now: a rank that
+       came early to this context may have met the previous context's store
+       (same process, same port, about to close) and reconnected to this
+       one during the wait, after the same authenticated hello */
+    if (!ctx->agent_store && ctx->store) {
+        const ddp__store *st = (const ddp__store *)ctx->store;
+        ddp__ident now;
+        if (st->peer_ident[0] && ddp__ident_parse(st->peer_ident, strlen(st->peer_ident), &now) == 0) ctx->peer0 = now;
+    }
+    if (ddp__unhex16(ctx->peer0.nonce, ctx->shm.nonce) != 0) {
+        free(val);
+        return ddp__fail(ctx, DDP_ERROR_MISMATCH, "rank %d: rank 0's identity record carries no shared-memory nonce", ctx->rank);
+    }
     if (sscanf((const char *)val, "%7s %127s bytes=%" DDP__PRIzu, kindw, ref, &said) != 3 || (strcmp(kindw, "fd") && strcmp(kindw, "name")) ||
         said == 0 || (*bytes && said != *bytes)) {
         char show[64];
