@@ -314,7 +314,7 @@ static void print_breakdown(const char *model, const mlp_shape *s, const mlp_dat
            median_us(dd.dev[0], steps), median_us(dd.dev[1], steps), median_us(dd.dev[2], steps), median_us(dd.dev[3], steps));
     for (k = 0; k < 3; k++) free(pl.dev[k]);
     for (k = 0; k < 4; k++) free(dd.dev[k]);
-    printf("gpu_step_train_step model=%s manual_ms=%.4f (timed) train_step_ms=%.4f (untimed, above)\n", model, dd.wall * 1e3 / steps,
+    printf("gpu_step_train_step model=%s manual_ms=%.4f (with the timers) train_step_ms=%.4f (ddp_train_step, no timers)\n", model, dd.wall * 1e3 / steps,
            ddp_ms(s, d, batch, steps, init));
 }
 
