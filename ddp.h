@@ -705,9 +705,16 @@ DDP_API size_t      ddp_param_numel(const ddp_context *ctx, int id);
 DDP_API const char *ddp_param_name(const ddp_context *ctx, int id);
 DDP_API int         ddp_param_bucket(const ddp_context *ctx, int id);
 DDP_API int         ddp_bucket_count(const ddp_context *ctx);
-/* Byte range of bucket b inside the flat gradient buffer. */
+/* Bucket b: the span of the flat gradient buffer that holds it (from its
+   first byte to its last; once the order is learned from the first step a
+   bucket may be several ranges, with other buckets' parameters between
+   them, see BUCKETS), its element type and parameter count. */
 DDP_API ddp_result  ddp_bucket_info(const ddp_context *ctx, int b, size_t *offset_bytes,
                                     size_t *size_bytes, ddp_dtype *dtype, int *num_params);
+/* The k-th range (k = 0, 1, ... until DDP_ERROR_INVALID_ARGUMENT) of the
+   flat gradient buffer that bucket b reduces. */
+DDP_API ddp_result  ddp_bucket_range(const ddp_context *ctx, int b, int k, size_t *offset_bytes,
+                                     size_t *size_bytes);
 DDP_API size_t      ddp_param_offset(const ddp_context *ctx, int id); /* bytes into the flat buffers */
 DDP_API void       *ddp_flat_params(ddp_context *ctx);
 DDP_API void       *ddp_flat_grads(ddp_context *ctx);
@@ -1097,7 +1104,8 @@ typedef struct ddp__param {
     int64_t   shape[DDP__MAX_NDIM];
     const void *init;
     size_t    offset;   /* bytes into the flat buffers */
-    int       bucket;
+    int       bucket;   /* storage bucket */
+    int       cbucket;  /* communication bucket */
     double    lr_scale; /* parameter options, resolved (1 = none) */
     double    wd_scale;
     int       group;    /* index into ctx->groups, set at finalize */
@@ -1106,15 +1114,40 @@ typedef struct ddp__param {
     int       evrec;    /* CUDA: its ready event was recorded for this bucket launch */
 } ddp__param;
 
+/* A storage bucket: a contiguous, padded span of the flat buffers with one
+   element type, fixed at ddp_finalize(). The optimizer, its state, the
+   ZeRO-1 shards and the gradient checks walk these. */
 typedef struct ddp__bucket {
     size_t    offset;   /* bytes into the flat buffers */
     size_t    bytes;    /* padded span of the bucket */
     size_t    numel;    /* elements in the span (bytes / dtype size) */
     ddp_dtype dtype;
     int       num_params;
-    int       pending;  /* parameters not yet marked this step */
-    int       launched;
 } ddp__bucket;
+
+/* numel elements at byte offset of the flat buffers, reduced by rank
+   owner (-1 in a range list). */
+typedef struct ddp__piece {
+    size_t offset;
+    size_t numel;
+    int    owner;
+} ddp__piece;
+
+/* A communication bucket: what one collective reduces, launched when all
+   its parameters are marked, in bucket order. At first each one is a
+   storage bucket; after the first step (LEARNED BUCKET ORDER) they follow
+   the order of ddp_mark_ready and may be several ranges of the flat
+   buffers (parameters never move). The pieces split the ranges among the
+   ranks: evenly, or by the ZeRO-1 shards. */
+typedef struct ddp__cbucket {
+    ddp_dtype dtype;
+    size_t    numel;      /* elements reduced: the sum over the ranges */
+    int       range0, nrange;   /* ctx->cranges[range0 .. range0 + nrange), ascending offsets */
+    int       piece0, npiece;   /* ctx->cpieces[piece0 .. piece0 + npiece) */
+    int       num_params;
+    int       pending;    /* parameters not yet marked this step */
+    int       launched;
+} ddp__cbucket;
 
 struct ddp__shm_ctrl;
 struct ddp__store_server;
@@ -1161,12 +1194,16 @@ struct ddp_context {
     ddp__param *params;
     int      num_params, cap_params;
     int      finalized;
-    ddp__bucket *buckets;
+    ddp__bucket *buckets;        /* storage buckets (layout, optimizer, shards) */
     int      num_buckets;
+    ddp__cbucket *cb;            /* communication buckets, in launch order */
+    int      num_cb;
+    ddp__piece *cranges, *cpieces;
     size_t   flat_bytes;
     unsigned char *flat_params;
     unsigned char *flat_grads;   /* host: points into shm.grads for shm */
     int      owns_flat_grads;
+    int      zero;               /* ZeRO-1: optimizer state sharded (config.zero_stage) */
 
     /* the step */
     int      in_step;
@@ -3630,16 +3667,49 @@ struct ddp__backend_ops {
     ddp_result (*bucket_reduce)(ddp_context *ctx, int b, double scale);
 };
 
-static ddp_result ddp__shm_bucket_reduce(ddp_context *ctx, int b, double scale) {
-    const ddp__bucket *bk = &ctx->buckets[b];
+/* Communication bucket c in place in the gradient segment: every rank
+   reduces its pieces, then writes them to every rank's buffer (all-reduce)
+   or only to its own (scatter: ZeRO-1, where nobody else needs them). The
+   second wait keeps a rank from touching its buffer again while a peer
+   still reads it. */
+static ddp_result ddp__shm_reduce_pieces(ddp_context *ctx, int c, double scale, int scatter, const char *what) {
+    const ddp__cbucket *cb = &ctx->cb[c];
+    uint64_t seq = ++ctx->shm.seq;
+    void *src[1024];
+    int q, k, W = ctx->world;
+    ddp__set_counter(ctx, 0, seq);
+    DDP__TRY(ddp__shm_wait(ctx, 0, seq, -1, what));
+    for (k = 0; k < cb->npiece; k++) {
+        const ddp__piece *pc = &ctx->cpieces[cb->piece0 + k];
+        if (pc->owner != ctx->rank) continue;
+        for (q = 0; q < W; q++) src[q] = ctx->shm.grads + (size_t)q * ctx->shm.grad_stride + pc->offset;
+        ddp__reduce(src, W, scatter ? &src[ctx->rank] : src, scatter ? 1 : W, pc->numel, cb->dtype, DDP_OP_SUM, scale);
+    }
+    ddp__set_counter(ctx, 1, seq);
+    DDP__TRY(ddp__shm_wait(ctx, 1, seq, -1, what));
+    ddp__set_counter(ctx, 2, seq);
+    return DDP_SUCCESS;
+}
+
+/* A world of one: the sum is the gradient itself, times the factor. */
+static void ddp__scale_ranges(ddp_context *ctx, unsigned char *base, int c, double scale) {
+    const ddp__cbucket *cb = &ctx->cb[c];
+    int k;
+    if (scale == 1.0) return;
+    for (k = 0; k < cb->nrange; k++) {
+        void *p = base + ctx->cranges[cb->range0 + k].offset;
+        ddp__reduce(&p, 1, &p, 1, ctx->cranges[cb->range0 + k].numel, cb->dtype, DDP_OP_SUM, scale);
+    }
+}
+
+static ddp_result ddp__shm_bucket_reduce(ddp_context *ctx, int c, double scale) {
     char what[96];
     if (ctx->world == 1) {
-        void *p = ctx->flat_grads + bk->offset;
-        if (scale != 1.0) ddp__reduce(&p, 1, &p, 1, bk->numel, bk->dtype, DDP_OP_SUM, scale);
+        ddp__scale_ranges(ctx, ctx->flat_grads, c, scale);
         return DDP_SUCCESS;
     }
-    snprintf(what, sizeof what, "gradient bucket %d", b);
-    return ddp__shm_allreduce_inplace(ctx, bk->offset, bk->numel, bk->dtype, DDP_OP_SUM, scale, what);
+    snprintf(what, sizeof what, "gradient bucket %d", c);
+    return ddp__shm_reduce_pieces(ctx, c, scale, ctx->zero, what);
 }
 
 static const ddp__backend_ops ddp__shm_ops = {
@@ -3911,6 +3981,9 @@ DDP_API void ddp_destroy(ddp_context *ctx) {
     }
     ddp__free(ctx, ctx->params);
     ddp__free(ctx, ctx->buckets);
+    ddp__free(ctx, ctx->cb);
+    ddp__free(ctx, ctx->cranges);
+    ddp__free(ctx, ctx->cpieces);
     ddp__free(ctx, ctx->queue);
     ddp__free(ctx, ctx->opt_state_off);
     ddp__free(ctx, ctx->group_map);
@@ -4159,6 +4232,172 @@ static ddp_result ddp__assign_buckets(ddp_context *ctx) {
     return DDP_SUCCESS;
 }
 
+/* Rank q's shard of storage bucket b: the elements its ZeRO-1 optimizer
+   owns, and the part of the canonical gradient norm it sums (see
+   ddp__grad_stats). */
+static void ddp__shard_of(const ddp_context *ctx, int b, int q, size_t *lo, size_t *hi) {
+    ddp__slice(ctx->buckets[b].numel, ctx->world, q, lo, hi);
+}
+
+/* This rank's optimizer range of storage bucket b: its shard with ZeRO-1,
+   else the whole bucket. */
+static void ddp__own_range(const ddp_context *ctx, int b, size_t *lo, size_t *hi) {
+    if (ctx->zero) ddp__shard_of(ctx, b, ctx->rank, lo, hi);
+    else { *lo = 0; *hi = ctx->buckets[b].numel; }
+}
+
+typedef struct ddp__pvec { ddp__piece *v; int n, cap; } ddp__pvec;
+
+static int ddp__pvec_add(ddp_context *ctx, ddp__pvec *a, size_t offset, size_t numel, int owner) {
+    if (a->n == a->cap) {
+        int cap = a->cap ? a->cap * 2 : 64;
+        ddp__piece *nv = (ddp__piece *)ddp__alloc(ctx, (size_t)cap * sizeof *nv);
+        if (!nv) return 0;
+        if (a->n) memcpy(nv, a->v, (size_t)a->n * sizeof *nv);
+        ddp__free(ctx, a->v);
+        a->v = nv;
+        a->cap = cap;
+    }
+    a->v[a->n].offset = offset;
+    a->v[a->n].numel = numel;
+    a->v[a->n].owner = owner;
+    a->n++;
+    return 1;
+}
+
+/* The pieces of communication bucket c: its ranges split among the ranks.
+   With ZeRO-1 an element is reduced by the rank whose shard holds it (it
+   is the only one that needs the result); otherwise the concatenated
+   ranges are cut evenly. Either way every element is summed over the
+   ranks in rank order: the same bits whoever reduces it. */
+static int ddp__split_pieces(ddp_context *ctx, ddp__cbucket *c, const ddp__piece *ranges, ddp__pvec *pieces) {
+    size_t es = ddp_dtype_size(c->dtype);
+    int k, q;
+    c->piece0 = pieces->n;
+    for (k = 0; k < c->nrange; k++) {
+        const ddp__piece *r = &ranges[c->range0 + k];
+        if (ctx->zero) {
+            const ddp__bucket *bk = &ctx->buckets[r->owner];
+            size_t e0 = (r->offset - bk->offset) / es, e1 = e0 + r->numel;
+            for (q = 0; q < ctx->world; q++) {
+                size_t lo, hi;
+                ddp__shard_of(ctx, r->owner, q, &lo, &hi);
+                if (lo < e0) lo = e0;
+                if (hi > e1) hi = e1;
+                if (hi > lo && !ddp__pvec_add(ctx, pieces, bk->offset + lo * es, hi - lo, q)) return 0;
+            }
+        }
+    }
+    if (!ctx->zero) {
+        for (q = 0; q < ctx->world; q++) {
+            size_t lo, hi, v = 0;
+            ddp__slice(c->numel, ctx->world, q, &lo, &hi);
+            for (k = 0; k < c->nrange && hi > lo; k++) {
+                const ddp__piece *r = &ranges[c->range0 + k];
+                size_t a = lo > v ? lo : v, b = hi < v + r->numel ? hi : v + r->numel;
+                if (b > a && !ddp__pvec_add(ctx, pieces, r->offset + (a - v) * es, b - a, q)) return 0;
+                v += r->numel;
+            }
+        }
+    }
+    c->npiece = pieces->n - c->piece0;
+    return 1;
+}
+
+static int ddp__cmp_offset(const void *a, const void *b) {
+    size_t x = *(const size_t *)a, y = *(const size_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* The communication buckets for launch order `order` (parameter ids, the
+   first to be launched first; NULL: the storage buckets themselves, in
+   reverse registration order). A bucket closes at its cap
+   (first_bucket_bytes, then bucket_bytes) or where the element type
+   changes, as the storage buckets do. Its parameters, sorted by offset,
+   form ranges: neighbours in one storage bucket merge, with the alignment
+   padding between them. An order that gives the storage buckets' partition
+   gives the storage buckets. Replaces ctx->cb only on success. */
+static ddp_result ddp__build_comm(ddp_context *ctx, const int *order) {
+    int P = ctx->num_params, nb = 0, i, k, same;
+    ddp__cbucket *cb = (ddp__cbucket *)ddp__calloc(ctx, (size_t)P * sizeof *cb);
+    int *cbof = (int *)ddp__alloc(ctx, (size_t)P * sizeof(int));
+    size_t *keys = (size_t *)ddp__alloc(ctx, (size_t)P * 2 * sizeof(size_t)), *bytes = NULL;
+    ddp__pvec ranges = { NULL, 0, 0 }, pieces = { NULL, 0, 0 };
+    ddp_result r = DDP_SUCCESS;
+    bytes = (size_t *)ddp__calloc(ctx, (size_t)P * sizeof(size_t));
+    if (!cb || !cbof || !keys || !bytes) { r = ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for the communication buckets"); goto done; }
+    if (order) {
+        for (k = 0; k < P; k++) {
+            const ddp__param *p = &ctx->params[order[k]];
+            size_t cap = nb == 1 ? ctx->cfg.first_bucket_bytes : ctx->cfg.bucket_bytes;
+            if (nb == 0 || cb[nb - 1].dtype != p->dtype || bytes[nb - 1] >= cap) cb[nb++].dtype = p->dtype;
+            cbof[order[k]] = nb - 1;
+            cb[nb - 1].num_params++;
+            bytes[nb - 1] += ddp__align_up(p->numel * ddp_dtype_size(p->dtype), DDP__ALIGN);
+        }
+        same = nb == ctx->num_buckets;
+        for (i = 0; i < P && same; i++) same = cbof[i] == ctx->params[i].bucket;
+        if (same) order = NULL;
+    }
+    if (!order) {
+        nb = ctx->num_buckets;
+        memset(cb, 0, (size_t)P * sizeof *cb);
+        for (i = 0; i < nb; i++) {
+            const ddp__bucket *bk = &ctx->buckets[i];
+            cb[i].dtype = bk->dtype;
+            cb[i].numel = bk->numel;
+            cb[i].num_params = bk->num_params;
+            cb[i].range0 = ranges.n;
+            cb[i].nrange = 1;
+            if (!ddp__pvec_add(ctx, &ranges, bk->offset, bk->numel, i)) goto oom;
+        }
+        for (i = 0; i < P; i++) cbof[i] = ctx->params[i].bucket;
+    } else {
+        for (k = 0; k < nb; k++) {
+            ddp__cbucket *c = &cb[k];
+            size_t es = ddp_dtype_size(c->dtype);
+            int n = 0;
+            for (i = 0; i < P; i++)
+                if (cbof[i] == k) { keys[2 * n] = ctx->params[i].offset; keys[2 * n + 1] = (size_t)i; n++; }
+            qsort(keys, (size_t)n, 2 * sizeof(size_t), ddp__cmp_offset);
+            c->range0 = ranges.n;
+            for (i = 0; i < n; i++) {
+                const ddp__param *p = &ctx->params[keys[2 * i + 1]];
+                ddp__piece *last = ranges.n > c->range0 ? &ranges.v[ranges.n - 1] : NULL;
+                if (last && last->owner == p->bucket && ddp__align_up(last->offset + last->numel * es, DDP__ALIGN) == p->offset)
+                    last->numel = (p->offset - last->offset) / es + p->numel;
+                else if (!ddp__pvec_add(ctx, &ranges, p->offset, p->numel, p->bucket)) goto oom;
+            }
+            c->nrange = ranges.n - c->range0;
+            for (i = 0; i < c->nrange; i++) c->numel += ranges.v[c->range0 + i].numel;
+        }
+    }
+    for (k = 0; k < nb; k++)
+        if (!ddp__split_pieces(ctx, &cb[k], ranges.v, &pieces)) goto oom;
+    for (i = 0; i < P; i++) ctx->params[i].cbucket = cbof[i];
+    ddp__free(ctx, ctx->cb);
+    ddp__free(ctx, ctx->cranges);
+    ddp__free(ctx, ctx->cpieces);
+    ctx->cb = cb;
+    ctx->num_cb = nb;
+    ctx->cranges = ranges.v;
+    ctx->cpieces = pieces.v;
+    cb = NULL;
+    ranges.v = NULL;
+    pieces.v = NULL;
+    goto done;
+oom:
+    r = ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for the communication buckets");
+done:
+    ddp__free(ctx, cb);
+    ddp__free(ctx, cbof);
+    ddp__free(ctx, keys);
+    ddp__free(ctx, bytes);
+    ddp__free(ctx, ranges.v);
+    ddp__free(ctx, pieces.v);
+    return r;
+}
+
 static void ddp__describe_param(const ddp__param *p, char *out, size_t cap) {
     int n = snprintf(out, cap, "'%s' %s [", p->name, ddp_dtype_name(p->dtype)), i;
     for (i = 0; i < p->ndim && n > 0 && (size_t)n < cap; i++)
@@ -4290,17 +4529,30 @@ static void *ddp__comm_main(void *arg);
 
 static size_t ddp__state_elem(ddp_dtype t) { return t == DDP_F64 ? 8 : 4; }
 
+/* The layout of the optimizer state arrays: per storage bucket, this
+   rank's range of it (the whole bucket, or its ZeRO-1 shard), each
+   256-byte aligned. */
 static ddp_result ddp__alloc_host_state(ddp_context *ctx) {
-    size_t off = 0;
+    size_t off = 0, lo, hi;
     int b;
     ctx->opt_state_off = (size_t *)ddp__calloc(ctx, (size_t)ctx->num_buckets * sizeof(size_t));
     if (!ctx->opt_state_off) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for optimizer state offsets");
     for (b = 0; b < ctx->num_buckets; b++) {
+        ddp__own_range(ctx, b, &lo, &hi);
         ctx->opt_state_off[b] = off;
-        off += ddp__align_up(ctx->buckets[b].numel * ddp__state_elem(ctx->buckets[b].dtype), DDP__ALIGN);
+        off += ddp__align_up((hi - lo) * ddp__state_elem(ctx->buckets[b].dtype), DDP__ALIGN);
     }
     ctx->opt_state_bytes = off;
     return DDP_SUCCESS;
+}
+
+/* The state of element i (in bucket coordinates, inside this rank's range)
+   of storage bucket b in state array base. */
+static void *ddp__state_el(const ddp_context *ctx, void *base, int b, size_t i) {
+    size_t lo, hi;
+    if (!base) return NULL;
+    ddp__own_range(ctx, b, &lo, &hi);
+    return (unsigned char *)base + ctx->opt_state_off[b] + (i - lo) * ddp__state_elem(ctx->buckets[b].dtype);
 }
 
 static ddp_result ddp__finalize(ddp_context *ctx) {
@@ -4308,7 +4560,8 @@ static ddp_result ddp__finalize(ddp_context *ctx) {
     int i;
     DDP__TRY(ddp__assign_buckets(ctx));
     DDP__TRY(ddp__assign_groups(ctx));
-    ctx->queue = (int *)ddp__calloc(ctx, (size_t)ctx->num_buckets * sizeof(int));
+    DDP__TRY(ddp__build_comm(ctx, NULL));
+    ctx->queue = (int *)ddp__calloc(ctx, (size_t)ctx->num_params * sizeof(int));
     if (!ctx->queue) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for the bucket queue");
     if (ctx->world > 1) DDP__TRY(ddp__verify_params(ctx));
     DDP__TRY(ddp__alloc_host_state(ctx));
@@ -4345,7 +4598,7 @@ static ddp_result ddp__finalize(ddp_context *ctx) {
     }
     {
         char msg[160];
-        snprintf(msg, sizeof msg, "%d parameters, %zu bytes, %d buckets", ctx->num_params, ctx->flat_bytes, ctx->num_buckets);
+        snprintf(msg, sizeof msg, "%d parameters, %zu bytes, %d buckets", ctx->num_params, ctx->flat_bytes, ctx->num_cb);
         ddp__log(ctx, DDP_LOG_INFO, msg);
     }
     return DDP_SUCCESS;
@@ -4394,19 +4647,33 @@ DDP_API const char *ddp_param_name(const ddp_context *ctx, int id) {
     return ctx && id >= 0 && id < ctx->num_params ? ctx->params[id].name : NULL;
 }
 DDP_API int ddp_param_bucket(const ddp_context *ctx, int id) {
-    return ddp__param_check(ctx, id) ? -1 : ctx->params[id].bucket;
+    return ddp__param_check(ctx, id) ? -1 : ctx->params[id].cbucket;
 }
 DDP_API size_t ddp_param_offset(const ddp_context *ctx, int id) {
     return ddp__param_check(ctx, id) ? 0 : ctx->params[id].offset;
 }
-DDP_API int ddp_bucket_count(const ddp_context *ctx) { return ctx && ctx->finalized ? ctx->num_buckets : 0; }
+DDP_API int ddp_bucket_count(const ddp_context *ctx) { return ctx && ctx->finalized ? ctx->num_cb : 0; }
 DDP_API ddp_result ddp_bucket_info(const ddp_context *ctx, int b, size_t *offset_bytes, size_t *size_bytes,
                                    ddp_dtype *dtype, int *num_params) {
-    if (!ctx || !ctx->finalized || b < 0 || b >= ctx->num_buckets) return DDP_ERROR_INVALID_ARGUMENT;
-    if (offset_bytes) *offset_bytes = ctx->buckets[b].offset;
-    if (size_bytes) *size_bytes = ctx->buckets[b].bytes;
-    if (dtype) *dtype = ctx->buckets[b].dtype;
-    if (num_params) *num_params = ctx->buckets[b].num_params;
+    const ddp__cbucket *c;
+    const ddp__piece *first, *last;
+    if (!ctx || !ctx->finalized || b < 0 || b >= ctx->num_cb) return DDP_ERROR_INVALID_ARGUMENT;
+    c = &ctx->cb[b];
+    first = &ctx->cranges[c->range0];
+    last = &ctx->cranges[c->range0 + c->nrange - 1];
+    if (offset_bytes) *offset_bytes = first->offset;
+    if (size_bytes) *size_bytes = last->offset + last->numel * ddp_dtype_size(c->dtype) - first->offset;
+    if (dtype) *dtype = c->dtype;
+    if (num_params) *num_params = c->num_params;
+    return DDP_SUCCESS;
+}
+DDP_API ddp_result ddp_bucket_range(const ddp_context *ctx, int b, int k, size_t *offset_bytes, size_t *size_bytes) {
+    const ddp__cbucket *c;
+    if (!ctx || !ctx->finalized || b < 0 || b >= ctx->num_cb) return DDP_ERROR_INVALID_ARGUMENT;
+    c = &ctx->cb[b];
+    if (k < 0 || k >= c->nrange) return DDP_ERROR_INVALID_ARGUMENT;
+    if (offset_bytes) *offset_bytes = ctx->cranges[c->range0 + k].offset;
+    if (size_bytes) *size_bytes = ctx->cranges[c->range0 + k].numel * ddp_dtype_size(c->dtype);
     return DDP_SUCCESS;
 }
 DDP_API void *ddp_flat_params(ddp_context *ctx) { return ctx && ctx->finalized ? ctx->flat_params : NULL; }
@@ -4449,7 +4716,7 @@ static ddp_result ddp__drain(ddp_context *ctx);
 
 static ddp_result ddp__launch_bucket(ddp_context *ctx, int b) {
     ddp_result r;
-    ctx->buckets[b].launched = 1;
+    ctx->cb[b].launched = 1;
     if (ddp__solo(ctx)) return DDP_SUCCESS; /* see ddp__cuda_solo_end */
     if (ctx->cfg.logger.func && ctx->cfg.logger.level >= DDP_LOG_DEBUG) {
         char msg[64];
@@ -4463,7 +4730,7 @@ static ddp_result ddp__launch_bucket(ddp_context *ctx, int b) {
 #endif
     /* the last bucket: nothing of backward is left to overlap with, so the
        calling thread reduces it itself (after the queue), saving the hand-off */
-    if (ctx->comm_started && b == ctx->num_buckets - 1) {
+    if (ctx->comm_started && b == ctx->num_cb - 1) {
         r = ddp__drain(ctx);
         if (r != DDP_SUCCESS) return r;
         r = ctx->ops->bucket_reduce(ctx, b, ctx->q_scale);
@@ -4634,9 +4901,9 @@ DDP_API ddp_result ddp_step_begin(ddp_context *ctx) {
     r = ddp__acc_begin(ctx);
     if (r != DDP_SUCCESS) return ddp__break(ctx, r);
     for (i = 0; i < ctx->num_params; i++) ctx->params[i].marked = 0;
-    for (i = 0; i < ctx->num_buckets; i++) {
-        ctx->buckets[i].pending = ctx->buckets[i].num_params;
-        ctx->buckets[i].launched = 0;
+    for (i = 0; i < ctx->num_cb; i++) {
+        ctx->cb[i].pending = ctx->cb[i].num_params;
+        ctx->cb[i].launched = 0;
     }
     ctx->next_bucket = 0;
     if (ctx->cfg.uneven_inputs && !ctx->no_sync && ctx->world > 1) DDP__TRY(ddp__join_step(ctx));
@@ -4664,8 +4931,8 @@ static ddp_result ddp__mark(ddp_context *ctx, int id, void *stream, int has_stre
     p->marked = 1;
     if (ddp__on_gpu(ctx)) DDP__TRY(ddp__cuda_record_ready(ctx, id, stream));
     if (ctx->no_sync) return DDP_SUCCESS;
-    ctx->buckets[p->bucket].pending--;
-    while (ctx->next_bucket < ctx->num_buckets && ctx->buckets[ctx->next_bucket].pending == 0) {
+    ctx->cb[p->cbucket].pending--;
+    while (ctx->next_bucket < ctx->num_cb && ctx->cb[ctx->next_bucket].pending == 0) {
         ddp_result r = ddp__launch_bucket(ctx, ctx->next_bucket++);
         if (r != DDP_SUCCESS) return r;
     }
@@ -4681,7 +4948,7 @@ static ddp_result ddp__cuda_step_end(ddp_context *ctx, void *stream);
    (CPU), or make the stream wait for them (GPU). */
 static ddp_result ddp__reduce_rest(ddp_context *ctx, void *stream) {
     ddp_result r = DDP_SUCCESS;
-    while (r == DDP_SUCCESS && ctx->next_bucket < ctx->num_buckets) r = ddp__launch_bucket(ctx, ctx->next_bucket++);
+    while (r == DDP_SUCCESS && ctx->next_bucket < ctx->num_cb) r = ddp__launch_bucket(ctx, ctx->next_bucket++);
     if (ctx->cfg.backend == DDP_BACKEND_NCCL) {
         if (r == DDP_SUCCESS) r = ddp__cuda_step_end(ctx, stream);
     } else {
@@ -4835,7 +5102,7 @@ static ddp_result ddp__join_shadow(ddp_context *ctx, int count, int train, doubl
     ctx->window_div = micro; /* read again by the nccl launch */
     ctx->q_scale = ddp__reduce_factor(ctx);
     for (i = 0; i < ctx->num_params; i++) ctx->params[i].marked = 0;
-    for (i = 0; i < ctx->num_buckets; i++) { ctx->buckets[i].pending = ctx->buckets[i].num_params; ctx->buckets[i].launched = 0; }
+    for (i = 0; i < ctx->num_cb; i++) { ctx->cb[i].pending = ctx->cb[i].num_params; ctx->cb[i].launched = 0; }
     ctx->next_bucket = 0;
     r = ddp__reduce_rest(ctx, NULL);
     ctx->window_div = 1.0;
@@ -4962,11 +5229,12 @@ static ddp_result ddp__init_master(ddp_context *ctx) {
     if (ddp__on_gpu(ctx)) return ddp__cuda_init_master(ctx);
     for (b = 0; b < ctx->num_buckets; b++) {
         const ddp__bucket *bk = &ctx->buckets[b];
-        size_t i;
+        size_t i, lo, hi;
+        float *master;
         if (bk->dtype != DDP_F16 && bk->dtype != DDP_BF16) continue;
-        for (i = 0; i < bk->numel; i++)
-            ((float *)((unsigned char *)ctx->opt_master + ctx->opt_state_off[b]))[i] =
-                (float)ddp__load_elem(ctx->flat_params + bk->offset, i, bk->dtype);
+        ddp__own_range(ctx, b, &lo, &hi);
+        master = (float *)ddp__state_el(ctx, ctx->opt_master, b, lo);
+        for (i = lo; i < hi; i++) master[i - lo] = (float)ddp__load_elem(ctx->flat_params + bk->offset, i, bk->dtype);
     }
     return DDP_SUCCESS;
 }
@@ -5095,33 +5363,34 @@ static void ddp__opt_generic(ddp_context *ctx, int b, size_t lo, size_t hi, cons
     const ddp__bucket *bk = &ctx->buckets[b];
     int wide = bk->dtype == DDP_F64, half = bk->dtype == DDP_F16 || bk->dtype == DDP_BF16;
     unsigned char *pp = ctx->flat_params + bk->offset, *gp = ctx->flat_grads + bk->offset;
-    void *m = ctx->opt_m ? (unsigned char *)ctx->opt_m + ctx->opt_state_off[b] : NULL;
-    void *v = ctx->opt_v ? (unsigned char *)ctx->opt_v + ctx->opt_state_off[b] : NULL;
-    float *master = half ? (float *)((unsigned char *)ctx->opt_master + ctx->opt_state_off[b]) : NULL;
+    /* the state arrays from element lo on: index j = i - lo */
+    void *m = ddp__state_el(ctx, ctx->opt_m, b, lo);
+    void *v = ddp__state_el(ctx, ctx->opt_v, b, lo);
+    float *master = half ? (float *)ddp__state_el(ctx, ctx->opt_master, b, lo) : NULL;
     double bc1 = 1.0 - pow(h->beta1, (double)h->t), bc2s = sqrt(1.0 - pow(h->beta2, (double)h->t));
     double step = h->lr / bc1, decay = 1.0 - h->lr * h->wd, gs = wide ? h->gs : (double)h->gs32;
-    size_t i;
-    for (i = lo; i < hi; i++) {
-        double p = half ? master[i] : ddp__load_elem(pp, i, bk->dtype);
+    size_t i, j;
+    for (i = lo, j = 0; i < hi; i++, j++) {
+        double p = half ? master[j] : ddp__load_elem(pp, i, bk->dtype);
         double g = ddp__load_elem(gp, i, bk->dtype) * gs;
         if (!h->adamw) {
             double d = g;
             if (h->wd != 0) d = d + h->wd * p;
             if (h->momentum != 0) {
-                double bb = h->t == 1 ? d : h->momentum * ddp__sload(m, i, wide) + (1.0 - h->dampening) * d;
-                ddp__sstore(m, i, wide, bb);
+                double bb = h->t == 1 ? d : h->momentum * ddp__sload(m, j, wide) + (1.0 - h->dampening) * d;
+                ddp__sstore(m, j, wide, bb);
                 d = h->nesterov ? d + h->momentum * bb : bb;
             }
             p = p - h->lr * d;
         } else {
-            double mi = h->beta1 * ddp__sload(m, i, wide) + (1.0 - h->beta1) * g;
-            double vi = h->beta2 * ddp__sload(v, i, wide) + (1.0 - h->beta2) * g * g;
-            ddp__sstore(m, i, wide, mi);
-            ddp__sstore(v, i, wide, vi);
+            double mi = h->beta1 * ddp__sload(m, j, wide) + (1.0 - h->beta1) * g;
+            double vi = h->beta2 * ddp__sload(v, j, wide) + (1.0 - h->beta2) * g * g;
+            ddp__sstore(m, j, wide, mi);
+            ddp__sstore(v, j, wide, vi);
             p = p * decay;
             p = p - step * mi / (sqrt(vi) / bc2s + h->eps);
         }
-        if (half) master[i] = (float)p;
+        if (half) master[j] = (float)p;
         ddp__store_elem(pp, i, bk->dtype, p);
     }
 }
@@ -5131,8 +5400,8 @@ static void ddp__opt_run(ddp_context *ctx, int b, size_t lo, size_t hi, const dd
     const ddp__bucket *bk = &ctx->buckets[b];
     if (bk->dtype == DDP_F32) {
         float *p = (float *)(ctx->flat_params + bk->offset) + lo, *g = (float *)(ctx->flat_grads + bk->offset) + lo;
-        float *m = ctx->opt_m ? (float *)((unsigned char *)ctx->opt_m + ctx->opt_state_off[b]) + lo : NULL;
-        float *v = ctx->opt_v ? (float *)((unsigned char *)ctx->opt_v + ctx->opt_state_off[b]) + lo : NULL;
+        float *m = (float *)ddp__state_el(ctx, ctx->opt_m, b, lo);
+        float *v = (float *)ddp__state_el(ctx, ctx->opt_v, b, lo);
         if (h->adamw) ddp__adamw_f32(p, g, m, v, hi - lo, h);
         else ddp__sgd_f32(p, g, m, hi - lo, h);
     } else {
@@ -5333,7 +5602,7 @@ DDP_API ddp_result ddp_optimizer_step(ddp_context *ctx) {
     h.gs = inv64 * c64;
     h.gs32 = inv32 * c32;
     if (ddp__on_gpu(ctx)) DDP__TRY(ddp__cuda_optimizer_step(ctx, &h));
-    else for (b = 0; b < ctx->num_buckets; b++) ddp__opt_range(ctx, b, 0, ctx->buckets[b].numel, &h);
+    else for (b = 0; b < ctx->num_buckets; b++) { size_t lo, hi; ddp__own_range(ctx, b, &lo, &hi); ddp__opt_range(ctx, b, lo, hi, &h); }
     if (scaling) ddp__loss_scale_update(ctx, 0);
     ctx->sched_steps++;
     ctx->zero_pending = 1; /* the accumulation ends here */
@@ -6731,7 +7000,8 @@ struct ddp__cuda_state {
     cudaStream_t comm;            /* communication stream */
     cudaStream_t user;            /* ddp_set_stream(); NULL: legacy default stream */
     cudaEvent_t *ready;           /* per parameter */
-    cudaEvent_t *done;            /* per bucket */
+    cudaEvent_t *done;            /* per parameter (one per communication bucket at most) */
+    int          num_done;
     cudaEvent_t  last;            /* the last collective queued on comm */
     float       *d_norm;          /* device scalar for sumsq */
     int         *d_flag;          /* device flag for the non-finite check (loss scaling) */
@@ -7098,18 +7368,25 @@ static ddp_result ddp__staged_reduce_scatter(ddp_context *ctx, const void *send,
    this rank's slice of the shared segment, reduce, copy back. */
 static ddp_result ddp__staged_bucket_reduce(ddp_context *ctx, int b, double scale) {
     struct ddp__cuda_state *cu = ctx->cuda;
-    const ddp__bucket *bk = &ctx->buckets[b];
-    unsigned char *host = ctx->shm.grads + (size_t)ctx->rank * ctx->shm.grad_stride + bk->offset;
+    const ddp__cbucket *cb = &ctx->cb[b];
+    unsigned char *host = ctx->shm.grads + (size_t)ctx->rank * ctx->shm.grad_stride;
+    size_t es = ddp_dtype_size(cb->dtype);
     char what[96];
-    int i;
+    int i, k;
     snprintf(what, sizeof what, "staged all-reduce of gradient bucket %d", b);
     for (i = 0; i < ctx->num_params; i++)
-        if (ctx->params[i].bucket == b && ctx->params[i].evrec) DDP__CU(ctx, cudaStreamWaitEvent(cu->comm, cu->ready[i], 0), what);
-    DDP__CU(ctx, cudaMemcpyAsync(host, ctx->flat_grads + bk->offset, bk->bytes, cudaMemcpyDeviceToHost, cu->comm), what);
+        if (ctx->params[i].cbucket == b && ctx->params[i].evrec) DDP__CU(ctx, cudaStreamWaitEvent(cu->comm, cu->ready[i], 0), what);
+    for (k = 0; k < cb->nrange; k++) {
+        const ddp__piece *rg = &ctx->cranges[cb->range0 + k];
+        DDP__CU(ctx, cudaMemcpyAsync(host + rg->offset, ctx->flat_grads + rg->offset, rg->numel * es, cudaMemcpyDeviceToHost, cu->comm), what);
+    }
     DDP__TRY(ddp__cuda_wait(ctx, NULL, cu->comm, what));
-    if (ctx->world > 1) DDP__TRY(ddp__shm_allreduce_inplace(ctx, bk->offset, bk->numel, bk->dtype, DDP_OP_SUM, scale, what));
-    else if (scale != 1.0) { void *p = host; ddp__reduce(&p, 1, &p, 1, bk->numel, bk->dtype, DDP_OP_SUM, scale); }
-    DDP__CU(ctx, cudaMemcpyAsync(ctx->flat_grads + bk->offset, host, bk->bytes, cudaMemcpyHostToDevice, cu->comm), what);
+    if (ctx->world > 1) DDP__TRY(ddp__shm_reduce_pieces(ctx, b, scale, ctx->zero, what));
+    else ddp__scale_ranges(ctx, host, b, scale);
+    for (k = 0; k < cb->nrange; k++) {
+        const ddp__piece *rg = &ctx->cranges[cb->range0 + k];
+        DDP__CU(ctx, cudaMemcpyAsync(ctx->flat_grads + rg->offset, host + rg->offset, rg->numel * es, cudaMemcpyHostToDevice, cu->comm), what);
+    }
     DDP__CU(ctx, cudaEventRecord(cu->done[b], cu->comm), what);
     DDP__CU(ctx, cudaEventRecord(cu->last, cu->comm), what);
     /* the host slice is reused by the next bucket only after this copy: wait here */
@@ -7259,7 +7536,7 @@ static void ddp__cuda_teardown(ddp_context *ctx) {
 #endif
     (void)idle;
     if (cu->ready) { for (i = 0; i < ctx->num_params; i++) if (cu->ready[i]) cudaEventDestroy(cu->ready[i]); ddp__free(ctx, cu->ready); }
-    if (cu->done) { for (i = 0; i < ctx->num_buckets; i++) if (cu->done[i]) cudaEventDestroy(cu->done[i]); ddp__free(ctx, cu->done); }
+    if (cu->done) { for (i = 0; i < cu->num_done; i++) if (cu->done[i]) cudaEventDestroy(cu->done[i]); ddp__free(ctx, cu->done); }
     if (cu->last) cudaEventDestroy(cu->last);
     ddp__free_device(ctx, cu->d_norm);
     ddp__free_device(ctx, cu->d_flag);
@@ -7287,13 +7564,23 @@ static ddp_result ddp__cuda_finalize(ddp_context *ctx) {
                     "copying initial weights to the GPU");
     DDP__CU(ctx, cudaDeviceSynchronize(), "copying initial weights to the GPU");
     cu->ready = (cudaEvent_t *)ddp__calloc(ctx, (size_t)ctx->num_params * sizeof(cudaEvent_t));
-    cu->done = (cudaEvent_t *)ddp__calloc(ctx, (size_t)ctx->num_buckets * sizeof(cudaEvent_t));
+    cu->done = (cudaEvent_t *)ddp__calloc(ctx, (size_t)ctx->num_params * sizeof(cudaEvent_t));
     if (!cu->ready || !cu->done) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for events");
     for (i = 0; i < ctx->num_params; i++) DDP__CU(ctx, cudaEventCreateWithFlags(&cu->ready[i], cudaEventDisableTiming), "creating events");
-    for (i = 0; i < ctx->num_buckets; i++) {
+    /* one per parameter: a rebuilt bucket order (at most one bucket per parameter) needs no new ones */
+    for (i = 0; i < ctx->num_params; i++) {
         DDP__CU(ctx, cudaEventCreateWithFlags(&cu->done[i], cudaEventDisableTiming), "creating events");
-        if (ctx->buckets[i].bytes > maxb) maxb = ctx->buckets[i].bytes;
+        cu->num_done = i + 1;
     }
+    /* the compression buffer fits the largest bucket of any order: the caps
+       bound a bucket to its cap plus one parameter */
+    for (i = 0; i < ctx->num_params; i++) {
+        size_t pb = ddp__align_up(ctx->params[i].numel * ddp_dtype_size(ctx->params[i].dtype), DDP__ALIGN);
+        if (pb > maxb) maxb = pb;
+    }
+    maxb += ctx->cfg.first_bucket_bytes > ctx->cfg.bucket_bytes ? ctx->cfg.first_bucket_bytes : ctx->cfg.bucket_bytes;
+    for (i = 0; i < ctx->num_buckets; i++)
+        if (ctx->buckets[i].bytes > maxb) maxb = ctx->buckets[i].bytes;
     if (ctx->num_groups > 1) {
         size_t chunks = ctx->flat_bytes / DDP__ALIGN;
         cu->d_group_map = (unsigned char *)ddp__dev_alloc(ctx, chunks);
@@ -7332,11 +7619,11 @@ static ddp_result ddp__cuda_bucket_events(ddp_context *ctx, int b, int wait_now)
     for (i = 0; i < ctx->num_params; i++) {
         ddp__param *p = &ctx->params[i];
         int seen = 0;
-        if (p->bucket != b) continue; /* other buckets' flags may still be read by the comm thread */
+        if (p->cbucket != b) continue; /* other buckets' flags may still be read by the comm thread */
         p->evrec = 0;
         if (!p->marked) p->stream = (void *)ddp__ustream(ctx); /* unused parameter: nothing of it is pending */
         for (j = 0; j < i && !seen; j++)
-            seen = ctx->params[j].bucket == b && ctx->params[j].evrec && ctx->params[j].stream == p->stream;
+            seen = ctx->params[j].cbucket == b && ctx->params[j].evrec && ctx->params[j].stream == p->stream;
         if (seen) continue;
         DDP__CU(ctx, cudaEventRecord(cu->ready[i], (cudaStream_t)p->stream), "recording a ready event");
         p->evrec = 1;
@@ -7348,30 +7635,53 @@ static ddp_result ddp__cuda_bucket_events(ddp_context *ctx, int b, int wait_now)
 static ddp_result ddp__cuda_launch_bucket(ddp_context *ctx, int b) {
 #if defined(DDP_NCCL)
     struct ddp__cuda_state *cu = ctx->cuda;
-    const ddp__bucket *bk = &ctx->buckets[b];
-    void *g = ctx->flat_grads + bk->offset;
+    const ddp__cbucket *cb = &ctx->cb[b];
+    size_t es = ddp_dtype_size(cb->dtype);
     char what[96];
-    ncclResult_t r;
+    ncclResult_t r = ncclSuccess;
+    int k;
     /* the factor of this reduce (ddp__reduce_factor, fixed at ddp_step_begin()): ncclAvg
        when it divides by the whole world, then what remains (ddp_train_step's 1 / micro_steps) */
     int avg = !ctx->cfg.gradient_sum && ctx->divisor == (double)ctx->world;
     float post = avg ? (float)(1.0 / ctx->window_div) : (float)ctx->q_scale;
-    snprintf(what, sizeof what, "NCCL all-reduce of gradient bucket %d (%zu bytes)", b, bk->bytes);
+    snprintf(what, sizeof what, "NCCL all-reduce of gradient bucket %d (%zu bytes)", b, cb->numel * es);
     if (!ddp__nccl_ok(ctx)) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "%s: the communicator was aborted", what);
     DDP__TRY(ddp__cuda_bucket_events(ctx, b, 1));
-    if (cu->compress_buf && bk->dtype == DDP_F32) {
-        /* scale before the reduce so the 16-bit sum cannot overflow */
+    if (cu->compress_buf && cb->dtype == DDP_F32) {
+        /* packed into the compression buffer, scaled before the reduce so the
+           16-bit sum cannot overflow */
         float pre = (float)ctx->q_scale;
-        DDP__KL(ctx, ddp_k_cast(cu->compress_buf, (int)ctx->cfg.compress, g, (int)DDP_F32, bk->numel, pre, cu->comm), what);
-        r = ncclAllReduce(cu->compress_buf, cu->compress_buf, bk->numel, ddp__nccl_type(ctx->cfg.compress), ncclSum, cu->nccl, cu->comm);
+        size_t at = 0, cs = ddp_dtype_size(ctx->cfg.compress);
+        for (k = 0; k < cb->nrange; k++) {
+            const ddp__piece *rg = &ctx->cranges[cb->range0 + k];
+            DDP__KL(ctx, ddp_k_cast((unsigned char *)cu->compress_buf + at * cs, (int)ctx->cfg.compress, ctx->flat_grads + rg->offset,
+                                    (int)DDP_F32, rg->numel, pre, cu->comm), what);
+            at += rg->numel;
+        }
+        r = ncclAllReduce(cu->compress_buf, cu->compress_buf, cb->numel, ddp__nccl_type(ctx->cfg.compress), ncclSum, cu->nccl, cu->comm);
         if (r == ncclInProgress) ncclCommGetAsyncError(cu->nccl, &r);
         DDP__TRY(ddp__nccl_settle(ctx, r, ctx->cfg.timeout_s, what));
-        DDP__KL(ctx, ddp_k_cast(g, (int)DDP_F32, cu->compress_buf, (int)ctx->cfg.compress, bk->numel, 1.0f, cu->comm), what);
+        for (at = 0, k = 0; k < cb->nrange; k++) {
+            const ddp__piece *rg = &ctx->cranges[cb->range0 + k];
+            DDP__KL(ctx, ddp_k_cast(ctx->flat_grads + rg->offset, (int)DDP_F32, (unsigned char *)cu->compress_buf + at * cs,
+                                    (int)ctx->cfg.compress, rg->numel, 1.0f, cu->comm), what);
+            at += rg->numel;
+        }
     } else {
-        r = ncclAllReduce(g, g, bk->numel, ddp__nccl_type(bk->dtype), avg ? ncclAvg : ncclSum, cu->nccl, cu->comm);
+        /* one collective per range, grouped: NCCL runs them as one launch */
+        if (cb->nrange > 1) ncclGroupStart();
+        for (k = 0; k < cb->nrange && (r == ncclSuccess || r == ncclInProgress); k++) {
+            const ddp__piece *rg = &ctx->cranges[cb->range0 + k];
+            void *g = ctx->flat_grads + rg->offset;
+            r = ncclAllReduce(g, g, rg->numel, ddp__nccl_type(cb->dtype), avg ? ncclAvg : ncclSum, cu->nccl, cu->comm);
+        }
+        if (cb->nrange > 1) { ncclResult_t e = ncclGroupEnd(); if (r == ncclSuccess) r = e; }
         if (r == ncclInProgress) ncclCommGetAsyncError(cu->nccl, &r);
         DDP__TRY(ddp__nccl_settle(ctx, r, ctx->cfg.timeout_s, what));
-        if (post != 1.0f) DDP__TRY(ddp__cuda_scale(ctx, g, bk->dtype, bk->numel, post, cu->comm, what));
+        for (k = 0; k < cb->nrange && post != 1.0f; k++) {
+            const ddp__piece *rg = &ctx->cranges[cb->range0 + k];
+            DDP__TRY(ddp__cuda_scale(ctx, ctx->flat_grads + rg->offset, cb->dtype, rg->numel, post, cu->comm, what));
+        }
     }
     DDP__CU(ctx, cudaEventRecord(cu->done[b], cu->comm), what);
     DDP__CU(ctx, cudaEventRecord(cu->last, cu->comm), what);
