@@ -56,8 +56,9 @@
           project's launcher), mpirun or srun set, or from the config. The
           optimizer: cfg.optimizer = ddp_optimizer_defaults(DDP_OPTIM_ADAMW)
           gives PyTorch's defaults; change what you need (OPTIMIZERS). A
-          schedule (cfg.schedule), loss scaling (cfg.loss_scale) and uneven
-          inputs (cfg.uneven_inputs) are further fields.
+          schedule (cfg.schedule), loss scaling (cfg.loss_scale), uneven
+          inputs (cfg.uneven_inputs) and a sharded optimizer
+          (cfg.zero_stage, see ZERO) are further fields.
        2. Register every parameter once, in forward order:
               ddp_register_param(ctx, "fc1.weight", 784*256, DDP_F32, init, &id)
           optionally give it options (no weight decay for biases, an lr
@@ -153,6 +154,46 @@
        norm (torch.nn.utils.clip_grad_norm_: factor
        min(1, max_norm / (norm + 1e-6))); then the update with this step's
        lr (SCHEDULES) times each group's lr_scale (PARAMETER GROUPS).
+
+   ZERO
+
+       ZeRO-1 (DeepSpeed's stage 1, PyTorch's ZeroRedundancyOptimizer):
+       config.zero_stage = 1 on every rank (or DDP_ZERO_STAGE=1 when the
+       field is 0). The optimizer state (SGD momentum, AdamW's m and v, the
+       f32 master weights of 16-bit parameters) is cut into world shards:
+       rank r keeps and updates 1/world of every storage bucket (the layout
+       of the flat buffers; each bucket is padded to a multiple of world *
+       256 bytes so the shards are equal). ddp_optimizer_state_bytes()
+       reports what a rank holds: at most 1/world of the unsharded state
+       plus up to 768 bytes per bucket and state array.
+         - A synced ddp_step_end() reduce-scatters instead of all-reducing:
+           each rank reduces only its shard (on shm it reads every rank's
+           gradients in place and writes only its own buffer). Afterwards
+           ddp_param_grad() holds the averaged gradients in this rank's
+           shard only; elsewhere its content is unspecified. Accumulation
+           (no_sync, ddp_train_step) follows the usual rule on the shard.
+         - ddp_optimizer_step() updates the shard, then all-gathers the
+           parameters: every rank ends the step with all the new weights
+           (shm: each rank writes its shard once into a shared exchange
+           region, one more flat buffer in the gradient segment, and copies
+           the others' from there; nccl: ncclReduceScatter and
+           ncclAllGather in place; staged: the shm exchange through host
+           memory).
+         - Clipping and the loss scaler's inf/NaN check use global values:
+           each rank measures its shard, one small all-reduce (world + 1
+           doubles) combines them. ddp_clip_grad_norm() is then a
+           collective: call it on every rank.
+         - On the CPU the weights are the unsharded optimizer's, bit for
+           bit: every element is summed over the ranks in rank order
+           whoever reduces it, the update is element-wise, and the norm
+           is summed in one fixed order over the shards in both modes.
+           Parameter groups, schedules and loss scaling work as usual.
+         - Checkpoints hold the full state, the same bytes an unsharded run
+           writes (rank 0 gathers the shards, one broadcast per rank and
+           state array); a file loads at any world size with or without
+           ZeRO-1 (each rank keeps its shard).
+       Not with config.uneven_inputs (DDP_ERROR_UNSUPPORTED: a joined rank
+       would have to update its shard in every optimizer step).
 
    PARAMETER GROUPS
 
@@ -262,7 +303,9 @@
        ddp_load_checkpoint_ex(ctx, path, DDP_LOAD_RESET_OPTIMIZER): then the
        weights alone are taken and the training state starts fresh. A file
        saved before the first optimizer step holds "step 0" and loads as a
-       fresh optimizer. A failed load changes nothing.
+       fresh optimizer. A failed load changes nothing. With ZeRO-1 the
+       file holds the full state all the same (see ZERO): files move
+       freely between world sizes and between sharded and unsharded runs.
 
    BACKENDS
 
@@ -373,6 +416,7 @@
                                     srun
        DDP_TIMEOUT                  overrides config.timeout_s (seconds)
        DDP_BACKEND                  shm | nccl | staged (overrides the default)
+       DDP_ZERO_STAGE=0|1           config.zero_stage when the field is 0 (see ZERO)
        DDP_FORCE_COMM=1             GPU, world of one: run the gradient collective
                                     anyway (by default a world of one exchanges
                                     nothing; the GPU tests use this to exercise NCCL)
@@ -612,6 +656,11 @@ typedef struct ddp_config {
     int    join_divide_by_initial_world_size; /* 1: average over every rank, joined ones adding zeros
                                                  (PyTorch's default); 0: over the ranks that contributed */
 
+    /* ZeRO-1 (see ZERO): 1 shards the optimizer state across the ranks;
+       each keeps and updates 1/world of it. 0: the environment variable
+       DDP_ZERO_STAGE (0 or 1), else off. */
+    int    zero_stage;
+
     ddp_optimizer_desc optimizer;
     ddp_schedule_desc  schedule;  /* zero: the constant lr */
     ddp_loss_scale_desc loss_scale; /* zero: off */
@@ -780,6 +829,11 @@ DDP_API int        ddp_last_step_skipped(const ddp_context *ctx);
 /* The loss scale S to multiply your loss (or its gradient) by; 1 when
    config.loss_scale is off. */
 DDP_API double     ddp_loss_scale(const ddp_context *ctx);
+/* Bytes of optimizer state this rank holds (momentum or AdamW's moments,
+   f32 master weights of 16-bit parameters), allocated at the first
+   ddp_optimizer_step() (or a checkpoint load); 0 before. With ZeRO-1
+   about 1/world of the unsharded size (see ZERO). */
+DDP_API size_t     ddp_optimizer_state_bytes(const ddp_context *ctx);
 
 /* ---- the step wrapper ------------------------------------------------------ */
 
@@ -1169,6 +1223,8 @@ typedef struct ddp__shm {
     char     grads_name[64];
     uint64_t seq;                /* collectives issued by this rank */
     uint64_t half_last[2];       /* seq that last wrote each staging half */
+    unsigned char *xchg;         /* ZeRO-1: the parameter exchange, after the world's gradients (flat_bytes) */
+    uint64_t xchg_last;          /* seq of the last parameter exchange */
 } ddp__shm;
 
 struct ddp_context {
@@ -1252,7 +1308,8 @@ struct ddp_context {
     int64_t  ls_tracker;         /* clean steps since the scale last changed */
     int64_t  ls_skipped;         /* steps skipped */
     int      ls_last_skipped;
-    void     *opt_m, *opt_v, *opt_master; /* same layout as the flat buffer, state type per bucket */
+    void     *opt_m, *opt_v, *opt_master; /* per storage bucket, this rank's range of it, state type per bucket */
+    unsigned char *ck_full[3];     /* ZeRO-1, while saving on rank 0: the gathered full state arrays */
     size_t   opt_state_bytes;
     size_t   *opt_state_off;      /* per bucket: byte offset into the state buffers */
 
@@ -1347,6 +1404,10 @@ DDP_API ddp_config ddp_config_defaults(const ddp_config *in) {
         if (c.optimizer.eps == 0) c.optimizer.eps = d.eps;
         if (c.optimizer.weight_decay == 0) c.optimizer.weight_decay = d.weight_decay;
         c.optimizer.exact = 1;
+    }
+    if (c.zero_stage == 0) {
+        t = getenv("DDP_ZERO_STAGE");
+        if (t && !strcmp(t, "1")) c.zero_stage = 1;
     }
     if (c.loss_scale.init_scale == 0) c.loss_scale.init_scale = 65536.0;
     if (c.loss_scale.growth_factor == 0) c.loss_scale.growth_factor = 2.0;
@@ -1535,6 +1596,17 @@ static ddp_result ddp__resolve_backend(ddp_config *c) {
         return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "config.compress %d must be DDP_BF16, DDP_F16 or 0", (int)c->compress);
     DDP__TRY(ddp__check_optimizer(&c->optimizer));
     DDP__TRY(ddp__check_schedule(&c->schedule));
+    {
+        const char *z = getenv("DDP_ZERO_STAGE");
+        if (z && *z && strcmp(z, "0") != 0 && strcmp(z, "1") != 0)
+            return ddp__fail(NULL, DDP_ERROR_ENVIRONMENT, "environment variable DDP_ZERO_STAGE='%.32s' is not 0 or 1 (ZeRO-1 is the stage this library has)", z);
+    }
+    if (c->zero_stage < 0 || c->zero_stage > 1)
+        return ddp__fail(NULL, c->zero_stage > 1 ? DDP_ERROR_UNSUPPORTED : DDP_ERROR_INVALID_ARGUMENT,
+                         "config.zero_stage = %d: 0 (off) or 1 (ZeRO-1: optimizer state sharded) are the stages this library has", c->zero_stage);
+    if (c->zero_stage && c->uneven_inputs)
+        return ddp__fail(NULL, DDP_ERROR_UNSUPPORTED, "config.zero_stage = 1 with config.uneven_inputs: a joined rank would have to run its shard of "
+                         "every optimizer step; use one or the other");
     if (c->loss_scale.enabled) {
         const ddp_loss_scale_desc *l = &c->loss_scale;
         if (c->optimizer.type == DDP_OPTIM_NONE)
@@ -3904,6 +3976,7 @@ DDP_API ddp_result ddp_create(const ddp_config *config, ddp_context **out) {
     ctx->config_lr = c.optimizer.lr;
     ddp__join_reset(ctx);
     ctx->ls_scale = c.loss_scale.enabled ? (double)(float)c.loss_scale.init_scale : 1.0;
+    ctx->zero = c.zero_stage == 1;
     ctx->ops = &ddp__shm_ops;
     pthread_mutex_init(&ctx->mu, NULL);
     pthread_mutex_init(&ctx->err_mu, NULL);
@@ -4198,9 +4271,11 @@ DDP_API ddp_result ddp_register_param(ddp_context *ctx, const char *name, size_t
 }
 
 /* Reverse registration order, 256-byte aligned offsets; a bucket closes when
-   it reaches its cap or the element type changes. */
+   it reaches its cap or the element type changes. With ZeRO-1 every span is
+   a multiple of world * 256 bytes, so that the shards are equal and
+   256-byte aligned (NCCL's reduce-scatter and all-gather need equal parts). */
 static ddp_result ddp__assign_buckets(ddp_context *ctx) {
-    size_t off = 0;
+    size_t off = 0, end, quantum = ctx->zero ? (size_t)ctx->world * DDP__ALIGN : DDP__ALIGN;
     int i, nb = 0;
     ddp__bucket *bk = (ddp__bucket *)ddp__calloc(ctx, (size_t)ctx->num_params * sizeof *bk);
     if (!bk) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for %d buckets", ctx->num_params);
@@ -4210,6 +4285,7 @@ static ddp_result ddp__assign_buckets(ddp_context *ctx) {
         off = ddp__align_up(off, DDP__ALIGN);
         if (nb == 0 || bk[nb - 1].dtype != p->dtype ||
             bk[nb - 1].bytes >= (nb == 1 ? ctx->cfg.first_bucket_bytes : ctx->cfg.bucket_bytes)) {
+            if (nb > 0) off = bk[nb - 1].offset + ddp__align_up(off - bk[nb - 1].offset, quantum);
             bk[nb].offset = off;
             bk[nb].dtype = p->dtype;
             nb++;
@@ -4221,14 +4297,14 @@ static ddp_result ddp__assign_buckets(ddp_context *ctx) {
         bk[nb - 1].bytes = off - bk[nb - 1].offset;
     }
     /* spans cover the alignment padding up to the next bucket (zeros) */
+    end = bk[nb - 1].offset + ddp__align_up(off - bk[nb - 1].offset, quantum);
     for (i = 0; i < nb; i++) {
-        size_t end = i + 1 < nb ? bk[i + 1].offset : ddp__align_up(off, DDP__ALIGN);
-        bk[i].bytes = end - bk[i].offset;
+        bk[i].bytes = (i + 1 < nb ? bk[i + 1].offset : end) - bk[i].offset;
         bk[i].numel = bk[i].bytes / ddp_dtype_size(bk[i].dtype);
     }
     ctx->buckets = bk;
     ctx->num_buckets = nb;
-    ctx->flat_bytes = ddp__align_up(off, 4096);
+    ctx->flat_bytes = ddp__align_up(end, 4096);
     return DDP_SUCCESS;
 }
 
@@ -4236,7 +4312,15 @@ static ddp_result ddp__assign_buckets(ddp_context *ctx) {
    owns, and the part of the canonical gradient norm it sums (see
    ddp__grad_stats). */
 static void ddp__shard_of(const ddp_context *ctx, int b, int q, size_t *lo, size_t *hi) {
-    ddp__slice(ctx->buckets[b].numel, ctx->world, q, lo, hi);
+    /* 256-byte parts: the same cut whether or not the bucket was padded to
+       world * 256 bytes (ddp__assign_buckets), so that the canonical norm
+       sums the same elements in the same order with and without ZeRO-1 */
+    size_t n = ctx->buckets[b].numel, unit = DDP__ALIGN / ddp_dtype_size(ctx->buckets[b].dtype);
+    size_t per = ddp__align_up((n + (size_t)ctx->world - 1) / (size_t)ctx->world, unit);
+    *lo = per * (size_t)q;
+    *hi = *lo + per;
+    if (*lo > n) *lo = n;
+    if (*hi > n) *hi = n;
 }
 
 /* This rank's optimizer range of storage bucket b: its shard with ZeRO-1,
@@ -4504,6 +4588,9 @@ static ddp_result ddp__alloc_grad_segment(ddp_context *ctx) {
     ddp_result r;
     ctx->shm.grad_stride = ctx->flat_bytes;
     ctx->shm.grads_bytes = ctx->flat_bytes * (size_t)ctx->world;
+    /* ZeRO-1: one more flat buffer, where each rank writes its updated shards
+       of the parameters once and every rank reads them */
+    if (ctx->zero && ctx->world > 1) ctx->shm.grads_bytes += ctx->flat_bytes;
     if (ctx->world == 1) {
         DDP__TRY(ddp__anon_map(ctx, ctx->shm.grads_bytes, &p));
     } else if (ctx->rank == 0) {
@@ -4520,6 +4607,7 @@ static ddp_result ddp__alloc_grad_segment(ddp_context *ctx) {
         ctx->shm.grads_name[0] = 0; /* only rank 0 unlinks */
     }
     ctx->shm.grads = (unsigned char *)p;
+    if (ctx->zero && ctx->world > 1) ctx->shm.xchg = ctx->shm.grads + (size_t)ctx->world * ctx->shm.grad_stride;
     r = ddp__shm_barrier(ctx, "every rank to map the gradient segment");
     if (ctx->rank == 0 && ctx->shm.grads_name[0]) { shm_unlink(ctx->shm.grads_name); ctx->shm.grads_name[0] = 0; }
     return r;
@@ -5436,26 +5524,92 @@ static void ddp__opt_range(ddp_context *ctx, int b, size_t lo, size_t hi, const 
     }
 }
 
-/* Squared L2 norm of every gradient, in double. */
-static ddp_result ddp__sumsq(ddp_context *ctx, double *out) {
+/* Squared L2 norm of elements [lo, hi) of a gradient span, in double. */
+static double ddp__sumsq_range(const unsigned char *g, ddp_dtype t, size_t lo, size_t hi) {
     double s = 0;
-    int b;
-    if (ddp__on_gpu(ctx)) return ddp__cuda_sumsq(ctx, out);
-    for (b = 0; b < ctx->num_buckets; b++) {
-        const ddp__bucket *bk = &ctx->buckets[b];
-        const unsigned char *g = ctx->flat_grads + bk->offset;
-        size_t i;
-        if (bk->dtype == DDP_F32) {
-            const float *f = (const float *)g;
-            double part = 0;
-            for (i = 0; i < bk->numel; i++) part += (double)f[i] * (double)f[i];
-            s += part;
-        } else {
-            for (i = 0; i < bk->numel; i++) { double x = ddp__load_elem(g, i, bk->dtype); s += x * x; }
-        }
+    size_t i;
+    if (t == DDP_F32) {
+        const float *f = (const float *)g;
+        for (i = lo; i < hi; i++) s += (double)f[i] * (double)f[i];
+    } else {
+        for (i = lo; i < hi; i++) { double x = ddp__load_elem(g, i, t); s += x * x; }
     }
-    *out = s;
-    return DDP_SUCCESS;
+    return s;
+}
+
+/* 1 if an element of [lo, hi) is NaN or infinite (its exponent all ones). */
+static int ddp__nonfinite_range(const unsigned char *g, ddp_dtype t, size_t lo, size_t hi) {
+    int bad = 0;
+    size_t i;
+    if (t == DDP_F32) {
+        for (i = lo; i < hi; i++) { uint32_t u; memcpy(&u, g + 4 * i, 4); bad |= (u & 0x7f800000u) == 0x7f800000u; }
+    } else if (t == DDP_F64) {
+        for (i = lo; i < hi; i++) { uint64_t u; memcpy(&u, g + 8 * i, 8); bad |= (u & 0x7ff0000000000000ull) == 0x7ff0000000000000ull; }
+    } else {
+        uint16_t e = t == DDP_F16 ? 0x7c00u : 0x7f80u;
+        for (i = lo; i < hi; i++) { uint16_t u; memcpy(&u, g + 2 * i, 2); bad |= (u & e) == e; }
+    }
+    return bad;
+}
+
+static ddp_result ddp__cuda_range_stats(ddp_context *ctx, int b, size_t lo, size_t hi, int want_norm, int want_flag,
+                                        double *sumsq, int *bad);
+
+/* The squared L2 norm of the reduced gradients (*sumsq) and whether any is
+   NaN or infinite (*found), the same bits on every rank and with or
+   without ZeRO-1. The canonical order: rank q's part sums its shard
+   (ddp__shard_of) of every storage bucket, bucket by bucket, and the parts
+   add in rank order. Without ZeRO-1 every rank holds every reduced
+   gradient and computes every part; with it each rank computes its own,
+   and one small all-reduce (world + 1 doubles: each part in its own slot,
+   the rest zeros, so the sum is exact) brings the others and the flag. A
+   non-finite value anywhere reaches every rank's answer either way. The
+   GPU without ZeRO-1 keeps its own order (one sum per bucket). */
+static ddp_result ddp__grad_stats(ddp_context *ctx, int want_norm, int want_flag, double *sumsq, int *found) {
+    int W = ctx->world, q, q0, q1, b, bad = 0;
+    double *part, total = 0;
+    ddp_result r = DDP_SUCCESS;
+    *sumsq = 0;
+    *found = 0;
+    if (ddp__on_gpu(ctx) && !ctx->zero) {
+        if (want_flag) DDP__TRY(ddp__cuda_nonfinite(ctx, found));
+        if (want_norm) DDP__TRY(ddp__cuda_sumsq(ctx, sumsq));
+        return DDP_SUCCESS;
+    }
+    part = (double *)ddp__calloc(ctx, (size_t)(W + 1) * sizeof(double));
+    if (!part) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for the gradient norm");
+    q0 = ctx->zero ? ctx->rank : 0;
+    q1 = ctx->zero ? ctx->rank + 1 : W;
+    for (q = q0; q < q1 && r == DDP_SUCCESS; q++) {
+        double s = 0;
+        for (b = 0; b < ctx->num_buckets && r == DDP_SUCCESS; b++) {
+            const ddp__bucket *bk = &ctx->buckets[b];
+            size_t lo, hi;
+            ddp__shard_of(ctx, b, q, &lo, &hi);
+            if (ddp__on_gpu(ctx)) {
+                double part_b = 0;
+                int bad_b = 0;
+                r = ddp__cuda_range_stats(ctx, b, lo, hi, want_norm, want_flag, &part_b, &bad_b);
+                s += part_b;
+                bad |= bad_b;
+                continue;
+            }
+            if (want_norm) s += ddp__sumsq_range(ctx->flat_grads + bk->offset, bk->dtype, lo, hi);
+            if (want_flag && !bad) bad = ddp__nonfinite_range(ctx->flat_grads + bk->offset, bk->dtype, lo, hi);
+        }
+        part[q] = s;
+    }
+    if (r == DDP_SUCCESS && ctx->zero && W > 1) {
+        part[W] = bad;
+        r = ctx->ops->allreduce(ctx, part, (size_t)W + 1, DDP_F64, DDP_OP_SUM);
+        if (r != DDP_SUCCESS) r = ddp__break(ctx, r);
+        bad = part[W] != 0;
+    }
+    for (q = 0; q < W; q++) total += part[q];
+    ddp__free(ctx, part);
+    *sumsq = total;
+    *found = bad;
+    return r;
 }
 
 static ddp_result ddp__opt_ready(ddp_context *ctx, const char *fn) {
@@ -5484,39 +5638,20 @@ static void ddp__clip_coef(double max_norm, double norm, double *c64, float *c32
     }
 }
 
-/* Multiply every gradient by c64 (f64 buckets) or c32 (the others). */
+/* Multiply every gradient of this rank's ranges (ZeRO-1: its shards) by
+   c64 (f64 buckets) or c32 (the others). */
 static ddp_result ddp__scale_grads(ddp_context *ctx, double c64, float c32) {
     int b;
     if (ddp__on_gpu(ctx)) return ddp__cuda_scale_grads(ctx, c32);
     for (b = 0; b < ctx->num_buckets; b++) {
         const ddp__bucket *bk = &ctx->buckets[b];
-        void *g = ctx->flat_grads + bk->offset;
+        size_t lo, hi, es = ddp_dtype_size(bk->dtype);
+        void *g;
         double c = bk->dtype == DDP_F64 ? c64 : (double)c32;
-        if (c != 1.0) ddp__reduce(&g, 1, &g, 1, bk->numel, bk->dtype, DDP_OP_SUM, c);
+        ddp__own_range(ctx, b, &lo, &hi);
+        g = ctx->flat_grads + bk->offset + lo * es;
+        if (c != 1.0 && hi > lo) ddp__reduce(&g, 1, &g, 1, hi - lo, bk->dtype, DDP_OP_SUM, c);
     }
-    return DDP_SUCCESS;
-}
-
-/* 1 in *found if any gradient is NaN or infinite. After a reduce every
-   rank holds the same bits, and a non-finite value on any rank survives the
-   sum, so every rank finds the same without another collective. */
-static ddp_result ddp__grads_nonfinite(ddp_context *ctx, int *found) {
-    int b, bad = 0;
-    if (ddp__on_gpu(ctx)) return ddp__cuda_nonfinite(ctx, found);
-    for (b = 0; b < ctx->num_buckets && !bad; b++) {
-        const ddp__bucket *bk = &ctx->buckets[b];
-        const unsigned char *g = ctx->flat_grads + bk->offset;
-        size_t i;
-        if (bk->dtype == DDP_F32) {
-            for (i = 0; i < bk->numel; i++) { uint32_t u; memcpy(&u, g + 4 * i, 4); bad |= (u & 0x7f800000u) == 0x7f800000u; }
-        } else if (bk->dtype == DDP_F64) {
-            for (i = 0; i < bk->numel; i++) { uint64_t u; memcpy(&u, g + 8 * i, 8); bad |= (u & 0x7ff0000000000000ull) == 0x7ff0000000000000ull; }
-        } else {
-            uint16_t e = bk->dtype == DDP_F16 ? 0x7c00u : 0x7f80u;
-            for (i = 0; i < bk->numel; i++) { uint16_t u; memcpy(&u, g + 2 * i, 2); bad |= (u & e) == e; }
-        }
-    }
-    *found = bad;
     return DDP_SUCCESS;
 }
 
@@ -5537,14 +5672,72 @@ static void ddp__loss_scale_update(ddp_context *ctx, int found_inf) {
 DDP_API ddp_result ddp_clip_grad_norm(ddp_context *ctx, double max_norm, double *out_norm) {
     double ss = 0, norm, c64;
     float c32;
+    int found;
     DDP__TRY(ddp__opt_ready(ctx, "ddp_clip_grad_norm"));
     if (!(max_norm == max_norm)) return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_clip_grad_norm: max_norm is NaN");
-    DDP__TRY(ddp__sumsq(ctx, &ss));
+    DDP__TRY(ddp__grad_stats(ctx, 1, 0, &ss, &found));
     norm = sqrt(ss) * (1.0 / ctx->ls_scale); /* the norm of the unscaled gradients */
     if (out_norm) *out_norm = norm;
     ddp__clip_coef(max_norm, norm, &c64, &c32);
     if (c64 == 1.0 && c32 == 1.0f) return DDP_SUCCESS;
     return ddp__scale_grads(ctx, c64, c32);
+}
+
+/* ---- ZeRO-1: the parameter all-gather ----
+
+   After the sharded update each rank holds its own shards of the new
+   parameters (ddp__shard_of of every storage bucket) and the old values
+   elsewhere. shm: each rank writes its shards once into the exchange
+   region (one flat buffer after the world's gradients in the gradient
+   segment) and copies everybody else's from there, one collective for the
+   whole model; the exchange is written again only after every rank
+   finished reading it (the done counters). */
+
+/* Before writing the exchange region. */
+static ddp_result ddp__xchg_claim(ddp_context *ctx) {
+    if (ctx->shm.xchg_last == 0) return DDP_SUCCESS;
+    return ddp__shm_wait(ctx, 2, ctx->shm.xchg_last, -1, "the peers to read the last parameter exchange (ZeRO-1)");
+}
+
+/* This rank's shards are in the exchange region: wait for everybody's. */
+static ddp_result ddp__xchg_publish(ddp_context *ctx, uint64_t *seq) {
+    *seq = ++ctx->shm.seq;
+    ddp__set_counter(ctx, 0, *seq);
+    return ddp__shm_wait(ctx, 0, *seq, -1, "the parameter all-gather (ZeRO-1)");
+}
+
+/* The others' shards are read. */
+static void ddp__xchg_release(ddp_context *ctx, uint64_t seq) {
+    ddp__set_counter(ctx, 1, seq);
+    ddp__set_counter(ctx, 2, seq);
+    ctx->shm.xchg_last = seq;
+}
+
+/* Copy rank q's shards of every storage bucket from src to dst (host). */
+static void ddp__copy_shards(ddp_context *ctx, unsigned char *dst, const unsigned char *src, int q) {
+    int b;
+    for (b = 0; b < ctx->num_buckets; b++) {
+        const ddp__bucket *bk = &ctx->buckets[b];
+        size_t lo, hi, es = ddp_dtype_size(bk->dtype);
+        ddp__shard_of(ctx, b, q, &lo, &hi);
+        if (hi > lo) memcpy(dst + bk->offset + lo * es, src + bk->offset + lo * es, (hi - lo) * es);
+    }
+}
+
+static ddp_result ddp__cuda_param_gather(ddp_context *ctx);
+
+static ddp_result ddp__param_gather(ddp_context *ctx) {
+    uint64_t seq;
+    int q;
+    if (ctx->world == 1) return DDP_SUCCESS;
+    if (ddp__on_gpu(ctx)) return ddp__cuda_param_gather(ctx);
+    DDP__TRY(ddp__xchg_claim(ctx));
+    ddp__copy_shards(ctx, ctx->shm.xchg, ctx->flat_params, ctx->rank);
+    DDP__TRY(ddp__xchg_publish(ctx, &seq));
+    for (q = 0; q < ctx->world; q++)
+        if (q != ctx->rank) ddp__copy_shards(ctx, ctx->flat_params, ctx->shm.xchg, q);
+    ddp__xchg_release(ctx, seq);
+    return DDP_SUCCESS;
 }
 
 /* The step: with loss scaling, skip it (and back off) when a gradient is
@@ -5555,19 +5748,21 @@ DDP_API ddp_result ddp_clip_grad_norm(ddp_context *ctx, double max_norm, double 
 DDP_API ddp_result ddp_optimizer_step(ddp_context *ctx) {
     const ddp_optimizer_desc *o;
     ddp__hyper h;
-    double c64 = 1.0, inv64 = 1.0;
+    double c64 = 1.0, inv64 = 1.0, ss = 0;
     float c32 = 1.0f, inv32 = 1.0f;
     int b, scaling;
+    ddp_result r;
     DDP__TRY(ddp__opt_ready(ctx, "ddp_optimizer_step"));
     o = &ctx->cfg.optimizer;
     if (o->type == DDP_OPTIM_NONE)
         return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_optimizer_step: config.optimizer.type is DDP_OPTIM_NONE");
     scaling = ctx->cfg.loss_scale.enabled;
     ctx->ls_last_skipped = 0;
-    if (scaling) {
+    if (scaling || o->max_grad_norm > 0) {
+        /* one pass (with ZeRO-1 one small all-reduce) for both */
         int found = 0;
-        DDP__TRY(ddp__grads_nonfinite(ctx, &found));
-        if (found) {
+        DDP__TRY(ddp__grad_stats(ctx, o->max_grad_norm > 0, scaling, &ss, &found));
+        if (scaling && found) {
             char msg[128];
             snprintf(msg, sizeof msg, "step %lld skipped: non-finite gradients at loss scale %g", (long long)ctx->sched_steps, ctx->ls_scale);
             ddp__log(ctx, DDP_LOG_INFO, msg);
@@ -5578,13 +5773,11 @@ DDP_API ddp_result ddp_optimizer_step(ddp_context *ctx) {
             ctx->zero_pending = 1;
             return DDP_SUCCESS;
         }
-        inv64 = 1.0 / ctx->ls_scale;
-        inv32 = (float)inv64; /* GradScaler: the reciprocal in double, rounded to float */
-    }
-    if (o->max_grad_norm > 0) {
-        double ss = 0;
-        DDP__TRY(ddp__sumsq(ctx, &ss));
-        ddp__clip_coef(o->max_grad_norm, sqrt(ss) * inv64, &c64, &c32);
+        if (scaling) {
+            inv64 = 1.0 / ctx->ls_scale;
+            inv32 = (float)inv64; /* GradScaler: the reciprocal in double, rounded to float */
+        }
+        if (o->max_grad_norm > 0) ddp__clip_coef(o->max_grad_norm, sqrt(ss) * inv64, &c64, &c32);
     }
     DDP__TRY(ddp__opt_alloc(ctx));
     ctx->opt_steps++;
@@ -5603,6 +5796,11 @@ DDP_API ddp_result ddp_optimizer_step(ddp_context *ctx) {
     h.gs32 = inv32 * c32;
     if (ddp__on_gpu(ctx)) DDP__TRY(ddp__cuda_optimizer_step(ctx, &h));
     else for (b = 0; b < ctx->num_buckets; b++) { size_t lo, hi; ddp__own_range(ctx, b, &lo, &hi); ddp__opt_range(ctx, b, lo, hi, &h); }
+    if (ctx->zero && ctx->world > 1) {
+        /* every rank updated its shards: all-gather the parameters */
+        r = ddp__param_gather(ctx);
+        if (r != DDP_SUCCESS) return ddp__break(ctx, r);
+    }
     if (scaling) ddp__loss_scale_update(ctx, 0);
     ctx->sched_steps++;
     ctx->zero_pending = 1; /* the accumulation ends here */
@@ -5612,6 +5810,10 @@ DDP_API ddp_result ddp_optimizer_step(ddp_context *ctx) {
 DDP_API int64_t ddp_skipped_steps(const ddp_context *ctx) { return ctx ? ctx->ls_skipped : 0; }
 DDP_API int ddp_last_step_skipped(const ddp_context *ctx) { return ctx ? ctx->ls_last_skipped : 0; }
 DDP_API double ddp_loss_scale(const ddp_context *ctx) { return ctx ? ctx->ls_scale : 1.0; }
+DDP_API size_t ddp_optimizer_state_bytes(const ddp_context *ctx) {
+    if (!ctx) return 0;
+    return ((ctx->opt_m ? 1u : 0u) + (ctx->opt_v ? 1u : 0u) + (ctx->opt_master ? 1u : 0u)) * ctx->opt_state_bytes;
+}
 
 DDP_API ddp_result ddp_set_lr(ddp_context *ctx, double lr) {
     if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
@@ -5772,11 +5974,78 @@ static ddp_result ddp__host_view(ddp_context *ctx, const void *src, size_t bytes
     return ddp__cuda_memcpy(ctx, *tmp, src, bytes, 0);
 }
 
+/* Parameter id's state in this rank's state array base (the whole
+   parameter lies in this rank's range unless ZeRO-1 shards it). */
 static void *ddp__state_ptr(ddp_context *ctx, void *base, int id) {
     const ddp__param *p = &ctx->params[id];
     const ddp__bucket *bk = &ctx->buckets[p->bucket];
-    size_t el = ddp__state_elem(p->dtype), es = ddp_dtype_size(p->dtype);
-    return (unsigned char *)base + ctx->opt_state_off[p->bucket] + (p->offset - bk->offset) / es * el;
+    return ddp__state_el(ctx, base, p->bucket, (p->offset - bk->offset) / ddp_dtype_size(p->dtype));
+}
+
+/* ZeRO-1 checkpoints hold the full state, as an unsharded run writes it.
+   The full layout: storage bucket after storage bucket, unpadded. */
+static size_t ddp__full_state_off(const ddp_context *ctx, int b) {
+    size_t off = 0;
+    int i;
+    for (i = 0; i < b; i++) off += ctx->buckets[i].numel * ddp__state_elem(ctx->buckets[i].dtype);
+    return off;
+}
+
+/* Rank q's state layout (what ddp__alloc_host_state gives rank q): the
+   offset of each storage bucket's shard; returns the array's bytes. */
+static size_t ddp__shard_layout(const ddp_context *ctx, int q, size_t *off) {
+    size_t at = 0, lo, hi;
+    int b;
+    for (b = 0; b < ctx->num_buckets; b++) {
+        ddp__shard_of(ctx, b, q, &lo, &hi);
+        if (off) off[b] = at;
+        at += ddp__align_up((hi - lo) * ddp__state_elem(ctx->buckets[b].dtype), DDP__ALIGN);
+    }
+    return at;
+}
+
+/* ZeRO-1, before a checkpoint: every rank's shard of each state array
+   reaches rank 0 (one broadcast per rank and array), which assembles the
+   full state in ctx->ck_full[k]. Every rank calls it. */
+static ddp_result ddp__gather_state(ddp_context *ctx) {
+    size_t *off = (size_t *)ddp__alloc(ctx, (size_t)ctx->num_buckets * sizeof(size_t)), most = 0, full_bytes;
+    unsigned char *scratch = NULL;
+    ddp_result r = DDP_SUCCESS;
+    int q, k, b;
+    if (!off) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory gathering the optimizer state");
+    for (q = 0; q < ctx->world; q++) { size_t n = ddp__shard_layout(ctx, q, NULL); if (n > most) most = n; }
+    full_bytes = ddp__full_state_off(ctx, ctx->num_buckets);
+    scratch = (unsigned char *)ddp__alloc(ctx, most ? most : 1);
+    if (!scratch) r = ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory gathering the optimizer state");
+    for (k = 0; k < 3 && r == DDP_SUCCESS; k++) {
+        void *mine = *ddp__state_slot(ctx, k);
+        if (!mine) continue;
+        if (ctx->rank == 0 && !(ctx->ck_full[k] = (unsigned char *)ddp__calloc(ctx, full_bytes))) {
+            r = ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for %zu bytes of gathered optimizer state", full_bytes);
+            break;
+        }
+        for (q = 0; q < ctx->world && r == DDP_SUCCESS; q++) {
+            size_t n = ddp__shard_layout(ctx, q, off);
+            /* the owner sends from its state array (host or device), the others receive on the host */
+            r = ctx->ops->broadcast(ctx, q == ctx->rank ? mine : (void *)scratch, n, q);
+            if (r != DDP_SUCCESS || ctx->rank != 0) continue;
+            if (q == 0 && ddp__on_gpu(ctx)) r = ddp__cuda_memcpy(ctx, scratch, mine, n, 0);
+            for (b = 0; b < ctx->num_buckets && r == DDP_SUCCESS; b++) {
+                size_t lo, hi, el = ddp__state_elem(ctx->buckets[b].dtype);
+                const unsigned char *src = q == 0 && !ddp__on_gpu(ctx) ? (const unsigned char *)mine : scratch;
+                ddp__shard_of(ctx, b, q, &lo, &hi);
+                if (hi > lo) memcpy(ctx->ck_full[k] + ddp__full_state_off(ctx, b) + lo * el, src + off[b], (hi - lo) * el);
+            }
+        }
+    }
+    ddp__free(ctx, off);
+    ddp__free(ctx, scratch);
+    return r;
+}
+
+static void ddp__free_gathered(ddp_context *ctx) {
+    int k;
+    for (k = 0; k < 3; k++) { ddp__free(ctx, ctx->ck_full[k]); ctx->ck_full[k] = NULL; }
 }
 
 static ddp_result ddp__ck_write_block(ddp_context *ctx, ddp__ckfile *c, const void *src, size_t bytes) {
@@ -5835,9 +6104,15 @@ static ddp_result ddp__ck_write_content(ddp_context *ctx, ddp__ckfile *c) {
     bases[0] = ctx->opt_m; bases[1] = ctx->opt_v; bases[2] = ctx->opt_master;
     for (k = 0; k < 3 && r == DDP_SUCCESS; k++) {
         if (!bases[k]) continue;
-        for (i = 0; i < ctx->num_params && r == DDP_SUCCESS; i++)
-            r = ddp__ck_write_block(ctx, c, ddp__state_ptr(ctx, bases[k], i),
-                                    ctx->params[i].numel * ddp__state_elem(ctx->params[i].dtype));
+        for (i = 0; i < ctx->num_params && r == DDP_SUCCESS; i++) {
+            const ddp__param *p = &ctx->params[i];
+            size_t bytes = p->numel * ddp__state_elem(p->dtype);
+            if (ctx->ck_full[k]) /* ZeRO-1: the gathered full state, on the host */
+                ddp__ck_write(c, ctx->ck_full[k] + ddp__full_state_off(ctx, p->bucket) +
+                              (p->offset - ctx->buckets[p->bucket].offset) / ddp_dtype_size(p->dtype) * ddp__state_elem(p->dtype), bytes);
+            else
+                r = ddp__ck_write_block(ctx, c, ddp__state_ptr(ctx, bases[k], i), bytes);
+        }
     }
     {
         uint64_t h = c->hash;
@@ -5902,7 +6177,14 @@ DDP_API ddp_result ddp_save_checkpoint(ddp_context *ctx, const char *path) {
     if (!ctx->finalized) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_save_checkpoint: call ddp_finalize() first");
     if (ctx->in_step) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_save_checkpoint: not allowed inside a step");
     DDP__TRY(ddp__join_check(ctx, "ddp_save_checkpoint"));
+    if (ctx->zero && ctx->world > 1) {
+        /* the file holds the full state: gather the shards on rank 0 (a
+           failure here leaves peers in a collective: break) */
+        r = ddp__gather_state(ctx);
+        if (r != DDP_SUCCESS) { ddp__free_gathered(ctx); return ddp__break(ctx, r); }
+    }
     if (ctx->rank == 0) r = ddp__save_file(ctx, path);
+    ddp__free_gathered(ctx);
     return ddp__agree(ctx, r, "saving the checkpoint");
 }
 
@@ -6093,7 +6375,8 @@ static ddp_result ddp__ck_check_state(ddp_context *ctx, const char *path, const 
 static ddp_result ddp__load_file(ddp_context *ctx, const char *path, unsigned flags) {
     ddp__ckfile c;
     ddp__ckhead h;
-    unsigned char *pbuf = NULL, *sbuf[3] = { NULL, NULL, NULL };
+    unsigned char *pbuf = NULL, *sbuf[3] = { NULL, NULL, NULL }, *tmp = NULL;
+    size_t tmp_bytes = 1;
     int i, k, has16 = 0, reset = (flags & DDP_LOAD_RESET_OPTIMIZER) != 0;
     ddp_result r = DDP_SUCCESS;
     memset(&c, 0, sizeof c);
@@ -6110,6 +6393,9 @@ static ddp_result ddp__load_file(ddp_context *ctx, const char *path, unsigned fl
     if (r != DDP_SUCCESS) goto done;
     pbuf = (unsigned char *)ddp__calloc(ctx, ctx->flat_bytes);
     if (!pbuf) { r = ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory loading '%s'", path); goto done; }
+    for (i = 0; i < ctx->num_params; i++)
+        if (ctx->params[i].numel * ddp__state_elem(ctx->params[i].dtype) > tmp_bytes)
+            tmp_bytes = ctx->params[i].numel * ddp__state_elem(ctx->params[i].dtype);
     for (i = 0; i < ctx->num_params && r == DDP_SUCCESS; i++)
         if (!ddp__ck_read(&c, pbuf + ctx->params[i].offset, ctx->params[i].numel * ddp_dtype_size(ctx->params[i].dtype)))
             r = ddp__fail(ctx, DDP_ERROR_CORRUPT, "checkpoint '%s' is truncated in the data of parameter %d '%s'", path, i, ctx->params[i].name);
@@ -6117,9 +6403,30 @@ static ddp_result ddp__load_file(ddp_context *ctx, const char *path, unsigned fl
         if (!(h.flags & (1u << k))) continue;
         sbuf[k] = (unsigned char *)ddp__calloc(ctx, ctx->opt_state_bytes);
         if (!sbuf[k]) { r = ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory loading '%s'", path); break; }
-        for (i = 0; i < ctx->num_params && r == DDP_SUCCESS; i++)
-            if (!ddp__ck_read(&c, ddp__state_ptr(ctx, sbuf[k], i), ctx->params[i].numel * ddp__state_elem(ctx->params[i].dtype)))
+        for (i = 0; i < ctx->num_params && r == DDP_SUCCESS; i++) {
+            /* the file holds every parameter's full state; this rank keeps
+               the part in its range (ZeRO-1: its shards), so a file saved
+               by any world size loads at any other */
+            const ddp__param *p = &ctx->params[i];
+            size_t el = ddp__state_elem(p->dtype), lo, hi;
+            size_t e0 = (p->offset - ctx->buckets[p->bucket].offset) / ddp_dtype_size(p->dtype), e1 = e0 + p->numel;
+            ddp__own_range(ctx, p->bucket, &lo, &hi);
+            if (lo <= e0 && e1 <= hi) {
+                if (!ddp__ck_read(&c, ddp__state_ptr(ctx, sbuf[k], i), p->numel * el)) r = DDP_ERROR_CORRUPT;
+            } else {
+                if (!tmp && !(tmp = (unsigned char *)ddp__alloc(ctx, tmp_bytes))) {
+                    r = ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory loading '%s'", path);
+                    break;
+                }
+                if (!ddp__ck_read(&c, tmp, p->numel * el)) r = DDP_ERROR_CORRUPT;
+                else if (lo < e1 && e0 < hi) {
+                    size_t a = lo > e0 ? lo : e0, z = hi < e1 ? hi : e1;
+                    memcpy(ddp__state_el(ctx, sbuf[k], p->bucket, a), tmp + (a - e0) * el, (z - a) * el);
+                }
+            }
+            if (r == DDP_ERROR_CORRUPT)
                 r = ddp__fail(ctx, DDP_ERROR_CORRUPT, "checkpoint '%s' is truncated in the optimizer state", path);
+        }
     }
     if (r == DDP_SUCCESS) {
         uint64_t want = c.hash, got;
@@ -6172,6 +6479,7 @@ static ddp_result ddp__load_file(ddp_context *ctx, const char *path, unsigned fl
 done:
     fclose(c.f);
     ddp__free(ctx, pbuf);
+    ddp__free(ctx, tmp);
     for (k = 0; k < 3; k++) ddp__free(ctx, sbuf[k]);
     return r;
 }
@@ -7667,6 +7975,34 @@ static ddp_result ddp__cuda_launch_bucket(ddp_context *ctx, int b) {
                                     (int)ctx->cfg.compress, rg->numel, 1.0f, cu->comm), what);
             at += rg->numel;
         }
+    } else if (ctx->zero) {
+        /* ZeRO-1: each rank needs only its shards. A bucket that is one whole
+           storage bucket (equal shards, see ddp__assign_buckets) is one
+           reduce-scatter in place; a bucket of several ranges reduces each
+           piece to the rank that owns it. */
+        const ddp__piece *rg = &ctx->cranges[cb->range0];
+        const ddp__bucket *sb = &ctx->buckets[rg->owner];
+        ncclRedOp_t op = avg ? ncclAvg : ncclSum;
+        if (cb->nrange == 1 && rg->offset == sb->offset && rg->numel == sb->numel) {
+            size_t per = sb->numel / (size_t)ctx->world;
+            unsigned char *g = ctx->flat_grads + sb->offset;
+            r = ncclReduceScatter(g, g + (size_t)ctx->rank * per * es, per, ddp__nccl_type(cb->dtype), op, cu->nccl, cu->comm);
+        } else {
+            ncclGroupStart();
+            for (k = 0; k < cb->npiece && (r == ncclSuccess || r == ncclInProgress); k++) {
+                const ddp__piece *pc = &ctx->cpieces[cb->piece0 + k];
+                void *g = ctx->flat_grads + pc->offset;
+                r = ncclReduce(g, g, pc->numel, ddp__nccl_type(cb->dtype), op, pc->owner, cu->nccl, cu->comm);
+            }
+            { ncclResult_t e = ncclGroupEnd(); if (r == ncclSuccess) r = e; }
+        }
+        if (r == ncclInProgress) ncclCommGetAsyncError(cu->nccl, &r);
+        DDP__TRY(ddp__nccl_settle(ctx, r, ctx->cfg.timeout_s, what));
+        for (k = 0; k < cb->npiece && post != 1.0f; k++) {
+            const ddp__piece *pc = &ctx->cpieces[cb->piece0 + k];
+            if (pc->owner == ctx->rank)
+                DDP__TRY(ddp__cuda_scale(ctx, ctx->flat_grads + pc->offset, cb->dtype, pc->numel, post, cu->comm, what));
+        }
     } else {
         /* one collective per range, grouped: NCCL runs them as one launch */
         if (cb->nrange > 1) ncclGroupStart();
@@ -7844,11 +8180,114 @@ static ddp_result ddp__cuda_nonfinite(ddp_context *ctx, int *found) {
     return DDP_SUCCESS;
 }
 
+/* ZeRO-1: the squared norm and the non-finite flag of elements [lo, hi)
+   of storage bucket b (the host waits for them). */
+static ddp_result ddp__cuda_range_stats(ddp_context *ctx, int b, size_t lo, size_t hi, int want_norm, int want_flag,
+                                        double *sumsq, int *bad) {
+    struct ddp__cuda_state *cu = ctx->cuda;
+    const ddp__bucket *bk = &ctx->buckets[b];
+    cudaStream_t s = ddp__ustream(ctx);
+    const unsigned char *g = ctx->flat_grads + bk->offset + lo * ddp_dtype_size(bk->dtype);
+    float v = 0;
+    int h = 0;
+    *sumsq = 0;
+    *bad = 0;
+    if (hi <= lo) return DDP_SUCCESS;
+    if (want_norm) {
+        DDP__KL(ctx, ddp_k_sumsq_typed(g, (int)bk->dtype, hi - lo, cu->d_norm, cu->d_scratch, cu->scratch_elems, s), "gradient norm");
+        DDP__CU(ctx, cudaMemcpyAsync(&v, cu->d_norm, sizeof v, cudaMemcpyDeviceToHost, s), "gradient norm");
+    }
+    if (want_flag) {
+        DDP__CU(ctx, cudaMemsetAsync(cu->d_flag, 0, sizeof(int), s), "checking the gradients for inf/NaN");
+        DDP__KL(ctx, ddp_k_nonfinite(g, (int)bk->dtype, hi - lo, cu->d_flag, s), "checking the gradients for inf/NaN");
+        DDP__CU(ctx, cudaMemcpyAsync(&h, cu->d_flag, sizeof(int), cudaMemcpyDeviceToHost, s), "checking the gradients for inf/NaN");
+    }
+    DDP__TRY(ddp__cuda_wait(ctx, NULL, s, "gradient norm"));
+    *sumsq = v;
+    *bad = h != 0;
+    return DDP_SUCCESS;
+}
+
+/* The gradients of this rank's ranges (ZeRO-1: its shards) times f. */
 static ddp_result ddp__cuda_scale_grads(ddp_context *ctx, float f) {
     int b;
     for (b = 0; b < ctx->num_buckets; b++) {
         const ddp__bucket *bk = &ctx->buckets[b];
-        DDP__TRY(ddp__cuda_scale(ctx, ctx->flat_grads + bk->offset, bk->dtype, bk->numel, f, ddp__ustream(ctx), "scaling the gradients"));
+        size_t lo, hi;
+        ddp__own_range(ctx, b, &lo, &hi);
+        if (hi > lo)
+            DDP__TRY(ddp__cuda_scale(ctx, ctx->flat_grads + bk->offset + lo * ddp_dtype_size(bk->dtype), bk->dtype, hi - lo, f,
+                                     ddp__ustream(ctx), "scaling the gradients"));
+    }
+    return DDP_SUCCESS;
+}
+
+/* ZeRO-1 on the GPU: the parameters' all-gather after the sharded update.
+   nccl: one all-gather in place per storage bucket (the shards are equal),
+   grouped, on the communication stream between the user's stream's
+   optimizer and whatever the user queues next. staged: this rank's shards
+   to the exchange region, the shm exchange, the others' shards back. */
+static ddp_result ddp__cuda_param_gather(ddp_context *ctx) {
+    struct ddp__cuda_state *cu = ctx->cuda;
+    cudaStream_t us = ddp__ustream(ctx);
+    const char *what = "the parameter all-gather (ZeRO-1)";
+    int b, q;
+    if (ctx->cfg.backend == DDP_BACKEND_NCCL) {
+#if defined(DDP_NCCL)
+        ncclResult_t r = ncclSuccess;
+        if (!ddp__nccl_ok(ctx)) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "%s: the communicator was aborted", what);
+        DDP__CU(ctx, cudaEventRecord(cu->last, us), what);
+        DDP__CU(ctx, cudaStreamWaitEvent(cu->comm, cu->last, 0), what);
+        ncclGroupStart();
+        for (b = 0; b < ctx->num_buckets && (r == ncclSuccess || r == ncclInProgress); b++) {
+            const ddp__bucket *bk = &ctx->buckets[b];
+            size_t per = bk->numel / (size_t)ctx->world, es = ddp_dtype_size(bk->dtype);
+            unsigned char *p = ctx->flat_params + bk->offset;
+            r = ncclAllGather(p + (size_t)ctx->rank * per * es, p, per * es, ncclUint8, cu->nccl, cu->comm);
+        }
+        { ncclResult_t e = ncclGroupEnd(); if (r == ncclSuccess) r = e; }
+        if (r == ncclInProgress) ncclCommGetAsyncError(cu->nccl, &r);
+        DDP__TRY(ddp__nccl_settle(ctx, r, ctx->cfg.timeout_s, what));
+        DDP__CU(ctx, cudaEventRecord(cu->last, cu->comm), what);
+        DDP__CU(ctx, cudaStreamWaitEvent(us, cu->last, 0), what);
+        pthread_mutex_lock(&ctx->mu);
+        cu->inflight = 1;
+        cu->inflight_since = ddp__now();
+        ddp__copy_str(cu->inflight_what, sizeof cu->inflight_what, what);
+        pthread_cond_signal(&ctx->cv_work);
+        pthread_mutex_unlock(&ctx->mu);
+        return DDP_SUCCESS;
+#else
+        return ddp__fail(ctx, DDP_ERROR_UNSUPPORTED, "NCCL is not compiled in");
+#endif
+    }
+    {
+        uint64_t seq;
+        DDP__TRY(ddp__xchg_claim(ctx));
+        for (b = 0; b < ctx->num_buckets; b++) {
+            const ddp__bucket *bk = &ctx->buckets[b];
+            size_t lo, hi, es = ddp_dtype_size(bk->dtype);
+            ddp__shard_of(ctx, b, ctx->rank, &lo, &hi);
+            if (hi > lo)
+                DDP__CU(ctx, cudaMemcpyAsync(ctx->shm.xchg + bk->offset + lo * es, ctx->flat_params + bk->offset + lo * es,
+                                             (hi - lo) * es, cudaMemcpyDeviceToHost, us), what);
+        }
+        DDP__TRY(ddp__cuda_wait(ctx, NULL, us, what));
+        DDP__TRY(ddp__xchg_publish(ctx, &seq));
+        for (q = 0; q < ctx->world; q++) {
+            if (q == ctx->rank) continue;
+            for (b = 0; b < ctx->num_buckets; b++) {
+                const ddp__bucket *bk = &ctx->buckets[b];
+                size_t lo, hi, es = ddp_dtype_size(bk->dtype);
+                ddp__shard_of(ctx, b, q, &lo, &hi);
+                if (hi > lo)
+                    DDP__CU(ctx, cudaMemcpyAsync(ctx->flat_params + bk->offset + lo * es, ctx->shm.xchg + bk->offset + lo * es,
+                                                 (hi - lo) * es, cudaMemcpyHostToDevice, us), what);
+            }
+        }
+        /* the copies read the exchange region: done only once they ran */
+        DDP__TRY(ddp__cuda_wait(ctx, NULL, us, what));
+        ddp__xchg_release(ctx, seq);
     }
     return DDP_SUCCESS;
 }
@@ -7895,11 +8334,16 @@ static ddp_result ddp__cuda_zero(ddp_context *ctx, void *p, size_t bytes) {
 
 static ddp_result ddp__cuda_init_master(ddp_context *ctx) {
     int b;
-    for (b = 0; b < ctx->num_buckets; b++)
-        if (ctx->buckets[b].dtype != DDP_F32)
-            DDP__KL(ctx, ddp_k_cast((unsigned char *)ctx->opt_master + ctx->opt_state_off[b], (int)DDP_F32,
-                                    ctx->flat_params + ctx->buckets[b].offset, (int)ctx->buckets[b].dtype,
-                                    ctx->buckets[b].numel, 1.0f, ddp__ustream(ctx)), "initialising master weights");
+    for (b = 0; b < ctx->num_buckets; b++) {
+        const ddp__bucket *bk = &ctx->buckets[b];
+        size_t lo, hi;
+        if (bk->dtype == DDP_F32) continue;
+        ddp__own_range(ctx, b, &lo, &hi);
+        if (hi > lo)
+            DDP__KL(ctx, ddp_k_cast(ddp__state_el(ctx, ctx->opt_master, b, lo), (int)DDP_F32,
+                                    ctx->flat_params + bk->offset + lo * ddp_dtype_size(bk->dtype), (int)bk->dtype,
+                                    hi - lo, 1.0f, ddp__ustream(ctx)), "initialising master weights");
+    }
     return DDP_SUCCESS;
 }
 
@@ -7928,18 +8372,23 @@ static ddp_result ddp__cuda_optimizer_step(ddp_context *ctx, const ddp__hyper *h
     for (g = 0; g < ctx->num_groups; g++) { gr.lr_scale[g] = ctx->group_lr[g]; gr.wd_scale[g] = ctx->group_wd[g]; }
     for (b = 0; b < ctx->num_buckets; b++) {
         const ddp__bucket *bk = &ctx->buckets[b];
-        size_t es = ddp_dtype_size(bk->dtype);
-        void *p = ctx->flat_params + bk->offset, *gp = ctx->flat_grads + bk->offset;
-        float *m = ctx->opt_m ? (float *)((unsigned char *)ctx->opt_m + ctx->opt_state_off[b]) : NULL;
-        float *v = ctx->opt_v ? (float *)((unsigned char *)ctx->opt_v + ctx->opt_state_off[b]) : NULL;
-        float *master = ctx->opt_master ? (float *)((unsigned char *)ctx->opt_master + ctx->opt_state_off[b]) : NULL;
-        gr.first = bk->offset / es;
+        size_t es = ddp_dtype_size(bk->dtype), lo, hi;
+        void *p, *gp;
+        float *m, *v, *master;
+        ddp__own_range(ctx, b, &lo, &hi); /* the whole bucket, or this rank's ZeRO-1 shard */
+        if (hi <= lo) continue;
+        p = ctx->flat_params + bk->offset + lo * es;
+        gp = ctx->flat_grads + bk->offset + lo * es;
+        m = (float *)ddp__state_el(ctx, ctx->opt_m, b, lo);
+        v = (float *)ddp__state_el(ctx, ctx->opt_v, b, lo);
+        master = (float *)ddp__state_el(ctx, ctx->opt_master, b, lo);
+        gr.first = bk->offset / es + lo;
         gr.chunk_log2 = es == 4 ? 6 : 7; /* DDP__ALIGN bytes per chunk */
         if (bk->dtype == DDP_F32)
-            DDP__KL(ctx, ddp_k_optimizer_step(NULL, 0, (float *)p, gp, (int)DDP_F32, m, v, bk->numel, &o, &gr, s),
+            DDP__KL(ctx, ddp_k_optimizer_step(NULL, 0, (float *)p, gp, (int)DDP_F32, m, v, hi - lo, &o, &gr, s),
                     h->adamw ? "AdamW step" : "SGD step");
         else
-            DDP__KL(ctx, ddp_k_optimizer_step(p, (int)bk->dtype, master, gp, (int)bk->dtype, m, v, bk->numel, &o, &gr, s),
+            DDP__KL(ctx, ddp_k_optimizer_step(p, (int)bk->dtype, master, gp, (int)bk->dtype, m, v, hi - lo, &o, &gr, s),
                     h->adamw ? "AdamW step (mixed precision)" : "SGD step (mixed precision)");
     }
     return DDP_SUCCESS;
@@ -7973,6 +8422,11 @@ static ddp_result ddp__cuda_optimizer_step(ddp_context *ctx, const ddp__hyper *h
 static ddp_result ddp__cuda_sumsq(ddp_context *ctx, double *o) { (void)o; return ddp__cuda_unreachable(ctx); }
 static ddp_result ddp__cuda_nonfinite(ddp_context *ctx, int *f) { (void)f; return ddp__cuda_unreachable(ctx); }
 static ddp_result ddp__cuda_scale_grads(ddp_context *ctx, float s) { (void)s; return ddp__cuda_unreachable(ctx); }
+static ddp_result ddp__cuda_param_gather(ddp_context *ctx) { return ddp__cuda_unreachable(ctx); }
+static ddp_result ddp__cuda_range_stats(ddp_context *ctx, int b, size_t lo, size_t hi, int want_norm, int want_flag,
+                                        double *sumsq, int *bad) {
+    (void)b; (void)lo; (void)hi; (void)want_norm; (void)want_flag; *sumsq = 0; *bad = 0; return ddp__cuda_unreachable(ctx);
+}
 static ddp_result ddp__cuda_zero_grads(ddp_context *ctx) { return ddp__cuda_unreachable(ctx); }
 static ddp_result ddp__cuda_grad_buffer(ddp_context *ctx, void **slot) { (void)slot; return ddp__cuda_unreachable(ctx); }
 static ddp_result ddp__cuda_grad_copy(ddp_context *ctx, void *d, const void *s) { (void)d; (void)s; return ddp__cuda_unreachable(ctx); }

@@ -24,12 +24,19 @@
    (step * N + r) of a fixed set. Subnormals are flushed to zero in both
    loops (see FLUSH_DENORMALS). One context per model, one after the other.
 
+   ZeRO-1: a second context (config.zero_stage = 1, on MASTER_PORT + 1)
+   trains the same model from the same weights on the same batches, the
+   same number of steps as the DDP loop, measured in the same rounds.
+
    Output (rank 0; ddprun prefixes each line with "[0] "): '#' lines are
-   comments, then one row per model:
+   comments, then per model:
        ranks=N params=P batch=B local_ms=X ddp_ms=Y overhead=Y/X
-   where X and Y are the median milliseconds per step (rank 0's clock) and
-   a comment line with every measurement and the bucket count. Each row is
-   followed by a check that the weights are identical on every rank.
+       zero: ranks=N params=P ddp_ms=Y zero_ms=Z speedup=Y/Z state_bytes_ddp=A state_bytes_zero=B
+   where X, Y, Z are the median milliseconds per step (rank 0's clock), A
+   and B the optimizer-state bytes rank 0 holds (ddp_optimizer_state_bytes),
+   and a comment line with every measurement and the bucket count. Each
+   model ends with checks that the weights are identical on every rank and
+   that the ZeRO-1 weights equal the DDP ones bit for bit.
    Exit status 1 on any error. */
 #define DDP_IMPLEMENTATION
 #include "../ddp.h"
@@ -171,12 +178,12 @@ static double ddp_loop(model_run *m, ddp_state *s, int steps) {
 static int run_model(const char *dims, int batch, double seconds, int reps) {
     model_run m;
     local_state ls;
-    ddp_state ds;
+    ddp_state ds, zs;
     ddp_config c;
-    ddp_context *ctx;
+    ddp_context *ctx, *zctx;
     ddp_result r;
-    double local[MAX_REPS], dist[MAX_REPS], t, lmed, dmed, sum, lo, hi;
-    int p, k, steps_local, steps_ddp, rank, world, np;
+    double local[MAX_REPS], dist[MAX_REPS], zdist[MAX_REPS], t, lmed, dmed, zmed, sum, lo, hi;
+    int p, k, steps_local, steps_ddp, rank, world, np, zsame = 1;
     size_t total;
 
     memset(&m, 0, sizeof m);
@@ -214,6 +221,20 @@ static int run_model(const char *dims, int batch, double seconds, int reps) {
     }
     check(ctx, ddp_finalize(ctx), "ddp_finalize");
 
+    /* the same model with ZeRO-1 on the next port (both contexts live) */
+    c.zero_stage = 1;
+    c.master_port = ddp_query_config(ctx).master_port + 1;
+    r = ddp_create(&c, &zctx);
+    if (r != DDP_SUCCESS) die(ddp_result_string(r), ddp_create_error());
+    for (p = 0; p < np; p++) {
+        char name[32];
+        int id;
+        mlp_param_name(p, name, sizeof name);
+        check(zctx, ddp_register_param(zctx, name, mlp_param_numel(&m.shape, p), DDP_F32, m.init[p], &id),
+              "ddp_register_param");
+    }
+    check(zctx, ddp_finalize(zctx), "ddp_finalize");
+
     /* plain arrays for the local loop, from the same initial weights */
     memset(&ls, 0, sizeof ls);
     for (p = 0; p < np; p++) {
@@ -228,21 +249,30 @@ static int run_model(const char *dims, int batch, double seconds, int reps) {
     /* warm-up and step counts: local loop on every rank at once, then DDP */
     memset(&ds, 0, sizeof ds);
     ds.ctx = ctx;
+    memset(&zs, 0, sizeof zs);
+    zs.ctx = zctx;
     check(ctx, ddp_barrier(ctx), "ddp_barrier");
     t = local_loop(ctx, &m, &ls, WARMUP);
     steps_local = agree_steps(ctx, t, seconds);
     check(ctx, ddp_barrier(ctx), "ddp_barrier");
     t = ddp_loop(&m, &ds, WARMUP);
     steps_ddp = agree_steps(ctx, t, seconds);
+    check(zctx, ddp_barrier(zctx), "ddp_barrier");
+    (void)ddp_loop(&m, &zs, WARMUP); /* ZeRO-1 runs the DDP loop's step counts: the same weights */
 
-    /* measurements, interleaved so that both loops see the same drift in
-       machine load: every rank runs the local loop, then every rank the DDP loop */
+    /* measurements, interleaved so that the loops see the same drift in
+       machine load: every rank runs the local loop, then every rank the DDP
+       loop, then every rank the ZeRO-1 loop */
     for (k = 0; k < reps; k++) {
         check(ctx, ddp_barrier(ctx), "ddp_barrier");
         local[k] = local_loop(ctx, &m, &ls, steps_local);
         check(ctx, ddp_barrier(ctx), "ddp_barrier");
         dist[k] = ddp_loop(&m, &ds, steps_ddp);
+        check(zctx, ddp_barrier(zctx), "ddp_barrier");
+        zdist[k] = ddp_loop(&m, &zs, steps_ddp);
     }
+    for (p = 0; p < np; p++)
+        zsame &= memcmp(ddp_param_data(ctx, p), ddp_param_data(zctx, p), mlp_param_numel(&m.shape, p) * sizeof(float)) == 0;
 
     /* every rank must hold the same weights */
     sum = 0;
@@ -258,15 +288,21 @@ static int run_model(const char *dims, int batch, double seconds, int reps) {
 
     lmed = median(local, reps);
     dmed = median(dist, reps);
+    zmed = median(zdist, reps);
     if (rank == 0) {
         printf("ranks=%d params=%zu batch=%d local_ms=%.3f ddp_ms=%.3f overhead=%.3f\n", world, total, batch,
                lmed * 1e3, dmed * 1e3, dmed / lmed);
+        printf("zero: ranks=%d params=%zu ddp_ms=%.3f zero_ms=%.3f speedup=%.3f state_bytes_ddp=%zu state_bytes_zero=%zu\n",
+               world, total, dmed * 1e3, zmed * 1e3, dmed / zmed, ddp_optimizer_state_bytes(ctx), ddp_optimizer_state_bytes(zctx));
         printf("#   model=%s buckets=%d ftz=%d steps/measurement local=%d ddp=%d; local_ms", dims,
                ddp_bucket_count(ctx), FLUSH_DENORMALS_ON, steps_local, steps_ddp);
         for (k = 0; k < reps; k++) printf(" %.3f", local[k] * 1e3);
         printf("; ddp_ms");
         for (k = 0; k < reps; k++) printf(" %.3f", dist[k] * 1e3);
-        printf("; weights identical on all ranks: %s\n", hi == -lo ? "yes" : "NO");
+        printf("; zero_ms");
+        for (k = 0; k < reps; k++) printf(" %.3f", zdist[k] * 1e3);
+        printf("; weights identical on all ranks: %s; ZeRO-1 weights == DDP weights: %s\n", hi == -lo ? "yes" : "NO",
+               zsame ? "yes" : "NO");
         fflush(stdout);
     }
 
@@ -274,8 +310,9 @@ static int run_model(const char *dims, int batch, double seconds, int reps) {
     mlp_dataset_free(&m.data);
     mlp_workspace_free(&m.ws);
     check(ctx, ddp_barrier(ctx), "ddp_barrier");
+    ddp_destroy(zctx);
     ddp_destroy(ctx);
-    return hi == -lo ? 0 : 1;
+    return hi == -lo && zsame ? 0 : 1;
 }
 
 int main(int argc, char **argv) {

@@ -51,6 +51,7 @@ typedef struct options {
     double timeout;
     uint64_t seed;
     const char *save, *resume, *export_path;
+    int zero;                 /* --zero: ZeRO-1, the optimizer state sharded across the ranks */
 } options;
 
 #define DEFAULT_SGD_LR    0.02f  /* momentum 0.9: 0.86 test accuracy after 2 epochs */
@@ -74,7 +75,9 @@ static void usage(FILE *f)
         "  --save PATH         write a checkpoint at the end\n"
         "  --resume PATH       start from a checkpoint (--epochs counts from its start)\n"
         "  --export PATH       write the weights as safetensors at the end (PyTorch:\n"
-        "                      safetensors.torch.load_file(PATH))\n",
+        "                      safetensors.torch.load_file(PATH))\n"
+        "  --zero              ZeRO-1: each rank keeps and updates 1/N of the optimizer\n"
+        "                      state (the same weights, bit for bit)\n",
         (double)DEFAULT_SGD_LR, (double)DEFAULT_ADAMW_LR, (double)ADAMW_WEIGHT_DECAY,
         MLP_FASHION_DEFAULT_DIR);
 }
@@ -117,6 +120,7 @@ static void parse(int argc, char **argv, options *o)
     for (i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) { usage(stdout); exit(0); }
+        if (!strcmp(a, "--zero")) { o->zero = 1; continue; }
         if (a[0] != '-' || a[1] != '-') die("unexpected argument '%s' (try --help)", a);
         if (!v) die("%s needs a value", a);
         i++;
@@ -335,6 +339,7 @@ int main(int argc, char **argv)
         cfg.optimizer.momentum = 0.9f;
     }
 
+    cfg.zero_stage = o.zero;
     r = ddp_create(&cfg, &ctx);
     if (r != DDP_SUCCESS) die_ddp(r, ddp_create_error());
     g_ctx = ctx;
@@ -397,11 +402,11 @@ int main(int argc, char **argv)
     start_epoch = (int)(ddp_optimizer_steps(ctx) / steps_per_epoch);
     if (rank == 0) {
         ddp_config q = ddp_query_config(ctx);
-        printf("fashion_mlp: world %d, backend %s, device %s, batch %d (%d per rank), %s lr %g, "
+        printf("fashion_mlp: world %d, backend %s, device %s, batch %d (%d per rank), %s lr %g%s, "
                "%d train / %d test samples from %s%s\n",
                world, ddp_backend_name(ddp_query_backend(ctx)), use_cuda ? "cuda" : "cpu",
-               o.batch, local_max, o.optim, (double)q.optimizer.lr, train.count, test.count, dir,
-               start_epoch > 0 ? " (resumed)" : "");
+               o.batch, local_max, o.optim, (double)q.optimizer.lr, q.zero_stage ? ", ZeRO-1" : "",
+               train.count, test.count, dir, start_epoch > 0 ? " (resumed)" : "");
         fflush(stdout);
     }
 
@@ -514,6 +519,8 @@ int main(int argc, char **argv)
         if (rank == 0) printf("fashion_mlp: wrote the weights to %s (safetensors)\n", o.export_path);
     }
     if (rank == 0) {
+        printf("fashion_mlp: optimizer state %zu bytes on rank 0%s\n", ddp_optimizer_state_bytes(ctx),
+               o.zero ? " (ZeRO-1: its shard)" : "");
         printf("result: epochs=%d test_acc=%.4f samples_per_s=%.0f\n", o.epochs, test_acc,
                total_time > 0 ? total_samples / total_time : 0.0);
         fflush(stdout);
