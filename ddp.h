@@ -331,6 +331,46 @@
        thread (or stream), strictly in bucket order, so communication overlaps
        the rest of your backward.
 
+   TIMELINE
+
+       DDP_TRACE=path (or config.trace_path) makes every rank write its
+       timeline as a Chrome trace-event JSON file, which Perfetto
+       (ui.perfetto.dev) and chrome://tracing open, and tools/ddptrace
+       draws as an SVG picture (build/ddptrace -o t.svg trace.rank*.json).
+       The file name: "%r" in the path becomes the rank, else ".rank<r>"
+       goes before a ".json" ending (trace.json: trace.rank0.json, ...) or
+       at the end. pid is the rank; tid 0 your thread, tid 1 the
+       communication thread. Events ("X" with a duration, "i" instants):
+         step N             ddp_step_begin() to ddp_step_end() (args: step,
+                            synced)
+         mark NAME          ddp_mark_ready() (args: param, bucket)
+         launch bucket B    a bucket complete, handed over (args: bytes)
+         reduce bucket B    its reduction, on the thread that ran it (args:
+                            bucket, bytes; "hook bucket B" when a
+                            communication hook ran it)
+         wait for buckets   your thread waiting for the communication thread
+         optimizer          ddp_optimizer_step() (args: step, 0 if skipped)
+         parameter all-gather   ZeRO-1's, inside the optimizer step
+         checkpoint save / load, ddp_allreduce ... (args: bytes)
+       Timestamps are the monotonic clock in microseconds, so the files of
+       the ranks of one host line up. Memory is bounded: events wait in a
+       ring of config.trace_events (default 65536, about 3 MB) until
+       ddp_trace_flush() or ddp_destroy() writes them; when the ring is
+       full the oldest are dropped and counted (the "trace_info" metadata
+       event at the end says how many). The file is complete JSON after
+       ddp_destroy(); a file cut short by a crash still opens in Perfetto.
+       With the timeline off, recording costs one pointer test.
+
+       ddp_get_step_stats() gives the last synced step's and the running
+       totals: compute_s (your forward/backward), comm_s (the bucket
+       reductions, wherever they ran), exposed_s (communication your thread
+       waited for or ran itself: ddp_step_end() and the buckets reduced
+       inside ddp_mark_ready), optimizer_s and bytes. The share of the
+       communication hidden behind your backward is 1 - exposed_s /
+       comm_s; examples/fashion_mlp prints it per epoch (overlap=...%).
+       On the nccl backend the reductions run on the GPU and comm_s stays
+       0 (exposed_s is the host's wait).
+
    ERRORS
 
        Every call that can fail returns a ddp_result (0 success, negative
@@ -417,6 +457,7 @@
        DDP_TIMEOUT                  overrides config.timeout_s (seconds)
        DDP_BACKEND                  shm | nccl | staged (overrides the default)
        DDP_ZERO_STAGE=0|1           config.zero_stage when the field is 0 (see ZERO)
+       DDP_TRACE=path               config.trace_path when the field is NULL (see TIMELINE)
        DDP_FORCE_COMM=1             GPU, world of one: run the gradient collective
                                     anyway (by default a world of one exchanges
                                     nothing; the GPU tests use this to exercise NCCL)
@@ -661,6 +702,15 @@ typedef struct ddp_config {
        DDP_ZERO_STAGE (0 or 1), else off. */
     int    zero_stage;
 
+    /* The timeline (see TIMELINE): a Chrome trace-event JSON file per rank
+       ("%r" in the path is replaced by the rank, else ".rank<r>" is put
+       before a ".json" ending or appended). NULL: the environment variable
+       DDP_TRACE, else no trace. trace_events: the events kept in memory
+       between flushes (a ring: the oldest are dropped, and counted);
+       0 means 65536. */
+    const char *trace_path;
+    size_t trace_events;
+
     ddp_optimizer_desc optimizer;
     ddp_schedule_desc  schedule;  /* zero: the constant lr */
     ddp_loss_scale_desc loss_scale; /* zero: off */
@@ -834,6 +884,31 @@ DDP_API double     ddp_loss_scale(const ddp_context *ctx);
    ddp_optimizer_step() (or a checkpoint load); 0 before. With ZeRO-1
    about 1/world of the unsharded size (see ZERO). */
 DDP_API size_t     ddp_optimizer_state_bytes(const ddp_context *ctx);
+
+/* ---- step statistics and the timeline -------------------------------------- */
+
+/* What the synced steps cost (see TIMELINE). A "step" here is one
+   optimizer window: the micro-steps from one synced ddp_step_end() to the
+   next (no_sync micro-steps count with the synced step that ends them). */
+typedef struct ddp_step_stats {
+    int64_t  steps;        /* synced steps counted */
+    double   compute_s;    /* your forward/backward: ddp_step_begin() to ddp_step_end(),
+                              less the communication run on your thread in between */
+    double   comm_s;       /* the gradient collectives (bucket reductions, hooks), wherever
+                              they ran (CPU backends; the nccl backend does not time them) */
+    double   exposed_s;    /* communication your thread waited for or ran: ddp_step_end()
+                              and the buckets reduced inside ddp_mark_ready() */
+    double   optimizer_s;  /* ddp_optimizer_step(), ZeRO-1's parameter all-gather included */
+    uint64_t bytes;        /* gradient bytes handed to the collectives */
+} ddp_step_stats;
+/* last: the last synced step; total: every step since ddp_finalize().
+   Either may be NULL. The share of communication hidden behind your
+   backward is 1 - exposed_s / comm_s (when comm_s > 0). */
+DDP_API ddp_result ddp_get_step_stats(const ddp_context *ctx, ddp_step_stats *last, ddp_step_stats *total);
+/* Write the timeline's events held in memory to the trace file now (the
+   file stays valid JSON only once ddp_destroy() closes it; Perfetto and
+   chrome://tracing also open it before). No trace: does nothing. */
+DDP_API ddp_result ddp_trace_flush(ddp_context *ctx);
 
 /* ---- the step wrapper ------------------------------------------------------ */
 
@@ -1314,6 +1389,15 @@ struct ddp_context {
     size_t   *opt_state_off;      /* per bucket: byte offset into the state buffers */
 
     struct ddp__cuda_state *cuda;
+
+    /* step statistics (ddp_get_step_stats); st_cur.comm_s and .bytes are
+       written by whichever thread reduces, under mu */
+    ddp_step_stats st_last, st_total, st_cur;
+    double   st_t0;              /* when this step's ddp_step_begin() returned */
+    double   st_inline;          /* communication on the calling thread since then */
+    int64_t  st_steps;           /* ddp_step_begin() calls: the step index in the timeline */
+
+    struct ddp__trace *trace;    /* the timeline; NULL when off */
 };
 
 static DDP__TLS char ddp__create_err[DDP__ERRLEN];
@@ -1378,6 +1462,231 @@ static void ddp__free(const ddp_context *ctx, void *p) {
     if (!p) return;
     if (ctx->cfg.allocator.free) ctx->cfg.allocator.free(p, ctx->cfg.allocator.user);
     else free(p);
+}
+
+/* ---- timeline and step statistics ------------------------------------------------
+
+   The timeline (TIMELINE in the manual) keeps events in a ring in memory,
+   written to the rank's file by ddp_trace_flush() and ddp_destroy() in
+   Chrome's trace-event format (the JSON array form: Perfetto and
+   chrome://tracing open it, a file cut short by a crash included). Both
+   threads record (the user's, tid 0, and the communication thread, tid 1)
+   under one mutex; with the timeline off every record is one pointer test. */
+
+enum {
+    DDP__EV_STEP = 0,   /* X: a step, ddp_step_begin() to ddp_step_end(); a = step index, b = synced */
+    DDP__EV_MARK,       /* i: ddp_mark_ready(); a = parameter id, b = its bucket */
+    DDP__EV_LAUNCH,     /* i: a bucket handed to the communication thread (or run inline); a = bucket */
+    DDP__EV_REDUCE,     /* X: a bucket's reduction; a = bucket, b = 1 when a communication hook ran it */
+    DDP__EV_WAIT,       /* X: ddp_step_end() waiting for the communication thread */
+    DDP__EV_OPT,        /* X: ddp_optimizer_step(); a = the step taken (0: skipped) */
+    DDP__EV_GATHER,     /* X: ZeRO-1's parameter all-gather */
+    DDP__EV_SAVE,       /* X: ddp_save_checkpoint() */
+    DDP__EV_LOAD,       /* X: ddp_load_checkpoint() */
+    DDP__EV_COLL        /* X: a collective on your buffers; a = which (ddp__coll_names) */
+};
+
+static const char *const ddp__coll_names[] = { "ddp_barrier", "ddp_allreduce", "ddp_broadcast", "ddp_allgather", "ddp_reduce_scatter" };
+
+typedef struct ddp__tev {
+    double   ts, dur;            /* seconds (ddp__now); dur < 0: an instant */
+    uint64_t bytes;
+    int32_t  kind, tid, a, b;
+} ddp__tev;
+
+typedef struct ddp__trace {
+    FILE    *f;
+    char     path[4096];
+    ddp__tev *ring;
+    size_t   cap, head, count;   /* the newest `count` events end at head */
+    uint64_t dropped, written;
+    pthread_mutex_t mu;
+} ddp__trace;
+
+#define DDP__TRACE_DEFAULT_EVENTS 65536 /* about 3 MB: minutes of steps of a small model between flushes */
+
+static int ddp__on_comm_thread(const ddp_context *ctx) {
+    return ctx->comm_started && pthread_equal(pthread_self(), ctx->comm_thread);
+}
+
+static void ddp__trace_ev(ddp_context *ctx, int kind, double ts, double dur, int a, int b, uint64_t bytes) {
+    ddp__trace *t = ctx->trace;
+    ddp__tev *e;
+    if (!t) return;
+    pthread_mutex_lock(&t->mu);
+    e = &t->ring[t->head];
+    e->ts = ts;
+    e->dur = dur;
+    e->bytes = bytes;
+    e->kind = kind;
+    e->tid = ddp__on_comm_thread(ctx);
+    e->a = a;
+    e->b = b;
+    t->head = (t->head + 1) % t->cap;
+    if (t->count < t->cap) t->count++;
+    else t->dropped++;
+    pthread_mutex_unlock(&t->mu);
+}
+
+/* A JSON string (the parameter names are the user's). */
+static void ddp__json_str(FILE *f, const char *s) {
+    fputc('"', f);
+    for (; *s; s++) {
+        unsigned char c = (unsigned char)*s;
+        if (c == '"' || c == '\\') fprintf(f, "\\%c", c);
+        else if (c < 0x20) fprintf(f, "\\u%04x", c);
+        else fputc(c, f);
+    }
+    fputc('"', f);
+}
+
+static void ddp__trace_write_ev(ddp_context *ctx, FILE *f, const ddp__tev *e) {
+    static const char *const cat[] = { "compute", "compute", "comm", "comm", "comm", "optimizer", "comm", "io", "io", "comm" };
+    char name[192];
+    switch (e->kind) {
+    case DDP__EV_STEP: snprintf(name, sizeof name, "step %d", e->a); break;
+    case DDP__EV_MARK:
+        snprintf(name, sizeof name, "mark %s", e->a >= 0 && e->a < ctx->num_params ? ctx->params[e->a].name : "?");
+        break;
+    case DDP__EV_LAUNCH: snprintf(name, sizeof name, "launch bucket %d", e->a); break;
+    case DDP__EV_REDUCE: snprintf(name, sizeof name, "%s bucket %d", e->b ? "hook" : "reduce", e->a); break;
+    case DDP__EV_WAIT: snprintf(name, sizeof name, "wait for buckets"); break;
+    case DDP__EV_OPT: snprintf(name, sizeof name, "optimizer"); break;
+    case DDP__EV_GATHER: snprintf(name, sizeof name, "parameter all-gather"); break;
+    case DDP__EV_SAVE: snprintf(name, sizeof name, "checkpoint save"); break;
+    case DDP__EV_LOAD: snprintf(name, sizeof name, "checkpoint load"); break;
+    default: snprintf(name, sizeof name, "%s", e->a >= 0 && e->a < 5 ? ddp__coll_names[e->a] : "collective"); break;
+    }
+    fputs(ctx->trace->written++ ? ",\n" : "\n", f);
+    fputs("{\"name\":", f);
+    ddp__json_str(f, name);
+    fprintf(f, ",\"cat\":\"%s\",\"ph\":\"%s\",\"ts\":%.3f,", cat[e->kind], e->dur < 0 ? "i" : "X", e->ts * 1e6);
+    if (e->dur >= 0) fprintf(f, "\"dur\":%.3f,", e->dur * 1e6);
+    else fputs("\"s\":\"t\",", f);
+    fprintf(f, "\"pid\":%d,\"tid\":%d,\"args\":{", ctx->rank, (int)e->tid);
+    switch (e->kind) {
+    case DDP__EV_STEP: fprintf(f, "\"step\":%d,\"synced\":%d", e->a, e->b); break;
+    case DDP__EV_MARK: fprintf(f, "\"param\":%d,\"bucket\":%d", e->a, e->b); break;
+    case DDP__EV_LAUNCH: fprintf(f, "\"bucket\":%d,\"bytes\":%llu", e->a, (unsigned long long)e->bytes); break;
+    case DDP__EV_REDUCE: fprintf(f, "\"bucket\":%d,\"bytes\":%llu,\"hook\":%d", e->a, (unsigned long long)e->bytes, e->b); break;
+    case DDP__EV_OPT: fprintf(f, "\"step\":%d,\"bytes\":%llu", e->a, (unsigned long long)e->bytes); break;
+    default: fprintf(f, "\"bytes\":%llu", (unsigned long long)e->bytes); break;
+    }
+    fputs("}}", f);
+}
+
+/* Write what the ring holds (oldest first) and empty it. */
+static ddp_result ddp__trace_flush(ddp_context *ctx) {
+    ddp__trace *t = ctx->trace;
+    ddp__tev *copy;
+    size_t n, i, first;
+    if (!t || !t->f) return DDP_SUCCESS;
+    pthread_mutex_lock(&t->mu);
+    n = t->count;
+    copy = (ddp__tev *)ddp__alloc(ctx, n ? n * sizeof *copy : 1);
+    if (copy) {
+        first = (t->head + t->cap - n) % t->cap;
+        for (i = 0; i < n; i++) copy[i] = t->ring[(first + i) % t->cap];
+        t->count = 0;
+    }
+    pthread_mutex_unlock(&t->mu);
+    if (!copy) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory writing the trace");
+    for (i = 0; i < n; i++) ddp__trace_write_ev(ctx, t->f, &copy[i]);
+    ddp__free(ctx, copy);
+    if (fflush(t->f) != 0 || ferror(t->f))
+        return ddp__fail(ctx, DDP_ERROR_IO, "cannot write the trace file '%s': %s", t->path, strerror(errno));
+    return DDP_SUCCESS;
+}
+
+/* The rank's file name: "%r" replaced by the rank, else ".rank<r>" before
+   a ".json" ending or at the end. */
+static int ddp__trace_name(const char *pattern, int rank, char *out, size_t cap) {
+    const char *r = strstr(pattern, "%r");
+    size_t n = strlen(pattern);
+    int w;
+    if (r) w = snprintf(out, cap, "%.*s%d%s", (int)(r - pattern), pattern, rank, r + 2);
+    else if (n >= 5 && !strcmp(pattern + n - 5, ".json")) w = snprintf(out, cap, "%.*s.rank%d.json", (int)(n - 5), pattern, rank);
+    else w = snprintf(out, cap, "%s.rank%d", pattern, rank);
+    return w > 0 && (size_t)w < cap;
+}
+
+static ddp_result ddp__trace_open(ddp_context *ctx) {
+    const char *pattern = ctx->cfg.trace_path;
+    ddp__trace *t;
+    if (!pattern) pattern = getenv("DDP_TRACE");
+    if (!pattern || !*pattern) return DDP_SUCCESS;
+    t = (ddp__trace *)ddp__calloc(ctx, sizeof *t);
+    if (!t) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for the trace");
+    if (!ddp__trace_name(pattern, ctx->rank, t->path, sizeof t->path)) {
+        ddp__free(ctx, t);
+        return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "trace path '%.100s' (config.trace_path or DDP_TRACE) is too long", pattern);
+    }
+    t->cap = ctx->cfg.trace_events ? ctx->cfg.trace_events : DDP__TRACE_DEFAULT_EVENTS;
+    t->ring = (ddp__tev *)ddp__alloc(ctx, t->cap * sizeof *t->ring);
+    if (!t->ring || t->cap > ((size_t)-1) / sizeof *t->ring) {
+        ddp__free(ctx, t->ring);
+        ddp__free(ctx, t);
+        return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for %zu trace events (config.trace_events)", ctx->cfg.trace_events);
+    }
+    t->f = fopen(t->path, "w");
+    if (!t->f) {
+        ddp_result r = ddp__fail(ctx, DDP_ERROR_IO, "cannot create the trace file '%s' (config.trace_path or DDP_TRACE): %s", t->path, strerror(errno));
+        ddp__free(ctx, t->ring);
+        ddp__free(ctx, t);
+        return r;
+    }
+    fputc('[', t->f);
+    pthread_mutex_init(&t->mu, NULL);
+    ctx->trace = t;
+    return DDP_SUCCESS;
+}
+
+/* At ddp_destroy(): the last events, the names of the process and threads, close. */
+static void ddp__trace_close(ddp_context *ctx) {
+    ddp__trace *t = ctx->trace;
+    if (!t) return;
+    ddp__trace_flush(ctx);
+    fprintf(t->f, "%s{\"name\":\"process_name\",\"ph\":\"M\",\"pid\":%d,\"tid\":0,\"args\":{\"name\":\"rank %d\"}}",
+            t->written++ ? ",\n" : "\n", ctx->rank, ctx->rank);
+    fprintf(t->f, ",\n{\"name\":\"process_sort_index\",\"ph\":\"M\",\"pid\":%d,\"tid\":0,\"args\":{\"sort_index\":%d}}", ctx->rank, ctx->rank);
+    fprintf(t->f, ",\n{\"name\":\"thread_name\",\"ph\":\"M\",\"pid\":%d,\"tid\":0,\"args\":{\"name\":\"main (your thread)\"}}", ctx->rank);
+    fprintf(t->f, ",\n{\"name\":\"thread_name\",\"ph\":\"M\",\"pid\":%d,\"tid\":1,\"args\":{\"name\":\"communication\"}}", ctx->rank);
+    fprintf(t->f, ",\n{\"name\":\"trace_info\",\"ph\":\"M\",\"pid\":%d,\"tid\":0,\"args\":{\"dropped_events\":%llu,\"ring_events\":%zu,\"world\":%d}}\n]\n",
+            ctx->rank, (unsigned long long)t->dropped, t->cap, ctx->world);
+    fclose(t->f);
+    pthread_mutex_destroy(&t->mu);
+    ddp__free(ctx, t->ring);
+    ddp__free(ctx, t);
+    ctx->trace = NULL;
+}
+
+DDP_API ddp_result ddp_trace_flush(ddp_context *ctx) {
+    if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
+    return ddp__trace_flush(ctx);
+}
+
+DDP_API ddp_result ddp_get_step_stats(const ddp_context *ctx, ddp_step_stats *last, ddp_step_stats *total) {
+    if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
+    if (last) *last = ctx->st_last;
+    if (total) *total = ctx->st_total;
+    return DDP_SUCCESS;
+}
+
+/* A synced step ended: this window's figures become the last step's. */
+static void ddp__stats_step_done(ddp_context *ctx, double end_entry, double end_exit) {
+    ddp_step_stats *c = &ctx->st_cur, *t = &ctx->st_total;
+    pthread_mutex_lock(&ctx->mu);
+    c->steps = 1;
+    c->compute_s += end_entry - ctx->st_t0 - ctx->st_inline;
+    c->exposed_s += ctx->st_inline + (end_exit - end_entry);
+    ctx->st_last = *c;
+    t->steps += c->steps;
+    t->compute_s += c->compute_s;
+    t->comm_s += c->comm_s;
+    t->exposed_s += c->exposed_s;
+    t->bytes += c->bytes;
+    memset(c, 0, sizeof *c);
+    pthread_mutex_unlock(&ctx->mu);
 }
 
 /* ---- configuration and environment ------------------------------------------- */
@@ -3991,6 +4300,8 @@ DDP_API ddp_result ddp_create(const ddp_config *config, ddp_context **out) {
     if (r == DDP_SUCCESS) r = ddp__cuda_setup(ctx);
     if (r == DDP_SUCCESS && (ctx->cfg.backend == DDP_BACKEND_SHM || ctx->cfg.backend == DDP_BACKEND_STAGED))
         r = ddp__shm_setup(ctx);
+    if (r == DDP_SUCCESS) r = ddp__trace_open(ctx);
+    ctx->cfg.trace_path = ctx->trace ? ctx->trace->path : NULL; /* the config must not point into the caller's memory */
     if (r != DDP_SUCCESS) {
         memcpy(ddp__create_err, ctx->err, sizeof ctx->err);
         ddp_destroy(ctx);
@@ -4022,6 +4333,7 @@ static void ddp__free_device(ddp_context *ctx, void *p);
 DDP_API void ddp_destroy(ddp_context *ctx) {
     if (!ctx) return;
     ddp__comm_stop(ctx);
+    ddp__trace_close(ctx);
     ddp__free_flat_grads(ctx);
     if (ctx->shm.grads) munmap(ctx->shm.grads, ctx->shm.grads_bytes);
     if (ctx->shm.ctrl) {
@@ -4094,10 +4406,19 @@ static ddp_result ddp__coll_done(ddp_context *ctx, ddp_result r) {
     return r;
 }
 
+/* The timeline's event of a collective on the user's buffers. */
+static ddp_result ddp__coll_traced(ddp_context *ctx, int which, double t0, size_t bytes, ddp_result r) {
+    ddp__trace_ev(ctx, DDP__EV_COLL, t0, ddp__now() - t0, which, 0, bytes);
+    return ddp__coll_done(ctx, r);
+}
+
 DDP_API ddp_result ddp_barrier(ddp_context *ctx) {
     if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
     DDP__TRY(ddp__coll_check(ctx, "ddp_barrier", ctx, ctx, DDP_F32, DDP_OP_SUM));
-    return ddp__coll_done(ctx, ctx->ops->barrier(ctx, "a barrier"));
+    {
+        double t0 = ddp__now();
+        return ddp__coll_traced(ctx, 0, t0, 0, ctx->ops->barrier(ctx, "a barrier"));
+    }
 }
 
 DDP_API ddp_result ddp_allreduce(ddp_context *ctx, void *buf, size_t count, ddp_dtype dtype, ddp_op op) {
@@ -4105,7 +4426,10 @@ DDP_API ddp_result ddp_allreduce(ddp_context *ctx, void *buf, size_t count, ddp_
     if (count == 0) return DDP_SUCCESS;
     if (dtype == DDP_DTYPE_DEFAULT) dtype = DDP_F32;
     if (op == DDP_OP_DEFAULT) op = DDP_OP_SUM;
-    return ddp__coll_done(ctx, ctx->ops->allreduce(ctx, buf, count, dtype, op));
+    {
+        double t0 = ddp__now();
+        return ddp__coll_traced(ctx, 1, t0, count * ddp_dtype_size(dtype), ctx->ops->allreduce(ctx, buf, count, dtype, op));
+    }
 }
 
 DDP_API ddp_result ddp_broadcast(ddp_context *ctx, void *buf, size_t count, ddp_dtype dtype, int root) {
@@ -4113,13 +4437,19 @@ DDP_API ddp_result ddp_broadcast(ddp_context *ctx, void *buf, size_t count, ddp_
     if (root < 0 || root >= ctx->world)
         return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_broadcast: root %d is not a rank of a world of %d", root, ctx->world);
     if (count == 0) return DDP_SUCCESS;
-    return ddp__coll_done(ctx, ctx->ops->broadcast(ctx, buf, count * ddp_dtype_size(dtype), root));
+    {
+        double t0 = ddp__now();
+        return ddp__coll_traced(ctx, 2, t0, count * ddp_dtype_size(dtype), ctx->ops->broadcast(ctx, buf, count * ddp_dtype_size(dtype), root));
+    }
 }
 
 DDP_API ddp_result ddp_allgather(ddp_context *ctx, const void *send, void *recv, size_t count, ddp_dtype dtype) {
     DDP__TRY(ddp__coll_check(ctx, "ddp_allgather", send, recv, dtype, DDP_OP_SUM));
     if (count == 0) return DDP_SUCCESS;
-    return ddp__coll_done(ctx, ctx->ops->allgather(ctx, send, recv, count * ddp_dtype_size(dtype)));
+    {
+        double t0 = ddp__now();
+        return ddp__coll_traced(ctx, 3, t0, count * ddp_dtype_size(dtype), ctx->ops->allgather(ctx, send, recv, count * ddp_dtype_size(dtype)));
+    }
 }
 
 DDP_API ddp_result ddp_reduce_scatter(ddp_context *ctx, const void *send, void *recv, size_t count,
@@ -4128,7 +4458,10 @@ DDP_API ddp_result ddp_reduce_scatter(ddp_context *ctx, const void *send, void *
     if (count == 0) return DDP_SUCCESS;
     if (dtype == DDP_DTYPE_DEFAULT) dtype = DDP_F32;
     if (op == DDP_OP_DEFAULT) op = DDP_OP_SUM;
-    return ddp__coll_done(ctx, ctx->ops->reduce_scatter(ctx, send, recv, count, dtype, op));
+    {
+        double t0 = ddp__now();
+        return ddp__coll_traced(ctx, 4, t0, count * ddp_dtype_size(dtype), ctx->ops->reduce_scatter(ctx, send, recv, count, dtype, op));
+    }
 }
 
 /* ---- parameters ------------------------------------------------------------------ */
@@ -4771,6 +5104,21 @@ DDP_API size_t ddp_flat_bytes(const ddp_context *ctx) { return ctx && ctx->final
 /* ---- communication thread ---------------------------------------------------------- */
 
 
+/* Reduce bucket b (on the communication thread, or inline), timed for
+   the step statistics and the timeline. */
+static ddp_result ddp__run_bucket(ddp_context *ctx, int b, double scale) {
+    double t0 = ddp__now(), dt;
+    uint64_t bytes = (uint64_t)ctx->cb[b].numel * ddp_dtype_size(ctx->cb[b].dtype);
+    ddp_result r = ctx->ops->bucket_reduce(ctx, b, scale);
+    dt = ddp__now() - t0;
+    pthread_mutex_lock(&ctx->mu);
+    ctx->st_cur.comm_s += dt;
+    ctx->st_cur.bytes += bytes;
+    pthread_mutex_unlock(&ctx->mu);
+    ddp__trace_ev(ctx, DDP__EV_REDUCE, t0, dt, b, 0, bytes);
+    return r;
+}
+
 static void *ddp__comm_main(void *arg) {
     ddp_context *ctx = (ddp_context *)arg;
 #if defined(DDP_CUDA)
@@ -4788,7 +5136,7 @@ static void *ddp__comm_main(void *arg) {
         r = ctx->q_err;
         ctx->q_busy = 1;
         pthread_mutex_unlock(&ctx->mu);
-        if (r == DDP_SUCCESS) r = ctx->ops->bucket_reduce(ctx, b, scale);
+        if (r == DDP_SUCCESS) r = ddp__run_bucket(ctx, b, scale);
         pthread_mutex_lock(&ctx->mu);
         if (r != DDP_SUCCESS && ctx->q_err == DDP_SUCCESS) ctx->q_err = r;
         ctx->q_head++;
@@ -4811,7 +5159,14 @@ static ddp_result ddp__launch_bucket(ddp_context *ctx, int b) {
         snprintf(msg, sizeof msg, "launch bucket %d", b);
         ddp__log(ctx, DDP_LOG_DEBUG, msg);
     }
-    if (ctx->cfg.backend == DDP_BACKEND_NCCL) return ddp__cuda_launch_bucket(ctx, b);
+    ddp__trace_ev(ctx, DDP__EV_LAUNCH, ddp__now(), -1, b, 0, (uint64_t)ctx->cb[b].numel * ddp_dtype_size(ctx->cb[b].dtype));
+    if (ctx->cfg.backend == DDP_BACKEND_NCCL) {
+        /* queued on the communication stream: the bytes count, the time does not show on the host */
+        pthread_mutex_lock(&ctx->mu);
+        ctx->st_cur.bytes += (uint64_t)ctx->cb[b].numel * ddp_dtype_size(ctx->cb[b].dtype);
+        pthread_mutex_unlock(&ctx->mu);
+        return ddp__cuda_launch_bucket(ctx, b);
+    }
 #if defined(DDP_CUDA)
     /* staged: the events are recorded here, on the thread that marked */
     if (ddp__on_gpu(ctx)) DDP__TRY(ddp__cuda_bucket_events(ctx, b, 0));
@@ -4819,9 +5174,11 @@ static ddp_result ddp__launch_bucket(ddp_context *ctx, int b) {
     /* the last bucket: nothing of backward is left to overlap with, so the
        calling thread reduces it itself (after the queue), saving the hand-off */
     if (ctx->comm_started && b == ctx->num_cb - 1) {
+        double t0 = ddp__now();
         r = ddp__drain(ctx);
+        ddp__trace_ev(ctx, DDP__EV_WAIT, t0, ddp__now() - t0, 0, 0, 0);
         if (r != DDP_SUCCESS) return r;
-        r = ctx->ops->bucket_reduce(ctx, b, ctx->q_scale);
+        r = ddp__run_bucket(ctx, b, ctx->q_scale);
         if (r != DDP_SUCCESS) ddp__break(ctx, r);
         return r;
     }
@@ -4832,7 +5189,7 @@ static ddp_result ddp__launch_bucket(ddp_context *ctx, int b) {
         pthread_mutex_unlock(&ctx->mu);
         return DDP_SUCCESS;
     }
-    r = ctx->ops->bucket_reduce(ctx, b, ctx->q_scale);
+    r = ddp__run_bucket(ctx, b, ctx->q_scale);
     if (r != DDP_SUCCESS) ddp__break(ctx, r);
     return r;
 }
@@ -4997,6 +5354,9 @@ DDP_API ddp_result ddp_step_begin(ddp_context *ctx) {
     if (ctx->cfg.uneven_inputs && !ctx->no_sync && ctx->world > 1) DDP__TRY(ddp__join_step(ctx));
     ctx->q_scale = ddp__reduce_factor(ctx);
     ctx->in_step = 1;
+    ctx->st_t0 = ddp__now();
+    ctx->st_inline = 0;
+    ctx->st_steps++;
     return DDP_SUCCESS;
 }
 
@@ -5017,11 +5377,18 @@ static ddp_result ddp__mark(ddp_context *ctx, int id, void *stream, int has_stre
     if (has_stream && !ddp__on_gpu(ctx))
         return ddp__fail(ctx, DDP_ERROR_UNSUPPORTED, "ddp_mark_ready_stream: the context keeps parameters on the CPU; use ddp_mark_ready()");
     p->marked = 1;
+    if (ctx->trace) ddp__trace_ev(ctx, DDP__EV_MARK, ddp__now(), -1, id, p->cbucket, 0);
     if (ddp__on_gpu(ctx)) DDP__TRY(ddp__cuda_record_ready(ctx, id, stream));
     if (ctx->no_sync) return DDP_SUCCESS;
     ctx->cb[p->cbucket].pending--;
-    while (ctx->next_bucket < ctx->num_cb && ctx->cb[ctx->next_bucket].pending == 0) {
-        ddp_result r = ddp__launch_bucket(ctx, ctx->next_bucket++);
+    if (ctx->next_bucket < ctx->num_cb && ctx->cb[ctx->next_bucket].pending == 0) {
+        /* launching (and, for the last bucket, reducing) is communication on
+           the user's thread: it counts as exposed */
+        double t0 = ddp__now();
+        ddp_result r = DDP_SUCCESS;
+        while (r == DDP_SUCCESS && ctx->next_bucket < ctx->num_cb && ctx->cb[ctx->next_bucket].pending == 0)
+            r = ddp__launch_bucket(ctx, ctx->next_bucket++);
+        ctx->st_inline += ddp__now() - t0;
         if (r != DDP_SUCCESS) return r;
     }
     return DDP_SUCCESS;
@@ -5040,7 +5407,9 @@ static ddp_result ddp__reduce_rest(ddp_context *ctx, void *stream) {
     if (ctx->cfg.backend == DDP_BACKEND_NCCL) {
         if (r == DDP_SUCCESS) r = ddp__cuda_step_end(ctx, stream);
     } else {
+        double t0 = ddp__now();
         ddp_result d = ddp__drain(ctx);
+        if (ctx->comm_started) ddp__trace_ev(ctx, DDP__EV_WAIT, t0, ddp__now() - t0, 0, 0, 0);
         if (r == DDP_SUCCESS) r = d;
         if (r == DDP_SUCCESS && ddp__on_gpu(ctx)) r = ddp__cuda_step_end(ctx, stream);
     }
@@ -5050,6 +5419,7 @@ static ddp_result ddp__reduce_rest(ddp_context *ctx, void *stream) {
 static ddp_result ddp__step_end(ddp_context *ctx, void *stream) {
     int i, missing = 0;
     ddp_result r;
+    double entry = ddp__now(), done;
     if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
     DDP__TRY(ddp__check_usable(ctx, "ddp_step_end"));
     if (!ctx->in_step) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_step_end: no step in progress");
@@ -5078,6 +5448,9 @@ static ddp_result ddp__step_end(ddp_context *ctx, void *stream) {
     if (ctx->no_sync) {
         ctx->in_step = 0;
         r = ddp__acc_end_local(ctx, stream);
+        /* a no_sync micro-step's time counts with the synced step that ends its window */
+        ctx->st_cur.compute_s += entry - ctx->st_t0;
+        ddp__trace_ev(ctx, DDP__EV_STEP, ctx->st_t0, ddp__now() - ctx->st_t0, (int)ctx->st_steps, 0, 0);
         return r == DDP_SUCCESS ? r : ddp__break(ctx, r);
     }
     /* unused parameters keep their (zero or accumulated) gradient and are reduced like the rest */
@@ -5085,6 +5458,9 @@ static ddp_result ddp__step_end(ddp_context *ctx, void *stream) {
     if (r == DDP_SUCCESS) r = ddp__acc_end_reduced(ctx, stream);
     ctx->in_step = 0;
     if (r != DDP_SUCCESS) return ddp__break(ctx, r);
+    done = ddp__now();
+    ddp__stats_step_done(ctx, entry, done);
+    ddp__trace_ev(ctx, DDP__EV_STEP, ctx->st_t0, done - ctx->st_t0, (int)ctx->st_steps, 1, 0);
     return DDP_SUCCESS;
 }
 
@@ -5745,7 +6121,7 @@ static ddp_result ddp__param_gather(ddp_context *ctx) {
    scheduled lr, unscale and clip factors folded into one gradient
    multiplier (PyTorch multiplies twice; with a power-of-two scale the bits
    are the same). */
-DDP_API ddp_result ddp_optimizer_step(ddp_context *ctx) {
+static ddp_result ddp__optimizer_step(ddp_context *ctx) {
     const ddp_optimizer_desc *o;
     ddp__hyper h;
     double c64 = 1.0, inv64 = 1.0, ss = 0;
@@ -5798,12 +6174,27 @@ DDP_API ddp_result ddp_optimizer_step(ddp_context *ctx) {
     else for (b = 0; b < ctx->num_buckets; b++) { size_t lo, hi; ddp__own_range(ctx, b, &lo, &hi); ddp__opt_range(ctx, b, lo, hi, &h); }
     if (ctx->zero && ctx->world > 1) {
         /* every rank updated its shards: all-gather the parameters */
+        double t0 = ddp__now();
         r = ddp__param_gather(ctx);
         if (r != DDP_SUCCESS) return ddp__break(ctx, r);
+        ddp__trace_ev(ctx, DDP__EV_GATHER, t0, ddp__now() - t0, 0, 0, ctx->flat_bytes);
     }
     if (scaling) ddp__loss_scale_update(ctx, 0);
     ctx->sched_steps++;
     ctx->zero_pending = 1; /* the accumulation ends here */
+    return DDP_SUCCESS;
+}
+
+DDP_API ddp_result ddp_optimizer_step(ddp_context *ctx) {
+    double t0 = ddp__now(), dt;
+    ddp_result r;
+    if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
+    r = ddp__optimizer_step(ctx);
+    if (r != DDP_SUCCESS) return r;
+    dt = ddp__now() - t0;
+    ctx->st_last.optimizer_s += dt;
+    ctx->st_total.optimizer_s += dt;
+    ddp__trace_ev(ctx, DDP__EV_OPT, t0, dt, ctx->ls_last_skipped ? 0 : (int)ctx->opt_steps, 0, ctx->flat_bytes);
     return DDP_SUCCESS;
 }
 
@@ -6171,6 +6562,7 @@ static ddp_result ddp__agree(ddp_context *ctx, ddp_result mine, const char *what
 
 DDP_API ddp_result ddp_save_checkpoint(ddp_context *ctx, const char *path) {
     ddp_result r = DDP_SUCCESS;
+    double t0 = ddp__now();
     if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
     DDP__TRY(ddp__check_usable(ctx, "ddp_save_checkpoint"));
     if (!path || !*path) return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_save_checkpoint: path is NULL or empty");
@@ -6185,7 +6577,9 @@ DDP_API ddp_result ddp_save_checkpoint(ddp_context *ctx, const char *path) {
     }
     if (ctx->rank == 0) r = ddp__save_file(ctx, path);
     ddp__free_gathered(ctx);
-    return ddp__agree(ctx, r, "saving the checkpoint");
+    r = ddp__agree(ctx, r, "saving the checkpoint");
+    ddp__trace_ev(ctx, DDP__EV_SAVE, t0, ddp__now() - t0, 0, 0, ctx->flat_bytes + ddp_optimizer_state_bytes(ctx));
+    return r;
 }
 
 /* The header of a checkpoint, every field range-checked. */
@@ -6493,7 +6887,12 @@ DDP_API ddp_result ddp_load_checkpoint_ex(ddp_context *ctx, const char *path, un
     if (!ctx->finalized) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_load_checkpoint: call ddp_finalize() first");
     if (ctx->in_step) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_load_checkpoint: not allowed inside a step");
     DDP__TRY(ddp__join_check(ctx, "ddp_load_checkpoint"));
-    return ddp__agree(ctx, ddp__load_file(ctx, path, flags), "loading the checkpoint");
+    {
+        double t0 = ddp__now();
+        ddp_result r = ddp__agree(ctx, ddp__load_file(ctx, path, flags), "loading the checkpoint");
+        ddp__trace_ev(ctx, DDP__EV_LOAD, t0, ddp__now() - t0, 0, 0, ctx->flat_bytes + ddp_optimizer_state_bytes(ctx));
+        return r;
+    }
 }
 
 DDP_API ddp_result ddp_load_checkpoint(ddp_context *ctx, const char *path) {
