@@ -331,6 +331,31 @@
        thread (or stream), strictly in bucket order, so communication overlaps
        the rest of your backward.
 
+       Learned order. When your backward marks parameters in another order
+       than reverse registration (a model registered out of order, branches),
+       registration-order buckets wait for late parameters and the overlap
+       is lost. So, as PyTorch DDP does, the buckets are rebuilt once, at the
+       end of the first step (synced or not), from the order of that step's
+       ddp_mark_ready() calls, with the same caps; parameters never marked
+       come last, in reverse registration order. Every rank takes rank 0's
+       order (one broadcast at that ddp_step_end); a rank that marked in
+       another order logs a DEBUG line naming the first difference. From
+       the second step on, buckets launch in mark order.
+       What changes is only which parameters a bucket holds and its launch
+       order: parameters do not move. Every pointer from ddp_param_data,
+       ddp_param_grad, ddp_flat_params and ddp_flat_grads stays valid, the
+       optimizer state, the ZeRO-1 shards and checkpoints are untouched
+       (nothing of the order is saved; a resumed run learns it again), and
+       the results are the same bits as with the registration order. A
+       learned bucket may be several ranges of the flat buffers:
+       ddp_bucket_info() gives its span, ddp_bucket_range() the ranges
+       (each reduced in place; a communication hook gets them packed into
+       one span, see COMMUNICATION HOOKS). ddp_param_bucket() and the
+       "launch bucket" DEBUG lines show the learned buckets.
+       config.static_bucket_order = 1 keeps the registration order; with
+       config.uneven_inputs the order is not learned (a rank that joins
+       before its first step would not answer the agreement).
+
    TIMELINE
 
        DDP_TRACE=path (or config.trace_path) makes every rank write its
@@ -684,6 +709,8 @@ typedef struct ddp_config {
 
     size_t first_bucket_bytes;/* default 1 MiB */
     size_t bucket_bytes;      /* default 25 MiB */
+    int    static_bucket_order; /* 1: buckets stay in reverse registration order; 0: the order of
+                                   ddp_mark_ready in the first step (see BUCKETS) */
     int    gradient_sum;      /* 1: leave the sum, not the average */
     int    allow_unused_parameters; /* 1: a parameter never marked is reduced as it is (zero) */
     ddp_dtype compress;       /* GPU: all-reduce gradients in DDP_BF16 or DDP_F16 */
@@ -1335,6 +1362,11 @@ struct ddp_context {
     unsigned char *flat_grads;   /* host: points into shm.grads for shm */
     int      owns_flat_grads;
     int      zero;               /* ZeRO-1: optimizer state sharded (config.zero_stage) */
+
+    /* the bucket order learned from the first step (see BUCKETS) */
+    int     *mark_order;         /* parameter ids in the order the first step marked them */
+    int      mark_count;
+    int      order_learned;      /* 1 once the first step ended (or learning is off) */
 
     /* the step */
     int      in_step;
@@ -4369,6 +4401,7 @@ DDP_API void ddp_destroy(ddp_context *ctx) {
     ddp__free(ctx, ctx->cb);
     ddp__free(ctx, ctx->cranges);
     ddp__free(ctx, ctx->cpieces);
+    ddp__free(ctx, ctx->mark_order);
     ddp__free(ctx, ctx->queue);
     ddp__free(ctx, ctx->opt_state_off);
     ddp__free(ctx, ctx->group_map);
@@ -4738,19 +4771,22 @@ static ddp_result ddp__build_comm(ddp_context *ctx, const int *order) {
     int P = ctx->num_params, nb = 0, i, k, same;
     ddp__cbucket *cb = (ddp__cbucket *)ddp__calloc(ctx, (size_t)P * sizeof *cb);
     int *cbof = (int *)ddp__alloc(ctx, (size_t)P * sizeof(int));
-    size_t *keys = (size_t *)ddp__alloc(ctx, (size_t)P * 2 * sizeof(size_t)), *bytes = NULL;
+    size_t *keys = (size_t *)ddp__alloc(ctx, (size_t)P * 2 * sizeof(size_t));
     ddp__pvec ranges = { NULL, 0, 0 }, pieces = { NULL, 0, 0 };
     ddp_result r = DDP_SUCCESS;
-    bytes = (size_t *)ddp__calloc(ctx, (size_t)P * sizeof(size_t));
-    if (!cb || !cbof || !keys || !bytes) { r = ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for the communication buckets"); goto done; }
+    if (!cb || !cbof || !keys) { r = ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for the communication buckets"); goto done; }
     if (order) {
+        /* the caps measured as ddp__assign_buckets does: every parameter
+           but the last one aligned to 256 bytes */
+        size_t aligned = 0, fill = 0;
         for (k = 0; k < P; k++) {
             const ddp__param *p = &ctx->params[order[k]];
-            size_t cap = nb == 1 ? ctx->cfg.first_bucket_bytes : ctx->cfg.bucket_bytes;
-            if (nb == 0 || cb[nb - 1].dtype != p->dtype || bytes[nb - 1] >= cap) cb[nb++].dtype = p->dtype;
+            size_t cap = nb == 1 ? ctx->cfg.first_bucket_bytes : ctx->cfg.bucket_bytes, pb = p->numel * ddp_dtype_size(p->dtype);
+            if (nb == 0 || cb[nb - 1].dtype != p->dtype || fill >= cap) { cb[nb++].dtype = p->dtype; aligned = 0; }
             cbof[order[k]] = nb - 1;
             cb[nb - 1].num_params++;
-            bytes[nb - 1] += ddp__align_up(p->numel * ddp_dtype_size(p->dtype), DDP__ALIGN);
+            fill = aligned + pb;
+            aligned += ddp__align_up(pb, DDP__ALIGN);
         }
         same = nb == ctx->num_buckets;
         for (i = 0; i < P && same; i++) same = cbof[i] == ctx->params[i].bucket;
@@ -4809,7 +4845,6 @@ done:
     ddp__free(ctx, cb);
     ddp__free(ctx, cbof);
     ddp__free(ctx, keys);
-    ddp__free(ctx, bytes);
     ddp__free(ctx, ranges.v);
     ddp__free(ctx, pieces.v);
     return r;
@@ -4984,6 +5019,11 @@ static ddp_result ddp__finalize(ddp_context *ctx) {
     DDP__TRY(ddp__build_comm(ctx, NULL));
     ctx->queue = (int *)ddp__calloc(ctx, (size_t)ctx->num_params * sizeof(int));
     if (!ctx->queue) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for the bucket queue");
+    /* the first step's marks decide the bucket order (not with uneven inputs:
+       a rank that joins at once would not answer the agreement) */
+    ctx->order_learned = ctx->cfg.static_bucket_order || ctx->cfg.uneven_inputs;
+    if (!ctx->order_learned && !(ctx->mark_order = (int *)ddp__alloc(ctx, (size_t)ctx->num_params * sizeof(int))))
+        return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for the bucket order");
     if (ctx->world > 1) DDP__TRY(ddp__verify_params(ctx));
     DDP__TRY(ddp__alloc_host_state(ctx));
     if (ddp__on_gpu(ctx)) {
@@ -5377,6 +5417,7 @@ static ddp_result ddp__mark(ddp_context *ctx, int id, void *stream, int has_stre
     if (has_stream && !ddp__on_gpu(ctx))
         return ddp__fail(ctx, DDP_ERROR_UNSUPPORTED, "ddp_mark_ready_stream: the context keeps parameters on the CPU; use ddp_mark_ready()");
     p->marked = 1;
+    if (!ctx->order_learned && ctx->mark_count < ctx->num_params) ctx->mark_order[ctx->mark_count++] = id;
     if (ctx->trace) ddp__trace_ev(ctx, DDP__EV_MARK, ddp__now(), -1, id, p->cbucket, 0);
     if (ddp__on_gpu(ctx)) DDP__TRY(ddp__cuda_record_ready(ctx, id, stream));
     if (ctx->no_sync) return DDP_SUCCESS;
@@ -5416,6 +5457,83 @@ static ddp_result ddp__reduce_rest(ddp_context *ctx, void *stream) {
     return r;
 }
 
+/* ---- the bucket order learned from the first step ----
+
+   PyTorch DDP rebuilds its buckets after the first iteration in the order
+   the gradients became ready; so does this reducer, once, at the end of
+   the first step (synced or not): the order of that step's
+   ddp_mark_ready() calls (parameters never marked follow in reverse
+   registration order). Every rank takes rank 0's order (a broadcast of
+   one int per parameter; a rank that marked in another order says so in
+   a DEBUG log line). Only the communication buckets change: which
+   parameters each holds and their launch order. The storage (offsets,
+   the pointers you hold, the optimizer state, ZeRO-1 shards, checkpoints)
+   stays as it is; a bucket may then be several ranges of the flat
+   buffers. Off with config.static_bucket_order or uneven inputs. */
+static ddp_result ddp__learn_order(ddp_context *ctx) {
+    int P = ctx->num_params, i, k, seen, diff = -1;
+    int32_t *order;
+    int *have;
+    ddp_result r = DDP_SUCCESS;
+    ctx->order_learned = 1;
+    order = (int32_t *)ddp__alloc(ctx, (size_t)P * sizeof *order);
+    have = (int *)ddp__calloc(ctx, (size_t)P * sizeof *have);
+    if (!order || !have) {
+        ddp__free(ctx, order);
+        ddp__free(ctx, have);
+        return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory learning the bucket order");
+    }
+    for (k = 0; k < ctx->mark_count; k++) { order[k] = ctx->mark_order[k]; have[ctx->mark_order[k]] = 1; }
+    for (seen = k, i = P - 1; i >= 0; i--) if (!have[i]) order[seen++] = i;
+    if (ctx->world > 1) {
+        int32_t *mine = (int32_t *)ddp__alloc(ctx, (size_t)P * sizeof *mine);
+        if (!mine) r = ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory learning the bucket order");
+        else memcpy(mine, order, (size_t)P * sizeof *mine);
+        if (r == DDP_SUCCESS) r = ctx->ops->broadcast(ctx, order, (size_t)P * sizeof *order, 0);
+        for (k = 0; r == DDP_SUCCESS && k < P; k++) {
+            if (order[k] < 0 || order[k] >= P) {
+                r = ddp__fail(ctx, DDP_ERROR_MISMATCH, "rank 0's bucket order names parameter %d of %d", (int)order[k], P);
+                break;
+            }
+            if (diff < 0 && order[k] != mine[k]) diff = k;
+        }
+        if (r == DDP_SUCCESS && diff >= 0 && ctx->cfg.logger.func && ctx->cfg.logger.level >= DDP_LOG_DEBUG) {
+            char msg[400];
+            snprintf(msg, sizeof msg, "bucket order: rank %d marked its parameters in another order than rank 0 in the first step "
+                     "(position %d: '%.100s' here, '%.100s' on rank 0); every rank uses rank 0's order",
+                     ctx->rank, diff, ctx->params[mine[diff]].name, ctx->params[order[diff]].name);
+            ddp__log(ctx, DDP_LOG_DEBUG, msg);
+        }
+        ddp__free(ctx, mine);
+    }
+    if (r == DDP_SUCCESS) {
+        int before = ctx->num_cb, changed = 0;
+        for (i = 0; i < P; i++) have[i] = ctx->params[i].cbucket;
+        r = ddp__build_comm(ctx, (const int *)order);
+        for (i = 0; i < P && r == DDP_SUCCESS; i++) changed |= have[i] != ctx->params[i].cbucket;
+        if (r == DDP_SUCCESS && (changed || before != ctx->num_cb) && ctx->cfg.logger.func && ctx->cfg.logger.level >= DDP_LOG_INFO) {
+            char msg[160];
+            snprintf(msg, sizeof msg, "bucket order learned from the first step: %d buckets (were %d) in the order of ddp_mark_ready",
+                     ctx->num_cb, before);
+            ddp__log(ctx, DDP_LOG_INFO, msg);
+        }
+        if (r == DDP_SUCCESS && ctx->cfg.logger.func && ctx->cfg.logger.level >= DDP_LOG_DEBUG) {
+            for (k = 0; k < ctx->num_cb; k++) {
+                char msg[600];
+                int n = snprintf(msg, sizeof msg, "bucket %d (%d range%s):", k, ctx->cb[k].nrange, ctx->cb[k].nrange == 1 ? "" : "s");
+                for (i = 0; i < P && n > 0 && (size_t)n < sizeof msg - 4; i++)
+                    if (ctx->params[i].cbucket == k) n += snprintf(msg + n, sizeof msg - (size_t)n, " %s", ctx->params[i].name);
+                ddp__log(ctx, DDP_LOG_DEBUG, msg);
+            }
+        }
+    }
+    ddp__free(ctx, order);
+    ddp__free(ctx, have);
+    ddp__free(ctx, ctx->mark_order);
+    ctx->mark_order = NULL;
+    return r;
+}
+
 static ddp_result ddp__step_end(ddp_context *ctx, void *stream) {
     int i, missing = 0;
     ddp_result r;
@@ -5451,12 +5569,14 @@ static ddp_result ddp__step_end(ddp_context *ctx, void *stream) {
         /* a no_sync micro-step's time counts with the synced step that ends its window */
         ctx->st_cur.compute_s += entry - ctx->st_t0;
         ddp__trace_ev(ctx, DDP__EV_STEP, ctx->st_t0, ddp__now() - ctx->st_t0, (int)ctx->st_steps, 0, 0);
+        if (r == DDP_SUCCESS && !ctx->order_learned) r = ddp__learn_order(ctx);
         return r == DDP_SUCCESS ? r : ddp__break(ctx, r);
     }
     /* unused parameters keep their (zero or accumulated) gradient and are reduced like the rest */
     r = ddp__reduce_rest(ctx, stream);
     if (r == DDP_SUCCESS) r = ddp__acc_end_reduced(ctx, stream);
     ctx->in_step = 0;
+    if (r == DDP_SUCCESS && !ctx->order_learned) r = ddp__learn_order(ctx);
     if (r != DDP_SUCCESS) return ddp__break(ctx, r);
     done = ddp__now();
     ddp__stats_step_done(ctx, entry, done);
