@@ -356,6 +356,55 @@
        config.uneven_inputs the order is not learned (a rank that joins
        before its first step would not answer the agreement).
 
+   COMMUNICATION HOOKS
+
+       PyTorch's register_comm_hook: ddp_register_comm_hook(ctx, hook,
+       state) makes every bucket of the following synced steps go through
+       hook instead of the built-in average. The hook gets a
+       ddp_comm_bucket: the gradients as one contiguous span (grad, count,
+       dtype; a bucket of several ranges, see BUCKETS, comes packed in a
+       scratch buffer and goes back after the hook), the factor to apply
+       to the sum over ranks (scale: 1 / world, 1 / (world * K) in
+       ddp_train_step(K), 1 with gradient_sum, 1 / contributors with
+       uneven inputs), rank and world, and the library's collectives on
+       this context's communicator as function pointers (allreduce with an
+       op and a scale applied in the same pass, broadcast, allgather,
+       reduce_scatter, barrier; call them as b->allreduce(b->comm, ...)).
+       It must leave grad holding the reduced gradients times scale (with
+       ZeRO-1 at least on this rank's shard) and return DDP_SUCCESS.
+         - Where it runs: on the communication thread (shm, staged) while
+           your backward goes on, or on your thread for the last bucket and
+           with config.no_comm_thread; on the nccl backend on your thread
+           when the bucket launches (its collectives then wait for
+           themselves: overlap is lost). It may call the collectives it is
+           given, read and write grad and its own memory, and nothing of
+           the public API on this context.
+         - Every rank must run the same hook and call the same collectives
+           in the same order (DDP_DEBUG=detail checks that, see DEBUG MODE).
+         - On the CPU backends an allreduce on grad itself runs in place in
+           the shared gradient segment (no staging copy); other buffers go
+           through staging.
+         - Errors: a hook that returns anything but DDP_SUCCESS fails the
+           step with DDP_ERROR_USER ("communication hook returned N for
+           bucket B on rank R"), and, on the shm and staged backends, every
+           other rank's step fails with DDP_ERROR_USER too, as soon as it
+           waits for that rank (no hang; on nccl the peers fail at the
+           timeout). A collective that fails inside the hook breaks the
+           context with its own error; return it.
+         - GPU contexts: grad is device memory (on_device 1) and stream the
+           communication stream; queue your kernels there. The collectives
+           wait for the stream first.
+       Built-in hooks: ddp_comm_hook_allreduce (the built-in average, the
+       same bits), ddp_comm_hook_bf16 and ddp_comm_hook_fp16 (f32 buckets:
+       multiplied by scale, rounded to bf16 / fp16, summed in that type,
+       widened back; PyTorch's bf16_compress_hook and fp16_compress_hook).
+       On the CPU the compression happens in place in the first half of the
+       bucket's span, so the all-reduce moves half the bytes through shared
+       memory; it is also the reference of the GPU's compression.
+       config.compress = DDP_BF16 / DDP_F16 selects them (the nccl backend
+       compresses on its own path with the same arithmetic). The step
+       statistics count the bytes a hook's collectives moved.
+
    TIMELINE
 
        DDP_TRACE=path (or config.trace_path) makes every rank write its
@@ -713,7 +762,8 @@ typedef struct ddp_config {
                                    ddp_mark_ready in the first step (see BUCKETS) */
     int    gradient_sum;      /* 1: leave the sum, not the average */
     int    allow_unused_parameters; /* 1: a parameter never marked is reduced as it is (zero) */
-    ddp_dtype compress;       /* GPU: all-reduce gradients in DDP_BF16 or DDP_F16 */
+    ddp_dtype compress;       /* DDP_BF16 or DDP_F16: reduce f32 gradients in that type (the
+                                 compression hooks, see COMMUNICATION HOOKS; every backend) */
     int    no_comm_thread;    /* 1: reduce buckets inline in ddp_step_end (no overlap) */
     size_t staging_bytes;     /* shm: per-rank staging for user buffers, default 16 MiB */
 
@@ -911,6 +961,52 @@ DDP_API double     ddp_loss_scale(const ddp_context *ctx);
    ddp_optimizer_step() (or a checkpoint load); 0 before. With ZeRO-1
    about 1/world of the unsharded size (see ZERO). */
 DDP_API size_t     ddp_optimizer_state_bytes(const ddp_context *ctx);
+
+/* ---- communication hooks ------------------------------------------------------ */
+/* See COMMUNICATION HOOKS in the manual above. */
+
+/* One bucket, as a communication hook gets it. */
+typedef struct ddp_comm_bucket {
+    int       index;       /* the bucket (its launch order) */
+    void     *grad;        /* its gradients, count elements of dtype, contiguous (device memory when on_device) */
+    size_t    count;
+    ddp_dtype dtype;
+    double    scale;       /* what the sum over ranks must be multiplied by: 1 / world for the
+                              average, 1 / (world * K) inside ddp_train_step(K), 1 with gradient_sum */
+    int       rank, world;
+    int       on_device;   /* 1: grad is CUDA device memory */
+    void     *stream;      /* CUDA: the stream to queue your kernels on (a cudaStream_t) */
+    void     *comm;        /* pass to the functions below */
+    /* The library's collectives on this context's communicator. buf: the
+       bucket's grad (in place, the fast path on shm) or memory of yours
+       (host; device memory on GPU contexts). allreduce multiplies the
+       result by scale (1: not at all) in the same pass. They return as
+       the public collectives do; a failure breaks the context: return it. */
+    ddp_result (*allreduce)(void *comm, void *buf, size_t count, ddp_dtype dtype, ddp_op op, double scale);
+    ddp_result (*broadcast)(void *comm, void *buf, size_t count, ddp_dtype dtype, int root);
+    ddp_result (*allgather)(void *comm, const void *send, void *recv, size_t count, ddp_dtype dtype);
+    ddp_result (*reduce_scatter)(void *comm, const void *send, void *recv, size_t count, ddp_dtype dtype, ddp_op op);
+    ddp_result (*barrier)(void *comm);
+} ddp_comm_bucket;
+
+/* Reduce the bucket in place (grad must end as the reduced gradients,
+   times scale); return DDP_SUCCESS, or anything else to fail the step:
+   every rank's step then fails with DDP_ERROR_USER. */
+typedef ddp_result (*ddp_comm_hook)(const ddp_comm_bucket *bucket, void *state);
+
+/* Use hook (with your state) for every bucket from the next step on,
+   instead of the built-in average; NULL: the built-in again. The same
+   hook on every rank. Not inside a step. */
+DDP_API ddp_result ddp_register_comm_hook(ddp_context *ctx, ddp_comm_hook hook, void *state);
+/* Built-in hooks. ddp_comm_hook_allreduce: the built-in average as a hook
+   (a sum multiplied by scale). ddp_comm_hook_bf16 / _fp16: f32 buckets are
+   multiplied by scale, rounded to bf16 / fp16, summed over the ranks in
+   that type (half the bytes), widened back (PyTorch's bf16_compress_hook,
+   fp16_compress_hook); other buckets are all-reduced as they are. state
+   is unused (NULL). */
+DDP_API ddp_result ddp_comm_hook_allreduce(const ddp_comm_bucket *bucket, void *state);
+DDP_API ddp_result ddp_comm_hook_bf16(const ddp_comm_bucket *bucket, void *state);
+DDP_API ddp_result ddp_comm_hook_fp16(const ddp_comm_bucket *bucket, void *state);
 
 /* ---- step statistics and the timeline -------------------------------------- */
 
@@ -1395,6 +1491,15 @@ struct ddp_context {
     ddp_result q_err;
     int      *queue;             /* num_buckets entries */
     double   q_scale;            /* the factor of the reduce in progress (ddp__reduce_factor) */
+
+    /* communication hook (ddp_register_comm_hook) */
+    ddp_comm_hook hook;
+    void    *hook_state;
+    void    *hook_buf;           /* packed buckets and compression scratch (device memory on GPU contexts) */
+    size_t   hook_buf_bytes;
+    uint64_t hook_bytes;         /* what the running hook's collectives moved */
+    int      hook_failed;        /* a hook returned an error: the peers fail with DDP_ERROR_USER too (atomic) */
+    int      hook_broke;         /* a hook's failure (here or on a peer) broke the context (atomic) */
 
     /* parameter groups: distinct (lr_scale, wd_scale); the group of every
        256-byte chunk of the flat buffers (every parameter starts a chunk) */
@@ -3560,7 +3665,8 @@ typedef struct ddp__shm_ctrl {
     int32_t  abort_rank;                 /* -1 until somebody aborts; published after abort_msg */
     char     abort_msg[512];
     int32_t  abort_claim;                /* 0 until one rank owns the abort message */
-    char     pad[DDP__CACHELINE * 5 - 532];
+    int32_t  abort_code;                 /* DDP_ERROR_USER: a communication hook failed (written before abort_rank) */
+    char     pad[DDP__CACHELINE * 5 - 536];
 } ddp__shm_ctrl;
 
 static ddp__shm_slot *ddp__slot(ddp_context *ctx, int q) {
@@ -3580,6 +3686,8 @@ static void ddp__shm_abort(ddp_context *ctx, const char *why) {
     if (!c) return;
     if (__atomic_compare_exchange_n(&c->abort_claim, &expect, 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
         ddp__copy_str(c->abort_msg, sizeof c->abort_msg, why);
+        /* only a failed communication hook fails the peers with its own code */
+        c->abort_code = __atomic_load_n(&ctx->hook_failed, __ATOMIC_ACQUIRE) ? (int32_t)DDP_ERROR_USER : 0;
         DDP__STORE_REL(&c->abort_rank, (int32_t)ctx->rank);
     }
 }
@@ -3628,10 +3736,15 @@ static ddp_result ddp__shm_wait(ddp_context *ctx, int field, uint64_t target, in
             if (ddp__counter(ddp__slot(ctx, q), field) < target) { missing = q; break; }
         if (missing < 0) return DDP_SUCCESS;
         if (DDP__LOAD_ACQ(&c->abort_rank) >= 0) {
-            ddp__fail(ctx, DDP_ERROR_PEER, "rank %d gave up while rank %d waited for %s: %s",
+            /* a communication hook that failed on one rank fails every rank
+               with DDP_ERROR_USER; anything else (your ddp_train_step
+               function's failure included) is a peer's failure */
+            ddp_result code = c->abort_code == DDP_ERROR_USER ? DDP_ERROR_USER : DDP_ERROR_PEER;
+            ddp__fail(ctx, code, "rank %d gave up while rank %d waited for %s: %s",
                       (int)DDP__LOAD_ACQ(&c->abort_rank), ctx->rank, what, c->abort_msg);
-            ddp__set_broken(ctx, DDP_ERROR_PEER);
-            return DDP_ERROR_PEER;
+            if (code == DDP_ERROR_USER) __atomic_store_n(&ctx->hook_broke, 1, __ATOMIC_RELEASE);
+            ddp__set_broken(ctx, code);
+            return code;
         }
         spins++;
         if (spins < 2000) { DDP__PAUSE(); continue; }
@@ -3747,6 +3860,31 @@ static void ddp__reduce(void *const *src, int nsrc, void *const *dst, int ndst,
             }
             if (s != 1.0f) for (i = 0; i < m; i++) acc[i] *= s;
             for (d = 0; d < ndst; d++) memcpy((float *)dst[d] + b0, acc, m * sizeof(float));
+        }
+        return;
+    }
+    if ((t == DDP_BF16 || t == DDP_F16) && op != DDP_OP_MAX && op != DDP_OP_MIN) {
+        /* the 16-bit sums (compression hooks): as the generic path below,
+           without its per-element type switch */
+        double acc[DDP__RED_BLOCK / 2];
+        size_t blk = DDP__RED_BLOCK / 2;
+        int bf = t == DDP_BF16;
+        for (b0 = 0; b0 < n; b0 += blk) {
+            size_t m = n - b0 < blk ? n - b0 : blk, i;
+            const uint16_t *s0 = (const uint16_t *)src[0] + b0;
+            if (bf) for (i = 0; i < m; i++) acc[i] = ddp__bf16_to_f32(s0[i]);
+            else for (i = 0; i < m; i++) acc[i] = ddp__f16_to_f32(s0[i]);
+            for (q = 1; q < nsrc; q++) {
+                const uint16_t *sq = (const uint16_t *)src[q] + b0;
+                if (bf) for (i = 0; i < m; i++) acc[i] += ddp__bf16_to_f32(sq[i]);
+                else for (i = 0; i < m; i++) acc[i] += ddp__f16_to_f32(sq[i]);
+            }
+            if (scale != 1.0) for (i = 0; i < m; i++) acc[i] *= scale;
+            for (d = 0; d < ndst; d++) {
+                uint16_t *y = (uint16_t *)dst[d] + b0;
+                if (bf) for (i = 0; i < m; i++) y[i] = ddp__f32_to_bf16((float)acc[i]);
+                else for (i = 0; i < m; i++) y[i] = ddp__f32_to_f16((float)acc[i]);
+            }
         }
         return;
     }
@@ -3918,8 +4056,9 @@ static int ddp__in_grad_segment(ddp_context *ctx, const void *buf, size_t bytes)
     return p >= mine && p + bytes <= mine + ctx->shm.grad_stride;
 }
 
-static ddp_result ddp__shm_allreduce(ddp_context *ctx, void *buf, size_t n, ddp_dtype t, ddp_op op) {
-    double scale = ddp__op_scale(ctx, op);
+/* The all-reduce, its result multiplied by extra as well (hooks). */
+static ddp_result ddp__shm_allreduce_scaled(ddp_context *ctx, void *buf, size_t n, ddp_dtype t, ddp_op op, double extra) {
+    double scale = ddp__op_scale(ctx, op) * extra;
     if (ctx->world == 1) {
         if (scale != 1.0) ddp__reduce(&buf, 1, &buf, 1, n, t, op, scale);
         return DDP_SUCCESS;
@@ -3929,6 +4068,10 @@ static ddp_result ddp__shm_allreduce(ddp_context *ctx, void *buf, size_t n, ddp_
         return ddp__shm_allreduce_inplace(ctx, off, n, t, op, scale, "an all-reduce");
     }
     return ddp__shm_allreduce_staged(ctx, buf, n, t, op, scale);
+}
+
+static ddp_result ddp__shm_allreduce(ddp_context *ctx, void *buf, size_t n, ddp_dtype t, ddp_op op) {
+    return ddp__shm_allreduce_scaled(ctx, buf, n, t, op, 1.0);
 }
 
 static ddp_result ddp__shm_broadcast(ddp_context *ctx, void *buf, size_t bytes, int root) {
@@ -4136,12 +4279,13 @@ static const ddp__backend_ops ddp__shm_ops = {
 };
 
 /* A broken context answers every call with the error that broke it when a
-   peer or a timeout did (DDP_ERROR_PEER, DDP_ERROR_TIMEOUT), else
-   DDP_ERROR_INVALID_STATE. */
+   peer, a timeout or a communication hook did (DDP_ERROR_PEER,
+   DDP_ERROR_TIMEOUT, DDP_ERROR_USER), else DDP_ERROR_INVALID_STATE. */
 static ddp_result ddp__check_usable(ddp_context *ctx, const char *fn) {
     int b = __atomic_load_n(&ctx->broken, __ATOMIC_ACQUIRE);
     if (b) {
         ddp_result code = b == DDP_ERROR_PEER || b == DDP_ERROR_TIMEOUT ? (ddp_result)b : DDP_ERROR_INVALID_STATE;
+        if (__atomic_load_n(&ctx->hook_broke, __ATOMIC_ACQUIRE)) code = DDP_ERROR_USER; /* a communication hook failed */
         char why[DDP__ERRLEN];
         ddp__comm_error(ctx, why, sizeof why);
         if (!why[0]) memcpy(why, ctx->err, sizeof why);
@@ -4255,6 +4399,7 @@ static ddp_result ddp__shm_setup(ddp_context *ctx) {
         ctx->shm.ctrl->world = ctx->world;
         ctx->shm.ctrl->abort_rank = -1;
         ctx->shm.ctrl->abort_claim = 0;
+        ctx->shm.ctrl->abort_code = 0;
     }
     ddp__slot(ctx, ctx->rank)->pid = (int32_t)getpid();
     if (ctx->world > 1) {
@@ -4374,6 +4519,7 @@ DDP_API void ddp_destroy(ddp_context *ctx) {
     }
     if (ctx->rank == 0 && ctx->shm.grads_name[0]) shm_unlink(ctx->shm.grads_name);
     if (ctx->cfg.device == DDP_DEVICE_CUDA) {
+        ddp__free_device(ctx, ctx->hook_buf);
         ddp__free_device(ctx, ctx->flat_params);
         ddp__free_device(ctx, ctx->opt_m);
         ddp__free_device(ctx, ctx->opt_v);
@@ -4381,6 +4527,7 @@ DDP_API void ddp_destroy(ddp_context *ctx) {
         ddp__free_device(ctx, ctx->acc_reduced);
         ddp__free_device(ctx, ctx->acc_local);
     } else {
+        ddp__free(ctx, ctx->hook_buf);
         ddp__free(ctx, ctx->acc_reduced);
         ddp__free(ctx, ctx->acc_local);
         ddp__free(ctx, ctx->flat_params);
@@ -5019,6 +5166,9 @@ static ddp_result ddp__finalize(ddp_context *ctx) {
     DDP__TRY(ddp__build_comm(ctx, NULL));
     ctx->queue = (int *)ddp__calloc(ctx, (size_t)ctx->num_params * sizeof(int));
     if (!ctx->queue) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for the bucket queue");
+    /* config.compress: the compression hook (nccl compresses on its own path) */
+    if (!ctx->hook && ctx->cfg.backend != DDP_BACKEND_NCCL && (ctx->cfg.compress == DDP_BF16 || ctx->cfg.compress == DDP_F16))
+        ctx->hook = ctx->cfg.compress == DDP_BF16 ? ddp_comm_hook_bf16 : ddp_comm_hook_fp16;
     /* the first step's marks decide the bucket order (not with uneven inputs:
        a rank that joins at once would not answer the agreement) */
     ctx->order_learned = ctx->cfg.static_bucket_order || ctx->cfg.uneven_inputs;
@@ -5144,18 +5294,235 @@ DDP_API size_t ddp_flat_bytes(const ddp_context *ctx) { return ctx && ctx->final
 /* ---- communication thread ---------------------------------------------------------- */
 
 
+/* ---- communication hooks ----------------------------------------------------------
+
+   A hook replaces a bucket's built-in reduction and runs where it would
+   have: on the communication thread (shm, staged), inline for the last
+   bucket, or on your thread at the bucket's launch (nccl). It gets the
+   bucket as one span (a bucket of several ranges, see BUCKETS, is packed
+   into a scratch buffer and unpacked after) and the library's collectives
+   through function pointers; they run on this context's communicator
+   without the public functions' checks (no "inside a step" refusal). */
+
+static ddp_result ddp__cuda_hook_prepare(ddp_context *ctx, int b);
+static ddp_result ddp__cuda_hook_finish(ddp_context *ctx, int b);
+static void *ddp__cuda_comm_stream(ddp_context *ctx);
+static ddp_result ddp__cuda_hook_sync(ddp_context *ctx);
+static ddp_result ddp__cuda_hook_scale(ddp_context *ctx, void *buf, ddp_dtype t, size_t n, double scale);
+static ddp_result ddp__cuda_copy_dd(ddp_context *ctx, void *dst, const void *src, size_t bytes);
+static ddp_result ddp__cuda_hook_compress(ddp_context *ctx, const ddp_comm_bucket *b, ddp_dtype ct);
+static void *ddp__dev_alloc(ddp_context *ctx, size_t bytes);
+
+static ddp_result ddp__hook_arg(ddp_context *ctx, const char *fn, const void *a, const void *b, ddp_dtype t, ddp_op op) {
+    if (!a || !b) return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "%s in a communication hook: buffer is NULL", fn);
+    if ((int)t < 0 || t >= DDP_DTYPE_COUNT_) return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "%s in a communication hook: dtype %d is not a ddp_dtype", fn, (int)t);
+    if ((int)op < 0 || op > DDP_OP_MIN) return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "%s in a communication hook: op %d is not a ddp_op", fn, (int)op);
+    /* kernels the hook queued on its stream come first */
+    if (ddp__on_gpu(ctx)) return ddp__cuda_hook_sync(ctx);
+    return DDP_SUCCESS;
+}
+
+static ddp_result ddp__hook_done(ddp_context *ctx, size_t bytes, ddp_result r) {
+    ctx->hook_bytes += bytes;
+    if (r != DDP_SUCCESS && r != DDP_ERROR_INVALID_ARGUMENT) return ddp__break(ctx, r);
+    return r;
+}
+
+static ddp_result ddp__hook_allreduce(void *comm, void *buf, size_t count, ddp_dtype t, ddp_op op, double scale) {
+    ddp_context *ctx = (ddp_context *)comm;
+    ddp_result r;
+    if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
+    if (t == DDP_DTYPE_DEFAULT) t = DDP_F32;
+    if (op == DDP_OP_DEFAULT) op = DDP_OP_SUM;
+    DDP__TRY(ddp__hook_arg(ctx, "allreduce", buf, buf, t, op));
+    if (!ddp__in_range(scale, -HUGE_VAL, HUGE_VAL, 0))
+        return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "allreduce in a communication hook: scale %g is not finite", scale);
+    if (count == 0) return DDP_SUCCESS;
+    if (ddp__on_gpu(ctx)) {
+        r = ctx->ops->allreduce(ctx, buf, count, t, op);
+        if (r == DDP_SUCCESS && scale != 1.0) r = ddp__cuda_hook_scale(ctx, buf, t, count, scale);
+    } else {
+        r = ddp__shm_allreduce_scaled(ctx, buf, count, t, op, scale);
+    }
+    return ddp__hook_done(ctx, count * ddp_dtype_size(t), r);
+}
+
+static ddp_result ddp__hook_broadcast(void *comm, void *buf, size_t count, ddp_dtype t, int root) {
+    ddp_context *ctx = (ddp_context *)comm;
+    if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
+    DDP__TRY(ddp__hook_arg(ctx, "broadcast", buf, buf, t, DDP_OP_SUM));
+    if (root < 0 || root >= ctx->world)
+        return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "broadcast in a communication hook: root %d is not a rank of a world of %d", root, ctx->world);
+    if (count == 0) return DDP_SUCCESS;
+    return ddp__hook_done(ctx, count * ddp_dtype_size(t), ctx->ops->broadcast(ctx, buf, count * ddp_dtype_size(t), root));
+}
+
+static ddp_result ddp__hook_allgather(void *comm, const void *send, void *recv, size_t count, ddp_dtype t) {
+    ddp_context *ctx = (ddp_context *)comm;
+    if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
+    DDP__TRY(ddp__hook_arg(ctx, "allgather", send, recv, t, DDP_OP_SUM));
+    if (count == 0) return DDP_SUCCESS;
+    return ddp__hook_done(ctx, count * ddp_dtype_size(t), ctx->ops->allgather(ctx, send, recv, count * ddp_dtype_size(t)));
+}
+
+static ddp_result ddp__hook_reduce_scatter(void *comm, const void *send, void *recv, size_t count, ddp_dtype t, ddp_op op) {
+    ddp_context *ctx = (ddp_context *)comm;
+    if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
+    if (t == DDP_DTYPE_DEFAULT) t = DDP_F32;
+    if (op == DDP_OP_DEFAULT) op = DDP_OP_SUM;
+    DDP__TRY(ddp__hook_arg(ctx, "reduce_scatter", send, recv, t, op));
+    if (count == 0) return DDP_SUCCESS;
+    return ddp__hook_done(ctx, count * ddp_dtype_size(t) * (size_t)ctx->world, ctx->ops->reduce_scatter(ctx, send, recv, count, t, op));
+}
+
+static ddp_result ddp__hook_barrier(void *comm) {
+    ddp_context *ctx = (ddp_context *)comm;
+    if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
+    return ddp__hook_done(ctx, 0, ctx->ops->barrier(ctx, "a barrier in a communication hook"));
+}
+
+/* The hook's scratch: at least bytes (host, or device on GPU contexts). */
+static ddp_result ddp__hook_scratch(ddp_context *ctx, size_t bytes, void **out) {
+    if (ctx->hook_buf_bytes < bytes) {
+        void *p = ddp__on_gpu(ctx) ? ddp__dev_alloc(ctx, bytes) : ddp__alloc(ctx, bytes);
+        if (!p) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for %zu bytes of communication-hook scratch", bytes);
+        if (ddp__on_gpu(ctx)) ddp__free_device(ctx, ctx->hook_buf);
+        else ddp__free(ctx, ctx->hook_buf);
+        ctx->hook_buf = p;
+        ctx->hook_buf_bytes = bytes;
+    }
+    *out = ctx->hook_buf;
+    return DDP_SUCCESS;
+}
+
+/* Copy bucket b's ranges into the packed span (in) or back (!in). */
+static ddp_result ddp__hook_pack(ddp_context *ctx, int b, unsigned char *pack, int in) {
+    const ddp__cbucket *cb = &ctx->cb[b];
+    size_t es = ddp_dtype_size(cb->dtype), at = 0;
+    int k;
+    for (k = 0; k < cb->nrange; k++) {
+        const ddp__piece *rg = &ctx->cranges[cb->range0 + k];
+        unsigned char *g = ctx->flat_grads + rg->offset;
+        if (ddp__on_gpu(ctx)) DDP__TRY(ddp__cuda_copy_dd(ctx, in ? pack + at : g, in ? g : pack + at, rg->numel * es));
+        else memcpy(in ? pack + at : g, in ? g : pack + at, rg->numel * es);
+        at += rg->numel * es;
+    }
+    return ddp__on_gpu(ctx) ? ddp__cuda_hook_sync(ctx) : DDP_SUCCESS;
+}
+
+/* Run the hook on bucket b. A hook that fails breaks the context at once,
+   so the other ranks, waiting in their hooks' collectives, fail too (with
+   DDP_ERROR_USER, see ddp__shm_wait). */
+static ddp_result ddp__call_hook(ddp_context *ctx, int b, double scale) {
+    const ddp__cbucket *cb = &ctx->cb[b];
+    size_t bytes = cb->numel * ddp_dtype_size(cb->dtype);
+    ddp_comm_bucket a;
+    void *pack = NULL;
+    ddp_result rc;
+    memset(&a, 0, sizeof a);
+    if (ddp__on_gpu(ctx)) DDP__TRY(ddp__cuda_hook_prepare(ctx, b));
+    if (cb->nrange == 1) {
+        a.grad = ctx->flat_grads + ctx->cranges[cb->range0].offset;
+    } else {
+        DDP__TRY(ddp__hook_scratch(ctx, bytes, &pack));
+        DDP__TRY(ddp__hook_pack(ctx, b, (unsigned char *)pack, 1));
+        a.grad = pack;
+    }
+    a.index = b;
+    a.count = cb->numel;
+    a.dtype = cb->dtype;
+    a.scale = scale;
+    a.rank = ctx->rank;
+    a.world = ctx->world;
+    a.on_device = ddp__on_gpu(ctx);
+    a.stream = ddp__cuda_comm_stream(ctx);
+    a.comm = ctx;
+    a.allreduce = ddp__hook_allreduce;
+    a.broadcast = ddp__hook_broadcast;
+    a.allgather = ddp__hook_allgather;
+    a.reduce_scatter = ddp__hook_reduce_scatter;
+    a.barrier = ddp__hook_barrier;
+    ctx->hook_bytes = 0;
+    rc = ctx->hook(&a, ctx->hook_state);
+    if (rc != DDP_SUCCESS) {
+        int broken = __atomic_load_n(&ctx->broken, __ATOMIC_ACQUIRE);
+        /* a collective inside failed (the message is its own), or the hook itself */
+        if (broken) return (ddp_result)broken;
+        ddp__fail(ctx, DDP_ERROR_USER, "communication hook returned %d for bucket %d on rank %d", (int)rc, b, ctx->rank);
+        __atomic_store_n(&ctx->hook_failed, 1, __ATOMIC_RELEASE);
+        __atomic_store_n(&ctx->hook_broke, 1, __ATOMIC_RELEASE);
+        return ddp__break(ctx, DDP_ERROR_USER);
+    }
+    if (pack) DDP__TRY(ddp__hook_pack(ctx, b, (unsigned char *)pack, 0));
+    if (ddp__on_gpu(ctx)) return ddp__cuda_hook_finish(ctx, b);
+    return DDP_SUCCESS;
+}
+
+DDP_API ddp_result ddp_register_comm_hook(ddp_context *ctx, ddp_comm_hook hook, void *state) {
+    if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
+    DDP__TRY(ddp__check_usable(ctx, "ddp_register_comm_hook"));
+    if (ctx->in_step) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_register_comm_hook: not allowed inside a step");
+    ctx->hook = hook;
+    ctx->hook_state = state;
+    return DDP_SUCCESS;
+}
+
+DDP_API ddp_result ddp_comm_hook_allreduce(const ddp_comm_bucket *b, void *state) {
+    (void)state;
+    if (!b || !b->allreduce) return DDP_ERROR_INVALID_ARGUMENT;
+    return b->allreduce(b->comm, b->grad, b->count, b->dtype, DDP_OP_SUM, b->scale);
+}
+
+/* f32 to ct, in place in the first half of the span (element i's 2 bytes
+   land below element i + 1's 4), the sum in ct, back to f32 from the top
+   down. Loads and stores through memcpy: the span is read as two types. */
+static ddp_result ddp__hook_compress(const ddp_comm_bucket *b, ddp_dtype ct) {
+    ddp_context *ctx;
+    unsigned char *g;
+    float s;
+    size_t i;
+    ddp_result r;
+    if (!b || !b->allreduce || !b->comm) return DDP_ERROR_INVALID_ARGUMENT;
+    if (b->dtype != DDP_F32) return b->allreduce(b->comm, b->grad, b->count, b->dtype, DDP_OP_SUM, b->scale);
+    ctx = (ddp_context *)b->comm;
+    if (b->on_device) return ddp__cuda_hook_compress(ctx, b, ct);
+    g = (unsigned char *)b->grad;
+    s = (float)b->scale;
+    for (i = 0; i < b->count; i++) {
+        float v;
+        uint16_t h;
+        memcpy(&v, g + 4 * i, 4);
+        h = ct == DDP_BF16 ? ddp__f32_to_bf16(v * s) : ddp__f32_to_f16(v * s);
+        memcpy(g + 2 * i, &h, 2);
+    }
+    r = b->allreduce(b->comm, g, b->count, ct, DDP_OP_SUM, 1.0);
+    if (r != DDP_SUCCESS) return r;
+    for (i = b->count; i-- > 0;) {
+        uint16_t h;
+        float v;
+        memcpy(&h, g + 2 * i, 2);
+        v = ct == DDP_BF16 ? ddp__bf16_to_f32(h) : ddp__f16_to_f32(h);
+        memcpy(g + 4 * i, &v, 4);
+    }
+    return DDP_SUCCESS;
+}
+
+DDP_API ddp_result ddp_comm_hook_bf16(const ddp_comm_bucket *b, void *state) { (void)state; return ddp__hook_compress(b, DDP_BF16); }
+DDP_API ddp_result ddp_comm_hook_fp16(const ddp_comm_bucket *b, void *state) { (void)state; return ddp__hook_compress(b, DDP_F16); }
+
 /* Reduce bucket b (on the communication thread, or inline), timed for
    the step statistics and the timeline. */
 static ddp_result ddp__run_bucket(ddp_context *ctx, int b, double scale) {
     double t0 = ddp__now(), dt;
     uint64_t bytes = (uint64_t)ctx->cb[b].numel * ddp_dtype_size(ctx->cb[b].dtype);
-    ddp_result r = ctx->ops->bucket_reduce(ctx, b, scale);
+    ddp_result r = ctx->hook ? ddp__call_hook(ctx, b, scale) : ctx->ops->bucket_reduce(ctx, b, scale);
+    if (ctx->hook) bytes = ctx->hook_bytes;
     dt = ddp__now() - t0;
     pthread_mutex_lock(&ctx->mu);
     ctx->st_cur.comm_s += dt;
     ctx->st_cur.bytes += bytes;
     pthread_mutex_unlock(&ctx->mu);
-    ddp__trace_ev(ctx, DDP__EV_REDUCE, t0, dt, b, 0, bytes);
+    ddp__trace_ev(ctx, DDP__EV_REDUCE, t0, dt, b, ctx->hook != NULL, bytes);
     return r;
 }
 
@@ -5200,6 +5567,12 @@ static ddp_result ddp__launch_bucket(ddp_context *ctx, int b) {
         ddp__log(ctx, DDP_LOG_DEBUG, msg);
     }
     ddp__trace_ev(ctx, DDP__EV_LAUNCH, ddp__now(), -1, b, 0, (uint64_t)ctx->cb[b].numel * ddp_dtype_size(ctx->cb[b].dtype));
+    if (ctx->cfg.backend == DDP_BACKEND_NCCL && ctx->hook) {
+        /* the hook runs here, on your thread; its collectives wait for themselves */
+        r = ddp__run_bucket(ctx, b, ctx->q_scale);
+        if (r != DDP_SUCCESS) ddp__break(ctx, r);
+        return r;
+    }
     if (ctx->cfg.backend == DDP_BACKEND_NCCL) {
         /* queued on the communication stream: the bytes count, the time does not show on the host */
         pthread_mutex_lock(&ctx->mu);
@@ -7835,6 +8208,8 @@ struct ddp__cuda_state {
     float       *d_scratch;       /* sumsq partials */
     size_t       scratch_elems;
     void        *compress_buf;    /* bucket in bf16/f16 for compressed all-reduce */
+    void        *hook_cbuf;       /* the compression hooks' scratch */
+    size_t       hook_cbuf_bytes;
     unsigned char *d_group_map;   /* ctx->group_map on the device (NULL with one group) */
     int          host_registered; /* the shared gradient slice is pinned */
     int          solo;            /* a world of one: nothing to exchange (unless DDP_FORCE_COMM) */
@@ -8368,6 +8743,7 @@ static void ddp__cuda_teardown(ddp_context *ctx) {
     ddp__free_device(ctx, cu->d_norm);
     ddp__free_device(ctx, cu->d_flag);
     ddp__free_device(ctx, cu->compress_buf);
+    ddp__free_device(ctx, cu->hook_cbuf);
     ddp__free_device(ctx, cu->d_group_map);
     if (cu->comm) cudaStreamDestroy(cu->comm);
     ddp__free(ctx, cu);
@@ -8552,6 +8928,89 @@ static ddp_result ddp__cuda_launch_bucket(ddp_context *ctx, int b) {
     return ddp__fail(ctx, DDP_ERROR_UNSUPPORTED, "NCCL is not compiled in");
 #endif
 }
+
+/* ---- communication hooks on the GPU ----
+
+   The hook sees the bucket once its gradients are final: the bucket's
+   ready events are waited for on the communication stream (nccl: recorded
+   now, on your thread; staged: recorded at the launch) and the stream is
+   drained, so that the hook's collectives (which copy through the host or
+   run NCCL and wait) read finished gradients. Afterwards the bucket's
+   events are recorded on the communication stream, as for the built-in
+   reduction, and the end of the step waits for them. */
+static ddp_result ddp__cuda_hook_prepare(ddp_context *ctx, int b) {
+    struct ddp__cuda_state *cu = ctx->cuda;
+    int i;
+    if (ctx->cfg.backend == DDP_BACKEND_NCCL) {
+        DDP__TRY(ddp__cuda_bucket_events(ctx, b, 1));
+    } else {
+        for (i = 0; i < ctx->num_params; i++)
+            if (ctx->params[i].cbucket == b && ctx->params[i].evrec)
+                DDP__CU(ctx, cudaStreamWaitEvent(cu->comm, cu->ready[i], 0), "waiting for a bucket's gradients (communication hook)");
+    }
+    return ddp__cuda_wait(ctx, NULL, cu->comm, "waiting for a bucket's gradients (communication hook)");
+}
+
+static ddp_result ddp__cuda_hook_finish(ddp_context *ctx, int b) {
+    struct ddp__cuda_state *cu = ctx->cuda;
+    const char *what = "a communication hook";
+    DDP__CU(ctx, cudaEventRecord(cu->done[b], cu->comm), what);
+    DDP__CU(ctx, cudaEventRecord(cu->last, cu->comm), what);
+    if (ctx->cfg.backend == DDP_BACKEND_NCCL) {
+        pthread_mutex_lock(&ctx->mu);
+        cu->inflight = 1;
+        cu->inflight_since = ddp__now();
+        ddp__copy_str(cu->inflight_what, sizeof cu->inflight_what, what);
+        pthread_cond_signal(&ctx->cv_work);
+        pthread_mutex_unlock(&ctx->mu);
+    }
+    return DDP_SUCCESS;
+}
+
+/* What a hook queued on its stream is done. */
+static ddp_result ddp__cuda_hook_sync(ddp_context *ctx) {
+    return ddp__cuda_wait(ctx, NULL, ctx->cuda->comm, "a communication hook's stream");
+}
+
+static ddp_result ddp__cuda_hook_scale(ddp_context *ctx, void *buf, ddp_dtype t, size_t n, double scale) {
+    if (!ddp__is_device_ptr(buf)) {
+        ddp__reduce(&buf, 1, &buf, 1, n, t, DDP_OP_SUM, scale);
+        return DDP_SUCCESS;
+    }
+    if (t != DDP_F32 && t != DDP_F16 && t != DDP_BF16)
+        return ddp__fail(ctx, DDP_ERROR_UNSUPPORTED, "allreduce in a communication hook: a scale on %s device memory", ddp_dtype_name(t));
+    DDP__TRY(ddp__cuda_scale(ctx, buf, t, n, (float)scale, ctx->cuda->comm, "allreduce in a communication hook"));
+    return ddp__cuda_hook_sync(ctx);
+}
+
+static ddp_result ddp__cuda_copy_dd(ddp_context *ctx, void *dst, const void *src, size_t bytes) {
+    DDP__CU(ctx, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, ctx->cuda->comm), "packing a bucket for a communication hook");
+    return DDP_SUCCESS;
+}
+
+/* The compression hooks on device memory: cast (times scale) into a
+   scratch buffer of their own on the communication stream, the sum in the
+   16-bit type, cast back. */
+static ddp_result ddp__cuda_hook_compress(ddp_context *ctx, const ddp_comm_bucket *b, ddp_dtype ct) {
+    struct ddp__cuda_state *cu = ctx->cuda;
+    cudaStream_t s = cu->comm;
+    size_t need = b->count * 2;
+    ddp_result r;
+    if (cu->hook_cbuf_bytes < need) {
+        void *p = ddp__dev_alloc(ctx, need);
+        if (!p) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "no device memory for %zu bytes of compression scratch", need);
+        ddp__free_device(ctx, cu->hook_cbuf);
+        cu->hook_cbuf = p;
+        cu->hook_cbuf_bytes = need;
+    }
+    DDP__KL(ctx, ddp_k_cast(cu->hook_cbuf, (int)ct, b->grad, (int)DDP_F32, b->count, (float)b->scale, s), "compression hook");
+    r = b->allreduce(b->comm, cu->hook_cbuf, b->count, ct, DDP_OP_SUM, 1.0);
+    if (r != DDP_SUCCESS) return r;
+    DDP__KL(ctx, ddp_k_cast(b->grad, (int)DDP_F32, cu->hook_cbuf, (int)ct, b->count, 1.0f, s), "compression hook");
+    return ddp__cuda_hook_sync(ctx);
+}
+
+static void *ddp__cuda_comm_stream(ddp_context *ctx) { return ctx->cuda ? (void *)ctx->cuda->comm : NULL; }
 
 /* x *= f in x's type (f32 in place; f16/bf16 through an in-place cast). */
 static ddp_result ddp__cuda_scale(ddp_context *ctx, void *x, ddp_dtype t, size_t n, float f, cudaStream_t s, const char *what) {
@@ -8942,6 +9401,20 @@ static ddp_result ddp__cuda_sumsq(ddp_context *ctx, double *o) { (void)o; return
 static ddp_result ddp__cuda_nonfinite(ddp_context *ctx, int *f) { (void)f; return ddp__cuda_unreachable(ctx); }
 static ddp_result ddp__cuda_scale_grads(ddp_context *ctx, float s) { (void)s; return ddp__cuda_unreachable(ctx); }
 static ddp_result ddp__cuda_param_gather(ddp_context *ctx) { return ddp__cuda_unreachable(ctx); }
+static ddp_result ddp__cuda_hook_prepare(ddp_context *ctx, int b) { (void)b; return ddp__cuda_unreachable(ctx); }
+static ddp_result ddp__cuda_hook_finish(ddp_context *ctx, int b) { (void)b; return ddp__cuda_unreachable(ctx); }
+static ddp_result ddp__cuda_hook_sync(ddp_context *ctx) { return ddp__cuda_unreachable(ctx); }
+static ddp_result ddp__cuda_hook_scale(ddp_context *ctx, void *buf, ddp_dtype t, size_t n, double scale) {
+    (void)buf; (void)t; (void)n; (void)scale; return ddp__cuda_unreachable(ctx);
+}
+static ddp_result ddp__cuda_copy_dd(ddp_context *ctx, void *dst, const void *src, size_t bytes) {
+    (void)dst; (void)src; (void)bytes; return ddp__cuda_unreachable(ctx);
+}
+static ddp_result ddp__cuda_hook_compress(ddp_context *ctx, const ddp_comm_bucket *b, ddp_dtype ct) {
+    (void)b; (void)ct; return ddp__cuda_unreachable(ctx);
+}
+static void *ddp__dev_alloc(ddp_context *ctx, size_t bytes) { (void)ctx; (void)bytes; return NULL; }
+static void *ddp__cuda_comm_stream(ddp_context *ctx) { (void)ctx; return NULL; }
 static ddp_result ddp__cuda_range_stats(ddp_context *ctx, int b, size_t lo, size_t hi, int want_norm, int want_flag,
                                         double *sumsq, int *bad) {
     (void)b; (void)lo; (void)hi; (void)want_norm; (void)want_flag; *sumsq = 0; *bad = 0; return ddp__cuda_unreachable(ctx);

@@ -63,8 +63,9 @@ static void run(int static_order, int zero, int other_order_on_rank1, run_result
     c.logger.func = logger;
     c.logger.level = DDP_LOG_DEBUG;
     if (ddp_create(&c, &ctx) != DDP_SUCCESS) { fprintf(stderr, "ddp_create: %s\n", ddp_create_error()); exit(2); }
+    static float init_all[NP][800]; /* read at ddp_finalize */
     for (p = 0; p < NP; p++) {
-        float init[800];
+        float *init = init_all[p];
         size_t i;
         for (i = 0; i < reg_sizes[p]; i++) init[i] = (float)cos(0.1 * (double)i + p);
         if (ddp_register_param(ctx, reg_names[p], reg_sizes[p], DDP_F32, init, &id[p]) != DDP_SUCCESS ||
