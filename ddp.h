@@ -445,6 +445,37 @@
        On the nccl backend the reductions run on the GPU and comm_s stays
        0 (exposed_s is the host's wait).
 
+   DEBUG MODE
+
+       Collectives pair up by order: a rank that calls another collective
+       than its peers (rank 0 in ddp_allreduce of 10 floats while rank 1 is
+       in ddp_broadcast), with another count or type, in another bucket, or
+       after skipping a step, meets whatever its peers run: wrong values, or
+       a wait until the timeout. DDP_DEBUG=detail (or config.debug =
+       DDP_DEBUG_DETAIL; the same on every rank) makes every collective
+       carry a fingerprint, checked on every rank before any data moves:
+       its number on this rank, kind (all-reduce, broadcast, ..., gradient
+       bucket reduction, ZeRO-1 all-gather), element count, type, op or
+       root, bucket, the synced steps this rank has begun, and where it was
+       called (ddp_allreduce, "gradient bucket", "communication hook",
+       "ddp_train_step loss", "ZeRO-1 gradient norm", "ddp_join round", the
+       checkpoint's...). Every rank compares rank 0's fingerprint with every
+       other rank's; a difference fails every rank at once with
+       DDP_ERROR_MISMATCH and the same message naming both sides, e.g.
+         collectives out of step (DDP_DEBUG=detail): rank 0 is in
+         gradient bucket 0 of synced step 4 (collective #9: all-reduce of
+         3000 x f32), but rank 1 is in ddp_barrier (collective #9:
+         barrier; after synced step 3)
+       A rank that skipped a step shows when its collectives stop pairing
+       (the step counts then tell which rank is behind). Cost: on shm and
+       staged two more barriers per collective through the control segment,
+       on nccl one all-gather of 88 bytes per rank per collective (see
+       docs/BENCHMARKS.md). Off by default. Without it nothing is checked,
+       and a mismatch still never reads or writes out of bounds: every size
+       a rank uses is its own, and what it reads of the others is inside the
+       staging areas and gradient segments every rank shares (tested under
+       AddressSanitizer).
+
    ERRORS
 
        Every call that can fail returns a ddp_result (0 success, negative
@@ -532,6 +563,7 @@
        DDP_BACKEND                  shm | nccl | staged (overrides the default)
        DDP_ZERO_STAGE=0|1           config.zero_stage when the field is 0 (see ZERO)
        DDP_TRACE=path               config.trace_path when the field is NULL (see TIMELINE)
+       DDP_DEBUG=off|detail         config.debug when the field is 0 (see DEBUG MODE)
        DDP_FORCE_COMM=1             GPU, world of one: run the gradient collective
                                     anyway (by default a world of one exchanges
                                     nothing; the GPU tests use this to exercise NCCL)
@@ -655,6 +687,13 @@ typedef enum ddp_optimizer {
     DDP_OPTIM_SGD,
     DDP_OPTIM_ADAMW
 } ddp_optimizer;
+
+/* Desync detection (see DEBUG MODE). */
+typedef enum ddp_debug {
+    DDP_DEBUG_DEFAULT = 0, /* the environment variable DDP_DEBUG (off | detail), else off */
+    DDP_DEBUG_OFF,
+    DDP_DEBUG_DETAIL       /* every collective's fingerprint checked across the ranks first */
+} ddp_debug;
 
 typedef enum ddp_log_level {
     DDP_LOG_ERROR = 0,
@@ -787,6 +826,11 @@ typedef struct ddp_config {
        0 means 65536. */
     const char *trace_path;
     size_t trace_events;
+
+    /* DDP_DEBUG_DETAIL: every collective carries a fingerprint checked on
+       every rank before data moves (see DEBUG MODE); default: the
+       environment variable DDP_DEBUG (off | detail), else off. */
+    ddp_debug debug;
 
     ddp_optimizer_desc optimizer;
     ddp_schedule_desc  schedule;  /* zero: the constant lr */
@@ -1422,6 +1466,7 @@ typedef struct ddp__shm {
     uint64_t seq;                /* collectives issued by this rank */
     uint64_t half_last[2];       /* seq that last wrote each staging half */
     unsigned char *xchg;         /* ZeRO-1: the parameter exchange, after the world's gradients (flat_bytes) */
+    uint64_t fp_seq;             /* DDP_DEBUG=detail: fingerprinted collectives issued */
     uint64_t xchg_last;          /* seq of the last parameter exchange */
 } ddp__shm;
 
@@ -1458,6 +1503,9 @@ struct ddp_context {
     unsigned char *flat_grads;   /* host: points into shm.grads for shm */
     int      owns_flat_grads;
     int      zero;               /* ZeRO-1: optimizer state sharded (config.zero_stage) */
+    int      debug;              /* DDP_DEBUG=detail: fingerprints */
+    int64_t  sync_steps;         /* synced steps begun (a joined rank counts the ones it answers) */
+    int      fp_bucket;          /* the bucket a running hook reduces (its collectives' fingerprints) */
 
     /* the bucket order learned from the first step (see BUCKETS) */
     int     *mark_order;         /* parameter ids in the order the first step marked them */
@@ -1500,6 +1548,7 @@ struct ddp_context {
     uint64_t hook_bytes;         /* what the running hook's collectives moved */
     int      hook_failed;        /* a hook returned an error: the peers fail with DDP_ERROR_USER too (atomic) */
     int      hook_broke;         /* a hook's failure (here or on a peer) broke the context (atomic) */
+    int      desync;             /* DDP_DEBUG=detail found collectives out of step (atomic) */
 
     /* parameter groups: distinct (lr_scale, wd_scale); the group of every
        256-byte chunk of the flat buffers (every parameter starts a chunk) */
@@ -1855,6 +1904,10 @@ DDP_API ddp_config ddp_config_defaults(const ddp_config *in) {
         t = getenv("DDP_ZERO_STAGE");
         if (t && !strcmp(t, "1")) c.zero_stage = 1;
     }
+    if (c.debug == DDP_DEBUG_DEFAULT) {
+        t = getenv("DDP_DEBUG");
+        c.debug = t && (!strcmp(t, "detail") || !strcmp(t, "DETAIL")) ? DDP_DEBUG_DETAIL : DDP_DEBUG_OFF;
+    }
     if (c.loss_scale.init_scale == 0) c.loss_scale.init_scale = 65536.0;
     if (c.loss_scale.growth_factor == 0) c.loss_scale.growth_factor = 2.0;
     if (c.loss_scale.backoff_factor == 0) c.loss_scale.backoff_factor = 0.5;
@@ -2047,6 +2100,13 @@ static ddp_result ddp__resolve_backend(ddp_config *c) {
         if (z && *z && strcmp(z, "0") != 0 && strcmp(z, "1") != 0)
             return ddp__fail(NULL, DDP_ERROR_ENVIRONMENT, "environment variable DDP_ZERO_STAGE='%.32s' is not 0 or 1 (ZeRO-1 is the stage this library has)", z);
     }
+    {
+        const char *d = getenv("DDP_DEBUG");
+        if (d && *d && strcmp(d, "off") && strcmp(d, "OFF") && strcmp(d, "detail") && strcmp(d, "DETAIL"))
+            return ddp__fail(NULL, DDP_ERROR_ENVIRONMENT, "environment variable DDP_DEBUG='%.32s' is not off or detail", d);
+    }
+    if ((int)c->debug < 0 || c->debug > DDP_DEBUG_DETAIL)
+        return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "config.debug %d is not a ddp_debug", (int)c->debug);
     if (c->zero_stage < 0 || c->zero_stage > 1)
         return ddp__fail(NULL, c->zero_stage > 1 ? DDP_ERROR_UNSUPPORTED : DDP_ERROR_INVALID_ARGUMENT,
                          "config.zero_stage = %d: 0 (off) or 1 (ZeRO-1: optimizer state sharded) are the stages this library has", c->zero_stage);
@@ -3652,11 +3712,25 @@ static DDP__STORE_UNUSED int ddp__store_barrier(ddp__store *s, const char *name,
 #define DDP__RED_BLOCK   2048                 /* elements per reduction block */
 #define DDP__STAGED_DIRECT_BYTES ((size_t)1 << 20) /* above: the staged path reduces from the user's buffer */
 
+/* A collective's fingerprint (DDP_DEBUG=detail, see DEBUG MODE). */
+typedef struct ddp__fp {
+    uint64_t seq;        /* this rank's fingerprinted collectives so far, this one included */
+    uint64_t count;      /* elements (bytes for byte-wise collectives) */
+    int64_t  step;       /* synced steps begun on this rank */
+    int32_t  kind;       /* DDP__FP_* */
+    int32_t  dtype;
+    int32_t  op;         /* ddp_op; broadcast: the root */
+    int32_t  arg;        /* the bucket of a gradient reduction or of a hook's collective, else -1 */
+    char     site[32];   /* where: "ddp_allreduce", "gradient bucket", "ZeRO-1 norm", ... */
+} ddp__fp;
+
 typedef struct ddp__shm_slot {
     uint64_t arrive, mid, done;
     int32_t  pid;
     int32_t  pad0;
-    char     pad[DDP__CACHELINE - 32];
+    uint64_t fp_seq, fp_ack;      /* DDP_DEBUG=detail: fingerprint fp_seq published; fp_ack compared */
+    ddp__fp  fp;
+    char     pad[DDP__CACHELINE - 48 - sizeof(ddp__fp)];
 } ddp__shm_slot;
 
 typedef struct ddp__shm_ctrl {
@@ -3708,18 +3782,27 @@ static ddp_result ddp__break(ddp_context *ctx, ddp_result code) {
 }
 
 static const char *ddp__counter_name(int field) {
-    return field == 0 ? "arrive" : field == 1 ? "mid" : "done";
+    static const char *const names[] = { "arrive", "mid", "done", "fingerprint", "fingerprint-checked" };
+    return field >= 0 && field < 5 ? names[field] : "?";
 }
 
 static uint64_t ddp__counter(ddp__shm_slot *s, int field) {
-    return field == 0 ? DDP__LOAD_ACQ(&s->arrive) : field == 1 ? DDP__LOAD_ACQ(&s->mid) : DDP__LOAD_ACQ(&s->done);
+    switch (field) {
+    case 0: return DDP__LOAD_ACQ(&s->arrive);
+    case 1: return DDP__LOAD_ACQ(&s->mid);
+    case 2: return DDP__LOAD_ACQ(&s->done);
+    case 3: return DDP__LOAD_ACQ(&s->fp_seq);
+    default: return DDP__LOAD_ACQ(&s->fp_ack);
+    }
 }
 
 static void ddp__set_counter(ddp_context *ctx, int field, uint64_t v) {
     ddp__shm_slot *s = ddp__slot(ctx, ctx->rank);
     if (field == 0) DDP__STORE_REL(&s->arrive, v);
     else if (field == 1) DDP__STORE_REL(&s->mid, v);
-    else DDP__STORE_REL(&s->done, v);
+    else if (field == 2) DDP__STORE_REL(&s->done, v);
+    else if (field == 3) DDP__STORE_REL(&s->fp_seq, v);
+    else DDP__STORE_REL(&s->fp_ack, v);
 }
 
 /* Wait until rank `only` (or every rank when only < 0) has counter >= target. */
@@ -4278,14 +4361,131 @@ static const ddp__backend_ops ddp__shm_ops = {
     ddp__shm_bucket_reduce
 };
 
+/* ---- desync detection (DDP_DEBUG=detail) ----
+
+   Collectives pair up by order: a rank that calls another collective than
+   its peers, with another count or type, or one step behind, pairs with
+   whatever they run and gives garbage or a hang. With config.debug =
+   DDP_DEBUG_DETAIL each collective first publishes a fingerprint (its
+   number on this rank, kind, count, type, op or root, bucket, synced
+   steps begun, where it was called) and every rank compares rank 0's with
+   every other rank's before any data moves; a difference fails every rank
+   with DDP_ERROR_MISMATCH and one message naming both sides. shm and
+   staged: in the rank's slot of the control segment, two counters (the
+   fingerprint published, the comparison done: nobody overwrites its
+   fingerprint before everybody compared it); nccl: one all-gather of the
+   fingerprints. Without debug mode nothing is exchanged, and a mismatch
+   still never reads or writes out of bounds: every size a rank uses is its
+   own, and the buffers it reads from others are the staging areas and
+   gradient segments, whose sizes every rank shares. */
+
+enum { DDP__FP_BARRIER = 0, DDP__FP_ALLREDUCE, DDP__FP_BROADCAST, DDP__FP_ALLGATHER, DDP__FP_REDUCE_SCATTER,
+       DDP__FP_BUCKET, DDP__FP_GATHER, DDP__FP_KINDS };
+
+static void ddp__fp_describe(const ddp__fp *f, char *out, size_t cap) {
+    static const char *const kinds[DDP__FP_KINDS] = { "barrier", "all-reduce", "broadcast", "all-gather", "reduce-scatter",
+                                                      "gradient reduction", "parameter all-gather" };
+    static const char *const ops[] = { "sum", "sum", "avg", "max", "min" };
+    char site[sizeof f->site + 1], what[64], bucket[32];
+    const char *kind = f->kind >= 0 && f->kind < DDP__FP_KINDS ? kinds[f->kind] : "unknown collective";
+    const char *op = f->op >= 0 && f->op <= (int)DDP_OP_MIN ? ops[f->op] : "?";
+    size_t i;
+    /* a peer's bytes: printable characters only, terminated here */
+    for (i = 0; i < sizeof f->site && f->site[i]; i++) site[i] = f->site[i] >= 32 && f->site[i] < 127 ? f->site[i] : '?';
+    site[i] = 0;
+    if (f->kind == DDP__FP_BUCKET) {
+        snprintf(out, cap, "%s %d of synced step %lld (collective #%llu: %s of %llu x %s)", site, (int)f->arg, (long long)f->step,
+                 (unsigned long long)f->seq, f->op == 1 ? "reduce-scatter" : "all-reduce", (unsigned long long)f->count,
+                 ddp_dtype_name((ddp_dtype)f->dtype));
+        return;
+    }
+    if (f->kind == DDP__FP_BARRIER) {
+        snprintf(out, cap, "%s (collective #%llu: barrier; after synced step %lld)", site, (unsigned long long)f->seq, (long long)f->step);
+        return;
+    }
+    if (f->kind == DDP__FP_BROADCAST) snprintf(what, sizeof what, "from rank %d", (int)f->op);
+    else snprintf(what, sizeof what, "%s", op);
+    if (f->arg >= 0) snprintf(bucket, sizeof bucket, ", bucket %d", (int)f->arg);
+    else bucket[0] = 0;
+    snprintf(out, cap, "%s (collective #%llu: %s of %llu x %s, %s%s; after synced step %lld)", site, (unsigned long long)f->seq, kind,
+             (unsigned long long)f->count, f->dtype < 0 ? "bytes" : ddp_dtype_name((ddp_dtype)f->dtype), what, bucket, (long long)f->step);
+}
+
+static int ddp__fp_same(const ddp__fp *a, const ddp__fp *b) {
+    return a->kind == b->kind && a->count == b->count && a->dtype == b->dtype && a->op == b->op && a->arg == b->arg &&
+           a->step == b->step && strncmp(a->site, b->site, sizeof a->site) == 0;
+}
+
+/* Compare rank 0's fingerprint with the others' (fps[q]): every rank
+   finds the same first difference and fails with the same message. */
+static ddp_result ddp__fp_compare(ddp_context *ctx, const ddp__fp *fps, int stride_bytes) {
+    const ddp__fp *f0 = fps;
+    int q;
+    for (q = 1; q < ctx->world; q++) {
+        const ddp__fp *fq = (const ddp__fp *)((const unsigned char *)fps + (size_t)q * (size_t)stride_bytes);
+        if (!ddp__fp_same(f0, fq)) {
+            char a[256], b[256];
+            ddp__fp_describe(f0, a, sizeof a);
+            ddp__fp_describe(fq, b, sizeof b);
+            ddp__fail(ctx, DDP_ERROR_MISMATCH, "collectives out of step (DDP_DEBUG=detail): rank 0 is in %s, but rank %d is in %s", a, q, b);
+            __atomic_store_n(&ctx->desync, 1, __ATOMIC_RELEASE);
+            return ddp__break(ctx, DDP_ERROR_MISMATCH);
+        }
+    }
+    return DDP_SUCCESS;
+}
+
+static ddp_result ddp__fp_check(ddp_context *ctx, int kind, const char *site, uint64_t count, ddp_dtype t, int op, int arg) {
+    ddp__fp f;
+    ddp_result r;
+    if (!ctx->debug || ctx->world == 1) return DDP_SUCCESS;
+    memset(&f, 0, sizeof f);
+    f.seq = ++ctx->shm.fp_seq;
+    f.count = count;
+    f.step = ctx->sync_steps;
+    f.kind = kind;
+    f.dtype = (int32_t)t;
+    f.op = op;
+    f.arg = arg;
+    ddp__copy_str(f.site, sizeof f.site, site);
+    if (ctx->shm.ctrl) {
+        /* publish, wait for everybody's, compare, then release */
+        ddp__shm_slot *me = ddp__slot(ctx, ctx->rank);
+        ddp__fp *all;
+        int q;
+        memcpy(&me->fp, &f, sizeof f);
+        ddp__set_counter(ctx, 3, f.seq);
+        DDP__TRY(ddp__shm_wait(ctx, 3, f.seq, -1, "the peers' fingerprints (DDP_DEBUG=detail)"));
+        all = (ddp__fp *)ddp__alloc(ctx, (size_t)ctx->world * sizeof *all);
+        if (!all) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory comparing fingerprints");
+        for (q = 0; q < ctx->world; q++) memcpy(&all[q], &ddp__slot(ctx, q)->fp, sizeof f);
+        r = ddp__fp_compare(ctx, all, (int)sizeof f);
+        ddp__free(ctx, all);
+        if (r != DDP_SUCCESS) return r;
+        ddp__set_counter(ctx, 4, f.seq);
+        return ddp__shm_wait(ctx, 4, f.seq, -1, "the peers to compare fingerprints (DDP_DEBUG=detail)");
+    }
+    {
+        /* no shared control segment (nccl): one all-gather of the fingerprints */
+        ddp__fp *all = (ddp__fp *)ddp__alloc(ctx, (size_t)ctx->world * sizeof *all);
+        if (!all) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory comparing fingerprints");
+        r = ctx->ops->allgather(ctx, &f, all, sizeof f);
+        if (r == DDP_SUCCESS) r = ddp__fp_compare(ctx, all, (int)sizeof f);
+        ddp__free(ctx, all);
+        return r;
+    }
+}
+
 /* A broken context answers every call with the error that broke it when a
-   peer, a timeout or a communication hook did (DDP_ERROR_PEER,
-   DDP_ERROR_TIMEOUT, DDP_ERROR_USER), else DDP_ERROR_INVALID_STATE. */
+   peer, a timeout, a communication hook or the desync check did
+   (DDP_ERROR_PEER, DDP_ERROR_TIMEOUT, DDP_ERROR_USER, DDP_ERROR_MISMATCH),
+   else DDP_ERROR_INVALID_STATE. */
 static ddp_result ddp__check_usable(ddp_context *ctx, const char *fn) {
     int b = __atomic_load_n(&ctx->broken, __ATOMIC_ACQUIRE);
     if (b) {
         ddp_result code = b == DDP_ERROR_PEER || b == DDP_ERROR_TIMEOUT ? (ddp_result)b : DDP_ERROR_INVALID_STATE;
         if (__atomic_load_n(&ctx->hook_broke, __ATOMIC_ACQUIRE)) code = DDP_ERROR_USER; /* a communication hook failed */
+        if (__atomic_load_n(&ctx->desync, __ATOMIC_ACQUIRE)) code = DDP_ERROR_MISMATCH; /* DDP_DEBUG=detail found collectives out of step */
         char why[DDP__ERRLEN];
         ddp__comm_error(ctx, why, sizeof why);
         if (!why[0]) memcpy(why, ctx->err, sizeof why);
@@ -4463,6 +4663,7 @@ DDP_API ddp_result ddp_create(const ddp_config *config, ddp_context **out) {
     ddp__join_reset(ctx);
     ctx->ls_scale = c.loss_scale.enabled ? (double)(float)c.loss_scale.init_scale : 1.0;
     ctx->zero = c.zero_stage == 1;
+    ctx->debug = c.debug == DDP_DEBUG_DETAIL;
     ctx->ops = &ddp__shm_ops;
     pthread_mutex_init(&ctx->mu, NULL);
     pthread_mutex_init(&ctx->err_mu, NULL);
@@ -4595,6 +4796,7 @@ static ddp_result ddp__coll_traced(ddp_context *ctx, int which, double t0, size_
 DDP_API ddp_result ddp_barrier(ddp_context *ctx) {
     if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
     DDP__TRY(ddp__coll_check(ctx, "ddp_barrier", ctx, ctx, DDP_F32, DDP_OP_SUM));
+    DDP__TRY(ddp__fp_check(ctx, DDP__FP_BARRIER, "ddp_barrier", 0, DDP_F32, 0, -1));
     {
         double t0 = ddp__now();
         return ddp__coll_traced(ctx, 0, t0, 0, ctx->ops->barrier(ctx, "a barrier"));
@@ -4606,6 +4808,7 @@ DDP_API ddp_result ddp_allreduce(ddp_context *ctx, void *buf, size_t count, ddp_
     if (count == 0) return DDP_SUCCESS;
     if (dtype == DDP_DTYPE_DEFAULT) dtype = DDP_F32;
     if (op == DDP_OP_DEFAULT) op = DDP_OP_SUM;
+    DDP__TRY(ddp__fp_check(ctx, DDP__FP_ALLREDUCE, "ddp_allreduce", count, dtype, (int)op, -1));
     {
         double t0 = ddp__now();
         return ddp__coll_traced(ctx, 1, t0, count * ddp_dtype_size(dtype), ctx->ops->allreduce(ctx, buf, count, dtype, op));
@@ -4617,6 +4820,7 @@ DDP_API ddp_result ddp_broadcast(ddp_context *ctx, void *buf, size_t count, ddp_
     if (root < 0 || root >= ctx->world)
         return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_broadcast: root %d is not a rank of a world of %d", root, ctx->world);
     if (count == 0) return DDP_SUCCESS;
+    DDP__TRY(ddp__fp_check(ctx, DDP__FP_BROADCAST, "ddp_broadcast", count, dtype == DDP_DTYPE_DEFAULT ? DDP_F32 : dtype, root, -1));
     {
         double t0 = ddp__now();
         return ddp__coll_traced(ctx, 2, t0, count * ddp_dtype_size(dtype), ctx->ops->broadcast(ctx, buf, count * ddp_dtype_size(dtype), root));
@@ -4626,6 +4830,7 @@ DDP_API ddp_result ddp_broadcast(ddp_context *ctx, void *buf, size_t count, ddp_
 DDP_API ddp_result ddp_allgather(ddp_context *ctx, const void *send, void *recv, size_t count, ddp_dtype dtype) {
     DDP__TRY(ddp__coll_check(ctx, "ddp_allgather", send, recv, dtype, DDP_OP_SUM));
     if (count == 0) return DDP_SUCCESS;
+    DDP__TRY(ddp__fp_check(ctx, DDP__FP_ALLGATHER, "ddp_allgather", count, dtype == DDP_DTYPE_DEFAULT ? DDP_F32 : dtype, 0, -1));
     {
         double t0 = ddp__now();
         return ddp__coll_traced(ctx, 3, t0, count * ddp_dtype_size(dtype), ctx->ops->allgather(ctx, send, recv, count * ddp_dtype_size(dtype)));
@@ -4638,6 +4843,7 @@ DDP_API ddp_result ddp_reduce_scatter(ddp_context *ctx, const void *send, void *
     if (count == 0) return DDP_SUCCESS;
     if (dtype == DDP_DTYPE_DEFAULT) dtype = DDP_F32;
     if (op == DDP_OP_DEFAULT) op = DDP_OP_SUM;
+    DDP__TRY(ddp__fp_check(ctx, DDP__FP_REDUCE_SCATTER, "ddp_reduce_scatter", count, dtype, (int)op, -1));
     {
         double t0 = ddp__now();
         return ddp__coll_traced(ctx, 4, t0, count * ddp_dtype_size(dtype), ctx->ops->reduce_scatter(ctx, send, recv, count, dtype, op));
@@ -5237,6 +5443,7 @@ DDP_API ddp_result ddp_sync_params(ddp_context *ctx) {
     if (ctx->in_step) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_sync_params: not allowed inside a step");
     DDP__TRY(ddp__join_check(ctx, "ddp_sync_params"));
     if (ctx->world == 1) return DDP_SUCCESS;
+    DDP__TRY(ddp__fp_check(ctx, DDP__FP_BROADCAST, "ddp_sync_params", ctx->flat_bytes, (ddp_dtype)-1, 0, -1));
     return ddp__coll_done(ctx, ctx->ops->broadcast(ctx, ctx->flat_params, ctx->flat_bytes, 0));
 }
 
@@ -5338,6 +5545,7 @@ static ddp_result ddp__hook_allreduce(void *comm, void *buf, size_t count, ddp_d
     if (!ddp__in_range(scale, -HUGE_VAL, HUGE_VAL, 0))
         return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "allreduce in a communication hook: scale %g is not finite", scale);
     if (count == 0) return DDP_SUCCESS;
+    DDP__TRY(ddp__fp_check(ctx, DDP__FP_ALLREDUCE, "communication hook", count, t, (int)op, ctx->fp_bucket));
     if (ddp__on_gpu(ctx)) {
         r = ctx->ops->allreduce(ctx, buf, count, t, op);
         if (r == DDP_SUCCESS && scale != 1.0) r = ddp__cuda_hook_scale(ctx, buf, t, count, scale);
@@ -5354,6 +5562,7 @@ static ddp_result ddp__hook_broadcast(void *comm, void *buf, size_t count, ddp_d
     if (root < 0 || root >= ctx->world)
         return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "broadcast in a communication hook: root %d is not a rank of a world of %d", root, ctx->world);
     if (count == 0) return DDP_SUCCESS;
+    DDP__TRY(ddp__fp_check(ctx, DDP__FP_BROADCAST, "communication hook", count, t, root, ctx->fp_bucket));
     return ddp__hook_done(ctx, count * ddp_dtype_size(t), ctx->ops->broadcast(ctx, buf, count * ddp_dtype_size(t), root));
 }
 
@@ -5362,6 +5571,7 @@ static ddp_result ddp__hook_allgather(void *comm, const void *send, void *recv, 
     if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
     DDP__TRY(ddp__hook_arg(ctx, "allgather", send, recv, t, DDP_OP_SUM));
     if (count == 0) return DDP_SUCCESS;
+    DDP__TRY(ddp__fp_check(ctx, DDP__FP_ALLGATHER, "communication hook", count, t, 0, ctx->fp_bucket));
     return ddp__hook_done(ctx, count * ddp_dtype_size(t), ctx->ops->allgather(ctx, send, recv, count * ddp_dtype_size(t)));
 }
 
@@ -5372,12 +5582,14 @@ static ddp_result ddp__hook_reduce_scatter(void *comm, const void *send, void *r
     if (op == DDP_OP_DEFAULT) op = DDP_OP_SUM;
     DDP__TRY(ddp__hook_arg(ctx, "reduce_scatter", send, recv, t, op));
     if (count == 0) return DDP_SUCCESS;
+    DDP__TRY(ddp__fp_check(ctx, DDP__FP_REDUCE_SCATTER, "communication hook", count, t, (int)op, ctx->fp_bucket));
     return ddp__hook_done(ctx, count * ddp_dtype_size(t) * (size_t)ctx->world, ctx->ops->reduce_scatter(ctx, send, recv, count, t, op));
 }
 
 static ddp_result ddp__hook_barrier(void *comm) {
     ddp_context *ctx = (ddp_context *)comm;
     if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
+    DDP__TRY(ddp__fp_check(ctx, DDP__FP_BARRIER, "communication hook", 0, DDP_F32, 0, ctx->fp_bucket));
     return ddp__hook_done(ctx, 0, ctx->ops->barrier(ctx, "a barrier in a communication hook"));
 }
 
@@ -5515,7 +5727,13 @@ DDP_API ddp_result ddp_comm_hook_fp16(const ddp_comm_bucket *b, void *state) { (
 static ddp_result ddp__run_bucket(ddp_context *ctx, int b, double scale) {
     double t0 = ddp__now(), dt;
     uint64_t bytes = (uint64_t)ctx->cb[b].numel * ddp_dtype_size(ctx->cb[b].dtype);
-    ddp_result r = ctx->hook ? ddp__call_hook(ctx, b, scale) : ctx->ops->bucket_reduce(ctx, b, scale);
+    ddp_result r;
+    ctx->fp_bucket = b;
+    if (ctx->hook) r = ddp__call_hook(ctx, b, scale);
+    else {
+        r = ddp__fp_check(ctx, DDP__FP_BUCKET, "gradient bucket", ctx->cb[b].numel, ctx->cb[b].dtype, ctx->zero, b);
+        if (r == DDP_SUCCESS) r = ctx->ops->bucket_reduce(ctx, b, scale);
+    }
     if (ctx->hook) bytes = ctx->hook_bytes;
     dt = ddp__now() - t0;
     pthread_mutex_lock(&ctx->mu);
@@ -5578,6 +5796,8 @@ static ddp_result ddp__launch_bucket(ddp_context *ctx, int b) {
         pthread_mutex_lock(&ctx->mu);
         ctx->st_cur.bytes += (uint64_t)ctx->cb[b].numel * ddp_dtype_size(ctx->cb[b].dtype);
         pthread_mutex_unlock(&ctx->mu);
+        r = ddp__fp_check(ctx, DDP__FP_BUCKET, "gradient bucket", ctx->cb[b].numel, ctx->cb[b].dtype, ctx->zero, b);
+        if (r != DDP_SUCCESS) return r;
         return ddp__cuda_launch_bucket(ctx, b);
     }
 #if defined(DDP_CUDA)
@@ -5770,6 +5990,7 @@ DDP_API ddp_result ddp_step_begin(ddp_context *ctx) {
     ctx->st_t0 = ddp__now();
     ctx->st_inline = 0;
     ctx->st_steps++;
+    if (!ctx->no_sync) ctx->sync_steps++; /* after the join round: a joined rank counts at its shadow step */
     return DDP_SUCCESS;
 }
 
@@ -5862,6 +6083,7 @@ static ddp_result ddp__learn_order(ddp_context *ctx) {
         int32_t *mine = (int32_t *)ddp__alloc(ctx, (size_t)P * sizeof *mine);
         if (!mine) r = ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory learning the bucket order");
         else memcpy(mine, order, (size_t)P * sizeof *mine);
+        if (r == DDP_SUCCESS) r = ddp__fp_check(ctx, DDP__FP_BROADCAST, "the learned bucket order", (uint64_t)P, DDP_I32, 0, -1);
         if (r == DDP_SUCCESS) r = ctx->ops->broadcast(ctx, order, (size_t)P * sizeof *order, 0);
         for (k = 0; r == DDP_SUCCESS && k < P; k++) {
             if (order[k] < 0 || order[k] >= P) {
@@ -5998,7 +6220,8 @@ static ddp_result ddp__join_round(ddp_context *ctx, int active, int *count, int 
         v[3] = k * k;
         v[4 + ctx->rank / DDP__JOIN_BITS] = ldexp(1.0, ctx->rank % DDP__JOIN_BITS);
     }
-    r = ctx->ops->allreduce(ctx, v, (size_t)(4 + words), DDP_F64, DDP_OP_SUM);
+    r = ddp__fp_check(ctx, DDP__FP_ALLREDUCE, "ddp_join round", (uint64_t)(4 + words), DDP_F64, (int)DDP_OP_SUM, -1);
+    if (r == DDP_SUCCESS) r = ctx->ops->allreduce(ctx, v, (size_t)(4 + words), DDP_F64, DDP_OP_SUM);
     if (r != DDP_SUCCESS) return ddp__break(ctx, r);
     *count = (int)v[0];
     *train = (int)v[1];
@@ -6058,6 +6281,7 @@ static ddp_result ddp__join_shadow(ddp_context *ctx, int count, int train, doubl
     ctx->divisor = ctx->cfg.join_divide_by_initial_world_size ? (double)ctx->world : (double)count;
     ctx->window_div = micro; /* read again by the nccl launch */
     ctx->q_scale = ddp__reduce_factor(ctx);
+    ctx->sync_steps++; /* the others' step this rank answers */
     for (i = 0; i < ctx->num_params; i++) ctx->params[i].marked = 0;
     for (i = 0; i < ctx->num_cb; i++) { ctx->cb[i].pending = ctx->cb[i].num_params; ctx->cb[i].launched = 0; }
     ctx->next_bucket = 0;
@@ -6066,7 +6290,8 @@ static ddp_result ddp__join_shadow(ddp_context *ctx, int count, int train, doubl
     if (r != DDP_SUCCESS) return ddp__break(ctx, r);
     if (train) {
         float pair[2] = { 0.0f, 0.0f };
-        r = ctx->ops->allreduce(ctx, pair, 2, DDP_F32, DDP_OP_SUM);
+        r = ddp__fp_check(ctx, DDP__FP_ALLREDUCE, "ddp_train_step loss", 2, DDP_F32, (int)DDP_OP_SUM, -1);
+        if (r == DDP_SUCCESS) r = ctx->ops->allreduce(ctx, pair, 2, DDP_F32, DDP_OP_SUM);
         if (r != DDP_SUCCESS) return ddp__break(ctx, r);
     }
     return DDP_SUCCESS;
@@ -6086,7 +6311,8 @@ static ddp_result ddp__join_sync(ddp_context *ctx, int root) {
     st[5] = (double)ctx->ls_skipped;
     st[6] = (double)ddp__state_flags(ctx);
     st[7] = (double)ctx->ls_last_skipped;
-    r = ctx->ops->broadcast(ctx, st, sizeof st, root);
+    r = ddp__fp_check(ctx, DDP__FP_BROADCAST, "ddp_join state", sizeof st, (ddp_dtype)-1, root, -1);
+    if (r == DDP_SUCCESS) r = ctx->ops->broadcast(ctx, st, sizeof st, root);
     if (r == DDP_SUCCESS) r = ctx->ops->broadcast(ctx, ctx->flat_params, ctx->flat_bytes, root);
     if (r == DDP_SUCCESS && ctx->rank != root) {
         ctx->opt_steps = (int64_t)st[0];
@@ -6470,7 +6696,8 @@ static ddp_result ddp__grad_stats(ddp_context *ctx, int want_norm, int want_flag
     }
     if (r == DDP_SUCCESS && ctx->zero && W > 1) {
         part[W] = bad;
-        r = ctx->ops->allreduce(ctx, part, (size_t)W + 1, DDP_F64, DDP_OP_SUM);
+        r = ddp__fp_check(ctx, DDP__FP_ALLREDUCE, "ZeRO-1 gradient norm", (uint64_t)W + 1, DDP_F64, (int)DDP_OP_SUM, -1);
+        if (r == DDP_SUCCESS) r = ctx->ops->allreduce(ctx, part, (size_t)W + 1, DDP_F64, DDP_OP_SUM);
         if (r != DDP_SUCCESS) r = ddp__break(ctx, r);
         bad = part[W] != 0;
     }
@@ -6599,6 +6826,7 @@ static ddp_result ddp__param_gather(ddp_context *ctx) {
     uint64_t seq;
     int q;
     if (ctx->world == 1) return DDP_SUCCESS;
+    DDP__TRY(ddp__fp_check(ctx, DDP__FP_GATHER, "ZeRO-1 parameters", ctx->flat_bytes, (ddp_dtype)-1, 0, -1));
     if (ddp__on_gpu(ctx)) return ddp__cuda_param_gather(ctx);
     DDP__TRY(ddp__xchg_claim(ctx));
     ddp__copy_shards(ctx, ctx->shm.xchg, ctx->flat_params, ctx->rank);
@@ -6786,7 +7014,8 @@ DDP_API ddp_result ddp_train_step(ddp_context *ctx, ddp_forward_backward_fn fn, 
         float pair[2];
         pair[0] = loss;
         pair[1] = 1.0f;
-        r = ctx->ops->allreduce(ctx, pair, 2, DDP_F32, DDP_OP_SUM);
+        r = ddp__fp_check(ctx, DDP__FP_ALLREDUCE, "ddp_train_step loss", 2, DDP_F32, (int)DDP_OP_SUM, -1);
+        if (r == DDP_SUCCESS) r = ctx->ops->allreduce(ctx, pair, 2, DDP_F32, DDP_OP_SUM);
         if (r != DDP_SUCCESS) return ddp__break(ctx, r);
         loss = pair[0] / pair[1];
     } else if (ctx->world > 1) {
@@ -6911,7 +7140,8 @@ static ddp_result ddp__gather_state(ddp_context *ctx) {
         for (q = 0; q < ctx->world && r == DDP_SUCCESS; q++) {
             size_t n = ddp__shard_layout(ctx, q, off);
             /* the owner sends from its state array (host or device), the others receive on the host */
-            r = ctx->ops->broadcast(ctx, q == ctx->rank ? mine : (void *)scratch, n, q);
+            r = ddp__fp_check(ctx, DDP__FP_BROADCAST, "checkpoint: state gather", n, (ddp_dtype)-1, q, -1);
+            if (r == DDP_SUCCESS) r = ctx->ops->broadcast(ctx, q == ctx->rank ? mine : (void *)scratch, n, q);
             if (r != DDP_SUCCESS || ctx->rank != 0) continue;
             if (q == 0 && ddp__on_gpu(ctx)) r = ddp__cuda_memcpy(ctx, scratch, mine, n, 0);
             for (b = 0; b < ctx->num_buckets && r == DDP_SUCCESS; b++) {
@@ -7044,7 +7274,8 @@ static ddp_result ddp__agree(ddp_context *ctx, ddp_result mine, const char *what
     memcpy(keep, ctx->err, sizeof keep);
     v[0] = mine != DDP_SUCCESS ? (int32_t)(ctx->rank + 1) : 0;
     v[1] = (int32_t)-mine;
-    r = ctx->ops->allreduce(ctx, v, 2, DDP_I32, DDP_OP_MAX);
+    r = ddp__fp_check(ctx, DDP__FP_ALLREDUCE, what, 2, DDP_I32, (int)DDP_OP_MAX, -1);
+    if (r == DDP_SUCCESS) r = ctx->ops->allreduce(ctx, v, 2, DDP_I32, DDP_OP_MAX);
     if (r != DDP_SUCCESS) return ddp__break(ctx, r);
     memcpy(ctx->err, keep, sizeof keep);
     if (mine != DDP_SUCCESS) return mine;

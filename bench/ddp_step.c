@@ -16,6 +16,8 @@
        --scrambled   instead: the parameters registered out of order, the
                      registration-order buckets against the learned ones
                      (see run_scrambled); --bucket-kb K sets both caps
+       --debug       instead of ZeRO-1, the second context runs with desync
+                     detection (config.debug = DDP_DEBUG_DETAIL): its cost
 
    Fairness on a machine with few cores: every rank runs the local loop at
    the same time (after a barrier), then every rank runs the DDP loop, so
@@ -30,11 +32,15 @@
    ZeRO-1: a second context (config.zero_stage = 1, on MASTER_PORT + 1)
    trains the same model from the same weights on the same batches, the
    same number of steps as the DDP loop, measured in the same rounds.
+   With --debug that second context is a plain one with DDP_DEBUG=detail
+   (every collective's fingerprint checked first) instead.
 
    Output (rank 0; ddprun prefixes each line with "[0] "): '#' lines are
    comments, then per model:
        ranks=N params=P batch=B local_ms=X ddp_ms=Y overhead=Y/X
        zero: ranks=N params=P ddp_ms=Y zero_ms=Z speedup=Y/Z state_bytes_ddp=A state_bytes_zero=B
+   or with --debug
+       debug: ranks=N params=P ddp_ms=Y debug_ms=Z cost=Z/Y
    where X, Y, Z are the median milliseconds per step (rank 0's clock), A
    and B the optimizer-state bytes rank 0 holds (ddp_optimizer_state_bytes),
    and a comment line with every measurement and the bucket count. Each
@@ -179,7 +185,7 @@ static double ddp_loop(model_run *m, ddp_state *s, int steps) {
 
 /* ---- one model ------------------------------------------------------------------ */
 
-static int run_model(const char *dims, int batch, double seconds, int reps) {
+static int run_model(const char *dims, int batch, double seconds, int reps, int debug) {
     model_run m;
     local_state ls;
     ddp_state ds, zs;
@@ -225,8 +231,9 @@ static int run_model(const char *dims, int batch, double seconds, int reps) {
     }
     check(ctx, ddp_finalize(ctx), "ddp_finalize");
 
-    /* the same model with ZeRO-1 on the next port (both contexts live) */
-    c.zero_stage = 1;
+    /* the same model with ZeRO-1 (--debug: with fingerprints) on the next port (both contexts live) */
+    if (debug) c.debug = DDP_DEBUG_DETAIL;
+    else c.zero_stage = 1;
     c.master_port = ddp_query_config(ctx).master_port + 1;
     r = ddp_create(&c, &zctx);
     if (r != DDP_SUCCESS) die(ddp_result_string(r), ddp_create_error());
@@ -297,17 +304,20 @@ static int run_model(const char *dims, int batch, double seconds, int reps) {
     if (rank == 0) {
         printf("ranks=%d params=%zu batch=%d local_ms=%.3f ddp_ms=%.3f overhead=%.3f\n", world, total, batch,
                lmed * 1e3, dmed * 1e3, dmed / lmed);
-        printf("zero: ranks=%d params=%zu ddp_ms=%.3f zero_ms=%.3f speedup=%.3f state_bytes_ddp=%zu state_bytes_zero=%zu\n",
-               world, total, dmed * 1e3, zmed * 1e3, dmed / zmed, ddp_optimizer_state_bytes(ctx), ddp_optimizer_state_bytes(zctx));
+        if (debug)
+            printf("debug: ranks=%d params=%zu ddp_ms=%.3f debug_ms=%.3f cost=%.3f\n", world, total, dmed * 1e3, zmed * 1e3, zmed / dmed);
+        else
+            printf("zero: ranks=%d params=%zu ddp_ms=%.3f zero_ms=%.3f speedup=%.3f state_bytes_ddp=%zu state_bytes_zero=%zu\n",
+                   world, total, dmed * 1e3, zmed * 1e3, dmed / zmed, ddp_optimizer_state_bytes(ctx), ddp_optimizer_state_bytes(zctx));
         printf("#   model=%s buckets=%d ftz=%d steps/measurement local=%d ddp=%d; local_ms", dims,
                ddp_bucket_count(ctx), FLUSH_DENORMALS_ON, steps_local, steps_ddp);
         for (k = 0; k < reps; k++) printf(" %.3f", local[k] * 1e3);
         printf("; ddp_ms");
         for (k = 0; k < reps; k++) printf(" %.3f", dist[k] * 1e3);
-        printf("; zero_ms");
+        printf(debug ? "; debug_ms" : "; zero_ms");
         for (k = 0; k < reps; k++) printf(" %.3f", zdist[k] * 1e3);
-        printf("; weights identical on all ranks: %s; ZeRO-1 weights == DDP weights: %s\n", hi == -lo ? "yes" : "NO",
-               zsame ? "yes" : "NO");
+        printf("; weights identical on all ranks: %s; %s weights == DDP weights: %s\n", hi == -lo ? "yes" : "NO",
+               debug ? "DDP_DEBUG=detail" : "ZeRO-1", zsame ? "yes" : "NO");
         fflush(stdout);
     }
 
@@ -415,17 +425,18 @@ static int run_scrambled(const char *dims, int batch, double seconds, int reps, 
 
 int main(int argc, char **argv) {
     const char *model = NULL;
-    int batch = 0, reps = 3, i, bad = 0, scrambled = 0, bucket_kb = 0;
+    int batch = 0, reps = 3, i, bad = 0, scrambled = 0, bucket_kb = 0, debug = 0;
     double seconds = 2.0;
     FLUSH_DENORMALS();
     bench_name = "ddp_step";
     for (i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
-            printf("usage: ddp_step [--model small|large|DIMS] [--batch B] [--seconds S] [--reps R] [--scrambled [--bucket-kb K]]\n");
+            printf("usage: ddp_step [--model small|large|DIMS] [--batch B] [--seconds S] [--reps R] [--scrambled [--bucket-kb K] | --debug]\n");
             return 0;
         }
         if (!strcmp(a, "--scrambled")) { scrambled = 1; continue; }
+        if (!strcmp(a, "--debug")) { debug = 1; continue; }
         if (!v) die("option needs a value", a);
         i++;
         if (!strcmp(a, "--model")) model = v;
@@ -444,9 +455,9 @@ int main(int argc, char **argv) {
         if (model && strcmp(model, "small") && strcmp(model, "large")) bad |= run_scrambled(model, batch ? batch : 32, seconds, reps, bucket_kb);
         return bad;
     }
-    if (!model || !strcmp(model, "small")) bad |= run_model("784,256,256,10", batch ? batch : 32, seconds, reps);
-    if (!model || !strcmp(model, "large")) bad |= run_model("784,1024,1024,10", batch ? batch : 128, seconds, reps);
+    if (!model || !strcmp(model, "small")) bad |= run_model("784,256,256,10", batch ? batch : 32, seconds, reps, debug);
+    if (!model || !strcmp(model, "large")) bad |= run_model("784,1024,1024,10", batch ? batch : 128, seconds, reps, debug);
     if (model && strcmp(model, "small") && strcmp(model, "large"))
-        bad |= run_model(model, batch ? batch : 32, seconds, reps);
+        bad |= run_model(model, batch ? batch : 32, seconds, reps, debug);
     return bad;
 }
