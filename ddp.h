@@ -19,8 +19,12 @@
        DDP_CUDA             GPU support (default: on when __CUDACC__ is defined;
                             define DDP_NO_CUDA to force it off)
        DDP_NCCL             NCCL backend (default: on with DDP_CUDA unless
-                            DDP_NO_NCCL is defined)
+                            DDP_NO_NCCL is defined; always off on Windows,
+                            where NCCL does not exist)
        DDP_ASSERT(c)        your assert (default: assert from <assert.h>)
+       DDP_WIN32_MSVC_ATOMICS  mingw-w64: use the MSVC atomics (_Interlocked*
+                            and barriers) instead of the GCC builtins, as an
+                            MSVC build does (CI runs that branch this way)
 
    LINK LINES
 
@@ -29,6 +33,12 @@
                           (other files of a C project keep being compiled by
                           their own C compiler: the declarations below have no
                           CUDA types)
+       Windows, MSVC:     cl /O2 app.c ws2_32.lib advapi32.lib
+                          (the implementation also asks for both with
+                          #pragma comment(lib))
+       Windows, mingw-w64: gcc -std=c99 -O2 app.c -lws2_32 -ladvapi32
+       Windows, CUDA:     nvcc -O2 impl.cu app.c cudart.lib ws2_32.lib advapi32.lib
+                          (no NCCL: the staged backend, below)
 
    BUILD SYSTEMS
 
@@ -45,9 +55,36 @@
        pkg-config:  cc app.c $(pkg-config --cflags --libs ddp)
        A version request accepts the same MAJOR.MINOR before 1.0.
 
-   Platforms: Linux and other POSIX systems. The Windows seams (threads,
-   shared memory, sockets, processes) are kept in the PLATFORM section but are
-   not implemented yet.
+   PLATFORMS
+
+       Linux (tested), other POSIX systems, and Windows (the Vista API level,
+       _WIN32_WINNT >= 0x0600; MSVC, clang-cl, mingw-w64). The operating system is used in one
+       section of the implementation (search for PLATFORM): threads, locks,
+       atomics, clock, sockets, shared memory, processes, file replacement.
+       On Windows:
+       - shared memory between ranks is a paging-file-backed named mapping
+         (CreateFileMapping), readable and writable by the current user only
+         (a DACL with one entry; hence advapi32) under a random name
+         "Local\ddp-<pid>-<n>-<what>-<96 random bits>"; it vanishes with the
+         last process that maps it, so nothing is left whatever kills a rank;
+         rank 0 keeps a handle on each name until every rank has mapped it
+         (at most 64 such names per process at once, DDP__SHM_KEEP: a
+         context needs one or two, during its set-up only);
+       - Winsock is started (WSAStartup) by every ddp_create() of a world
+         larger than one and stopped by its ddp_destroy(); dp_create() too;
+       - a rank that exits is seen through OpenProcess/WaitForSingleObject;
+       - checkpoints are replaced with MoveFileEx(MOVEFILE_REPLACE_EXISTING |
+         MOVEFILE_WRITE_THROUGH); paths are in the ANSI code page;
+       - the implementation includes <winsock2.h> and <windows.h> with
+         WIN32_LEAN_AND_MEAN: in the file that defines DDP_IMPLEMENTATION,
+         include ddp.h before <windows.h> (or define WIN32_LEAN_AND_MEAN), as
+         <windows.h> alone pulls in the old <winsock.h>;
+       - NCCL does not exist: CUDA builds use the staged backend between
+         processes (ddp.h) and dp.h within one;
+       - the local launcher is ddprun.exe (tools/ddprun_win.c): the same
+         command line and behaviour as ddprun, with job objects.
+       Verified: mingw-w64 builds under Wine (CI). Not verified: real
+       Windows, an MSVC compile, Windows GPUs.
 
    STEP BY STEP
 
@@ -309,7 +346,8 @@
 
    BACKENDS
 
-       shm     processes on one host through POSIX shared memory. The CPU
+       shm     processes on one host through shared memory (POSIX shm_open;
+               Windows: a named file mapping, see PLATFORMS). The CPU
                default. The flat gradient buffer lives in the shared segment,
                so an all-reduce of gradients copies nothing in or out: every
                rank reduces its own slice of every rank's buffer and writes the
@@ -318,7 +356,8 @@
                on the GPU.
        staged  GPU buffers reduced through the shm backend (device to host,
                reduce, host to device). For machines without NCCL and for
-               several ranks on one GPU.
+               several ranks on one GPU, and the multi-process GPU path on
+               Windows, which has no NCCL.
 
    BUCKETS
 
@@ -576,11 +615,16 @@
                                  (the join round's sums stay exact in double)
        step counts in a file     2^53 (exact in double, as pow(beta, t) needs)
 */
-/* The implementation uses POSIX and a few GNU calls (shm_open, pthreads,
-   sockets): ask for them before the first system header. A file that defines
-   DDP_IMPLEMENTATION includes ddp.h first (or compiles with -D_GNU_SOURCE). */
+/* Feature macros of the implementation (part of its PLATFORM section, but
+   they must come before the first system header, so a file that defines
+   DDP_IMPLEMENTATION includes ddp.h first, or compiles with -D_GNU_SOURCE):
+   POSIX and a few GNU calls (shm_open, pthreads, sockets); MSVC's C library
+   without its "use the _s functions" warnings. */
 #if defined(DDP_IMPLEMENTATION) && !defined(_WIN32) && !defined(_GNU_SOURCE)
 #  define _GNU_SOURCE 1
+#endif
+#if defined(DDP_IMPLEMENTATION) && defined(_MSC_VER) && !defined(_CRT_SECURE_NO_WARNINGS)
+#  define _CRT_SECURE_NO_WARNINGS 1
 #endif
 
 #ifndef DDP_H_INCLUDED
@@ -890,7 +934,8 @@ DDP_API ddp_result ddp_reduce_scatter(ddp_context *ctx, const void *send, void *
 
 /* Register one parameter (in forward order, before ddp_finalize). init, if
    not NULL, holds count elements of dtype copied in at finalize (rank 0's
-   values win); NULL means zeros. *out_id receives the parameter's id. */
+   values win); NULL means zeros. *out_id receives the parameter's id, or -1 when the
+   call fails (it is written on every path when out_id is not NULL). */
 DDP_API ddp_result ddp_register_param(ddp_context *ctx, const char *name, size_t count,
                                       ddp_dtype dtype, const void *init, int *out_id);
 /* Same with a shape (ndim <= 8); the shape is checked across ranks too. */
@@ -1162,6 +1207,1126 @@ DDP_API ddp_result ddp_load_safetensors(ddp_context *ctx, const char *path, int 
 #ifndef DDP__IMPLEMENTED
 #define DDP__IMPLEMENTED
 
+/* ========================================================================
+   MAP of the implementation, in order (search for the titles):
+     PLATFORM               the only code that knows the operating system
+     switches               CUDA and NCCL
+     results, the context, configuration and environment
+     store.inc.c            the TCP key-value store (rendezvous), server and client
+     shared-memory backend  counters, waits, reductions, collectives
+     shared-memory segments
+     backends, rendezvous, ddp_create/ddp_destroy, collectives on user buffers
+     parameters, communication thread, the step
+     optimizers, the step wrapper, checkpoints
+     CUDA                   device buffers, NCCL, the staged backend
+   ======================================================================== */
+
+/* ==== PLATFORM ===========================================================
+
+   The only section that knows the operating system: POSIX (Linux, macOS,
+   the BSDs) and Win32 (MSVC, mingw-w64), each function with both bodies
+   side by side. Everything after it uses this vocabulary and includes no OS
+   header:
+
+     ddp__thread_*  ddp__mutex_*  ddp__cond_*   threads, lock, condition variable
+     ddp__atomic_*  DDP__PAUSE  DDP__TLS        atomics, spin hint, thread-local
+     ddp__now  ddp__sleep_us  ddp__yield        monotonic clock, sleeping
+     ddp__net_*  ddp__sock_*  ddp__pipe_*       sockets, the server's wake-up channel
+     ddp__shm_*                                 shared memory between processes
+     ddp__getpid  ddp__proc_dead                processes
+     ddp__file_*  ddp__dir_sync                 durable file replacement
+     ddp__strerror                              the text of an error number
+     DDP__PRINTF  DDP__PRIzu  DDP__UNUSED       compiler portability
+
+   Error numbers are errno values. On Windows, socket errors are mapped onto
+   the errno constants the callers test (EWOULDBLOCK, EINPROGRESS,
+   ECONNRESET, ...); any other Win32 error travels as DDP__WINERR(code),
+   which ddp__strerror renders with FormatMessage. */
+
+#if defined(_WIN32)
+/* NCCL does not exist on Windows: CUDA builds use the staged backend there */
+#  if defined(DDP_NCCL)
+#    error "ddp.h: NCCL does not exist on Windows; CUDA builds use the staged backend there (do not define DDP_NCCL)"
+#  endif
+#  ifndef DDP_NO_NCCL
+#    define DDP_NO_NCCL 1
+#  endif
+#  ifndef WIN32_LEAN_AND_MEAN
+#    define WIN32_LEAN_AND_MEAN
+#  endif
+#  ifndef NOMINMAX
+#    define NOMINMAX
+#  endif
+#  if defined(_WIN32_WINNT) && _WIN32_WINNT < 0x0600
+#    error "ddp.h needs _WIN32_WINNT >= 0x0600 (Windows Vista or later: WSAPoll, condition variables)"
+#  endif
+#  include <winsock2.h>
+#  include <ws2tcpip.h>
+#  include <windows.h>
+#  include <process.h>
+#  include <io.h>
+#  include <intrin.h>
+#  if defined(_MSC_VER)
+#    pragma comment(lib, "ws2_32.lib")
+#    pragma comment(lib, "advapi32.lib")
+#  endif
+#  ifndef WSA_FLAG_NO_HANDLE_INHERIT
+#    define WSA_FLAG_NO_HANDLE_INHERIT 0x80
+#  endif
+#else
+#  include <unistd.h>
+#  include <pthread.h>
+#  include <time.h>
+#  include <fcntl.h>
+#  include <signal.h>
+#  include <sched.h>
+#  include <sys/mman.h>
+#  include <sys/stat.h>
+#  include <sys/types.h>
+#  include <sys/socket.h>
+#  include <sys/time.h>
+#  include <netinet/in.h>
+#  include <netinet/tcp.h>
+#  include <arpa/inet.h>
+#  include <netdb.h>
+#  include <poll.h>
+#endif
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <stdarg.h>
+#include <math.h>
+#include <errno.h>
+#include <limits.h>
+#include <stdint.h>
+#include <time.h>
+
+/* ---- compiler portability ------------------------------------------------ */
+
+#if defined(__GNUC__) || defined(__clang__)
+#  define DDP__UNUSED __attribute__((unused))
+#else
+#  define DDP__UNUSED
+#endif
+
+/* printf-style checking: mingw-w64's C99 printf (the default from -std=c99
+   on) is "gnu_printf" to GCC, its msvcrt one "ms_printf"; __MINGW_PRINTF_FORMAT
+   names whichever is in force. */
+#if defined(__MINGW32__)
+#  define DDP__PRINTF(f, a) __attribute__((format(__MINGW_PRINTF_FORMAT, f, a)))
+#elif defined(__GNUC__) || defined(__clang__)
+#  define DDP__PRINTF(f, a) __attribute__((format(printf, f, a)))
+#else
+#  define DDP__PRINTF(f, a)
+#endif
+
+/* size_t in printf formats: "%" DDP__PRIzu. msvcrt's own printf (mingw-w64
+   with __USE_MINGW_ANSI_STDIO=0) knows no %zu. */
+#if defined(__MINGW32__) && !__USE_MINGW_ANSI_STDIO
+#  define DDP__PRIzu "Iu"
+#else
+#  define DDP__PRIzu "zu"
+#endif
+
+/* thread-local storage: mingw's GCC ignores __declspec(thread), MSVC's C
+   knows no _Thread_local before C11 mode */
+#if defined(__cplusplus) && (__cplusplus >= 201103L || defined(_MSC_VER))
+#  define DDP__TLS thread_local
+#elif defined(_MSC_VER)
+#  define DDP__TLS __declspec(thread)
+#elif defined(__STDC_VERSION__) && __STDC_VERSION__ >= 201112L
+#  define DDP__TLS _Thread_local
+#else
+#  define DDP__TLS __thread
+#endif
+
+/* a spin-wait hint */
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+#  define DDP__PAUSE() __builtin_ia32_pause()
+#elif (defined(__GNUC__) || defined(__clang__)) && defined(__aarch64__)
+#  define DDP__PAUSE() __asm__ __volatile__("yield")
+#elif defined(_MSC_VER) && (defined(_M_X64) || defined(_M_IX86))
+#  define DDP__PAUSE() _mm_pause()
+#elif defined(_MSC_VER) && defined(_M_ARM64)
+#  define DDP__PAUSE() __yield()
+#else
+#  define DDP__PAUSE() ((void)0)
+#endif
+
+/* prefetch for reading / writing (a hint; may do nothing) */
+#if defined(__GNUC__) || defined(__clang__)
+#  define DDP__PREFETCH_R(p) __builtin_prefetch((p), 0, 3)
+#  define DDP__PREFETCH_W(p) __builtin_prefetch((p), 1, 3)
+#elif defined(_MSC_VER) && (defined(_M_X64) || defined(_M_IX86))
+#  define DDP__PREFETCH_R(p) _mm_prefetch((const char *)(p), _MM_HINT_T0)
+#  define DDP__PREFETCH_W(p) _mm_prefetch((const char *)(p), _MM_HINT_T0)
+#else
+#  define DDP__PREFETCH_R(p) ((void)(p))
+#  define DDP__PREFETCH_W(p) ((void)(p))
+#endif
+
+/* ---- atomics --------------------------------------------------------------
+   int (int32_t is int on every supported platform) and uint64_t cells shared
+   between threads and between processes (shared memory): acquire loads,
+   release stores, compare-and-swap and add with full ordering. */
+
+#if defined(DDP_WIN32_MSVC_ATOMICS) && !defined(_WIN32)
+#  error "ddp.h: DDP_WIN32_MSVC_ATOMICS selects the MSVC (_Interlocked*) atomics, which exist on Windows only"
+#endif
+#if defined(DDP_WIN32_MSVC_ATOMICS) || (defined(_MSC_VER) && !defined(__clang__))
+/* MSVC: _Interlocked* for read-modify-write; a plain access and a compiler
+   barrier for acquire loads and release stores, which x86 and x64 order so
+   by themselves (elsewhere, a full barrier). Under mingw-w64,
+   -DDDP_WIN32_MSVC_ATOMICS selects this branch, so CI runs it too. */
+#  define DDP__ATOMICS_NAME "msvc"
+#  if defined(_M_X64) || defined(_M_IX86) || defined(__x86_64__) || defined(__i386__)
+#    define DDP__ORDER() _ReadWriteBarrier()
+#  else
+#    define DDP__ORDER() MemoryBarrier()
+#  endif
+static int ddp__atomic_load_int(const volatile int *p) { int v = *p; DDP__ORDER(); return v; }
+static void ddp__atomic_store_int(volatile int *p, int v) { DDP__ORDER(); *p = v; }
+static int ddp__atomic_cas_int(volatile int *p, int expected, int desired) {
+    return _InterlockedCompareExchange((volatile long *)p, (long)desired, (long)expected) == (long)expected;
+}
+/* returns the new value */
+static int ddp__atomic_add_int(volatile int *p, int v) {
+    return (int)_InterlockedExchangeAdd((volatile long *)p, (long)v) + v;
+}
+#  if defined(_M_IX86) || defined(__i386__) /* a plain 64-bit access is two 32-bit ones there */
+static uint64_t ddp__atomic_load_u64(const volatile uint64_t *p) {
+    return (uint64_t)_InterlockedCompareExchange64((volatile __int64 *)p, 0, 0);
+}
+static void ddp__atomic_store_u64(volatile uint64_t *p, uint64_t v) {
+    __int64 old = (__int64)*p, seen;
+    while ((seen = _InterlockedCompareExchange64((volatile __int64 *)p, (__int64)v, old)) != old) old = seen;
+}
+#  else
+static uint64_t ddp__atomic_load_u64(const volatile uint64_t *p) { uint64_t v = *p; DDP__ORDER(); return v; }
+static void ddp__atomic_store_u64(volatile uint64_t *p, uint64_t v) { DDP__ORDER(); *p = v; }
+#  endif
+#else
+/* GCC and Clang builtins: C99, C++, and nvcc's host compiler alike */
+#  define DDP__ATOMICS_NAME "gcc"
+static int ddp__atomic_load_int(const volatile int *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+static void ddp__atomic_store_int(volatile int *p, int v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+static int ddp__atomic_cas_int(volatile int *p, int expected, int desired) {
+    return __atomic_compare_exchange_n(p, &expected, desired, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+}
+static int ddp__atomic_add_int(volatile int *p, int v) { return __atomic_add_fetch(p, v, __ATOMIC_ACQ_REL); }
+static uint64_t ddp__atomic_load_u64(const volatile uint64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+static void ddp__atomic_store_u64(volatile uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+#endif
+
+/* ---- error text ----------------------------------------------------------- */
+
+#if defined(_WIN32)
+#  define DDP__WINERR_BASE 0x10000000
+/* a Win32 error code carried where an errno value is expected */
+#  define DDP__WINERR(code) ((int)(DDP__WINERR_BASE | ((unsigned long)(code) & 0x0FFFFFFFul)))
+
+/* A Winsock error as the errno constant the callers compare with. */
+static int ddp__wsa_errno(int w) {
+    switch (w) {
+    case 0: return 0;
+    case WSAEINTR: return EINTR;
+    case WSAEWOULDBLOCK: return EWOULDBLOCK;
+    case WSAEINPROGRESS: return EINPROGRESS;
+    case WSAECONNRESET: case WSAENETRESET: return ECONNRESET;
+    case WSAECONNABORTED: return ECONNABORTED;
+    case WSAESHUTDOWN: return EPIPE;
+    case WSAEADDRINUSE: return EADDRINUSE;
+    case WSAEADDRNOTAVAIL: return EADDRNOTAVAIL;
+    case WSAEACCES: return EACCES;
+    case WSAETIMEDOUT: return ETIMEDOUT;
+    case WSAEMFILE: return EMFILE;
+    case WSAENOBUFS: return ENOBUFS;
+    case WSAECONNREFUSED: return ECONNREFUSED;
+    case WSAENETUNREACH: return ENETUNREACH;
+    case WSAEHOSTUNREACH: return EHOSTUNREACH;
+    default: return DDP__WINERR(w);
+    }
+}
+
+/* Text for an errno value or a DDP__WINERR code (per thread, until the next call). */
+static const char *ddp__strerror(int e) {
+    static const struct { int e; const char *s; } net[] = {
+        { EADDRINUSE, "Address already in use" }, { EADDRNOTAVAIL, "Cannot assign requested address" },
+        { ECONNABORTED, "Software caused connection abort" }, { ECONNREFUSED, "Connection refused" },
+        { ECONNRESET, "Connection reset by peer" }, { EHOSTUNREACH, "No route to host" },
+        { EINPROGRESS, "Operation now in progress" }, { ENETUNREACH, "Network is unreachable" },
+        { ENOBUFS, "No buffer space available" }, { ETIMEDOUT, "Connection timed out" },
+        { EWOULDBLOCK, "Resource temporarily unavailable" }
+    };
+    static DDP__TLS char buf[320];
+    size_t i, n;
+    DWORD code;
+    if (e < DDP__WINERR_BASE) {
+        for (i = 0; i < sizeof net / sizeof net[0]; i++)
+            if (net[i].e == e) return net[i].s;
+        return strerror(e); /* the CRT's table (errno values below 100) */
+    }
+    code = (DWORD)(e - DDP__WINERR_BASE);
+    n = FormatMessageA(FORMAT_MESSAGE_FROM_SYSTEM | FORMAT_MESSAGE_IGNORE_INSERTS | FORMAT_MESSAGE_MAX_WIDTH_MASK,
+                       NULL, code, 0, buf, (DWORD)sizeof buf - 32, NULL);
+    while (n > 0 && (buf[n - 1] == ' ' || buf[n - 1] == '.' || buf[n - 1] == '\r' || buf[n - 1] == '\n')) n--;
+    snprintf(buf + n, sizeof buf - n, "%sWindows error %lu%s", n ? " (" : "", (unsigned long)code, n ? ")" : "");
+    return buf;
+}
+#else
+static const char *ddp__strerror(int e) { return strerror(e); }
+#endif
+
+/* ---- time ------------------------------------------------------------------ */
+
+/* seconds on a monotonic clock */
+static double ddp__now(void) {
+#if defined(_WIN32)
+    LARGE_INTEGER f, c;
+    QueryPerformanceFrequency(&f);
+    QueryPerformanceCounter(&c);
+    return (double)(c.QuadPart / f.QuadPart) + (double)(c.QuadPart % f.QuadPart) / (double)f.QuadPart;
+#else
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+#endif
+}
+
+/* Windows' Sleep counts milliseconds (and Sleep(1) takes about 15.6 ms on
+   real Windows unless the timer resolution was raised; 1 ms under Wine):
+   shorter sleeps use a high-resolution waitable timer (Windows 10 1803 and
+   later, and Wine), else Sleep(1). A waiting rank must really sleep: giving
+   up the time slice alone keeps the core busy, and starves the other ranks
+   and the store's thread on a loaded machine. */
+#  if defined(_WIN32) && !defined(CREATE_WAITABLE_TIMER_HIGH_RESOLUTION)
+#    define CREATE_WAITABLE_TIMER_HIGH_RESOLUTION 0x00000002
+#  endif
+static void ddp__sleep_us(long us) {
+#if defined(_WIN32)
+    static int no_hires = 0; /* set once when the timer kind is unknown (a benign race) */
+    if (us <= 0) {
+        SwitchToThread();
+        return;
+    }
+    if (us < 1000 && !no_hires) {
+        HANDLE t = CreateWaitableTimerExW(NULL, NULL, CREATE_WAITABLE_TIMER_HIGH_RESOLUTION, TIMER_ALL_ACCESS);
+        if (t) {
+            LARGE_INTEGER due;
+            due.QuadPart = -(LONGLONG)us * 10; /* relative, in 100 ns */
+            if (SetWaitableTimer(t, &due, 0, NULL, NULL, FALSE)) WaitForSingleObject(t, INFINITE);
+            CloseHandle(t);
+            return;
+        }
+        no_hires = 1;
+    }
+    Sleep((DWORD)((us + 999) / 1000));
+#else
+    struct timespec ts;
+    ts.tv_sec = us / 1000000;
+    ts.tv_nsec = (us % 1000000) * 1000;
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR) { }
+#endif
+}
+
+static void ddp__yield(void) {
+#if defined(_WIN32)
+    SwitchToThread();
+#else
+    sched_yield();
+#endif
+}
+
+/* ---- threads, lock, condition variable ---------------------------------- */
+
+typedef void *(*ddp__thread_fn)(void *arg);
+
+#if defined(_WIN32)
+typedef struct ddp__thread { HANDLE h; DWORD id; ddp__thread_fn fn; void *arg; } ddp__thread;
+typedef SRWLOCK ddp__mutex;
+typedef CONDITION_VARIABLE ddp__cond;
+static unsigned __stdcall ddp__thread_entry(void *p) {
+    ddp__thread *t = (ddp__thread *)p;
+    t->fn(t->arg);
+    return 0;
+}
+#else
+typedef struct ddp__thread { pthread_t t; } ddp__thread;
+typedef pthread_mutex_t ddp__mutex;
+typedef pthread_cond_t ddp__cond;
+#endif
+
+/* 0 or an error number. t must stay where it is until joined. */
+static int ddp__thread_start(ddp__thread *t, ddp__thread_fn fn, void *arg) {
+#if defined(_WIN32)
+    unsigned id = 0;
+    t->fn = fn;
+    t->arg = arg;
+    /* suspended until t->id is set: the thread may ask ddp__thread_is_self at once */
+    t->h = (HANDLE)_beginthreadex(NULL, 0, ddp__thread_entry, t, CREATE_SUSPENDED, &id);
+    if (!t->h) return errno ? errno : EAGAIN;
+    t->id = (DWORD)id;
+    ResumeThread(t->h);
+    return 0;
+#else
+    return pthread_create(&t->t, NULL, fn, arg);
+#endif
+}
+
+/* The same, for a thread that must take no signals (they belong to the
+   user's threads); on Windows there are none to block. */
+static int ddp__thread_start_nosignals(ddp__thread *t, ddp__thread_fn fn, void *arg) {
+#if defined(_WIN32)
+    return ddp__thread_start(t, fn, arg);
+#else
+    sigset_t all, old;
+    int rc;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    rc = pthread_create(&t->t, NULL, fn, arg);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    return rc;
+#endif
+}
+
+static void ddp__thread_join(ddp__thread *t) {
+#if defined(_WIN32)
+    WaitForSingleObject(t->h, INFINITE);
+    CloseHandle(t->h);
+    t->h = NULL;
+#else
+    pthread_join(t->t, NULL);
+#endif
+}
+
+static int ddp__thread_is_self(const ddp__thread *t) {
+#if defined(_WIN32)
+    return GetCurrentThreadId() == t->id;
+#else
+    return pthread_equal(pthread_self(), t->t);
+#endif
+}
+
+static void ddp__mutex_init(ddp__mutex *m) {
+#if defined(_WIN32)
+    InitializeSRWLock(m);
+#else
+    pthread_mutex_init(m, NULL);
+#endif
+}
+static void ddp__mutex_destroy(ddp__mutex *m) {
+#if defined(_WIN32)
+    (void)m; /* an SRW lock holds no resources */
+#else
+    pthread_mutex_destroy(m);
+#endif
+}
+static void ddp__mutex_lock(ddp__mutex *m) {
+#if defined(_WIN32)
+    AcquireSRWLockExclusive(m);
+#else
+    pthread_mutex_lock(m);
+#endif
+}
+static void ddp__mutex_unlock(ddp__mutex *m) {
+#if defined(_WIN32)
+    ReleaseSRWLockExclusive(m);
+#else
+    pthread_mutex_unlock(m);
+#endif
+}
+
+static void ddp__cond_init(ddp__cond *c) {
+#if defined(_WIN32)
+    InitializeConditionVariable(c);
+#else
+    pthread_cond_init(c, NULL);
+#endif
+}
+static void ddp__cond_destroy(ddp__cond *c) {
+#if defined(_WIN32)
+    (void)c;
+#else
+    pthread_cond_destroy(c);
+#endif
+}
+static void ddp__cond_wait(ddp__cond *c, ddp__mutex *m) {
+#if defined(_WIN32)
+    SleepConditionVariableSRW(c, m, INFINITE, 0);
+#else
+    pthread_cond_wait(c, m);
+#endif
+}
+/* Wait at most until deadline (ddp__now() seconds): 1 if it passed. */
+static int ddp__cond_wait_until(ddp__cond *c, ddp__mutex *m, double deadline) {
+    double left = deadline - ddp__now();
+#if defined(_WIN32)
+    DWORD ms;
+    if (left <= 0) return 1;
+    ms = left > 4e6 ? (DWORD)4000000000u : (DWORD)(left * 1000.0) + 1;
+    if (SleepConditionVariableSRW(c, m, ms, 0)) return 0;
+    return GetLastError() == ERROR_TIMEOUT && ddp__now() >= deadline;
+#else
+    struct timespec ts;
+    if (left <= 0) return 1;
+    if (left > 1e7) left = 1e7;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    ts.tv_sec += (time_t)left;
+    ts.tv_nsec += (long)((left - (double)(time_t)left) * 1e9);
+    if (ts.tv_nsec >= 1000000000L) { ts.tv_sec++; ts.tv_nsec -= 1000000000L; }
+    return pthread_cond_timedwait(c, m, &ts) == ETIMEDOUT;
+#endif
+}
+static void ddp__cond_signal(ddp__cond *c) {
+#if defined(_WIN32)
+    WakeConditionVariable(c);
+#else
+    pthread_cond_signal(c);
+#endif
+}
+static void ddp__cond_broadcast(ddp__cond *c) {
+#if defined(_WIN32)
+    WakeAllConditionVariable(c);
+#else
+    pthread_cond_broadcast(c);
+#endif
+}
+
+/* ---- processes --------------------------------------------------------------- */
+
+static int ddp__getpid(void) {
+#if defined(_WIN32)
+    return (int)GetCurrentProcessId();
+#else
+    return (int)getpid();
+#endif
+}
+
+/* 1 when process pid certainly no longer runs (0 when it does, or when
+   that cannot be told, e.g. another user's process). */
+static int ddp__proc_dead(int pid) {
+#if defined(_WIN32)
+    HANDLE h = OpenProcess(SYNCHRONIZE | PROCESS_QUERY_LIMITED_INFORMATION, FALSE, (DWORD)pid);
+    int dead;
+    if (!h) return GetLastError() == ERROR_INVALID_PARAMETER; /* no process has that id */
+    dead = WaitForSingleObject(h, 0) == WAIT_OBJECT_0;          /* it exited; its id is kept by our handle */
+    CloseHandle(h);
+    return dead;
+#else
+    return kill((pid_t)pid, 0) != 0 && errno == ESRCH;
+#endif
+}
+
+/* ---- sockets ------------------------------------------------------------------
+   A socket is an int: a descriptor on POSIX; on Windows a SOCKET, which is a
+   kernel handle and so 32-bit significant (Microsoft documents that 64-bit
+   handles may be truncated to 32 bits and sign-extended back), -1 standing
+   for INVALID_SOCKET. Calls return what the POSIX calls return; the error
+   of the last failed call is ddp__sock_errno(). Winsock is started and
+   stopped with the contexts (ddp__net_start/stop, reference counted by
+   Winsock itself). */
+
+#if defined(_WIN32)
+typedef SSIZE_T ddp__ssize;
+typedef ULONG ddp__nfds;
+#  define DDP__SOCK_NOSIGNAL 0 /* no SIGPIPE on Windows */
+#  define DDP__SOCK_DONTWAIT 0 /* every socket of the library is non-blocking anyway */
+static SOCKET ddp__s(int fd) { return (SOCKET)(INT_PTR)fd; }
+#else
+typedef ssize_t ddp__ssize;
+typedef nfds_t ddp__nfds;
+#  ifdef MSG_NOSIGNAL
+#    define DDP__SOCK_NOSIGNAL MSG_NOSIGNAL
+#  else
+#    define DDP__SOCK_NOSIGNAL 0 /* macOS: SO_NOSIGPIPE is set on every socket instead */
+#  endif
+#  define DDP__SOCK_DONTWAIT MSG_DONTWAIT
+#endif
+
+static int ddp__net_start(void) {
+#if defined(_WIN32)
+    WSADATA d;
+    int e = WSAStartup(MAKEWORD(2, 2), &d);
+    return e ? ddp__wsa_errno(e) : 0;
+#else
+    return 0;
+#endif
+}
+static void ddp__net_stop(void) {
+#if defined(_WIN32)
+    WSACleanup();
+#endif
+}
+
+static int ddp__sock_errno(void) {
+#if defined(_WIN32)
+    return ddp__wsa_errno(WSAGetLastError());
+#else
+    return errno;
+#endif
+}
+
+/* getaddrinfo's error text */
+static const char *ddp__gai_strerror(int rc) {
+#if defined(_WIN32)
+    return ddp__strerror(ddp__wsa_errno(rc)); /* getaddrinfo returns Winsock errors */
+#else
+    return rc == EAI_SYSTEM ? strerror(errno) : gai_strerror(rc);
+#endif
+}
+
+/* A new socket that child processes do not inherit; -1 on failure. */
+static int ddp__sock_open(int family, int type, int protocol) {
+#if defined(_WIN32)
+    SOCKET s = WSASocketW(family, type, protocol, NULL, 0, WSA_FLAG_OVERLAPPED | WSA_FLAG_NO_HANDLE_INHERIT);
+    if (s == INVALID_SOCKET && WSAGetLastError() == WSAEINVAL) { /* before Windows 7 SP1 */
+        s = socket(family, type, protocol);
+        if (s != INVALID_SOCKET) SetHandleInformation((HANDLE)s, HANDLE_FLAG_INHERIT, 0);
+    }
+    if (s == INVALID_SOCKET) return -1;
+    if (ddp__s((int)s) != s) { closesocket(s); WSASetLastError(WSAEMFILE); return -1; } /* never: see above */
+    return (int)s;
+#else
+    int fd = socket(family, type, protocol);
+    if (fd >= 0) fcntl(fd, F_SETFD, fcntl(fd, F_GETFD) | FD_CLOEXEC);
+    return fd;
+#endif
+}
+
+/* Non-blocking, not inherited, no SIGPIPE. */
+static void ddp__sock_prepare(int fd) {
+#if defined(_WIN32)
+    u_long one = 1;
+    ioctlsocket(ddp__s(fd), FIONBIO, &one);
+#else
+    fcntl(fd, F_SETFD, fcntl(fd, F_GETFD) | FD_CLOEXEC);
+    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+#  ifdef SO_NOSIGPIPE
+    {
+        int one = 1;
+        setsockopt(fd, SOL_SOCKET, SO_NOSIGPIPE, &one, sizeof one);
+    }
+#  endif
+#endif
+}
+
+static void ddp__sock_close(int fd) {
+#if defined(_WIN32)
+    closesocket(ddp__s(fd));
+#else
+    close(fd);
+#endif
+}
+
+static int ddp__sock_accept(int fd) {
+#if defined(_WIN32)
+    SOCKET s = accept(ddp__s(fd), NULL, NULL);
+    if (s == INVALID_SOCKET) return -1;
+    SetHandleInformation((HANDLE)s, HANDLE_FLAG_INHERIT, 0);
+    return (int)s;
+#else
+    return accept(fd, NULL, NULL);
+#endif
+}
+
+static int ddp__sock_bind(int fd, const struct sockaddr *sa, socklen_t len) {
+#if defined(_WIN32)
+    return bind(ddp__s(fd), sa, len) == 0 ? 0 : -1;
+#else
+    return bind(fd, sa, len);
+#endif
+}
+
+static int ddp__sock_listen(int fd, int backlog) {
+#if defined(_WIN32)
+    return listen(ddp__s(fd), backlog) == 0 ? 0 : -1;
+#else
+    return listen(fd, backlog);
+#endif
+}
+
+/* On a non-blocking socket a connection in progress is EINPROGRESS on both. */
+static int ddp__sock_connect(int fd, const struct sockaddr *sa, socklen_t len) {
+#if defined(_WIN32)
+    if (connect(ddp__s(fd), sa, len) == 0) return 0;
+    if (WSAGetLastError() == WSAEWOULDBLOCK) WSASetLastError(WSAEINPROGRESS);
+    return -1;
+#else
+    return connect(fd, sa, len);
+#endif
+}
+
+static int ddp__sock_name(int fd, struct sockaddr *sa, socklen_t *len) {
+#if defined(_WIN32)
+    return getsockname(ddp__s(fd), sa, len) == 0 ? 0 : -1;
+#else
+    return getsockname(fd, sa, len);
+#endif
+}
+
+static int ddp__sock_setopt(int fd, int level, int name, const void *val, socklen_t len) {
+#if defined(_WIN32)
+    return setsockopt(ddp__s(fd), level, name, (const char *)val, len) == 0 ? 0 : -1;
+#else
+    return setsockopt(fd, level, name, val, len);
+#endif
+}
+
+/* The outcome of a non-blocking connect: 0 or an error number. */
+static int ddp__sock_so_error(int fd) {
+    int e = 0;
+    socklen_t sl = sizeof e;
+#if defined(_WIN32)
+    if (getsockopt(ddp__s(fd), SOL_SOCKET, SO_ERROR, (char *)&e, &sl) != 0) return ddp__sock_errno();
+    return ddp__wsa_errno(e);
+#else
+    if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &e, &sl) != 0) return errno;
+    return e;
+#endif
+}
+
+/* A listening socket that can be reopened at once while the connections of
+   a previous one linger in TIME_WAIT. Windows allows that by default, and
+   its SO_REUSEADDR would let a second socket take a port in use. */
+static void ddp__sock_reuse_addr(int fd) {
+#if defined(_WIN32)
+    (void)fd;
+#else
+    int one = 1;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+#endif
+}
+
+static ddp__ssize ddp__sock_send(int fd, const void *p, size_t n, int flags) {
+#if defined(_WIN32)
+    (void)flags;
+    return send(ddp__s(fd), (const char *)p, n > INT_MAX ? INT_MAX : (int)n, 0);
+#else
+    return send(fd, p, n, flags);
+#endif
+}
+
+static ddp__ssize ddp__sock_recv(int fd, void *p, size_t n, int flags) {
+#if defined(_WIN32)
+    (void)flags;
+    return recv(ddp__s(fd), (char *)p, n > INT_MAX ? INT_MAX : (int)n, 0);
+#else
+    return recv(fd, p, n, flags);
+#endif
+}
+
+#if defined(_WIN32)
+/* One socket through select(): WSAPoll does not report a failed connect on
+   Windows before 10 2004; select() does, in the exception set. */
+static int ddp__sock_select1(struct pollfd *p, int ms) {
+    fd_set r, w, x;
+    struct timeval tv, *ptv = NULL;
+    int rc;
+    FD_ZERO(&r); FD_ZERO(&w); FD_ZERO(&x);
+    if (p->events & POLLIN) FD_SET(p->fd, &r);
+    if (p->events & POLLOUT) FD_SET(p->fd, &w);
+    FD_SET(p->fd, &x);
+    if (ms >= 0) { tv.tv_sec = ms / 1000; tv.tv_usec = (ms % 1000) * 1000; ptv = &tv; }
+    rc = select(0, &r, &w, &x, ptv);
+    p->revents = 0;
+    if (rc <= 0) return rc < 0 ? -1 : 0;
+    if (FD_ISSET(p->fd, &r)) p->revents |= POLLRDNORM;
+    if (FD_ISSET(p->fd, &w)) p->revents |= POLLWRNORM;
+    if (FD_ISSET(p->fd, &x)) p->revents |= POLLERR;
+    return 1;
+}
+#endif
+
+/* poll(): entries with fd -1 are skipped; POLLIN in revents may come as
+   POLLRDNORM alone on Windows (test with &, never ==). */
+static int ddp__sock_poll(struct pollfd *p, ddp__nfds n, int ms) {
+#if defined(_WIN32)
+    struct pollfd few[16], *q = few;
+    ULONG *idx = NULL, small_idx[16], i, k = 0;
+    int rc;
+    if (n == 1 && p[0].fd != INVALID_SOCKET) return ddp__sock_select1(p, ms);
+    for (i = 0; i < n; i++) if (p[i].fd == INVALID_SOCKET) break;
+    if (i == n) {
+        rc = WSAPoll(p, n, ms);
+        return rc == SOCKET_ERROR ? -1 : rc;
+    }
+    /* WSAPoll rejects closed entries on older Windows: poll the others */
+    if (n > 16) {
+        q = (struct pollfd *)malloc(n * sizeof *q);
+        idx = (ULONG *)malloc(n * sizeof *idx);
+        if (!q || !idx) { free(q); free(idx); WSASetLastError(WSAENOBUFS); return -1; }
+    } else {
+        idx = small_idx;
+    }
+    for (i = 0; i < n; i++) {
+        p[i].revents = 0;
+        if (p[i].fd == INVALID_SOCKET) continue;
+        q[k] = p[i];
+        idx[k++] = i;
+    }
+    rc = k ? WSAPoll(q, k, ms) : (Sleep(ms < 0 ? INFINITE : (DWORD)ms), 0);
+    if (rc > 0) for (i = 0; i < k; i++) p[idx[i]].revents = q[i].revents;
+    if (q != few) { free(q); free(idx); }
+    return rc == SOCKET_ERROR ? -1 : rc;
+#else
+    return poll(p, n, ms);
+#endif
+}
+
+/* ---- the wake-up channel ------------------------------------------------------
+   A pipe whose read end sits in a poll set beside sockets: a pipe on POSIX;
+   on Windows, where WSAPoll takes sockets only, a pair of loopback UDP
+   sockets connected to each other (no listener, no TCP port taken, and a
+   connected datagram socket takes datagrams from its peer only). p[0] is
+   read, p[1] written. 0 or -1 (ddp__sock_errno). */
+
+static int ddp__pipe_open(int p[2]) {
+#if defined(_WIN32)
+    struct sockaddr_in a[2];
+    int fd[2] = { -1, -1 }, i, e;
+    for (i = 0; i < 2; i++) {
+        socklen_t len = sizeof a[i];
+        memset(&a[i], 0, sizeof a[i]);
+        a[i].sin_family = AF_INET;
+        a[i].sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        fd[i] = ddp__sock_open(AF_INET, SOCK_DGRAM, 0);
+        if (fd[i] < 0 || ddp__sock_bind(fd[i], (struct sockaddr *)&a[i], sizeof a[i]) != 0 ||
+            ddp__sock_name(fd[i], (struct sockaddr *)&a[i], &len) != 0)
+            goto fail;
+    }
+    if (ddp__sock_connect(fd[0], (struct sockaddr *)&a[1], sizeof a[1]) != 0 ||
+        ddp__sock_connect(fd[1], (struct sockaddr *)&a[0], sizeof a[0]) != 0)
+        goto fail;
+    ddp__sock_prepare(fd[0]);
+    ddp__sock_prepare(fd[1]);
+    p[0] = fd[0];
+    p[1] = fd[1];
+    return 0;
+fail:
+    e = WSAGetLastError();
+    for (i = 0; i < 2; i++) if (fd[i] >= 0) ddp__sock_close(fd[i]);
+    WSASetLastError(e);
+    return -1;
+#else
+    if (pipe(p) != 0) return -1;
+    fcntl(p[0], F_SETFD, FD_CLOEXEC);
+    fcntl(p[1], F_SETFD, FD_CLOEXEC);
+    return 0;
+#endif
+}
+
+static ddp__ssize ddp__pipe_read(int fd, void *buf, size_t n) {
+#if defined(_WIN32)
+    return ddp__sock_recv(fd, buf, n, 0);
+#else
+    return read(fd, buf, n);
+#endif
+}
+
+static ddp__ssize ddp__pipe_write(int fd, const void *buf, size_t n) {
+#if defined(_WIN32)
+    return ddp__sock_send(fd, buf, n, 0);
+#else
+    return write(fd, buf, n);
+#endif
+}
+
+static void ddp__pipe_close(int fd) {
+#if defined(_WIN32)
+    ddp__sock_close(fd);
+#else
+    close(fd);
+#endif
+}
+
+/* ---- shared memory ---------------------------------------------------------------
+   A named segment that rank 0 creates and the other local ranks open, mapped
+   read-write, fully reserved up front (an exhausted /dev/shm or paging file
+   is an error here, not a crash later).
+     POSIX    shm_open + ftruncate + posix_fallocate + mmap; the name lives
+              until ddp__shm_unlink.
+     Windows  a mapping backed by the paging file (CreateFileMapping with
+              INVALID_HANDLE_VALUE, SEC_COMMIT): it vanishes with its last
+              handle and view, so nothing outlives the processes, and its
+              name vanishes with its last handle. ddp__shm_create keeps one
+              handle (in a small table) until ddp__shm_unlink, which is what
+              keeps the name alive for the peers in the meantime. Only the
+              current user may open it (a DACL with one entry, advapi32) and
+              its name carries 96 random bits. */
+
+enum { DDP__SHM_OK = 0, DDP__SHM_E_OPEN, DDP__SHM_E_SIZE, DDP__SHM_E_RESERVE, DDP__SHM_E_SMALL };
+
+#if defined(_WIN32)
+typedef HANDLE ddp__shm_handle;
+#  define DDP__SHM_NAME_PREFIX "Local\\"
+#  define DDP__SHM_FULL_HINT "is the paging file too small?"
+#  define DDP__SHM_KEEP 64
+static struct { char name[64]; HANDLE h; } ddp__shm_kept[DDP__SHM_KEEP];
+static SRWLOCK ddp__shm_kept_lock = SRWLOCK_INIT;
+
+typedef struct ddp__win_sa {
+    SECURITY_ATTRIBUTES sa;
+    SECURITY_DESCRIPTOR sd;
+    union { TOKEN_USER tu; unsigned char b[256]; unsigned long long align; } user;
+    union { ACL acl; unsigned char b[256]; unsigned long long align; } acl;
+} ddp__win_sa;
+
+/* Security attributes granting everything to the current user and nothing
+   to anybody else. 0 or a Win32 error. */
+static DWORD ddp__win_owner_only(ddp__win_sa *s) {
+    HANDLE tok;
+    DWORD len = 0, e;
+    if (!OpenProcessToken(GetCurrentProcess(), TOKEN_QUERY, &tok)) return GetLastError();
+    if (!GetTokenInformation(tok, TokenUser, s->user.b, (DWORD)sizeof s->user.b, &len)) {
+        e = GetLastError();
+        CloseHandle(tok);
+        return e;
+    }
+    CloseHandle(tok);
+    if (!InitializeAcl(&s->acl.acl, (DWORD)sizeof s->acl.b, ACL_REVISION) ||
+        !AddAccessAllowedAce(&s->acl.acl, ACL_REVISION, SECTION_ALL_ACCESS, s->user.tu.User.Sid) ||
+        !InitializeSecurityDescriptor(&s->sd, SECURITY_DESCRIPTOR_REVISION) ||
+        !SetSecurityDescriptorDacl(&s->sd, TRUE, &s->acl.acl, FALSE))
+        return GetLastError();
+    s->sa.nLength = (DWORD)sizeof s->sa;
+    s->sa.lpSecurityDescriptor = &s->sd;
+    s->sa.bInheritHandle = FALSE;
+    return 0;
+}
+#else
+typedef int ddp__shm_handle;
+#  define DDP__SHM_NAME_PREFIX "/"
+#  define DDP__SHM_FULL_HINT "is /dev/shm full or too small?"
+#endif
+
+/* The random part of a segment name (cap >= 32). */
+static void ddp__shm_name_random(char *out, size_t cap) {
+#if defined(_WIN32)
+    typedef BOOLEAN (WINAPI *gen_fn)(PVOID, ULONG);
+    unsigned char b[12];
+    HMODULE adv = LoadLibraryA("advapi32.dll");
+    gen_fn gen = adv ? (gen_fn)(void (*)(void))GetProcAddress(adv, "SystemFunction036") : NULL; /* RtlGenRandom */
+    size_t i;
+    if (!gen || !gen(b, (ULONG)sizeof b)) { /* never seen; still unique, if guessable */
+        LARGE_INTEGER c;
+        QueryPerformanceCounter(&c);
+        memcpy(b, &c, 8);
+        i = GetCurrentProcessId() ^ GetCurrentThreadId();
+        memcpy(b + 8, &i, 4);
+    }
+    if (adv) FreeLibrary(adv);
+    for (i = 0; i < sizeof b && 2 * i + 2 < cap; i++) snprintf(out + 2 * i, cap - 2 * i, "%02x", b[i]);
+#else
+    snprintf(out, cap, "%08x", (unsigned)(ddp__now() * 1e9) ^ ((unsigned)getpid() << 8));
+#endif
+}
+
+/* Create the segment `name` of `bytes`; DDP__SHM_OK or the failed step (*err: its error). */
+static int ddp__shm_create(const char *name, size_t bytes, ddp__shm_handle *h, int *err) {
+#if defined(_WIN32)
+    ddp__win_sa sa;
+    HANDLE m, dup = NULL;
+    DWORD e;
+    int i, slot = -1;
+    if (strlen(name) >= sizeof ddp__shm_kept[0].name) { *err = DDP__WINERR(ERROR_FILENAME_EXCED_RANGE); return DDP__SHM_E_OPEN; }
+    if ((e = ddp__win_owner_only(&sa)) != 0) { *err = DDP__WINERR(e); return DDP__SHM_E_OPEN; }
+    m = CreateFileMappingA(INVALID_HANDLE_VALUE, &sa.sa, PAGE_READWRITE | SEC_COMMIT,
+                           (DWORD)((unsigned long long)bytes >> 32), (DWORD)(bytes & 0xFFFFFFFFu), name);
+    if (!m) {
+        e = GetLastError();
+        *err = DDP__WINERR(e);
+        return e == ERROR_NOT_ENOUGH_MEMORY || e == ERROR_COMMITMENT_LIMIT || e == ERROR_DISK_FULL
+                   ? DDP__SHM_E_RESERVE : DDP__SHM_E_OPEN;
+    }
+    if (GetLastError() == ERROR_ALREADY_EXISTS) { /* O_EXCL */
+        CloseHandle(m);
+        *err = DDP__WINERR(ERROR_ALREADY_EXISTS);
+        return DDP__SHM_E_OPEN;
+    }
+    if (!DuplicateHandle(GetCurrentProcess(), m, GetCurrentProcess(), &dup, 0, FALSE, DUPLICATE_SAME_ACCESS)) {
+        *err = DDP__WINERR(GetLastError());
+        CloseHandle(m);
+        return DDP__SHM_E_OPEN;
+    }
+    AcquireSRWLockExclusive(&ddp__shm_kept_lock);
+    for (i = 0; i < DDP__SHM_KEEP && slot < 0; i++)
+        if (!ddp__shm_kept[i].h) slot = i;
+    if (slot >= 0) {
+        memcpy(ddp__shm_kept[slot].name, name, strlen(name) + 1);
+        ddp__shm_kept[slot].h = m;
+    }
+    ReleaseSRWLockExclusive(&ddp__shm_kept_lock);
+    if (slot < 0) { /* more than DDP__SHM_KEEP segments waiting for their peers at once */
+        CloseHandle(m);
+        CloseHandle(dup);
+        *err = DDP__WINERR(ERROR_TOO_MANY_OPEN_FILES);
+        return DDP__SHM_E_OPEN;
+    }
+    *h = dup;
+    return DDP__SHM_OK;
+#else
+    int fd = shm_open(name, O_RDWR | O_CREAT | O_EXCL, 0600), e;
+    if (fd < 0) { *err = errno; return DDP__SHM_E_OPEN; }
+    if (ftruncate(fd, (off_t)bytes) != 0) {
+        *err = errno;
+        close(fd);
+        shm_unlink(name);
+        return DDP__SHM_E_SIZE;
+    }
+    e = posix_fallocate(fd, 0, (off_t)bytes);
+    if (e != 0 && e != EOPNOTSUPP && e != EINVAL) {
+        *err = e;
+        close(fd);
+        shm_unlink(name);
+        return DDP__SHM_E_RESERVE;
+    }
+    *h = fd;
+    return DDP__SHM_OK;
+#endif
+}
+
+/* Open the existing segment `name`, which must hold at least `bytes`. */
+static int ddp__shm_open(const char *name, size_t bytes, ddp__shm_handle *h, int *err) {
+#if defined(_WIN32)
+    MEMORY_BASIC_INFORMATION mi;
+    HANDLE m = OpenFileMappingA(FILE_MAP_READ | FILE_MAP_WRITE, FALSE, name);
+    void *v;
+    if (!m) { *err = DDP__WINERR(GetLastError()); return DDP__SHM_E_OPEN; }
+    v = MapViewOfFile(m, FILE_MAP_READ, 0, 0, 0); /* the whole section: its size */
+    if (!v || !VirtualQuery(v, &mi, sizeof mi) || mi.RegionSize < bytes) {
+        if (v) UnmapViewOfFile(v);
+        CloseHandle(m);
+        *err = 0;
+        return DDP__SHM_E_SMALL;
+    }
+    UnmapViewOfFile(v);
+    *h = m;
+    return DDP__SHM_OK;
+#else
+    struct stat sb;
+    int fd = shm_open(name, O_RDWR, 0600);
+    if (fd < 0) { *err = errno; return DDP__SHM_E_OPEN; }
+    if (fstat(fd, &sb) != 0 || (size_t)sb.st_size < bytes) {
+        close(fd);
+        *err = 0;
+        return DDP__SHM_E_SMALL;
+    }
+    *h = fd;
+    return DDP__SHM_OK;
+#endif
+}
+
+/* Map `bytes` of an open segment read-write; NULL on failure (*err). */
+static void *ddp__shm_map_view(ddp__shm_handle h, size_t bytes, int *err) {
+#if defined(_WIN32)
+    void *p = MapViewOfFile(h, FILE_MAP_READ | FILE_MAP_WRITE, 0, 0, bytes);
+    if (!p) *err = DDP__WINERR(GetLastError());
+    return p;
+#else
+    void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, h, 0);
+    if (p == MAP_FAILED) { *err = errno; return NULL; }
+    return p;
+#endif
+}
+
+/* The handle is not needed once mapped. */
+static void ddp__shm_close(ddp__shm_handle h) {
+#if defined(_WIN32)
+    CloseHandle(h);
+#else
+    close(h);
+#endif
+}
+
+static void ddp__shm_unmap(void *p, size_t bytes) {
+#if defined(_WIN32)
+    (void)bytes;
+    UnmapViewOfFile(p);
+#else
+    munmap(p, bytes);
+#endif
+}
+
+/* Remove the name (a mapping stays valid until unmapped). */
+static void ddp__shm_unlink(const char *name) {
+#if defined(_WIN32)
+    HANDLE h = NULL;
+    int i;
+    AcquireSRWLockExclusive(&ddp__shm_kept_lock);
+    for (i = 0; i < DDP__SHM_KEEP && !h; i++)
+        if (ddp__shm_kept[i].h && !strcmp(ddp__shm_kept[i].name, name)) {
+            h = ddp__shm_kept[i].h;
+            ddp__shm_kept[i].h = NULL;
+        }
+    ReleaseSRWLockExclusive(&ddp__shm_kept_lock);
+    if (h) CloseHandle(h); /* the last handle: the name goes */
+#else
+    shm_unlink(name);
+#endif
+}
+
+/* Memory for this process alone (a world of one), freed by ddp__shm_unmap. */
+static void *ddp__shm_anon(size_t bytes, int *err) {
+#if defined(_WIN32)
+    HANDLE m = CreateFileMappingA(INVALID_HANDLE_VALUE, NULL, PAGE_READWRITE | SEC_COMMIT,
+                                  (DWORD)((unsigned long long)bytes >> 32), (DWORD)(bytes & 0xFFFFFFFFu), NULL);
+    void *p;
+    if (!m) { *err = DDP__WINERR(GetLastError()); return NULL; }
+    p = MapViewOfFile(m, FILE_MAP_READ | FILE_MAP_WRITE, 0, 0, bytes);
+    if (!p) *err = DDP__WINERR(GetLastError());
+    CloseHandle(m);
+    return p;
+#else
+    void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) { *err = errno; return NULL; }
+    return p;
+#endif
+}
+
+/* ---- files ---------------------------------------------------------------------- */
+
+/* Flush f's data to the disk: 0 or an error number. */
+static int ddp__file_sync(FILE *f) {
+#if defined(_WIN32)
+    HANDLE h = (HANDLE)_get_osfhandle(_fileno(f));
+    if (h == INVALID_HANDLE_VALUE) return EBADF;
+    return FlushFileBuffers(h) ? 0 : DDP__WINERR(GetLastError());
+#else
+    return fsync(fileno(f)) != 0 ? errno : 0;
+#endif
+}
+
+/* Atomically put file `from` in the place of `to` (which may exist): 0 or
+   an error number. Windows: MoveFileEx, replacing, written through. */
+static int ddp__file_replace(const char *from, const char *to) {
+#if defined(_WIN32)
+    return MoveFileExA(from, to, MOVEFILE_REPLACE_EXISTING | MOVEFILE_WRITE_THROUGH) ? 0 : DDP__WINERR(GetLastError());
+#else
+    return rename(from, to) != 0 ? errno : 0;
+#endif
+}
+
+/* Make a rename into path's directory durable (POSIX: fsync the directory;
+   Windows: MOVEFILE_WRITE_THROUGH already did). */
+static void ddp__dir_sync(const char *path) {
+#if defined(_WIN32)
+    (void)path;
+#else
+    char dir[4096];
+    const char *slash = strrchr(path, '/');
+    int fd;
+    size_t n = slash ? (size_t)(slash - path) : 0;
+    if (slash && n < sizeof dir) { memcpy(dir, path, n ? n : 1); dir[n ? n : 1] = 0; }
+    else if (slash) return;
+    else { dir[0] = '.'; dir[1] = 0; }
+    fd = open(dir, O_RDONLY);
+    if (fd >= 0) { fsync(fd); close(fd); }
+#endif
+}
+
+/* ==== end of PLATFORM ===================================================== */
+
 /* ---- switches -------------------------------------------------------------- */
 
 #if defined(__CUDACC__) && !defined(DDP_NO_CUDA) && !defined(DDP_CUDA)
@@ -1173,34 +2338,6 @@ DDP_API ddp_result ddp_load_safetensors(ddp_context *ctx, const char *path, int 
 #if defined(DDP_CUDA) && !defined(__CUDACC__)
 #  error "ddp.h: DDP_CUDA needs the implementation file to be compiled by nvcc (a .cu file)"
 #endif
-
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <stdarg.h>
-#include <math.h>
-#include <errno.h>
-#include <limits.h>
-
-#if defined(_WIN32)
-#  error "ddp.h: the Windows platform layer (threads, shared memory, sockets) is not written yet"
-#endif
-#include <unistd.h>
-#include <pthread.h>
-#include <time.h>
-#include <fcntl.h>
-#include <signal.h>
-#include <sched.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <sys/types.h>
-#include <sys/socket.h>
-#include <sys/time.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
-#include <arpa/inet.h>
-#include <netdb.h>
-#include <poll.h>
 
 #ifndef DDP_ASSERT
 #  include <assert.h>
@@ -1218,28 +2355,6 @@ DDP_API ddp_result ddp_load_safetensors(ddp_context *ctx, const char *path, int 
 #  include "ddp_kernels.cuh"
 #endif
 
-#if defined(__cplusplus)
-#  define DDP__TLS thread_local
-#elif defined(__STDC_VERSION__) && __STDC_VERSION__ >= 201112L
-#  define DDP__TLS _Thread_local
-#else
-#  define DDP__TLS __thread
-#endif
-
-/* Atomics on shared memory: the GCC/Clang builtins work in C99, C++ and for
-   nvcc's host compiler alike. */
-#define DDP__LOAD_ACQ(p)      __atomic_load_n((p), __ATOMIC_ACQUIRE)
-#define DDP__STORE_REL(p, v)  __atomic_store_n((p), (v), __ATOMIC_RELEASE)
-#define DDP__FETCH_ADD(p, v)  __atomic_fetch_add((p), (v), __ATOMIC_ACQ_REL)
-
-#if defined(__x86_64__) || defined(__i386__)
-#  define DDP__PAUSE() __builtin_ia32_pause()
-#elif defined(__aarch64__)
-#  define DDP__PAUSE() __asm__ __volatile__("yield")
-#else
-#  define DDP__PAUSE() ((void)0)
-#endif
-
 #define DDP__ALIGN       256u               /* parameter offsets in flat buffers */
 #define DDP__CACHELINE   128u
 #define DDP__MAX_NAME    128
@@ -1255,19 +2370,6 @@ extern "C" {
 #endif
 
 static size_t ddp__align_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
-
-static double ddp__now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
-static void ddp__sleep_us(long us) {
-    struct timespec ts;
-    ts.tv_sec = us / 1000000;
-    ts.tv_nsec = (us % 1000000) * 1000;
-    while (nanosleep(&ts, &ts) != 0 && errno == EINTR) { }
-}
 
 static void ddp__copy_str(char *dst, size_t cap, const char *src) {
     size_t n = strlen(src);
@@ -1476,7 +2578,7 @@ struct ddp_context {
     int broken;                  /* a collective failed: only destroy is allowed (atomic) */
     char err[DDP__ERRLEN];
     char comm_err[DDP__ERRLEN];  /* written by the communication thread, under err_mu */
-    pthread_mutex_t err_mu;
+    ddp__mutex err_mu;
 
     /* rendezvous */
     struct ddp__store_server *server;
@@ -1485,6 +2587,7 @@ struct ddp_context {
     char     addr[256];
     int      agent_store;
     int      from_env;           /* rank and world came from the environment */
+    int      net_started;        /* ddp__net_start() succeeded (Winsock) */
 
     const ddp__backend_ops *ops;
     ddp__shm shm;
@@ -1529,10 +2632,10 @@ struct ddp_context {
     int      in_train_step;
 
     /* communication thread */
-    pthread_t comm_thread;
+    ddp__thread comm_thread;
     int      comm_started;
-    pthread_mutex_t mu;
-    pthread_cond_t  cv_work, cv_done;
+    ddp__mutex mu;
+    ddp__cond  cv_work, cv_done;
     int      q_head, q_tail;     /* buckets queued: [q_head, q_tail) in launch order */
     int      q_stop;
     int      q_busy;
@@ -1596,13 +2699,11 @@ static void ddp__log(const ddp_context *ctx, ddp_log_level lvl, const char *msg)
 /* The error buffer of the calling thread: the communication thread keeps
    its own, copied into ctx->err when the step collects its result. */
 static char *ddp__errbuf(ddp_context *ctx) {
-    int on_comm = ctx->comm_started && pthread_equal(pthread_self(), ctx->comm_thread);
+    int on_comm = ctx->comm_started && ddp__thread_is_self(&ctx->comm_thread);
     return on_comm ? ctx->comm_err : ctx->err;
 }
 
-#if defined(__GNUC__)
-__attribute__((format(printf, 3, 4)))
-#endif
+DDP__PRINTF(3, 4)
 static ddp_result ddp__fail(ddp_context *ctx, ddp_result code, const char *fmt, ...) {
     char buf[DDP__ERRLEN];
     va_list ap;
@@ -1612,9 +2713,9 @@ static ddp_result ddp__fail(ddp_context *ctx, ddp_result code, const char *fmt, 
     if (ctx) {
         char *dst = ddp__errbuf(ctx);
         if (dst == ctx->comm_err) {   /* another thread may be reading it */
-            pthread_mutex_lock(&ctx->err_mu);
+            ddp__mutex_lock(&ctx->err_mu);
             memcpy(dst, buf, sizeof buf);
-            pthread_mutex_unlock(&ctx->err_mu);
+            ddp__mutex_unlock(&ctx->err_mu);
         } else {
             memcpy(dst, buf, sizeof buf);
         }
@@ -1627,9 +2728,9 @@ static ddp_result ddp__fail(ddp_context *ctx, ddp_result code, const char *fmt, 
 
 /* A copy of the communication thread's last error ("" if none). */
 static void ddp__comm_error(ddp_context *ctx, char *out, size_t cap) {
-    pthread_mutex_lock(&ctx->err_mu);
+    ddp__mutex_lock(&ctx->err_mu);
     ddp__copy_str(out, cap, ctx->comm_err);
-    pthread_mutex_unlock(&ctx->err_mu);
+    ddp__mutex_unlock(&ctx->err_mu);
 }
 
 DDP_API const char *ddp_create_error(void) { return ddp__create_err; }
@@ -1686,20 +2787,20 @@ typedef struct ddp__trace {
     ddp__tev *ring;
     size_t   cap, head, count;   /* the newest `count` events end at head */
     uint64_t dropped, written;
-    pthread_mutex_t mu;
+    ddp__mutex mu;
 } ddp__trace;
 
 #define DDP__TRACE_DEFAULT_EVENTS 65536 /* about 3 MB: minutes of steps of a small model between flushes */
 
 static int ddp__on_comm_thread(const ddp_context *ctx) {
-    return ctx->comm_started && pthread_equal(pthread_self(), ctx->comm_thread);
+    return ctx->comm_started && ddp__thread_is_self(&ctx->comm_thread);
 }
 
 static void ddp__trace_ev(ddp_context *ctx, int kind, double ts, double dur, int a, int b, uint64_t bytes) {
     ddp__trace *t = ctx->trace;
     ddp__tev *e;
     if (!t) return;
-    pthread_mutex_lock(&t->mu);
+    ddp__mutex_lock(&t->mu);
     e = &t->ring[t->head];
     e->ts = ts;
     e->dur = dur;
@@ -1711,7 +2812,7 @@ static void ddp__trace_ev(ddp_context *ctx, int kind, double ts, double dur, int
     t->head = (t->head + 1) % t->cap;
     if (t->count < t->cap) t->count++;
     else t->dropped++;
-    pthread_mutex_unlock(&t->mu);
+    ddp__mutex_unlock(&t->mu);
 }
 
 /* A JSON string (the parameter names are the user's). */
@@ -1767,7 +2868,7 @@ static ddp_result ddp__trace_flush(ddp_context *ctx) {
     ddp__tev *copy;
     size_t n, i, first;
     if (!t || !t->f) return DDP_SUCCESS;
-    pthread_mutex_lock(&t->mu);
+    ddp__mutex_lock(&t->mu);
     n = t->count;
     copy = (ddp__tev *)ddp__alloc(ctx, n ? n * sizeof *copy : 1);
     if (copy) {
@@ -1775,7 +2876,7 @@ static ddp_result ddp__trace_flush(ddp_context *ctx) {
         for (i = 0; i < n; i++) copy[i] = t->ring[(first + i) % t->cap];
         t->count = 0;
     }
-    pthread_mutex_unlock(&t->mu);
+    ddp__mutex_unlock(&t->mu);
     if (!copy) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory writing the trace");
     for (i = 0; i < n; i++) ddp__trace_write_ev(ctx, t->f, &copy[i]);
     ddp__free(ctx, copy);
@@ -1812,7 +2913,7 @@ static ddp_result ddp__trace_open(ddp_context *ctx) {
     if (!t->ring || t->cap > ((size_t)-1) / sizeof *t->ring) {
         ddp__free(ctx, t->ring);
         ddp__free(ctx, t);
-        return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for %zu trace events (config.trace_events)", ctx->cfg.trace_events);
+        return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for %" DDP__PRIzu " trace events (config.trace_events)", ctx->cfg.trace_events);
     }
     t->f = fopen(t->path, "w");
     if (!t->f) {
@@ -1822,7 +2923,7 @@ static ddp_result ddp__trace_open(ddp_context *ctx) {
         return r;
     }
     fputc('[', t->f);
-    pthread_mutex_init(&t->mu, NULL);
+    ddp__mutex_init(&t->mu);
     ctx->trace = t;
     return DDP_SUCCESS;
 }
@@ -1837,10 +2938,10 @@ static void ddp__trace_close(ddp_context *ctx) {
     fprintf(t->f, ",\n{\"name\":\"process_sort_index\",\"ph\":\"M\",\"pid\":%d,\"tid\":0,\"args\":{\"sort_index\":%d}}", ctx->rank, ctx->rank);
     fprintf(t->f, ",\n{\"name\":\"thread_name\",\"ph\":\"M\",\"pid\":%d,\"tid\":0,\"args\":{\"name\":\"main (your thread)\"}}", ctx->rank);
     fprintf(t->f, ",\n{\"name\":\"thread_name\",\"ph\":\"M\",\"pid\":%d,\"tid\":1,\"args\":{\"name\":\"communication\"}}", ctx->rank);
-    fprintf(t->f, ",\n{\"name\":\"trace_info\",\"ph\":\"M\",\"pid\":%d,\"tid\":0,\"args\":{\"dropped_events\":%llu,\"ring_events\":%zu,\"world\":%d}}\n]\n",
+    fprintf(t->f, ",\n{\"name\":\"trace_info\",\"ph\":\"M\",\"pid\":%d,\"tid\":0,\"args\":{\"dropped_events\":%llu,\"ring_events\":%" DDP__PRIzu ",\"world\":%d}}\n]\n",
             ctx->rank, (unsigned long long)t->dropped, t->cap, ctx->world);
     fclose(t->f);
-    pthread_mutex_destroy(&t->mu);
+    ddp__mutex_destroy(&t->mu);
     ddp__free(ctx, t->ring);
     ddp__free(ctx, t);
     ctx->trace = NULL;
@@ -1861,7 +2962,7 @@ DDP_API ddp_result ddp_get_step_stats(const ddp_context *ctx, ddp_step_stats *la
 /* A synced step ended: this window's figures become the last step's. */
 static void ddp__stats_step_done(ddp_context *ctx, double end_entry, double end_exit) {
     ddp_step_stats *c = &ctx->st_cur, *t = &ctx->st_total;
-    pthread_mutex_lock(&ctx->mu);
+    ddp__mutex_lock(&ctx->mu);
     c->steps = 1;
     c->compute_s += end_entry - ctx->st_t0 - ctx->st_inline;
     c->exposed_s += ctx->st_inline + (end_exit - end_entry);
@@ -1872,7 +2973,7 @@ static void ddp__stats_step_done(ddp_context *ctx, double end_entry, double end_
     t->exposed_s += c->exposed_s;
     t->bytes += c->bytes;
     memset(c, 0, sizeof *c);
-    pthread_mutex_unlock(&ctx->mu);
+    ddp__mutex_unlock(&ctx->mu);
 }
 
 /* ---- configuration and environment ------------------------------------------- */
@@ -2140,7 +3241,8 @@ static ddp_result ddp__resolve_backend(ddp_config *c) {
 /* store.inc.c -- ddp.h rendezvous layer: a TCP key-value store that speaks
  * PyTorch's TCPStore wire protocol (server + client).
  *
- * C99 + POSIX fragment, #included by the implementation part of ddp.h (or by a
+ * C99 fragment over the PLATFORM vocabulary (ddp__sock_*, ddp__pipe_*,
+ * ddp__thread_*), #included by the implementation part of ddp.h (or by a
  * test). Every symbol is static and prefixed ddp__store_ / DDP__STORE_.
  *
  * WHAT IT IS FOR
@@ -2211,35 +3313,16 @@ static ddp_result ddp__resolve_backend(ddp_config *c) {
  */
 
 #include <errno.h>
-#include <fcntl.h>
 #include <limits.h>
-#include <netdb.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
-#include <poll.h>
-#include <pthread.h>
-#include <signal.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
-#include <sys/types.h>
 #include <time.h>
-#include <unistd.h>
 
-#ifndef MSG_NOSIGNAL
-#define MSG_NOSIGNAL 0 /* macOS: SO_NOSIGPIPE is set on every socket instead */
-#endif
-
-#if defined(__GNUC__) || defined(__clang__)
-#define DDP__STORE_UNUSED __attribute__((unused))
-#define DDP__STORE_PRINTF(f, a) __attribute__((format(printf, f, a)))
-#else
-#define DDP__STORE_UNUSED
-#define DDP__STORE_PRINTF(f, a)
-#endif
+#define DDP__STORE_UNUSED DDP__UNUSED
+#define DDP__STORE_PRINTF(f, a) DDP__PRINTF(f, a)
 
 /* Limits the server enforces on what a client may send (a connection that
  * exceeds one is dropped, as torch's libuv backend does). */
@@ -2307,9 +3390,7 @@ static DDP__STORE_PRINTF(3, 4) void ddp__store_appendf(char *err, size_t errlen,
 }
 
 static double ddp__store_now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+    return ddp__now();
 }
 
 /* A deadline of "timeout_s from now"; timeout_s <= 0 means never. */
@@ -2328,22 +3409,12 @@ static int ddp__store_ms_left(double deadline) {
 }
 
 static void ddp__store_sleep(double s) {
-    struct timespec ts;
     if (s <= 0) return;
-    ts.tv_sec = (time_t)s;
-    ts.tv_nsec = (long)((s - (double)ts.tv_sec) * 1e9);
-    nanosleep(&ts, NULL); /* an early wake-up only shortens one back-off */
+    ddp__sleep_us((long)(s * 1e6)); /* an early wake-up only shortens one back-off */
 }
 
 static void ddp__store_sock_setup(int fd) {
-    fcntl(fd, F_SETFD, fcntl(fd, F_GETFD) | FD_CLOEXEC);
-    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
-#ifdef SO_NOSIGPIPE
-    {
-        int one = 1;
-        setsockopt(fd, SOL_SOCKET, SO_NOSIGPIPE, &one, sizeof one);
-    }
-#endif
+    ddp__sock_prepare(fd);
 }
 
 /* Growable byte buffer; a failed allocation sticks in .oom. */
@@ -2410,7 +3481,7 @@ typedef struct ddp__store_conn {
 } ddp__store_conn;
 
 typedef struct ddp__store_server {
-    pthread_t thread;
+    ddp__thread thread;
     int listen_fd;
     int wake[2];
     int port;
@@ -2419,6 +3490,7 @@ typedef struct ddp__store_server {
     ddp__store_conn **conns;
     size_t nconns, conns_cap;
     int live_clients;          /* nconns, published for other threads (atomic) */
+    int listener_closed;       /* the server thread closed the listener (atomic) */
 } ddp__store_server;
 
 static uint64_t ddp__store_hash(const void *p, size_t n) {
@@ -2799,11 +3871,11 @@ static int ddp__store_serve_one(ddp__store_server *sv, ddp__store_conn *c) {
 
 static void ddp__store_conn_flush(ddp__store_conn *c) {
     while (!c->dead && c->out_off < c->out.n) {
-        ssize_t w = send(c->fd, c->out.p + c->out_off, c->out.n - c->out_off,
-                         MSG_NOSIGNAL | MSG_DONTWAIT);
+        ddp__ssize w = ddp__sock_send(c->fd, c->out.p + c->out_off, c->out.n - c->out_off,
+                         DDP__SOCK_NOSIGNAL | DDP__SOCK_DONTWAIT);
         if (w > 0) { c->out_off += (size_t)w; continue; }
-        if (w < 0 && errno == EINTR) continue;
-        if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
+        if (w < 0 && ddp__sock_errno() == EINTR) continue;
+        if (w < 0 && (ddp__sock_errno() == EAGAIN || ddp__sock_errno() == EWOULDBLOCK)) return;
         c->dead = 1; /* EPIPE, ECONNRESET, ...: the peer is gone */
     }
     if (c->out_off == c->out.n) c->out_off = c->out.n = 0;
@@ -2812,7 +3884,7 @@ static void ddp__store_conn_flush(ddp__store_conn *c) {
 /* Read what is there, serve every complete command, note EOF. */
 static void ddp__store_conn_input(ddp__store_server *sv, ddp__store_conn *c) {
     for (;;) {
-        ssize_t got;
+        ddp__ssize got;
         if (c->in_cap - c->in_len < 65536) {
             size_t cap = c->in_cap ? c->in_cap : 65536;
             unsigned char *q;
@@ -2822,10 +3894,10 @@ static void ddp__store_conn_input(ddp__store_server *sv, ddp__store_conn *c) {
             c->in = q;
             c->in_cap = cap;
         }
-        got = recv(c->fd, c->in + c->in_len, c->in_cap - c->in_len, 0);
+        got = ddp__sock_recv(c->fd, c->in + c->in_len, c->in_cap - c->in_len, 0);
         if (got > 0) { c->in_len += (size_t)got; break; }
-        if (got < 0 && errno == EINTR) continue;
-        if (got < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
+        if (got < 0 && ddp__sock_errno() == EINTR) continue;
+        if (got < 0 && (ddp__sock_errno() == EAGAIN || ddp__sock_errno() == EWOULDBLOCK)) break;
         c->eof = 1; /* 0 = orderly close; errors count as a close too */
         break;
     }
@@ -2850,7 +3922,7 @@ static void ddp__store_conn_input(ddp__store_server *sv, ddp__store_conn *c) {
 }
 
 static void ddp__store_conn_free(ddp__store_conn *c) {
-    close(c->fd);
+    ddp__sock_close(c->fd);
     ddp__store_conn_clear_wait(c);
     free(c->in);
     free(c->out.p);
@@ -2859,16 +3931,16 @@ static void ddp__store_conn_free(ddp__store_conn *c) {
 
 static void ddp__store_server_accept(ddp__store_server *sv, int *paused) {
     for (;;) {
-        int fd = accept(sv->listen_fd, NULL, NULL), one = 1;
+        int fd = ddp__sock_accept(sv->listen_fd), one = 1;
         ddp__store_conn *c;
         if (fd < 0) {
-            if (errno == EINTR || errno == ECONNABORTED) continue;
-            if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM)
+            if (ddp__sock_errno() == EINTR || ddp__sock_errno() == ECONNABORTED) continue;
+            if (ddp__sock_errno() == EMFILE || ddp__sock_errno() == ENFILE || ddp__sock_errno() == ENOBUFS || ddp__sock_errno() == ENOMEM)
                 *paused = 1; /* retry in a while instead of spinning on POLLIN */
             return;
         }
         ddp__store_sock_setup(fd);
-        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        ddp__sock_setopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
         c = (ddp__store_conn *)calloc(1, sizeof *c);
         if (c && sv->nconns == sv->conns_cap) {
             size_t cap = sv->conns_cap ? sv->conns_cap * 2 : 16;
@@ -2877,7 +3949,7 @@ static void ddp__store_server_accept(ddp__store_server *sv, int *paused) {
         }
         if (!c || sv->nconns == sv->conns_cap) {
             free(c);
-            close(fd);
+            ddp__sock_close(fd);
             *paused = 1;
             return;
         }
@@ -2909,20 +3981,24 @@ static void *ddp__store_server_main(void *arg) {
             pfd[2 + i].events = (short)(POLLIN | (sv->conns[i]->out.n ? POLLOUT : 0));
         }
         for (i = 0; i < n + 2; i++) pfd[i].revents = 0;
-        rc = poll(pfd, (nfds_t)(n + 2), paused ? 100 : -1);
+        rc = ddp__sock_poll(pfd, (ddp__nfds)(n + 2), paused ? 100 : -1);
         if (rc < 0) {
-            if (errno != EINTR) ddp__store_sleep(0.01);
+            if (ddp__sock_errno() != EINTR) ddp__store_sleep(0.01);
             continue;
         }
         paused = 0;
         if (pfd[1].revents) {
             /* wake-up byte: 1 stop, 2 stop accepting (existing clients stay served) */
             char cmd[16];
-            ssize_t k = read(sv->wake[0], cmd, sizeof cmd), j;
+            ddp__ssize k = ddp__pipe_read(sv->wake[0], cmd, sizeof cmd), j;
             int stop = 0;
             for (j = 0; j < k; j++) {
                 if (cmd[j] == 1) stop = 1;
-                if (cmd[j] == 2 && sv->listen_fd >= 0) { close(sv->listen_fd); sv->listen_fd = -1; }
+                if (cmd[j] == 2 && sv->listen_fd >= 0) {
+                    ddp__sock_close(sv->listen_fd);
+                    sv->listen_fd = -1;
+                    ddp__atomic_store_int(&sv->listener_closed, 1);
+                }
             }
             if (stop) break;
         }
@@ -2944,22 +4020,22 @@ static void *ddp__store_server_main(void *arg) {
             }
         }
         sv->nconns = live;
-        __atomic_store_n(&sv->live_clients, (int)live, __ATOMIC_RELEASE);
+        ddp__atomic_store_int(&sv->live_clients, (int)live);
     }
     free(pfd);
     return NULL;
 }
 
 static int ddp__store_listen_on(const struct sockaddr *sa, socklen_t len, int *fd_out, int *err_no) {
-    int one = 1, zero = 0;
-    int fd = socket(sa->sa_family, SOCK_STREAM, 0);
-    if (fd < 0) { *err_no = errno; return -1; }
+    int zero = 0;
+    int fd = ddp__sock_open(sa->sa_family, SOCK_STREAM, 0);
+    if (fd < 0) { *err_no = ddp__sock_errno(); return -1; }
     ddp__store_sock_setup(fd);
-    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one); /* restart within TIME_WAIT */
-    if (sa->sa_family == AF_INET6) setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof zero);
-    if (bind(fd, sa, len) != 0 || listen(fd, 4096) != 0) {
-        *err_no = errno;
-        close(fd);
+    ddp__sock_reuse_addr(fd); /* restart within TIME_WAIT */
+    if (sa->sa_family == AF_INET6) ddp__sock_setopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof zero);
+    if (ddp__sock_bind(fd, sa, len) != 0 || ddp__sock_listen(fd, 4096) != 0) {
+        *err_no = ddp__sock_errno();
+        ddp__sock_close(fd);
         return -1;
     }
     *fd_out = fd;
@@ -2974,7 +4050,6 @@ static DDP__STORE_UNUSED int ddp__store_server_start(const char *bind_host, int 
                                                      size_t errlen) {
     ddp__store_server *sv;
     int fd = -1, err_no = 0, rc;
-    sigset_t all, old;
     union {
         struct sockaddr sa;
         struct sockaddr_in in4;
@@ -2998,7 +4073,7 @@ static DDP__STORE_UNUSED int ddp__store_server_start(const char *bind_host, int 
             addr.in4.sin_port = htons((uint16_t)port);
             ddp__store_listen_on(&addr.sa, sizeof addr.in4, &fd, &err_no);
         }
-        if (fd < 0) return ddp__store_fail(err, errlen, "cannot listen on port %d: %s", port, strerror(err_no));
+        if (fd < 0) return ddp__store_fail(err, errlen, "cannot listen on port %d: %s", port, ddp__strerror(err_no));
     } else {
         struct addrinfo hints, *res = NULL, *ai;
         char ps[16];
@@ -3010,46 +4085,41 @@ static DDP__STORE_UNUSED int ddp__store_server_start(const char *bind_host, int 
         rc = getaddrinfo(bind_host, ps, &hints, &res);
         if (rc != 0)
             return ddp__store_fail(err, errlen, "cannot listen on %s:%d: cannot resolve '%s': %s",
-                                   bind_host, port, bind_host, gai_strerror(rc));
+                                   bind_host, port, bind_host, ddp__gai_strerror(rc));
         for (ai = res; ai && fd < 0; ai = ai->ai_next)
             ddp__store_listen_on(ai->ai_addr, ai->ai_addrlen, &fd, &err_no);
         freeaddrinfo(res);
-        if (fd < 0) return ddp__store_fail(err, errlen, "cannot listen on %s:%d: %s", bind_host, port, strerror(err_no));
+        if (fd < 0) return ddp__store_fail(err, errlen, "cannot listen on %s:%d: %s", bind_host, port, ddp__strerror(err_no));
     }
 
     sv = (ddp__store_server *)calloc(1, sizeof *sv);
     if (sv) sv->buckets = (ddp__store_kv **)calloc(64, sizeof *sv->buckets);
     if (!sv || !sv->buckets) {
         if (sv) free(sv);
-        close(fd);
+        ddp__sock_close(fd);
         return ddp__store_fail(err, errlen, "cannot start store server on port %d: out of memory", port);
     }
     sv->nbuckets = 64;
     sv->listen_fd = fd;
     alen = sizeof addr;
-    if (getsockname(fd, &addr.sa, &alen) == 0)
+    if (ddp__sock_name(fd, &addr.sa, &alen) == 0)
         sv->port = ntohs(addr.sa.sa_family == AF_INET6 ? addr.in6.sin6_port : addr.in4.sin_port);
-    if (pipe(sv->wake) != 0) {
-        err_no = errno;
-        close(fd);
+    if (ddp__pipe_open(sv->wake) != 0) {
+        err_no = ddp__sock_errno();
+        ddp__sock_close(fd);
         free(sv->buckets);
         free(sv);
-        return ddp__store_fail(err, errlen, "cannot start store server on port %d: pipe: %s", port, strerror(err_no));
+        return ddp__store_fail(err, errlen, "cannot start store server on port %d: pipe: %s", port, ddp__strerror(err_no));
     }
-    fcntl(sv->wake[0], F_SETFD, FD_CLOEXEC);
-    fcntl(sv->wake[1], F_SETFD, FD_CLOEXEC);
     /* the server thread takes no signals: they belong to the user's threads */
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &old);
-    rc = pthread_create(&sv->thread, NULL, ddp__store_server_main, sv);
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    rc = ddp__thread_start_nosignals(&sv->thread, ddp__store_server_main, sv);
     if (rc != 0) {
-        close(fd);
-        close(sv->wake[0]);
-        close(sv->wake[1]);
+        ddp__sock_close(fd);
+        ddp__pipe_close(sv->wake[0]);
+        ddp__pipe_close(sv->wake[1]);
         free(sv->buckets);
         free(sv);
-        return ddp__store_fail(err, errlen, "cannot start store server thread: %s", strerror(rc));
+        return ddp__store_fail(err, errlen, "cannot start store server thread: %s", ddp__strerror(rc));
     }
     *out = sv;
     return 0;
@@ -3058,17 +4128,23 @@ static DDP__STORE_UNUSED int ddp__store_server_start(const char *bind_host, int 
 static DDP__STORE_UNUSED int ddp__store_server_port(const ddp__store_server *sv) { return sv ? sv->port : 0; }
 
 /* Stop accepting connections; the clients connected keep being served.
-   The port is then free for a new store (the next context's). */
+   The port is then free for a new store (the next context's). Returns once
+   the listener is closed (at most 2 s): a client of the next store must not
+   be queued on this one's listener, which resets it when it closes (seen
+   under Wine, where the server thread may wake late on a loaded machine). */
 static DDP__STORE_UNUSED void ddp__store_server_close_listener(ddp__store_server *sv) {
     char b = 2;
+    double deadline;
     if (!sv) return;
-    while (write(sv->wake[1], &b, 1) < 0 && errno == EINTR) {
+    while (ddp__pipe_write(sv->wake[1], &b, 1) < 0 && ddp__sock_errno() == EINTR) {
     }
+    deadline = ddp__store_now() + 2.0;
+    while (!ddp__atomic_load_int(&sv->listener_closed) && ddp__store_now() < deadline) ddp__store_sleep(1e-4);
 }
 
 /* Clients connected right now (any thread may ask). */
 static DDP__STORE_UNUSED int ddp__store_server_clients(const ddp__store_server *sv) {
-    return sv ? __atomic_load_n(&sv->live_clients, __ATOMIC_ACQUIRE) : 0;
+    return sv ? ddp__atomic_load_int(&sv->live_clients) : 0;
 }
 
 /* Stop serving, drop every connection (blocked clients see the close), free. */
@@ -3076,9 +4152,9 @@ static DDP__STORE_UNUSED void ddp__store_server_stop(ddp__store_server *sv) {
     size_t i;
     char b = 1;
     if (!sv) return;
-    while (write(sv->wake[1], &b, 1) < 0 && errno == EINTR) {
+    while (ddp__pipe_write(sv->wake[1], &b, 1) < 0 && ddp__sock_errno() == EINTR) {
     }
-    pthread_join(sv->thread, NULL);
+    ddp__thread_join(&sv->thread);
     for (i = 0; i < sv->nconns; i++) ddp__store_conn_free(sv->conns[i]);
     free(sv->conns);
     for (i = 0; i < sv->nbuckets; i++) {
@@ -3090,9 +4166,9 @@ static DDP__STORE_UNUSED void ddp__store_server_stop(ddp__store_server *sv) {
         }
     }
     free(sv->buckets);
-    if (sv->listen_fd >= 0) close(sv->listen_fd);
-    close(sv->wake[0]);
-    close(sv->wake[1]);
+    if (sv->listen_fd >= 0) ddp__sock_close(sv->listen_fd);
+    ddp__pipe_close(sv->wake[0]);
+    ddp__pipe_close(sv->wake[1]);
     free(sv);
 }
 
@@ -3118,14 +4194,14 @@ static int ddp__store_poll1(int fd, short ev, double deadline, int *err_no) {
         p.fd = fd;
         p.events = ev;
         p.revents = 0;
-        r = poll(&p, 1, ms);
+        r = ddp__sock_poll(&p, 1, ms);
         if (r > 0) return DDP__STORE_IO_OK; /* POLLHUP/POLLERR: the next call says */
         if (r == 0) {
             if (ms >= 0 && ddp__store_now() >= deadline) return DDP__STORE_IO_TIMEOUT;
             continue;
         }
-        if (errno == EINTR) continue;
-        *err_no = errno;
+        if (ddp__sock_errno() == EINTR) continue;
+        *err_no = ddp__sock_errno();
         return DDP__STORE_IO_ERROR;
     }
 }
@@ -3133,15 +4209,15 @@ static int ddp__store_poll1(int fd, short ev, double deadline, int *err_no) {
 static int ddp__store_send_all(int fd, const void *buf, size_t n, double deadline, int *err_no) {
     const unsigned char *p = (const unsigned char *)buf;
     while (n > 0) {
-        ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
+        ddp__ssize w = ddp__sock_send(fd, p, n, DDP__SOCK_NOSIGNAL);
         if (w > 0) { p += w; n -= (size_t)w; continue; }
-        if (w < 0 && errno == EINTR) continue;
-        if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+        if (w < 0 && ddp__sock_errno() == EINTR) continue;
+        if (w < 0 && (ddp__sock_errno() == EAGAIN || ddp__sock_errno() == EWOULDBLOCK)) {
             int r = ddp__store_poll1(fd, POLLOUT, deadline, err_no);
             if (r != DDP__STORE_IO_OK) return r;
             continue;
         }
-        *err_no = w < 0 ? errno : EIO;
+        *err_no = w < 0 ? ddp__sock_errno() : EIO;
         return (*err_no == EPIPE || *err_no == ECONNRESET) ? DDP__STORE_IO_CLOSED : DDP__STORE_IO_ERROR;
     }
     return DDP__STORE_IO_OK;
@@ -3150,17 +4226,17 @@ static int ddp__store_send_all(int fd, const void *buf, size_t n, double deadlin
 static int ddp__store_recv_all(int fd, void *buf, size_t n, double deadline, int *err_no) {
     unsigned char *p = (unsigned char *)buf;
     while (n > 0) {
-        ssize_t r = recv(fd, p, n, 0);
+        ddp__ssize r = ddp__sock_recv(fd, p, n, 0);
         if (r > 0) { p += r; n -= (size_t)r; continue; }
         if (r == 0) { *err_no = 0; return DDP__STORE_IO_CLOSED; }
-        if (errno == EINTR) continue;
-        if (errno == EAGAIN || errno == EWOULDBLOCK) {
+        if (ddp__sock_errno() == EINTR) continue;
+        if (ddp__sock_errno() == EAGAIN || ddp__sock_errno() == EWOULDBLOCK) {
             int rc = ddp__store_poll1(fd, POLLIN, deadline, err_no);
             if (rc != DDP__STORE_IO_OK) return rc;
             continue;
         }
-        *err_no = errno;
-        return errno == ECONNRESET ? DDP__STORE_IO_CLOSED : DDP__STORE_IO_ERROR;
+        *err_no = ddp__sock_errno();
+        return ddp__sock_errno() == ECONNRESET ? DDP__STORE_IO_CLOSED : DDP__STORE_IO_ERROR;
     }
     return DDP__STORE_IO_OK;
 }
@@ -3181,33 +4257,31 @@ static int ddp__store_tcp_connect(const char *host, int port, double deadline, i
         hints.ai_socktype = SOCK_STREAM;
         rc = getaddrinfo(host, ps, &hints, &res);
         if (rc != 0) {
-            snprintf(why, whylen, "cannot resolve '%s': %s", host,
-                     rc == EAI_SYSTEM ? strerror(errno) : gai_strerror(rc));
+            snprintf(why, whylen, "cannot resolve '%s': %s", host, ddp__gai_strerror(rc));
         }
         for (ai = rc == 0 ? res : NULL; ai; ai = ai->ai_next) {
-            int fd = socket(ai->ai_family, ai->ai_socktype, ai->ai_protocol), e = 0, one = 1;
-            if (fd < 0) { snprintf(why, whylen, "%s", strerror(errno)); continue; }
+            int fd = ddp__sock_open(ai->ai_family, ai->ai_socktype, ai->ai_protocol), e = 0, one = 1;
+            if (fd < 0) { snprintf(why, whylen, "%s", ddp__strerror(ddp__sock_errno())); continue; }
             ddp__store_sock_setup(fd);
-            if (connect(fd, ai->ai_addr, ai->ai_addrlen) != 0) {
-                e = errno;
+            if (ddp__sock_connect(fd, ai->ai_addr, ai->ai_addrlen) != 0) {
+                e = ddp__sock_errno();
                 if (e == EINPROGRESS || e == EINTR) {
                     /* one address may black-hole: give the others a chance */
                     double now = ddp__store_now();
                     double d = deadline < now + 5.0 ? deadline : now + 5.0;
-                    socklen_t sl = sizeof e;
                     int pr = ddp__store_poll1(fd, POLLOUT, d, &e);
                     if (pr == DDP__STORE_IO_TIMEOUT) e = ETIMEDOUT;
-                    else if (pr == DDP__STORE_IO_OK && getsockopt(fd, SOL_SOCKET, SO_ERROR, &e, &sl) != 0) e = errno;
+                    else if (pr == DDP__STORE_IO_OK) e = ddp__sock_so_error(fd);
                 }
             }
             if (e == 0) {
-                setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+                ddp__sock_setopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
                 freeaddrinfo(res);
                 *fd_out = fd;
                 return 0;
             }
-            snprintf(why, whylen, "%s", strerror(e));
-            close(fd);
+            snprintf(why, whylen, "%s", ddp__strerror(e));
+            ddp__sock_close(fd);
         }
         if (rc == 0) freeaddrinfo(res);
         left_ms = ddp__store_ms_left(deadline);
@@ -3221,7 +4295,7 @@ static int ddp__store_tcp_connect(const char *host, int port, double deadline, i
  * are 0xFF, so that a V1 server parses it as a SET with a key length beyond
  * any vector's max_size and drops the connection (verified on torch 1.13). */
 static void ddp__store_v2_hello(ddp__store_buf *b, uint32_t *nonce) {
-    *nonce = ((uint32_t)getpid() & 0xFF00FFFFu) | 0x00FF0000u;
+    *nonce = ((uint32_t)ddp__getpid() & 0xFF00FFFFu) | 0x00FF0000u;
     ddp__store_buf_u8(b, 0); /* VALIDATE */
     ddp__store_buf_u32(b, DDP__STORE_MAGIC);
     ddp__store_buf_u8(b, DDP__STORE_Q_PING);
@@ -3245,7 +4319,7 @@ static int ddp__store_probe(ddp__store *s, double deadline, double timeout_s, in
     ddp__store_v2_hello(&hello, &nonce);
     for (i = 0; i < 2; i++) {
         if (ddp__store_tcp_connect(s->host, s->port, deadline, &fd[i], why, sizeof why) != 0) {
-            if (i == 1) close(fd[0]);
+            if (i == 1) ddp__sock_close(fd[0]);
             free(hello.p);
             return ddp__store_fail(err, errlen, "cannot connect to store at %s:%d within %.1f s: %s",
                                    s->host, s->port, timeout_s, why);
@@ -3264,25 +4338,25 @@ static int ddp__store_probe(ddp__store *s, double deadline, double timeout_s, in
             p[np].revents = 0;
             np++;
         }
-        r = poll(p, (nfds_t)np, ms);
-        if (r < 0 && errno != EINTR) break;
+        r = ddp__sock_poll(p, (ddp__nfds)np, ms);
+        if (r < 0 && ddp__sock_errno() != EINTR) break;
         if (r == 0 && ms >= 0 && ddp__store_now() >= deadline) break;
         for (i = 0; i < 2 && win < 0; i++) {
-            ssize_t n;
+            ddp__ssize n;
             if (!alive[i]) continue;
-            n = recv(fd[i], got[i] + have[i], need[i] - have[i], 0);
+            n = ddp__sock_recv(fd[i], got[i] + have[i], need[i] - have[i], 0);
             if (n > 0) {
                 have[i] += (size_t)n;
                 if (have[i] < need[i]) continue;
                 if (i == 0 || memcmp(got[1], &nonce, 4) == 0) win = i;
                 else alive[i] = 0; /* a PING answer that is not ours */
-            } else if (n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
+            } else if (n == 0 || (ddp__sock_errno() != EAGAIN && ddp__sock_errno() != EWOULDBLOCK && ddp__sock_errno() != EINTR)) {
                 alive[i] = 0; /* dropped: not this version */
             }
         }
     }
     for (i = 0; i < 2; i++)
-        if (i != win) close(fd[i]);
+        if (i != win) ddp__sock_close(fd[i]);
     if (win < 0)
         return ddp__store_fail(err, errlen,
                                alive[0] || alive[1]
@@ -3299,7 +4373,7 @@ static int ddp__store_open(ddp__store *s, int proto, double timeout_s, char *err
     double deadline = ddp__store_deadline(timeout_s);
     char why[200];
     int fd = -1, e = 0, r;
-    if (s->fd >= 0) close(s->fd);
+    if (s->fd >= 0) ddp__sock_close(s->fd);
     s->fd = -1;
     s->broken = 1;
     if (proto == DDP__STORE_PROTO_AUTO) {
@@ -3315,13 +4389,13 @@ static int ddp__store_open(ddp__store *s, int proto, double timeout_s, char *err
         free(b.p);
         if (r == DDP__STORE_IO_OK) r = ddp__store_recv_all(fd, &back, 4, deadline, &e);
         if (r != DDP__STORE_IO_OK || back != nonce) {
-            close(fd);
+            ddp__sock_close(fd);
             return ddp__store_fail(err, errlen,
                                    "store at %s:%d did not complete the torch 2.x handshake (VALIDATE + PING): %s",
                                    s->host, s->port,
                                    r == DDP__STORE_IO_TIMEOUT ? "no answer"
                                    : r == DDP__STORE_IO_CLOSED ? "it closed the connection (a torch 1.x store? use protocol V1)"
-                                   : r == DDP__STORE_IO_OK ? "wrong PING answer" : strerror(e));
+                                   : r == DDP__STORE_IO_OK ? "wrong PING answer" : ddp__strerror(e));
         }
     }
     s->fd = fd;
@@ -3358,7 +4432,7 @@ static DDP__STORE_UNUSED int ddp__store_connect(ddp__store *s, const char *host,
 }
 
 static DDP__STORE_UNUSED void ddp__store_close(ddp__store *s) {
-    if (s->fd >= 0) close(s->fd);
+    if (s->fd >= 0) ddp__sock_close(s->fd);
     s->fd = -1;
     s->broken = 1;
 }
@@ -3415,9 +4489,9 @@ static int ddp__store_io_fail(ddp__store *s, int why, int err_no, int op, const 
                                s->timeout_s, s->host, s->port, what);
     if (why == DDP__STORE_IO_CLOSED)
         return ddp__store_fail(err, errlen, "store at %s:%d closed the connection during %s%s%s", s->host,
-                               s->port, what, err_no ? ": " : "", err_no ? strerror(err_no) : "");
+                               s->port, what, err_no ? ": " : "", err_no ? ddp__strerror(err_no) : "");
     return ddp__store_fail(err, errlen, "I/O error talking to store at %s:%d during %s: %s", s->host,
-                           s->port, what, strerror(err_no));
+                           s->port, what, ddp__strerror(err_no));
 }
 
 /* Reconnect when an earlier failure left the connection in an unknown state. */
@@ -3756,22 +4830,19 @@ static size_t ddp__ctrl_header_bytes(int world) {
    sees the whole message. */
 static void ddp__shm_abort(ddp_context *ctx, const char *why) {
     ddp__shm_ctrl *c = ctx->shm.ctrl;
-    int32_t expect = 0;
     if (!c) return;
-    if (__atomic_compare_exchange_n(&c->abort_claim, &expect, 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+    if (ddp__atomic_cas_int(&c->abort_claim, 0, 1)) {
         ddp__copy_str(c->abort_msg, sizeof c->abort_msg, why);
         /* only a failed communication hook fails the peers with its own code */
-        c->abort_code = __atomic_load_n(&ctx->hook_failed, __ATOMIC_ACQUIRE) ? (int32_t)DDP_ERROR_USER : 0;
-        DDP__STORE_REL(&c->abort_rank, (int32_t)ctx->rank);
+        c->abort_code = ddp__atomic_load_int(&ctx->hook_failed) ? (int32_t)DDP_ERROR_USER : 0;
+        ddp__atomic_store_int(&c->abort_rank, (int32_t)ctx->rank);
     }
 }
 
 /* The context is broken: only ddp_destroy() is allowed. The first code wins;
    callers write their message first, so whoever sees the flag sees it. */
 static void ddp__set_broken(ddp_context *ctx, ddp_result code) {
-    int expect = 0;
-    __atomic_compare_exchange_n(&ctx->broken, &expect, (int)(code ? code : DDP_ERROR_INVALID_STATE), 0,
-                                __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+    ddp__atomic_cas_int(&ctx->broken, 0, (int)(code ? code : DDP_ERROR_INVALID_STATE));
 }
 
 /* Mark the context broken after a failed collective and let the peers know. */
@@ -3788,21 +4859,21 @@ static const char *ddp__counter_name(int field) {
 
 static uint64_t ddp__counter(ddp__shm_slot *s, int field) {
     switch (field) {
-    case 0: return DDP__LOAD_ACQ(&s->arrive);
-    case 1: return DDP__LOAD_ACQ(&s->mid);
-    case 2: return DDP__LOAD_ACQ(&s->done);
-    case 3: return DDP__LOAD_ACQ(&s->fp_seq);
-    default: return DDP__LOAD_ACQ(&s->fp_ack);
+    case 0: return ddp__atomic_load_u64(&s->arrive);
+    case 1: return ddp__atomic_load_u64(&s->mid);
+    case 2: return ddp__atomic_load_u64(&s->done);
+    case 3: return ddp__atomic_load_u64(&s->fp_seq);
+    default: return ddp__atomic_load_u64(&s->fp_ack);
     }
 }
 
 static void ddp__set_counter(ddp_context *ctx, int field, uint64_t v) {
     ddp__shm_slot *s = ddp__slot(ctx, ctx->rank);
-    if (field == 0) DDP__STORE_REL(&s->arrive, v);
-    else if (field == 1) DDP__STORE_REL(&s->mid, v);
-    else if (field == 2) DDP__STORE_REL(&s->done, v);
-    else if (field == 3) DDP__STORE_REL(&s->fp_seq, v);
-    else DDP__STORE_REL(&s->fp_ack, v);
+    if (field == 0) ddp__atomic_store_u64(&s->arrive, v);
+    else if (field == 1) ddp__atomic_store_u64(&s->mid, v);
+    else if (field == 2) ddp__atomic_store_u64(&s->done, v);
+    else if (field == 3) ddp__atomic_store_u64(&s->fp_seq, v);
+    else ddp__atomic_store_u64(&s->fp_ack, v);
 }
 
 /* Wait until rank `only` (or every rank when only < 0) has counter >= target. */
@@ -3818,14 +4889,14 @@ static ddp_result ddp__shm_wait(ddp_context *ctx, int field, uint64_t target, in
         for (q = q0; q < q1; q++)
             if (ddp__counter(ddp__slot(ctx, q), field) < target) { missing = q; break; }
         if (missing < 0) return DDP_SUCCESS;
-        if (DDP__LOAD_ACQ(&c->abort_rank) >= 0) {
+        if (ddp__atomic_load_int(&c->abort_rank) >= 0) {
             /* a communication hook that failed on one rank fails every rank
                with DDP_ERROR_USER; anything else (your ddp_train_step
                function's failure included) is a peer's failure */
             ddp_result code = c->abort_code == DDP_ERROR_USER ? DDP_ERROR_USER : DDP_ERROR_PEER;
             ddp__fail(ctx, code, "rank %d gave up while rank %d waited for %s: %s",
-                      (int)DDP__LOAD_ACQ(&c->abort_rank), ctx->rank, what, c->abort_msg);
-            if (code == DDP_ERROR_USER) __atomic_store_n(&ctx->hook_broke, 1, __ATOMIC_RELEASE);
+                      (int)ddp__atomic_load_int(&c->abort_rank), ctx->rank, what, c->abort_msg);
+            if (code == DDP_ERROR_USER) ddp__atomic_store_int(&ctx->hook_broke, 1);
             ddp__set_broken(ctx, code);
             return code;
         }
@@ -3844,7 +4915,11 @@ static ddp_result ddp__shm_wait(ddp_context *ctx, int field, uint64_t target, in
             }
             if ((spins & 1023) == 0) {
                 int32_t pid = ddp__slot(ctx, missing)->pid;
-                if (pid > 0 && kill(pid, 0) != 0 && errno == ESRCH) {
+                /* a peer that arrived and then finished and exited is no
+                   failure: its counter, read again after the death check,
+                   says so (Windows reports an exit at once; POSIX only once
+                   the process was reaped) */
+                if (pid > 0 && ddp__proc_dead((int)pid) && ddp__counter(ddp__slot(ctx, missing), field) < target) {
                     ddp__fail(ctx, DDP_ERROR_PEER, "rank %d (pid %d) exited while rank %d waited for %s",
                               missing, (int)pid, ctx->rank, what);
                     ddp__set_broken(ctx, DDP_ERROR_PEER);
@@ -3853,7 +4928,7 @@ static ddp_result ddp__shm_wait(ddp_context *ctx, int field, uint64_t target, in
                 }
             }
         }
-        if (spins < 20000) sched_yield();
+        if (spins < 20000) ddp__yield();
         else ddp__sleep_us(spins < 100000 ? 20 : 200);
     }
 }
@@ -3898,8 +4973,8 @@ static void ddp__sum_f32(void *const *src, int nsrc, void *const *dst, int ndst,
         float v[DDP__VEC];
         const float *x0 = (const float *)src[0] + i;
         if (i + ahead < n) {
-            for (d = 0; d < ndst; d++) __builtin_prefetch((float *)dst[d] + i + ahead, 1, 3);
-            for (q = 0; q < nsrc; q++) __builtin_prefetch((const float *)src[q] + i + ahead, 0, 3);
+            for (d = 0; d < ndst; d++) DDP__PREFETCH_W((float *)dst[d] + i + ahead);
+            for (q = 0; q < nsrc; q++) DDP__PREFETCH_R((const float *)src[q] + i + ahead);
         }
         for (k = 0; k < DDP__VEC; k++) v[k] = x0[k];
         for (q = 1; q < nsrc; q++) {
@@ -4235,39 +5310,28 @@ static ddp_result ddp__shm_barrier(ddp_context *ctx, const char *what) {
 /* ---- shared-memory segments ---- */
 
 /* Create (rank 0) or open a named segment of `bytes`, fully reserved so that
-   a full /dev/shm is an error here and not a SIGBUS later. */
+   a full /dev/shm (paging file) is an error here and not a SIGBUS later. */
 static ddp_result ddp__shm_map(ddp_context *ctx, const char *name, size_t bytes, int create, void **out) {
-    int fd, e;
+    ddp__shm_handle h;
+    int e = 0, step;
     void *p;
     *out = NULL;
-    fd = shm_open(name, create ? (O_RDWR | O_CREAT | O_EXCL) : O_RDWR, 0600);
-    if (fd < 0)
+    step = create ? ddp__shm_create(name, bytes, &h, &e) : ddp__shm_open(name, bytes, &h, &e);
+    if (step == DDP__SHM_E_OPEN)
         return ddp__fail(ctx, DDP_ERROR_SYSTEM, "cannot %s shared memory '%s': %s",
-                         create ? "create" : "open", name, strerror(errno));
-    if (create) {
-        if (ftruncate(fd, (off_t)bytes) != 0) {
-            e = errno; close(fd); shm_unlink(name);
-            return ddp__fail(ctx, DDP_ERROR_SYSTEM, "cannot size shared memory '%s' to %zu bytes: %s", name, bytes, strerror(e));
-        }
-        e = posix_fallocate(fd, 0, (off_t)bytes);
-        if (e != 0 && e != EOPNOTSUPP && e != EINVAL) {
-            close(fd); shm_unlink(name);
-            return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "cannot reserve %zu bytes of shared memory for '%s' (is /dev/shm full or too small?): %s",
-                             bytes, name, strerror(e));
-        }
-    } else {
-        struct stat sb;
-        if (fstat(fd, &sb) != 0 || (size_t)sb.st_size < bytes) {
-            close(fd);
-            return ddp__fail(ctx, DDP_ERROR_SYSTEM, "shared memory '%s' is smaller than the %zu bytes expected", name, bytes);
-        }
-    }
-    p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    e = errno;
-    close(fd);
-    if (p == MAP_FAILED) {
-        if (create) shm_unlink(name);
-        return ddp__fail(ctx, DDP_ERROR_SYSTEM, "cannot map shared memory '%s' (%zu bytes): %s", name, bytes, strerror(e));
+                         create ? "create" : "open", name, ddp__strerror(e));
+    if (step == DDP__SHM_E_SIZE)
+        return ddp__fail(ctx, DDP_ERROR_SYSTEM, "cannot size shared memory '%s' to %" DDP__PRIzu " bytes: %s", name, bytes, ddp__strerror(e));
+    if (step == DDP__SHM_E_RESERVE)
+        return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "cannot reserve %" DDP__PRIzu " bytes of shared memory for '%s' (" DDP__SHM_FULL_HINT "): %s",
+                         bytes, name, ddp__strerror(e));
+    if (step == DDP__SHM_E_SMALL)
+        return ddp__fail(ctx, DDP_ERROR_SYSTEM, "shared memory '%s' is smaller than the %" DDP__PRIzu " bytes expected", name, bytes);
+    p = ddp__shm_map_view(h, bytes, &e);
+    ddp__shm_close(h);
+    if (!p) {
+        if (create) ddp__shm_unlink(name);
+        return ddp__fail(ctx, DDP_ERROR_SYSTEM, "cannot map shared memory '%s' (%" DDP__PRIzu " bytes): %s", name, bytes, ddp__strerror(e));
     }
     *out = p;
     return DDP_SUCCESS;
@@ -4275,10 +5339,11 @@ static ddp_result ddp__shm_map(ddp_context *ctx, const char *name, size_t bytes,
 
 /* world 1 needs no name: an anonymous mapping. */
 static ddp_result ddp__anon_map(ddp_context *ctx, size_t bytes, void **out) {
-    void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED) {
+    int e = 0;
+    void *p = ddp__shm_anon(bytes, &e);
+    if (!p) {
         *out = NULL;
-        return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "cannot map %zu bytes: %s", bytes, strerror(errno));
+        return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "cannot map %" DDP__PRIzu " bytes: %s", bytes, ddp__strerror(e));
     }
     *out = p;
     return DDP_SUCCESS;
@@ -4286,8 +5351,9 @@ static ddp_result ddp__anon_map(ddp_context *ctx, size_t bytes, void **out) {
 
 static void ddp__shm_name(ddp_context *ctx, char *out, size_t cap, const char *what) {
     static int counter = 0;
-    unsigned r = (unsigned)(ddp__now() * 1e9) ^ ((unsigned)getpid() << 8);
-    snprintf(out, cap, "/ddp-%d-%d-%s-%08x", (int)getpid(), __atomic_add_fetch(&counter, 1, __ATOMIC_RELAXED), what, r);
+    char r[32];
+    ddp__shm_name_random(r, sizeof r);
+    snprintf(out, cap, DDP__SHM_NAME_PREFIX "ddp-%d-%d-%s-%s", ddp__getpid(), ddp__atomic_add_int(&counter, 1), what, r);
     (void)ctx;
 }
 
@@ -4428,7 +5494,7 @@ static ddp_result ddp__fp_compare(ddp_context *ctx, const ddp__fp *fps, int stri
             ddp__fp_describe(f0, a, sizeof a);
             ddp__fp_describe(fq, b, sizeof b);
             ddp__fail(ctx, DDP_ERROR_MISMATCH, "collectives out of step (DDP_DEBUG=detail): rank 0 is in %s, but rank %d is in %s", a, q, b);
-            __atomic_store_n(&ctx->desync, 1, __ATOMIC_RELEASE);
+            ddp__atomic_store_int(&ctx->desync, 1);
             return ddp__break(ctx, DDP_ERROR_MISMATCH);
         }
     }
@@ -4481,11 +5547,11 @@ static ddp_result ddp__fp_check(ddp_context *ctx, int kind, const char *site, ui
    (DDP_ERROR_PEER, DDP_ERROR_TIMEOUT, DDP_ERROR_USER, DDP_ERROR_MISMATCH),
    else DDP_ERROR_INVALID_STATE. */
 static ddp_result ddp__check_usable(ddp_context *ctx, const char *fn) {
-    int b = __atomic_load_n(&ctx->broken, __ATOMIC_ACQUIRE);
+    int b = ddp__atomic_load_int(&ctx->broken);
     if (b) {
         ddp_result code = b == DDP_ERROR_PEER || b == DDP_ERROR_TIMEOUT ? (ddp_result)b : DDP_ERROR_INVALID_STATE;
-        if (__atomic_load_n(&ctx->hook_broke, __ATOMIC_ACQUIRE)) code = DDP_ERROR_USER; /* a communication hook failed */
-        if (__atomic_load_n(&ctx->desync, __ATOMIC_ACQUIRE)) code = DDP_ERROR_MISMATCH; /* DDP_DEBUG=detail found collectives out of step */
+        if (ddp__atomic_load_int(&ctx->hook_broke)) code = DDP_ERROR_USER; /* a communication hook failed */
+        if (ddp__atomic_load_int(&ctx->desync)) code = DDP_ERROR_MISMATCH; /* DDP_DEBUG=detail found collectives out of step */
         char why[DDP__ERRLEN];
         ddp__comm_error(ctx, why, sizeof why);
         if (!why[0]) memcpy(why, ctx->err, sizeof why);
@@ -4542,7 +5608,7 @@ static ddp_result ddp__rendezvous(ddp_context *ctx) {
     /* only a rank that read its identity from torchrun's variables uses the agent's store */
     ctx->agent_store = ctx->from_env && agent && (!strcmp(agent, "True") || !strcmp(agent, "true") || !strcmp(agent, "1"));
     if (ctx->agent_store) {
-        int f, gen = __atomic_add_fetch(&generation, 1, __ATOMIC_RELAXED);
+        int f, gen = ddp__atomic_add_int(&generation, 1);
         long restart = 0;
         DDP__TRY(ddp__env_int("TORCHELASTIC_RESTART_COUNT", 0, INT_MAX, &f, &restart));
         snprintf(ctx->key_prefix, sizeof ctx->key_prefix, "/worker/attempt_%ld/ddp/%d/", restart, gen);
@@ -4584,7 +5650,7 @@ static ddp_result ddp__shm_setup(ddp_context *ctx) {
         ddp__shm_name(ctx, ctx->shm.ctrl_name, sizeof ctx->shm.ctrl_name, "ctrl");
         DDP__TRY(ddp__shm_map(ctx, ctx->shm.ctrl_name, bytes, 1, &p));
         r = ddp__kv_set(ctx, "shm/ctrl", ctx->shm.ctrl_name, strlen(ctx->shm.ctrl_name) + 1);
-        if (r != DDP_SUCCESS) { munmap(p, bytes); shm_unlink(ctx->shm.ctrl_name); return r; }
+        if (r != DDP_SUCCESS) { ddp__shm_unmap(p, bytes); ddp__shm_unlink(ctx->shm.ctrl_name); return r; }
     } else {
         void *name = NULL; size_t len = 0;
         DDP__TRY(ddp__kv_get(ctx, "shm/ctrl", &name, &len));
@@ -4601,10 +5667,10 @@ static ddp_result ddp__shm_setup(ddp_context *ctx) {
         ctx->shm.ctrl->abort_claim = 0;
         ctx->shm.ctrl->abort_code = 0;
     }
-    ddp__slot(ctx, ctx->rank)->pid = (int32_t)getpid();
+    ddp__slot(ctx, ctx->rank)->pid = (int32_t)ddp__getpid();
     if (ctx->world > 1) {
         r = ddp__kv_barrier(ctx, "shm/ctrl-open");
-        if (ctx->rank == 0) shm_unlink(ctx->shm.ctrl_name);
+        if (ctx->rank == 0) ddp__shm_unlink(ctx->shm.ctrl_name);
         if (r != DDP_SUCCESS) return r;
         if (ctx->shm.ctrl->magic != DDP__SHM_MAGIC || ctx->shm.ctrl->world != ctx->world)
             return ddp__fail(ctx, DDP_ERROR_MISMATCH, "shared memory '%s' was made for a world of %d, this rank is in a world of %d",
@@ -4640,7 +5706,7 @@ DDP_API ddp_result ddp_create(const ddp_config *config, ddp_context **out) {
     if (c.world_size > DDP__MAX_WORLD)
         return ddp__fail(NULL, DDP_ERROR_UNSUPPORTED, "a world of %d ranks: this version supports up to %d", c.world_size, DDP__MAX_WORLD);
     if (c.staging_bytes < ((size_t)64 << 10))
-        return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "config.staging_bytes %zu is below the minimum of 65536", c.staging_bytes);
+        return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "config.staging_bytes %" DDP__PRIzu " is below the minimum of 65536", c.staging_bytes);
     c.staging_bytes = ddp__align_up(c.staging_bytes, 4096);
     if (c.backend != DDP_BACKEND_NCCL && c.local_world_size != c.world_size)
         return ddp__fail(NULL, DDP_ERROR_UNSUPPORTED,
@@ -4665,16 +5731,21 @@ DDP_API ddp_result ddp_create(const ddp_config *config, ddp_context **out) {
     ctx->zero = c.zero_stage == 1;
     ctx->debug = c.debug == DDP_DEBUG_DETAIL;
     ctx->ops = &ddp__shm_ops;
-    pthread_mutex_init(&ctx->mu, NULL);
-    pthread_mutex_init(&ctx->err_mu, NULL);
-    pthread_cond_init(&ctx->cv_work, NULL);
-    pthread_cond_init(&ctx->cv_done, NULL);
+    ddp__mutex_init(&ctx->mu);
+    ddp__mutex_init(&ctx->err_mu);
+    ddp__cond_init(&ctx->cv_work);
+    ddp__cond_init(&ctx->cv_done);
     /* the copied config must not point into the caller's memory */
     ddp__copy_str(ctx->addr, sizeof ctx->addr, addr);
     ctx->cfg.master_addr = ctx->addr;
 
     r = DDP_SUCCESS;
-    if (ctx->world > 1) r = ddp__rendezvous(ctx);
+    if (ctx->world > 1) {
+        int e = ddp__net_start();
+        if (e != 0) r = ddp__fail(ctx, DDP_ERROR_NETWORK, "rank %d cannot start the sockets layer: %s", ctx->rank, ddp__strerror(e));
+        ctx->net_started = e == 0;
+    }
+    if (r == DDP_SUCCESS && ctx->world > 1) r = ddp__rendezvous(ctx);
     if (r == DDP_SUCCESS) r = ddp__cuda_setup(ctx);
     if (r == DDP_SUCCESS && (ctx->cfg.backend == DDP_BACKEND_SHM || ctx->cfg.backend == DDP_BACKEND_STAGED))
         r = ddp__shm_setup(ctx);
@@ -4697,11 +5768,11 @@ DDP_API ddp_result ddp_create(const ddp_config *config, ddp_context **out) {
 
 static void ddp__comm_stop(ddp_context *ctx) {
     if (!ctx->comm_started) return;
-    pthread_mutex_lock(&ctx->mu);
+    ddp__mutex_lock(&ctx->mu);
     ctx->q_stop = 1;
-    pthread_cond_broadcast(&ctx->cv_work);
-    pthread_mutex_unlock(&ctx->mu);
-    pthread_join(ctx->comm_thread, NULL);
+    ddp__cond_broadcast(&ctx->cv_work);
+    ddp__mutex_unlock(&ctx->mu);
+    ddp__thread_join(&ctx->comm_thread);
     ctx->comm_started = 0;
 }
 
@@ -4713,12 +5784,12 @@ DDP_API void ddp_destroy(ddp_context *ctx) {
     ddp__comm_stop(ctx);
     ddp__trace_close(ctx);
     ddp__free_flat_grads(ctx);
-    if (ctx->shm.grads) munmap(ctx->shm.grads, ctx->shm.grads_bytes);
+    if (ctx->shm.grads) ddp__shm_unmap(ctx->shm.grads, ctx->shm.grads_bytes);
     if (ctx->shm.ctrl) {
-        if (ctx->rank == 0 && ctx->world > 1 && ctx->shm.ctrl_name[0]) shm_unlink(ctx->shm.ctrl_name);
-        munmap(ctx->shm.ctrl, ctx->shm.ctrl_bytes);
+        if (ctx->rank == 0 && ctx->world > 1 && ctx->shm.ctrl_name[0]) ddp__shm_unlink(ctx->shm.ctrl_name);
+        ddp__shm_unmap(ctx->shm.ctrl, ctx->shm.ctrl_bytes);
     }
-    if (ctx->rank == 0 && ctx->shm.grads_name[0]) shm_unlink(ctx->shm.grads_name);
+    if (ctx->rank == 0 && ctx->shm.grads_name[0]) ddp__shm_unlink(ctx->shm.grads_name);
     if (ctx->cfg.device == DDP_DEVICE_CUDA) {
         ddp__free_device(ctx, ctx->hook_buf);
         ddp__free_device(ctx, ctx->flat_params);
@@ -4744,6 +5815,7 @@ DDP_API void ddp_destroy(ddp_context *ctx) {
         while (ddp__store_server_clients(ctx->server) > 0 && ddp__now() < deadline) ddp__sleep_us(1000);
         ddp__store_server_stop(ctx->server);
     }
+    if (ctx->net_started) ddp__net_stop();
     ddp__free(ctx, ctx->params);
     ddp__free(ctx, ctx->buckets);
     ddp__free(ctx, ctx->cb);
@@ -4753,10 +5825,10 @@ DDP_API void ddp_destroy(ddp_context *ctx) {
     ddp__free(ctx, ctx->queue);
     ddp__free(ctx, ctx->opt_state_off);
     ddp__free(ctx, ctx->group_map);
-    pthread_mutex_destroy(&ctx->mu);
-    pthread_mutex_destroy(&ctx->err_mu);
-    pthread_cond_destroy(&ctx->cv_work);
-    pthread_cond_destroy(&ctx->cv_done);
+    ddp__mutex_destroy(&ctx->mu);
+    ddp__mutex_destroy(&ctx->err_mu);
+    ddp__cond_destroy(&ctx->cv_work);
+    ddp__cond_destroy(&ctx->cv_done);
     ddp__free(ctx, ctx);
 }
 
@@ -4869,8 +5941,8 @@ DDP_API ddp_result ddp_register_param_shape(ddp_context *ctx, const char *name, 
     ddp__param *p;
     size_t numel = 1;
     int i;
+    if (out_id) *out_id = -1; /* on every failure path, the first one included */
     if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
-    if (out_id) *out_id = -1;
     if (ctx->finalized)
         return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_register_param: parameter '%.64s' registered after ddp_finalize()", name ? name : "(null)");
     if (!name || !*name) return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_register_param: name is NULL or empty");
@@ -4979,10 +6051,10 @@ static ddp_result ddp__assign_groups(ddp_context *ctx) {
 DDP_API ddp_result ddp_register_param(ddp_context *ctx, const char *name, size_t count,
                                       ddp_dtype dtype, const void *init, int *out_id) {
     int64_t shape[1];
+    if (out_id) *out_id = -1;
     if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
     if (count == 0 || count > ((size_t)1 << 40)) {
-        if (out_id) *out_id = -1;
-        return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_register_param: parameter '%.64s' has %zu elements (must be 1..2^40)",
+        return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_register_param: parameter '%.64s' has %" DDP__PRIzu " elements (must be 1..2^40)",
                          name ? name : "(null)", count);
     }
     shape[0] = (int64_t)count;
@@ -5330,7 +6402,7 @@ static ddp_result ddp__alloc_grad_segment(ddp_context *ctx) {
     ctx->shm.grads = (unsigned char *)p;
     if (ctx->zero && ctx->world > 1) ctx->shm.xchg = ctx->shm.grads + (size_t)ctx->world * ctx->shm.grad_stride;
     r = ddp__shm_barrier(ctx, "every rank to map the gradient segment");
-    if (ctx->rank == 0 && ctx->shm.grads_name[0]) { shm_unlink(ctx->shm.grads_name); ctx->shm.grads_name[0] = 0; }
+    if (ctx->rank == 0 && ctx->shm.grads_name[0]) { ddp__shm_unlink(ctx->shm.grads_name); ctx->shm.grads_name[0] = 0; }
     return r;
 }
 
@@ -5388,7 +6460,7 @@ static ddp_result ddp__finalize(ddp_context *ctx) {
         DDP__TRY(ddp__alloc_grad_segment(ctx));
         ctx->flat_grads = ctx->shm.grads + (size_t)ctx->rank * ctx->shm.grad_stride;
         ctx->flat_params = (unsigned char *)ddp__calloc(ctx, ctx->flat_bytes);
-        if (!ctx->flat_params) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for %zu bytes of parameters", ctx->flat_bytes);
+        if (!ctx->flat_params) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for %" DDP__PRIzu " bytes of parameters", ctx->flat_bytes);
         for (i = 0; i < ctx->num_params; i++)
             if (ctx->params[i].init)
                 memcpy(ctx->flat_params + ctx->params[i].offset, ctx->params[i].init,
@@ -5409,13 +6481,14 @@ static ddp_result ddp__finalize(ddp_context *ctx) {
        NCCL's collectives in flight (nccl) */
     if ((ctx->cfg.backend == DDP_BACKEND_NCCL && !ddp__solo(ctx)) ||
         (ctx->world > 1 && !ctx->cfg.no_comm_thread && ctx->ops->bucket_reduce)) {
-        if (pthread_create(&ctx->comm_thread, NULL, ddp__comm_main, ctx) != 0)
-            return ddp__fail(ctx, DDP_ERROR_SYSTEM, "cannot start the communication thread: %s", strerror(errno));
+        int e = ddp__thread_start(&ctx->comm_thread, ddp__comm_main, ctx);
+        if (e != 0)
+            return ddp__fail(ctx, DDP_ERROR_SYSTEM, "cannot start the communication thread: %s", ddp__strerror(e));
         ctx->comm_started = 1;
     }
     {
         char msg[160];
-        snprintf(msg, sizeof msg, "%d parameters, %zu bytes, %d buckets", ctx->num_params, ctx->flat_bytes, ctx->num_cb);
+        snprintf(msg, sizeof msg, "%d parameters, %" DDP__PRIzu " bytes, %d buckets", ctx->num_params, ctx->flat_bytes, ctx->num_cb);
         ddp__log(ctx, DDP_LOG_INFO, msg);
     }
     return DDP_SUCCESS;
@@ -5597,7 +6670,7 @@ static ddp_result ddp__hook_barrier(void *comm) {
 static ddp_result ddp__hook_scratch(ddp_context *ctx, size_t bytes, void **out) {
     if (ctx->hook_buf_bytes < bytes) {
         void *p = ddp__on_gpu(ctx) ? ddp__dev_alloc(ctx, bytes) : ddp__alloc(ctx, bytes);
-        if (!p) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for %zu bytes of communication-hook scratch", bytes);
+        if (!p) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for %" DDP__PRIzu " bytes of communication-hook scratch", bytes);
         if (ddp__on_gpu(ctx)) ddp__free_device(ctx, ctx->hook_buf);
         else ddp__free(ctx, ctx->hook_buf);
         ctx->hook_buf = p;
@@ -5657,12 +6730,12 @@ static ddp_result ddp__call_hook(ddp_context *ctx, int b, double scale) {
     ctx->hook_bytes = 0;
     rc = ctx->hook(&a, ctx->hook_state);
     if (rc != DDP_SUCCESS) {
-        int broken = __atomic_load_n(&ctx->broken, __ATOMIC_ACQUIRE);
+        int broken = ddp__atomic_load_int(&ctx->broken);
         /* a collective inside failed (the message is its own), or the hook itself */
         if (broken) return (ddp_result)broken;
         ddp__fail(ctx, DDP_ERROR_USER, "communication hook returned %d for bucket %d on rank %d", (int)rc, b, ctx->rank);
-        __atomic_store_n(&ctx->hook_failed, 1, __ATOMIC_RELEASE);
-        __atomic_store_n(&ctx->hook_broke, 1, __ATOMIC_RELEASE);
+        ddp__atomic_store_int(&ctx->hook_failed, 1);
+        ddp__atomic_store_int(&ctx->hook_broke, 1);
         return ddp__break(ctx, DDP_ERROR_USER);
     }
     if (pack) DDP__TRY(ddp__hook_pack(ctx, b, (unsigned char *)pack, 0));
@@ -5736,10 +6809,10 @@ static ddp_result ddp__run_bucket(ddp_context *ctx, int b, double scale) {
     }
     if (ctx->hook) bytes = ctx->hook_bytes;
     dt = ddp__now() - t0;
-    pthread_mutex_lock(&ctx->mu);
+    ddp__mutex_lock(&ctx->mu);
     ctx->st_cur.comm_s += dt;
     ctx->st_cur.bytes += bytes;
-    pthread_mutex_unlock(&ctx->mu);
+    ddp__mutex_unlock(&ctx->mu);
     ddp__trace_ev(ctx, DDP__EV_REDUCE, t0, dt, b, ctx->hook != NULL, bytes);
     return r;
 }
@@ -5749,26 +6822,26 @@ static void *ddp__comm_main(void *arg) {
 #if defined(DDP_CUDA)
     if (ddp__cuda_comm_thread(ctx)) return NULL; /* it was the NCCL watchdog */
 #endif
-    pthread_mutex_lock(&ctx->mu);
+    ddp__mutex_lock(&ctx->mu);
     for (;;) {
         int b;
         ddp_result r;
         double scale;
-        while (ctx->q_head == ctx->q_tail && !ctx->q_stop) pthread_cond_wait(&ctx->cv_work, &ctx->mu);
+        while (ctx->q_head == ctx->q_tail && !ctx->q_stop) ddp__cond_wait(&ctx->cv_work, &ctx->mu);
         if (ctx->q_stop) break;
         b = ctx->queue[ctx->q_head];
         scale = ctx->q_scale;
         r = ctx->q_err;
         ctx->q_busy = 1;
-        pthread_mutex_unlock(&ctx->mu);
+        ddp__mutex_unlock(&ctx->mu);
         if (r == DDP_SUCCESS) r = ddp__run_bucket(ctx, b, scale);
-        pthread_mutex_lock(&ctx->mu);
+        ddp__mutex_lock(&ctx->mu);
         if (r != DDP_SUCCESS && ctx->q_err == DDP_SUCCESS) ctx->q_err = r;
         ctx->q_head++;
         ctx->q_busy = 0;
-        pthread_cond_broadcast(&ctx->cv_done);
+        ddp__cond_broadcast(&ctx->cv_done);
     }
-    pthread_mutex_unlock(&ctx->mu);
+    ddp__mutex_unlock(&ctx->mu);
     return NULL;
 }
 
@@ -5793,9 +6866,9 @@ static ddp_result ddp__launch_bucket(ddp_context *ctx, int b) {
     }
     if (ctx->cfg.backend == DDP_BACKEND_NCCL) {
         /* queued on the communication stream: the bytes count, the time does not show on the host */
-        pthread_mutex_lock(&ctx->mu);
+        ddp__mutex_lock(&ctx->mu);
         ctx->st_cur.bytes += (uint64_t)ctx->cb[b].numel * ddp_dtype_size(ctx->cb[b].dtype);
-        pthread_mutex_unlock(&ctx->mu);
+        ddp__mutex_unlock(&ctx->mu);
         r = ddp__fp_check(ctx, DDP__FP_BUCKET, "gradient bucket", ctx->cb[b].numel, ctx->cb[b].dtype, ctx->zero, b);
         if (r != DDP_SUCCESS) return r;
         return ddp__cuda_launch_bucket(ctx, b);
@@ -5816,10 +6889,10 @@ static ddp_result ddp__launch_bucket(ddp_context *ctx, int b) {
         return r;
     }
     if (ctx->comm_started) {
-        pthread_mutex_lock(&ctx->mu);
+        ddp__mutex_lock(&ctx->mu);
         ctx->queue[ctx->q_tail++] = b;
-        pthread_cond_signal(&ctx->cv_work);
-        pthread_mutex_unlock(&ctx->mu);
+        ddp__cond_signal(&ctx->cv_work);
+        ddp__mutex_unlock(&ctx->mu);
         return DDP_SUCCESS;
     }
     r = ddp__run_bucket(ctx, b, ctx->q_scale);
@@ -5832,22 +6905,21 @@ static ddp_result ddp__launch_bucket(ddp_context *ctx, int b) {
    getting stuck, so its deadline restarts whenever a bucket completes. */
 static ddp_result ddp__drain(ddp_context *ctx) {
     ddp_result r;
-    struct timespec ts;
+    double deadline = 0;
     int timed_out = 0, seen;
     if (!ctx->comm_started) return DDP_SUCCESS;
-    pthread_mutex_lock(&ctx->mu);
+    ddp__mutex_lock(&ctx->mu);
     seen = -1;
     while (ctx->q_head < ctx->q_tail && !timed_out) {
         if (ctx->q_head != seen) {
             seen = ctx->q_head;
-            clock_gettime(CLOCK_REALTIME, &ts);
-            ts.tv_sec += (time_t)(ctx->cfg.timeout_s + 10.0);
+            deadline = ddp__now() + ctx->cfg.timeout_s + 10.0;
         }
-        if (pthread_cond_timedwait(&ctx->cv_done, &ctx->mu, &ts) == ETIMEDOUT && ctx->q_head == seen) timed_out = 1;
+        if (ddp__cond_wait_until(&ctx->cv_done, &ctx->mu, deadline) && ctx->q_head == seen) timed_out = 1;
     }
     r = ctx->q_err;
     if (!timed_out) { ctx->q_head = ctx->q_tail = 0; ctx->q_err = DDP_SUCCESS; }
-    pthread_mutex_unlock(&ctx->mu);
+    ddp__mutex_unlock(&ctx->mu);
     if (timed_out) {
         ddp__fail(ctx, DDP_ERROR_TIMEOUT, "the communication thread made no progress for %.1f s", ctx->cfg.timeout_s + 10.0);
         ddp__set_broken(ctx, DDP_ERROR_TIMEOUT);
@@ -5896,7 +6968,7 @@ static ddp_result ddp__acc_buffer(ddp_context *ctx, void **slot) {
     if (*slot) return DDP_SUCCESS;
     if (ddp__on_gpu(ctx)) return ddp__cuda_grad_buffer(ctx, slot);
     *slot = ddp__alloc(ctx, ctx->flat_bytes);
-    if (!*slot) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for %zu bytes of accumulated gradients", ctx->flat_bytes);
+    if (!*slot) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for %" DDP__PRIzu " bytes of accumulated gradients", ctx->flat_bytes);
     return DDP_SUCCESS;
 }
 
@@ -6431,7 +7503,7 @@ static ddp_result ddp__opt_alloc(ddp_context *ctx) {
         if (!need[k] || *slot) continue;
         if (ddp__on_gpu(ctx)) DDP__TRY(ddp__cuda_state_alloc(ctx, slot));
         else if (!(*slot = ddp__calloc(ctx, ctx->opt_state_bytes)))
-            return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for %zu bytes of optimizer state", ctx->opt_state_bytes);
+            return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for %" DDP__PRIzu " bytes of optimizer state", ctx->opt_state_bytes);
         if (k == 2) DDP__TRY(ddp__init_master(ctx));
     }
     return DDP_SUCCESS;
@@ -7082,7 +8154,7 @@ static uint32_t ddp__state_flags(const ddp_context *ctx) {
 static ddp_result ddp__host_view(ddp_context *ctx, const void *src, size_t bytes, void **tmp, const void **view) {
     if (!ddp__on_gpu(ctx)) { *view = src; *tmp = NULL; return DDP_SUCCESS; }
     *tmp = ddp__alloc(ctx, bytes ? bytes : 1);
-    if (!*tmp) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory copying %zu bytes from the GPU", bytes);
+    if (!*tmp) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory copying %" DDP__PRIzu " bytes from the GPU", bytes);
     *view = *tmp;
     return ddp__cuda_memcpy(ctx, *tmp, src, bytes, 0);
 }
@@ -7134,7 +8206,7 @@ static ddp_result ddp__gather_state(ddp_context *ctx) {
         void *mine = *ddp__state_slot(ctx, k);
         if (!mine) continue;
         if (ctx->rank == 0 && !(ctx->ck_full[k] = (unsigned char *)ddp__calloc(ctx, full_bytes))) {
-            r = ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for %zu bytes of gathered optimizer state", full_bytes);
+            r = ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for %" DDP__PRIzu " bytes of gathered optimizer state", full_bytes);
             break;
         }
         for (q = 0; q < ctx->world && r == DDP_SUCCESS; q++) {
@@ -7238,30 +8310,23 @@ static ddp_result ddp__ck_write_content(ddp_context *ctx, ddp__ckfile *c) {
 static ddp_result ddp__save_file(ddp_context *ctx, const char *path) {
     char tmp[4096];
     ddp__ckfile c;
+    int e;
     ddp_result r = DDP_SUCCESS;
-    if (snprintf(tmp, sizeof tmp, "%s.tmp.%d", path, (int)getpid()) >= (int)sizeof tmp)
+    if (snprintf(tmp, sizeof tmp, "%s.tmp.%d", path, ddp__getpid()) >= (int)sizeof tmp)
         return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_save_checkpoint: path is too long");
     memset(&c, 0, sizeof c);
     c.hash = 0xcbf29ce484222325ull;
     c.f = fopen(tmp, "wb");
-    if (!c.f) return ddp__fail(ctx, DDP_ERROR_IO, "ddp_save_checkpoint: cannot create '%s': %s", tmp, strerror(errno));
+    if (!c.f) return ddp__fail(ctx, DDP_ERROR_IO, "ddp_save_checkpoint: cannot create '%s': %s", tmp, ddp__strerror(errno));
     r = ddp__ck_write_content(ctx, &c);
     if (r == DDP_SUCCESS && !c.err && fflush(c.f) != 0) c.err = errno;
-    if (r == DDP_SUCCESS && !c.err && fsync(fileno(c.f)) != 0) c.err = errno;
+    if (r == DDP_SUCCESS && !c.err) c.err = ddp__file_sync(c.f);
     if (fclose(c.f) != 0 && !c.err) c.err = errno;
-    if (r == DDP_SUCCESS && c.err) r = ddp__fail(ctx, DDP_ERROR_IO, "ddp_save_checkpoint: cannot write '%s': %s", tmp, strerror(c.err));
-    if (r == DDP_SUCCESS && rename(tmp, path) != 0)
-        r = ddp__fail(ctx, DDP_ERROR_IO, "ddp_save_checkpoint: cannot rename '%s' to '%s': %s", tmp, path, strerror(errno));
+    if (r == DDP_SUCCESS && c.err) r = ddp__fail(ctx, DDP_ERROR_IO, "ddp_save_checkpoint: cannot write '%s': %s", tmp, ddp__strerror(c.err));
+    if (r == DDP_SUCCESS && (e = ddp__file_replace(tmp, path)) != 0)
+        r = ddp__fail(ctx, DDP_ERROR_IO, "ddp_save_checkpoint: cannot rename '%s' to '%s': %s", tmp, path, ddp__strerror(e));
     if (r != DDP_SUCCESS) { remove(tmp); return r; }
-    {   /* make the rename itself durable */
-        char dir[4096];
-        const char *slash = strrchr(path, '/');
-        int fd;
-        if (slash) { size_t n = (size_t)(slash - path); memcpy(dir, path, n ? n : 1); dir[n ? n : 1] = 0; }
-        else ddp__copy_str(dir, sizeof dir, ".");
-        fd = open(dir, O_RDONLY);
-        if (fd >= 0) { fsync(fd); close(fd); }
-    }
+    ddp__dir_sync(path); /* make the rename itself durable */
     return DDP_SUCCESS;
 }
 
@@ -7500,7 +8565,7 @@ static ddp_result ddp__load_file(ddp_context *ctx, const char *path, unsigned fl
     memset(&c, 0, sizeof c);
     c.hash = 0xcbf29ce484222325ull;
     c.f = fopen(path, "rb");
-    if (!c.f) return ddp__fail(ctx, DDP_ERROR_IO, "ddp_load_checkpoint: cannot open '%s': %s", path, strerror(errno));
+    if (!c.f) return ddp__fail(ctx, DDP_ERROR_IO, "ddp_load_checkpoint: cannot open '%s': %s", path, ddp__strerror(errno));
     r = ddp__ck_read_head(ctx, &c, path, &h);
     if (r == DDP_SUCCESS && h.nparams != (uint32_t)ctx->num_params)
         r = ddp__fail(ctx, DDP_ERROR_MISMATCH, "checkpoint '%s' is of another model: it has %u parameters, this model %d", path, h.nparams, ctx->num_params);
@@ -7646,10 +8711,10 @@ DDP_API ddp_result ddp_load_checkpoint(ddp_context *ctx, const char *path) {
 static ddp_result ddp__atomic_open(ddp_context *ctx, const char *what, const char *path,
                                    char *tmp, size_t cap, FILE **out) {
     *out = NULL;
-    if (snprintf(tmp, cap, "%s.tmp.%d", path, (int)getpid()) >= (int)cap)
+    if (snprintf(tmp, cap, "%s.tmp.%d", path, ddp__getpid()) >= (int)cap)
         return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "%s: path '%.200s...' is too long", what, path);
     *out = fopen(tmp, "wb");
-    if (!*out) return ddp__fail(ctx, DDP_ERROR_IO, "%s: cannot create '%s': %s", what, tmp, strerror(errno));
+    if (!*out) return ddp__fail(ctx, DDP_ERROR_IO, "%s: cannot create '%s': %s", what, tmp, ddp__strerror(errno));
     return DDP_SUCCESS;
 }
 
@@ -7658,31 +8723,17 @@ static ddp_result ddp__atomic_commit(ddp_context *ctx, const char *what, FILE *f
                                      const char *path, int write_err) {
     int err = write_err;
     if (!err && fflush(f) != 0) err = errno ? errno : EIO;
-    if (!err && fsync(fileno(f)) != 0) err = errno ? errno : EIO;
+    if (!err) err = ddp__file_sync(f);
     if (fclose(f) != 0 && !err) err = errno ? errno : EIO;
     if (err) {
         remove(tmp);
-        return ddp__fail(ctx, DDP_ERROR_IO, "%s: cannot write '%s': %s", what, tmp, strerror(err));
+        return ddp__fail(ctx, DDP_ERROR_IO, "%s: cannot write '%s': %s", what, tmp, ddp__strerror(err));
     }
-    if (rename(tmp, path) != 0) {
-        err = errno;
+    if ((err = ddp__file_replace(tmp, path)) != 0) {
         remove(tmp);
-        return ddp__fail(ctx, DDP_ERROR_IO, "%s: cannot rename '%s' to '%s': %s", what, tmp, path, strerror(err));
+        return ddp__fail(ctx, DDP_ERROR_IO, "%s: cannot rename '%s' to '%s': %s", what, tmp, path, ddp__strerror(err));
     }
-    {   /* make the rename itself durable */
-        char dir[4096];
-        const char *slash = strrchr(path, '/');
-        int fd;
-        if (slash && (size_t)(slash - path) < sizeof dir) {
-            size_t n = (size_t)(slash - path);
-            memcpy(dir, path, n ? n : 1);
-            dir[n ? n : 1] = 0;
-        } else {
-            ddp__copy_str(dir, sizeof dir, ".");
-        }
-        fd = open(dir, O_RDONLY);
-        if (fd >= 0) { fsync(fd); close(fd); }
-    }
+    ddp__dir_sync(path); /* make the rename itself durable */
     return DDP_SUCCESS;
 }
 
@@ -7866,7 +8917,7 @@ static ddp_result ddp__st_header(ddp_context *ctx, const char *const *metadata, 
     while (!h->oom && h->len % DDP__ST_PAD) ddp__sb_str(h, " ");
     if (h->oom) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "%s: out of memory for the header", what);
     if (h->len > DDP__ST_MAX_HEADER)
-        return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "%s: the header would be %zu bytes, over the format's limit of %u",
+        return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "%s: the header would be %" DDP__PRIzu " bytes, over the format's limit of %u",
                          what, h->len, DDP__ST_MAX_HEADER);
     return DDP_SUCCESS;
 }
@@ -8424,7 +9475,7 @@ DDP_API ddp_result ddp_load_safetensors(ddp_context *ctx, const char *path, int 
              to device; the user's stream waits for the last copy. */
 #if defined(DDP_CUDA)
 
-static int ddp__is_broken(const ddp_context *ctx) { return __atomic_load_n(&ctx->broken, __ATOMIC_ACQUIRE) != 0; }
+static int ddp__is_broken(const ddp_context *ctx) { return ddp__atomic_load_int(&ctx->broken) != 0; }
 
 struct ddp__cuda_state {
     int device;
@@ -8506,16 +9557,16 @@ static ddp_result ddp__nccl_fail(ddp_context *ctx, ncclResult_t r, const char *w
    afterwards every NCCL call site sees nccl_ready 0. */
 static void ddp__nccl_abort(ddp_context *ctx, int locked) {
     struct ddp__cuda_state *cu = ctx->cuda;
-    if (!locked) pthread_mutex_lock(&ctx->mu);
+    if (!locked) ddp__mutex_lock(&ctx->mu);
     if (cu->nccl) {
-        __atomic_store_n(&cu->nccl_ready, 0, __ATOMIC_RELEASE);
+        ddp__atomic_store_int(&cu->nccl_ready, 0);
         ncclCommAbort(cu->nccl);
         cu->nccl = NULL;
     }
-    if (!locked) pthread_mutex_unlock(&ctx->mu);
+    if (!locked) ddp__mutex_unlock(&ctx->mu);
 }
 
-static int ddp__nccl_ok(const ddp_context *ctx) { return __atomic_load_n(&ctx->cuda->nccl_ready, __ATOMIC_ACQUIRE); }
+static int ddp__nccl_ok(const ddp_context *ctx) { return ddp__atomic_load_int(&ctx->cuda->nccl_ready); }
 
 /* Non-blocking communicators answer ncclInProgress; poll until the call
    settled, with the timeout; on timeout abort the communicator. */
@@ -8530,7 +9581,7 @@ static ddp_result ddp__nccl_settle(ddp_context *ctx, ncclResult_t r, double time
             return DDP_ERROR_TIMEOUT;
         }
         /* an enqueue settles within microseconds: spin first, sleep only when it takes long */
-        if (now - start < 2e-3) sched_yield();
+        if (now - start < 2e-3) ddp__yield();
         else ddp__sleep_us(100);
         if (!ddp__nccl_ok(ctx)) break;
         ncclCommGetAsyncError(ctx->cuda->nccl, &r);
@@ -8576,7 +9627,7 @@ static ddp_result ddp__nccl_init(ddp_context *ctx) {
         void *v = NULL;
         size_t len = 0;
         DDP__TRY(ddp__kv_get(ctx, "nccl/id", &v, &len));
-        if (len != sizeof id) { free(v); return ddp__fail(ctx, DDP_ERROR_NETWORK, "the NCCL id from the store has %zu bytes, not %zu", len, sizeof id); }
+        if (len != sizeof id) { free(v); return ddp__fail(ctx, DDP_ERROR_NETWORK, "the NCCL id from the store has %" DDP__PRIzu " bytes, not %" DDP__PRIzu, len, sizeof id); }
         memcpy(&id, v, sizeof id);
         free(v);
     }
@@ -8586,7 +9637,7 @@ static ddp_result ddp__nccl_init(ddp_context *ctx) {
     if (r != ncclSuccess && r != ncclInProgress) return ddp__nccl_fail(ctx, r, what);
     if (r == ncclInProgress) ncclCommGetAsyncError(ctx->cuda->nccl, &r);
     DDP__TRY(ddp__nccl_settle(ctx, r, ctx->cfg.connect_timeout_s, what));
-    __atomic_store_n(&ctx->cuda->nccl_ready, 1, __ATOMIC_RELEASE);
+    ddp__atomic_store_int(&ctx->cuda->nccl_ready, 1);
     return DDP_SUCCESS;
 }
 #endif
@@ -8659,7 +9710,7 @@ static ddp_result ddp__nccl_run(ddp_context *ctx, ddp__nccl_args *a, const char 
     DDP__CU(ctx, cudaStreamWaitEvent(cu->comm, cu->last, 0), what);
     if (!dev_send) {
         ds = ddp__dev_alloc(ctx, a->send_bytes ? a->send_bytes : 1);
-        if (!ds) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "%s: no device memory for %zu bytes of staging", what, a->send_bytes);
+        if (!ds) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "%s: no device memory for %" DDP__PRIzu " bytes of staging", what, a->send_bytes);
         /* synchronous, so the host buffer may be pageable; then ordered for comm */
         if (cudaMemcpy(ds, a->send, a->send_bytes, cudaMemcpyHostToDevice) != cudaSuccess || cudaDeviceSynchronize() != cudaSuccess) {
             ddp__free_device(ctx, ds);
@@ -8741,7 +9792,7 @@ static ddp_result ddp__staged_allreduce(ddp_context *ctx, void *buf, size_t n, d
     ddp_result r;
     if (!ddp__is_device_ptr(buf)) return ddp__shm_allreduce(ctx, buf, n, t, op);
     h = ddp__alloc(ctx, bytes);
-    if (!h) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "staged all-reduce: no host memory for %zu bytes", bytes);
+    if (!h) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "staged all-reduce: no host memory for %" DDP__PRIzu " bytes", bytes);
     r = cudaMemcpy(h, buf, bytes, cudaMemcpyDeviceToHost) == cudaSuccess ? DDP_SUCCESS
         : ddp__fail(ctx, DDP_ERROR_CUDA, "staged all-reduce: device to host copy failed");
     if (r == DDP_SUCCESS) r = ddp__shm_allreduce(ctx, h, n, t, op);
@@ -8756,7 +9807,7 @@ static ddp_result ddp__staged_broadcast(ddp_context *ctx, void *buf, size_t byte
     ddp_result r;
     if (!ddp__is_device_ptr(buf)) return ddp__shm_broadcast(ctx, buf, bytes, root);
     h = ddp__alloc(ctx, bytes);
-    if (!h) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "staged broadcast: no host memory for %zu bytes", bytes);
+    if (!h) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "staged broadcast: no host memory for %" DDP__PRIzu " bytes", bytes);
     r = cudaMemcpy(h, buf, bytes, cudaMemcpyDeviceToHost) == cudaSuccess ? DDP_SUCCESS
         : ddp__fail(ctx, DDP_ERROR_CUDA, "staged broadcast: device to host copy failed");
     if (r == DDP_SUCCESS) r = ddp__shm_broadcast(ctx, h, bytes, root);
@@ -8988,7 +10039,7 @@ static ddp_result ddp__cuda_finalize(ddp_context *ctx) {
     ctx->flat_params = (unsigned char *)ddp__dev_alloc(ctx, ctx->flat_bytes);
     ctx->flat_grads = (unsigned char *)ddp__dev_alloc(ctx, ctx->flat_bytes);
     if (!ctx->flat_params || !ctx->flat_grads)
-        return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "no device memory for %zu bytes of parameters and gradients", 2 * ctx->flat_bytes);
+        return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "no device memory for %" DDP__PRIzu " bytes of parameters and gradients", 2 * ctx->flat_bytes);
     DDP__CU(ctx, cudaMemset(ctx->flat_params, 0, ctx->flat_bytes), "zeroing parameters");
     DDP__CU(ctx, cudaMemset(ctx->flat_grads, 0, ctx->flat_bytes), "zeroing gradients");
     for (i = 0; i < ctx->num_params; i++)
@@ -9078,7 +10129,7 @@ static ddp_result ddp__cuda_launch_bucket(ddp_context *ctx, int b) {
        when it divides by the whole world, then what remains (ddp_train_step's 1 / micro_steps) */
     int avg = !ctx->cfg.gradient_sum && ctx->divisor == (double)ctx->world;
     float post = avg ? (float)(1.0 / ctx->window_div) : (float)ctx->q_scale;
-    snprintf(what, sizeof what, "NCCL all-reduce of gradient bucket %d (%zu bytes)", b, cb->numel * es);
+    snprintf(what, sizeof what, "NCCL all-reduce of gradient bucket %d (%" DDP__PRIzu " bytes)", b, cb->numel * es);
     if (!ddp__nccl_ok(ctx)) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "%s: the communicator was aborted", what);
     DDP__TRY(ddp__cuda_bucket_events(ctx, b, 1));
     if (cu->compress_buf && cb->dtype == DDP_F32) {
@@ -9147,12 +10198,12 @@ static ddp_result ddp__cuda_launch_bucket(ddp_context *ctx, int b) {
     }
     DDP__CU(ctx, cudaEventRecord(cu->done[b], cu->comm), what);
     DDP__CU(ctx, cudaEventRecord(cu->last, cu->comm), what);
-    pthread_mutex_lock(&ctx->mu);
+    ddp__mutex_lock(&ctx->mu);
     cu->inflight = 1;
     cu->inflight_since = ddp__now();
     ddp__copy_str(cu->inflight_what, sizeof cu->inflight_what, what);
-    pthread_cond_signal(&ctx->cv_work);
-    pthread_mutex_unlock(&ctx->mu);
+    ddp__cond_signal(&ctx->cv_work);
+    ddp__mutex_unlock(&ctx->mu);
     return DDP_SUCCESS;
 #else
     (void)b;
@@ -9188,12 +10239,12 @@ static ddp_result ddp__cuda_hook_finish(ddp_context *ctx, int b) {
     DDP__CU(ctx, cudaEventRecord(cu->done[b], cu->comm), what);
     DDP__CU(ctx, cudaEventRecord(cu->last, cu->comm), what);
     if (ctx->cfg.backend == DDP_BACKEND_NCCL) {
-        pthread_mutex_lock(&ctx->mu);
+        ddp__mutex_lock(&ctx->mu);
         cu->inflight = 1;
         cu->inflight_since = ddp__now();
         ddp__copy_str(cu->inflight_what, sizeof cu->inflight_what, what);
-        pthread_cond_signal(&ctx->cv_work);
-        pthread_mutex_unlock(&ctx->mu);
+        ddp__cond_signal(&ctx->cv_work);
+        ddp__mutex_unlock(&ctx->mu);
     }
     return DDP_SUCCESS;
 }
@@ -9229,7 +10280,7 @@ static ddp_result ddp__cuda_hook_compress(ddp_context *ctx, const ddp_comm_bucke
     ddp_result r;
     if (cu->hook_cbuf_bytes < need) {
         void *p = ddp__dev_alloc(ctx, need);
-        if (!p) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "no device memory for %zu bytes of compression scratch", need);
+        if (!p) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "no device memory for %" DDP__PRIzu " bytes of compression scratch", need);
         ddp__free_device(ctx, cu->hook_cbuf);
         cu->hook_cbuf = p;
         cu->hook_cbuf_bytes = need;
@@ -9300,17 +10351,17 @@ DDP_API ddp_result ddp_synchronize(ddp_context *ctx) {
 static void ddp__nccl_watchdog(ddp_context *ctx) {
     struct ddp__cuda_state *cu = ctx->cuda;
     cudaSetDevice(cu->device);
-    pthread_mutex_lock(&ctx->mu);
+    ddp__mutex_lock(&ctx->mu);
     while (!ctx->q_stop) {
         double since;
         char what[96];
         cudaError_t e;
-        if (!cu->inflight) { pthread_cond_wait(&ctx->cv_work, &ctx->mu); continue; }
+        if (!cu->inflight) { ddp__cond_wait(&ctx->cv_work, &ctx->mu); continue; }
         since = cu->inflight_since;
         memcpy(what, cu->inflight_what, sizeof what);
-        pthread_mutex_unlock(&ctx->mu);
+        ddp__mutex_unlock(&ctx->mu);
         e = cudaEventQuery(cu->last);
-        pthread_mutex_lock(&ctx->mu);
+        ddp__mutex_lock(&ctx->mu);
         if (e == cudaSuccess) { if (cu->inflight_since == since) cu->inflight = 0; continue; }
         {
             int late = ddp__now() - since > ctx->cfg.timeout_s;
@@ -9319,9 +10370,9 @@ static void ddp__nccl_watchdog(ddp_context *ctx) {
             ncclResult_t nr = ncclSuccess;
             if (ddp__nccl_ok(ctx)) ncclCommGetAsyncError(cu->nccl, &nr);
             if (e == cudaErrorNotReady && !late && (nr == ncclSuccess || nr == ncclInProgress)) {
-                pthread_mutex_unlock(&ctx->mu);
+                ddp__mutex_unlock(&ctx->mu);
                 ddp__sleep_us(1000);
-                pthread_mutex_lock(&ctx->mu);
+                ddp__mutex_lock(&ctx->mu);
                 continue;
             }
             if (e == cudaErrorNotReady && !late)
@@ -9340,7 +10391,7 @@ static void ddp__nccl_watchdog(ddp_context *ctx) {
             cu->inflight = 0;
         }
     }
-    pthread_mutex_unlock(&ctx->mu);
+    ddp__mutex_unlock(&ctx->mu);
 }
 
 /* Start of the communication thread: select the device; 1 when this thread
@@ -9459,12 +10510,12 @@ static ddp_result ddp__cuda_param_gather(ddp_context *ctx) {
         DDP__TRY(ddp__nccl_settle(ctx, r, ctx->cfg.timeout_s, what));
         DDP__CU(ctx, cudaEventRecord(cu->last, cu->comm), what);
         DDP__CU(ctx, cudaStreamWaitEvent(us, cu->last, 0), what);
-        pthread_mutex_lock(&ctx->mu);
+        ddp__mutex_lock(&ctx->mu);
         cu->inflight = 1;
         cu->inflight_since = ddp__now();
         ddp__copy_str(cu->inflight_what, sizeof cu->inflight_what, what);
-        pthread_cond_signal(&ctx->cv_work);
-        pthread_mutex_unlock(&ctx->mu);
+        ddp__cond_signal(&ctx->cv_work);
+        ddp__mutex_unlock(&ctx->mu);
         return DDP_SUCCESS;
 #else
         return ddp__fail(ctx, DDP_ERROR_UNSUPPORTED, "NCCL is not compiled in");
@@ -9504,7 +10555,7 @@ static ddp_result ddp__cuda_param_gather(ddp_context *ctx) {
 /* Accumulation buffers (see ACCUMULATION): device memory, work on the user's stream. */
 static ddp_result ddp__cuda_grad_buffer(ddp_context *ctx, void **slot) {
     *slot = ddp__dev_alloc(ctx, ctx->flat_bytes);
-    if (!*slot) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "no device memory for %zu bytes of accumulated gradients", ctx->flat_bytes);
+    if (!*slot) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "no device memory for %" DDP__PRIzu " bytes of accumulated gradients", ctx->flat_bytes);
     return DDP_SUCCESS;
 }
 
@@ -9532,7 +10583,7 @@ static ddp_result ddp__cuda_grad_add(ddp_context *ctx, void *dst, const void *sr
 
 static ddp_result ddp__cuda_state_alloc(ddp_context *ctx, void **slot) {
     *slot = ddp__dev_alloc(ctx, ctx->opt_state_bytes);
-    if (!*slot) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "no device memory for %zu bytes of optimizer state", ctx->opt_state_bytes);
+    if (!*slot) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "no device memory for %" DDP__PRIzu " bytes of optimizer state", ctx->opt_state_bytes);
     return ddp__cuda_zero(ctx, *slot, ctx->opt_state_bytes);
 }
 

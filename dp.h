@@ -24,7 +24,8 @@
    everything also runs without a GPU. A GPU id may repeat (several replicas
    on one GPU). Backends: NCCL with one communicator per device when the GPUs
    are distinct and NCCL is built in; host-staged reduction through shared
-   memory otherwise (and on the CPU).
+   memory otherwise (and on the CPU, and always on Windows, which has no
+   NCCL). Platforms: those of ddp.h (POSIX and Windows).
 
    STEP BY STEP
 
@@ -194,7 +195,7 @@ typedef struct dp__param {
 typedef struct dp__worker {
     struct dp_context *dp;
     int index;
-    pthread_t thread;
+    ddp__thread thread;
     int started;
     ddp_context *ctx;
     dp_replica rep;
@@ -211,8 +212,8 @@ struct dp_context {
     int devices[DP_MAX_DEVICES];
     int port;
     dp__worker w[DP_MAX_DEVICES];
-    pthread_mutex_t mu;
-    pthread_cond_t cv_cmd, cv_done;
+    ddp__mutex mu;
+    ddp__cond cv_cmd, cv_done;
     int cmd, cmd_id, pending;
     int failed;                 /* a replica failed in the current command */
     int first_failed;           /* which one failed first */
@@ -226,6 +227,7 @@ struct dp_context {
     void *user;
 };
 
+DDP__PRINTF(3, 4)
 static ddp_result dp__fail(dp_context *dp, ddp_result code, const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
@@ -271,9 +273,9 @@ static ddp_result dp__run_create(dp__worker *w) {
     c.cuda_device = dp->devices[w->index] >= 0 ? dp->devices[w->index] + 1 : 0;
     r = ddp_create(&c, &ctx);
     if (r != DDP_SUCCESS) ddp__copy_str(w->err, sizeof w->err, ddp_create_error());
-    pthread_mutex_lock(&dp->mu);   /* dp__stop_others reads it under the lock */
+    ddp__mutex_lock(&dp->mu);   /* dp__stop_others reads it under the lock */
     w->ctx = ctx;
-    pthread_mutex_unlock(&dp->mu);
+    ddp__mutex_unlock(&dp->mu);
     return r;
 }
 
@@ -354,11 +356,11 @@ static void *dp__worker_main(void *arg) {
     for (;;) {
         int cmd;
         ddp_result r = DDP_SUCCESS;
-        pthread_mutex_lock(&dp->mu);
-        while (dp->cmd_id == seen) pthread_cond_wait(&dp->cv_cmd, &dp->mu);
+        ddp__mutex_lock(&dp->mu);
+        while (dp->cmd_id == seen) ddp__cond_wait(&dp->cv_cmd, &dp->mu);
         seen = dp->cmd_id;
         cmd = dp->cmd;
-        pthread_mutex_unlock(&dp->mu);
+        ddp__mutex_unlock(&dp->mu);
         if (cmd == DP__CMD_EXIT) break;
         w->err[0] = 0;
         switch (cmd) {
@@ -370,12 +372,12 @@ static void *dp__worker_main(void *arg) {
         default: break;
         }
         if (r != DDP_SUCCESS && w->ctx && !w->err[0]) ddp__copy_str(w->err, sizeof w->err, ddp_last_error(w->ctx));
-        pthread_mutex_lock(&dp->mu);
+        ddp__mutex_lock(&dp->mu);
         w->result = r;
         /* the first failure (not a peer's echo of it) stops everybody */
         if (r != DDP_SUCCESS && !dp->failed) { dp->failed = 1; dp->first_failed = w->index; dp__stop_others(dp, w->index); }
-        if (--dp->pending == 0) pthread_cond_broadcast(&dp->cv_done);
-        pthread_mutex_unlock(&dp->mu);
+        if (--dp->pending == 0) ddp__cond_broadcast(&dp->cv_done);
+        ddp__mutex_unlock(&dp->mu);
     }
     return NULL;
 }
@@ -383,14 +385,14 @@ static void *dp__worker_main(void *arg) {
 /* Run cmd on every worker and wait; one error naming the replica. */
 static ddp_result dp__broadcast_cmd(dp_context *dp, int cmd, const char *what) {
     int first, i;
-    pthread_mutex_lock(&dp->mu);
+    ddp__mutex_lock(&dp->mu);
     dp->cmd = cmd;
     dp->cmd_id++;
     dp->pending = dp->K;
     dp->failed = 0;
-    pthread_cond_broadcast(&dp->cv_cmd);
-    while (dp->pending > 0) pthread_cond_wait(&dp->cv_done, &dp->mu);
-    pthread_mutex_unlock(&dp->mu);
+    ddp__cond_broadcast(&dp->cv_cmd);
+    while (dp->pending > 0) ddp__cond_wait(&dp->cv_done, &dp->mu);
+    ddp__mutex_unlock(&dp->mu);
     /* the replica whose own error started it, not the peers it stopped
        (those answer DDP_ERROR_PEER); else the first to fail */
     if (!dp->failed) return DDP_SUCCESS;
@@ -406,13 +408,18 @@ static ddp_result dp__broadcast_cmd(dp_context *dp, int cmd, const char *what) {
 static int dp__free_port(void) {
     struct sockaddr_in a;
     socklen_t len = sizeof a;
-    int fd = socket(AF_INET, SOCK_STREAM, 0), port = 0;
-    if (fd < 0) return 0;
-    memset(&a, 0, sizeof a);
-    a.sin_family = AF_INET;
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    if (bind(fd, (struct sockaddr *)&a, sizeof a) == 0 && getsockname(fd, (struct sockaddr *)&a, &len) == 0) port = ntohs(a.sin_port);
-    close(fd);
+    int fd, port = 0;
+    if (ddp__net_start() != 0) return 0;
+    fd = ddp__sock_open(AF_INET, SOCK_STREAM, 0);
+    if (fd >= 0) {
+        memset(&a, 0, sizeof a);
+        a.sin_family = AF_INET;
+        a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        if (ddp__sock_bind(fd, (struct sockaddr *)&a, sizeof a) == 0 && ddp__sock_name(fd, (struct sockaddr *)&a, &len) == 0)
+            port = ntohs(a.sin_port);
+        ddp__sock_close(fd);
+    }
+    ddp__net_stop();
     return port;
 }
 
@@ -457,15 +464,15 @@ DP_API ddp_result dp_create(const dp_config *config, dp_context **out) {
     }
     dp->port = dp__free_port();
     if (!dp->port) { free(dp); return ddp__fail(NULL, DDP_ERROR_NETWORK, "dp_create: no free TCP port on 127.0.0.1 for the replicas' rendezvous"); }
-    pthread_mutex_init(&dp->mu, NULL);
-    pthread_cond_init(&dp->cv_cmd, NULL);
-    pthread_cond_init(&dp->cv_done, NULL);
+    ddp__mutex_init(&dp->mu);
+    ddp__cond_init(&dp->cv_cmd);
+    ddp__cond_init(&dp->cv_done);
     for (i = 0; i < dp->K; i++) {
         dp->w[i].dp = dp;
         dp->w[i].index = i;
         dp->w[i].rep.index = i;
         dp->w[i].rep.device = dp->devices[i];
-        if (pthread_create(&dp->w[i].thread, NULL, dp__worker_main, &dp->w[i]) != 0) {
+        if (ddp__thread_start(&dp->w[i].thread, dp__worker_main, &dp->w[i]) != 0) {
             dp_destroy(dp);
             return ddp__fail(NULL, DDP_ERROR_SYSTEM, "dp_create: cannot start the thread of replica %d", i);
         }
@@ -484,12 +491,12 @@ DP_API ddp_result dp_create(const dp_config *config, dp_context **out) {
 DP_API void dp_destroy(dp_context *dp) {
     int i;
     if (!dp) return;
-    pthread_mutex_lock(&dp->mu);
+    ddp__mutex_lock(&dp->mu);
     dp->cmd = DP__CMD_EXIT;
     dp->cmd_id++;
-    pthread_cond_broadcast(&dp->cv_cmd);
-    pthread_mutex_unlock(&dp->mu);
-    for (i = 0; i < dp->K; i++) if (dp->w[i].started) pthread_join(dp->w[i].thread, NULL);
+    ddp__cond_broadcast(&dp->cv_cmd);
+    ddp__mutex_unlock(&dp->mu);
+    for (i = 0; i < dp->K; i++) if (dp->w[i].started) ddp__thread_join(&dp->w[i].thread);
     /* replica 0 serves the rendezvous store and waits for the others to hang up: last */
     for (i = dp->K - 1; i >= 0; i--) {
 #if defined(DDP_CUDA)
@@ -497,9 +504,9 @@ DP_API void dp_destroy(dp_context *dp) {
 #endif
         ddp_destroy(dp->w[i].ctx);
     }
-    pthread_mutex_destroy(&dp->mu);
-    pthread_cond_destroy(&dp->cv_cmd);
-    pthread_cond_destroy(&dp->cv_done);
+    ddp__mutex_destroy(&dp->mu);
+    ddp__cond_destroy(&dp->cv_cmd);
+    ddp__cond_destroy(&dp->cv_done);
     free(dp->params);
     free(dp);
 }
@@ -513,8 +520,8 @@ DP_API ddp_context *dp_replica_context(dp_context *dp, int replica) {
 DP_API ddp_result dp_register_param(dp_context *dp, const char *name, size_t count, ddp_dtype dtype,
                                     const void *init, int *out_id) {
     int i;
+    if (out_id) *out_id = -1; /* on every failure path */
     if (!dp) return DDP_ERROR_INVALID_ARGUMENT;
-    if (out_id) *out_id = -1;
     if (dp->finalized) return dp__fail(dp, DDP_ERROR_INVALID_STATE, "dp_register_param: '%.64s' registered after dp_finalize()", name ? name : "(null)");
     if (!name || !*name || strlen(name) >= DDP__MAX_NAME) return dp__fail(dp, DDP_ERROR_INVALID_ARGUMENT, "dp_register_param: name is NULL, empty or too long");
     if (!out_id) return dp__fail(dp, DDP_ERROR_INVALID_ARGUMENT, "dp_register_param: out_id is NULL for '%s'", name);
@@ -590,7 +597,7 @@ DP_API ddp_result dp_step(dp_context *dp, const dp_batch *batch, dp_forward_back
     if (!dp->finalized) return dp__fail(dp, DDP_ERROR_INVALID_STATE, "dp_step: call dp_finalize() first");
     if (!fn) return dp__fail(dp, DDP_ERROR_INVALID_ARGUMENT, "dp_step: fn is NULL");
     if (batch && (batch->rows < 0 || (batch->rows > 0 && (!batch->input || !batch->input_row_bytes))))
-        return dp__fail(dp, DDP_ERROR_INVALID_ARGUMENT, "dp_step: the batch has %d rows, input %p, input_row_bytes %zu",
+        return dp__fail(dp, DDP_ERROR_INVALID_ARGUMENT, "dp_step: the batch has %d rows, input %p, input_row_bytes %" DDP__PRIzu "",
                         batch->rows, batch->input, batch->input_row_bytes);
     dp->batch = batch;
     dp->fn = fn;

@@ -17,10 +17,26 @@
 
 static const char *bench_name = "bench";
 
+/* monotonic seconds: the library's own clock in a file that holds the
+   implementation (every CPU benchmark; it works on Windows too) */
 BENCH_UNUSED static double now_s(void) {
+#if defined(DDP__IMPLEMENTED)
+    return ddp__now();
+#else
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
     return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+#endif
+}
+
+/* set / remove an environment variable (Windows: _putenv_s; "" removes) */
+BENCH_UNUSED static void bench_setenv(const char *name, const char *value) {
+#if defined(_WIN32)
+    _putenv_s(name, value ? value : "");
+#else
+    if (value) setenv(name, value, 1);
+    else unsetenv(name);
+#endif
 }
 
 BENCH_UNUSED static void die(const char *what, const char *detail) {

@@ -137,9 +137,9 @@ int main(int argc, char **argv) {
         b2 = ddp_ms(&s, &d, batches[k], steps, init);
         {   /* for reference: the same with the NCCL all-reduce forced at world 1 */
             double f;
-            setenv("DDP_FORCE_COMM", "1", 1);
+            bench_setenv("DDP_FORCE_COMM", "1");
             f = ddp_ms(&s, &d, batches[k], steps, init);
-            unsetenv("DDP_FORCE_COMM");
+            bench_setenv("DDP_FORCE_COMM", NULL);
             printf("gpu_step model=%s forced_nccl_ms=%.4f\n", models[k], f);
         }
         printf("gpu_step model=%s params=%zu batch=%d local_ms=%.4f ddp_ms=%.4f overhead=%.3f (runs: local %.4f %.4f, ddp %.4f %.4f)\n",

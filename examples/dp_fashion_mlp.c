@@ -120,8 +120,13 @@ static void parse(int argc, char **argv, options *o)
 static double now_s(void)
 {
     struct timespec t;
+#if defined(_WIN32)
+    (void)t;
+    return (double)clock() / CLOCKS_PER_SEC; /* Windows' C library: wall-clock time since the start */
+#else
     clock_gettime(CLOCK_MONOTONIC, &t);
     return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+#endif
 }
 
 /* ---- the replicas' work --------------------------------------------------------- */

@@ -4,8 +4,10 @@
 #define DDP_IMPLEMENTATION
 #include "../ddp.h"
 #include "testing.h"
+#if defined(_WIN32)
+#  include <aclapi.h>
+#endif
 #include <math.h>
-#include <unistd.h>
 
 static ddp_config base_config(void) {
     ddp_config c;
@@ -65,7 +67,7 @@ static void clear_env(void) {
                                   "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE",
                                   "TORCHELASTIC_USE_AGENT_STORE", "DDP_TIMEOUT" };
     size_t i;
-    for (i = 0; i < sizeof vars / sizeof vars[0]; i++) unsetenv(vars[i]);
+    for (i = 0; i < sizeof vars / sizeof vars[0]; i++) t_unsetenv(vars[i]);
 }
 
 /* ddp_create from the environment with the given variables set. */
@@ -73,7 +75,7 @@ static ddp_result create_env(const char *const *kv, ddp_context **out) {
     ddp_config c;
     int i;
     clear_env();
-    for (i = 0; kv[i]; i += 2) setenv(kv[i], kv[i + 1], 1);
+    for (i = 0; kv[i]; i += 2) t_setenv(kv[i], kv[i + 1]);
     memset(&c, 0, sizeof c);
     c.timeout_s = 1;
     *out = NULL;
@@ -95,8 +97,13 @@ static void test_bad_environment(void) {
       CHECK_ERR(create_env(kv, &ctx), DDP_ERROR_ENVIRONMENT, NULL, "RANK=-1"); }
     { const char *kv[] = { "RANK", "0", NULL };
       CHECK_ERR(create_env(kv, &ctx), DDP_ERROR_ENVIRONMENT, NULL, "WORLD_SIZE is not"); }
+#if defined(_WIN32) /* Windows' C library removes a variable set to "": a blank value instead */
+    { const char *kv[] = { "RANK", "0", "WORLD_SIZE", "2", "LOCAL_RANK", " ", NULL };
+      CHECK_ERR(create_env(kv, &ctx), DDP_ERROR_ENVIRONMENT, NULL, "LOCAL_RANK=' '"); }
+#else
     { const char *kv[] = { "RANK", "0", "WORLD_SIZE", "2", "LOCAL_RANK", "", NULL };
       CHECK_ERR(create_env(kv, &ctx), DDP_ERROR_ENVIRONMENT, NULL, "LOCAL_RANK=''"); }
+#endif
     { const char *kv[] = { "RANK", "0", "WORLD_SIZE", "2", "LOCAL_RANK", "5", NULL };
       CHECK_ERR(create_env(kv, &ctx), DDP_ERROR_ENVIRONMENT, NULL, "LOCAL_RANK=5"); }
     { const char *kv[] = { "RANK", "0", "WORLD_SIZE", "2", "LOCAL_WORLD_SIZE", "zwei", NULL };
@@ -803,7 +810,7 @@ static void test_checkpoint(void) {
     long size;
     unsigned char *bytes;
     TEST("checkpoint");
-    snprintf(path, sizeof path, "/tmp/ddp_test_ckpt_%d.bin", (int)getpid());
+    t_temp_path(path, sizeof path, "ddp_test_ckpt.bin");
     a = ck_model(0, DDP_OPTIM_ADAMW);
     train_some(a, 3);
     CHECK_OK(ddp_save_checkpoint(a, path), a);
@@ -815,6 +822,20 @@ static void test_checkpoint(void) {
     train_some(b, 2);
     CHECK(memcmp(ddp_flat_params(a), ddp_flat_params(b), ddp_flat_bytes(a)) == 0, "resumed training equals uninterrupted (optimizer state restored)");
     ddp_destroy(b);
+
+    /* saving over an existing checkpoint replaces it whole (rename on POSIX,
+       MoveFileEx on Windows, where rename() refuses an existing target) and
+       leaves no temporary file */
+    CHECK_OK(ddp_save_checkpoint(a, path), a);
+    b = ck_model(0, DDP_OPTIM_ADAMW);
+    CHECK_OK(ddp_load_checkpoint(b, path), b);
+    CHECK(ddp_optimizer_steps(b) == 5, "the second save replaced the first: %lld steps", (long long)ddp_optimizer_steps(b));
+    CHECK(memcmp(ddp_flat_params(a), ddp_flat_params(b), ddp_flat_bytes(a)) == 0, "the replaced checkpoint holds the new weights");
+    ddp_destroy(b);
+    snprintf(bad, sizeof bad, "%s.tmp.%d", path, t_getpid());
+    f = fopen(bad, "rb");
+    CHECK(f == NULL, "no temporary file '%s' left", bad);
+    if (f) fclose(f);
 
     b = ck_model(1, DDP_OPTIM_ADAMW);
     CHECK_ERR(ddp_load_checkpoint(b, path), DDP_ERROR_MISMATCH, b, "parameter 0 is 'fc.weight' f32 [4,3] there, 'fc.weight' f32 [4,5] here");
@@ -1138,8 +1159,66 @@ static void test_f16_conversions(void) {
     CHECK(ddp__f32_to_bf16(1.0f + 3 * ldexpf(1.0f, -8)) == 0x3f82, "bf16 ties to even (up)");
 }
 
+/* A segment's name lives until ddp__shm_unlink (Windows: the handle
+   ddp__shm_create keeps), the mapping until it is unmapped; on Windows the
+   segment is the current user's alone (one ACE, the user's SID) and its
+   name carries 96 random bits. */
+static void test_shm_segments(void) {
+    char name[64];
+    ddp__shm_handle h, h2;
+    int e = 0;
+    void *p, *q;
+    TEST("shared-memory segments");
+    ddp__shm_name(NULL, name, sizeof name, "test");
+    CHECK(!strncmp(name, DDP__SHM_NAME_PREFIX "ddp-", strlen(DDP__SHM_NAME_PREFIX) + 4), "name '%s'", name);
+    CHECK(ddp__shm_create(name, 1 << 16, &h, &e) == DDP__SHM_OK, "create '%s': %s", name, ddp__strerror(e));
+    CHECK(ddp__shm_create(name, 1 << 16, &h2, &e) == DDP__SHM_E_OPEN, "a second create of '%s' fails (O_EXCL)", name);
+    p = ddp__shm_map_view(h, 1 << 16, &e);
+    CHECK(p != NULL, "map: %s", ddp__strerror(e));
+    ddp__shm_close(h);
+    CHECK(ddp__shm_open(name, 1 << 17, &h2, &e) == DDP__SHM_E_SMALL, "opening for more bytes than it has fails");
+    CHECK(ddp__shm_open(name, 1 << 16, &h2, &e) == DDP__SHM_OK, "the name outlives the creator's handle: %s", ddp__strerror(e));
+    q = ddp__shm_map_view(h2, 1 << 16, &e);
+    ddp__shm_close(h2);
+    CHECK(q != NULL, "second map");
+    if (p && q) {
+        ((volatile int *)p)[100] = 4242;
+        CHECK(((volatile int *)q)[100] == 4242, "both views share the memory");
+    }
+#if defined(_WIN32)
+    {
+        HANDLE m = OpenFileMappingA(READ_CONTROL, FALSE, name);
+        PACL dacl = NULL;
+        PSECURITY_DESCRIPTOR sd = NULL;
+        void *ace = NULL;
+        union { TOKEN_USER tu; unsigned char b[256]; } user;
+        HANDLE tok;
+        DWORD len = 0;
+        const char *rnd = strrchr(name, '-');
+        CHECK(rnd && strlen(rnd + 1) == 24 && strspn(rnd + 1, "0123456789abcdef") == 24, "96 random bits in '%s'", name);
+        CHECK(m != NULL, "open for READ_CONTROL");
+        CHECK(m && GetSecurityInfo(m, SE_KERNEL_OBJECT, DACL_SECURITY_INFORMATION, NULL, NULL, &dacl, NULL, &sd) == ERROR_SUCCESS,
+              "read its security");
+        CHECK(dacl && dacl->AceCount == 1 && GetAce(dacl, 0, &ace), "a DACL of one entry (%d)", dacl ? (int)dacl->AceCount : -1);
+        CHECK(OpenProcessToken(GetCurrentProcess(), TOKEN_QUERY, &tok), "token");
+        CHECK(GetTokenInformation(tok, TokenUser, user.b, sizeof user.b, &len), "token user");
+        CloseHandle(tok);
+        CHECK(ace && ((ACE_HEADER *)ace)->AceType == ACCESS_ALLOWED_ACE_TYPE &&
+              EqualSid((PSID)&((ACCESS_ALLOWED_ACE *)ace)->SidStart, user.tu.User.Sid), "the entry allows the current user");
+        if (sd) LocalFree(sd);
+        if (m) CloseHandle(m);
+    }
+#endif
+    ddp__shm_unlink(name);
+    CHECK(ddp__shm_open(name, 1 << 16, &h2, &e) == DDP__SHM_E_OPEN, "the name is gone after unlink");
+    if (q && p) CHECK(((volatile int *)q)[100] == 4242, "the mappings stay valid after unlink");
+    if (p) ddp__shm_unmap(p, 1 << 16);
+    if (q) ddp__shm_unmap(q, 1 << 16);
+}
+
 int main(void) {
     clear_env();
+    test_shm_segments();
     test_names();
     test_version();
     test_config();

@@ -173,12 +173,12 @@ int main(int argc, char **argv) {
         TEST("DDP_DEBUG");
         memset(&c, 0, sizeof c);
         c.world_size = 1;
-        setenv("DDP_DEBUG", "verbose", 1);
+        t_setenv("DDP_DEBUG", "verbose");
         CHECK_ERR(ddp_create(&c, &ctx), DDP_ERROR_ENVIRONMENT, NULL, "DDP_DEBUG");
-        setenv("DDP_DEBUG", "detail", 1);
+        t_setenv("DDP_DEBUG", "detail");
         CHECK_OK(ddp_create(&c, &ctx), NULL);
         if (ctx) { CHECK(ddp_query_config(ctx).debug == DDP_DEBUG_DETAIL, "DDP_DEBUG=detail is in force"); ddp_destroy(ctx); }
-        unsetenv("DDP_DEBUG");
+        t_unsetenv("DDP_DEBUG");
     }
     snprintf(suite, sizeof suite, "test_debug %s rank %d", argv[1], g_rank);
     return t_summary(suite);

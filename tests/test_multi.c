@@ -1,29 +1,32 @@
-/* Multi-process tests of ddp.h: real processes (fork) on the shm backend.
-   Collectives against values computed here, mismatched models, rendezvous
-   failures (port in use, unreachable master), a rank killed mid-step, a rank
-   that hangs, a failing user callback — each ending in a clear error within
-   the timeout, with nothing left in /dev/shm. */
+/* Multi-process tests of ddp.h: real processes (copies of this program,
+   started by tests/testproc.h) on the shm backend. Collectives against
+   values computed here, mismatched models, rendezvous failures (port in use,
+   unreachable master), a rank killed mid-step, a rank that hangs, a failing
+   user callback — each ending in a clear error within the timeout, with no
+   shared-memory segment left (/dev/shm; Windows: the session's named
+   objects). The same source runs on POSIX and on Windows. */
 #define DDP_IMPLEMENTATION
 #include "../ddp.h"
 #include "testing.h"
+#include "testproc.h"
 #include <math.h>
-#include <dirent.h>
-#include <sys/wait.h>
 
-typedef int (*rank_fn)(int rank, int world, int port, void *arg);
+/* What a rank function gets besides its identity (each case uses what it needs). */
+typedef struct t_arg { int i; double d; } t_arg;
+typedef int (*rank_fn)(int rank, int world, int port, const t_arg *arg);
 
-/* A free TCP port on the loopback interface. */
+/* A free TCP port on the loopback interface (the library's socket vocabulary). */
 static int free_port(void) {
     struct sockaddr_in a;
     socklen_t len = sizeof a;
-    int fd = socket(AF_INET, SOCK_STREAM, 0), port;
+    int fd = ddp__sock_open(AF_INET, SOCK_STREAM, 0), port;
     memset(&a, 0, sizeof a);
     a.sin_family = AF_INET;
     a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    bind(fd, (struct sockaddr *)&a, sizeof a);
-    getsockname(fd, (struct sockaddr *)&a, &len);
+    ddp__sock_bind(fd, (struct sockaddr *)&a, sizeof a);
+    ddp__sock_name(fd, (struct sockaddr *)&a, &len);
     port = ntohs(a.sin_port);
-    close(fd);
+    ddp__sock_close(fd);
     return port;
 }
 
@@ -38,38 +41,38 @@ static ddp_config rank_config(int rank, int world, int port, double timeout) {
     return c;
 }
 
-/* Run fn in `world` forked processes; exit codes into codes[]; returns the
-   wall time. A process still running after limit_s is killed (code -9). */
-static pid_t last_pids[16];
+/* Run rank function `name` (see the table in main) in `world` processes;
+   exit codes into codes[] (a process that cannot start: -1); returns the
+   wall time. A process still running after limit_s is killed (T_KILLED). */
+static int last_pids[16];
 static int last_world;
 
-static double run_ranks(int world, rank_fn fn, void *arg, int *codes, double limit_s) {
-    pid_t *pids = last_pids;
-    int port = free_port(), r, left = world;
+static double run_ranks(int world, const char *name, const t_arg *arg, int *codes, double limit_s) {
+    t_proc procs[16];
+    int port = free_port(), r, left = 0;
     double t0 = ddp__now();
-    fflush(stdout); fflush(stderr);
+    char sr[16], sw[16], sp[16], si[32], sd[32];
+    t_arg none = { 0, 0 };
+    if (!arg) arg = &none;
     last_world = world;
+    snprintf(sw, sizeof sw, "%d", world);
+    snprintf(sp, sizeof sp, "%d", port);
+    snprintf(si, sizeof si, "%d", arg->i);
+    snprintf(sd, sizeof sd, "%.17g", arg->d);
     for (r = 0; r < world; r++) {
-        pids[r] = fork();
-        if (pids[r] == 0) {
-            int code = fn(r, world, port, arg);
-            fflush(stdout); fflush(stderr);
-            _exit(code);
-        }
+        const char *args[] = { "--rank", name, sr, sw, sp, si, sd, NULL };
+        snprintf(sr, sizeof sr, "%d", r);
         codes[r] = -1;
+        last_pids[r] = 0;
+        if (t_proc_spawn_self(&procs[r], args) != 0) { procs[r].done = 1; continue; }
+        last_pids[r] = procs[r].pid;
+        left++;
     }
     while (left > 0) {
-        int st;
-        pid_t p = waitpid(-1, &st, WNOHANG);
-        if (p > 0) {
-            for (r = 0; r < world; r++)
-                if (pids[r] == p) codes[r] = WIFEXITED(st) ? WEXITSTATUS(st) : -WTERMSIG(st);
-            left--;
-            continue;
-        }
-        if (ddp__now() - t0 > limit_s) {
-            for (r = 0; r < world; r++) if (codes[r] == -1) kill(pids[r], SIGKILL);
-        }
+        for (r = 0; r < world; r++)
+            if (!procs[r].done && t_proc_poll(&procs[r])) { codes[r] = procs[r].code; left--; }
+        if (left > 0 && ddp__now() - t0 > limit_s)
+            for (r = 0; r < world; r++) t_proc_kill(&procs[r]);
         ddp__sleep_us(2000);
     }
     return ddp__now() - t0;
@@ -78,18 +81,7 @@ static double run_ranks(int world, rank_fn fn, void *arg, int *codes, double lim
 /* Segments left by the processes of the last run (names are ddp-<pid>-...;
    other suites may run beside this one). */
 static int count_shm_segments(void) {
-    DIR *d = opendir("/dev/shm");
-    struct dirent *e;
-    int n = 0, r;
-    char prefix[32];
-    if (!d) return 0;
-    while ((e = readdir(d)) != NULL)
-        for (r = 0; r < last_world; r++) {
-            snprintf(prefix, sizeof prefix, "ddp-%d-", (int)last_pids[r]);
-            if (!strncmp(e->d_name, prefix, strlen(prefix))) n++;
-        }
-    closedir(d);
-    return n;
+    return t_shm_leftovers(last_pids, last_world);
 }
 
 #define RANK_CHECK(cond, ...) do { if (!(cond)) { fprintf(stderr, "rank %d: ", rank); fprintf(stderr, __VA_ARGS__); fputc('\n', stderr); return 10; } } while (0)
@@ -98,7 +90,7 @@ static int count_shm_segments(void) {
 
 static double val(int rank, size_t i) { return (double)((i * 7 + (size_t)rank * 13) % 101) - 50.0; }
 
-static int collectives_rank(int rank, int world, int port, void *arg) {
+static int collectives_rank(int rank, int world, int port, const t_arg *arg) {
     ddp_config c = rank_config(rank, world, port, 10);
     ddp_context *ctx;
     static const size_t sizes[] = { 1, 5, 1000, 16411, 70000 };
@@ -155,14 +147,14 @@ static void test_collectives(void) {
     int codes[4], w, r;
     for (w = 2; w <= 3; w++) {
         TEST(w == 2 ? "collectives w=2" : "collectives w=3");
-        run_ranks(w, collectives_rank, NULL, codes, 60);
+        run_ranks(w, "collectives", NULL, codes, 60);
         for (r = 0; r < w; r++) CHECK(codes[r] == 0, "rank %d exited %d", r, codes[r]);
     }
 }
 
 /* ---- gradients through the reducer: every rank's bucket holds the average ---- */
 
-static int reducer_rank(int rank, int world, int port, void *arg) {
+static int reducer_rank(int rank, int world, int port, const t_arg *arg) {
     ddp_config c = rank_config(rank, world, port, 10);
     ddp_context *ctx;
     int ids[5], i, step, p;
@@ -202,16 +194,16 @@ static int reducer_rank(int rank, int world, int port, void *arg) {
 static void test_reducer(void) {
     int codes[4], r;
     TEST("reducer w=3");
-    run_ranks(3, reducer_rank, NULL, codes, 60);
+    run_ranks(3, "reducer", NULL, codes, 60);
     for (r = 0; r < 3; r++) CHECK(codes[r] == 0, "rank %d exited %d", r, codes[r]);
 }
 
 /* ---- mismatched models ---- */
 
-static int mismatch_rank(int rank, int world, int port, void *arg) {
+static int mismatch_rank(int rank, int world, int port, const t_arg *arg) {
     ddp_config c = rank_config(rank, world, port, 5);
     ddp_context *ctx;
-    int id, kind = *(int *)arg;
+    int id, kind = arg->i;
     int64_t shape[2] = { 16, rank == 1 && kind == 0 ? 8 : 4 };
     ddp_result r;
     if (ddp_create(&c, &ctx) != DDP_SUCCESS) return 2;
@@ -230,16 +222,18 @@ static int mismatch_rank(int rank, int world, int port, void *arg) {
 static void test_mismatch(void) {
     int codes[4], r, kind;
     for (kind = 0; kind < 3; kind++) {
+        t_arg a = { 0, 0 };
+        a.i = kind;
         TEST(kind == 0 ? "mismatch shape" : kind == 1 ? "mismatch count" : "mismatch dtype");
-        run_ranks(3, mismatch_rank, &kind, codes, 30);
+        run_ranks(3, "mismatch", &a, codes, 30);
         for (r = 0; r < 3; r++) CHECK(codes[r] == 0, "rank %d exited %d", r, codes[r]);
     }
 }
 
 /* ---- rendezvous failures ---- */
 
-static int port_in_use_rank(int rank, int world, int port, void *arg) {
-    ddp_config c = rank_config(rank, world, *(int *)arg, 2);
+static int port_in_use_rank(int rank, int world, int port, const t_arg *arg) {
+    ddp_config c = rank_config(rank, world, arg->i, 2);
     ddp_context *ctx;
     ddp_result r;
     double t0 = ddp__now();
@@ -258,24 +252,25 @@ static int port_in_use_rank(int rank, int world, int port, void *arg) {
 }
 
 static void test_port_in_use(void) {
-    int codes[2], port, fd, one = 1;
+    int codes[2], fd;
     struct sockaddr_in a;
+    t_arg port = { 0, 0 };
     TEST("port in use");
-    fd = socket(AF_INET, SOCK_STREAM, 0);
-    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    fd = ddp__sock_open(AF_INET, SOCK_STREAM, 0);
+    ddp__sock_reuse_addr(fd);
     memset(&a, 0, sizeof a);
     a.sin_family = AF_INET;
     a.sin_addr.s_addr = htonl(INADDR_ANY);
-    bind(fd, (struct sockaddr *)&a, sizeof a);
-    listen(fd, 4);
+    ddp__sock_bind(fd, (struct sockaddr *)&a, sizeof a);
+    ddp__sock_listen(fd, 4);
     {
         socklen_t len = sizeof a;
-        getsockname(fd, (struct sockaddr *)&a, &len);
-        port = ntohs(a.sin_port);
+        ddp__sock_name(fd, (struct sockaddr *)&a, &len);
+        port.i = ntohs(a.sin_port);
     }
-    run_ranks(2, port_in_use_rank, &port, codes, 30);
+    run_ranks(2, "port_in_use", &port, codes, 30);
     CHECK(codes[0] == 0 && codes[1] == 0, "codes %d %d", codes[0], codes[1]);
-    close(fd);
+    ddp__sock_close(fd);
 }
 
 static void test_unreachable(void) {
@@ -306,13 +301,16 @@ static int cb_fail(ddp_context *ctx, void *user, int micro, float *loss) {
     return 3;
 }
 
-static int failing_rank(int rank, int world, int port, void *arg) {
-    const fail_case *fc = (const fail_case *)arg;
-    ddp_config c = rank_config(rank, world, port, fc->timeout);
+static int failing_rank(int rank, int world, int port, const t_arg *arg) {
+    fail_case fcase, *fc = &fcase;
+    ddp_config c;
     ddp_context *ctx;
     int ids[4], p, step;
     ddp_result r = DDP_SUCCESS;
     double t0;
+    fcase.kind = arg->i;
+    fcase.timeout = arg->d;
+    c = rank_config(rank, world, port, fc->timeout);
     c.first_bucket_bytes = 4096;
     c.bucket_bytes = 4096;
     if (ddp_create(&c, &ctx) != DDP_SUCCESS) return 2;
@@ -329,7 +327,7 @@ static int failing_rank(int rank, int world, int port, void *arg) {
         r = ddp_step_begin(ctx);
         for (p = 3; p >= 0 && r == DDP_SUCCESS; p--) {
             if (victim && p == 1) {
-                if (fc->kind == FAIL_KILL) raise(SIGKILL);
+                if (fc->kind == FAIL_KILL) t_kill_self();
                 if (fc->kind == FAIL_HANG) { ddp__sleep_us((long)(fc->timeout * 4e6)); return 0; }
                 if (fc->kind == FAIL_UNUSED) break;
             }
@@ -368,9 +366,14 @@ static void test_failures(void) {
         fc.kind = kind;
         fc.timeout = 3.0;
         TEST(names[kind]);
-        took = run_ranks(3, failing_rank, &fc, codes, 30);
+        {
+            t_arg a;
+            a.i = fc.kind;
+            a.d = fc.timeout;
+            took = run_ranks(3, "failing", &a, codes, 30);
+        }
         for (r = 0; r < 3; r++) {
-            if (kind == FAIL_KILL && r == 2) CHECK(codes[r] == -SIGKILL, "victim killed (%d)", codes[r]);
+            if (kind == FAIL_KILL && r == 2) CHECK(codes[r] == T_KILLED, "victim killed (%d)", codes[r]);
             else CHECK(codes[r] == 0, "rank %d exited %d", r, codes[r]);
         }
         CHECK(took < 15, "whole case took %.1f s", took);
@@ -380,7 +383,7 @@ static void test_failures(void) {
 
 /* a slow but steady peer (each bucket within the timeout, the whole step
    longer than it) is not a failure */
-static int slow_rank(int rank, int world, int port, void *arg) {
+static int slow_rank(int rank, int world, int port, const t_arg *arg) {
     ddp_config c = rank_config(rank, world, port, 2.0);
     ddp_context *ctx;
     int ids[9], p;
@@ -407,7 +410,7 @@ static int slow_rank(int rank, int world, int port, void *arg) {
 
 /* contexts one after another on the same port: each rendezvous finds its
    own store, never the previous context's keys */
-static int sequential_rank(int rank, int world, int port, void *arg) {
+static int sequential_rank(int rank, int world, int port, const t_arg *arg) {
     int k, id;
     (void)arg;
     for (k = 0; k < 3; k++) {
@@ -429,7 +432,7 @@ static void test_sequential_contexts(void) {
     int codes[3], r;
     double took;
     TEST("sequential contexts, same port");
-    took = run_ranks(3, sequential_rank, NULL, codes, 60);
+    took = run_ranks(3, "sequential", NULL, codes, 60);
     for (r = 0; r < 3; r++) CHECK(codes[r] == 0, "rank %d exited %d", r, codes[r]);
     CHECK(took < 8, "took %.1f s", took);
 }
@@ -437,12 +440,38 @@ static void test_sequential_contexts(void) {
 static void test_slow_peer(void) {
     int codes[2];
     TEST("slow but steady peer");
-    run_ranks(2, slow_rank, NULL, codes, 40);
+    run_ranks(2, "slow", NULL, codes, 40);
     CHECK(codes[0] == 0 && codes[1] == 0, "codes %d %d", codes[0], codes[1]);
 }
 
-int main(void) {
-    signal(SIGPIPE, SIG_IGN);
+/* A child: `test_multi --rank NAME RANK WORLD PORT I D` runs one rank. */
+static int rank_main(int argc, char **argv) {
+    static const struct { const char *name; rank_fn fn; } cases[] = {
+        { "collectives", collectives_rank }, { "reducer", reducer_rank }, { "mismatch", mismatch_rank },
+        { "port_in_use", port_in_use_rank }, { "failing", failing_rank }, { "slow", slow_rank },
+        { "sequential", sequential_rank }
+    };
+    t_arg a;
+    size_t k;
+    int code;
+    if (argc != 8) { fprintf(stderr, "usage: test_multi --rank NAME RANK WORLD PORT I D\n"); return 2; }
+    a.i = atoi(argv[6]);
+    a.d = atof(argv[7]);
+    for (k = 0; k < sizeof cases / sizeof cases[0]; k++)
+        if (!strcmp(cases[k].name, argv[2])) {
+            code = cases[k].fn(atoi(argv[3]), atoi(argv[4]), atoi(argv[5]), &a);
+            fflush(stdout);
+            fflush(stderr);
+            return code;
+        }
+    fprintf(stderr, "test_multi: no rank function '%s'\n", argv[2]);
+    return 2;
+}
+
+int main(int argc, char **argv) {
+    t_proc_init(argv[0]);
+    if (ddp__net_start() != 0) { fprintf(stderr, "test_multi: cannot start the sockets layer\n"); return 1; }
+    if (argc > 1 && !strcmp(argv[1], "--rank")) return rank_main(argc, argv);
     test_collectives();
     test_reducer();
     test_mismatch();

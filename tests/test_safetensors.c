@@ -12,8 +12,8 @@
 #define DDP_IMPLEMENTATION
 #include "../ddp.h"
 #include "testing.h"
+#include "testproc.h"
 #include <math.h>
-#include <unistd.h>
 
 /* The model; tests/safetensors_interop.py holds the same table. */
 typedef struct spec { const char *name; ddp_dtype dtype; int ndim; int64_t shape[3]; int plain; } spec;
@@ -280,11 +280,8 @@ static void test_errors(void) {
         CHECK_ERR(ddp_save_safetensors(x, path, NULL), DDP_ERROR_INVALID_ARGUMENT, x, "not valid UTF-8");
         ddp_destroy(x);
     }
-    {   /* nothing is left beside the file: no temporary */
-        char cmd[400];
-        snprintf(cmd, sizeof cmd, "ls %s | grep -c tmp > /dev/null", g_dir);
-        CHECK(system(cmd) != 0, "no temporary file left in %s", g_dir);
-    }
+    /* nothing is left beside the file: no temporary */
+    CHECK(t_dir_count(g_dir, "tmp") == 0, "no temporary file left in %s (%d)", g_dir, t_dir_count(g_dir, "tmp"));
     ddp_destroy(a);
 }
 
@@ -506,17 +503,17 @@ static void test_fuzz(void) {
 
 /* ---- two ranks: rank 0 writes, every rank loads ---- */
 
-#include <sys/wait.h>
-
+/* A free TCP port on the loopback interface (the library's socket vocabulary). */
 static int free_port(void) {
     struct sockaddr_in a;
     socklen_t len = sizeof a;
-    int fd = socket(AF_INET, SOCK_STREAM, 0), port = 0;
+    int fd = ddp__sock_open(AF_INET, SOCK_STREAM, 0), port = 0;
     memset(&a, 0, sizeof a);
     a.sin_family = AF_INET;
     a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    if (bind(fd, (struct sockaddr *)&a, sizeof a) == 0 && getsockname(fd, (struct sockaddr *)&a, &len) == 0) port = ntohs(a.sin_port);
-    close(fd);
+    if (ddp__sock_bind(fd, (struct sockaddr *)&a, sizeof a) == 0 && ddp__sock_name(fd, (struct sockaddr *)&a, &len) == 0)
+        port = ntohs(a.sin_port);
+    ddp__sock_close(fd);
     return port;
 }
 
@@ -547,25 +544,31 @@ static int two_ranks_body(void) {
     return 0;
 }
 
+/* Each rank is a copy of this program: test_safetensors --rank R PORT DIR */
 static void test_two_ranks(void) {
-    pid_t pid[2];
-    int r, st;
+    t_proc procs[2];
+    char sr[2][8], sp[16];
+    int r, left = 2;
+    double t0 = ddp__now();
     TEST("two ranks");
-    g_port = free_port();
+    ddp__net_start();
+    snprintf(sp, sizeof sp, "%d", free_port());
+    ddp__net_stop();
     fflush(stdout);
     fflush(stderr);
     for (r = 0; r < 2; r++) {
-        pid[r] = fork();
-        if (pid[r] == 0) {
-            g_rank = r;
-            g_world = 2;
-            _exit(two_ranks_body());
-        }
+        const char *args[] = { "--rank", sr[r], sp, g_dir, NULL };
+        snprintf(sr[r], sizeof sr[r], "%d", r);
+        CHECK(t_proc_spawn_self(&procs[r], args) == 0, "rank %d started", r);
+    }
+    while (left > 0 && ddp__now() - t0 < 120) {
+        for (r = 0; r < 2; r++)
+            if (!procs[r].done && t_proc_poll(&procs[r])) left--;
+        if (left > 0) ddp__sleep_us(10000);
     }
     for (r = 0; r < 2; r++) {
-        st = -1;
-        waitpid(pid[r], &st, 0);
-        CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0, "rank %d exited with status %d", r, st);
+        if (!procs[r].done) t_proc_kill(&procs[r]);
+        CHECK(procs[r].done && procs[r].code == 0, "rank %d exited with status %d", r, procs[r].code);
     }
 }
 
@@ -591,17 +594,24 @@ static int interop(const char *mode, const char *path) {
 }
 
 int main(int argc, char **argv) {
-    char cmd[300];
+    static const char *const files[] = { "model.safetensors", "bad.safetensors", "fuzz-good.safetensors",
+                                         "fuzz.safetensors", "two.safetensors", NULL };
+    t_proc_init(argv[0]);
+    if (argc == 5 && !strcmp(argv[1], "--rank")) {
+        g_rank = atoi(argv[2]);
+        g_world = 2;
+        g_port = atoi(argv[3]);
+        snprintf(g_dir, sizeof g_dir, "%s", argv[4]);
+        return two_ranks_body();
+    }
     if (argc == 3) return interop(argv[1], argv[2]);
-    snprintf(g_dir, sizeof g_dir, "/tmp/ddp-safetensors-%d", (int)getpid());
-    snprintf(cmd, sizeof cmd, "mkdir -p %s", g_dir);
-    if (system(cmd) != 0) return 2;
+    if (t_make_dir(g_dir, sizeof g_dir, "ddp-safetensors") != 0) { fprintf(stderr, "cannot create %s\n", g_dir); return 2; }
     test_roundtrip();
     test_errors();
     test_malformed();
     test_two_ranks();
     test_fuzz();
-    snprintf(cmd, sizeof cmd, "rm -rf %s", g_dir);
-    if (system(cmd) != 0) return 2;
+    TEST("clean-up");
+    CHECK(t_remove_dir(g_dir, files) == 0, "%s held only the test's own files (%d entries left)", g_dir, t_dir_count(g_dir, ""));
     return t_summary("test_safetensors");
 }

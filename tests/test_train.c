@@ -19,7 +19,7 @@
 #include "testing.h"
 #include <math.h>
 
-enum { IN = 5, OUT = 3, NW = IN * OUT, ROWS = 4, MAXW = 8 };
+enum { NIN = 5, NOUT = 3, NW = NIN * NOUT, ROWS = 4, MAXW = 8 };
 
 static int g_rank, g_world;
 
@@ -30,15 +30,15 @@ static double tval(long row, int o) { return cos(0.3 * (double)row + o) * 0.5; }
 static void grad_rows(const double *W, const double *b, long row0, int n, double *gw, double *gb) {
     int r, o, k;
     for (k = 0; k < NW; k++) gw[k] = 0;
-    for (o = 0; o < OUT; o++) gb[o] = 0;
+    for (o = 0; o < NOUT; o++) gb[o] = 0;
     for (r = 0; r < n; r++) {
         long row = row0 + r;
-        for (o = 0; o < OUT; o++) {
+        for (o = 0; o < NOUT; o++) {
             double y = b[o], e;
-            for (k = 0; k < IN; k++) y += W[o * IN + k] * xval(row, k);
+            for (k = 0; k < NIN; k++) y += W[o * NIN + k] * xval(row, k);
             e = (y - tval(row, o)) / n;
             gb[o] += e;
-            for (k = 0; k < IN; k++) gw[o * IN + k] += e * xval(row, k);
+            for (k = 0; k < NIN; k++) gw[o * NIN + k] += e * xval(row, k);
         }
     }
 }
@@ -46,14 +46,14 @@ static void grad_rows(const double *W, const double *b, long row0, int n, double
 /* The library side: this rank's gradient of its rows, added into the
    context's gradient buffers (as a backward does), marking both ready. */
 static ddp_result backward(ddp_context *ctx, int idw, int idb, long row0, int n) {
-    double W[NW], b[OUT], gw[NW], gb[OUT];
+    double W[NW], b[NOUT], gw[NW], gb[NOUT];
     const float *pw = (const float *)ddp_param_data(ctx, idw), *pb = (const float *)ddp_param_data(ctx, idb);
     float *qw = (float *)ddp_param_grad(ctx, idw), *qb = (float *)ddp_param_grad(ctx, idb);
     int k;
     for (k = 0; k < NW; k++) W[k] = pw[k];
-    for (k = 0; k < OUT; k++) b[k] = pb[k];
+    for (k = 0; k < NOUT; k++) b[k] = pb[k];
     grad_rows(W, b, row0, n, gw, gb);
-    for (k = 0; k < OUT; k++) qb[k] += (float)gb[k];
+    for (k = 0; k < NOUT; k++) qb[k] += (float)gb[k];
     DDP__TRY(ddp_mark_ready(ctx, idb));
     for (k = 0; k < NW; k++) qw[k] += (float)gw[k];
     return ddp_mark_ready(ctx, idw);
@@ -62,13 +62,13 @@ static ddp_result backward(ddp_context *ctx, int idw, int idb, long row0, int n)
 static void init_weights(float *w, float *b) {
     int k;
     for (k = 0; k < NW; k++) w[k] = (float)(0.3 * sin(1.7 * k + 0.2));
-    for (k = 0; k < OUT; k++) b[k] = (float)(0.1 * k - 0.05);
+    for (k = 0; k < NOUT; k++) b[k] = (float)(0.1 * k - 0.05);
 }
 
 static ddp_context *make_model(ddp_config *c, int *idw, int *idb) {
     ddp_context *ctx = NULL;
-    float w[NW], b[OUT];
-    int64_t shape[2] = { OUT, IN };
+    float w[NW], b[NOUT];
+    int64_t shape[2] = { NOUT, NIN };
     ddp_result r;
     c->timeout_s = 30;
     c->first_bucket_bytes = 16; /* one bucket per parameter: several collectives per step */
@@ -77,7 +77,7 @@ static ddp_context *make_model(ddp_config *c, int *idw, int *idb) {
     if (r != DDP_SUCCESS) { fprintf(stderr, "ddp_create: %s: %s\n", ddp_result_string(r), ddp_create_error()); exit(2); }
     init_weights(w, b);
     if (ddp_register_param_shape(ctx, "fc.weight", 2, shape, DDP_F32, w, idw) != DDP_SUCCESS ||
-        ddp_register_param(ctx, "fc.bias", OUT, DDP_F32, b, idb) != DDP_SUCCESS ||
+        ddp_register_param(ctx, "fc.bias", NOUT, DDP_F32, b, idb) != DDP_SUCCESS ||
         ddp_finalize(ctx) != DDP_SUCCESS) {
         fprintf(stderr, "model: %s\n", ddp_last_error(ctx));
         exit(2);
@@ -90,12 +90,12 @@ static double rel_diff(const float *aw, const float *ab, const double *rw, const
     double d = 0, m = 1e-30;
     int k;
     for (k = 0; k < NW; k++) { double e = fabs(aw[k] - rw[k]); if (e > d || e != e) d = e != e ? 1e30 : e; if (fabs(rw[k]) > m) m = fabs(rw[k]); }
-    for (k = 0; k < OUT; k++) { double e = fabs(ab[k] - rb[k]); if (e > d || e != e) d = e != e ? 1e30 : e; if (fabs(rb[k]) > m) m = fabs(rb[k]); }
+    for (k = 0; k < NOUT; k++) { double e = fabs(ab[k] - rb[k]); if (e > d || e != e) d = e != e ? 1e30 : e; if (fabs(rb[k]) > m) m = fabs(rb[k]); }
     return d / m;
 }
 
 /* PyTorch's SGD in double (momentum, dampening 0, nesterov, weight decay) */
-typedef struct ref_sgd { double lr, momentum, wd; int nesterov; double buf[NW + OUT]; long t; } ref_sgd;
+typedef struct ref_sgd { double lr, momentum, wd; int nesterov; double buf[NW + NOUT]; long t; } ref_sgd;
 static void ref_sgd_step(ref_sgd *o, double *p, const double *g, int n) {
     int i;
     o->t++;
@@ -133,17 +133,17 @@ static int accum_fb(ddp_context *ctx, void *user, int m, float *loss) {
 }
 
 /* the reference: reduced part, every rank's local part, PyTorch's rule */
-typedef struct acc_ref { double acc[NW + OUT], loc[MAXW][NW + OUT]; } acc_ref;
+typedef struct acc_ref { double acc[NW + NOUT], loc[MAXW][NW + NOUT]; } acc_ref;
 
 static void ref_micro(acc_ref *a, const double *p, long micro, int synced, double factor) {
     int q, i;
     for (q = 0; q < g_world; q++) {
-        double g[NW + OUT];
+        double g[NW + NOUT];
         grad_rows(p, p + NW, micro_row(micro, q), ROWS, g, g + NW);
-        for (i = 0; i < NW + OUT; i++) a->loc[q][i] += g[i];
+        for (i = 0; i < NW + NOUT; i++) a->loc[q][i] += g[i];
     }
     if (!synced) return;
-    for (i = 0; i < NW + OUT; i++) {
+    for (i = 0; i < NW + NOUT; i++) {
         double s = 0;
         for (q = 0; q < g_world; q++) { s += a->loc[q][i]; a->loc[q][i] = 0; }
         a->acc[i] += factor * s;
@@ -152,10 +152,10 @@ static void ref_micro(acc_ref *a, const double *p, long micro, int synced, doubl
 
 /* what this rank's gradient buffer must show now */
 static double check_visible(ddp_context *ctx, int idw, int idb, const acc_ref *a) {
-    double ew[NW], eb[OUT];
+    double ew[NW], eb[NOUT];
     int i;
     for (i = 0; i < NW; i++) ew[i] = a->acc[i] + a->loc[g_rank][i];
-    for (i = 0; i < OUT; i++) eb[i] = a->acc[NW + i] + a->loc[g_rank][NW + i];
+    for (i = 0; i < NOUT; i++) eb[i] = a->acc[NW + i] + a->loc[g_rank][NW + i];
     return rel_diff((const float *)ddp_param_grad(ctx, idw), (const float *)ddp_param_grad(ctx, idb), ew, eb);
 }
 
@@ -165,8 +165,8 @@ static void run_pattern(const pattern *pt) {
     accum_job j;
     acc_ref a;
     ref_sgd o;
-    double p[NW + OUT], worst_grad = 0, worst_w = 0;
-    float w0[NW], b0[OUT];
+    double p[NW + NOUT], worst_grad = 0, worst_w = 0;
+    float w0[NW], b0[NOUT];
     int s, i, steps = 3;
     memset(&c, 0, sizeof c);
     c.optimizer = ddp_optimizer_defaults(DDP_OPTIM_SGD);
@@ -182,7 +182,7 @@ static void run_pattern(const pattern *pt) {
     o.lr = 0.1; o.momentum = 0.9; o.nesterov = 1; o.wd = 1e-2;
     init_weights(w0, b0);
     for (i = 0; i < NW; i++) p[i] = w0[i];
-    for (i = 0; i < OUT; i++) p[NW + i] = b0[i];
+    for (i = 0; i < NOUT; i++) p[NW + i] = b0[i];
     for (s = 0; s < steps; s++) {
         const char *k;
         double factor = pt->gradient_sum ? 1.0 : 1.0 / g_world;
@@ -207,7 +207,7 @@ static void run_pattern(const pattern *pt) {
             if (r != DDP_SUCCESS) { ddp_destroy(ctx); return; }
             if (*k == 'T') {
                 /* the optimizer already ran: compare the weights */
-                ref_sgd_step(&o, p, a.acc, NW + OUT);
+                ref_sgd_step(&o, p, a.acc, NW + NOUT);
                 memset(&a, 0, sizeof a);
             } else {
                 double d = check_visible(ctx, j.idw, j.idb, &a);
@@ -217,7 +217,7 @@ static void run_pattern(const pattern *pt) {
         if (strchr(pt->seq, 'T') == NULL) {
             ddp_result r = ddp_optimizer_step(ctx);
             CHECK(r == DDP_SUCCESS, "%s: optimizer step %d: %s", pt->name, s, ddp_last_error(ctx));
-            ref_sgd_step(&o, p, a.acc, NW + OUT);
+            ref_sgd_step(&o, p, a.acc, NW + NOUT);
             memset(&a, 0, sizeof a);
         }
         {
@@ -262,14 +262,14 @@ static int step_fb(ddp_context *ctx, void *user, int m, float *loss) {
 
 /* PyTorch's SGD (momentum, no dampening) or AdamW in double, with a
    per-element lr and weight decay (what param_groups give) */
-typedef struct ref_opt { int adamw; double m[NW + OUT], v[NW + OUT]; long t; } ref_opt;
+typedef struct ref_opt { int adamw; double m[NW + NOUT], v[NW + NOUT]; long t; } ref_opt;
 static void ref_opt_step(ref_opt *o, double *p, const double *g, const double *lr, const double *wd) {
     int i;
     double bc1, bc2;
     o->t++;
     bc1 = 1 - pow(0.9, (double)o->t);
     bc2 = 1 - pow(0.999, (double)o->t);
-    for (i = 0; i < NW + OUT; i++) {
+    for (i = 0; i < NW + NOUT; i++) {
         if (o->adamw) {
             p[i] *= 1 - lr[i] * wd[i];
             o->m[i] = 0.9 * o->m[i] + (1 - 0.9) * g[i];
@@ -290,10 +290,10 @@ static void run_groups(ddp_optimizer type, double lr_w, int steps) {
     ddp_param_options ow, ob;
     step_job j;
     ref_opt rg, rp;
-    double p[NW + OUT], plain[NW + OUT], g[NW + OUT], lr_g[NW + OUT], wd_g[NW + OUT], lr_p[NW + OUT], wd_p[NW + OUT];
+    double p[NW + NOUT], plain[NW + NOUT], g[NW + NOUT], lr_g[NW + NOUT], wd_g[NW + NOUT], lr_p[NW + NOUT], wd_p[NW + NOUT];
     double d, effect = 0;
-    float w[NW], b[OUT];
-    int64_t shape[2] = { OUT, IN };
+    float w[NW], b[NOUT];
+    int64_t shape[2] = { NOUT, NIN };
     int s, i, idw, idb;
     ddp_result r;
     char name[64];
@@ -308,7 +308,7 @@ static void run_groups(ddp_optimizer type, double lr_w, int steps) {
     if (ddp_create(&c, &ctx) != DDP_SUCCESS) { fprintf(stderr, "%s\n", ddp_create_error()); exit(2); }
     init_weights(w, b);
     ddp_register_param_shape(ctx, "fc.weight", 2, shape, DDP_F32, w, &idw);
-    ddp_register_param(ctx, "fc.bias", OUT, DDP_F32, b, &idb);
+    ddp_register_param(ctx, "fc.bias", NOUT, DDP_F32, b, &idb);
     /* the options go between registration and ddp_finalize() */
     memset(&ow, 0, sizeof ow);
     ow.lr_scale = lr_w;
@@ -322,7 +322,7 @@ static void run_groups(ddp_optimizer type, double lr_w, int steps) {
     memset(&rg, 0, sizeof rg);
     memset(&rp, 0, sizeof rp);
     rg.adamw = rp.adamw = type == DDP_OPTIM_ADAMW;
-    for (i = 0; i < NW + OUT; i++) {
+    for (i = 0; i < NW + NOUT; i++) {
         p[i] = plain[i] = i < NW ? w[i] : b[i - NW];
         lr_g[i] = i < NW ? 0.05 * (lr_w ? lr_w : 1.0) : 0.05;
         wd_g[i] = i < NW ? 0.2 : 0.0;
@@ -341,7 +341,7 @@ static void run_groups(ddp_optimizer type, double lr_w, int steps) {
         ref_opt_step(&rp, plain, g, lr_p, wd_p);
     }
     d = rel_diff((const float *)ddp_param_data(ctx, idw), (const float *)ddp_param_data(ctx, idb), p, p + NW);
-    for (i = 0; i < NW + OUT; i++) if (fabs(p[i] - plain[i]) > effect) effect = fabs(p[i] - plain[i]);
+    for (i = 0; i < NW + NOUT; i++) if (fabs(p[i] - plain[i]) > effect) effect = fabs(p[i] - plain[i]);
     CHECK(d <= 1e-5, "%s: weights differ from the reference by %.3g", name, d);
     CHECK(effect > 1e-3, "%s: the groups change the result (by %.3g)", name, effect);
     if (g_rank == 0) printf("%-32s world=%d diff=%.2g effect_of_groups=%.2g\n", name, g_world, d, effect);
@@ -362,7 +362,7 @@ static void groups_mismatch(void) {
     c.optimizer = ddp_optimizer_defaults(DDP_OPTIM_ADAMW);
     if (ddp_create(&c, &ctx) != DDP_SUCCESS) { fprintf(stderr, "%s\n", ddp_create_error()); exit(2); }
     ddp_register_param(ctx, "fc.weight", NW, DDP_F32, NULL, &idw);
-    ddp_register_param(ctx, "fc.bias", OUT, DDP_F32, NULL, &idb);
+    ddp_register_param(ctx, "fc.bias", NOUT, DDP_F32, NULL, &idb);
     memset(&o, 0, sizeof o);
     o.no_weight_decay = g_rank != 1;
     CHECK_OK(ddp_set_param_options(ctx, idb, &o), ctx);
@@ -522,14 +522,14 @@ typedef struct resume_job { int idw, idb; long step; } resume_job;
 /* the gradient of S * loss, with an inf on the last rank at steps 4 and 9 */
 static int resume_fb(ddp_context *ctx, void *user, int m, float *loss) {
     resume_job *j = (resume_job *)user;
-    double W[NW], b[OUT], gw[NW], gb[OUT], S = ddp_loss_scale(ctx);
+    double W[NW], b[NOUT], gw[NW], gb[NOUT], S = ddp_loss_scale(ctx);
     const float *pw = (const float *)ddp_param_data(ctx, j->idw), *pb = (const float *)ddp_param_data(ctx, j->idb);
     float *qw = (float *)ddp_param_grad(ctx, j->idw), *qb = (float *)ddp_param_grad(ctx, j->idb);
     int k;
     for (k = 0; k < NW; k++) W[k] = pw[k];
-    for (k = 0; k < OUT; k++) b[k] = pb[k];
+    for (k = 0; k < NOUT; k++) b[k] = pb[k];
     grad_rows(W, b, ((j->step * 2 + m) * g_world + g_rank) * ROWS, ROWS, gw, gb);
-    for (k = 0; k < OUT; k++) qb[k] += (float)(S * gb[k]);
+    for (k = 0; k < NOUT; k++) qb[k] += (float)(S * gb[k]);
     if ((j->step == 4 || j->step == 9) && g_rank == g_world - 1 && m == 1) qb[1] = (float)HUGE_VAL;
     if (ddp_mark_ready(ctx, j->idb) != DDP_SUCCESS) return 1;
     for (k = 0; k < NW; k++) qw[k] += (float)(S * gw[k]);
@@ -541,8 +541,8 @@ static ddp_context *resume_model(const ddp_schedule_desc *sd, resume_job *j) {
     ddp_config c;
     ddp_context *ctx;
     ddp_param_options o;
-    float w[NW], b[OUT];
-    int64_t shape[2] = { OUT, IN };
+    float w[NW], b[NOUT];
+    int64_t shape[2] = { NOUT, NIN };
     memset(&c, 0, sizeof c);
     c.timeout_s = 30;
     c.optimizer = ddp_optimizer_defaults(DDP_OPTIM_ADAMW);
@@ -555,7 +555,7 @@ static ddp_context *resume_model(const ddp_schedule_desc *sd, resume_job *j) {
     if (ddp_create(&c, &ctx) != DDP_SUCCESS) { fprintf(stderr, "%s\n", ddp_create_error()); exit(2); }
     init_weights(w, b);
     ddp_register_param_shape(ctx, "fc.weight", 2, shape, DDP_F32, w, &j->idw);
-    ddp_register_param(ctx, "fc.bias", OUT, DDP_F32, b, &j->idb);
+    ddp_register_param(ctx, "fc.bias", NOUT, DDP_F32, b, &j->idb);
     memset(&o, 0, sizeof o);
     o.lr_scale = 0.5;
     ddp_set_param_options(ctx, j->idw, &o);
@@ -583,14 +583,18 @@ static void resume_case(const char *name, const ddp_schedule_desc *sd) {
     ddp_context *a, *b;
     resume_job ja, jb;
     double lra[T], lrb[T];
-    unsigned char pa[(NW + OUT) * 4], pb[(NW + OUT) * 4];
+    unsigned char pa[(NW + NOUT) * 4], pb[(NW + NOUT) * 4];
     int s, same_lr = 1;
     TEST(name);
-    snprintf(path, sizeof path, "/tmp/ddp_test_resume_%s_%d.ckpt", port ? port : "0", (int)sd->type);
+    {   /* one path for every rank of this job (rank 0 writes, all read) */
+        char name[64];
+        snprintf(name, sizeof name, "ddp_test_resume_%s_%d.ckpt", port ? port : "0", (int)sd->type);
+        t_temp_dir_path(path, sizeof path, name);
+    }
     a = resume_model(sd, &ja);
     resume_steps(a, &ja, 0, T, lra);
     memcpy(pa, ddp_param_data(a, ja.idw), NW * 4);
-    memcpy(pa + NW * 4, ddp_param_data(a, ja.idb), OUT * 4);
+    memcpy(pa + NW * 4, ddp_param_data(a, ja.idb), NOUT * 4);
     /* the interrupted run: T1 steps, save, a new context, load, the rest */
     b = resume_model(sd, &jb);
     resume_steps(b, &jb, 0, T1, lrb);
@@ -601,7 +605,7 @@ static void resume_case(const char *name, const ddp_schedule_desc *sd) {
     CHECK(ddp_get_lr(b) == lra[T1] && ddp_loss_scale(b) != 256, "restored: lr %g (want %g), loss scale %g", ddp_get_lr(b), lra[T1], ddp_loss_scale(b));
     resume_steps(b, &jb, T1, T, lrb);
     memcpy(pb, ddp_param_data(b, jb.idw), NW * 4);
-    memcpy(pb + NW * 4, ddp_param_data(b, jb.idb), OUT * 4);
+    memcpy(pb + NW * 4, ddp_param_data(b, jb.idb), NOUT * 4);
     for (s = 0; s < T; s++) same_lr &= lra[s] == lrb[s];
     CHECK(same_lr, "%s: the lr of every step is the same", name);
     CHECK(memcmp(pa, pb, sizeof pa) == 0, "%s: the resumed run is bit-identical to the uninterrupted one", name);
@@ -643,9 +647,9 @@ static double loss_rows(const double *W, const double *b, long row0, int n) {
     double l = 0;
     int r, o, k;
     for (r = 0; r < n; r++)
-        for (o = 0; o < OUT; o++) {
+        for (o = 0; o < NOUT; o++) {
             double y = b[o];
-            for (k = 0; k < IN; k++) y += W[o * IN + k] * xval(row0 + r, k);
+            for (k = 0; k < NIN; k++) y += W[o * NIN + k] * xval(row0 + r, k);
             l += 0.5 * (y - tval(row0 + r, o)) * (y - tval(row0 + r, o)) / n;
         }
     return l;
@@ -658,11 +662,11 @@ typedef struct join_job { int idw, idb, phase; long t; int micro; } join_job;
 
 static int join_fb(ddp_context *ctx, void *user, int m, float *loss) {
     join_job *j = (join_job *)user;
-    double W[NW], b[OUT];
+    double W[NW], b[NOUT];
     const float *pw = (const float *)ddp_param_data(ctx, j->idw), *pb = (const float *)ddp_param_data(ctx, j->idb);
     int k;
     for (k = 0; k < NW; k++) W[k] = pw[k];
-    for (k = 0; k < OUT; k++) b[k] = pb[k];
+    for (k = 0; k < NOUT; k++) b[k] = pb[k];
     *loss = (float)loss_rows(W, b, join_row(j->phase, j->t, m, g_rank), ROWS);
     return backward(ctx, j->idw, j->idb, join_row(j->phase, j->t, m, g_rank), ROWS) == DDP_SUCCESS ? 0 : 1;
 }
@@ -671,7 +675,7 @@ static int join_fb(ddp_context *ctx, void *user, int m, float *loss) {
    mean gradients over `micro` micro-steps, divided by the contributors (or
    the world), then AdamW. Returns the mean loss over contributors. */
 static double join_ref_step(ref_opt *o, double *p, int phase, long t, int micro, int by_world, const int *has) {
-    double g[NW + OUT], acc[NW + OUT], lr[NW + OUT], wd[NW + OUT], loss = 0;
+    double g[NW + NOUT], acc[NW + NOUT], lr[NW + NOUT], wd[NW + NOUT], loss = 0;
     int q, m, i, n = 0;
     memset(acc, 0, sizeof acc);
     for (q = 0; q < g_world; q++) {
@@ -680,10 +684,10 @@ static double join_ref_step(ref_opt *o, double *p, int phase, long t, int micro,
         for (m = 0; m < micro; m++) {
             grad_rows(p, p + NW, join_row(phase, t, m, q), ROWS, g, g + NW);
             loss += loss_rows(p, p + NW, join_row(phase, t, m, q), ROWS) / micro;
-            for (i = 0; i < NW + OUT; i++) acc[i] += g[i] / micro;
+            for (i = 0; i < NW + NOUT; i++) acc[i] += g[i] / micro;
         }
     }
-    for (i = 0; i < NW + OUT; i++) { acc[i] /= by_world ? g_world : n; lr[i] = 0.01; wd[i] = 0.01; }
+    for (i = 0; i < NW + NOUT; i++) { acc[i] /= by_world ? g_world : n; lr[i] = 0.01; wd[i] = 0.01; }
     ref_opt_step(o, p, acc, lr, wd);
     return loss / n;
 }
@@ -693,8 +697,8 @@ static void join_case(int train_step, int by_world) {
     ddp_context *ctx;
     join_job j;
     ref_opt ro;
-    double p[NW + OUT], worst_loss = 0, longest = 0, t0, d;
-    float w[NW], b[OUT];
+    double p[NW + NOUT], worst_loss = 0, longest = 0, t0, d;
+    float w[NW], b[NOUT];
     int mine = batches_of(g_rank), most = 0, q, i, has[MAXW];
     long t;
     char name[96];
@@ -713,7 +717,7 @@ static void join_case(int train_step, int by_world) {
     ro.adamw = 1;
     init_weights(w, b);
     for (i = 0; i < NW; i++) p[i] = w[i];
-    for (i = 0; i < OUT; i++) p[NW + i] = b[i];
+    for (i = 0; i < NOUT; i++) p[NW + i] = b[i];
     j.phase = 0;
     j.micro = train_step ? 2 : 1;
     t0 = ddp__now();
@@ -797,13 +801,13 @@ typedef struct torch_job { int idw, idb; ddp_dtype dt; long step; } torch_job;
 
 static int torch_fb(ddp_context *ctx, void *user, int m, float *loss) {
     torch_job *j = (torch_job *)user;
-    double W[NW], b[OUT], gw[NW], gb[OUT];
+    double W[NW], b[NOUT], gw[NW], gb[NOUT];
     int k;
     (void)m;
     for (k = 0; k < NW; k++) W[k] = j->dt == DDP_F64 ? ((double *)ddp_param_data(ctx, j->idw))[k] : ((float *)ddp_param_data(ctx, j->idw))[k];
-    for (k = 0; k < OUT; k++) b[k] = j->dt == DDP_F64 ? ((double *)ddp_param_data(ctx, j->idb))[k] : ((float *)ddp_param_data(ctx, j->idb))[k];
+    for (k = 0; k < NOUT; k++) b[k] = j->dt == DDP_F64 ? ((double *)ddp_param_data(ctx, j->idb))[k] : ((float *)ddp_param_data(ctx, j->idb))[k];
     grad_rows(W, b, (j->step * g_world + g_rank) * ROWS, ROWS, gw, gb);
-    for (k = 0; k < OUT; k++) {
+    for (k = 0; k < NOUT; k++) {
         if (j->dt == DDP_F64) ((double *)ddp_param_grad(ctx, j->idb))[k] += gb[k];
         else ((float *)ddp_param_grad(ctx, j->idb))[k] += (float)gb[k];
     }
@@ -827,9 +831,9 @@ static void mode_torch(const char *dump) {
         ddp_context *ctx;
         ddp_param_options o;
         torch_job j;
-        float w32[NW], b32[OUT];
-        double w64[NW], b64[OUT], out[NW + OUT];
-        int64_t shape[2] = { OUT, IN };
+        float w32[NW], b32[NOUT];
+        double w64[NW], b64[NOUT], out[NW + NOUT];
+        int64_t shape[2] = { NOUT, NIN };
         int i;
         memset(&c, 0, sizeof c);
         c.timeout_s = 30;
@@ -855,9 +859,9 @@ static void mode_torch(const char *dump) {
         if (ddp_create(&c, &ctx) != DDP_SUCCESS) { fprintf(stderr, "%s\n", ddp_create_error()); exit(2); }
         init_weights(w32, b32);
         for (i = 0; i < NW; i++) w64[i] = w32[i];
-        for (i = 0; i < OUT; i++) b64[i] = b32[i];
+        for (i = 0; i < NOUT; i++) b64[i] = b32[i];
         ddp_register_param_shape(ctx, "fc.weight", 2, shape, tc->dt, tc->dt == DDP_F64 ? (void *)w64 : (void *)w32, &j.idw);
-        ddp_register_param(ctx, "fc.bias", OUT, tc->dt, tc->dt == DDP_F64 ? (void *)b64 : (void *)b32, &j.idb);
+        ddp_register_param(ctx, "fc.bias", NOUT, tc->dt, tc->dt == DDP_F64 ? (void *)b64 : (void *)b32, &j.idb);
         memset(&o, 0, sizeof o);
         o.lr_scale = 0.5;
         ddp_set_param_options(ctx, j.idw, &o);
@@ -868,8 +872,8 @@ static void mode_torch(const char *dump) {
         j.dt = tc->dt;
         for (j.step = 0; j.step < 14; j.step++) CHECK_OK(ddp_train_step(ctx, torch_fb, &j, 1, NULL), ctx);
         for (i = 0; i < NW; i++) out[i] = tc->dt == DDP_F64 ? ((double *)ddp_param_data(ctx, j.idw))[i] : ((float *)ddp_param_data(ctx, j.idw))[i];
-        for (i = 0; i < OUT; i++) out[NW + i] = tc->dt == DDP_F64 ? ((double *)ddp_param_data(ctx, j.idb))[i] : ((float *)ddp_param_data(ctx, j.idb))[i];
-        if (f) fwrite(out, sizeof out[0], NW + OUT, f);
+        for (i = 0; i < NOUT; i++) out[NW + i] = tc->dt == DDP_F64 ? ((double *)ddp_param_data(ctx, j.idb))[i] : ((float *)ddp_param_data(ctx, j.idb))[i];
+        if (f) fwrite(out, sizeof out[0], NW + NOUT, f);
         ddp_destroy(ctx);
     }
     if (f) fclose(f);

@@ -230,8 +230,11 @@ static void mode_equiv(void) {
         size_t pad;
         int same;
         TEST(zc->name);
-        snprintf(pa, sizeof pa, "/tmp/ddp_test_zero_%s_%d_plain.ckpt", port ? port : "0", k);
-        snprintf(pb, sizeof pb, "/tmp/ddp_test_zero_%s_%d_zero.ckpt", port ? port : "0", k);
+        char na[128], nb[128];
+        snprintf(na, sizeof na, "ddp_test_zero_%s_%d_plain.ckpt", port ? port : "0", k);
+        snprintf(nb, sizeof nb, "ddp_test_zero_%s_%d_zero.ckpt", port ? port : "0", k);
+        t_temp_dir_path(pa, sizeof pa, na);
+        t_temp_dir_path(pb, sizeof pb, nb);
         run(zc, 0, NULL, 0, K, pa, &g_a);
         run(zc, 1, NULL, 0, K, pb, &g_b);
         same = same_result(&g_a, &g_b, zc);
@@ -315,10 +318,10 @@ static void mode_errors(void) {
     c.uneven_inputs = 1;
     CHECK_ERR(ddp_create(&c, &ctx), DDP_ERROR_UNSUPPORTED, NULL, "uneven_inputs");
     c.uneven_inputs = 0;
-    setenv("DDP_ZERO_STAGE", "3", 1);
+    t_setenv("DDP_ZERO_STAGE", "3");
     c.zero_stage = 0;
     CHECK_ERR(ddp_create(&c, &ctx), DDP_ERROR_ENVIRONMENT, NULL, "DDP_ZERO_STAGE");
-    unsetenv("DDP_ZERO_STAGE");
+    t_unsetenv("DDP_ZERO_STAGE");
     CHECK(ctx == NULL, "no context");
 }
 

@@ -6,6 +6,15 @@
 #include <stdio.h>
 #include <string.h>
 #include <stdlib.h>
+#if defined(_WIN32)
+#  include <process.h>
+#  include <direct.h>
+#  include <io.h>
+#else
+#  include <unistd.h>
+#  include <dirent.h>
+#  include <sys/stat.h>
+#endif
 
 static int t_pass = 0, t_fail = 0;
 static const char *t_name = "";
@@ -30,6 +39,111 @@ static const char *t_name = "";
 } while (0)
 
 #define TEST(name) t_name = name
+
+/* ---- the little the tests need from the OS (POSIX and Windows) ---- */
+
+#if defined(__GNUC__) || defined(__clang__)
+#  define T_UNUSED __attribute__((unused))
+#else
+#  define T_UNUSED
+#endif
+
+T_UNUSED static int t_setenv(const char *name, const char *value) {
+#if defined(_WIN32)
+    return _putenv_s(name, value);
+#else
+    return setenv(name, value, 1);
+#endif
+}
+
+T_UNUSED static int t_unsetenv(const char *name) {
+#if defined(_WIN32)
+    return _putenv_s(name, ""); /* an empty value removes it */
+#else
+    return unsetenv(name);
+#endif
+}
+
+T_UNUSED static int t_getpid(void) {
+#if defined(_WIN32)
+    return _getpid();
+#else
+    return (int)getpid();
+#endif
+}
+
+/* A path for a temporary file named `name` in the temporary directory
+   (TEMP on Windows, TMPDIR or /tmp elsewhere): the same in every process. */
+T_UNUSED static void t_temp_dir_path(char *out, size_t cap, const char *name) {
+#if defined(_WIN32)
+    const char *d = getenv("TEMP");
+    if (!d || !*d) d = getenv("TMP");
+    if (!d || !*d) d = ".";
+    if (snprintf(out, cap, "%s\\%s", d, name) >= (int)cap) out[0] = 0; /* too long: "" fails loudly */
+#else
+    const char *d = getenv("TMPDIR");
+    if (!d || !*d) d = "/tmp";
+    if (snprintf(out, cap, "%s/%s", d, name) >= (int)cap) out[0] = 0; /* too long: "" fails loudly */
+#endif
+}
+
+/* A path for a temporary file named `name` plus this process's id. */
+T_UNUSED static void t_temp_path(char *out, size_t cap, const char *name) {
+    char n[512];
+    if (snprintf(n, sizeof n, "%s_%d", name, t_getpid()) >= (int)sizeof n) n[0] = 0;
+    t_temp_dir_path(out, cap, n);
+}
+
+/* A private directory for a test's files: t_temp_path(name) made a directory. 0 on success. */
+T_UNUSED static int t_make_dir(char *out, size_t cap, const char *name) {
+    t_temp_path(out, cap, name);
+#if defined(_WIN32)
+    return _mkdir(out);
+#else
+    return mkdir(out, 0700);
+#endif
+}
+
+/* Entries of directory dir whose name contains needle ("" for all; "." and
+   ".." never count); -1 when dir cannot be read. */
+T_UNUSED static int t_dir_count(const char *dir, const char *needle) {
+    int n = 0;
+#if defined(_WIN32)
+    char pat[4096];
+    struct _finddata_t fd;
+    intptr_t h;
+    snprintf(pat, sizeof pat, "%s\\*", dir);
+    h = _findfirst(pat, &fd);
+    if (h == -1) return -1;
+    do {
+        if (strcmp(fd.name, ".") && strcmp(fd.name, "..") && strstr(fd.name, needle)) n++;
+    } while (_findnext(h, &fd) == 0);
+    _findclose(h);
+#else
+    DIR *d = opendir(dir);
+    struct dirent *e;
+    if (!d) return -1;
+    while ((e = readdir(d)) != NULL)
+        if (strcmp(e->d_name, ".") && strcmp(e->d_name, "..") && strstr(e->d_name, needle)) n++;
+    closedir(d);
+#endif
+    return n;
+}
+
+/* Remove dir after the files named in names (NULL-terminated): 0 when dir
+   is gone, -1 when it held anything else (or could not be removed). */
+T_UNUSED static int t_remove_dir(const char *dir, const char *const *names) {
+    char path[4096];
+    for (; *names; names++) {
+        snprintf(path, sizeof path, "%s/%s", dir, *names);
+        remove(path);
+    }
+#if defined(_WIN32)
+    return _rmdir(dir) == 0 ? 0 : -1;
+#else
+    return rmdir(dir) == 0 ? 0 : -1;
+#endif
+}
 
 static int t_summary(const char *suite) {
     printf("%s: %d passed, %d failed\n", suite, t_pass, t_fail);

@@ -2,12 +2,14 @@
 # examples/fashion_mlp --zero trains to the same accuracy as without: the
 # ZeRO-1 weights are the unsharded ones, bit for bit, so the result lines
 # must agree to the last digit; and rank 0 holds about half the state.
-#   zero_example.sh DDPRUN FASHION_MLP ARGS...
+#   zero_example.sh EMULATOR DDPRUN FASHION_MLP ARGS...
+# (EMULATOR: empty, or the ;-list that runs a Windows program under Wine)
 set -euo pipefail
-run=$1 bin=$2
-shift 2
-plain=$("$run" -n 2 -- "$bin" "$@")
-zero=$("$run" -n 2 -- "$bin" "$@" --zero)
+IFS=';' read -r -a emu <<< "$1"
+run=$2 bin=$3
+shift 3
+plain=$("${emu[@]}" "$run" -n 2 -- "$bin" "$@")
+zero=$("${emu[@]}" "$run" -n 2 -- "$bin" "$@" --zero)
 echo "$plain"
 echo "$zero"
 a=$(echo "$plain" | grep -o 'result: epochs=[0-9]* test_acc=[0-9.]*')
