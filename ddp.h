@@ -508,7 +508,7 @@
        A rank that skipped a step shows when its collectives stop pairing
        (the step counts then tell which rank is behind). Cost: on shm and
        staged two more barriers per collective through the control segment,
-       on nccl one all-gather of 88 bytes per rank per collective (see
+       on nccl one all-gather of 72 bytes per rank per collective (see
        docs/BENCHMARKS.md). Off by default. Without it nothing is checked,
        and a mismatch still never reads or writes out of bounds: every size
        a rank uses is its own, and what it reads of the others is inside the

@@ -26,12 +26,18 @@
 #include "testing.h"
 #include <math.h>
 
-static int g_rank, g_world, g_detail;
+static int g_rank, g_world, g_detail, g_cases;
 
+/* One context per case, each on a port of its own (MASTER_PORT + 1, + 2,
+   ...): a mismatch breaks a context, so the ranks cannot agree on the end
+   of one before the next starts, and a rank's next client must not reach
+   rank 0's store of the last case while it closes. */
 static ddp_context *make(double timeout) {
     ddp_config c;
     ddp_context *ctx;
+    const char *port = getenv("MASTER_PORT");
     memset(&c, 0, sizeof c);
+    c.master_port = (port ? atoi(port) : 29500) + ++g_cases;
     c.timeout_s = timeout;
     c.connect_timeout_s = 60; /* ranks that timed out in the last case come late */
     c.debug = g_detail ? DDP_DEBUG_DETAIL : DDP_DEBUG_OFF;
