@@ -381,12 +381,14 @@ static int run_scrambled(const char *dims, int batch, double seconds, int reps, 
             mlp_init_params(&m.shape, 1, m.init);
         }
         st[v].ctx = ctx[v];
-        for (k = 0; k < np; k++) {
+        for (k = 0; k < (int)(sizeof scramble / sizeof scramble[0]); k++) {
             char name[32];
+            int id = -1;
             p = scramble[k];
             mlp_param_name(p, name, sizeof name);
-            check(ctx[v], ddp_register_param(ctx[v], name, mlp_param_numel(&m.shape, p), DDP_F32, m.init[p], &st[v].ids[p]),
+            check(ctx[v], ddp_register_param(ctx[v], name, mlp_param_numel(&m.shape, p), DDP_F32, m.init[p], &id),
                   "ddp_register_param");
+            st[v].ids[p] = id;
         }
         check(ctx[v], ddp_finalize(ctx[v]), "ddp_finalize");
     }
