@@ -26,18 +26,19 @@
 #include "testing.h"
 #include <math.h>
 
-static int g_rank, g_world, g_detail, g_cases;
+static int g_rank, g_world, g_detail;
+static ddp_context *g_control; /* never mismatched: the barrier between the cases */
 
-/* One context per case, each on a port of its own (MASTER_PORT + 1, + 2,
-   ...): a mismatch breaks a context, so the ranks cannot agree on the end
-   of one before the next starts, and a rank's next client must not reach
-   rank 0's store of the last case while it closes. */
+/* A case's context, on MASTER_PORT + 1 (the control context holds
+   MASTER_PORT). A mismatch breaks it, so the ranks meet on the control
+   context after destroying it (done): nobody's next client may reach rank
+   0's store of the last case while that closes. */
 static ddp_context *make(double timeout) {
     ddp_config c;
     ddp_context *ctx;
     const char *port = getenv("MASTER_PORT");
     memset(&c, 0, sizeof c);
-    c.master_port = (port ? atoi(port) : 29500) + ++g_cases;
+    c.master_port = (port ? atoi(port) : 29500) + 1;
     c.timeout_s = timeout;
     c.connect_timeout_s = 60; /* ranks that timed out in the last case come late */
     c.debug = g_detail ? DDP_DEBUG_DETAIL : DDP_DEBUG_OFF;
@@ -46,6 +47,11 @@ static ddp_context *make(double timeout) {
     c.optimizer = ddp_optimizer_defaults(DDP_OPTIM_SGD);
     if (ddp_create(&c, &ctx) != DDP_SUCCESS) { fprintf(stderr, "ddp_create: %s\n", ddp_create_error()); exit(2); }
     return ctx;
+}
+
+static void done(ddp_context *ctx) {
+    ddp_destroy(ctx);
+    if (ddp_barrier(g_control) != DDP_SUCCESS) { fprintf(stderr, "control barrier: %s\n", ddp_last_error(g_control)); exit(2); }
 }
 
 /* the result of a mismatch: with fingerprints DDP_ERROR_MISMATCH naming
@@ -75,7 +81,7 @@ static void case_kinds(void) {
     t0 = ddp__now();
     r = g_rank == 0 ? ddp_allreduce(ctx, x, 10, DDP_F32, DDP_OP_SUM) : ddp_broadcast(ctx, x, 10, DDP_F32, 0);
     expect(ctx, r, "kinds", "rank 0 is in ddp_allreduce", "is in ddp_broadcast", ddp__now() - t0);
-    ddp_destroy(ctx);
+    done(ctx);
 }
 
 static void case_counts(void) {
@@ -88,7 +94,7 @@ static void case_counts(void) {
     r = ddp_allreduce(ctx, x, g_rank == 0 ? 10 : 300000, DDP_F32, DDP_OP_SUM);
     expect(ctx, r, "counts", "10 x f32", "300000 x f32", ddp__now() - t0);
     free(x);
-    ddp_destroy(ctx);
+    done(ctx);
 }
 
 static void case_dtypes(void) {
@@ -101,7 +107,7 @@ static void case_dtypes(void) {
     t0 = ddp__now();
     r = ddp_allreduce(ctx, x, 10, g_rank == 0 ? DDP_F32 : DDP_F64, DDP_OP_SUM);
     expect(ctx, r, "dtypes", "10 x f32", "10 x f64", ddp__now() - t0);
-    ddp_destroy(ctx);
+    done(ctx);
 }
 
 static void case_scatter(void) {
@@ -115,7 +121,7 @@ static void case_scatter(void) {
     expect(ctx, r, "scatter", "ddp_reduce_scatter", "ddp_allgather", ddp__now() - t0);
     free(a);
     free(b);
-    ddp_destroy(ctx);
+    done(ctx);
 }
 
 /* steps of a small model; the last rank skips step 2; then a loss all-reduce */
@@ -155,7 +161,7 @@ static void case_skipped(int skip) {
     } else {
         CHECK(r == DDP_SUCCESS, "with fingerprints and no mismatch, the run goes through: %s", ddp_last_error(ctx));
     }
-    ddp_destroy(ctx);
+    done(ctx);
 }
 
 int main(int argc, char **argv) {
@@ -166,12 +172,20 @@ int main(int argc, char **argv) {
     if (argc != 2 || (strcmp(argv[1], "detail") && strcmp(argv[1], "off"))) { fprintf(stderr, "usage: test_debug detail|off\n"); return 2; }
     g_detail = !strcmp(argv[1], "detail");
     if (g_world < 2) { printf("test_debug needs 2 or more ranks\n"); return 77; }
+    {
+        ddp_config c;
+        memset(&c, 0, sizeof c);
+        c.debug = DDP_DEBUG_OFF;
+        c.connect_timeout_s = 60;
+        if (ddp_create(&c, &g_control) != DDP_SUCCESS) { fprintf(stderr, "ddp_create: %s\n", ddp_create_error()); exit(2); }
+    }
     if (g_detail) case_skipped(0);
     case_kinds();
     case_counts();
     case_dtypes();
     case_scatter();
     case_skipped(1);
+    ddp_destroy(g_control); /* the last barrier was done()'s */
     {
         /* the environment variable: a bad value is named */
         ddp_config c;
