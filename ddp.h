@@ -97,8 +97,9 @@
           project's launcher), mpirun or srun set, or from the config. The
           optimizer: cfg.optimizer = ddp_optimizer_defaults(DDP_OPTIM_ADAMW)
           gives PyTorch's defaults; change what you need (OPTIMIZERS). A
-          schedule (cfg.schedule), loss scaling (cfg.loss_scale) and uneven
-          inputs (cfg.uneven_inputs) are further fields.
+          schedule (cfg.schedule), loss scaling (cfg.loss_scale), uneven
+          inputs (cfg.uneven_inputs) and a sharded optimizer
+          (cfg.zero_stage, see ZERO) are further fields.
        2. Register every parameter once, in forward order:
               ddp_register_param(ctx, "fc1.weight", 784*256, DDP_F32, init, &id)
           optionally give it options (no weight decay for biases, an lr
@@ -194,6 +195,46 @@
        norm (torch.nn.utils.clip_grad_norm_: factor
        min(1, max_norm / (norm + 1e-6))); then the update with this step's
        lr (SCHEDULES) times each group's lr_scale (PARAMETER GROUPS).
+
+   ZERO
+
+       ZeRO-1 (DeepSpeed's stage 1, PyTorch's ZeroRedundancyOptimizer):
+       config.zero_stage = 1 on every rank (or DDP_ZERO_STAGE=1 when the
+       field is 0). The optimizer state (SGD momentum, AdamW's m and v, the
+       f32 master weights of 16-bit parameters) is cut into world shards:
+       rank r keeps and updates 1/world of every storage bucket (the layout
+       of the flat buffers; each bucket is padded to a multiple of world *
+       256 bytes so the shards are equal). ddp_optimizer_state_bytes()
+       reports what a rank holds: at most 1/world of the unsharded state
+       plus up to 768 bytes per bucket and state array.
+         - A synced ddp_step_end() reduce-scatters instead of all-reducing:
+           each rank reduces only its shard (on shm it reads every rank's
+           gradients in place and writes only its own buffer). Afterwards
+           ddp_param_grad() holds the averaged gradients in this rank's
+           shard only; elsewhere its content is unspecified. Accumulation
+           (no_sync, ddp_train_step) follows the usual rule on the shard.
+         - ddp_optimizer_step() updates the shard, then all-gathers the
+           parameters: every rank ends the step with all the new weights
+           (shm: each rank writes its shard once into a shared exchange
+           region, one more flat buffer in the gradient segment, and copies
+           the others' from there; nccl: ncclReduceScatter and
+           ncclAllGather in place; staged: the shm exchange through host
+           memory).
+         - Clipping and the loss scaler's inf/NaN check use global values:
+           each rank measures its shard, one small all-reduce (world + 1
+           doubles) combines them. ddp_clip_grad_norm() is then a
+           collective: call it on every rank.
+         - On the CPU the weights are the unsharded optimizer's, bit for
+           bit: every element is summed over the ranks in rank order
+           whoever reduces it, the update is element-wise, and the norm
+           is summed in one fixed order over the shards in both modes.
+           Parameter groups, schedules and loss scaling work as usual.
+         - Checkpoints hold the full state, the same bytes an unsharded run
+           writes (rank 0 gathers the shards, one broadcast per rank and
+           state array); a file loads at any world size with or without
+           ZeRO-1 (each rank keeps its shard).
+       Not with config.uneven_inputs (DDP_ERROR_UNSUPPORTED: a joined rank
+       would have to update its shard in every optimizer step).
 
    PARAMETER GROUPS
 
@@ -303,7 +344,9 @@
        ddp_load_checkpoint_ex(ctx, path, DDP_LOAD_RESET_OPTIMIZER): then the
        weights alone are taken and the training state starts fresh. A file
        saved before the first optimizer step holds "step 0" and loads as a
-       fresh optimizer. A failed load changes nothing.
+       fresh optimizer. A failed load changes nothing. With ZeRO-1 the
+       file holds the full state all the same (see ZERO): files move
+       freely between world sizes and between sharded and unsharded runs.
 
    BACKENDS
 
@@ -333,6 +376,151 @@
        a bucket is marked ready, the bucket is handed to the communication
        thread (or stream), strictly in bucket order, so communication overlaps
        the rest of your backward.
+
+       Learned order. When your backward marks parameters in another order
+       than reverse registration (a model registered out of order, branches),
+       registration-order buckets wait for late parameters and the overlap
+       is lost. So, as PyTorch DDP does, the buckets are rebuilt once, at the
+       end of the first step (synced or not), from the order of that step's
+       ddp_mark_ready() calls, with the same caps; parameters never marked
+       come last, in reverse registration order. Every rank takes rank 0's
+       order (one broadcast at that ddp_step_end); a rank that marked in
+       another order logs a DEBUG line naming the first difference. From
+       the second step on, buckets launch in mark order.
+       What changes is only which parameters a bucket holds and its launch
+       order: parameters do not move. Every pointer from ddp_param_data,
+       ddp_param_grad, ddp_flat_params and ddp_flat_grads stays valid, the
+       optimizer state, the ZeRO-1 shards and checkpoints are untouched
+       (nothing of the order is saved; a resumed run learns it again), and
+       the results are the same bits as with the registration order. A
+       learned bucket may be several ranges of the flat buffers:
+       ddp_bucket_info() gives its span, ddp_bucket_range() the ranges
+       (each reduced in place; a communication hook gets them packed into
+       one span, see COMMUNICATION HOOKS). ddp_param_bucket() and the
+       "launch bucket" DEBUG lines show the learned buckets.
+       config.static_bucket_order = 1 keeps the registration order; with
+       config.uneven_inputs the order is not learned (a rank that joins
+       before its first step would not answer the agreement).
+
+   COMMUNICATION HOOKS
+
+       PyTorch's register_comm_hook: ddp_register_comm_hook(ctx, hook,
+       state) makes every bucket of the following synced steps go through
+       hook instead of the built-in average. The hook gets a
+       ddp_comm_bucket: the gradients as one contiguous span (grad, count,
+       dtype; a bucket of several ranges, see BUCKETS, comes packed in a
+       scratch buffer and goes back after the hook), the factor to apply
+       to the sum over ranks (scale: 1 / world, 1 / (world * K) in
+       ddp_train_step(K), 1 with gradient_sum, 1 / contributors with
+       uneven inputs), rank and world, and the library's collectives on
+       this context's communicator as function pointers (allreduce with an
+       op and a scale applied in the same pass, broadcast, allgather,
+       reduce_scatter, barrier; call them as b->allreduce(b->comm, ...)).
+       It must leave grad holding the reduced gradients times scale (with
+       ZeRO-1 at least on this rank's shard) and return DDP_SUCCESS.
+         - Where it runs: on the communication thread (shm, staged) while
+           your backward goes on, or on your thread for the last bucket and
+           with config.no_comm_thread; on the nccl backend on your thread
+           when the bucket launches (its collectives then wait for
+           themselves: overlap is lost). It may call the collectives it is
+           given, read and write grad and its own memory, and nothing of
+           the public API on this context.
+         - Every rank must run the same hook and call the same collectives
+           in the same order (DDP_DEBUG=detail checks that, see DEBUG MODE).
+         - On the CPU backends an allreduce on grad itself runs in place in
+           the shared gradient segment (no staging copy); other buffers go
+           through staging.
+         - Errors: a hook that returns anything but DDP_SUCCESS fails the
+           step with DDP_ERROR_USER ("communication hook returned N for
+           bucket B on rank R"), and, on the shm and staged backends, every
+           other rank's step fails with DDP_ERROR_USER too, as soon as it
+           waits for that rank (no hang; on nccl the peers fail at the
+           timeout). A collective that fails inside the hook breaks the
+           context with its own error; return it.
+         - GPU contexts: grad is device memory (on_device 1) and stream the
+           communication stream; queue your kernels there. The collectives
+           wait for the stream first.
+       Built-in hooks: ddp_comm_hook_allreduce (the built-in average, the
+       same bits), ddp_comm_hook_bf16 and ddp_comm_hook_fp16 (f32 buckets:
+       multiplied by scale, rounded to bf16 / fp16, summed in that type,
+       widened back; PyTorch's bf16_compress_hook and fp16_compress_hook).
+       On the CPU the compression happens in place in the first half of the
+       bucket's span, so the all-reduce moves half the bytes through shared
+       memory; it is also the reference of the GPU's compression.
+       config.compress = DDP_BF16 / DDP_F16 selects them (the nccl backend
+       compresses on its own path with the same arithmetic). The step
+       statistics count the bytes a hook's collectives moved.
+
+   TIMELINE
+
+       DDP_TRACE=path (or config.trace_path) makes every rank write its
+       timeline as a Chrome trace-event JSON file, which Perfetto
+       (ui.perfetto.dev) and chrome://tracing open, and tools/ddptrace
+       draws as an SVG picture (build/ddptrace -o t.svg trace.rank*.json).
+       The file name: "%r" in the path becomes the rank, else ".rank<r>"
+       goes before a ".json" ending (trace.json: trace.rank0.json, ...) or
+       at the end. pid is the rank; tid 0 your thread, tid 1 the
+       communication thread. Events ("X" with a duration, "i" instants):
+         step N             ddp_step_begin() to ddp_step_end() (args: step,
+                            synced)
+         mark NAME          ddp_mark_ready() (args: param, bucket)
+         launch bucket B    a bucket complete, handed over (args: bytes)
+         reduce bucket B    its reduction, on the thread that ran it (args:
+                            bucket, bytes; "hook bucket B" when a
+                            communication hook ran it)
+         wait for buckets   your thread waiting for the communication thread
+         optimizer          ddp_optimizer_step() (args: step, 0 if skipped)
+         parameter all-gather   ZeRO-1's, inside the optimizer step
+         checkpoint save / load, ddp_allreduce ... (args: bytes)
+       Timestamps are the monotonic clock in microseconds, so the files of
+       the ranks of one host line up. Memory is bounded: events wait in a
+       ring of config.trace_events (default 65536, about 3 MB) until
+       ddp_trace_flush() or ddp_destroy() writes them; when the ring is
+       full the oldest are dropped and counted (the "trace_info" metadata
+       event at the end says how many). The file is complete JSON after
+       ddp_destroy(); a file cut short by a crash still opens in Perfetto.
+       With the timeline off, recording costs one pointer test.
+
+       ddp_get_step_stats() gives the last synced step's and the running
+       totals: compute_s (your forward/backward), comm_s (the bucket
+       reductions, wherever they ran), exposed_s (communication your thread
+       waited for or ran itself: ddp_step_end() and the buckets reduced
+       inside ddp_mark_ready), optimizer_s and bytes. The share of the
+       communication hidden behind your backward is 1 - exposed_s /
+       comm_s; examples/fashion_mlp prints it per epoch (overlap=...%).
+       On the nccl backend the reductions run on the GPU and comm_s stays
+       0 (exposed_s is the host's wait).
+
+   DEBUG MODE
+
+       Collectives pair up by order: a rank that calls another collective
+       than its peers (rank 0 in ddp_allreduce of 10 floats while rank 1 is
+       in ddp_broadcast), with another count or type, in another bucket, or
+       after skipping a step, meets whatever its peers run: wrong values, or
+       a wait until the timeout. DDP_DEBUG=detail (or config.debug =
+       DDP_DEBUG_DETAIL; the same on every rank) makes every collective
+       carry a fingerprint, checked on every rank before any data moves:
+       its number on this rank, kind (all-reduce, broadcast, ..., gradient
+       bucket reduction, ZeRO-1 all-gather), element count, type, op or
+       root, bucket, the synced steps this rank has begun, and where it was
+       called (ddp_allreduce, "gradient bucket", "communication hook",
+       "ddp_train_step loss", "ZeRO-1 gradient norm", "ddp_join round", the
+       checkpoint's...). Every rank compares rank 0's fingerprint with every
+       other rank's; a difference fails every rank at once with
+       DDP_ERROR_MISMATCH and the same message naming both sides, e.g.
+         collectives out of step (DDP_DEBUG=detail): rank 0 is in
+         gradient bucket 0 of synced step 4 (collective #9: all-reduce of
+         3000 x f32), but rank 1 is in ddp_barrier (collective #9:
+         barrier; after synced step 3)
+       A rank that skipped a step shows when its collectives stop pairing
+       (the step counts then tell which rank is behind). Cost: on shm and
+       staged two more barriers per collective through the control segment,
+       on nccl one all-gather of 72 bytes per rank per collective (see
+       docs/BENCHMARKS.md). Off by default. Without it nothing is checked,
+       and a mismatch still never reads or writes out of bounds: every size
+       a rank uses is its own, and what it reads of the others is inside the
+       staging areas and gradient segments every rank shares (tested under
+       AddressSanitizer).
 
    ERRORS
 
@@ -524,6 +712,9 @@
                                     default the master address; "*" every interface)
        DDP_STORE_MAX_BYTES          the store's memory cap in bytes
                                     (config.store_max_bytes; default 256 MiB)
+       DDP_ZERO_STAGE=0|1           config.zero_stage when the field is 0 (see ZERO)
+       DDP_TRACE=path               config.trace_path when the field is NULL (see TIMELINE)
+       DDP_DEBUG=off|detail         config.debug when the field is 0 (see DEBUG MODE)
        DDP_FORCE_COMM=1             GPU, world of one: run the gradient collective
                                     anyway (by default a world of one exchanges
                                     nothing; the GPU tests use this to exercise NCCL)
@@ -655,6 +846,13 @@ typedef enum ddp_optimizer {
     DDP_OPTIM_ADAMW
 } ddp_optimizer;
 
+/* Desync detection (see DEBUG MODE). */
+typedef enum ddp_debug {
+    DDP_DEBUG_DEFAULT = 0, /* the environment variable DDP_DEBUG (off | detail), else off */
+    DDP_DEBUG_OFF,
+    DDP_DEBUG_DETAIL       /* every collective's fingerprint checked across the ranks first */
+} ddp_debug;
+
 typedef enum ddp_log_level {
     DDP_LOG_ERROR = 0,
     DDP_LOG_WARN,
@@ -769,9 +967,12 @@ typedef struct ddp_config {
 
     size_t first_bucket_bytes;/* default 1 MiB */
     size_t bucket_bytes;      /* default 25 MiB */
+    int    static_bucket_order; /* 1: buckets stay in reverse registration order; 0: the order of
+                                   ddp_mark_ready in the first step (see BUCKETS) */
     int    gradient_sum;      /* 1: leave the sum, not the average */
     int    allow_unused_parameters; /* 1: a parameter never marked is reduced as it is (zero) */
-    ddp_dtype compress;       /* GPU: all-reduce gradients in DDP_BF16 or DDP_F16 */
+    ddp_dtype compress;       /* DDP_BF16 or DDP_F16: reduce f32 gradients in that type (the
+                                 compression hooks, see COMMUNICATION HOOKS; every backend) */
     int    no_comm_thread;    /* 1: reduce buckets inline in ddp_step_end (no overlap) */
     size_t staging_bytes;     /* shm: per-rank staging for user buffers, default 16 MiB;
                                  with named segments, less when /dev/shm is small
@@ -783,6 +984,25 @@ typedef struct ddp_config {
     int    uneven_inputs;
     int    join_divide_by_initial_world_size; /* 1: average over every rank, joined ones adding zeros
                                                  (PyTorch's default); 0: over the ranks that contributed */
+
+    /* ZeRO-1 (see ZERO): 1 shards the optimizer state across the ranks;
+       each keeps and updates 1/world of it. 0: the environment variable
+       DDP_ZERO_STAGE (0 or 1), else off. */
+    int    zero_stage;
+
+    /* The timeline (see TIMELINE): a Chrome trace-event JSON file per rank
+       ("%r" in the path is replaced by the rank, else ".rank<r>" is put
+       before a ".json" ending or appended). NULL: the environment variable
+       DDP_TRACE, else no trace. trace_events: the events kept in memory
+       between flushes (a ring: the oldest are dropped, and counted);
+       0 means 65536. */
+    const char *trace_path;
+    size_t trace_events;
+
+    /* DDP_DEBUG_DETAIL: every collective carries a fingerprint checked on
+       every rank before data moves (see DEBUG MODE); default: the
+       environment variable DDP_DEBUG (off | detail), else off. */
+    ddp_debug debug;
 
     ddp_optimizer_desc optimizer;
     ddp_schedule_desc  schedule;  /* zero: the constant lr */
@@ -878,9 +1098,16 @@ DDP_API size_t      ddp_param_numel(const ddp_context *ctx, int id);
 DDP_API const char *ddp_param_name(const ddp_context *ctx, int id);
 DDP_API int         ddp_param_bucket(const ddp_context *ctx, int id);
 DDP_API int         ddp_bucket_count(const ddp_context *ctx);
-/* Byte range of bucket b inside the flat gradient buffer. */
+/* Bucket b: the span of the flat gradient buffer that holds it (from its
+   first byte to its last; once the order is learned from the first step a
+   bucket may be several ranges, with other buckets' parameters between
+   them, see BUCKETS), its element type and parameter count. */
 DDP_API ddp_result  ddp_bucket_info(const ddp_context *ctx, int b, size_t *offset_bytes,
                                     size_t *size_bytes, ddp_dtype *dtype, int *num_params);
+/* The k-th range (k = 0, 1, ... until DDP_ERROR_INVALID_ARGUMENT) of the
+   flat gradient buffer that bucket b reduces. */
+DDP_API ddp_result  ddp_bucket_range(const ddp_context *ctx, int b, int k, size_t *offset_bytes,
+                                     size_t *size_bytes);
 DDP_API size_t      ddp_param_offset(const ddp_context *ctx, int id); /* bytes into the flat buffers */
 DDP_API void       *ddp_flat_params(ddp_context *ctx);
 DDP_API void       *ddp_flat_grads(ddp_context *ctx);
@@ -946,6 +1173,82 @@ DDP_API int        ddp_last_step_skipped(const ddp_context *ctx);
 /* The loss scale S to multiply your loss (or its gradient) by; 1 when
    config.loss_scale is off. */
 DDP_API double     ddp_loss_scale(const ddp_context *ctx);
+/* Bytes of optimizer state this rank holds (momentum or AdamW's moments,
+   f32 master weights of 16-bit parameters), allocated at the first
+   ddp_optimizer_step() (or a checkpoint load); 0 before. With ZeRO-1
+   about 1/world of the unsharded size (see ZERO). */
+DDP_API size_t     ddp_optimizer_state_bytes(const ddp_context *ctx);
+
+/* ---- communication hooks ------------------------------------------------------ */
+/* See COMMUNICATION HOOKS in the manual above. */
+
+/* One bucket, as a communication hook gets it. */
+typedef struct ddp_comm_bucket {
+    int       index;       /* the bucket (its launch order) */
+    void     *grad;        /* its gradients, count elements of dtype, contiguous (device memory when on_device) */
+    size_t    count;
+    ddp_dtype dtype;
+    double    scale;       /* what the sum over ranks must be multiplied by: 1 / world for the
+                              average, 1 / (world * K) inside ddp_train_step(K), 1 with gradient_sum */
+    int       rank, world;
+    int       on_device;   /* 1: grad is CUDA device memory */
+    void     *stream;      /* CUDA: the stream to queue your kernels on (a cudaStream_t) */
+    void     *comm;        /* pass to the functions below */
+    /* The library's collectives on this context's communicator. buf: the
+       bucket's grad (in place, the fast path on shm) or memory of yours
+       (host; device memory on GPU contexts). allreduce multiplies the
+       result by scale (1: not at all) in the same pass. They return as
+       the public collectives do; a failure breaks the context: return it. */
+    ddp_result (*allreduce)(void *comm, void *buf, size_t count, ddp_dtype dtype, ddp_op op, double scale);
+    ddp_result (*broadcast)(void *comm, void *buf, size_t count, ddp_dtype dtype, int root);
+    ddp_result (*allgather)(void *comm, const void *send, void *recv, size_t count, ddp_dtype dtype);
+    ddp_result (*reduce_scatter)(void *comm, const void *send, void *recv, size_t count, ddp_dtype dtype, ddp_op op);
+    ddp_result (*barrier)(void *comm);
+} ddp_comm_bucket;
+
+/* Reduce the bucket in place (grad must end as the reduced gradients,
+   times scale); return DDP_SUCCESS, or anything else to fail the step:
+   every rank's step then fails with DDP_ERROR_USER. */
+typedef ddp_result (*ddp_comm_hook)(const ddp_comm_bucket *bucket, void *state);
+
+/* Use hook (with your state) for every bucket from the next step on,
+   instead of the built-in average; NULL: the built-in again. The same
+   hook on every rank. Not inside a step. */
+DDP_API ddp_result ddp_register_comm_hook(ddp_context *ctx, ddp_comm_hook hook, void *state);
+/* Built-in hooks. ddp_comm_hook_allreduce: the built-in average as a hook
+   (a sum multiplied by scale). ddp_comm_hook_bf16 / _fp16: f32 buckets are
+   multiplied by scale, rounded to bf16 / fp16, summed over the ranks in
+   that type (half the bytes), widened back (PyTorch's bf16_compress_hook,
+   fp16_compress_hook); other buckets are all-reduced as they are. state
+   is unused (NULL). */
+DDP_API ddp_result ddp_comm_hook_allreduce(const ddp_comm_bucket *bucket, void *state);
+DDP_API ddp_result ddp_comm_hook_bf16(const ddp_comm_bucket *bucket, void *state);
+DDP_API ddp_result ddp_comm_hook_fp16(const ddp_comm_bucket *bucket, void *state);
+
+/* ---- step statistics and the timeline -------------------------------------- */
+
+/* What the synced steps cost (see TIMELINE). A "step" here is one
+   optimizer window: the micro-steps from one synced ddp_step_end() to the
+   next (no_sync micro-steps count with the synced step that ends them). */
+typedef struct ddp_step_stats {
+    int64_t  steps;        /* synced steps counted */
+    double   compute_s;    /* your forward/backward: ddp_step_begin() to ddp_step_end(),
+                              less the communication run on your thread in between */
+    double   comm_s;       /* the gradient collectives (bucket reductions, hooks), wherever
+                              they ran (CPU backends; the nccl backend does not time them) */
+    double   exposed_s;    /* communication your thread waited for or ran: ddp_step_end()
+                              and the buckets reduced inside ddp_mark_ready() */
+    double   optimizer_s;  /* ddp_optimizer_step(), ZeRO-1's parameter all-gather included */
+    uint64_t bytes;        /* gradient bytes handed to the collectives */
+} ddp_step_stats;
+/* last: the last synced step; total: every step since ddp_finalize().
+   Either may be NULL. The share of communication hidden behind your
+   backward is 1 - exposed_s / comm_s (when comm_s > 0). */
+DDP_API ddp_result ddp_get_step_stats(const ddp_context *ctx, ddp_step_stats *last, ddp_step_stats *total);
+/* Write the timeline's events held in memory to the trace file now (the
+   file stays valid JSON only once ddp_destroy() closes it; Perfetto and
+   chrome://tracing also open it before). No trace: does nothing. */
+DDP_API ddp_result ddp_trace_flush(ddp_context *ctx);
 
 /* ---- the step wrapper ------------------------------------------------------ */
 
@@ -3262,7 +3565,8 @@ typedef struct ddp__param {
     int64_t   shape[DDP__MAX_NDIM];
     const void *init;
     size_t    offset;   /* bytes into the flat buffers */
-    int       bucket;
+    int       bucket;   /* storage bucket */
+    int       cbucket;  /* communication bucket */
     double    lr_scale; /* parameter options, resolved (1 = none) */
     double    wd_scale;
     int       group;    /* index into ctx->groups, set at finalize */
@@ -3271,15 +3575,40 @@ typedef struct ddp__param {
     int       evrec;    /* CUDA: its ready event was recorded for this bucket launch */
 } ddp__param;
 
+/* A storage bucket: a contiguous, padded span of the flat buffers with one
+   element type, fixed at ddp_finalize(). The optimizer, its state, the
+   ZeRO-1 shards and the gradient checks walk these. */
 typedef struct ddp__bucket {
     size_t    offset;   /* bytes into the flat buffers */
     size_t    bytes;    /* padded span of the bucket */
     size_t    numel;    /* elements in the span (bytes / dtype size) */
     ddp_dtype dtype;
     int       num_params;
-    int       pending;  /* parameters not yet marked this step */
-    int       launched;
 } ddp__bucket;
+
+/* numel elements at byte offset of the flat buffers, reduced by rank
+   owner (-1 in a range list). */
+typedef struct ddp__piece {
+    size_t offset;
+    size_t numel;
+    int    owner;
+} ddp__piece;
+
+/* A communication bucket: what one collective reduces, launched when all
+   its parameters are marked, in bucket order. At first each one is a
+   storage bucket; after the first step (LEARNED BUCKET ORDER) they follow
+   the order of ddp_mark_ready and may be several ranges of the flat
+   buffers (parameters never move). The pieces split the ranges among the
+   ranks: evenly, or by the ZeRO-1 shards. */
+typedef struct ddp__cbucket {
+    ddp_dtype dtype;
+    size_t    numel;      /* elements reduced: the sum over the ranges */
+    int       range0, nrange;   /* ctx->cranges[range0 .. range0 + nrange), ascending offsets */
+    int       piece0, npiece;   /* ctx->cpieces[piece0 .. piece0 + npiece) */
+    int       num_params;
+    int       pending;    /* parameters not yet marked this step */
+    int       launched;
+} ddp__cbucket;
 
 struct ddp__shm_ctrl;
 struct ddp__store_server;
@@ -3304,6 +3633,9 @@ typedef struct ddp__shm {
     unsigned char nonce[16];     /* rank 0's random per-context nonce, in every segment header */
     uint64_t seq;                /* collectives issued by this rank */
     uint64_t half_last[2];       /* seq that last wrote each staging half */
+    unsigned char *xchg;         /* ZeRO-1: the parameter exchange, after the world's gradients (flat_bytes) */
+    uint64_t fp_seq;             /* DDP_DEBUG=detail: fingerprinted collectives issued */
+    uint64_t xchg_last;          /* seq of the last parameter exchange */
 } ddp__shm;
 
 struct ddp_context {
@@ -3340,12 +3672,24 @@ struct ddp_context {
     ddp__param *params;
     int      num_params, cap_params;
     int      finalized;
-    ddp__bucket *buckets;
+    ddp__bucket *buckets;        /* storage buckets (layout, optimizer, shards) */
     int      num_buckets;
+    ddp__cbucket *cb;            /* communication buckets, in launch order */
+    int      num_cb;
+    ddp__piece *cranges, *cpieces;
     size_t   flat_bytes;
     unsigned char *flat_params;
     unsigned char *flat_grads;   /* host: points into shm.grads for shm */
     int      owns_flat_grads;
+    int      zero;               /* ZeRO-1: optimizer state sharded (config.zero_stage) */
+    int      debug;              /* DDP_DEBUG=detail: fingerprints */
+    int64_t  sync_steps;         /* synced steps begun (a joined rank counts the ones it answers) */
+    int      fp_bucket;          /* the bucket a running hook reduces (its collectives' fingerprints) */
+
+    /* the bucket order learned from the first step (see BUCKETS) */
+    int     *mark_order;         /* parameter ids in the order the first step marked them */
+    int      mark_count;
+    int      order_learned;      /* 1 once the first step ended (or learning is off) */
 
     /* the step */
     int      in_step;
@@ -3375,6 +3719,16 @@ struct ddp_context {
     int      *queue;             /* num_buckets entries */
     double   q_scale;            /* the factor of the reduce in progress (ddp__reduce_factor) */
 
+    /* communication hook (ddp_register_comm_hook) */
+    ddp_comm_hook hook;
+    void    *hook_state;
+    void    *hook_buf;           /* packed buckets and compression scratch (device memory on GPU contexts) */
+    size_t   hook_buf_bytes;
+    uint64_t hook_bytes;         /* what the running hook's collectives moved */
+    int      hook_failed;        /* a hook returned an error: the peers fail with DDP_ERROR_USER too (atomic) */
+    int      hook_broke;         /* a hook's failure (here or on a peer) broke the context (atomic) */
+    int      desync;             /* DDP_DEBUG=detail found collectives out of step (atomic) */
+
     /* parameter groups: distinct (lr_scale, wd_scale); the group of every
        256-byte chunk of the flat buffers (every parameter starts a chunk) */
     double   group_lr[DDP_MAX_PARAM_GROUPS], group_wd[DDP_MAX_PARAM_GROUPS];
@@ -3394,11 +3748,21 @@ struct ddp_context {
     int64_t  ls_tracker;         /* clean steps since the scale last changed */
     int64_t  ls_skipped;         /* steps skipped */
     int      ls_last_skipped;
-    void     *opt_m, *opt_v, *opt_master; /* same layout as the flat buffer, state type per bucket */
+    void     *opt_m, *opt_v, *opt_master; /* per storage bucket, this rank's range of it, state type per bucket */
+    unsigned char *ck_full[3];     /* ZeRO-1, while saving on rank 0: the gathered full state arrays */
     size_t   opt_state_bytes;
     size_t   *opt_state_off;      /* per bucket: byte offset into the state buffers */
 
     struct ddp__cuda_state *cuda;
+
+    /* step statistics (ddp_get_step_stats); st_cur.comm_s and .bytes are
+       written by whichever thread reduces, under mu */
+    ddp_step_stats st_last, st_total, st_cur;
+    double   st_t0;              /* when this step's ddp_step_begin() returned */
+    double   st_inline;          /* communication on the calling thread since then */
+    int64_t  st_steps;           /* ddp_step_begin() calls: the step index in the timeline */
+
+    struct ddp__trace *trace;    /* the timeline; NULL when off */
 };
 
 static DDP__TLS char ddp__create_err[DDP__ERRLEN];
@@ -3463,6 +3827,231 @@ static void ddp__free(const ddp_context *ctx, void *p) {
     else free(p);
 }
 
+/* ---- timeline and step statistics ------------------------------------------------
+
+   The timeline (TIMELINE in the manual) keeps events in a ring in memory,
+   written to the rank's file by ddp_trace_flush() and ddp_destroy() in
+   Chrome's trace-event format (the JSON array form: Perfetto and
+   chrome://tracing open it, a file cut short by a crash included). Both
+   threads record (the user's, tid 0, and the communication thread, tid 1)
+   under one mutex; with the timeline off every record is one pointer test. */
+
+enum {
+    DDP__EV_STEP = 0,   /* X: a step, ddp_step_begin() to ddp_step_end(); a = step index, b = synced */
+    DDP__EV_MARK,       /* i: ddp_mark_ready(); a = parameter id, b = its bucket */
+    DDP__EV_LAUNCH,     /* i: a bucket handed to the communication thread (or run inline); a = bucket */
+    DDP__EV_REDUCE,     /* X: a bucket's reduction; a = bucket, b = 1 when a communication hook ran it */
+    DDP__EV_WAIT,       /* X: ddp_step_end() waiting for the communication thread */
+    DDP__EV_OPT,        /* X: ddp_optimizer_step(); a = the step taken (0: skipped) */
+    DDP__EV_GATHER,     /* X: ZeRO-1's parameter all-gather */
+    DDP__EV_SAVE,       /* X: ddp_save_checkpoint() */
+    DDP__EV_LOAD,       /* X: ddp_load_checkpoint() */
+    DDP__EV_COLL        /* X: a collective on your buffers; a = which (ddp__coll_names) */
+};
+
+static const char *const ddp__coll_names[] = { "ddp_barrier", "ddp_allreduce", "ddp_broadcast", "ddp_allgather", "ddp_reduce_scatter" };
+
+typedef struct ddp__tev {
+    double   ts, dur;            /* seconds (ddp__now); dur < 0: an instant */
+    uint64_t bytes;
+    int32_t  kind, tid, a, b;
+} ddp__tev;
+
+typedef struct ddp__trace {
+    FILE    *f;
+    char     path[4096];
+    ddp__tev *ring;
+    size_t   cap, head, count;   /* the newest `count` events end at head */
+    uint64_t dropped, written;
+    ddp__mutex mu;
+} ddp__trace;
+
+#define DDP__TRACE_DEFAULT_EVENTS 65536 /* about 3 MB: minutes of steps of a small model between flushes */
+
+static int ddp__on_comm_thread(const ddp_context *ctx) {
+    return ctx->comm_started && ddp__thread_is_self(&ctx->comm_thread);
+}
+
+static void ddp__trace_ev(ddp_context *ctx, int kind, double ts, double dur, int a, int b, uint64_t bytes) {
+    ddp__trace *t = ctx->trace;
+    ddp__tev *e;
+    if (!t) return;
+    ddp__mutex_lock(&t->mu);
+    e = &t->ring[t->head];
+    e->ts = ts;
+    e->dur = dur;
+    e->bytes = bytes;
+    e->kind = kind;
+    e->tid = ddp__on_comm_thread(ctx);
+    e->a = a;
+    e->b = b;
+    t->head = (t->head + 1) % t->cap;
+    if (t->count < t->cap) t->count++;
+    else t->dropped++;
+    ddp__mutex_unlock(&t->mu);
+}
+
+/* A JSON string (the parameter names are the user's). */
+static void ddp__json_str(FILE *f, const char *s) {
+    fputc('"', f);
+    for (; *s; s++) {
+        unsigned char c = (unsigned char)*s;
+        if (c == '"' || c == '\\') fprintf(f, "\\%c", c);
+        else if (c < 0x20) fprintf(f, "\\u%04x", c);
+        else fputc(c, f);
+    }
+    fputc('"', f);
+}
+
+static void ddp__trace_write_ev(ddp_context *ctx, FILE *f, const ddp__tev *e) {
+    static const char *const cat[] = { "compute", "compute", "comm", "comm", "comm", "optimizer", "comm", "io", "io", "comm" };
+    char name[192];
+    switch (e->kind) {
+    case DDP__EV_STEP: snprintf(name, sizeof name, "step %d", e->a); break;
+    case DDP__EV_MARK:
+        snprintf(name, sizeof name, "mark %s", e->a >= 0 && e->a < ctx->num_params ? ctx->params[e->a].name : "?");
+        break;
+    case DDP__EV_LAUNCH: snprintf(name, sizeof name, "launch bucket %d", e->a); break;
+    case DDP__EV_REDUCE: snprintf(name, sizeof name, "%s bucket %d", e->b ? "hook" : "reduce", e->a); break;
+    case DDP__EV_WAIT: snprintf(name, sizeof name, "wait for buckets"); break;
+    case DDP__EV_OPT: snprintf(name, sizeof name, "optimizer"); break;
+    case DDP__EV_GATHER: snprintf(name, sizeof name, "parameter all-gather"); break;
+    case DDP__EV_SAVE: snprintf(name, sizeof name, "checkpoint save"); break;
+    case DDP__EV_LOAD: snprintf(name, sizeof name, "checkpoint load"); break;
+    default: snprintf(name, sizeof name, "%s", e->a >= 0 && e->a < 5 ? ddp__coll_names[e->a] : "collective"); break;
+    }
+    fputs(ctx->trace->written++ ? ",\n" : "\n", f);
+    fputs("{\"name\":", f);
+    ddp__json_str(f, name);
+    fprintf(f, ",\"cat\":\"%s\",\"ph\":\"%s\",\"ts\":%.3f,", cat[e->kind], e->dur < 0 ? "i" : "X", e->ts * 1e6);
+    if (e->dur >= 0) fprintf(f, "\"dur\":%.3f,", e->dur * 1e6);
+    else fputs("\"s\":\"t\",", f);
+    fprintf(f, "\"pid\":%d,\"tid\":%d,\"args\":{", ctx->rank, (int)e->tid);
+    switch (e->kind) {
+    case DDP__EV_STEP: fprintf(f, "\"step\":%d,\"synced\":%d", e->a, e->b); break;
+    case DDP__EV_MARK: fprintf(f, "\"param\":%d,\"bucket\":%d", e->a, e->b); break;
+    case DDP__EV_LAUNCH: fprintf(f, "\"bucket\":%d,\"bytes\":%llu", e->a, (unsigned long long)e->bytes); break;
+    case DDP__EV_REDUCE: fprintf(f, "\"bucket\":%d,\"bytes\":%llu,\"hook\":%d", e->a, (unsigned long long)e->bytes, e->b); break;
+    case DDP__EV_OPT: fprintf(f, "\"step\":%d,\"bytes\":%llu", e->a, (unsigned long long)e->bytes); break;
+    default: fprintf(f, "\"bytes\":%llu", (unsigned long long)e->bytes); break;
+    }
+    fputs("}}", f);
+}
+
+/* Write what the ring holds (oldest first) and empty it. */
+static ddp_result ddp__trace_flush(ddp_context *ctx) {
+    ddp__trace *t = ctx->trace;
+    ddp__tev *copy;
+    size_t n, i, first;
+    if (!t || !t->f) return DDP_SUCCESS;
+    ddp__mutex_lock(&t->mu);
+    n = t->count;
+    copy = (ddp__tev *)ddp__alloc(ctx, n ? n * sizeof *copy : 1);
+    if (copy) {
+        first = (t->head + t->cap - n) % t->cap;
+        for (i = 0; i < n; i++) copy[i] = t->ring[(first + i) % t->cap];
+        t->count = 0;
+    }
+    ddp__mutex_unlock(&t->mu);
+    if (!copy) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory writing the trace");
+    for (i = 0; i < n; i++) ddp__trace_write_ev(ctx, t->f, &copy[i]);
+    ddp__free(ctx, copy);
+    if (fflush(t->f) != 0 || ferror(t->f))
+        return ddp__fail(ctx, DDP_ERROR_IO, "cannot write the trace file '%s': %s", t->path, strerror(errno));
+    return DDP_SUCCESS;
+}
+
+/* The rank's file name: "%r" replaced by the rank, else ".rank<r>" before
+   a ".json" ending or at the end. */
+static int ddp__trace_name(const char *pattern, int rank, char *out, size_t cap) {
+    const char *r = strstr(pattern, "%r");
+    size_t n = strlen(pattern);
+    int w;
+    if (r) w = snprintf(out, cap, "%.*s%d%s", (int)(r - pattern), pattern, rank, r + 2);
+    else if (n >= 5 && !strcmp(pattern + n - 5, ".json")) w = snprintf(out, cap, "%.*s.rank%d.json", (int)(n - 5), pattern, rank);
+    else w = snprintf(out, cap, "%s.rank%d", pattern, rank);
+    return w > 0 && (size_t)w < cap;
+}
+
+static ddp_result ddp__trace_open(ddp_context *ctx) {
+    const char *pattern = ctx->cfg.trace_path;
+    ddp__trace *t;
+    if (!pattern) pattern = getenv("DDP_TRACE");
+    if (!pattern || !*pattern) return DDP_SUCCESS;
+    t = (ddp__trace *)ddp__calloc(ctx, sizeof *t);
+    if (!t) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for the trace");
+    if (!ddp__trace_name(pattern, ctx->rank, t->path, sizeof t->path)) {
+        ddp__free(ctx, t);
+        return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "trace path '%.100s' (config.trace_path or DDP_TRACE) is too long", pattern);
+    }
+    t->cap = ctx->cfg.trace_events ? ctx->cfg.trace_events : DDP__TRACE_DEFAULT_EVENTS;
+    t->ring = (ddp__tev *)ddp__alloc(ctx, t->cap * sizeof *t->ring);
+    if (!t->ring || t->cap > ((size_t)-1) / sizeof *t->ring) {
+        ddp__free(ctx, t->ring);
+        ddp__free(ctx, t);
+        return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for %" DDP__PRIzu " trace events (config.trace_events)", ctx->cfg.trace_events);
+    }
+    t->f = fopen(t->path, "w");
+    if (!t->f) {
+        ddp_result r = ddp__fail(ctx, DDP_ERROR_IO, "cannot create the trace file '%s' (config.trace_path or DDP_TRACE): %s", t->path, strerror(errno));
+        ddp__free(ctx, t->ring);
+        ddp__free(ctx, t);
+        return r;
+    }
+    fputc('[', t->f);
+    ddp__mutex_init(&t->mu);
+    ctx->trace = t;
+    return DDP_SUCCESS;
+}
+
+/* At ddp_destroy(): the last events, the names of the process and threads, close. */
+static void ddp__trace_close(ddp_context *ctx) {
+    ddp__trace *t = ctx->trace;
+    if (!t) return;
+    ddp__trace_flush(ctx);
+    fprintf(t->f, "%s{\"name\":\"process_name\",\"ph\":\"M\",\"pid\":%d,\"tid\":0,\"args\":{\"name\":\"rank %d\"}}",
+            t->written++ ? ",\n" : "\n", ctx->rank, ctx->rank);
+    fprintf(t->f, ",\n{\"name\":\"process_sort_index\",\"ph\":\"M\",\"pid\":%d,\"tid\":0,\"args\":{\"sort_index\":%d}}", ctx->rank, ctx->rank);
+    fprintf(t->f, ",\n{\"name\":\"thread_name\",\"ph\":\"M\",\"pid\":%d,\"tid\":0,\"args\":{\"name\":\"main (your thread)\"}}", ctx->rank);
+    fprintf(t->f, ",\n{\"name\":\"thread_name\",\"ph\":\"M\",\"pid\":%d,\"tid\":1,\"args\":{\"name\":\"communication\"}}", ctx->rank);
+    fprintf(t->f, ",\n{\"name\":\"trace_info\",\"ph\":\"M\",\"pid\":%d,\"tid\":0,\"args\":{\"dropped_events\":%llu,\"ring_events\":%" DDP__PRIzu ",\"world\":%d}}\n]\n",
+            ctx->rank, (unsigned long long)t->dropped, t->cap, ctx->world);
+    fclose(t->f);
+    ddp__mutex_destroy(&t->mu);
+    ddp__free(ctx, t->ring);
+    ddp__free(ctx, t);
+    ctx->trace = NULL;
+}
+
+DDP_API ddp_result ddp_trace_flush(ddp_context *ctx) {
+    if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
+    return ddp__trace_flush(ctx);
+}
+
+DDP_API ddp_result ddp_get_step_stats(const ddp_context *ctx, ddp_step_stats *last, ddp_step_stats *total) {
+    if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
+    if (last) *last = ctx->st_last;
+    if (total) *total = ctx->st_total;
+    return DDP_SUCCESS;
+}
+
+/* A synced step ended: this window's figures become the last step's. */
+static void ddp__stats_step_done(ddp_context *ctx, double end_entry, double end_exit) {
+    ddp_step_stats *c = &ctx->st_cur, *t = &ctx->st_total;
+    ddp__mutex_lock(&ctx->mu);
+    c->steps = 1;
+    c->compute_s += end_entry - ctx->st_t0 - ctx->st_inline;
+    c->exposed_s += ctx->st_inline + (end_exit - end_entry);
+    ctx->st_last = *c;
+    t->steps += c->steps;
+    t->compute_s += c->compute_s;
+    t->comm_s += c->comm_s;
+    t->exposed_s += c->exposed_s;
+    t->bytes += c->bytes;
+    memset(c, 0, sizeof *c);
+    ddp__mutex_unlock(&ctx->mu);
+}
+
 /* ---- configuration and environment ------------------------------------------- */
 
 DDP_API ddp_config ddp_config_defaults(const ddp_config *in) {
@@ -3487,6 +4076,14 @@ DDP_API ddp_config ddp_config_defaults(const ddp_config *in) {
         if (c.optimizer.eps == 0) c.optimizer.eps = d.eps;
         if (c.optimizer.weight_decay == 0) c.optimizer.weight_decay = d.weight_decay;
         c.optimizer.exact = 1;
+    }
+    if (c.zero_stage == 0) {
+        t = getenv("DDP_ZERO_STAGE");
+        if (t && !strcmp(t, "1")) c.zero_stage = 1;
+    }
+    if (c.debug == DDP_DEBUG_DEFAULT) {
+        t = getenv("DDP_DEBUG");
+        c.debug = t && (!strcmp(t, "detail") || !strcmp(t, "DETAIL")) ? DDP_DEBUG_DETAIL : DDP_DEBUG_OFF;
     }
     if (c.loss_scale.init_scale == 0) c.loss_scale.init_scale = 65536.0;
     if (c.loss_scale.growth_factor == 0) c.loss_scale.growth_factor = 2.0;
@@ -3675,6 +4272,24 @@ static ddp_result ddp__resolve_backend(ddp_config *c) {
         return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "config.compress %d must be DDP_BF16, DDP_F16 or 0", (int)c->compress);
     DDP__TRY(ddp__check_optimizer(&c->optimizer));
     DDP__TRY(ddp__check_schedule(&c->schedule));
+    {
+        const char *z = getenv("DDP_ZERO_STAGE");
+        if (z && *z && strcmp(z, "0") != 0 && strcmp(z, "1") != 0)
+            return ddp__fail(NULL, DDP_ERROR_ENVIRONMENT, "environment variable DDP_ZERO_STAGE='%.32s' is not 0 or 1 (ZeRO-1 is the stage this library has)", z);
+    }
+    {
+        const char *d = getenv("DDP_DEBUG");
+        if (d && *d && strcmp(d, "off") && strcmp(d, "OFF") && strcmp(d, "detail") && strcmp(d, "DETAIL"))
+            return ddp__fail(NULL, DDP_ERROR_ENVIRONMENT, "environment variable DDP_DEBUG='%.32s' is not off or detail", d);
+    }
+    if ((int)c->debug < 0 || c->debug > DDP_DEBUG_DETAIL)
+        return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "config.debug %d is not a ddp_debug", (int)c->debug);
+    if (c->zero_stage < 0 || c->zero_stage > 1)
+        return ddp__fail(NULL, c->zero_stage > 1 ? DDP_ERROR_UNSUPPORTED : DDP_ERROR_INVALID_ARGUMENT,
+                         "config.zero_stage = %d: 0 (off) or 1 (ZeRO-1: optimizer state sharded) are the stages this library has", c->zero_stage);
+    if (c->zero_stage && c->uneven_inputs)
+        return ddp__fail(NULL, DDP_ERROR_UNSUPPORTED, "config.zero_stage = 1 with config.uneven_inputs: a joined rank would have to run its shard of "
+                         "every optimizer step; use one or the other");
     if (c->loss_scale.enabled) {
         const ddp_loss_scale_desc *l = &c->loss_scale;
         if (c->optimizer.type == DDP_OPTIM_NONE)
@@ -6327,11 +6942,25 @@ static DDP__STORE_UNUSED int ddp__store_barrier(ddp__store *s, const char *name,
 #define DDP__RED_BLOCK   2048                 /* elements per reduction block */
 #define DDP__STAGED_DIRECT_BYTES ((size_t)1 << 20) /* above: the staged path reduces from the user's buffer */
 
+/* A collective's fingerprint (DDP_DEBUG=detail, see DEBUG MODE). */
+typedef struct ddp__fp {
+    uint64_t seq;        /* this rank's fingerprinted collectives so far, this one included */
+    uint64_t count;      /* elements (bytes for byte-wise collectives) */
+    int64_t  step;       /* synced steps begun on this rank */
+    int32_t  kind;       /* DDP__FP_* */
+    int32_t  dtype;
+    int32_t  op;         /* ddp_op; broadcast: the root */
+    int32_t  arg;        /* the bucket of a gradient reduction or of a hook's collective, else -1 */
+    char     site[32];   /* where: "ddp_allreduce", "gradient bucket", "ZeRO-1 norm", ... */
+} ddp__fp;
+
 typedef struct ddp__shm_slot {
     uint64_t arrive, mid, done;
     int32_t  pid;
     int32_t  pad0;
-    char     pad[DDP__CACHELINE - 32];
+    uint64_t fp_seq, fp_ack;      /* DDP_DEBUG=detail: fingerprint fp_seq published; fp_ack compared */
+    ddp__fp  fp;
+    char     pad[DDP__CACHELINE - 48 - sizeof(ddp__fp)];
 } ddp__shm_slot;
 
 /* The first bytes of every segment: whose it is. */
@@ -6349,7 +6978,8 @@ typedef struct ddp__shm_ctrl {
     int32_t  abort_rank;                 /* -1 until somebody aborts; published after abort_msg */
     char     abort_msg[512];
     int32_t  abort_claim;                /* 0 until one rank owns the abort message */
-    char     pad[DDP__CACHELINE * 5 - sizeof(ddp__seg_hdr) - 520];
+    int32_t  abort_code;                 /* DDP_ERROR_USER: a communication hook failed (written before abort_rank) */
+    char     pad[DDP__CACHELINE * 5 - sizeof(ddp__seg_hdr) - 524];
 } ddp__shm_ctrl;
 
 static ddp__shm_slot *ddp__slot(ddp_context *ctx, int q) {
@@ -6368,6 +6998,8 @@ static void ddp__shm_abort(ddp_context *ctx, const char *why) {
     if (!c) return;
     if (ddp__atomic_cas_int(&c->abort_claim, 0, 1)) {
         ddp__copy_str(c->abort_msg, sizeof c->abort_msg, why);
+        /* only a failed communication hook fails the peers with its own code */
+        c->abort_code = ddp__atomic_load_int(&ctx->hook_failed) ? (int32_t)DDP_ERROR_USER : 0;
         ddp__atomic_store_int(&c->abort_rank, (int32_t)ctx->rank);
     }
 }
@@ -6386,18 +7018,27 @@ static ddp_result ddp__break(ddp_context *ctx, ddp_result code) {
 }
 
 static const char *ddp__counter_name(int field) {
-    return field == 0 ? "arrive" : field == 1 ? "mid" : "done";
+    static const char *const names[] = { "arrive", "mid", "done", "fingerprint", "fingerprint-checked" };
+    return field >= 0 && field < 5 ? names[field] : "?";
 }
 
 static uint64_t ddp__counter(ddp__shm_slot *s, int field) {
-    return field == 0 ? ddp__atomic_load_u64(&s->arrive) : field == 1 ? ddp__atomic_load_u64(&s->mid) : ddp__atomic_load_u64(&s->done);
+    switch (field) {
+    case 0: return ddp__atomic_load_u64(&s->arrive);
+    case 1: return ddp__atomic_load_u64(&s->mid);
+    case 2: return ddp__atomic_load_u64(&s->done);
+    case 3: return ddp__atomic_load_u64(&s->fp_seq);
+    default: return ddp__atomic_load_u64(&s->fp_ack);
+    }
 }
 
 static void ddp__set_counter(ddp_context *ctx, int field, uint64_t v) {
     ddp__shm_slot *s = ddp__slot(ctx, ctx->rank);
     if (field == 0) ddp__atomic_store_u64(&s->arrive, v);
     else if (field == 1) ddp__atomic_store_u64(&s->mid, v);
-    else ddp__atomic_store_u64(&s->done, v);
+    else if (field == 2) ddp__atomic_store_u64(&s->done, v);
+    else if (field == 3) ddp__atomic_store_u64(&s->fp_seq, v);
+    else ddp__atomic_store_u64(&s->fp_ack, v);
 }
 
 /* Wait until rank `only` (or every rank when only < 0) has counter >= target. */
@@ -6414,10 +7055,15 @@ static ddp_result ddp__shm_wait(ddp_context *ctx, int field, uint64_t target, in
             if (ddp__counter(ddp__slot(ctx, q), field) < target) { missing = q; break; }
         if (missing < 0) return DDP_SUCCESS;
         if (ddp__atomic_load_int(&c->abort_rank) >= 0) {
-            ddp__fail(ctx, DDP_ERROR_PEER, "rank %d gave up while rank %d waited for %s: %s",
+            /* a communication hook that failed on one rank fails every rank
+               with DDP_ERROR_USER; anything else (your ddp_train_step
+               function's failure included) is a peer's failure */
+            ddp_result code = c->abort_code == DDP_ERROR_USER ? DDP_ERROR_USER : DDP_ERROR_PEER;
+            ddp__fail(ctx, code, "rank %d gave up while rank %d waited for %s: %s",
                       (int)ddp__atomic_load_int(&c->abort_rank), ctx->rank, what, c->abort_msg);
-            ddp__set_broken(ctx, DDP_ERROR_PEER);
-            return DDP_ERROR_PEER;
+            if (code == DDP_ERROR_USER) ddp__atomic_store_int(&ctx->hook_broke, 1);
+            ddp__set_broken(ctx, code);
+            return code;
         }
         spins++;
         if (spins < 2000) { DDP__PAUSE(); continue; }
@@ -6543,6 +7189,31 @@ static void ddp__reduce(void *const *src, int nsrc, void *const *dst, int ndst,
             }
             if (s != 1.0f) for (i = 0; i < m; i++) acc[i] *= s;
             for (d = 0; d < ndst; d++) memcpy((float *)dst[d] + b0, acc, m * sizeof(float));
+        }
+        return;
+    }
+    if ((t == DDP_BF16 || t == DDP_F16) && op != DDP_OP_MAX && op != DDP_OP_MIN) {
+        /* the 16-bit sums (compression hooks): as the generic path below,
+           without its per-element type switch */
+        double acc[DDP__RED_BLOCK / 2];
+        size_t blk = DDP__RED_BLOCK / 2;
+        int bf = t == DDP_BF16;
+        for (b0 = 0; b0 < n; b0 += blk) {
+            size_t m = n - b0 < blk ? n - b0 : blk, i;
+            const uint16_t *s0 = (const uint16_t *)src[0] + b0;
+            if (bf) for (i = 0; i < m; i++) acc[i] = ddp__bf16_to_f32(s0[i]);
+            else for (i = 0; i < m; i++) acc[i] = ddp__f16_to_f32(s0[i]);
+            for (q = 1; q < nsrc; q++) {
+                const uint16_t *sq = (const uint16_t *)src[q] + b0;
+                if (bf) for (i = 0; i < m; i++) acc[i] += ddp__bf16_to_f32(sq[i]);
+                else for (i = 0; i < m; i++) acc[i] += ddp__f16_to_f32(sq[i]);
+            }
+            if (scale != 1.0) for (i = 0; i < m; i++) acc[i] *= scale;
+            for (d = 0; d < ndst; d++) {
+                uint16_t *y = (uint16_t *)dst[d] + b0;
+                if (bf) for (i = 0; i < m; i++) y[i] = ddp__f32_to_bf16((float)acc[i]);
+                else for (i = 0; i < m; i++) y[i] = ddp__f32_to_f16((float)acc[i]);
+            }
         }
         return;
     }
@@ -6714,8 +7385,9 @@ static int ddp__in_grad_segment(ddp_context *ctx, const void *buf, size_t bytes)
     return p >= mine && p + bytes <= mine + ctx->shm.grad_stride;
 }
 
-static ddp_result ddp__shm_allreduce(ddp_context *ctx, void *buf, size_t n, ddp_dtype t, ddp_op op) {
-    double scale = ddp__op_scale(ctx, op);
+/* The all-reduce, its result multiplied by extra as well (hooks). */
+static ddp_result ddp__shm_allreduce_scaled(ddp_context *ctx, void *buf, size_t n, ddp_dtype t, ddp_op op, double extra) {
+    double scale = ddp__op_scale(ctx, op) * extra;
     if (ctx->world == 1) {
         if (scale != 1.0) ddp__reduce(&buf, 1, &buf, 1, n, t, op, scale);
         return DDP_SUCCESS;
@@ -6725,6 +7397,10 @@ static ddp_result ddp__shm_allreduce(ddp_context *ctx, void *buf, size_t n, ddp_
         return ddp__shm_allreduce_inplace(ctx, off, n, t, op, scale, "an all-reduce");
     }
     return ddp__shm_allreduce_staged(ctx, buf, n, t, op, scale);
+}
+
+static ddp_result ddp__shm_allreduce(ddp_context *ctx, void *buf, size_t n, ddp_dtype t, ddp_op op) {
+    return ddp__shm_allreduce_scaled(ctx, buf, n, t, op, 1.0);
 }
 
 static ddp_result ddp__shm_broadcast(ddp_context *ctx, void *buf, size_t bytes, int root) {
@@ -6817,16 +7493,49 @@ struct ddp__backend_ops {
     ddp_result (*bucket_reduce)(ddp_context *ctx, int b, double scale);
 };
 
-static ddp_result ddp__shm_bucket_reduce(ddp_context *ctx, int b, double scale) {
-    const ddp__bucket *bk = &ctx->buckets[b];
+/* Communication bucket c in place in the gradient segment: every rank
+   reduces its pieces, then writes them to every rank's buffer (all-reduce)
+   or only to its own (scatter: ZeRO-1, where nobody else needs them). The
+   second wait keeps a rank from touching its buffer again while a peer
+   still reads it. */
+static ddp_result ddp__shm_reduce_pieces(ddp_context *ctx, int c, double scale, int scatter, const char *what) {
+    const ddp__cbucket *cb = &ctx->cb[c];
+    uint64_t seq = ++ctx->shm.seq;
+    void *src[1024];
+    int q, k, W = ctx->world;
+    ddp__set_counter(ctx, 0, seq);
+    DDP__TRY(ddp__shm_wait(ctx, 0, seq, -1, what));
+    for (k = 0; k < cb->npiece; k++) {
+        const ddp__piece *pc = &ctx->cpieces[cb->piece0 + k];
+        if (pc->owner != ctx->rank) continue;
+        for (q = 0; q < W; q++) src[q] = ctx->shm.grads + (size_t)q * ctx->shm.grad_stride + pc->offset;
+        ddp__reduce(src, W, scatter ? &src[ctx->rank] : src, scatter ? 1 : W, pc->numel, cb->dtype, DDP_OP_SUM, scale);
+    }
+    ddp__set_counter(ctx, 1, seq);
+    DDP__TRY(ddp__shm_wait(ctx, 1, seq, -1, what));
+    ddp__set_counter(ctx, 2, seq);
+    return DDP_SUCCESS;
+}
+
+/* A world of one: the sum is the gradient itself, times the factor. */
+static void ddp__scale_ranges(ddp_context *ctx, unsigned char *base, int c, double scale) {
+    const ddp__cbucket *cb = &ctx->cb[c];
+    int k;
+    if (scale == 1.0) return;
+    for (k = 0; k < cb->nrange; k++) {
+        void *p = base + ctx->cranges[cb->range0 + k].offset;
+        ddp__reduce(&p, 1, &p, 1, ctx->cranges[cb->range0 + k].numel, cb->dtype, DDP_OP_SUM, scale);
+    }
+}
+
+static ddp_result ddp__shm_bucket_reduce(ddp_context *ctx, int c, double scale) {
     char what[96];
     if (ctx->world == 1) {
-        void *p = ctx->flat_grads + bk->offset;
-        if (scale != 1.0) ddp__reduce(&p, 1, &p, 1, bk->numel, bk->dtype, DDP_OP_SUM, scale);
+        ddp__scale_ranges(ctx, ctx->flat_grads, c, scale);
         return DDP_SUCCESS;
     }
-    snprintf(what, sizeof what, "gradient bucket %d", b);
-    return ddp__shm_allreduce_inplace(ctx, bk->offset, bk->numel, bk->dtype, DDP_OP_SUM, scale, what);
+    snprintf(what, sizeof what, "gradient bucket %d", c);
+    return ddp__shm_reduce_pieces(ctx, c, scale, ctx->zero, what);
 }
 
 static const ddp__backend_ops ddp__shm_ops = {
@@ -6839,13 +7548,131 @@ static const ddp__backend_ops ddp__shm_ops = {
     ddp__shm_bucket_reduce
 };
 
+/* ---- desync detection (DDP_DEBUG=detail) ----
+
+   Collectives pair up by order: a rank that calls another collective than
+   its peers, with another count or type, or one step behind, pairs with
+   whatever they run and gives garbage or a hang. With config.debug =
+   DDP_DEBUG_DETAIL each collective first publishes a fingerprint (its
+   number on this rank, kind, count, type, op or root, bucket, synced
+   steps begun, where it was called) and every rank compares rank 0's with
+   every other rank's before any data moves; a difference fails every rank
+   with DDP_ERROR_MISMATCH and one message naming both sides. shm and
+   staged: in the rank's slot of the control segment, two counters (the
+   fingerprint published, the comparison done: nobody overwrites its
+   fingerprint before everybody compared it); nccl: one all-gather of the
+   fingerprints. Without debug mode nothing is exchanged, and a mismatch
+   still never reads or writes out of bounds: every size a rank uses is its
+   own, and the buffers it reads from others are the staging areas and
+   gradient segments, whose sizes every rank shares. */
+
+enum { DDP__FP_BARRIER = 0, DDP__FP_ALLREDUCE, DDP__FP_BROADCAST, DDP__FP_ALLGATHER, DDP__FP_REDUCE_SCATTER,
+       DDP__FP_BUCKET, DDP__FP_GATHER, DDP__FP_KINDS };
+
+static void ddp__fp_describe(const ddp__fp *f, char *out, size_t cap) {
+    static const char *const kinds[DDP__FP_KINDS] = { "barrier", "all-reduce", "broadcast", "all-gather", "reduce-scatter",
+                                                      "gradient reduction", "parameter all-gather" };
+    static const char *const ops[] = { "sum", "sum", "avg", "max", "min" };
+    char site[sizeof f->site + 1], what[64], bucket[32];
+    const char *kind = f->kind >= 0 && f->kind < DDP__FP_KINDS ? kinds[f->kind] : "unknown collective";
+    const char *op = f->op >= 0 && f->op <= (int)DDP_OP_MIN ? ops[f->op] : "?";
+    size_t i;
+    /* a peer's bytes: printable characters only, terminated here */
+    for (i = 0; i < sizeof f->site && f->site[i]; i++) site[i] = f->site[i] >= 32 && f->site[i] < 127 ? f->site[i] : '?';
+    site[i] = 0;
+    if (f->kind == DDP__FP_BUCKET) {
+        snprintf(out, cap, "%s %d of synced step %lld (collective #%llu: %s of %llu x %s)", site, (int)f->arg, (long long)f->step,
+                 (unsigned long long)f->seq, f->op == 1 ? "reduce-scatter" : "all-reduce", (unsigned long long)f->count,
+                 ddp_dtype_name((ddp_dtype)f->dtype));
+        return;
+    }
+    if (f->kind == DDP__FP_BARRIER) {
+        snprintf(out, cap, "%s (collective #%llu: barrier; after synced step %lld)", site, (unsigned long long)f->seq, (long long)f->step);
+        return;
+    }
+    if (f->kind == DDP__FP_BROADCAST) snprintf(what, sizeof what, "from rank %d", (int)f->op);
+    else snprintf(what, sizeof what, "%s", op);
+    if (f->arg >= 0) snprintf(bucket, sizeof bucket, ", bucket %d", (int)f->arg);
+    else bucket[0] = 0;
+    snprintf(out, cap, "%s (collective #%llu: %s of %llu x %s, %s%s; after synced step %lld)", site, (unsigned long long)f->seq, kind,
+             (unsigned long long)f->count, f->dtype < 0 ? "bytes" : ddp_dtype_name((ddp_dtype)f->dtype), what, bucket, (long long)f->step);
+}
+
+static int ddp__fp_same(const ddp__fp *a, const ddp__fp *b) {
+    return a->kind == b->kind && a->count == b->count && a->dtype == b->dtype && a->op == b->op && a->arg == b->arg &&
+           a->step == b->step && strncmp(a->site, b->site, sizeof a->site) == 0;
+}
+
+/* Compare rank 0's fingerprint with the others' (fps[q]): every rank
+   finds the same first difference and fails with the same message. */
+static ddp_result ddp__fp_compare(ddp_context *ctx, const ddp__fp *fps, int stride_bytes) {
+    const ddp__fp *f0 = fps;
+    int q;
+    for (q = 1; q < ctx->world; q++) {
+        const ddp__fp *fq = (const ddp__fp *)((const unsigned char *)fps + (size_t)q * (size_t)stride_bytes);
+        if (!ddp__fp_same(f0, fq)) {
+            char a[256], b[256];
+            ddp__fp_describe(f0, a, sizeof a);
+            ddp__fp_describe(fq, b, sizeof b);
+            ddp__fail(ctx, DDP_ERROR_MISMATCH, "collectives out of step (DDP_DEBUG=detail): rank 0 is in %s, but rank %d is in %s", a, q, b);
+            ddp__atomic_store_int(&ctx->desync, 1);
+            return ddp__break(ctx, DDP_ERROR_MISMATCH);
+        }
+    }
+    return DDP_SUCCESS;
+}
+
+static ddp_result ddp__fp_check(ddp_context *ctx, int kind, const char *site, uint64_t count, ddp_dtype t, int op, int arg) {
+    ddp__fp f;
+    ddp_result r;
+    if (!ctx->debug || ctx->world == 1) return DDP_SUCCESS;
+    memset(&f, 0, sizeof f);
+    f.seq = ++ctx->shm.fp_seq;
+    f.count = count;
+    f.step = ctx->sync_steps;
+    f.kind = kind;
+    f.dtype = (int32_t)t;
+    f.op = op;
+    f.arg = arg;
+    ddp__copy_str(f.site, sizeof f.site, site);
+    if (ctx->shm.ctrl) {
+        /* publish, wait for everybody's, compare, then release */
+        ddp__shm_slot *me = ddp__slot(ctx, ctx->rank);
+        ddp__fp *all;
+        int q;
+        memcpy(&me->fp, &f, sizeof f);
+        ddp__set_counter(ctx, 3, f.seq);
+        DDP__TRY(ddp__shm_wait(ctx, 3, f.seq, -1, "the peers' fingerprints (DDP_DEBUG=detail)"));
+        all = (ddp__fp *)ddp__alloc(ctx, (size_t)ctx->world * sizeof *all);
+        if (!all) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory comparing fingerprints");
+        for (q = 0; q < ctx->world; q++) memcpy(&all[q], &ddp__slot(ctx, q)->fp, sizeof f);
+        r = ddp__fp_compare(ctx, all, (int)sizeof f);
+        ddp__free(ctx, all);
+        if (r != DDP_SUCCESS) return r;
+        ddp__set_counter(ctx, 4, f.seq);
+        return ddp__shm_wait(ctx, 4, f.seq, -1, "the peers to compare fingerprints (DDP_DEBUG=detail)");
+    }
+    {
+        /* no shared control segment (nccl): one all-gather of the fingerprints */
+        ddp__fp *all = (ddp__fp *)ddp__alloc(ctx, (size_t)ctx->world * sizeof *all);
+        if (!all) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory comparing fingerprints");
+        r = ctx->ops->allgather(ctx, &f, all, sizeof f);
+        if (r == DDP_SUCCESS) r = ddp__fp_compare(ctx, all, (int)sizeof f);
+        ddp__free(ctx, all);
+        return r;
+    }
+}
+
 /* A broken context answers every call with the error that broke it when a
-   peer or a timeout did (DDP_ERROR_PEER, DDP_ERROR_TIMEOUT), else
-   DDP_ERROR_INVALID_STATE. */
+   peer, a timeout, a communication hook or the desync check did
+   (DDP_ERROR_PEER, DDP_ERROR_TIMEOUT, DDP_ERROR_USER, DDP_ERROR_MISMATCH),
+   else DDP_ERROR_INVALID_STATE. */
 static ddp_result ddp__check_usable(ddp_context *ctx, const char *fn) {
     int b = ddp__atomic_load_int(&ctx->broken);
     if (b) {
         ddp_result code = b == DDP_ERROR_PEER || b == DDP_ERROR_TIMEOUT ? (ddp_result)b : DDP_ERROR_INVALID_STATE;
+        if (ddp__atomic_load_int(&ctx->hook_broke)) code = DDP_ERROR_USER; /* a communication hook failed */
+        if (ddp__atomic_load_int(&ctx->desync)) code = DDP_ERROR_MISMATCH; /* DDP_DEBUG=detail found collectives out of step */
         char why[DDP__ERRLEN];
         ddp__comm_error(ctx, why, sizeof why);
         if (!why[0]) memcpy(why, ctx->err, sizeof why);
@@ -7531,6 +8358,7 @@ static ddp_result ddp__shm_setup(ddp_context *ctx) {
         ddp__seg_header(&ctx->shm.ctrl->h, ctx, 1, bytes, staging);
         ctx->shm.ctrl->abort_rank = -1;
         ctx->shm.ctrl->abort_claim = 0;
+        ctx->shm.ctrl->abort_code = 0;
         r = ddp__seg_share(ctx, "shm/ctrl", "control", fd, ctx->shm.ctrl_name, bytes);
         ddp__shm_obj_close(fd);
         if (r != DDP_SUCCESS) return r;
@@ -7605,6 +8433,8 @@ DDP_API ddp_result ddp_create(const ddp_config *config, ddp_context **out) {
     ctx->config_lr = c.optimizer.lr;
     ddp__join_reset(ctx);
     ctx->ls_scale = c.loss_scale.enabled ? (double)(float)c.loss_scale.init_scale : 1.0;
+    ctx->zero = c.zero_stage == 1;
+    ctx->debug = c.debug == DDP_DEBUG_DETAIL;
     ctx->ops = &ddp__shm_ops;
     ddp__mutex_init(&ctx->mu);
     ddp__mutex_init(&ctx->err_mu);
@@ -7633,6 +8463,8 @@ DDP_API ddp_result ddp_create(const ddp_config *config, ddp_context **out) {
     if (r == DDP_SUCCESS) r = ddp__cuda_setup(ctx);
     if (r == DDP_SUCCESS && (ctx->cfg.backend == DDP_BACKEND_SHM || ctx->cfg.backend == DDP_BACKEND_STAGED))
         r = ddp__shm_setup(ctx);
+    if (r == DDP_SUCCESS) r = ddp__trace_open(ctx);
+    ctx->cfg.trace_path = ctx->trace ? ctx->trace->path : NULL; /* the config must not point into the caller's memory */
     if (r != DDP_SUCCESS) {
         memcpy(ddp__create_err, ctx->err, sizeof ctx->err);
         ddp__kv_abort(ctx, ctx->err);
@@ -7665,12 +8497,14 @@ static void ddp__free_device(ddp_context *ctx, void *p);
 DDP_API void ddp_destroy(ddp_context *ctx) {
     if (!ctx) return;
     ddp__comm_stop(ctx);
+    ddp__trace_close(ctx);
     ddp__free_flat_grads(ctx);
     ddp__shm_obj_unmap(ctx->shm.grads_base, ctx->shm.grads_bytes);
     ddp__shm_obj_unmap(ctx->shm.ctrl, ctx->shm.ctrl_bytes);
     if (ctx->rank == 0 && ctx->shm.ctrl_name[0]) ddp__shm_obj_unlink(ctx->shm.ctrl_name);
     if (ctx->rank == 0 && ctx->shm.grads_name[0]) ddp__shm_obj_unlink(ctx->shm.grads_name);
     if (ctx->cfg.device == DDP_DEVICE_CUDA) {
+        ddp__free_device(ctx, ctx->hook_buf);
         ddp__free_device(ctx, ctx->flat_params);
         ddp__free_device(ctx, ctx->opt_m);
         ddp__free_device(ctx, ctx->opt_v);
@@ -7678,6 +8512,7 @@ DDP_API void ddp_destroy(ddp_context *ctx) {
         ddp__free_device(ctx, ctx->acc_reduced);
         ddp__free_device(ctx, ctx->acc_local);
     } else {
+        ddp__free(ctx, ctx->hook_buf);
         ddp__free(ctx, ctx->acc_reduced);
         ddp__free(ctx, ctx->acc_local);
         ddp__free(ctx, ctx->flat_params);
@@ -7700,6 +8535,10 @@ DDP_API void ddp_destroy(ddp_context *ctx) {
     ddp__free(ctx, ctx->rank_pid);
     ddp__free(ctx, ctx->params);
     ddp__free(ctx, ctx->buckets);
+    ddp__free(ctx, ctx->cb);
+    ddp__free(ctx, ctx->cranges);
+    ddp__free(ctx, ctx->cpieces);
+    ddp__free(ctx, ctx->mark_order);
     ddp__free(ctx, ctx->queue);
     ddp__free(ctx, ctx->opt_state_off);
     ddp__free(ctx, ctx->group_map);
@@ -7737,10 +8576,20 @@ static ddp_result ddp__coll_done(ddp_context *ctx, ddp_result r) {
     return r;
 }
 
+/* The timeline's event of a collective on the user's buffers. */
+static ddp_result ddp__coll_traced(ddp_context *ctx, int which, double t0, size_t bytes, ddp_result r) {
+    ddp__trace_ev(ctx, DDP__EV_COLL, t0, ddp__now() - t0, which, 0, bytes);
+    return ddp__coll_done(ctx, r);
+}
+
 DDP_API ddp_result ddp_barrier(ddp_context *ctx) {
     if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
     DDP__TRY(ddp__coll_check(ctx, "ddp_barrier", ctx, ctx, DDP_F32, DDP_OP_SUM));
-    return ddp__coll_done(ctx, ctx->ops->barrier(ctx, "a barrier"));
+    DDP__TRY(ddp__fp_check(ctx, DDP__FP_BARRIER, "ddp_barrier", 0, DDP_F32, 0, -1));
+    {
+        double t0 = ddp__now();
+        return ddp__coll_traced(ctx, 0, t0, 0, ctx->ops->barrier(ctx, "a barrier"));
+    }
 }
 
 DDP_API ddp_result ddp_allreduce(ddp_context *ctx, void *buf, size_t count, ddp_dtype dtype, ddp_op op) {
@@ -7748,7 +8597,11 @@ DDP_API ddp_result ddp_allreduce(ddp_context *ctx, void *buf, size_t count, ddp_
     if (count == 0) return DDP_SUCCESS;
     if (dtype == DDP_DTYPE_DEFAULT) dtype = DDP_F32;
     if (op == DDP_OP_DEFAULT) op = DDP_OP_SUM;
-    return ddp__coll_done(ctx, ctx->ops->allreduce(ctx, buf, count, dtype, op));
+    DDP__TRY(ddp__fp_check(ctx, DDP__FP_ALLREDUCE, "ddp_allreduce", count, dtype, (int)op, -1));
+    {
+        double t0 = ddp__now();
+        return ddp__coll_traced(ctx, 1, t0, count * ddp_dtype_size(dtype), ctx->ops->allreduce(ctx, buf, count, dtype, op));
+    }
 }
 
 DDP_API ddp_result ddp_broadcast(ddp_context *ctx, void *buf, size_t count, ddp_dtype dtype, int root) {
@@ -7756,13 +8609,21 @@ DDP_API ddp_result ddp_broadcast(ddp_context *ctx, void *buf, size_t count, ddp_
     if (root < 0 || root >= ctx->world)
         return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_broadcast: root %d is not a rank of a world of %d", root, ctx->world);
     if (count == 0) return DDP_SUCCESS;
-    return ddp__coll_done(ctx, ctx->ops->broadcast(ctx, buf, count * ddp_dtype_size(dtype), root));
+    DDP__TRY(ddp__fp_check(ctx, DDP__FP_BROADCAST, "ddp_broadcast", count, dtype == DDP_DTYPE_DEFAULT ? DDP_F32 : dtype, root, -1));
+    {
+        double t0 = ddp__now();
+        return ddp__coll_traced(ctx, 2, t0, count * ddp_dtype_size(dtype), ctx->ops->broadcast(ctx, buf, count * ddp_dtype_size(dtype), root));
+    }
 }
 
 DDP_API ddp_result ddp_allgather(ddp_context *ctx, const void *send, void *recv, size_t count, ddp_dtype dtype) {
     DDP__TRY(ddp__coll_check(ctx, "ddp_allgather", send, recv, dtype, DDP_OP_SUM));
     if (count == 0) return DDP_SUCCESS;
-    return ddp__coll_done(ctx, ctx->ops->allgather(ctx, send, recv, count * ddp_dtype_size(dtype)));
+    DDP__TRY(ddp__fp_check(ctx, DDP__FP_ALLGATHER, "ddp_allgather", count, dtype == DDP_DTYPE_DEFAULT ? DDP_F32 : dtype, 0, -1));
+    {
+        double t0 = ddp__now();
+        return ddp__coll_traced(ctx, 3, t0, count * ddp_dtype_size(dtype), ctx->ops->allgather(ctx, send, recv, count * ddp_dtype_size(dtype)));
+    }
 }
 
 DDP_API ddp_result ddp_reduce_scatter(ddp_context *ctx, const void *send, void *recv, size_t count,
@@ -7771,7 +8632,11 @@ DDP_API ddp_result ddp_reduce_scatter(ddp_context *ctx, const void *send, void *
     if (count == 0) return DDP_SUCCESS;
     if (dtype == DDP_DTYPE_DEFAULT) dtype = DDP_F32;
     if (op == DDP_OP_DEFAULT) op = DDP_OP_SUM;
-    return ddp__coll_done(ctx, ctx->ops->reduce_scatter(ctx, send, recv, count, dtype, op));
+    DDP__TRY(ddp__fp_check(ctx, DDP__FP_REDUCE_SCATTER, "ddp_reduce_scatter", count, dtype, (int)op, -1));
+    {
+        double t0 = ddp__now();
+        return ddp__coll_traced(ctx, 4, t0, count * ddp_dtype_size(dtype), ctx->ops->reduce_scatter(ctx, send, recv, count, dtype, op));
+    }
 }
 
 /* ---- parameters ------------------------------------------------------------------ */
@@ -7914,9 +8779,11 @@ DDP_API ddp_result ddp_register_param(ddp_context *ctx, const char *name, size_t
 }
 
 /* Reverse registration order, 256-byte aligned offsets; a bucket closes when
-   it reaches its cap or the element type changes. */
+   it reaches its cap or the element type changes. With ZeRO-1 every span is
+   a multiple of world * 256 bytes, so that the shards are equal and
+   256-byte aligned (NCCL's reduce-scatter and all-gather need equal parts). */
 static ddp_result ddp__assign_buckets(ddp_context *ctx) {
-    size_t off = 0;
+    size_t off = 0, end, quantum = ctx->zero ? (size_t)ctx->world * DDP__ALIGN : DDP__ALIGN;
     int i, nb = 0;
     ddp__bucket *bk = (ddp__bucket *)ddp__calloc(ctx, (size_t)ctx->num_params * sizeof *bk);
     if (!bk) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for %d buckets", ctx->num_params);
@@ -7926,6 +8793,7 @@ static ddp_result ddp__assign_buckets(ddp_context *ctx) {
         off = ddp__align_up(off, DDP__ALIGN);
         if (nb == 0 || bk[nb - 1].dtype != p->dtype ||
             bk[nb - 1].bytes >= (nb == 1 ? ctx->cfg.first_bucket_bytes : ctx->cfg.bucket_bytes)) {
+            if (nb > 0) off = bk[nb - 1].offset + ddp__align_up(off - bk[nb - 1].offset, quantum);
             bk[nb].offset = off;
             bk[nb].dtype = p->dtype;
             nb++;
@@ -7937,15 +8805,191 @@ static ddp_result ddp__assign_buckets(ddp_context *ctx) {
         bk[nb - 1].bytes = off - bk[nb - 1].offset;
     }
     /* spans cover the alignment padding up to the next bucket (zeros) */
+    end = bk[nb - 1].offset + ddp__align_up(off - bk[nb - 1].offset, quantum);
     for (i = 0; i < nb; i++) {
-        size_t end = i + 1 < nb ? bk[i + 1].offset : ddp__align_up(off, DDP__ALIGN);
-        bk[i].bytes = end - bk[i].offset;
+        bk[i].bytes = (i + 1 < nb ? bk[i + 1].offset : end) - bk[i].offset;
         bk[i].numel = bk[i].bytes / ddp_dtype_size(bk[i].dtype);
     }
     ctx->buckets = bk;
     ctx->num_buckets = nb;
-    ctx->flat_bytes = ddp__align_up(off, 4096);
+    ctx->flat_bytes = ddp__align_up(end, 4096);
     return DDP_SUCCESS;
+}
+
+/* Rank q's shard of storage bucket b: the elements its ZeRO-1 optimizer
+   owns, and the part of the canonical gradient norm it sums (see
+   ddp__grad_stats). */
+static void ddp__shard_of(const ddp_context *ctx, int b, int q, size_t *lo, size_t *hi) {
+    /* 256-byte parts: the same cut whether or not the bucket was padded to
+       world * 256 bytes (ddp__assign_buckets), so that the canonical norm
+       sums the same elements in the same order with and without ZeRO-1 */
+    size_t n = ctx->buckets[b].numel, unit = DDP__ALIGN / ddp_dtype_size(ctx->buckets[b].dtype);
+    size_t per = ddp__align_up((n + (size_t)ctx->world - 1) / (size_t)ctx->world, unit);
+    *lo = per * (size_t)q;
+    *hi = *lo + per;
+    if (*lo > n) *lo = n;
+    if (*hi > n) *hi = n;
+}
+
+/* This rank's optimizer range of storage bucket b: its shard with ZeRO-1,
+   else the whole bucket. */
+static void ddp__own_range(const ddp_context *ctx, int b, size_t *lo, size_t *hi) {
+    if (ctx->zero) ddp__shard_of(ctx, b, ctx->rank, lo, hi);
+    else { *lo = 0; *hi = ctx->buckets[b].numel; }
+}
+
+typedef struct ddp__pvec { ddp__piece *v; int n, cap; } ddp__pvec;
+
+static int ddp__pvec_add(ddp_context *ctx, ddp__pvec *a, size_t offset, size_t numel, int owner) {
+    if (a->n == a->cap) {
+        int cap = a->cap ? a->cap * 2 : 64;
+        ddp__piece *nv = (ddp__piece *)ddp__alloc(ctx, (size_t)cap * sizeof *nv);
+        if (!nv) return 0;
+        if (a->n) memcpy(nv, a->v, (size_t)a->n * sizeof *nv);
+        ddp__free(ctx, a->v);
+        a->v = nv;
+        a->cap = cap;
+    }
+    a->v[a->n].offset = offset;
+    a->v[a->n].numel = numel;
+    a->v[a->n].owner = owner;
+    a->n++;
+    return 1;
+}
+
+/* The pieces of communication bucket c: its ranges split among the ranks.
+   With ZeRO-1 an element is reduced by the rank whose shard holds it (it
+   is the only one that needs the result); otherwise the concatenated
+   ranges are cut evenly. Either way every element is summed over the
+   ranks in rank order: the same bits whoever reduces it. */
+static int ddp__split_pieces(ddp_context *ctx, ddp__cbucket *c, const ddp__piece *ranges, ddp__pvec *pieces) {
+    size_t es = ddp_dtype_size(c->dtype);
+    int k, q;
+    c->piece0 = pieces->n;
+    for (k = 0; k < c->nrange; k++) {
+        const ddp__piece *r = &ranges[c->range0 + k];
+        if (ctx->zero) {
+            const ddp__bucket *bk = &ctx->buckets[r->owner];
+            size_t e0 = (r->offset - bk->offset) / es, e1 = e0 + r->numel;
+            for (q = 0; q < ctx->world; q++) {
+                size_t lo, hi;
+                ddp__shard_of(ctx, r->owner, q, &lo, &hi);
+                if (lo < e0) lo = e0;
+                if (hi > e1) hi = e1;
+                if (hi > lo && !ddp__pvec_add(ctx, pieces, bk->offset + lo * es, hi - lo, q)) return 0;
+            }
+        }
+    }
+    if (!ctx->zero) {
+        for (q = 0; q < ctx->world; q++) {
+            size_t lo, hi, v = 0;
+            ddp__slice(c->numel, ctx->world, q, &lo, &hi);
+            for (k = 0; k < c->nrange && hi > lo; k++) {
+                const ddp__piece *r = &ranges[c->range0 + k];
+                size_t a = lo > v ? lo : v, b = hi < v + r->numel ? hi : v + r->numel;
+                if (b > a && !ddp__pvec_add(ctx, pieces, r->offset + (a - v) * es, b - a, q)) return 0;
+                v += r->numel;
+            }
+        }
+    }
+    c->npiece = pieces->n - c->piece0;
+    return 1;
+}
+
+static int ddp__cmp_offset(const void *a, const void *b) {
+    size_t x = *(const size_t *)a, y = *(const size_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* The communication buckets for launch order `order` (parameter ids, the
+   first to be launched first; NULL: the storage buckets themselves, in
+   reverse registration order). A bucket closes at its cap
+   (first_bucket_bytes, then bucket_bytes) or where the element type
+   changes, as the storage buckets do. Its parameters, sorted by offset,
+   form ranges: neighbours in one storage bucket merge, with the alignment
+   padding between them. An order that gives the storage buckets' partition
+   gives the storage buckets. Replaces ctx->cb only on success. */
+static ddp_result ddp__build_comm(ddp_context *ctx, const int *order) {
+    int P = ctx->num_params, nb = 0, i, k, same;
+    ddp__cbucket *cb = (ddp__cbucket *)ddp__calloc(ctx, (size_t)P * sizeof *cb);
+    int *cbof = (int *)ddp__alloc(ctx, (size_t)P * sizeof(int));
+    size_t *keys = (size_t *)ddp__alloc(ctx, (size_t)P * 2 * sizeof(size_t));
+    ddp__pvec ranges = { NULL, 0, 0 }, pieces = { NULL, 0, 0 };
+    ddp_result r = DDP_SUCCESS;
+    if (!cb || !cbof || !keys) { r = ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for the communication buckets"); goto done; }
+    if (order) {
+        /* the caps measured as ddp__assign_buckets does: every parameter
+           but the last one aligned to 256 bytes */
+        size_t aligned = 0, fill = 0;
+        for (k = 0; k < P; k++) {
+            const ddp__param *p = &ctx->params[order[k]];
+            size_t cap = nb == 1 ? ctx->cfg.first_bucket_bytes : ctx->cfg.bucket_bytes, pb = p->numel * ddp_dtype_size(p->dtype);
+            if (nb == 0 || cb[nb - 1].dtype != p->dtype || fill >= cap) { cb[nb++].dtype = p->dtype; aligned = 0; }
+            cbof[order[k]] = nb - 1;
+            cb[nb - 1].num_params++;
+            fill = aligned + pb;
+            aligned += ddp__align_up(pb, DDP__ALIGN);
+        }
+        same = nb == ctx->num_buckets;
+        for (i = 0; i < P && same; i++) same = cbof[i] == ctx->params[i].bucket;
+        if (same) order = NULL;
+    }
+    if (!order) {
+        nb = ctx->num_buckets;
+        memset(cb, 0, (size_t)P * sizeof *cb);
+        for (i = 0; i < nb; i++) {
+            const ddp__bucket *bk = &ctx->buckets[i];
+            cb[i].dtype = bk->dtype;
+            cb[i].numel = bk->numel;
+            cb[i].num_params = bk->num_params;
+            cb[i].range0 = ranges.n;
+            cb[i].nrange = 1;
+            if (!ddp__pvec_add(ctx, &ranges, bk->offset, bk->numel, i)) goto oom;
+        }
+        for (i = 0; i < P; i++) cbof[i] = ctx->params[i].bucket;
+    } else {
+        for (k = 0; k < nb; k++) {
+            ddp__cbucket *c = &cb[k];
+            size_t es = ddp_dtype_size(c->dtype);
+            int n = 0;
+            for (i = 0; i < P; i++)
+                if (cbof[i] == k) { keys[2 * n] = ctx->params[i].offset; keys[2 * n + 1] = (size_t)i; n++; }
+            qsort(keys, (size_t)n, 2 * sizeof(size_t), ddp__cmp_offset);
+            c->range0 = ranges.n;
+            for (i = 0; i < n; i++) {
+                const ddp__param *p = &ctx->params[keys[2 * i + 1]];
+                ddp__piece *last = ranges.n > c->range0 ? &ranges.v[ranges.n - 1] : NULL;
+                if (last && last->owner == p->bucket && ddp__align_up(last->offset + last->numel * es, DDP__ALIGN) == p->offset)
+                    last->numel = (p->offset - last->offset) / es + p->numel;
+                else if (!ddp__pvec_add(ctx, &ranges, p->offset, p->numel, p->bucket)) goto oom;
+            }
+            c->nrange = ranges.n - c->range0;
+            for (i = 0; i < c->nrange; i++) c->numel += ranges.v[c->range0 + i].numel;
+        }
+    }
+    for (k = 0; k < nb; k++)
+        if (!ddp__split_pieces(ctx, &cb[k], ranges.v, &pieces)) goto oom;
+    for (i = 0; i < P; i++) ctx->params[i].cbucket = cbof[i];
+    ddp__free(ctx, ctx->cb);
+    ddp__free(ctx, ctx->cranges);
+    ddp__free(ctx, ctx->cpieces);
+    ctx->cb = cb;
+    ctx->num_cb = nb;
+    ctx->cranges = ranges.v;
+    ctx->cpieces = pieces.v;
+    cb = NULL;
+    ranges.v = NULL;
+    pieces.v = NULL;
+    goto done;
+oom:
+    r = ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for the communication buckets");
+done:
+    ddp__free(ctx, cb);
+    ddp__free(ctx, cbof);
+    ddp__free(ctx, keys);
+    ddp__free(ctx, ranges.v);
+    ddp__free(ctx, pieces.v);
+    return r;
 }
 
 static void ddp__describe_param(const ddp__param *p, char *out, size_t cap) {
@@ -8068,9 +9112,12 @@ static ddp_result ddp__alloc_grad_segment(ddp_context *ctx) {
     int fd = -1;
     ddp_result r;
     ctx->shm.grad_stride = ctx->flat_bytes;
-    /* whole pages: Windows sizes a section in pages, and the receivers'
-       size check is exact */
-    bytes = ddp__align_up(hdr + ctx->flat_bytes * (size_t)ctx->world, 4096);
+    /* ZeRO-1: one more flat buffer, where each rank writes its updated shards
+       of the parameters once and every rank reads them; whole pages:
+       Windows sizes a section in pages, and the receivers' size check is exact */
+    bytes = hdr + ctx->flat_bytes * (size_t)ctx->world;
+    if (ctx->zero && ctx->world > 1) bytes += ctx->flat_bytes;
+    bytes = ddp__align_up(bytes, 4096);
     if (ctx->world == 1) {
         p = ddp__shm_obj_map_private(bytes);
         if (!p) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "cannot map %" DDP__PRIzu " bytes for the gradients: %s", bytes, ddp__strerror(errno));
@@ -8096,6 +9143,7 @@ static ddp_result ddp__alloc_grad_segment(ddp_context *ctx) {
     ctx->shm.grads_base = (unsigned char *)p;
     ctx->shm.grads_bytes = bytes;
     ctx->shm.grads = (unsigned char *)p + hdr;
+    if (ctx->zero && ctx->world > 1) ctx->shm.xchg = ctx->shm.grads + (size_t)ctx->world * ctx->shm.grad_stride;
     r = ddp__shm_barrier(ctx, "every rank to map the gradient segment");
     if (ctx->rank == 0 && ctx->shm.grads_name[0]) { ddp__shm_obj_unlink(ctx->shm.grads_name); ctx->shm.grads_name[0] = 0; }
     return r;
@@ -8105,17 +9153,30 @@ static void *ddp__comm_main(void *arg);
 
 static size_t ddp__state_elem(ddp_dtype t) { return t == DDP_F64 ? 8 : 4; }
 
+/* The layout of the optimizer state arrays: per storage bucket, this
+   rank's range of it (the whole bucket, or its ZeRO-1 shard), each
+   256-byte aligned. */
 static ddp_result ddp__alloc_host_state(ddp_context *ctx) {
-    size_t off = 0;
+    size_t off = 0, lo, hi;
     int b;
     ctx->opt_state_off = (size_t *)ddp__calloc(ctx, (size_t)ctx->num_buckets * sizeof(size_t));
     if (!ctx->opt_state_off) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for optimizer state offsets");
     for (b = 0; b < ctx->num_buckets; b++) {
+        ddp__own_range(ctx, b, &lo, &hi);
         ctx->opt_state_off[b] = off;
-        off += ddp__align_up(ctx->buckets[b].numel * ddp__state_elem(ctx->buckets[b].dtype), DDP__ALIGN);
+        off += ddp__align_up((hi - lo) * ddp__state_elem(ctx->buckets[b].dtype), DDP__ALIGN);
     }
     ctx->opt_state_bytes = off;
     return DDP_SUCCESS;
+}
+
+/* The state of element i (in bucket coordinates, inside this rank's range)
+   of storage bucket b in state array base. */
+static void *ddp__state_el(const ddp_context *ctx, void *base, int b, size_t i) {
+    size_t lo, hi;
+    if (!base) return NULL;
+    ddp__own_range(ctx, b, &lo, &hi);
+    return (unsigned char *)base + ctx->opt_state_off[b] + (i - lo) * ddp__state_elem(ctx->buckets[b].dtype);
 }
 
 static ddp_result ddp__finalize(ddp_context *ctx) {
@@ -8123,8 +9184,17 @@ static ddp_result ddp__finalize(ddp_context *ctx) {
     int i;
     DDP__TRY(ddp__assign_buckets(ctx));
     DDP__TRY(ddp__assign_groups(ctx));
-    ctx->queue = (int *)ddp__calloc(ctx, (size_t)ctx->num_buckets * sizeof(int));
+    DDP__TRY(ddp__build_comm(ctx, NULL));
+    ctx->queue = (int *)ddp__calloc(ctx, (size_t)ctx->num_params * sizeof(int));
     if (!ctx->queue) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for the bucket queue");
+    /* config.compress: the compression hook (nccl compresses on its own path) */
+    if (!ctx->hook && ctx->cfg.backend != DDP_BACKEND_NCCL && (ctx->cfg.compress == DDP_BF16 || ctx->cfg.compress == DDP_F16))
+        ctx->hook = ctx->cfg.compress == DDP_BF16 ? ddp_comm_hook_bf16 : ddp_comm_hook_fp16;
+    /* the first step's marks decide the bucket order (not with uneven inputs:
+       a rank that joins at once would not answer the agreement) */
+    ctx->order_learned = ctx->cfg.static_bucket_order || ctx->cfg.uneven_inputs;
+    if (!ctx->order_learned && !(ctx->mark_order = (int *)ddp__alloc(ctx, (size_t)ctx->num_params * sizeof(int))))
+        return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for the bucket order");
     if (ctx->world > 1) DDP__TRY(ddp__verify_params(ctx));
     DDP__TRY(ddp__alloc_host_state(ctx));
     if (ddp__on_gpu(ctx)) {
@@ -8164,7 +9234,7 @@ static ddp_result ddp__finalize(ddp_context *ctx) {
     }
     {
         char msg[160];
-        snprintf(msg, sizeof msg, "%d parameters, %" DDP__PRIzu " bytes, %d buckets", ctx->num_params, ctx->flat_bytes, ctx->num_buckets);
+        snprintf(msg, sizeof msg, "%d parameters, %" DDP__PRIzu " bytes, %d buckets", ctx->num_params, ctx->flat_bytes, ctx->num_cb);
         ddp__log(ctx, DDP_LOG_INFO, msg);
     }
     return DDP_SUCCESS;
@@ -8193,6 +9263,7 @@ DDP_API ddp_result ddp_sync_params(ddp_context *ctx) {
     if (ctx->in_step) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_sync_params: not allowed inside a step");
     DDP__TRY(ddp__join_check(ctx, "ddp_sync_params"));
     if (ctx->world == 1) return DDP_SUCCESS;
+    DDP__TRY(ddp__fp_check(ctx, DDP__FP_BROADCAST, "ddp_sync_params", ctx->flat_bytes, (ddp_dtype)-1, 0, -1));
     return ddp__coll_done(ctx, ctx->ops->broadcast(ctx, ctx->flat_params, ctx->flat_bytes, 0));
 }
 
@@ -8214,19 +9285,33 @@ DDP_API const char *ddp_param_name(const ddp_context *ctx, int id) {
     return ctx && id >= 0 && id < ctx->num_params ? ctx->params[id].name : NULL;
 }
 DDP_API int ddp_param_bucket(const ddp_context *ctx, int id) {
-    return ddp__param_check(ctx, id) ? -1 : ctx->params[id].bucket;
+    return ddp__param_check(ctx, id) ? -1 : ctx->params[id].cbucket;
 }
 DDP_API size_t ddp_param_offset(const ddp_context *ctx, int id) {
     return ddp__param_check(ctx, id) ? 0 : ctx->params[id].offset;
 }
-DDP_API int ddp_bucket_count(const ddp_context *ctx) { return ctx && ctx->finalized ? ctx->num_buckets : 0; }
+DDP_API int ddp_bucket_count(const ddp_context *ctx) { return ctx && ctx->finalized ? ctx->num_cb : 0; }
 DDP_API ddp_result ddp_bucket_info(const ddp_context *ctx, int b, size_t *offset_bytes, size_t *size_bytes,
                                    ddp_dtype *dtype, int *num_params) {
-    if (!ctx || !ctx->finalized || b < 0 || b >= ctx->num_buckets) return DDP_ERROR_INVALID_ARGUMENT;
-    if (offset_bytes) *offset_bytes = ctx->buckets[b].offset;
-    if (size_bytes) *size_bytes = ctx->buckets[b].bytes;
-    if (dtype) *dtype = ctx->buckets[b].dtype;
-    if (num_params) *num_params = ctx->buckets[b].num_params;
+    const ddp__cbucket *c;
+    const ddp__piece *first, *last;
+    if (!ctx || !ctx->finalized || b < 0 || b >= ctx->num_cb) return DDP_ERROR_INVALID_ARGUMENT;
+    c = &ctx->cb[b];
+    first = &ctx->cranges[c->range0];
+    last = &ctx->cranges[c->range0 + c->nrange - 1];
+    if (offset_bytes) *offset_bytes = first->offset;
+    if (size_bytes) *size_bytes = last->offset + last->numel * ddp_dtype_size(c->dtype) - first->offset;
+    if (dtype) *dtype = c->dtype;
+    if (num_params) *num_params = c->num_params;
+    return DDP_SUCCESS;
+}
+DDP_API ddp_result ddp_bucket_range(const ddp_context *ctx, int b, int k, size_t *offset_bytes, size_t *size_bytes) {
+    const ddp__cbucket *c;
+    if (!ctx || !ctx->finalized || b < 0 || b >= ctx->num_cb) return DDP_ERROR_INVALID_ARGUMENT;
+    c = &ctx->cb[b];
+    if (k < 0 || k >= c->nrange) return DDP_ERROR_INVALID_ARGUMENT;
+    if (offset_bytes) *offset_bytes = ctx->cranges[c->range0 + k].offset;
+    if (size_bytes) *size_bytes = ctx->cranges[c->range0 + k].numel * ddp_dtype_size(c->dtype);
     return DDP_SUCCESS;
 }
 DDP_API void *ddp_flat_params(ddp_context *ctx) { return ctx && ctx->finalized ? ctx->flat_params : NULL; }
@@ -8235,6 +9320,249 @@ DDP_API size_t ddp_flat_bytes(const ddp_context *ctx) { return ctx && ctx->final
 
 /* ---- communication thread ---------------------------------------------------------- */
 
+
+/* ---- communication hooks ----------------------------------------------------------
+
+   A hook replaces a bucket's built-in reduction and runs where it would
+   have: on the communication thread (shm, staged), inline for the last
+   bucket, or on your thread at the bucket's launch (nccl). It gets the
+   bucket as one span (a bucket of several ranges, see BUCKETS, is packed
+   into a scratch buffer and unpacked after) and the library's collectives
+   through function pointers; they run on this context's communicator
+   without the public functions' checks (no "inside a step" refusal). */
+
+static ddp_result ddp__cuda_hook_prepare(ddp_context *ctx, int b);
+static ddp_result ddp__cuda_hook_finish(ddp_context *ctx, int b);
+static void *ddp__cuda_comm_stream(ddp_context *ctx);
+static ddp_result ddp__cuda_hook_sync(ddp_context *ctx);
+static ddp_result ddp__cuda_hook_scale(ddp_context *ctx, void *buf, ddp_dtype t, size_t n, double scale);
+static ddp_result ddp__cuda_copy_dd(ddp_context *ctx, void *dst, const void *src, size_t bytes);
+static ddp_result ddp__cuda_hook_compress(ddp_context *ctx, const ddp_comm_bucket *b, ddp_dtype ct);
+static void *ddp__dev_alloc(ddp_context *ctx, size_t bytes);
+
+static ddp_result ddp__hook_arg(ddp_context *ctx, const char *fn, const void *a, const void *b, ddp_dtype t, ddp_op op) {
+    if (!a || !b) return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "%s in a communication hook: buffer is NULL", fn);
+    if ((int)t < 0 || t >= DDP_DTYPE_COUNT_) return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "%s in a communication hook: dtype %d is not a ddp_dtype", fn, (int)t);
+    if ((int)op < 0 || op > DDP_OP_MIN) return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "%s in a communication hook: op %d is not a ddp_op", fn, (int)op);
+    /* kernels the hook queued on its stream come first */
+    if (ddp__on_gpu(ctx)) return ddp__cuda_hook_sync(ctx);
+    return DDP_SUCCESS;
+}
+
+static ddp_result ddp__hook_done(ddp_context *ctx, size_t bytes, ddp_result r) {
+    ctx->hook_bytes += bytes;
+    if (r != DDP_SUCCESS && r != DDP_ERROR_INVALID_ARGUMENT) return ddp__break(ctx, r);
+    return r;
+}
+
+static ddp_result ddp__hook_allreduce(void *comm, void *buf, size_t count, ddp_dtype t, ddp_op op, double scale) {
+    ddp_context *ctx = (ddp_context *)comm;
+    ddp_result r;
+    if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
+    if (t == DDP_DTYPE_DEFAULT) t = DDP_F32;
+    if (op == DDP_OP_DEFAULT) op = DDP_OP_SUM;
+    DDP__TRY(ddp__hook_arg(ctx, "allreduce", buf, buf, t, op));
+    if (!ddp__in_range(scale, -HUGE_VAL, HUGE_VAL, 0))
+        return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "allreduce in a communication hook: scale %g is not finite", scale);
+    if (count == 0) return DDP_SUCCESS;
+    DDP__TRY(ddp__fp_check(ctx, DDP__FP_ALLREDUCE, "communication hook", count, t, (int)op, ctx->fp_bucket));
+    if (ddp__on_gpu(ctx)) {
+        r = ctx->ops->allreduce(ctx, buf, count, t, op);
+        if (r == DDP_SUCCESS && scale != 1.0) r = ddp__cuda_hook_scale(ctx, buf, t, count, scale);
+    } else {
+        r = ddp__shm_allreduce_scaled(ctx, buf, count, t, op, scale);
+    }
+    return ddp__hook_done(ctx, count * ddp_dtype_size(t), r);
+}
+
+static ddp_result ddp__hook_broadcast(void *comm, void *buf, size_t count, ddp_dtype t, int root) {
+    ddp_context *ctx = (ddp_context *)comm;
+    if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
+    DDP__TRY(ddp__hook_arg(ctx, "broadcast", buf, buf, t, DDP_OP_SUM));
+    if (root < 0 || root >= ctx->world)
+        return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "broadcast in a communication hook: root %d is not a rank of a world of %d", root, ctx->world);
+    if (count == 0) return DDP_SUCCESS;
+    DDP__TRY(ddp__fp_check(ctx, DDP__FP_BROADCAST, "communication hook", count, t, root, ctx->fp_bucket));
+    return ddp__hook_done(ctx, count * ddp_dtype_size(t), ctx->ops->broadcast(ctx, buf, count * ddp_dtype_size(t), root));
+}
+
+static ddp_result ddp__hook_allgather(void *comm, const void *send, void *recv, size_t count, ddp_dtype t) {
+    ddp_context *ctx = (ddp_context *)comm;
+    if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
+    DDP__TRY(ddp__hook_arg(ctx, "allgather", send, recv, t, DDP_OP_SUM));
+    if (count == 0) return DDP_SUCCESS;
+    DDP__TRY(ddp__fp_check(ctx, DDP__FP_ALLGATHER, "communication hook", count, t, 0, ctx->fp_bucket));
+    return ddp__hook_done(ctx, count * ddp_dtype_size(t), ctx->ops->allgather(ctx, send, recv, count * ddp_dtype_size(t)));
+}
+
+static ddp_result ddp__hook_reduce_scatter(void *comm, const void *send, void *recv, size_t count, ddp_dtype t, ddp_op op) {
+    ddp_context *ctx = (ddp_context *)comm;
+    if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
+    if (t == DDP_DTYPE_DEFAULT) t = DDP_F32;
+    if (op == DDP_OP_DEFAULT) op = DDP_OP_SUM;
+    DDP__TRY(ddp__hook_arg(ctx, "reduce_scatter", send, recv, t, op));
+    if (count == 0) return DDP_SUCCESS;
+    DDP__TRY(ddp__fp_check(ctx, DDP__FP_REDUCE_SCATTER, "communication hook", count, t, (int)op, ctx->fp_bucket));
+    return ddp__hook_done(ctx, count * ddp_dtype_size(t) * (size_t)ctx->world, ctx->ops->reduce_scatter(ctx, send, recv, count, t, op));
+}
+
+static ddp_result ddp__hook_barrier(void *comm) {
+    ddp_context *ctx = (ddp_context *)comm;
+    if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
+    DDP__TRY(ddp__fp_check(ctx, DDP__FP_BARRIER, "communication hook", 0, DDP_F32, 0, ctx->fp_bucket));
+    return ddp__hook_done(ctx, 0, ctx->ops->barrier(ctx, "a barrier in a communication hook"));
+}
+
+/* The hook's scratch: at least bytes (host, or device on GPU contexts). */
+static ddp_result ddp__hook_scratch(ddp_context *ctx, size_t bytes, void **out) {
+    if (ctx->hook_buf_bytes < bytes) {
+        void *p = ddp__on_gpu(ctx) ? ddp__dev_alloc(ctx, bytes) : ddp__alloc(ctx, bytes);
+        if (!p) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for %" DDP__PRIzu " bytes of communication-hook scratch", bytes);
+        if (ddp__on_gpu(ctx)) ddp__free_device(ctx, ctx->hook_buf);
+        else ddp__free(ctx, ctx->hook_buf);
+        ctx->hook_buf = p;
+        ctx->hook_buf_bytes = bytes;
+    }
+    *out = ctx->hook_buf;
+    return DDP_SUCCESS;
+}
+
+/* Copy bucket b's ranges into the packed span (in) or back (!in). */
+static ddp_result ddp__hook_pack(ddp_context *ctx, int b, unsigned char *pack, int in) {
+    const ddp__cbucket *cb = &ctx->cb[b];
+    size_t es = ddp_dtype_size(cb->dtype), at = 0;
+    int k;
+    for (k = 0; k < cb->nrange; k++) {
+        const ddp__piece *rg = &ctx->cranges[cb->range0 + k];
+        unsigned char *g = ctx->flat_grads + rg->offset;
+        if (ddp__on_gpu(ctx)) DDP__TRY(ddp__cuda_copy_dd(ctx, in ? pack + at : g, in ? g : pack + at, rg->numel * es));
+        else memcpy(in ? pack + at : g, in ? g : pack + at, rg->numel * es);
+        at += rg->numel * es;
+    }
+    return ddp__on_gpu(ctx) ? ddp__cuda_hook_sync(ctx) : DDP_SUCCESS;
+}
+
+/* Run the hook on bucket b. A hook that fails breaks the context at once,
+   so the other ranks, waiting in their hooks' collectives, fail too (with
+   DDP_ERROR_USER, see ddp__shm_wait). */
+static ddp_result ddp__call_hook(ddp_context *ctx, int b, double scale) {
+    const ddp__cbucket *cb = &ctx->cb[b];
+    size_t bytes = cb->numel * ddp_dtype_size(cb->dtype);
+    ddp_comm_bucket a;
+    void *pack = NULL;
+    ddp_result rc;
+    memset(&a, 0, sizeof a);
+    if (ddp__on_gpu(ctx)) DDP__TRY(ddp__cuda_hook_prepare(ctx, b));
+    if (cb->nrange == 1) {
+        a.grad = ctx->flat_grads + ctx->cranges[cb->range0].offset;
+    } else {
+        DDP__TRY(ddp__hook_scratch(ctx, bytes, &pack));
+        DDP__TRY(ddp__hook_pack(ctx, b, (unsigned char *)pack, 1));
+        a.grad = pack;
+    }
+    a.index = b;
+    a.count = cb->numel;
+    a.dtype = cb->dtype;
+    a.scale = scale;
+    a.rank = ctx->rank;
+    a.world = ctx->world;
+    a.on_device = ddp__on_gpu(ctx);
+    a.stream = ddp__cuda_comm_stream(ctx);
+    a.comm = ctx;
+    a.allreduce = ddp__hook_allreduce;
+    a.broadcast = ddp__hook_broadcast;
+    a.allgather = ddp__hook_allgather;
+    a.reduce_scatter = ddp__hook_reduce_scatter;
+    a.barrier = ddp__hook_barrier;
+    ctx->hook_bytes = 0;
+    rc = ctx->hook(&a, ctx->hook_state);
+    if (rc != DDP_SUCCESS) {
+        int broken = ddp__atomic_load_int(&ctx->broken);
+        /* a collective inside failed (the message is its own), or the hook itself */
+        if (broken) return (ddp_result)broken;
+        ddp__fail(ctx, DDP_ERROR_USER, "communication hook returned %d for bucket %d on rank %d", (int)rc, b, ctx->rank);
+        ddp__atomic_store_int(&ctx->hook_failed, 1);
+        ddp__atomic_store_int(&ctx->hook_broke, 1);
+        return ddp__break(ctx, DDP_ERROR_USER);
+    }
+    if (pack) DDP__TRY(ddp__hook_pack(ctx, b, (unsigned char *)pack, 0));
+    if (ddp__on_gpu(ctx)) return ddp__cuda_hook_finish(ctx, b);
+    return DDP_SUCCESS;
+}
+
+DDP_API ddp_result ddp_register_comm_hook(ddp_context *ctx, ddp_comm_hook hook, void *state) {
+    if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
+    DDP__TRY(ddp__check_usable(ctx, "ddp_register_comm_hook"));
+    if (ctx->in_step) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_register_comm_hook: not allowed inside a step");
+    ctx->hook = hook;
+    ctx->hook_state = state;
+    return DDP_SUCCESS;
+}
+
+DDP_API ddp_result ddp_comm_hook_allreduce(const ddp_comm_bucket *b, void *state) {
+    (void)state;
+    if (!b || !b->allreduce) return DDP_ERROR_INVALID_ARGUMENT;
+    return b->allreduce(b->comm, b->grad, b->count, b->dtype, DDP_OP_SUM, b->scale);
+}
+
+/* f32 to ct, in place in the first half of the span (element i's 2 bytes
+   land below element i + 1's 4), the sum in ct, back to f32 from the top
+   down. Loads and stores through memcpy: the span is read as two types. */
+static ddp_result ddp__hook_compress(const ddp_comm_bucket *b, ddp_dtype ct) {
+    ddp_context *ctx;
+    unsigned char *g;
+    float s;
+    size_t i;
+    ddp_result r;
+    if (!b || !b->allreduce || !b->comm) return DDP_ERROR_INVALID_ARGUMENT;
+    if (b->dtype != DDP_F32) return b->allreduce(b->comm, b->grad, b->count, b->dtype, DDP_OP_SUM, b->scale);
+    ctx = (ddp_context *)b->comm;
+    if (b->on_device) return ddp__cuda_hook_compress(ctx, b, ct);
+    g = (unsigned char *)b->grad;
+    s = (float)b->scale;
+    for (i = 0; i < b->count; i++) {
+        float v;
+        uint16_t h;
+        memcpy(&v, g + 4 * i, 4);
+        h = ct == DDP_BF16 ? ddp__f32_to_bf16(v * s) : ddp__f32_to_f16(v * s);
+        memcpy(g + 2 * i, &h, 2);
+    }
+    r = b->allreduce(b->comm, g, b->count, ct, DDP_OP_SUM, 1.0);
+    if (r != DDP_SUCCESS) return r;
+    for (i = b->count; i-- > 0;) {
+        uint16_t h;
+        float v;
+        memcpy(&h, g + 2 * i, 2);
+        v = ct == DDP_BF16 ? ddp__bf16_to_f32(h) : ddp__f16_to_f32(h);
+        memcpy(g + 4 * i, &v, 4);
+    }
+    return DDP_SUCCESS;
+}
+
+DDP_API ddp_result ddp_comm_hook_bf16(const ddp_comm_bucket *b, void *state) { (void)state; return ddp__hook_compress(b, DDP_BF16); }
+DDP_API ddp_result ddp_comm_hook_fp16(const ddp_comm_bucket *b, void *state) { (void)state; return ddp__hook_compress(b, DDP_F16); }
+
+/* Reduce bucket b (on the communication thread, or inline), timed for
+   the step statistics and the timeline. */
+static ddp_result ddp__run_bucket(ddp_context *ctx, int b, double scale) {
+    double t0 = ddp__now(), dt;
+    uint64_t bytes = (uint64_t)ctx->cb[b].numel * ddp_dtype_size(ctx->cb[b].dtype);
+    ddp_result r;
+    ctx->fp_bucket = b;
+    if (ctx->hook) r = ddp__call_hook(ctx, b, scale);
+    else {
+        r = ddp__fp_check(ctx, DDP__FP_BUCKET, "gradient bucket", ctx->cb[b].numel, ctx->cb[b].dtype, ctx->zero, b);
+        if (r == DDP_SUCCESS) r = ctx->ops->bucket_reduce(ctx, b, scale);
+    }
+    if (ctx->hook) bytes = ctx->hook_bytes;
+    dt = ddp__now() - t0;
+    ddp__mutex_lock(&ctx->mu);
+    ctx->st_cur.comm_s += dt;
+    ctx->st_cur.bytes += bytes;
+    ddp__mutex_unlock(&ctx->mu);
+    ddp__trace_ev(ctx, DDP__EV_REDUCE, t0, dt, b, ctx->hook != NULL, bytes);
+    return r;
+}
 
 static void *ddp__comm_main(void *arg) {
     ddp_context *ctx = (ddp_context *)arg;
@@ -8253,7 +9581,7 @@ static void *ddp__comm_main(void *arg) {
         r = ctx->q_err;
         ctx->q_busy = 1;
         ddp__mutex_unlock(&ctx->mu);
-        if (r == DDP_SUCCESS) r = ctx->ops->bucket_reduce(ctx, b, scale);
+        if (r == DDP_SUCCESS) r = ddp__run_bucket(ctx, b, scale);
         ddp__mutex_lock(&ctx->mu);
         if (r != DDP_SUCCESS && ctx->q_err == DDP_SUCCESS) ctx->q_err = r;
         ctx->q_head++;
@@ -8269,24 +9597,41 @@ static ddp_result ddp__drain(ddp_context *ctx);
 
 static ddp_result ddp__launch_bucket(ddp_context *ctx, int b) {
     ddp_result r;
-    ctx->buckets[b].launched = 1;
+    ctx->cb[b].launched = 1;
     if (ddp__solo(ctx)) return DDP_SUCCESS; /* see ddp__cuda_solo_end */
     if (ctx->cfg.logger.func && ctx->cfg.logger.level >= DDP_LOG_DEBUG) {
         char msg[64];
         snprintf(msg, sizeof msg, "launch bucket %d", b);
         ddp__log(ctx, DDP_LOG_DEBUG, msg);
     }
-    if (ctx->cfg.backend == DDP_BACKEND_NCCL) return ddp__cuda_launch_bucket(ctx, b);
+    ddp__trace_ev(ctx, DDP__EV_LAUNCH, ddp__now(), -1, b, 0, (uint64_t)ctx->cb[b].numel * ddp_dtype_size(ctx->cb[b].dtype));
+    if (ctx->cfg.backend == DDP_BACKEND_NCCL && ctx->hook) {
+        /* the hook runs here, on your thread; its collectives wait for themselves */
+        r = ddp__run_bucket(ctx, b, ctx->q_scale);
+        if (r != DDP_SUCCESS) ddp__break(ctx, r);
+        return r;
+    }
+    if (ctx->cfg.backend == DDP_BACKEND_NCCL) {
+        /* queued on the communication stream: the bytes count, the time does not show on the host */
+        ddp__mutex_lock(&ctx->mu);
+        ctx->st_cur.bytes += (uint64_t)ctx->cb[b].numel * ddp_dtype_size(ctx->cb[b].dtype);
+        ddp__mutex_unlock(&ctx->mu);
+        r = ddp__fp_check(ctx, DDP__FP_BUCKET, "gradient bucket", ctx->cb[b].numel, ctx->cb[b].dtype, ctx->zero, b);
+        if (r != DDP_SUCCESS) return r;
+        return ddp__cuda_launch_bucket(ctx, b);
+    }
 #if defined(DDP_CUDA)
     /* staged: the events are recorded here, on the thread that marked */
     if (ddp__on_gpu(ctx)) DDP__TRY(ddp__cuda_bucket_events(ctx, b, 0));
 #endif
     /* the last bucket: nothing of backward is left to overlap with, so the
        calling thread reduces it itself (after the queue), saving the hand-off */
-    if (ctx->comm_started && b == ctx->num_buckets - 1) {
+    if (ctx->comm_started && b == ctx->num_cb - 1) {
+        double t0 = ddp__now();
         r = ddp__drain(ctx);
+        ddp__trace_ev(ctx, DDP__EV_WAIT, t0, ddp__now() - t0, 0, 0, 0);
         if (r != DDP_SUCCESS) return r;
-        r = ctx->ops->bucket_reduce(ctx, b, ctx->q_scale);
+        r = ddp__run_bucket(ctx, b, ctx->q_scale);
         if (r != DDP_SUCCESS) ddp__break(ctx, r);
         return r;
     }
@@ -8297,7 +9642,7 @@ static ddp_result ddp__launch_bucket(ddp_context *ctx, int b) {
         ddp__mutex_unlock(&ctx->mu);
         return DDP_SUCCESS;
     }
-    r = ctx->ops->bucket_reduce(ctx, b, ctx->q_scale);
+    r = ddp__run_bucket(ctx, b, ctx->q_scale);
     if (r != DDP_SUCCESS) ddp__break(ctx, r);
     return r;
 }
@@ -8453,14 +9798,18 @@ DDP_API ddp_result ddp_step_begin(ddp_context *ctx) {
     r = ddp__acc_begin(ctx);
     if (r != DDP_SUCCESS) return ddp__break(ctx, r);
     for (i = 0; i < ctx->num_params; i++) ctx->params[i].marked = 0;
-    for (i = 0; i < ctx->num_buckets; i++) {
-        ctx->buckets[i].pending = ctx->buckets[i].num_params;
-        ctx->buckets[i].launched = 0;
+    for (i = 0; i < ctx->num_cb; i++) {
+        ctx->cb[i].pending = ctx->cb[i].num_params;
+        ctx->cb[i].launched = 0;
     }
     ctx->next_bucket = 0;
     if (ctx->cfg.uneven_inputs && !ctx->no_sync && ctx->world > 1) DDP__TRY(ddp__join_step(ctx));
     ctx->q_scale = ddp__reduce_factor(ctx);
     ctx->in_step = 1;
+    ctx->st_t0 = ddp__now();
+    ctx->st_inline = 0;
+    ctx->st_steps++;
+    if (!ctx->no_sync) ctx->sync_steps++; /* after the join round: a joined rank counts at its shadow step */
     return DDP_SUCCESS;
 }
 
@@ -8481,11 +9830,19 @@ static ddp_result ddp__mark(ddp_context *ctx, int id, void *stream, int has_stre
     if (has_stream && !ddp__on_gpu(ctx))
         return ddp__fail(ctx, DDP_ERROR_UNSUPPORTED, "ddp_mark_ready_stream: the context keeps parameters on the CPU; use ddp_mark_ready()");
     p->marked = 1;
+    if (!ctx->order_learned && ctx->mark_count < ctx->num_params) ctx->mark_order[ctx->mark_count++] = id;
+    if (ctx->trace) ddp__trace_ev(ctx, DDP__EV_MARK, ddp__now(), -1, id, p->cbucket, 0);
     if (ddp__on_gpu(ctx)) DDP__TRY(ddp__cuda_record_ready(ctx, id, stream));
     if (ctx->no_sync) return DDP_SUCCESS;
-    ctx->buckets[p->bucket].pending--;
-    while (ctx->next_bucket < ctx->num_buckets && ctx->buckets[ctx->next_bucket].pending == 0) {
-        ddp_result r = ddp__launch_bucket(ctx, ctx->next_bucket++);
+    ctx->cb[p->cbucket].pending--;
+    if (ctx->next_bucket < ctx->num_cb && ctx->cb[ctx->next_bucket].pending == 0) {
+        /* launching (and, for the last bucket, reducing) is communication on
+           the user's thread: it counts as exposed */
+        double t0 = ddp__now();
+        ddp_result r = DDP_SUCCESS;
+        while (r == DDP_SUCCESS && ctx->next_bucket < ctx->num_cb && ctx->cb[ctx->next_bucket].pending == 0)
+            r = ddp__launch_bucket(ctx, ctx->next_bucket++);
+        ctx->st_inline += ddp__now() - t0;
         if (r != DDP_SUCCESS) return r;
     }
     return DDP_SUCCESS;
@@ -8500,20 +9857,101 @@ static ddp_result ddp__cuda_step_end(ddp_context *ctx, void *stream);
    (CPU), or make the stream wait for them (GPU). */
 static ddp_result ddp__reduce_rest(ddp_context *ctx, void *stream) {
     ddp_result r = DDP_SUCCESS;
-    while (r == DDP_SUCCESS && ctx->next_bucket < ctx->num_buckets) r = ddp__launch_bucket(ctx, ctx->next_bucket++);
+    while (r == DDP_SUCCESS && ctx->next_bucket < ctx->num_cb) r = ddp__launch_bucket(ctx, ctx->next_bucket++);
     if (ctx->cfg.backend == DDP_BACKEND_NCCL) {
         if (r == DDP_SUCCESS) r = ddp__cuda_step_end(ctx, stream);
     } else {
+        double t0 = ddp__now();
         ddp_result d = ddp__drain(ctx);
+        if (ctx->comm_started) ddp__trace_ev(ctx, DDP__EV_WAIT, t0, ddp__now() - t0, 0, 0, 0);
         if (r == DDP_SUCCESS) r = d;
         if (r == DDP_SUCCESS && ddp__on_gpu(ctx)) r = ddp__cuda_step_end(ctx, stream);
     }
     return r;
 }
 
+/* ---- the bucket order learned from the first step ----
+
+   PyTorch DDP rebuilds its buckets after the first iteration in the order
+   the gradients became ready; so does this reducer, once, at the end of
+   the first step (synced or not): the order of that step's
+   ddp_mark_ready() calls (parameters never marked follow in reverse
+   registration order). Every rank takes rank 0's order (a broadcast of
+   one int per parameter; a rank that marked in another order says so in
+   a DEBUG log line). Only the communication buckets change: which
+   parameters each holds and their launch order. The storage (offsets,
+   the pointers you hold, the optimizer state, ZeRO-1 shards, checkpoints)
+   stays as it is; a bucket may then be several ranges of the flat
+   buffers. Off with config.static_bucket_order or uneven inputs. */
+static ddp_result ddp__learn_order(ddp_context *ctx) {
+    int P = ctx->num_params, i, k, seen, diff = -1;
+    int32_t *order;
+    int *have;
+    ddp_result r = DDP_SUCCESS;
+    ctx->order_learned = 1;
+    order = (int32_t *)ddp__alloc(ctx, (size_t)P * sizeof *order);
+    have = (int *)ddp__calloc(ctx, (size_t)P * sizeof *have);
+    if (!order || !have) {
+        ddp__free(ctx, order);
+        ddp__free(ctx, have);
+        return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory learning the bucket order");
+    }
+    for (k = 0; k < ctx->mark_count; k++) { order[k] = ctx->mark_order[k]; have[ctx->mark_order[k]] = 1; }
+    for (seen = k, i = P - 1; i >= 0; i--) if (!have[i]) order[seen++] = i;
+    if (ctx->world > 1) {
+        int32_t *mine = (int32_t *)ddp__alloc(ctx, (size_t)P * sizeof *mine);
+        if (!mine) r = ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory learning the bucket order");
+        else memcpy(mine, order, (size_t)P * sizeof *mine);
+        if (r == DDP_SUCCESS) r = ddp__fp_check(ctx, DDP__FP_BROADCAST, "the learned bucket order", (uint64_t)P, DDP_I32, 0, -1);
+        if (r == DDP_SUCCESS) r = ctx->ops->broadcast(ctx, order, (size_t)P * sizeof *order, 0);
+        for (k = 0; r == DDP_SUCCESS && k < P; k++) {
+            if (order[k] < 0 || order[k] >= P) {
+                r = ddp__fail(ctx, DDP_ERROR_MISMATCH, "rank 0's bucket order names parameter %d of %d", (int)order[k], P);
+                break;
+            }
+            if (diff < 0 && order[k] != mine[k]) diff = k;
+        }
+        if (r == DDP_SUCCESS && diff >= 0 && ctx->cfg.logger.func && ctx->cfg.logger.level >= DDP_LOG_DEBUG) {
+            char msg[400];
+            snprintf(msg, sizeof msg, "bucket order: rank %d marked its parameters in another order than rank 0 in the first step "
+                     "(position %d: '%.100s' here, '%.100s' on rank 0); every rank uses rank 0's order",
+                     ctx->rank, diff, ctx->params[mine[diff]].name, ctx->params[order[diff]].name);
+            ddp__log(ctx, DDP_LOG_DEBUG, msg);
+        }
+        ddp__free(ctx, mine);
+    }
+    if (r == DDP_SUCCESS) {
+        int before = ctx->num_cb, changed = 0;
+        for (i = 0; i < P; i++) have[i] = ctx->params[i].cbucket;
+        r = ddp__build_comm(ctx, (const int *)order);
+        for (i = 0; i < P && r == DDP_SUCCESS; i++) changed |= have[i] != ctx->params[i].cbucket;
+        if (r == DDP_SUCCESS && (changed || before != ctx->num_cb) && ctx->cfg.logger.func && ctx->cfg.logger.level >= DDP_LOG_INFO) {
+            char msg[160];
+            snprintf(msg, sizeof msg, "bucket order learned from the first step: %d buckets (were %d) in the order of ddp_mark_ready",
+                     ctx->num_cb, before);
+            ddp__log(ctx, DDP_LOG_INFO, msg);
+        }
+        if (r == DDP_SUCCESS && ctx->cfg.logger.func && ctx->cfg.logger.level >= DDP_LOG_DEBUG) {
+            for (k = 0; k < ctx->num_cb; k++) {
+                char msg[600];
+                int n = snprintf(msg, sizeof msg, "bucket %d (%d range%s):", k, ctx->cb[k].nrange, ctx->cb[k].nrange == 1 ? "" : "s");
+                for (i = 0; i < P && n > 0 && (size_t)n < sizeof msg - 4; i++)
+                    if (ctx->params[i].cbucket == k) n += snprintf(msg + n, sizeof msg - (size_t)n, " %s", ctx->params[i].name);
+                ddp__log(ctx, DDP_LOG_DEBUG, msg);
+            }
+        }
+    }
+    ddp__free(ctx, order);
+    ddp__free(ctx, have);
+    ddp__free(ctx, ctx->mark_order);
+    ctx->mark_order = NULL;
+    return r;
+}
+
 static ddp_result ddp__step_end(ddp_context *ctx, void *stream) {
     int i, missing = 0;
     ddp_result r;
+    double entry = ddp__now(), done;
     if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
     DDP__TRY(ddp__check_usable(ctx, "ddp_step_end"));
     if (!ctx->in_step) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_step_end: no step in progress");
@@ -8542,13 +9980,21 @@ static ddp_result ddp__step_end(ddp_context *ctx, void *stream) {
     if (ctx->no_sync) {
         ctx->in_step = 0;
         r = ddp__acc_end_local(ctx, stream);
+        /* a no_sync micro-step's time counts with the synced step that ends its window */
+        ctx->st_cur.compute_s += entry - ctx->st_t0;
+        ddp__trace_ev(ctx, DDP__EV_STEP, ctx->st_t0, ddp__now() - ctx->st_t0, (int)ctx->st_steps, 0, 0);
+        if (r == DDP_SUCCESS && !ctx->order_learned) r = ddp__learn_order(ctx);
         return r == DDP_SUCCESS ? r : ddp__break(ctx, r);
     }
     /* unused parameters keep their (zero or accumulated) gradient and are reduced like the rest */
     r = ddp__reduce_rest(ctx, stream);
     if (r == DDP_SUCCESS) r = ddp__acc_end_reduced(ctx, stream);
     ctx->in_step = 0;
+    if (r == DDP_SUCCESS && !ctx->order_learned) r = ddp__learn_order(ctx);
     if (r != DDP_SUCCESS) return ddp__break(ctx, r);
+    done = ddp__now();
+    ddp__stats_step_done(ctx, entry, done);
+    ddp__trace_ev(ctx, DDP__EV_STEP, ctx->st_t0, done - ctx->st_t0, (int)ctx->st_steps, 1, 0);
     return DDP_SUCCESS;
 }
 
@@ -8593,7 +10039,8 @@ static ddp_result ddp__join_round(ddp_context *ctx, int active, int *count, int 
         v[3] = k * k;
         v[4 + ctx->rank / DDP__JOIN_BITS] = ldexp(1.0, ctx->rank % DDP__JOIN_BITS);
     }
-    r = ctx->ops->allreduce(ctx, v, (size_t)(4 + words), DDP_F64, DDP_OP_SUM);
+    r = ddp__fp_check(ctx, DDP__FP_ALLREDUCE, "ddp_join round", (uint64_t)(4 + words), DDP_F64, (int)DDP_OP_SUM, -1);
+    if (r == DDP_SUCCESS) r = ctx->ops->allreduce(ctx, v, (size_t)(4 + words), DDP_F64, DDP_OP_SUM);
     if (r != DDP_SUCCESS) return ddp__break(ctx, r);
     *count = (int)v[0];
     *train = (int)v[1];
@@ -8653,15 +10100,17 @@ static ddp_result ddp__join_shadow(ddp_context *ctx, int count, int train, doubl
     ctx->divisor = ctx->cfg.join_divide_by_initial_world_size ? (double)ctx->world : (double)count;
     ctx->window_div = micro; /* read again by the nccl launch */
     ctx->q_scale = ddp__reduce_factor(ctx);
+    ctx->sync_steps++; /* the others' step this rank answers */
     for (i = 0; i < ctx->num_params; i++) ctx->params[i].marked = 0;
-    for (i = 0; i < ctx->num_buckets; i++) { ctx->buckets[i].pending = ctx->buckets[i].num_params; ctx->buckets[i].launched = 0; }
+    for (i = 0; i < ctx->num_cb; i++) { ctx->cb[i].pending = ctx->cb[i].num_params; ctx->cb[i].launched = 0; }
     ctx->next_bucket = 0;
     r = ddp__reduce_rest(ctx, NULL);
     ctx->window_div = 1.0;
     if (r != DDP_SUCCESS) return ddp__break(ctx, r);
     if (train) {
         float pair[2] = { 0.0f, 0.0f };
-        r = ctx->ops->allreduce(ctx, pair, 2, DDP_F32, DDP_OP_SUM);
+        r = ddp__fp_check(ctx, DDP__FP_ALLREDUCE, "ddp_train_step loss", 2, DDP_F32, (int)DDP_OP_SUM, -1);
+        if (r == DDP_SUCCESS) r = ctx->ops->allreduce(ctx, pair, 2, DDP_F32, DDP_OP_SUM);
         if (r != DDP_SUCCESS) return ddp__break(ctx, r);
     }
     return DDP_SUCCESS;
@@ -8681,7 +10130,8 @@ static ddp_result ddp__join_sync(ddp_context *ctx, int root) {
     st[5] = (double)ctx->ls_skipped;
     st[6] = (double)ddp__state_flags(ctx);
     st[7] = (double)ctx->ls_last_skipped;
-    r = ctx->ops->broadcast(ctx, st, sizeof st, root);
+    r = ddp__fp_check(ctx, DDP__FP_BROADCAST, "ddp_join state", sizeof st, (ddp_dtype)-1, root, -1);
+    if (r == DDP_SUCCESS) r = ctx->ops->broadcast(ctx, st, sizeof st, root);
     if (r == DDP_SUCCESS) r = ctx->ops->broadcast(ctx, ctx->flat_params, ctx->flat_bytes, root);
     if (r == DDP_SUCCESS && ctx->rank != root) {
         ctx->opt_steps = (int64_t)st[0];
@@ -8781,11 +10231,12 @@ static ddp_result ddp__init_master(ddp_context *ctx) {
     if (ddp__on_gpu(ctx)) return ddp__cuda_init_master(ctx);
     for (b = 0; b < ctx->num_buckets; b++) {
         const ddp__bucket *bk = &ctx->buckets[b];
-        size_t i;
+        size_t i, lo, hi;
+        float *master;
         if (bk->dtype != DDP_F16 && bk->dtype != DDP_BF16) continue;
-        for (i = 0; i < bk->numel; i++)
-            ((float *)((unsigned char *)ctx->opt_master + ctx->opt_state_off[b]))[i] =
-                (float)ddp__load_elem(ctx->flat_params + bk->offset, i, bk->dtype);
+        ddp__own_range(ctx, b, &lo, &hi);
+        master = (float *)ddp__state_el(ctx, ctx->opt_master, b, lo);
+        for (i = lo; i < hi; i++) master[i - lo] = (float)ddp__load_elem(ctx->flat_params + bk->offset, i, bk->dtype);
     }
     return DDP_SUCCESS;
 }
@@ -8914,33 +10365,34 @@ static void ddp__opt_generic(ddp_context *ctx, int b, size_t lo, size_t hi, cons
     const ddp__bucket *bk = &ctx->buckets[b];
     int wide = bk->dtype == DDP_F64, half = bk->dtype == DDP_F16 || bk->dtype == DDP_BF16;
     unsigned char *pp = ctx->flat_params + bk->offset, *gp = ctx->flat_grads + bk->offset;
-    void *m = ctx->opt_m ? (unsigned char *)ctx->opt_m + ctx->opt_state_off[b] : NULL;
-    void *v = ctx->opt_v ? (unsigned char *)ctx->opt_v + ctx->opt_state_off[b] : NULL;
-    float *master = half ? (float *)((unsigned char *)ctx->opt_master + ctx->opt_state_off[b]) : NULL;
+    /* the state arrays from element lo on: index j = i - lo */
+    void *m = ddp__state_el(ctx, ctx->opt_m, b, lo);
+    void *v = ddp__state_el(ctx, ctx->opt_v, b, lo);
+    float *master = half ? (float *)ddp__state_el(ctx, ctx->opt_master, b, lo) : NULL;
     double bc1 = 1.0 - pow(h->beta1, (double)h->t), bc2s = sqrt(1.0 - pow(h->beta2, (double)h->t));
     double step = h->lr / bc1, decay = 1.0 - h->lr * h->wd, gs = wide ? h->gs : (double)h->gs32;
-    size_t i;
-    for (i = lo; i < hi; i++) {
-        double p = half ? master[i] : ddp__load_elem(pp, i, bk->dtype);
+    size_t i, j;
+    for (i = lo, j = 0; i < hi; i++, j++) {
+        double p = half ? master[j] : ddp__load_elem(pp, i, bk->dtype);
         double g = ddp__load_elem(gp, i, bk->dtype) * gs;
         if (!h->adamw) {
             double d = g;
             if (h->wd != 0) d = d + h->wd * p;
             if (h->momentum != 0) {
-                double bb = h->t == 1 ? d : h->momentum * ddp__sload(m, i, wide) + (1.0 - h->dampening) * d;
-                ddp__sstore(m, i, wide, bb);
+                double bb = h->t == 1 ? d : h->momentum * ddp__sload(m, j, wide) + (1.0 - h->dampening) * d;
+                ddp__sstore(m, j, wide, bb);
                 d = h->nesterov ? d + h->momentum * bb : bb;
             }
             p = p - h->lr * d;
         } else {
-            double mi = h->beta1 * ddp__sload(m, i, wide) + (1.0 - h->beta1) * g;
-            double vi = h->beta2 * ddp__sload(v, i, wide) + (1.0 - h->beta2) * g * g;
-            ddp__sstore(m, i, wide, mi);
-            ddp__sstore(v, i, wide, vi);
+            double mi = h->beta1 * ddp__sload(m, j, wide) + (1.0 - h->beta1) * g;
+            double vi = h->beta2 * ddp__sload(v, j, wide) + (1.0 - h->beta2) * g * g;
+            ddp__sstore(m, j, wide, mi);
+            ddp__sstore(v, j, wide, vi);
             p = p * decay;
             p = p - step * mi / (sqrt(vi) / bc2s + h->eps);
         }
-        if (half) master[i] = (float)p;
+        if (half) master[j] = (float)p;
         ddp__store_elem(pp, i, bk->dtype, p);
     }
 }
@@ -8950,8 +10402,8 @@ static void ddp__opt_run(ddp_context *ctx, int b, size_t lo, size_t hi, const dd
     const ddp__bucket *bk = &ctx->buckets[b];
     if (bk->dtype == DDP_F32) {
         float *p = (float *)(ctx->flat_params + bk->offset) + lo, *g = (float *)(ctx->flat_grads + bk->offset) + lo;
-        float *m = ctx->opt_m ? (float *)((unsigned char *)ctx->opt_m + ctx->opt_state_off[b]) + lo : NULL;
-        float *v = ctx->opt_v ? (float *)((unsigned char *)ctx->opt_v + ctx->opt_state_off[b]) + lo : NULL;
+        float *m = (float *)ddp__state_el(ctx, ctx->opt_m, b, lo);
+        float *v = (float *)ddp__state_el(ctx, ctx->opt_v, b, lo);
         if (h->adamw) ddp__adamw_f32(p, g, m, v, hi - lo, h);
         else ddp__sgd_f32(p, g, m, hi - lo, h);
     } else {
@@ -8986,26 +10438,93 @@ static void ddp__opt_range(ddp_context *ctx, int b, size_t lo, size_t hi, const 
     }
 }
 
-/* Squared L2 norm of every gradient, in double. */
-static ddp_result ddp__sumsq(ddp_context *ctx, double *out) {
+/* Squared L2 norm of elements [lo, hi) of a gradient span, in double. */
+static double ddp__sumsq_range(const unsigned char *g, ddp_dtype t, size_t lo, size_t hi) {
     double s = 0;
-    int b;
-    if (ddp__on_gpu(ctx)) return ddp__cuda_sumsq(ctx, out);
-    for (b = 0; b < ctx->num_buckets; b++) {
-        const ddp__bucket *bk = &ctx->buckets[b];
-        const unsigned char *g = ctx->flat_grads + bk->offset;
-        size_t i;
-        if (bk->dtype == DDP_F32) {
-            const float *f = (const float *)g;
-            double part = 0;
-            for (i = 0; i < bk->numel; i++) part += (double)f[i] * (double)f[i];
-            s += part;
-        } else {
-            for (i = 0; i < bk->numel; i++) { double x = ddp__load_elem(g, i, bk->dtype); s += x * x; }
-        }
+    size_t i;
+    if (t == DDP_F32) {
+        const float *f = (const float *)g;
+        for (i = lo; i < hi; i++) s += (double)f[i] * (double)f[i];
+    } else {
+        for (i = lo; i < hi; i++) { double x = ddp__load_elem(g, i, t); s += x * x; }
     }
-    *out = s;
-    return DDP_SUCCESS;
+    return s;
+}
+
+/* 1 if an element of [lo, hi) is NaN or infinite (its exponent all ones). */
+static int ddp__nonfinite_range(const unsigned char *g, ddp_dtype t, size_t lo, size_t hi) {
+    int bad = 0;
+    size_t i;
+    if (t == DDP_F32) {
+        for (i = lo; i < hi; i++) { uint32_t u; memcpy(&u, g + 4 * i, 4); bad |= (u & 0x7f800000u) == 0x7f800000u; }
+    } else if (t == DDP_F64) {
+        for (i = lo; i < hi; i++) { uint64_t u; memcpy(&u, g + 8 * i, 8); bad |= (u & 0x7ff0000000000000ull) == 0x7ff0000000000000ull; }
+    } else {
+        uint16_t e = t == DDP_F16 ? 0x7c00u : 0x7f80u;
+        for (i = lo; i < hi; i++) { uint16_t u; memcpy(&u, g + 2 * i, 2); bad |= (u & e) == e; }
+    }
+    return bad;
+}
+
+static ddp_result ddp__cuda_range_stats(ddp_context *ctx, int b, size_t lo, size_t hi, int want_norm, int want_flag,
+                                        double *sumsq, int *bad);
+
+/* The squared L2 norm of the reduced gradients (*sumsq) and whether any is
+   NaN or infinite (*found), the same bits on every rank and with or
+   without ZeRO-1. The canonical order: rank q's part sums its shard
+   (ddp__shard_of) of every storage bucket, bucket by bucket, and the parts
+   add in rank order. Without ZeRO-1 every rank holds every reduced
+   gradient and computes every part; with it each rank computes its own,
+   and one small all-reduce (world + 1 doubles: each part in its own slot,
+   the rest zeros, so the sum is exact) brings the others and the flag. A
+   non-finite value anywhere reaches every rank's answer either way. The
+   GPU without ZeRO-1 keeps its own order (one sum per bucket). */
+static ddp_result ddp__grad_stats(ddp_context *ctx, int want_norm, int want_flag, double *sumsq, int *found) {
+    int W = ctx->world, q, q0, q1, b, bad = 0;
+    double *part, total = 0;
+    ddp_result r = DDP_SUCCESS;
+    *sumsq = 0;
+    *found = 0;
+    if (ddp__on_gpu(ctx) && !ctx->zero) {
+        if (want_flag) DDP__TRY(ddp__cuda_nonfinite(ctx, found));
+        if (want_norm) DDP__TRY(ddp__cuda_sumsq(ctx, sumsq));
+        return DDP_SUCCESS;
+    }
+    part = (double *)ddp__calloc(ctx, (size_t)(W + 1) * sizeof(double));
+    if (!part) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for the gradient norm");
+    q0 = ctx->zero ? ctx->rank : 0;
+    q1 = ctx->zero ? ctx->rank + 1 : W;
+    for (q = q0; q < q1 && r == DDP_SUCCESS; q++) {
+        double s = 0;
+        for (b = 0; b < ctx->num_buckets && r == DDP_SUCCESS; b++) {
+            const ddp__bucket *bk = &ctx->buckets[b];
+            size_t lo, hi;
+            ddp__shard_of(ctx, b, q, &lo, &hi);
+            if (ddp__on_gpu(ctx)) {
+                double part_b = 0;
+                int bad_b = 0;
+                r = ddp__cuda_range_stats(ctx, b, lo, hi, want_norm, want_flag, &part_b, &bad_b);
+                s += part_b;
+                bad |= bad_b;
+                continue;
+            }
+            if (want_norm) s += ddp__sumsq_range(ctx->flat_grads + bk->offset, bk->dtype, lo, hi);
+            if (want_flag && !bad) bad = ddp__nonfinite_range(ctx->flat_grads + bk->offset, bk->dtype, lo, hi);
+        }
+        part[q] = s;
+    }
+    if (r == DDP_SUCCESS && ctx->zero && W > 1) {
+        part[W] = bad;
+        r = ddp__fp_check(ctx, DDP__FP_ALLREDUCE, "ZeRO-1 gradient norm", (uint64_t)W + 1, DDP_F64, (int)DDP_OP_SUM, -1);
+        if (r == DDP_SUCCESS) r = ctx->ops->allreduce(ctx, part, (size_t)W + 1, DDP_F64, DDP_OP_SUM);
+        if (r != DDP_SUCCESS) r = ddp__break(ctx, r);
+        bad = part[W] != 0;
+    }
+    for (q = 0; q < W; q++) total += part[q];
+    ddp__free(ctx, part);
+    *sumsq = total;
+    *found = bad;
+    return r;
 }
 
 static ddp_result ddp__opt_ready(ddp_context *ctx, const char *fn) {
@@ -9034,39 +10553,20 @@ static void ddp__clip_coef(double max_norm, double norm, double *c64, float *c32
     }
 }
 
-/* Multiply every gradient by c64 (f64 buckets) or c32 (the others). */
+/* Multiply every gradient of this rank's ranges (ZeRO-1: its shards) by
+   c64 (f64 buckets) or c32 (the others). */
 static ddp_result ddp__scale_grads(ddp_context *ctx, double c64, float c32) {
     int b;
     if (ddp__on_gpu(ctx)) return ddp__cuda_scale_grads(ctx, c32);
     for (b = 0; b < ctx->num_buckets; b++) {
         const ddp__bucket *bk = &ctx->buckets[b];
-        void *g = ctx->flat_grads + bk->offset;
+        size_t lo, hi, es = ddp_dtype_size(bk->dtype);
+        void *g;
         double c = bk->dtype == DDP_F64 ? c64 : (double)c32;
-        if (c != 1.0) ddp__reduce(&g, 1, &g, 1, bk->numel, bk->dtype, DDP_OP_SUM, c);
+        ddp__own_range(ctx, b, &lo, &hi);
+        g = ctx->flat_grads + bk->offset + lo * es;
+        if (c != 1.0 && hi > lo) ddp__reduce(&g, 1, &g, 1, hi - lo, bk->dtype, DDP_OP_SUM, c);
     }
-    return DDP_SUCCESS;
-}
-
-/* 1 in *found if any gradient is NaN or infinite. After a reduce every
-   rank holds the same bits, and a non-finite value on any rank survives the
-   sum, so every rank finds the same without another collective. */
-static ddp_result ddp__grads_nonfinite(ddp_context *ctx, int *found) {
-    int b, bad = 0;
-    if (ddp__on_gpu(ctx)) return ddp__cuda_nonfinite(ctx, found);
-    for (b = 0; b < ctx->num_buckets && !bad; b++) {
-        const ddp__bucket *bk = &ctx->buckets[b];
-        const unsigned char *g = ctx->flat_grads + bk->offset;
-        size_t i;
-        if (bk->dtype == DDP_F32) {
-            for (i = 0; i < bk->numel; i++) { uint32_t u; memcpy(&u, g + 4 * i, 4); bad |= (u & 0x7f800000u) == 0x7f800000u; }
-        } else if (bk->dtype == DDP_F64) {
-            for (i = 0; i < bk->numel; i++) { uint64_t u; memcpy(&u, g + 8 * i, 8); bad |= (u & 0x7ff0000000000000ull) == 0x7ff0000000000000ull; }
-        } else {
-            uint16_t e = bk->dtype == DDP_F16 ? 0x7c00u : 0x7f80u;
-            for (i = 0; i < bk->numel; i++) { uint16_t u; memcpy(&u, g + 2 * i, 2); bad |= (u & e) == e; }
-        }
-    }
-    *found = bad;
     return DDP_SUCCESS;
 }
 
@@ -9087,9 +10587,10 @@ static void ddp__loss_scale_update(ddp_context *ctx, int found_inf) {
 DDP_API ddp_result ddp_clip_grad_norm(ddp_context *ctx, double max_norm, double *out_norm) {
     double ss = 0, norm, c64;
     float c32;
+    int found;
     DDP__TRY(ddp__opt_ready(ctx, "ddp_clip_grad_norm"));
     if (!(max_norm == max_norm)) return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_clip_grad_norm: max_norm is NaN");
-    DDP__TRY(ddp__sumsq(ctx, &ss));
+    DDP__TRY(ddp__grad_stats(ctx, 1, 0, &ss, &found));
     norm = sqrt(ss) * (1.0 / ctx->ls_scale); /* the norm of the unscaled gradients */
     if (out_norm) *out_norm = norm;
     ddp__clip_coef(max_norm, norm, &c64, &c32);
@@ -9097,27 +10598,87 @@ DDP_API ddp_result ddp_clip_grad_norm(ddp_context *ctx, double max_norm, double 
     return ddp__scale_grads(ctx, c64, c32);
 }
 
+/* ---- ZeRO-1: the parameter all-gather ----
+
+   After the sharded update each rank holds its own shards of the new
+   parameters (ddp__shard_of of every storage bucket) and the old values
+   elsewhere. shm: each rank writes its shards once into the exchange
+   region (one flat buffer after the world's gradients in the gradient
+   segment) and copies everybody else's from there, one collective for the
+   whole model; the exchange is written again only after every rank
+   finished reading it (the done counters). */
+
+/* Before writing the exchange region. */
+static ddp_result ddp__xchg_claim(ddp_context *ctx) {
+    if (ctx->shm.xchg_last == 0) return DDP_SUCCESS;
+    return ddp__shm_wait(ctx, 2, ctx->shm.xchg_last, -1, "the peers to read the last parameter exchange (ZeRO-1)");
+}
+
+/* This rank's shards are in the exchange region: wait for everybody's. */
+static ddp_result ddp__xchg_publish(ddp_context *ctx, uint64_t *seq) {
+    *seq = ++ctx->shm.seq;
+    ddp__set_counter(ctx, 0, *seq);
+    return ddp__shm_wait(ctx, 0, *seq, -1, "the parameter all-gather (ZeRO-1)");
+}
+
+/* The others' shards are read. */
+static void ddp__xchg_release(ddp_context *ctx, uint64_t seq) {
+    ddp__set_counter(ctx, 1, seq);
+    ddp__set_counter(ctx, 2, seq);
+    ctx->shm.xchg_last = seq;
+}
+
+/* Copy rank q's shards of every storage bucket from src to dst (host). */
+static void ddp__copy_shards(ddp_context *ctx, unsigned char *dst, const unsigned char *src, int q) {
+    int b;
+    for (b = 0; b < ctx->num_buckets; b++) {
+        const ddp__bucket *bk = &ctx->buckets[b];
+        size_t lo, hi, es = ddp_dtype_size(bk->dtype);
+        ddp__shard_of(ctx, b, q, &lo, &hi);
+        if (hi > lo) memcpy(dst + bk->offset + lo * es, src + bk->offset + lo * es, (hi - lo) * es);
+    }
+}
+
+static ddp_result ddp__cuda_param_gather(ddp_context *ctx);
+
+static ddp_result ddp__param_gather(ddp_context *ctx) {
+    uint64_t seq;
+    int q;
+    if (ctx->world == 1) return DDP_SUCCESS;
+    DDP__TRY(ddp__fp_check(ctx, DDP__FP_GATHER, "ZeRO-1 parameters", ctx->flat_bytes, (ddp_dtype)-1, 0, -1));
+    if (ddp__on_gpu(ctx)) return ddp__cuda_param_gather(ctx);
+    DDP__TRY(ddp__xchg_claim(ctx));
+    ddp__copy_shards(ctx, ctx->shm.xchg, ctx->flat_params, ctx->rank);
+    DDP__TRY(ddp__xchg_publish(ctx, &seq));
+    for (q = 0; q < ctx->world; q++)
+        if (q != ctx->rank) ddp__copy_shards(ctx, ctx->flat_params, ctx->shm.xchg, q);
+    ddp__xchg_release(ctx, seq);
+    return DDP_SUCCESS;
+}
+
 /* The step: with loss scaling, skip it (and back off) when a gradient is
    not finite, else unscale; clip on the unscaled norm; update with the
    scheduled lr, unscale and clip factors folded into one gradient
    multiplier (PyTorch multiplies twice; with a power-of-two scale the bits
    are the same). */
-DDP_API ddp_result ddp_optimizer_step(ddp_context *ctx) {
+static ddp_result ddp__optimizer_step(ddp_context *ctx) {
     const ddp_optimizer_desc *o;
     ddp__hyper h;
-    double c64 = 1.0, inv64 = 1.0;
+    double c64 = 1.0, inv64 = 1.0, ss = 0;
     float c32 = 1.0f, inv32 = 1.0f;
     int b, scaling;
+    ddp_result r;
     DDP__TRY(ddp__opt_ready(ctx, "ddp_optimizer_step"));
     o = &ctx->cfg.optimizer;
     if (o->type == DDP_OPTIM_NONE)
         return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_optimizer_step: config.optimizer.type is DDP_OPTIM_NONE");
     scaling = ctx->cfg.loss_scale.enabled;
     ctx->ls_last_skipped = 0;
-    if (scaling) {
+    if (scaling || o->max_grad_norm > 0) {
+        /* one pass (with ZeRO-1 one small all-reduce) for both */
         int found = 0;
-        DDP__TRY(ddp__grads_nonfinite(ctx, &found));
-        if (found) {
+        DDP__TRY(ddp__grad_stats(ctx, o->max_grad_norm > 0, scaling, &ss, &found));
+        if (scaling && found) {
             char msg[128];
             snprintf(msg, sizeof msg, "step %lld skipped: non-finite gradients at loss scale %g", (long long)ctx->sched_steps, ctx->ls_scale);
             ddp__log(ctx, DDP_LOG_INFO, msg);
@@ -9128,13 +10689,11 @@ DDP_API ddp_result ddp_optimizer_step(ddp_context *ctx) {
             ctx->zero_pending = 1;
             return DDP_SUCCESS;
         }
-        inv64 = 1.0 / ctx->ls_scale;
-        inv32 = (float)inv64; /* GradScaler: the reciprocal in double, rounded to float */
-    }
-    if (o->max_grad_norm > 0) {
-        double ss = 0;
-        DDP__TRY(ddp__sumsq(ctx, &ss));
-        ddp__clip_coef(o->max_grad_norm, sqrt(ss) * inv64, &c64, &c32);
+        if (scaling) {
+            inv64 = 1.0 / ctx->ls_scale;
+            inv32 = (float)inv64; /* GradScaler: the reciprocal in double, rounded to float */
+        }
+        if (o->max_grad_norm > 0) ddp__clip_coef(o->max_grad_norm, sqrt(ss) * inv64, &c64, &c32);
     }
     DDP__TRY(ddp__opt_alloc(ctx));
     ctx->opt_steps++;
@@ -9152,16 +10711,40 @@ DDP_API ddp_result ddp_optimizer_step(ddp_context *ctx) {
     h.gs = inv64 * c64;
     h.gs32 = inv32 * c32;
     if (ddp__on_gpu(ctx)) DDP__TRY(ddp__cuda_optimizer_step(ctx, &h));
-    else for (b = 0; b < ctx->num_buckets; b++) ddp__opt_range(ctx, b, 0, ctx->buckets[b].numel, &h);
+    else for (b = 0; b < ctx->num_buckets; b++) { size_t lo, hi; ddp__own_range(ctx, b, &lo, &hi); ddp__opt_range(ctx, b, lo, hi, &h); }
+    if (ctx->zero && ctx->world > 1) {
+        /* every rank updated its shards: all-gather the parameters */
+        double t0 = ddp__now();
+        r = ddp__param_gather(ctx);
+        if (r != DDP_SUCCESS) return ddp__break(ctx, r);
+        ddp__trace_ev(ctx, DDP__EV_GATHER, t0, ddp__now() - t0, 0, 0, ctx->flat_bytes);
+    }
     if (scaling) ddp__loss_scale_update(ctx, 0);
     ctx->sched_steps++;
     ctx->zero_pending = 1; /* the accumulation ends here */
     return DDP_SUCCESS;
 }
 
+DDP_API ddp_result ddp_optimizer_step(ddp_context *ctx) {
+    double t0 = ddp__now(), dt;
+    ddp_result r;
+    if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
+    r = ddp__optimizer_step(ctx);
+    if (r != DDP_SUCCESS) return r;
+    dt = ddp__now() - t0;
+    ctx->st_last.optimizer_s += dt;
+    ctx->st_total.optimizer_s += dt;
+    ddp__trace_ev(ctx, DDP__EV_OPT, t0, dt, ctx->ls_last_skipped ? 0 : (int)ctx->opt_steps, 0, ctx->flat_bytes);
+    return DDP_SUCCESS;
+}
+
 DDP_API int64_t ddp_skipped_steps(const ddp_context *ctx) { return ctx ? ctx->ls_skipped : 0; }
 DDP_API int ddp_last_step_skipped(const ddp_context *ctx) { return ctx ? ctx->ls_last_skipped : 0; }
 DDP_API double ddp_loss_scale(const ddp_context *ctx) { return ctx ? ctx->ls_scale : 1.0; }
+DDP_API size_t ddp_optimizer_state_bytes(const ddp_context *ctx) {
+    if (!ctx) return 0;
+    return ((ctx->opt_m ? 1u : 0u) + (ctx->opt_v ? 1u : 0u) + (ctx->opt_master ? 1u : 0u)) * ctx->opt_state_bytes;
+}
 
 DDP_API ddp_result ddp_set_lr(ddp_context *ctx, double lr) {
     if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
@@ -9250,7 +10833,8 @@ DDP_API ddp_result ddp_train_step(ddp_context *ctx, ddp_forward_backward_fn fn, 
         float pair[2];
         pair[0] = loss;
         pair[1] = 1.0f;
-        r = ctx->ops->allreduce(ctx, pair, 2, DDP_F32, DDP_OP_SUM);
+        r = ddp__fp_check(ctx, DDP__FP_ALLREDUCE, "ddp_train_step loss", 2, DDP_F32, (int)DDP_OP_SUM, -1);
+        if (r == DDP_SUCCESS) r = ctx->ops->allreduce(ctx, pair, 2, DDP_F32, DDP_OP_SUM);
         if (r != DDP_SUCCESS) return ddp__break(ctx, r);
         loss = pair[0] / pair[1];
     } else if (ctx->world > 1) {
@@ -9322,11 +10906,79 @@ static ddp_result ddp__host_view(ddp_context *ctx, const void *src, size_t bytes
     return ddp__cuda_memcpy(ctx, *tmp, src, bytes, 0);
 }
 
+/* Parameter id's state in this rank's state array base (the whole
+   parameter lies in this rank's range unless ZeRO-1 shards it). */
 static void *ddp__state_ptr(ddp_context *ctx, void *base, int id) {
     const ddp__param *p = &ctx->params[id];
     const ddp__bucket *bk = &ctx->buckets[p->bucket];
-    size_t el = ddp__state_elem(p->dtype), es = ddp_dtype_size(p->dtype);
-    return (unsigned char *)base + ctx->opt_state_off[p->bucket] + (p->offset - bk->offset) / es * el;
+    return ddp__state_el(ctx, base, p->bucket, (p->offset - bk->offset) / ddp_dtype_size(p->dtype));
+}
+
+/* ZeRO-1 checkpoints hold the full state, as an unsharded run writes it.
+   The full layout: storage bucket after storage bucket, unpadded. */
+static size_t ddp__full_state_off(const ddp_context *ctx, int b) {
+    size_t off = 0;
+    int i;
+    for (i = 0; i < b; i++) off += ctx->buckets[i].numel * ddp__state_elem(ctx->buckets[i].dtype);
+    return off;
+}
+
+/* Rank q's state layout (what ddp__alloc_host_state gives rank q): the
+   offset of each storage bucket's shard; returns the array's bytes. */
+static size_t ddp__shard_layout(const ddp_context *ctx, int q, size_t *off) {
+    size_t at = 0, lo, hi;
+    int b;
+    for (b = 0; b < ctx->num_buckets; b++) {
+        ddp__shard_of(ctx, b, q, &lo, &hi);
+        if (off) off[b] = at;
+        at += ddp__align_up((hi - lo) * ddp__state_elem(ctx->buckets[b].dtype), DDP__ALIGN);
+    }
+    return at;
+}
+
+/* ZeRO-1, before a checkpoint: every rank's shard of each state array
+   reaches rank 0 (one broadcast per rank and array), which assembles the
+   full state in ctx->ck_full[k]. Every rank calls it. */
+static ddp_result ddp__gather_state(ddp_context *ctx) {
+    size_t *off = (size_t *)ddp__alloc(ctx, (size_t)ctx->num_buckets * sizeof(size_t)), most = 0, full_bytes;
+    unsigned char *scratch = NULL;
+    ddp_result r = DDP_SUCCESS;
+    int q, k, b;
+    if (!off) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory gathering the optimizer state");
+    for (q = 0; q < ctx->world; q++) { size_t n = ddp__shard_layout(ctx, q, NULL); if (n > most) most = n; }
+    full_bytes = ddp__full_state_off(ctx, ctx->num_buckets);
+    scratch = (unsigned char *)ddp__alloc(ctx, most ? most : 1);
+    if (!scratch) r = ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory gathering the optimizer state");
+    for (k = 0; k < 3 && r == DDP_SUCCESS; k++) {
+        void *mine = *ddp__state_slot(ctx, k);
+        if (!mine) continue;
+        if (ctx->rank == 0 && !(ctx->ck_full[k] = (unsigned char *)ddp__calloc(ctx, full_bytes))) {
+            r = ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for %" DDP__PRIzu " bytes of gathered optimizer state", full_bytes);
+            break;
+        }
+        for (q = 0; q < ctx->world && r == DDP_SUCCESS; q++) {
+            size_t n = ddp__shard_layout(ctx, q, off);
+            /* the owner sends from its state array (host or device), the others receive on the host */
+            r = ddp__fp_check(ctx, DDP__FP_BROADCAST, "checkpoint: state gather", n, (ddp_dtype)-1, q, -1);
+            if (r == DDP_SUCCESS) r = ctx->ops->broadcast(ctx, q == ctx->rank ? mine : (void *)scratch, n, q);
+            if (r != DDP_SUCCESS || ctx->rank != 0) continue;
+            if (q == 0 && ddp__on_gpu(ctx)) r = ddp__cuda_memcpy(ctx, scratch, mine, n, 0);
+            for (b = 0; b < ctx->num_buckets && r == DDP_SUCCESS; b++) {
+                size_t lo, hi, el = ddp__state_elem(ctx->buckets[b].dtype);
+                const unsigned char *src = q == 0 && !ddp__on_gpu(ctx) ? (const unsigned char *)mine : scratch;
+                ddp__shard_of(ctx, b, q, &lo, &hi);
+                if (hi > lo) memcpy(ctx->ck_full[k] + ddp__full_state_off(ctx, b) + lo * el, src + off[b], (hi - lo) * el);
+            }
+        }
+    }
+    ddp__free(ctx, off);
+    ddp__free(ctx, scratch);
+    return r;
+}
+
+static void ddp__free_gathered(ddp_context *ctx) {
+    int k;
+    for (k = 0; k < 3; k++) { ddp__free(ctx, ctx->ck_full[k]); ctx->ck_full[k] = NULL; }
 }
 
 static ddp_result ddp__ck_write_block(ddp_context *ctx, ddp__ckfile *c, const void *src, size_t bytes) {
@@ -9385,9 +11037,15 @@ static ddp_result ddp__ck_write_content(ddp_context *ctx, ddp__ckfile *c) {
     bases[0] = ctx->opt_m; bases[1] = ctx->opt_v; bases[2] = ctx->opt_master;
     for (k = 0; k < 3 && r == DDP_SUCCESS; k++) {
         if (!bases[k]) continue;
-        for (i = 0; i < ctx->num_params && r == DDP_SUCCESS; i++)
-            r = ddp__ck_write_block(ctx, c, ddp__state_ptr(ctx, bases[k], i),
-                                    ctx->params[i].numel * ddp__state_elem(ctx->params[i].dtype));
+        for (i = 0; i < ctx->num_params && r == DDP_SUCCESS; i++) {
+            const ddp__param *p = &ctx->params[i];
+            size_t bytes = p->numel * ddp__state_elem(p->dtype);
+            if (ctx->ck_full[k]) /* ZeRO-1: the gathered full state, on the host */
+                ddp__ck_write(c, ctx->ck_full[k] + ddp__full_state_off(ctx, p->bucket) +
+                              (p->offset - ctx->buckets[p->bucket].offset) / ddp_dtype_size(p->dtype) * ddp__state_elem(p->dtype), bytes);
+            else
+                r = ddp__ck_write_block(ctx, c, ddp__state_ptr(ctx, bases[k], i), bytes);
+        }
     }
     {
         uint64_t h = c->hash;
@@ -9466,7 +11124,8 @@ static ddp_result ddp__agree(ddp_context *ctx, ddp_result mine, const char *what
     memcpy(keep, ctx->err, sizeof keep);
     v[0] = mine != DDP_SUCCESS ? (int32_t)(ctx->rank + 1) : 0;
     v[1] = (int32_t)-mine;
-    r = ctx->ops->allreduce(ctx, v, 2, DDP_I32, DDP_OP_MAX);
+    r = ddp__fp_check(ctx, DDP__FP_ALLREDUCE, what, 2, DDP_I32, (int)DDP_OP_MAX, -1);
+    if (r == DDP_SUCCESS) r = ctx->ops->allreduce(ctx, v, 2, DDP_I32, DDP_OP_MAX);
     if (r != DDP_SUCCESS) return ddp__break(ctx, r);
     memcpy(ctx->err, keep, sizeof keep);
     if (mine != DDP_SUCCESS) return mine;
@@ -9477,14 +11136,24 @@ static ddp_result ddp__agree(ddp_context *ctx, ddp_result mine, const char *what
 
 DDP_API ddp_result ddp_save_checkpoint(ddp_context *ctx, const char *path) {
     ddp_result r = DDP_SUCCESS;
+    double t0 = ddp__now();
     if (!ctx) return DDP_ERROR_INVALID_ARGUMENT;
     DDP__TRY(ddp__check_usable(ctx, "ddp_save_checkpoint"));
     if (!path || !*path) return ddp__fail(ctx, DDP_ERROR_INVALID_ARGUMENT, "ddp_save_checkpoint: path is NULL or empty");
     if (!ctx->finalized) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_save_checkpoint: call ddp_finalize() first");
     if (ctx->in_step) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_save_checkpoint: not allowed inside a step");
     DDP__TRY(ddp__join_check(ctx, "ddp_save_checkpoint"));
+    if (ctx->zero && ctx->world > 1) {
+        /* the file holds the full state: gather the shards on rank 0 (a
+           failure here leaves peers in a collective: break) */
+        r = ddp__gather_state(ctx);
+        if (r != DDP_SUCCESS) { ddp__free_gathered(ctx); return ddp__break(ctx, r); }
+    }
     if (ctx->rank == 0) r = ddp__save_file(ctx, path);
-    return ddp__agree(ctx, r, "saving the checkpoint");
+    ddp__free_gathered(ctx);
+    r = ddp__agree(ctx, r, "saving the checkpoint");
+    ddp__trace_ev(ctx, DDP__EV_SAVE, t0, ddp__now() - t0, 0, 0, ctx->flat_bytes + ddp_optimizer_state_bytes(ctx));
+    return r;
 }
 
 /* The header of a checkpoint, every field range-checked. */
@@ -9674,7 +11343,8 @@ static ddp_result ddp__ck_check_state(ddp_context *ctx, const char *path, const 
 static ddp_result ddp__load_file(ddp_context *ctx, const char *path, unsigned flags) {
     ddp__ckfile c;
     ddp__ckhead h;
-    unsigned char *pbuf = NULL, *sbuf[3] = { NULL, NULL, NULL };
+    unsigned char *pbuf = NULL, *sbuf[3] = { NULL, NULL, NULL }, *tmp = NULL;
+    size_t tmp_bytes = 1;
     int i, k, has16 = 0, reset = (flags & DDP_LOAD_RESET_OPTIMIZER) != 0;
     ddp_result r = DDP_SUCCESS;
     memset(&c, 0, sizeof c);
@@ -9691,6 +11361,9 @@ static ddp_result ddp__load_file(ddp_context *ctx, const char *path, unsigned fl
     if (r != DDP_SUCCESS) goto done;
     pbuf = (unsigned char *)ddp__calloc(ctx, ctx->flat_bytes);
     if (!pbuf) { r = ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory loading '%s'", path); goto done; }
+    for (i = 0; i < ctx->num_params; i++)
+        if (ctx->params[i].numel * ddp__state_elem(ctx->params[i].dtype) > tmp_bytes)
+            tmp_bytes = ctx->params[i].numel * ddp__state_elem(ctx->params[i].dtype);
     for (i = 0; i < ctx->num_params && r == DDP_SUCCESS; i++)
         if (!ddp__ck_read(&c, pbuf + ctx->params[i].offset, ctx->params[i].numel * ddp_dtype_size(ctx->params[i].dtype)))
             r = ddp__fail(ctx, DDP_ERROR_CORRUPT, "checkpoint '%s' is truncated in the data of parameter %d '%s'", path, i, ctx->params[i].name);
@@ -9698,9 +11371,30 @@ static ddp_result ddp__load_file(ddp_context *ctx, const char *path, unsigned fl
         if (!(h.flags & (1u << k))) continue;
         sbuf[k] = (unsigned char *)ddp__calloc(ctx, ctx->opt_state_bytes);
         if (!sbuf[k]) { r = ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory loading '%s'", path); break; }
-        for (i = 0; i < ctx->num_params && r == DDP_SUCCESS; i++)
-            if (!ddp__ck_read(&c, ddp__state_ptr(ctx, sbuf[k], i), ctx->params[i].numel * ddp__state_elem(ctx->params[i].dtype)))
+        for (i = 0; i < ctx->num_params && r == DDP_SUCCESS; i++) {
+            /* the file holds every parameter's full state; this rank keeps
+               the part in its range (ZeRO-1: its shards), so a file saved
+               by any world size loads at any other */
+            const ddp__param *p = &ctx->params[i];
+            size_t el = ddp__state_elem(p->dtype), lo, hi;
+            size_t e0 = (p->offset - ctx->buckets[p->bucket].offset) / ddp_dtype_size(p->dtype), e1 = e0 + p->numel;
+            ddp__own_range(ctx, p->bucket, &lo, &hi);
+            if (lo <= e0 && e1 <= hi) {
+                if (!ddp__ck_read(&c, ddp__state_ptr(ctx, sbuf[k], i), p->numel * el)) r = DDP_ERROR_CORRUPT;
+            } else {
+                if (!tmp && !(tmp = (unsigned char *)ddp__alloc(ctx, tmp_bytes))) {
+                    r = ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory loading '%s'", path);
+                    break;
+                }
+                if (!ddp__ck_read(&c, tmp, p->numel * el)) r = DDP_ERROR_CORRUPT;
+                else if (lo < e1 && e0 < hi) {
+                    size_t a = lo > e0 ? lo : e0, z = hi < e1 ? hi : e1;
+                    memcpy(ddp__state_el(ctx, sbuf[k], p->bucket, a), tmp + (a - e0) * el, (z - a) * el);
+                }
+            }
+            if (r == DDP_ERROR_CORRUPT)
                 r = ddp__fail(ctx, DDP_ERROR_CORRUPT, "checkpoint '%s' is truncated in the optimizer state", path);
+        }
     }
     if (r == DDP_SUCCESS) {
         uint64_t want = c.hash, got;
@@ -9753,6 +11447,7 @@ static ddp_result ddp__load_file(ddp_context *ctx, const char *path, unsigned fl
 done:
     fclose(c.f);
     ddp__free(ctx, pbuf);
+    ddp__free(ctx, tmp);
     for (k = 0; k < 3; k++) ddp__free(ctx, sbuf[k]);
     return r;
 }
@@ -9766,7 +11461,12 @@ DDP_API ddp_result ddp_load_checkpoint_ex(ddp_context *ctx, const char *path, un
     if (!ctx->finalized) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_load_checkpoint: call ddp_finalize() first");
     if (ctx->in_step) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "ddp_load_checkpoint: not allowed inside a step");
     DDP__TRY(ddp__join_check(ctx, "ddp_load_checkpoint"));
-    return ddp__agree(ctx, ddp__load_file(ctx, path, flags), "loading the checkpoint");
+    {
+        double t0 = ddp__now();
+        ddp_result r = ddp__agree(ctx, ddp__load_file(ctx, path, flags), "loading the checkpoint");
+        ddp__trace_ev(ctx, DDP__EV_LOAD, t0, ddp__now() - t0, 0, 0, ctx->flat_bytes + ddp_optimizer_state_bytes(ctx));
+        return r;
+    }
 }
 
 DDP_API ddp_result ddp_load_checkpoint(ddp_context *ctx, const char *path) {
@@ -10536,13 +12236,16 @@ struct ddp__cuda_state {
     cudaStream_t comm;            /* communication stream */
     cudaStream_t user;            /* ddp_set_stream(); NULL: legacy default stream */
     cudaEvent_t *ready;           /* per parameter */
-    cudaEvent_t *done;            /* per bucket */
+    cudaEvent_t *done;            /* per parameter (one per communication bucket at most) */
+    int          num_done;
     cudaEvent_t  last;            /* the last collective queued on comm */
     float       *d_norm;          /* device scalar for sumsq */
     int         *d_flag;          /* device flag for the non-finite check (loss scaling) */
     float       *d_scratch;       /* sumsq partials */
     size_t       scratch_elems;
     void        *compress_buf;    /* bucket in bf16/f16 for compressed all-reduce */
+    void        *hook_cbuf;       /* the compression hooks' scratch */
+    size_t       hook_cbuf_bytes;
     unsigned char *d_group_map;   /* ctx->group_map on the device (NULL with one group) */
     int          host_registered; /* the shared gradient slice is pinned */
     int          solo;            /* a world of one: nothing to exchange (unless DDP_FORCE_COMM) */
@@ -10903,18 +12606,25 @@ static ddp_result ddp__staged_reduce_scatter(ddp_context *ctx, const void *send,
    this rank's slice of the shared segment, reduce, copy back. */
 static ddp_result ddp__staged_bucket_reduce(ddp_context *ctx, int b, double scale) {
     struct ddp__cuda_state *cu = ctx->cuda;
-    const ddp__bucket *bk = &ctx->buckets[b];
-    unsigned char *host = ctx->shm.grads + (size_t)ctx->rank * ctx->shm.grad_stride + bk->offset;
+    const ddp__cbucket *cb = &ctx->cb[b];
+    unsigned char *host = ctx->shm.grads + (size_t)ctx->rank * ctx->shm.grad_stride;
+    size_t es = ddp_dtype_size(cb->dtype);
     char what[96];
-    int i;
+    int i, k;
     snprintf(what, sizeof what, "staged all-reduce of gradient bucket %d", b);
     for (i = 0; i < ctx->num_params; i++)
-        if (ctx->params[i].bucket == b && ctx->params[i].evrec) DDP__CU(ctx, cudaStreamWaitEvent(cu->comm, cu->ready[i], 0), what);
-    DDP__CU(ctx, cudaMemcpyAsync(host, ctx->flat_grads + bk->offset, bk->bytes, cudaMemcpyDeviceToHost, cu->comm), what);
+        if (ctx->params[i].cbucket == b && ctx->params[i].evrec) DDP__CU(ctx, cudaStreamWaitEvent(cu->comm, cu->ready[i], 0), what);
+    for (k = 0; k < cb->nrange; k++) {
+        const ddp__piece *rg = &ctx->cranges[cb->range0 + k];
+        DDP__CU(ctx, cudaMemcpyAsync(host + rg->offset, ctx->flat_grads + rg->offset, rg->numel * es, cudaMemcpyDeviceToHost, cu->comm), what);
+    }
     DDP__TRY(ddp__cuda_wait(ctx, NULL, cu->comm, what));
-    if (ctx->world > 1) DDP__TRY(ddp__shm_allreduce_inplace(ctx, bk->offset, bk->numel, bk->dtype, DDP_OP_SUM, scale, what));
-    else if (scale != 1.0) { void *p = host; ddp__reduce(&p, 1, &p, 1, bk->numel, bk->dtype, DDP_OP_SUM, scale); }
-    DDP__CU(ctx, cudaMemcpyAsync(ctx->flat_grads + bk->offset, host, bk->bytes, cudaMemcpyHostToDevice, cu->comm), what);
+    if (ctx->world > 1) DDP__TRY(ddp__shm_reduce_pieces(ctx, b, scale, ctx->zero, what));
+    else ddp__scale_ranges(ctx, host, b, scale);
+    for (k = 0; k < cb->nrange; k++) {
+        const ddp__piece *rg = &ctx->cranges[cb->range0 + k];
+        DDP__CU(ctx, cudaMemcpyAsync(ctx->flat_grads + rg->offset, host + rg->offset, rg->numel * es, cudaMemcpyHostToDevice, cu->comm), what);
+    }
     DDP__CU(ctx, cudaEventRecord(cu->done[b], cu->comm), what);
     DDP__CU(ctx, cudaEventRecord(cu->last, cu->comm), what);
     /* the host slice is reused by the next bucket only after this copy: wait here */
@@ -11064,11 +12774,12 @@ static void ddp__cuda_teardown(ddp_context *ctx) {
 #endif
     (void)idle;
     if (cu->ready) { for (i = 0; i < ctx->num_params; i++) if (cu->ready[i]) cudaEventDestroy(cu->ready[i]); ddp__free(ctx, cu->ready); }
-    if (cu->done) { for (i = 0; i < ctx->num_buckets; i++) if (cu->done[i]) cudaEventDestroy(cu->done[i]); ddp__free(ctx, cu->done); }
+    if (cu->done) { for (i = 0; i < cu->num_done; i++) if (cu->done[i]) cudaEventDestroy(cu->done[i]); ddp__free(ctx, cu->done); }
     if (cu->last) cudaEventDestroy(cu->last);
     ddp__free_device(ctx, cu->d_norm);
     ddp__free_device(ctx, cu->d_flag);
     ddp__free_device(ctx, cu->compress_buf);
+    ddp__free_device(ctx, cu->hook_cbuf);
     ddp__free_device(ctx, cu->d_group_map);
     if (cu->comm) cudaStreamDestroy(cu->comm);
     ddp__free(ctx, cu);
@@ -11092,13 +12803,23 @@ static ddp_result ddp__cuda_finalize(ddp_context *ctx) {
                     "copying initial weights to the GPU");
     DDP__CU(ctx, cudaDeviceSynchronize(), "copying initial weights to the GPU");
     cu->ready = (cudaEvent_t *)ddp__calloc(ctx, (size_t)ctx->num_params * sizeof(cudaEvent_t));
-    cu->done = (cudaEvent_t *)ddp__calloc(ctx, (size_t)ctx->num_buckets * sizeof(cudaEvent_t));
+    cu->done = (cudaEvent_t *)ddp__calloc(ctx, (size_t)ctx->num_params * sizeof(cudaEvent_t));
     if (!cu->ready || !cu->done) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for events");
     for (i = 0; i < ctx->num_params; i++) DDP__CU(ctx, cudaEventCreateWithFlags(&cu->ready[i], cudaEventDisableTiming), "creating events");
-    for (i = 0; i < ctx->num_buckets; i++) {
+    /* one per parameter: a rebuilt bucket order (at most one bucket per parameter) needs no new ones */
+    for (i = 0; i < ctx->num_params; i++) {
         DDP__CU(ctx, cudaEventCreateWithFlags(&cu->done[i], cudaEventDisableTiming), "creating events");
-        if (ctx->buckets[i].bytes > maxb) maxb = ctx->buckets[i].bytes;
+        cu->num_done = i + 1;
     }
+    /* the compression buffer fits the largest bucket of any order: the caps
+       bound a bucket to its cap plus one parameter */
+    for (i = 0; i < ctx->num_params; i++) {
+        size_t pb = ddp__align_up(ctx->params[i].numel * ddp_dtype_size(ctx->params[i].dtype), DDP__ALIGN);
+        if (pb > maxb) maxb = pb;
+    }
+    maxb += ctx->cfg.first_bucket_bytes > ctx->cfg.bucket_bytes ? ctx->cfg.first_bucket_bytes : ctx->cfg.bucket_bytes;
+    for (i = 0; i < ctx->num_buckets; i++)
+        if (ctx->buckets[i].bytes > maxb) maxb = ctx->buckets[i].bytes;
     if (ctx->num_groups > 1) {
         size_t chunks = ctx->flat_bytes / DDP__ALIGN;
         cu->d_group_map = (unsigned char *)ddp__dev_alloc(ctx, chunks);
@@ -11137,11 +12858,11 @@ static ddp_result ddp__cuda_bucket_events(ddp_context *ctx, int b, int wait_now)
     for (i = 0; i < ctx->num_params; i++) {
         ddp__param *p = &ctx->params[i];
         int seen = 0;
-        if (p->bucket != b) continue; /* other buckets' flags may still be read by the comm thread */
+        if (p->cbucket != b) continue; /* other buckets' flags may still be read by the comm thread */
         p->evrec = 0;
         if (!p->marked) p->stream = (void *)ddp__ustream(ctx); /* unused parameter: nothing of it is pending */
         for (j = 0; j < i && !seen; j++)
-            seen = ctx->params[j].bucket == b && ctx->params[j].evrec && ctx->params[j].stream == p->stream;
+            seen = ctx->params[j].cbucket == b && ctx->params[j].evrec && ctx->params[j].stream == p->stream;
         if (seen) continue;
         DDP__CU(ctx, cudaEventRecord(cu->ready[i], (cudaStream_t)p->stream), "recording a ready event");
         p->evrec = 1;
@@ -11153,30 +12874,81 @@ static ddp_result ddp__cuda_bucket_events(ddp_context *ctx, int b, int wait_now)
 static ddp_result ddp__cuda_launch_bucket(ddp_context *ctx, int b) {
 #if defined(DDP_NCCL)
     struct ddp__cuda_state *cu = ctx->cuda;
-    const ddp__bucket *bk = &ctx->buckets[b];
-    void *g = ctx->flat_grads + bk->offset;
+    const ddp__cbucket *cb = &ctx->cb[b];
+    size_t es = ddp_dtype_size(cb->dtype);
     char what[96];
-    ncclResult_t r;
+    ncclResult_t r = ncclSuccess;
+    int k;
     /* the factor of this reduce (ddp__reduce_factor, fixed at ddp_step_begin()): ncclAvg
        when it divides by the whole world, then what remains (ddp_train_step's 1 / micro_steps) */
     int avg = !ctx->cfg.gradient_sum && ctx->divisor == (double)ctx->world;
     float post = avg ? (float)(1.0 / ctx->window_div) : (float)ctx->q_scale;
-    snprintf(what, sizeof what, "NCCL all-reduce of gradient bucket %d (%" DDP__PRIzu " bytes)", b, bk->bytes);
+    snprintf(what, sizeof what, "NCCL all-reduce of gradient bucket %d (%" DDP__PRIzu " bytes)", b, cb->numel * es);
     if (!ddp__nccl_ok(ctx)) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "%s: the communicator was aborted", what);
     DDP__TRY(ddp__cuda_bucket_events(ctx, b, 1));
-    if (cu->compress_buf && bk->dtype == DDP_F32) {
-        /* scale before the reduce so the 16-bit sum cannot overflow */
+    if (cu->compress_buf && cb->dtype == DDP_F32) {
+        /* packed into the compression buffer, scaled before the reduce so the
+           16-bit sum cannot overflow */
         float pre = (float)ctx->q_scale;
-        DDP__KL(ctx, ddp_k_cast(cu->compress_buf, (int)ctx->cfg.compress, g, (int)DDP_F32, bk->numel, pre, cu->comm), what);
-        r = ncclAllReduce(cu->compress_buf, cu->compress_buf, bk->numel, ddp__nccl_type(ctx->cfg.compress), ncclSum, cu->nccl, cu->comm);
+        size_t at = 0, cs = ddp_dtype_size(ctx->cfg.compress);
+        for (k = 0; k < cb->nrange; k++) {
+            const ddp__piece *rg = &ctx->cranges[cb->range0 + k];
+            DDP__KL(ctx, ddp_k_cast((unsigned char *)cu->compress_buf + at * cs, (int)ctx->cfg.compress, ctx->flat_grads + rg->offset,
+                                    (int)DDP_F32, rg->numel, pre, cu->comm), what);
+            at += rg->numel;
+        }
+        r = ncclAllReduce(cu->compress_buf, cu->compress_buf, cb->numel, ddp__nccl_type(ctx->cfg.compress), ncclSum, cu->nccl, cu->comm);
         if (r == ncclInProgress) ncclCommGetAsyncError(cu->nccl, &r);
         DDP__TRY(ddp__nccl_settle(ctx, r, ctx->cfg.timeout_s, what));
-        DDP__KL(ctx, ddp_k_cast(g, (int)DDP_F32, cu->compress_buf, (int)ctx->cfg.compress, bk->numel, 1.0f, cu->comm), what);
+        for (at = 0, k = 0; k < cb->nrange; k++) {
+            const ddp__piece *rg = &ctx->cranges[cb->range0 + k];
+            DDP__KL(ctx, ddp_k_cast(ctx->flat_grads + rg->offset, (int)DDP_F32, (unsigned char *)cu->compress_buf + at * cs,
+                                    (int)ctx->cfg.compress, rg->numel, 1.0f, cu->comm), what);
+            at += rg->numel;
+        }
+    } else if (ctx->zero) {
+        /* ZeRO-1: each rank needs only its shards. A bucket that is one whole
+           storage bucket (equal shards, see ddp__assign_buckets) is one
+           reduce-scatter in place; a bucket of several ranges reduces each
+           piece to the rank that owns it. */
+        const ddp__piece *rg = &ctx->cranges[cb->range0];
+        const ddp__bucket *sb = &ctx->buckets[rg->owner];
+        ncclRedOp_t op = avg ? ncclAvg : ncclSum;
+        if (cb->nrange == 1 && rg->offset == sb->offset && rg->numel == sb->numel) {
+            size_t per = sb->numel / (size_t)ctx->world;
+            unsigned char *g = ctx->flat_grads + sb->offset;
+            r = ncclReduceScatter(g, g + (size_t)ctx->rank * per * es, per, ddp__nccl_type(cb->dtype), op, cu->nccl, cu->comm);
+        } else {
+            ncclGroupStart();
+            for (k = 0; k < cb->npiece && (r == ncclSuccess || r == ncclInProgress); k++) {
+                const ddp__piece *pc = &ctx->cpieces[cb->piece0 + k];
+                void *g = ctx->flat_grads + pc->offset;
+                r = ncclReduce(g, g, pc->numel, ddp__nccl_type(cb->dtype), op, pc->owner, cu->nccl, cu->comm);
+            }
+            { ncclResult_t e = ncclGroupEnd(); if (r == ncclSuccess) r = e; }
+        }
+        if (r == ncclInProgress) ncclCommGetAsyncError(cu->nccl, &r);
+        DDP__TRY(ddp__nccl_settle(ctx, r, ctx->cfg.timeout_s, what));
+        for (k = 0; k < cb->npiece && post != 1.0f; k++) {
+            const ddp__piece *pc = &ctx->cpieces[cb->piece0 + k];
+            if (pc->owner == ctx->rank)
+                DDP__TRY(ddp__cuda_scale(ctx, ctx->flat_grads + pc->offset, cb->dtype, pc->numel, post, cu->comm, what));
+        }
     } else {
-        r = ncclAllReduce(g, g, bk->numel, ddp__nccl_type(bk->dtype), avg ? ncclAvg : ncclSum, cu->nccl, cu->comm);
+        /* one collective per range, grouped: NCCL runs them as one launch */
+        if (cb->nrange > 1) ncclGroupStart();
+        for (k = 0; k < cb->nrange && (r == ncclSuccess || r == ncclInProgress); k++) {
+            const ddp__piece *rg = &ctx->cranges[cb->range0 + k];
+            void *g = ctx->flat_grads + rg->offset;
+            r = ncclAllReduce(g, g, rg->numel, ddp__nccl_type(cb->dtype), avg ? ncclAvg : ncclSum, cu->nccl, cu->comm);
+        }
+        if (cb->nrange > 1) { ncclResult_t e = ncclGroupEnd(); if (r == ncclSuccess) r = e; }
         if (r == ncclInProgress) ncclCommGetAsyncError(cu->nccl, &r);
         DDP__TRY(ddp__nccl_settle(ctx, r, ctx->cfg.timeout_s, what));
-        if (post != 1.0f) DDP__TRY(ddp__cuda_scale(ctx, g, bk->dtype, bk->numel, post, cu->comm, what));
+        for (k = 0; k < cb->nrange && post != 1.0f; k++) {
+            const ddp__piece *rg = &ctx->cranges[cb->range0 + k];
+            DDP__TRY(ddp__cuda_scale(ctx, ctx->flat_grads + rg->offset, cb->dtype, rg->numel, post, cu->comm, what));
+        }
     }
     DDP__CU(ctx, cudaEventRecord(cu->done[b], cu->comm), what);
     DDP__CU(ctx, cudaEventRecord(cu->last, cu->comm), what);
@@ -11192,6 +12964,89 @@ static ddp_result ddp__cuda_launch_bucket(ddp_context *ctx, int b) {
     return ddp__fail(ctx, DDP_ERROR_UNSUPPORTED, "NCCL is not compiled in");
 #endif
 }
+
+/* ---- communication hooks on the GPU ----
+
+   The hook sees the bucket once its gradients are final: the bucket's
+   ready events are waited for on the communication stream (nccl: recorded
+   now, on your thread; staged: recorded at the launch) and the stream is
+   drained, so that the hook's collectives (which copy through the host or
+   run NCCL and wait) read finished gradients. Afterwards the bucket's
+   events are recorded on the communication stream, as for the built-in
+   reduction, and the end of the step waits for them. */
+static ddp_result ddp__cuda_hook_prepare(ddp_context *ctx, int b) {
+    struct ddp__cuda_state *cu = ctx->cuda;
+    int i;
+    if (ctx->cfg.backend == DDP_BACKEND_NCCL) {
+        DDP__TRY(ddp__cuda_bucket_events(ctx, b, 1));
+    } else {
+        for (i = 0; i < ctx->num_params; i++)
+            if (ctx->params[i].cbucket == b && ctx->params[i].evrec)
+                DDP__CU(ctx, cudaStreamWaitEvent(cu->comm, cu->ready[i], 0), "waiting for a bucket's gradients (communication hook)");
+    }
+    return ddp__cuda_wait(ctx, NULL, cu->comm, "waiting for a bucket's gradients (communication hook)");
+}
+
+static ddp_result ddp__cuda_hook_finish(ddp_context *ctx, int b) {
+    struct ddp__cuda_state *cu = ctx->cuda;
+    const char *what = "a communication hook";
+    DDP__CU(ctx, cudaEventRecord(cu->done[b], cu->comm), what);
+    DDP__CU(ctx, cudaEventRecord(cu->last, cu->comm), what);
+    if (ctx->cfg.backend == DDP_BACKEND_NCCL) {
+        ddp__mutex_lock(&ctx->mu);
+        cu->inflight = 1;
+        cu->inflight_since = ddp__now();
+        ddp__copy_str(cu->inflight_what, sizeof cu->inflight_what, what);
+        ddp__cond_signal(&ctx->cv_work);
+        ddp__mutex_unlock(&ctx->mu);
+    }
+    return DDP_SUCCESS;
+}
+
+/* What a hook queued on its stream is done. */
+static ddp_result ddp__cuda_hook_sync(ddp_context *ctx) {
+    return ddp__cuda_wait(ctx, NULL, ctx->cuda->comm, "a communication hook's stream");
+}
+
+static ddp_result ddp__cuda_hook_scale(ddp_context *ctx, void *buf, ddp_dtype t, size_t n, double scale) {
+    if (!ddp__is_device_ptr(buf)) {
+        ddp__reduce(&buf, 1, &buf, 1, n, t, DDP_OP_SUM, scale);
+        return DDP_SUCCESS;
+    }
+    if (t != DDP_F32 && t != DDP_F16 && t != DDP_BF16)
+        return ddp__fail(ctx, DDP_ERROR_UNSUPPORTED, "allreduce in a communication hook: a scale on %s device memory", ddp_dtype_name(t));
+    DDP__TRY(ddp__cuda_scale(ctx, buf, t, n, (float)scale, ctx->cuda->comm, "allreduce in a communication hook"));
+    return ddp__cuda_hook_sync(ctx);
+}
+
+static ddp_result ddp__cuda_copy_dd(ddp_context *ctx, void *dst, const void *src, size_t bytes) {
+    DDP__CU(ctx, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, ctx->cuda->comm), "packing a bucket for a communication hook");
+    return DDP_SUCCESS;
+}
+
+/* The compression hooks on device memory: cast (times scale) into a
+   scratch buffer of their own on the communication stream, the sum in the
+   16-bit type, cast back. */
+static ddp_result ddp__cuda_hook_compress(ddp_context *ctx, const ddp_comm_bucket *b, ddp_dtype ct) {
+    struct ddp__cuda_state *cu = ctx->cuda;
+    cudaStream_t s = cu->comm;
+    size_t need = b->count * 2;
+    ddp_result r;
+    if (cu->hook_cbuf_bytes < need) {
+        void *p = ddp__dev_alloc(ctx, need);
+        if (!p) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "no device memory for %" DDP__PRIzu " bytes of compression scratch", need);
+        ddp__free_device(ctx, cu->hook_cbuf);
+        cu->hook_cbuf = p;
+        cu->hook_cbuf_bytes = need;
+    }
+    DDP__KL(ctx, ddp_k_cast(cu->hook_cbuf, (int)ct, b->grad, (int)DDP_F32, b->count, (float)b->scale, s), "compression hook");
+    r = b->allreduce(b->comm, cu->hook_cbuf, b->count, ct, DDP_OP_SUM, 1.0);
+    if (r != DDP_SUCCESS) return r;
+    DDP__KL(ctx, ddp_k_cast(b->grad, (int)DDP_F32, cu->hook_cbuf, (int)ct, b->count, 1.0f, s), "compression hook");
+    return ddp__cuda_hook_sync(ctx);
+}
+
+static void *ddp__cuda_comm_stream(ddp_context *ctx) { return ctx->cuda ? (void *)ctx->cuda->comm : NULL; }
 
 /* x *= f in x's type (f32 in place; f16/bf16 through an in-place cast). */
 static ddp_result ddp__cuda_scale(ddp_context *ctx, void *x, ddp_dtype t, size_t n, float f, cudaStream_t s, const char *what) {
@@ -11339,11 +13194,114 @@ static ddp_result ddp__cuda_nonfinite(ddp_context *ctx, int *found) {
     return DDP_SUCCESS;
 }
 
+/* ZeRO-1: the squared norm and the non-finite flag of elements [lo, hi)
+   of storage bucket b (the host waits for them). */
+static ddp_result ddp__cuda_range_stats(ddp_context *ctx, int b, size_t lo, size_t hi, int want_norm, int want_flag,
+                                        double *sumsq, int *bad) {
+    struct ddp__cuda_state *cu = ctx->cuda;
+    const ddp__bucket *bk = &ctx->buckets[b];
+    cudaStream_t s = ddp__ustream(ctx);
+    const unsigned char *g = ctx->flat_grads + bk->offset + lo * ddp_dtype_size(bk->dtype);
+    float v = 0;
+    int h = 0;
+    *sumsq = 0;
+    *bad = 0;
+    if (hi <= lo) return DDP_SUCCESS;
+    if (want_norm) {
+        DDP__KL(ctx, ddp_k_sumsq_typed(g, (int)bk->dtype, hi - lo, cu->d_norm, cu->d_scratch, cu->scratch_elems, s), "gradient norm");
+        DDP__CU(ctx, cudaMemcpyAsync(&v, cu->d_norm, sizeof v, cudaMemcpyDeviceToHost, s), "gradient norm");
+    }
+    if (want_flag) {
+        DDP__CU(ctx, cudaMemsetAsync(cu->d_flag, 0, sizeof(int), s), "checking the gradients for inf/NaN");
+        DDP__KL(ctx, ddp_k_nonfinite(g, (int)bk->dtype, hi - lo, cu->d_flag, s), "checking the gradients for inf/NaN");
+        DDP__CU(ctx, cudaMemcpyAsync(&h, cu->d_flag, sizeof(int), cudaMemcpyDeviceToHost, s), "checking the gradients for inf/NaN");
+    }
+    DDP__TRY(ddp__cuda_wait(ctx, NULL, s, "gradient norm"));
+    *sumsq = v;
+    *bad = h != 0;
+    return DDP_SUCCESS;
+}
+
+/* The gradients of this rank's ranges (ZeRO-1: its shards) times f. */
 static ddp_result ddp__cuda_scale_grads(ddp_context *ctx, float f) {
     int b;
     for (b = 0; b < ctx->num_buckets; b++) {
         const ddp__bucket *bk = &ctx->buckets[b];
-        DDP__TRY(ddp__cuda_scale(ctx, ctx->flat_grads + bk->offset, bk->dtype, bk->numel, f, ddp__ustream(ctx), "scaling the gradients"));
+        size_t lo, hi;
+        ddp__own_range(ctx, b, &lo, &hi);
+        if (hi > lo)
+            DDP__TRY(ddp__cuda_scale(ctx, ctx->flat_grads + bk->offset + lo * ddp_dtype_size(bk->dtype), bk->dtype, hi - lo, f,
+                                     ddp__ustream(ctx), "scaling the gradients"));
+    }
+    return DDP_SUCCESS;
+}
+
+/* ZeRO-1 on the GPU: the parameters' all-gather after the sharded update.
+   nccl: one all-gather in place per storage bucket (the shards are equal),
+   grouped, on the communication stream between the user's stream's
+   optimizer and whatever the user queues next. staged: this rank's shards
+   to the exchange region, the shm exchange, the others' shards back. */
+static ddp_result ddp__cuda_param_gather(ddp_context *ctx) {
+    struct ddp__cuda_state *cu = ctx->cuda;
+    cudaStream_t us = ddp__ustream(ctx);
+    const char *what = "the parameter all-gather (ZeRO-1)";
+    int b, q;
+    if (ctx->cfg.backend == DDP_BACKEND_NCCL) {
+#if defined(DDP_NCCL)
+        ncclResult_t r = ncclSuccess;
+        if (!ddp__nccl_ok(ctx)) return ddp__fail(ctx, DDP_ERROR_INVALID_STATE, "%s: the communicator was aborted", what);
+        DDP__CU(ctx, cudaEventRecord(cu->last, us), what);
+        DDP__CU(ctx, cudaStreamWaitEvent(cu->comm, cu->last, 0), what);
+        ncclGroupStart();
+        for (b = 0; b < ctx->num_buckets && (r == ncclSuccess || r == ncclInProgress); b++) {
+            const ddp__bucket *bk = &ctx->buckets[b];
+            size_t per = bk->numel / (size_t)ctx->world, es = ddp_dtype_size(bk->dtype);
+            unsigned char *p = ctx->flat_params + bk->offset;
+            r = ncclAllGather(p + (size_t)ctx->rank * per * es, p, per * es, ncclUint8, cu->nccl, cu->comm);
+        }
+        { ncclResult_t e = ncclGroupEnd(); if (r == ncclSuccess) r = e; }
+        if (r == ncclInProgress) ncclCommGetAsyncError(cu->nccl, &r);
+        DDP__TRY(ddp__nccl_settle(ctx, r, ctx->cfg.timeout_s, what));
+        DDP__CU(ctx, cudaEventRecord(cu->last, cu->comm), what);
+        DDP__CU(ctx, cudaStreamWaitEvent(us, cu->last, 0), what);
+        ddp__mutex_lock(&ctx->mu);
+        cu->inflight = 1;
+        cu->inflight_since = ddp__now();
+        ddp__copy_str(cu->inflight_what, sizeof cu->inflight_what, what);
+        ddp__cond_signal(&ctx->cv_work);
+        ddp__mutex_unlock(&ctx->mu);
+        return DDP_SUCCESS;
+#else
+        return ddp__fail(ctx, DDP_ERROR_UNSUPPORTED, "NCCL is not compiled in");
+#endif
+    }
+    {
+        uint64_t seq;
+        DDP__TRY(ddp__xchg_claim(ctx));
+        for (b = 0; b < ctx->num_buckets; b++) {
+            const ddp__bucket *bk = &ctx->buckets[b];
+            size_t lo, hi, es = ddp_dtype_size(bk->dtype);
+            ddp__shard_of(ctx, b, ctx->rank, &lo, &hi);
+            if (hi > lo)
+                DDP__CU(ctx, cudaMemcpyAsync(ctx->shm.xchg + bk->offset + lo * es, ctx->flat_params + bk->offset + lo * es,
+                                             (hi - lo) * es, cudaMemcpyDeviceToHost, us), what);
+        }
+        DDP__TRY(ddp__cuda_wait(ctx, NULL, us, what));
+        DDP__TRY(ddp__xchg_publish(ctx, &seq));
+        for (q = 0; q < ctx->world; q++) {
+            if (q == ctx->rank) continue;
+            for (b = 0; b < ctx->num_buckets; b++) {
+                const ddp__bucket *bk = &ctx->buckets[b];
+                size_t lo, hi, es = ddp_dtype_size(bk->dtype);
+                ddp__shard_of(ctx, b, q, &lo, &hi);
+                if (hi > lo)
+                    DDP__CU(ctx, cudaMemcpyAsync(ctx->flat_params + bk->offset + lo * es, ctx->shm.xchg + bk->offset + lo * es,
+                                                 (hi - lo) * es, cudaMemcpyHostToDevice, us), what);
+            }
+        }
+        /* the copies read the exchange region: done only once they ran */
+        DDP__TRY(ddp__cuda_wait(ctx, NULL, us, what));
+        ddp__xchg_release(ctx, seq);
     }
     return DDP_SUCCESS;
 }
@@ -11390,11 +13348,16 @@ static ddp_result ddp__cuda_zero(ddp_context *ctx, void *p, size_t bytes) {
 
 static ddp_result ddp__cuda_init_master(ddp_context *ctx) {
     int b;
-    for (b = 0; b < ctx->num_buckets; b++)
-        if (ctx->buckets[b].dtype != DDP_F32)
-            DDP__KL(ctx, ddp_k_cast((unsigned char *)ctx->opt_master + ctx->opt_state_off[b], (int)DDP_F32,
-                                    ctx->flat_params + ctx->buckets[b].offset, (int)ctx->buckets[b].dtype,
-                                    ctx->buckets[b].numel, 1.0f, ddp__ustream(ctx)), "initialising master weights");
+    for (b = 0; b < ctx->num_buckets; b++) {
+        const ddp__bucket *bk = &ctx->buckets[b];
+        size_t lo, hi;
+        if (bk->dtype == DDP_F32) continue;
+        ddp__own_range(ctx, b, &lo, &hi);
+        if (hi > lo)
+            DDP__KL(ctx, ddp_k_cast(ddp__state_el(ctx, ctx->opt_master, b, lo), (int)DDP_F32,
+                                    ctx->flat_params + bk->offset + lo * ddp_dtype_size(bk->dtype), (int)bk->dtype,
+                                    hi - lo, 1.0f, ddp__ustream(ctx)), "initialising master weights");
+    }
     return DDP_SUCCESS;
 }
 
@@ -11423,18 +13386,23 @@ static ddp_result ddp__cuda_optimizer_step(ddp_context *ctx, const ddp__hyper *h
     for (g = 0; g < ctx->num_groups; g++) { gr.lr_scale[g] = ctx->group_lr[g]; gr.wd_scale[g] = ctx->group_wd[g]; }
     for (b = 0; b < ctx->num_buckets; b++) {
         const ddp__bucket *bk = &ctx->buckets[b];
-        size_t es = ddp_dtype_size(bk->dtype);
-        void *p = ctx->flat_params + bk->offset, *gp = ctx->flat_grads + bk->offset;
-        float *m = ctx->opt_m ? (float *)((unsigned char *)ctx->opt_m + ctx->opt_state_off[b]) : NULL;
-        float *v = ctx->opt_v ? (float *)((unsigned char *)ctx->opt_v + ctx->opt_state_off[b]) : NULL;
-        float *master = ctx->opt_master ? (float *)((unsigned char *)ctx->opt_master + ctx->opt_state_off[b]) : NULL;
-        gr.first = bk->offset / es;
+        size_t es = ddp_dtype_size(bk->dtype), lo, hi;
+        void *p, *gp;
+        float *m, *v, *master;
+        ddp__own_range(ctx, b, &lo, &hi); /* the whole bucket, or this rank's ZeRO-1 shard */
+        if (hi <= lo) continue;
+        p = ctx->flat_params + bk->offset + lo * es;
+        gp = ctx->flat_grads + bk->offset + lo * es;
+        m = (float *)ddp__state_el(ctx, ctx->opt_m, b, lo);
+        v = (float *)ddp__state_el(ctx, ctx->opt_v, b, lo);
+        master = (float *)ddp__state_el(ctx, ctx->opt_master, b, lo);
+        gr.first = bk->offset / es + lo;
         gr.chunk_log2 = es == 4 ? 6 : 7; /* DDP__ALIGN bytes per chunk */
         if (bk->dtype == DDP_F32)
-            DDP__KL(ctx, ddp_k_optimizer_step(NULL, 0, (float *)p, gp, (int)DDP_F32, m, v, bk->numel, &o, &gr, s),
+            DDP__KL(ctx, ddp_k_optimizer_step(NULL, 0, (float *)p, gp, (int)DDP_F32, m, v, hi - lo, &o, &gr, s),
                     h->adamw ? "AdamW step" : "SGD step");
         else
-            DDP__KL(ctx, ddp_k_optimizer_step(p, (int)bk->dtype, master, gp, (int)bk->dtype, m, v, bk->numel, &o, &gr, s),
+            DDP__KL(ctx, ddp_k_optimizer_step(p, (int)bk->dtype, master, gp, (int)bk->dtype, m, v, hi - lo, &o, &gr, s),
                     h->adamw ? "AdamW step (mixed precision)" : "SGD step (mixed precision)");
     }
     return DDP_SUCCESS;
@@ -11468,6 +13436,25 @@ static ddp_result ddp__cuda_optimizer_step(ddp_context *ctx, const ddp__hyper *h
 static ddp_result ddp__cuda_sumsq(ddp_context *ctx, double *o) { (void)o; return ddp__cuda_unreachable(ctx); }
 static ddp_result ddp__cuda_nonfinite(ddp_context *ctx, int *f) { (void)f; return ddp__cuda_unreachable(ctx); }
 static ddp_result ddp__cuda_scale_grads(ddp_context *ctx, float s) { (void)s; return ddp__cuda_unreachable(ctx); }
+static ddp_result ddp__cuda_param_gather(ddp_context *ctx) { return ddp__cuda_unreachable(ctx); }
+static ddp_result ddp__cuda_hook_prepare(ddp_context *ctx, int b) { (void)b; return ddp__cuda_unreachable(ctx); }
+static ddp_result ddp__cuda_hook_finish(ddp_context *ctx, int b) { (void)b; return ddp__cuda_unreachable(ctx); }
+static ddp_result ddp__cuda_hook_sync(ddp_context *ctx) { return ddp__cuda_unreachable(ctx); }
+static ddp_result ddp__cuda_hook_scale(ddp_context *ctx, void *buf, ddp_dtype t, size_t n, double scale) {
+    (void)buf; (void)t; (void)n; (void)scale; return ddp__cuda_unreachable(ctx);
+}
+static ddp_result ddp__cuda_copy_dd(ddp_context *ctx, void *dst, const void *src, size_t bytes) {
+    (void)dst; (void)src; (void)bytes; return ddp__cuda_unreachable(ctx);
+}
+static ddp_result ddp__cuda_hook_compress(ddp_context *ctx, const ddp_comm_bucket *b, ddp_dtype ct) {
+    (void)b; (void)ct; return ddp__cuda_unreachable(ctx);
+}
+static void *ddp__dev_alloc(ddp_context *ctx, size_t bytes) { (void)ctx; (void)bytes; return NULL; }
+static void *ddp__cuda_comm_stream(ddp_context *ctx) { (void)ctx; return NULL; }
+static ddp_result ddp__cuda_range_stats(ddp_context *ctx, int b, size_t lo, size_t hi, int want_norm, int want_flag,
+                                        double *sumsq, int *bad) {
+    (void)b; (void)lo; (void)hi; (void)want_norm; (void)want_flag; *sumsq = 0; *bad = 0; return ddp__cuda_unreachable(ctx);
+}
 static ddp_result ddp__cuda_zero_grads(ddp_context *ctx) { return ddp__cuda_unreachable(ctx); }
 static ddp_result ddp__cuda_grad_buffer(ddp_context *ctx, void **slot) { (void)slot; return ddp__cuda_unreachable(ctx); }
 static ddp_result ddp__cuda_grad_copy(ddp_context *ctx, void *d, const void *s) { (void)d; (void)s; return ddp__cuda_unreachable(ctx); }

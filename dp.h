@@ -344,7 +344,8 @@ static ddp_result dp__run_checksum(dp__worker *w) {
     void *bufs[4];
     int k;
     bufs[0] = ddp_flat_params(c); bufs[1] = c->opt_m; bufs[2] = c->opt_v; bufs[3] = c->opt_master;
-    for (k = 0; k < 4; k++) {
+    /* with ZeRO-1 each replica holds its own shard of the state: only the weights agree */
+    for (k = 0; k < (c->zero ? 1 : 4); k++) {
         size_t bytes = k == 0 ? n : c->opt_state_bytes;
         void *tmp = NULL;
         const void *view = NULL;

@@ -19,7 +19,11 @@
    on the GPU (--device cuda, the default when a GPU exists).
 
    Per epoch rank 0 prints
-       epoch E loss L train_acc A test_acc T samples_per_s S
+       epoch E loss L train_acc A test_acc T samples_per_s S overlap=O% exposed_ms=X
+   where O is the share of the gradient communication hidden behind the
+   backward (ddp_get_step_stats: 1 - exposed / communication time) and X
+   the communication time per step the training thread waited for.
+   DDP_TRACE=trace.json writes the timeline (trace.rank0.json, ...).
    and at the end
        result: epochs=E test_acc=A samples_per_s=S
    --export PATH writes the weights as safetensors (fc1.weight [256,784],
@@ -51,6 +55,8 @@ typedef struct options {
     double timeout;
     uint64_t seed;
     const char *save, *resume, *export_path;
+    int zero;                 /* --zero: ZeRO-1, the optimizer state sharded across the ranks */
+    int bucket_kb;            /* --bucket-kb: both bucket caps (0: the library's 1 MiB / 25 MiB) */
 } options;
 
 #define DEFAULT_SGD_LR    0.02f  /* momentum 0.9: 0.86 test accuracy after 2 epochs */
@@ -74,7 +80,11 @@ static void usage(FILE *f)
         "  --save PATH         write a checkpoint at the end\n"
         "  --resume PATH       start from a checkpoint (--epochs counts from its start)\n"
         "  --export PATH       write the weights as safetensors at the end (PyTorch:\n"
-        "                      safetensors.torch.load_file(PATH))\n",
+        "                      safetensors.torch.load_file(PATH))\n"
+        "  --bucket-kb K       close gradient buckets at K KiB (default: the library's\n"
+        "                      1 MiB first, 25 MiB later; smaller ones overlap more)\n"
+        "  --zero              ZeRO-1: each rank keeps and updates 1/N of the optimizer\n"
+        "                      state (the same weights, bit for bit)\n",
         (double)DEFAULT_SGD_LR, (double)DEFAULT_ADAMW_LR, (double)ADAMW_WEIGHT_DECAY,
         MLP_FASHION_DEFAULT_DIR);
 }
@@ -117,6 +127,7 @@ static void parse(int argc, char **argv, options *o)
     for (i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) { usage(stdout); exit(0); }
+        if (!strcmp(a, "--zero")) { o->zero = 1; continue; }
         if (a[0] != '-' || a[1] != '-') die("unexpected argument '%s' (try --help)", a);
         if (!v) die("%s needs a value", a);
         i++;
@@ -126,6 +137,7 @@ static void parse(int argc, char **argv, options *o)
         else if (!strcmp(a, "--seed")) o->seed = (uint64_t)parse_long(a, v, 0, 0x7fffffffL);
         else if (!strcmp(a, "--lr")) o->lr = (float)parse_double(a, v, 0.0);
         else if (!strcmp(a, "--timeout")) o->timeout = parse_double(a, v, 0.0);
+        else if (!strcmp(a, "--bucket-kb")) o->bucket_kb = (int)parse_long(a, v, 1, 1 << 20);
         else if (!strcmp(a, "--data")) o->data = v;
         else if (!strcmp(a, "--save")) o->save = v;
         else if (!strcmp(a, "--resume")) o->resume = v;
@@ -340,6 +352,8 @@ int main(int argc, char **argv)
         cfg.optimizer.momentum = 0.9f;
     }
 
+    cfg.zero_stage = o.zero;
+    cfg.first_bucket_bytes = cfg.bucket_bytes = (size_t)o.bucket_kb << 10; /* 0: the defaults */
     r = ddp_create(&cfg, &ctx);
     if (r != DDP_SUCCESS) die_ddp(r, ddp_create_error());
     g_ctx = ctx;
@@ -402,18 +416,20 @@ int main(int argc, char **argv)
     start_epoch = (int)(ddp_optimizer_steps(ctx) / steps_per_epoch);
     if (rank == 0) {
         ddp_config q = ddp_query_config(ctx);
-        printf("fashion_mlp: world %d, backend %s, device %s, batch %d (%d per rank), %s lr %g, "
+        printf("fashion_mlp: world %d, backend %s, device %s, batch %d (%d per rank), %s lr %g%s, "
                "%d train / %d test samples from %s%s\n",
                world, ddp_backend_name(ddp_query_backend(ctx)), use_cuda ? "cuda" : "cpu",
-               o.batch, local_max, o.optim, (double)q.optimizer.lr, train.count, test.count, dir,
-               start_epoch > 0 ? " (resumed)" : "");
+               o.batch, local_max, o.optim, (double)q.optimizer.lr, q.zero_stage ? ", ZeRO-1" : "",
+               train.count, test.count, dir, start_epoch > 0 ? " (resumed)" : "");
         fflush(stdout);
     }
 
     for (epoch = start_epoch; epoch < o.epochs; epoch++) {
-        double t0 = now_s(), sums[6], tmax;
+        double t0 = now_s(), sums[6], tmax, overlap, exposed_ms;
         int s, test_lo, test_hi, test_ok = 0;
         int64_t gpu_ok = 0;
+        ddp_step_stats st0, st1;
+        DDP_OK(ddp_get_step_stats(ctx, NULL, &st0));
         t.loss_sum = 0.0;
         t.correct = t.seen = 0;
         mlp_permutation(perm, train.count, o.seed * 1000003u + (uint64_t)epoch);
@@ -451,6 +467,14 @@ int main(int argc, char **argv)
 #endif
         (void)gpu_ok;
         tmax = now_s() - t0;
+        DDP_OK(ddp_get_step_stats(ctx, NULL, &st1));
+        {
+            double comm = st1.comm_s - st0.comm_s, exposed = st1.exposed_s - st0.exposed_s;
+            int64_t n = st1.steps - st0.steps;
+            overlap = comm > 0 ? 1.0 - exposed / comm : 0.0;
+            if (overlap < 0) overlap = 0;
+            exposed_ms = n > 0 ? exposed / (double)n * 1e3 : 0.0;
+        }
 
         /* test accuracy: each rank scores its shard of the 10k test images */
         test_lo = (int)((long)test.count * rank / world);
@@ -480,10 +504,10 @@ int main(int argc, char **argv)
         if (rank == 0) {
             /* per step the global loss is the average over ranks of the
                scaled losses; sums[5] is steps * world */
-            printf("epoch %d loss %.4f train_acc %.4f test_acc %.4f samples_per_s %.0f\n",
+            printf("epoch %d loss %.4f train_acc %.4f test_acc %.4f samples_per_s %.0f overlap=%.0f%% exposed_ms=%.3f\n",
                    epoch + 1, sums[5] > 0 ? sums[0] / sums[5] : 0.0,
                    sums[2] > 0 ? sums[1] / sums[2] : 0.0, test_acc,
-                   tmax > 0 ? sums[2] / tmax : 0.0);
+                   tmax > 0 ? sums[2] / tmax : 0.0, overlap * 100.0, exposed_ms);
             fflush(stdout);
         }
     }
@@ -519,6 +543,8 @@ int main(int argc, char **argv)
         if (rank == 0) printf("fashion_mlp: wrote the weights to %s (safetensors)\n", o.export_path);
     }
     if (rank == 0) {
+        printf("fashion_mlp: optimizer state %zu bytes on rank 0%s\n", ddp_optimizer_state_bytes(ctx),
+               o.zero ? " (ZeRO-1: its shard)" : "");
         printf("result: epochs=%d test_acc=%.4f samples_per_s=%.0f\n", o.epochs, test_acc,
                total_time > 0 ? total_samples / total_time : 0.0);
         fflush(stdout);

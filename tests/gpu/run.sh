@@ -102,6 +102,12 @@ run ddp_staged_world2_sgd         90  env DDP_BACKEND=staged "$b/ddprun" -n 2 --
 run ddp_staged_world3_adamw_accum2 90 env DDP_BACKEND=staged "$b/ddprun" -n 3 -- "$b/tests/gpu/test_gpu_ddp" equiv --optim adamw --accum 2
 run ddp_nccl_world1_features      60  env DDP_FORCE_COMM=1 "$b/ddprun" -n 1 -- "$b/tests/gpu/test_gpu_ddp" equiv --optim adamw --accum 2 --steps 6 --features
 run ddp_staged_world2_features    90  env DDP_BACKEND=staged "$b/ddprun" -n 2 -- "$b/tests/gpu/test_gpu_ddp" equiv --optim sgd --accum 2 --steps 6 --features
+run ddp_nccl_world1_zero_adamw     60  env DDP_FORCE_COMM=1 "$b/ddprun" -n 1 -- "$b/tests/gpu/test_gpu_ddp" equiv --optim adamw --accum 2 --zero
+run ddp_staged_world2_zero_features 90 env DDP_BACKEND=staged "$b/ddprun" -n 2 -- "$b/tests/gpu/test_gpu_ddp" equiv --optim adamw --steps 6 --features --zero
+run ddp_staged_world3_zero_sgd     90  env DDP_BACKEND=staged "$b/ddprun" -n 3 -- "$b/tests/gpu/test_gpu_ddp" equiv --optim sgd --accum 2 --zero
+run ddp_nccl_world1_hook_bf16     60  env DDP_FORCE_COMM=1 "$b/ddprun" -n 1 -- "$b/tests/gpu/test_gpu_ddp" equiv --optim sgd --hook bf16
+run ddp_staged_world2_hook_allreduce 90 env DDP_BACKEND=staged "$b/ddprun" -n 2 -- "$b/tests/gpu/test_gpu_ddp" equiv --optim adamw --accum 2 --hook allreduce
+run ddp_staged_world2_hook_fp16_zero 90 env DDP_BACKEND=staged "$b/ddprun" -n 2 -- "$b/tests/gpu/test_gpu_ddp" equiv --optim sgd --hook fp16 --zero
 run ddp_staged_rank_killed        60  "$b/tests/gpu/test_gpu_ddp" kill
 run ddp_safetensors_gpu           60  "$b/tests/gpu/test_gpu_ddp" safetensors
 if [ -x "$b/tests/gpu/test_gpu_dp" ]; then
