@@ -106,7 +106,8 @@
           scale: ddp_set_param_options, see PARAMETER GROUPS), then call
           ddp_finalize(ctx): the library allocates one flat parameter
           buffer and one flat gradient buffer, checks that every rank
-          registered the same parameters, and copies rank 0's weights to all.
+          registered the same parameters and uses the same configuration
+          (see AGREEMENT), and copies rank 0's weights to all.
        3. Each step:
               ddp_step_begin(ctx);
               ... your forward ...
@@ -522,6 +523,46 @@
        staging areas and gradient segments every rank shares (tested under
        AddressSanitizer).
 
+   AGREEMENT
+
+       Some of the configuration shapes what the ranks exchange or the
+       result they compute; a rank that differs would hang until the timeout
+       or train a different model without a word. These must be equal on
+       every rank, as ddp_create resolved them (defaults and environment
+       variables applied; ddp_query_config shows them), used or not:
+         config.backend (DDP_BACKEND), config.device,
+         config.first_bucket_bytes, config.bucket_bytes,
+         config.static_bucket_order, config.gradient_sum,
+         config.allow_unused_parameters, config.compress,
+         config.uneven_inputs, config.join_divide_by_initial_world_size,
+         config.zero_stage (DDP_ZERO_STAGE), config.debug (DDP_DEBUG),
+         every field of config.optimizer (type, lr, momentum, dampening,
+         nesterov, weight_decay, beta1, beta2, eps, max_grad_norm),
+         of config.schedule and of config.loss_scale (enabled,
+         init_scale, growth_factor, backoff_factor, growth_interval),
+         and the communication hook registered before ddp_finalize (none,
+         one of the built-in ones, or a hook of the program; which function
+         of the program is not compared: addresses differ between processes).
+       ddp_finalize compares them, with the parameter table, in the one
+       exchange through the store it already makes (no collective, so even
+       config.debug may differ without a hang): every rank compares every
+       rank's with rank 0's, and on a difference every rank fails at once
+       with DDP_ERROR_MISMATCH naming the first field that differs, the rank
+       and both values, e.g.
+         configurations differ: config.zero_stage (or DDP_ZERO_STAGE) is 0
+         on rank 0 but 1 on rank 2 (it must be the same on every rank, see
+         AGREEMENT in ddp.h)
+       Booleans compare as 0 or 1 (2 and 1 agree); doubles compare exactly.
+       Free to differ (local to a rank): rank, local_rank, cuda_device,
+       timeout_s, connect_timeout_s, no_comm_thread, staging_bytes (rank 0's
+       is used), trace_path, trace_events (DDP_TRACE), the allocators and
+       the logger, DDP_TIMEOUT; master_addr, master_port, the job secret and
+       job id are checked at rendezvous (SECURITY). Not covered: a hook
+       registered after ddp_finalize, ddp_set_lr, and whatever a program
+       does differently (DDP_DEBUG=detail catches collectives that then
+       stop pairing); ranks that ask for nccl next to shm or staged set up
+       differently in ddp_create and may fail there, at the timeout.
+
    ERRORS
 
        Every call that can fail returns a ddp_result (0 success, negative
@@ -786,7 +827,7 @@ typedef enum ddp_result {
     DDP_ERROR_OUT_OF_MEMORY    =  -3,
     DDP_ERROR_TIMEOUT          =  -4, /* a wait passed config.timeout_s */
     DDP_ERROR_PEER             =  -5, /* another rank failed, exited or aborted */
-    DDP_ERROR_MISMATCH         =  -6, /* ranks disagree (parameters, shapes, dtypes) */
+    DDP_ERROR_MISMATCH         =  -6, /* ranks disagree (parameters, shapes, dtypes, configuration) */
     DDP_ERROR_IO               =  -7, /* file error (checkpoints, data) */
     DDP_ERROR_CORRUPT          =  -8, /* checksum or format error in a checkpoint */
     DDP_ERROR_NETWORK          =  -9, /* connect, listen, protocol errors */
@@ -936,6 +977,10 @@ typedef struct ddp_loss_scale_desc {
 } ddp_loss_scale_desc;
 
 typedef struct ddp_config {
+    /* The fields that shape the exchange or the result (buckets, averaging,
+       compression, uneven inputs, ZeRO, debug, optimizer, schedule, loss
+       scaling) must be equal on every rank: ddp_finalize compares them and
+       fails with DDP_ERROR_MISMATCH naming the field (see AGREEMENT). */
     /* Who am I. world_size 0: read the environment (torchrun/ddprun, MPI,
        Slurm). world_size > 0: use rank, local_rank and local_world_size
        below (local_world_size 0 means world_size: one host). */
@@ -9035,16 +9080,124 @@ static int ddp__table_line(const char *t, int i, char *out, size_t cap) {
     return 1;
 }
 
+/* The configuration that must be the same on every rank (see AGREEMENT),
+   one value per line, in the order of ddp__cfg_fields: every rank runs the
+   same ddp.h version (identity records), so line i is the same field
+   everywhere. Values as the context resolved them (defaults and
+   environment variables applied), doubles with every digit. */
+static const char *const ddp__cfg_fields[] = {
+    "config.backend (or DDP_BACKEND)", "config.device",
+    "config.first_bucket_bytes", "config.bucket_bytes", "config.static_bucket_order",
+    "config.gradient_sum", "config.allow_unused_parameters", "config.compress",
+    "config.uneven_inputs", "config.join_divide_by_initial_world_size",
+    "config.zero_stage (or DDP_ZERO_STAGE)", "config.debug (or DDP_DEBUG)",
+    "config.optimizer.type", "config.optimizer.lr", "config.optimizer.momentum",
+    "config.optimizer.dampening", "config.optimizer.nesterov", "config.optimizer.weight_decay",
+    "config.optimizer.beta1", "config.optimizer.beta2", "config.optimizer.eps",
+    "config.optimizer.max_grad_norm",
+    "config.schedule.type", "config.schedule.warmup_steps", "config.schedule.total_steps",
+    "config.schedule.min_lr", "config.schedule.step_size", "config.schedule.gamma",
+    "config.loss_scale.enabled", "config.loss_scale.init_scale", "config.loss_scale.growth_factor",
+    "config.loss_scale.backoff_factor", "config.loss_scale.growth_interval",
+    "the communication hook registered before ddp_finalize (ddp_register_comm_hook)"
+};
+#define DDP__CFG_NFIELDS ((int)(sizeof ddp__cfg_fields / sizeof ddp__cfg_fields[0]))
+
+/* The shortest of %.15g..%.17g that reads back as v (0.1, not 0.10000000000000001). */
+static const char *ddp__cfg_g(char *buf, size_t cap, double v) {
+    int p;
+    for (p = 15; p <= 17; p++) {
+        snprintf(buf, cap, "%.*g", p, v);
+        if (strtod(buf, NULL) == v) break;
+    }
+    return buf;
+}
+
+static char *ddp__config_table(ddp_context *ctx, size_t *len) {
+    static const char *const optim[] = { "none", "sgd", "adamw" };
+    static const char *const sched[] = { "constant", "cosine", "linear", "step" };
+    const ddp_config *c = &ctx->cfg;
+    const ddp_optimizer_desc *o = &c->optimizer;
+    const ddp_schedule_desc *s = &c->schedule;
+    const ddp_loss_scale_desc *l = &c->loss_scale;
+    const char *hook = !ctx->hook ? "none"
+                     : ctx->hook == ddp_comm_hook_allreduce ? "ddp_comm_hook_allreduce"
+                     : ctx->hook == ddp_comm_hook_bf16 ? "ddp_comm_hook_bf16"
+                     : ctx->hook == ddp_comm_hook_fp16 ? "ddp_comm_hook_fp16" : "a hook of the program";
+    size_t cap = 4096, n;
+    char *t = (char *)ddp__alloc(ctx, cap), g[13][32];
+    int k;
+    if (!t) return NULL;
+    k = snprintf(t, cap,
+                 "%s\n%s\n%" DDP__PRIzu "\n%" DDP__PRIzu "\n%d\n%d\n%d\n%s\n%d\n%d\n%d\n%s\n"
+                 "%s\n%s\n%s\n%s\n%d\n%s\n%s\n%s\n%s\n%s\n"
+                 "%s\n%lld\n%lld\n%s\n%lld\n%s\n"
+                 "%d\n%s\n%s\n%s\n%d\n%s\n",
+                 ddp_backend_name(c->backend), c->device == DDP_DEVICE_CUDA ? "cuda" : "cpu",
+                 c->first_bucket_bytes, c->bucket_bytes, c->static_bucket_order != 0,
+                 c->gradient_sum != 0, c->allow_unused_parameters != 0,
+                 c->compress == DDP_BF16 || c->compress == DDP_F16 ? ddp_dtype_name(c->compress) : "none",
+                 c->uneven_inputs != 0, c->join_divide_by_initial_world_size != 0,
+                 c->zero_stage, c->debug == DDP_DEBUG_DETAIL ? "detail" : "off",
+                 (int)o->type >= 0 && o->type <= DDP_OPTIM_ADAMW ? optim[o->type] : "?",
+                 ddp__cfg_g(g[0], 32, o->lr), ddp__cfg_g(g[1], 32, o->momentum), ddp__cfg_g(g[2], 32, o->dampening),
+                 o->nesterov != 0, ddp__cfg_g(g[3], 32, o->weight_decay), ddp__cfg_g(g[4], 32, o->beta1),
+                 ddp__cfg_g(g[5], 32, o->beta2), ddp__cfg_g(g[6], 32, o->eps), ddp__cfg_g(g[7], 32, o->max_grad_norm),
+                 (int)s->type >= 0 && s->type <= DDP_SCHEDULE_STEP ? sched[s->type] : "?", (long long)s->warmup_steps,
+                 (long long)s->total_steps, ddp__cfg_g(g[8], 32, s->min_lr), (long long)s->step_size, ddp__cfg_g(g[9], 32, s->gamma),
+                 l->enabled != 0, ddp__cfg_g(g[10], 32, l->init_scale), ddp__cfg_g(g[11], 32, l->growth_factor),
+                 ddp__cfg_g(g[12], 32, l->backoff_factor), l->growth_interval, hook);
+    if (k < 0 || (size_t)k >= cap) { ddp__free(ctx, t); return NULL; }
+    n = (size_t)k;
+    *len = n + 1;
+    return t;
+}
+
+/* Line i (from 0) of a config table, copied into out; 0 when it has none. */
+static int ddp__cfg_line(const char *t, int i, char *out, size_t cap) {
+    const char *e;
+    for (; i > 0 && t; i--) { t = strchr(t, '\n'); if (t) t++; }
+    if (!t || !*t) { out[0] = 0; return 0; }
+    e = strchr(t, '\n');
+    if (!e) e = t + strlen(t);
+    if ((size_t)(e - t) >= cap) e = t + cap - 1;
+    memcpy(out, t, (size_t)(e - t));
+    out[e - t] = 0;
+    return 1;
+}
+
+/* Rank q's config table against rank 0's: DDP_SUCCESS, or DDP_ERROR_MISMATCH
+   naming the first field that differs, both ranks and both values. */
+static ddp_result ddp__cfg_compare(ddp_context *ctx, const char *c0, const char *cq, int q) {
+    int i;
+    if (!strcmp(c0, cq)) return DDP_SUCCESS;
+    for (i = 0; i < DDP__CFG_NFIELDS; i++) {
+        char a[128], b[128];
+        ddp__cfg_line(c0, i, a, sizeof a);
+        ddp__cfg_line(cq, i, b, sizeof b);
+        if (strcmp(a, b) != 0)
+            return ddp__fail(ctx, DDP_ERROR_MISMATCH, "configurations differ: %s is %s on rank 0 but %s on rank %d (it must be the same on every rank, see AGREEMENT in ddp.h)",
+                             ddp__cfg_fields[i], a, b, q);
+    }
+    return ddp__fail(ctx, DDP_ERROR_MISMATCH, "configurations differ between rank 0 and rank %d", q);
+}
+
+/* One record per rank in the store: the parameter table, a NUL, the
+   config table, a NUL. Every rank compares every rank's with rank 0's. */
 static ddp_result ddp__verify_params(ddp_context *ctx) {
-    size_t len = 0, l0 = 0;
-    char *mine = ddp__param_table(ctx, &len), key[32];
+    size_t len = 0, clen = 0, l0 = 0;
+    char *mine = ddp__param_table(ctx, &len), *cfg = ddp__config_table(ctx, &clen), *rec, key[32];
     void *t0 = NULL;
     ddp_result r;
     int q;
-    if (!mine) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for the parameter table");
-    snprintf(key, sizeof key, "params/%d", ctx->rank);
-    r = ddp__kv_set_once(ctx, key, mine, len);
+    rec = mine && cfg ? (char *)ddp__alloc(ctx, len + clen) : NULL;
+    if (rec) { memcpy(rec, mine, len); memcpy(rec + len, cfg, clen); }
     ddp__free(ctx, mine);
+    ddp__free(ctx, cfg);
+    if (!rec) return ddp__fail(ctx, DDP_ERROR_OUT_OF_MEMORY, "out of memory for the parameter and config tables");
+    snprintf(key, sizeof key, "params/%d", ctx->rank);
+    r = ddp__kv_set_once(ctx, key, rec, len + clen);
+    ddp__free(ctx, rec);
     if (r != DDP_SUCCESS) return r;
     r = ddp__kv_get(ctx, "params/0", &t0, &l0);
     if (r == DDP_ERROR_TIMEOUT)
@@ -9063,7 +9216,11 @@ static ddp_result ddp__verify_params(ddp_context *ctx) {
                               q, ctx->cfg.connect_timeout_s);
             break;
         }
-        if (lq != l0 || memcmp(tq, t0, l0) != 0) {
+        /* both parts NUL-terminated (else: not this version's record) */
+        if (lq < 2 || l0 < 2 || ((const char *)tq)[lq - 1] || ((const char *)t0)[l0 - 1] ||
+            strlen((const char *)tq) + 1 >= lq || strlen((const char *)t0) + 1 >= l0) {
+            r = ddp__fail(ctx, DDP_ERROR_MISMATCH, "rank %d's or rank 0's parameter record in the store is malformed", q);
+        } else if (strcmp((const char *)tq, (const char *)t0) != 0) {
             int n0 = atoi((const char *)t0), nq = atoi((const char *)tq), i;
             char a[512], b[512];
             for (i = 0; ; i++) {
@@ -9081,6 +9238,9 @@ static ddp_result ddp__verify_params(ddp_context *ctx) {
             }
             if (r == DDP_SUCCESS)
                 r = ddp__fail(ctx, DDP_ERROR_MISMATCH, "models differ between rank 0 and rank %d", q);
+        } else {
+            r = ddp__cfg_compare(ctx, (const char *)t0 + strlen((const char *)t0) + 1,
+                                 (const char *)tq + strlen((const char *)tq) + 1, q);
         }
         free(tq);
     }
