@@ -17,13 +17,14 @@
 
 static int g_rank, g_world;
 static ddp_context *g_control; /* never mismatched: the barrier between the cases */
+static int g_case_port;        /* the cases' port: a free one rank 0 took and broadcast on the control context
+                                  (not MASTER_PORT + 1, which a client socket may hold as its local port) */
 
 typedef void (*mutate_fn)(ddp_config *c);
 
 static void base(ddp_config *c) {
-    const char *port = getenv("MASTER_PORT");
     memset(c, 0, sizeof *c);
-    c->master_port = (port ? atoi(port) : 29500) + 1;
+    c->master_port = g_case_port;
     c->timeout_s = 30;
     c->connect_timeout_s = 60; /* ranks come late after a failed case */
     c->debug = DDP_DEBUG_OFF;
@@ -33,7 +34,7 @@ static void base(ddp_config *c) {
     c->optimizer.lr = 0.1;
 }
 
-/* a case's context, on MASTER_PORT + 1; the ranks meet on the control
+/* a case's context, on g_case_port; the ranks meet on the control
    context after destroying it (as tests/test_debug.c) */
 static ddp_context *make(mutate_fn differ, const char *env, const char *env_value) {
     ddp_config c;
@@ -148,6 +149,11 @@ int main(void) {
         c.debug = DDP_DEBUG_OFF;
         c.connect_timeout_s = 60;
         if (ddp_create(&c, &g_control) != DDP_SUCCESS) { fprintf(stderr, "ddp_create: %s\n", ddp_create_error()); exit(2); }
+        {
+            double port = g_rank == 0 ? (double)t_free_port() : 0.0;
+            if (ddp_broadcast(g_control, &port, 1, DDP_F64, 0) != DDP_SUCCESS) { fprintf(stderr, "port broadcast: %s\n", ddp_last_error(g_control)); exit(2); }
+            g_case_port = (int)port;
+        }
     }
     equal();
     mismatch("zero_stage", d_zero, NULL, NULL, 0, "config.zero_stage", "0", "1");

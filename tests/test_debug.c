@@ -28,17 +28,18 @@
 
 static int g_rank, g_world, g_detail;
 static ddp_context *g_control; /* never mismatched: the barrier between the cases */
+static int g_case_port;        /* the cases' port: a free one rank 0 took and broadcast on the control context
+                                  (not MASTER_PORT + 1, which a client socket may hold as its local port) */
 
-/* A case's context, on MASTER_PORT + 1 (the control context holds
+/* A case's context, on g_case_port (the control context holds
    MASTER_PORT). A mismatch breaks it, so the ranks meet on the control
    context after destroying it (done): nobody's next client may reach rank
    0's store of the last case while that closes. */
 static ddp_context *make(double timeout) {
     ddp_config c;
     ddp_context *ctx;
-    const char *port = getenv("MASTER_PORT");
     memset(&c, 0, sizeof c);
-    c.master_port = (port ? atoi(port) : 29500) + 1;
+    c.master_port = g_case_port;
     c.timeout_s = timeout;
     c.connect_timeout_s = 60; /* ranks that timed out in the last case come late */
     c.debug = g_detail ? DDP_DEBUG_DETAIL : DDP_DEBUG_OFF;
@@ -178,6 +179,11 @@ int main(int argc, char **argv) {
         c.debug = DDP_DEBUG_OFF;
         c.connect_timeout_s = 60;
         if (ddp_create(&c, &g_control) != DDP_SUCCESS) { fprintf(stderr, "ddp_create: %s\n", ddp_create_error()); exit(2); }
+        {
+            double port = g_rank == 0 ? (double)t_free_port() : 0.0;
+            if (ddp_broadcast(g_control, &port, 1, DDP_F64, 0) != DDP_SUCCESS) { fprintf(stderr, "port broadcast: %s\n", ddp_last_error(g_control)); exit(2); }
+            g_case_port = (int)port;
+        }
     }
     if (g_detail) case_skipped(0);
     case_kinds();

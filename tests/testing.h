@@ -147,6 +147,25 @@ T_UNUSED static int t_remove_dir(const char *dir, const char *const *names) {
 #endif
 }
 
+#if defined(DDP_IMPLEMENTATION)
+/* A free TCP port on the loopback interface, through the library's socket
+   vocabulary (only where the implementation is compiled in; the socket
+   layer is ready once a context exists, or on POSIX always). */
+T_UNUSED static int t_free_port(void) {
+    struct sockaddr_in a;
+    socklen_t len = sizeof a;
+    int fd = ddp__sock_open(AF_INET, SOCK_STREAM, 0), port;
+    memset(&a, 0, sizeof a);
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    ddp__sock_bind(fd, (struct sockaddr *)&a, sizeof a);
+    ddp__sock_name(fd, (struct sockaddr *)&a, &len);
+    port = ntohs(a.sin_port);
+    ddp__sock_close(fd);
+    return port;
+}
+#endif
+
 T_UNUSED static int t_summary(const char *suite) {
     printf("%s: %d passed, %d failed\n", suite, t_pass, t_fail);
     return t_fail ? 1 : 0;
