@@ -55,19 +55,6 @@ static uint64_t rnd(void) { /* splitmix64: the same sequence everywhere */
 }
 static double rnd01(void) { return (double)(rnd() >> 11) / 9007199254740992.0; }
 
-static int free_port(void) {
-    struct sockaddr_in a;
-    socklen_t len = sizeof a;
-    int fd = ddp__sock_open(AF_INET, SOCK_STREAM, 0), port = 0;
-    memset(&a, 0, sizeof a);
-    a.sin_family = AF_INET;
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    if (ddp__sock_bind(fd, (struct sockaddr *)&a, sizeof a) == 0 && ddp__sock_name(fd, (struct sockaddr *)&a, &len) == 0)
-        port = ntohs(a.sin_port);
-    ddp__sock_close(fd);
-    return port;
-}
-
 static void path_in(char *out, size_t cap, const char *dir, const char *name) {
 #if defined(_WIN32)
     snprintf(out, cap, "%s\\%s", dir, name);
@@ -216,7 +203,7 @@ static int trial(int i, stats *st) {
     double frac = rnd01(), t0, t_kill = 0, deadline, last_exit = 0, took = -1;
     int pids[MAXW];
     t_proc launcher, direct[MAXW];
-    int done[MAXW], r, bad = 0, ldone = 0, port = free_port(), k;
+    int done[MAXW], r, bad = 0, ldone = 0, port = t_free_port(), k;
     char *envs[MAXW][12], bufs[MAXW][12][160];
     memset(pids, 0, sizeof pids);
     memset(done, 0, sizeof done);
@@ -410,7 +397,7 @@ static double calibrate(void) {
     double t0, t1 = 0;
     int r, ok = 1;
     make_dir(dir, sizeof dir);
-    snprintf(port, sizeof port, "MASTER_PORT=%d", free_port());
+    snprintf(port, sizeof port, "MASTER_PORT=%d", t_free_port());
     t0 = now();
     for (r = 0; r < 3; r++) {
         const char *argv[] = { worker, dir, NULL };

@@ -30,20 +30,6 @@
 #define SECRET "hostile-test-secret-0123456789abcdef"
 #define STORE_CAP ((size_t)64 << 20)
 
-static int free_port(void) {
-    struct sockaddr_in a;
-    socklen_t len = sizeof a;
-    int fd = socket(AF_INET, SOCK_STREAM, 0), port;
-    memset(&a, 0, sizeof a);
-    a.sin_family = AF_INET;
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    bind(fd, (struct sockaddr *)&a, sizeof a);
-    getsockname(fd, (struct sockaddr *)&a, &len);
-    port = ntohs(a.sin_port);
-    close(fd);
-    return port;
-}
-
 static long status_kib(const char *field) {
     FILE *f = fopen("/proc/self/status", "r");
     char line[256];
@@ -356,13 +342,13 @@ static void test_floods(const char *dir) {
     memset(&j, 0, sizeof j);
     j.world = 2; j.dir = dir; j.wait_attack = 1; j.job_id = "floods";
     TEST("strangers flood the store of a job with a secret");
-    j.port = free_port(); j.secret = SECRET;
+    j.port = t_free_port(); j.secret = SECRET;
     run_job(&j, codes, flood, 60);
     close_idle();
     check_finished(&j, codes, 1);
 
     TEST("strangers flood the store of a job without a secret");
-    j.port = free_port(); j.secret = NULL;
+    j.port = t_free_port(); j.secret = NULL;
     run_job(&j, codes, flood, 60);
     close_idle();
     check_finished(&j, codes, 0);
@@ -511,7 +497,7 @@ static void test_overwrite(const char *dir) {
     memset(&j, 0, sizeof j);
     j.world = 2; j.dir = dir; j.job_id = "overwrite";
     TEST("a stranger overwrites the shared-memory reference on rank 0's store");
-    j.port = free_port();
+    j.port = t_free_port();
     stranger_memory(dir, 0, 0600, ddp__ctrl_header_bytes(2) + 2 * ((size_t)16 << 20), ref, sizeof ref);
     snprintf(val, sizeof val, "fd %s bytes=%zu", ref, ddp__ctrl_header_bytes(2) + 2 * ((size_t)16 << 20));
     forged_value = val;
@@ -557,7 +543,7 @@ static void test_two_jobs(const char *dir) {
         j.world = 1; /* only rank 0 of job A is started by run_job */
         j.dir = dir; j.job_id = "job-A"; j.secret = s ? SECRET : NULL;
         TEST(s ? "two jobs on one port, with secrets" : "two jobs on one port, without secrets");
-        j.port = free_port();
+        j.port = t_free_port();
         /* job A: ranks 0 and 1 of a world of 2, rank 1 late (with a secret,
            job A must still work); the other job's rank 1 comes first */
         p = fork();
@@ -625,7 +611,7 @@ static void test_bind(void) {
     };
     int k;
     for (k = 0; k < 2; k++) {
-        int port = free_port();
+        int port = t_free_port();
         pid_t p;
         char got[32];
         double t0 = ddp__now();

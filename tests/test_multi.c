@@ -15,21 +15,6 @@
 typedef struct t_arg { int i; double d; } t_arg;
 typedef int (*rank_fn)(int rank, int world, int port, const t_arg *arg);
 
-/* A free TCP port on the loopback interface (the library's socket vocabulary). */
-static int free_port(void) {
-    struct sockaddr_in a;
-    socklen_t len = sizeof a;
-    int fd = ddp__sock_open(AF_INET, SOCK_STREAM, 0), port;
-    memset(&a, 0, sizeof a);
-    a.sin_family = AF_INET;
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    ddp__sock_bind(fd, (struct sockaddr *)&a, sizeof a);
-    ddp__sock_name(fd, (struct sockaddr *)&a, &len);
-    port = ntohs(a.sin_port);
-    ddp__sock_close(fd);
-    return port;
-}
-
 static ddp_config rank_config(int rank, int world, int port, double timeout) {
     ddp_config c;
     memset(&c, 0, sizeof c);
@@ -49,7 +34,7 @@ static int last_world;
 
 static double run_ranks(int world, const char *name, const t_arg *arg, int *codes, double limit_s) {
     t_proc procs[16];
-    int port = free_port(), r, left = 0;
+    int port = t_free_port(), r, left = 0;
     double t0 = ddp__now();
     char sr[16], sw[16], sp[16], si[32], sd[32];
     t_arg none = { 0, 0 };
@@ -274,7 +259,7 @@ static void test_port_in_use(void) {
 }
 
 static void test_unreachable(void) {
-    ddp_config c = rank_config(1, 2, free_port(), 1);
+    ddp_config c = rank_config(1, 2, t_free_port(), 1);
     ddp_context *ctx = NULL;
     double t0 = ddp__now();
     char needle[64];

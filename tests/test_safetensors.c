@@ -503,20 +503,6 @@ static void test_fuzz(void) {
 
 /* ---- two ranks: rank 0 writes, every rank loads ---- */
 
-/* A free TCP port on the loopback interface (the library's socket vocabulary). */
-static int free_port(void) {
-    struct sockaddr_in a;
-    socklen_t len = sizeof a;
-    int fd = ddp__sock_open(AF_INET, SOCK_STREAM, 0), port = 0;
-    memset(&a, 0, sizeof a);
-    a.sin_family = AF_INET;
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    if (ddp__sock_bind(fd, (struct sockaddr *)&a, sizeof a) == 0 && ddp__sock_name(fd, (struct sockaddr *)&a, &len) == 0)
-        port = ntohs(a.sin_port);
-    ddp__sock_close(fd);
-    return port;
-}
-
 #define RANK_CHECK(cond, ...) do { if (!(cond)) { fprintf(stderr, "rank %d: ", g_rank); fprintf(stderr, __VA_ARGS__); \
                                                   fputc('\n', stderr); return 10; } } while (0)
 
@@ -552,7 +538,7 @@ static void test_two_ranks(void) {
     double t0 = ddp__now();
     TEST("two ranks");
     ddp__net_start();
-    snprintf(sp, sizeof sp, "%d", free_port());
+    snprintf(sp, sizeof sp, "%d", t_free_port());
     ddp__net_stop();
     fflush(stdout);
     fflush(stderr);

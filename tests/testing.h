@@ -148,19 +148,18 @@ T_UNUSED static int t_remove_dir(const char *dir, const char *const *names) {
 }
 
 #if defined(DDP_IMPLEMENTATION)
-/* A free TCP port on the loopback interface, through the library's socket
+/* A free TCP port on the loopback interface (0 if none), through the library's socket
    vocabulary (only where the implementation is compiled in; the socket
    layer is ready once a context exists, or on POSIX always). */
 T_UNUSED static int t_free_port(void) {
     struct sockaddr_in a;
     socklen_t len = sizeof a;
-    int fd = ddp__sock_open(AF_INET, SOCK_STREAM, 0), port;
+    int fd = ddp__sock_open(AF_INET, SOCK_STREAM, 0), port = 0;
     memset(&a, 0, sizeof a);
     a.sin_family = AF_INET;
     a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    ddp__sock_bind(fd, (struct sockaddr *)&a, sizeof a);
-    ddp__sock_name(fd, (struct sockaddr *)&a, &len);
-    port = ntohs(a.sin_port);
+    if (ddp__sock_bind(fd, (struct sockaddr *)&a, sizeof a) == 0 && ddp__sock_name(fd, (struct sockaddr *)&a, &len) == 0)
+        port = ntohs(a.sin_port);
     ddp__sock_close(fd);
     return port;
 }
