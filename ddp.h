@@ -7023,7 +7023,8 @@ typedef struct ddp__shm_ctrl {
     int32_t  abort_rank;                 /* -1 until somebody aborts; published after abort_msg */
     char     abort_msg[512];
     int32_t  abort_claim;                /* 0 until one rank owns the abort message */
-    int32_t  abort_code;                 /* DDP_ERROR_USER: a communication hook failed (written before abort_rank) */
+    int32_t  abort_code;                 /* DDP_ERROR_USER: a communication hook failed; DDP_ERROR_MISMATCH: the
+                                            desync check did (written before abort_rank) */
     char     pad[DDP__CACHELINE * 5 - sizeof(ddp__seg_hdr) - 524];
 } ddp__shm_ctrl;
 
@@ -7043,8 +7044,13 @@ static void ddp__shm_abort(ddp_context *ctx, const char *why) {
     if (!c) return;
     if (ddp__atomic_cas_int(&c->abort_claim, 0, 1)) {
         ddp__copy_str(c->abort_msg, sizeof c->abort_msg, why);
-        /* only a failed communication hook fails the peers with its own code */
-        c->abort_code = ddp__atomic_load_int(&ctx->hook_failed) ? (int32_t)DDP_ERROR_USER : 0;
+        /* only a failed communication hook and the desync check fail the
+           peers with their own code: a peer still waiting for the last
+           fingerprint when the first rank compared them all must not
+           answer "peer failure" for what is a mismatch */
+        c->abort_code = ddp__atomic_load_int(&ctx->hook_failed) ? (int32_t)DDP_ERROR_USER
+                        : ddp__atomic_load_int(&ctx->desync)   ? (int32_t)DDP_ERROR_MISMATCH
+                                                               : 0;
         ddp__atomic_store_int(&c->abort_rank, (int32_t)ctx->rank);
     }
 }
@@ -7103,9 +7109,17 @@ static ddp_result ddp__shm_wait(ddp_context *ctx, int field, uint64_t target, in
             /* a communication hook that failed on one rank fails every rank
                with DDP_ERROR_USER; anything else (your ddp_train_step
                function's failure included) is a peer's failure */
-            ddp_result code = c->abort_code == DDP_ERROR_USER ? DDP_ERROR_USER : DDP_ERROR_PEER;
-            ddp__fail(ctx, code, "rank %d gave up while rank %d waited for %s: %s",
-                      (int)ddp__atomic_load_int(&c->abort_rank), ctx->rank, what, c->abort_msg);
+            ddp_result code = c->abort_code == DDP_ERROR_USER ? DDP_ERROR_USER
+                              : c->abort_code == DDP_ERROR_MISMATCH ? DDP_ERROR_MISMATCH
+                                                                    : DDP_ERROR_PEER;
+            if (code == DDP_ERROR_MISMATCH) {
+                /* the same message on every rank (DEBUG MODE) */
+                ddp__fail(ctx, code, "%s", c->abort_msg);
+                ddp__atomic_store_int(&ctx->desync, 1);
+            } else {
+                ddp__fail(ctx, code, "rank %d gave up while rank %d waited for %s: %s",
+                          (int)ddp__atomic_load_int(&c->abort_rank), ctx->rank, what, c->abort_msg);
+            }
             if (code == DDP_ERROR_USER) ddp__atomic_store_int(&ctx->hook_broke, 1);
             ddp__set_broken(ctx, code);
             return code;

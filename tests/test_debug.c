@@ -20,6 +20,8 @@
                meets the others' gradient buckets
      dtypes    ddp_allreduce of 10 f32 against 10 f64
      scatter   ddp_reduce_scatter against ddp_allgather
+     propagate (detail only) rank 0 finds a mismatch the others never saw
+               (fabricated fingerprints): they fail with its message
    and, with fingerprints, a run without mismatch: fine. */
 #define DDP_IMPLEMENTATION
 #include "../ddp.h"
@@ -125,6 +127,44 @@ static void case_scatter(void) {
     done(ctx);
 }
 
+/* The ranks that did not compare learn of the mismatch from the one that
+   did (white box, detail only): rank 0 runs the library's comparison on
+   two fabricated fingerprints that differ, as it does when it saw every
+   rank's fingerprint before a slower rank finished its scan; the others
+   wait in ddp_barrier for rank 0's fingerprint, which never comes. They
+   must fail with DDP_ERROR_MISMATCH and rank 0's message, not with a
+   peer's failure (CI once saw "rank 0 gave up while rank 1 waited for the
+   peers' fingerprints" as DDP_ERROR_PEER at world 3). */
+static void case_propagate(void) {
+    ddp_context *ctx = make(4);
+    double t0 = ddp__now();
+    ddp_result r;
+    TEST("propagate");
+    if (g_rank == 0) {
+        ddp__fp fp[2];
+        memset(fp, 0, sizeof fp);
+        fp[0].seq = fp[1].seq = 1;
+        fp[0].count = 10;
+        fp[1].count = 20;
+        fp[0].kind = fp[1].kind = DDP__FP_ALLREDUCE;
+        fp[0].arg = fp[1].arg = -1;
+        ddp__copy_str(fp[0].site, sizeof fp[0].site, "ddp_allreduce");
+        ddp__copy_str(fp[1].site, sizeof fp[1].site, "ddp_allreduce");
+        {
+            int world = ctx->world;
+            ctx->world = 2; /* compare these two only */
+            r = ddp__fp_compare(ctx, fp, (int)sizeof fp[0]);
+            ctx->world = world;
+        }
+    } else {
+        r = ddp_barrier(ctx);
+    }
+    expect(ctx, r, "propagate", "rank 0 is in ddp_allreduce (collective #1: all-reduce of 10 x f32",
+           "rank 1 is in ddp_allreduce (collective #1: all-reduce of 20 x f32", ddp__now() - t0);
+    CHECK(ddp_barrier(ctx) == DDP_ERROR_MISMATCH, "rank %d: the broken context answers DDP_ERROR_MISMATCH after", g_rank);
+    done(ctx);
+}
+
 /* steps of a small model; the last rank skips step 2; then a loss all-reduce */
 static void case_skipped(int skip) {
     ddp_context *ctx = make(4);
@@ -186,6 +226,7 @@ int main(int argc, char **argv) {
         }
     }
     if (g_detail) case_skipped(0);
+    if (g_detail) case_propagate();
     case_kinds();
     case_counts();
     case_dtypes();
