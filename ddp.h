@@ -571,7 +571,16 @@
        rank). Nothing exits or aborts on a mistake of yours. Every wait has a
        timeout (config.timeout_s): a rank that dies makes the others fail with
        DDP_ERROR_PEER or DDP_ERROR_TIMEOUT instead of hanging. After such an
-       error the context is broken: only ddp_destroy() is allowed.
+       error the context is broken: only ddp_destroy() is allowed. So it is
+       after a mistake in the middle of a step or a collective, which the
+       other ranks may already be acting on (a parameter marked ready
+       twice, a step ended with parameters never marked, a ddp_train_step
+       function that failed, a mismatch found by DEBUG MODE). A bad
+       argument or a call at the wrong time caught before anything started
+       (a NULL pointer, an unknown id, ddp_step_end without a step) is
+       refused and the context stays usable. A broken context answers
+       every later call with the error that broke it, and its message
+       names that first error.
        DDP_ERROR_MISMATCH also reports another job on the rendezvous port
        and ranks built from different ddp.h versions; DDP_ERROR_SECURITY a
        job secret that differs, store tampering, or shared memory that is
@@ -1062,9 +1071,10 @@ typedef struct ddp_context ddp_context;
 
 /* ---- context -------------------------------------------------------------- */
 
-/* Rendezvous with the other ranks and set up the backend. On failure *out is
-   NULL and the message is passed to the logger and kept for
-   ddp_create_error(). */
+/* Rendezvous with the other ranks and set up the backend. config NULL is
+   a zeroed config: every default, rank and world size from the
+   environment. On failure *out is NULL and the message is passed to the
+   logger and kept for ddp_create_error(). */
 DDP_API ddp_result  ddp_create(const ddp_config *config, ddp_context **out);
 DDP_API void        ddp_destroy(ddp_context *ctx);
 /* The message of the last failed ddp_create() in this thread. */
@@ -3689,6 +3699,7 @@ struct ddp_context {
     int broken;                  /* a collective failed: only destroy is allowed (atomic) */
     char err[DDP__ERRLEN];
     char comm_err[DDP__ERRLEN];  /* written by the communication thread, under err_mu */
+    char broke_why[DDP__ERRLEN]; /* the message of the error that broke the context, kept (under err_mu) */
     ddp__mutex err_mu;
 
     /* rendezvous */
@@ -4471,7 +4482,8 @@ static ddp_result ddp__resolve_trust(ddp_config *c, unsigned char *secret, size_
     if (sec && *sec) {
         n = strlen(sec);
         if (n < DDP__SECRET_MIN || n > DDP__SECRET_MAX)
-            return ddp__fail(NULL, DDP_ERROR_INVALID_ARGUMENT, "%s has %" DDP__PRIzu " characters: a job secret needs %d to %d (ddprun makes one of 64)",
+            return ddp__fail(NULL, c->job_secret ? DDP_ERROR_INVALID_ARGUMENT : DDP_ERROR_ENVIRONMENT,
+                             "%s has %" DDP__PRIzu " characters: a job secret needs %d to %d (ddprun makes one of 64)",
                              what, n, DDP__SECRET_MIN, DDP__SECRET_MAX);
         memcpy(secret, sec, n);
         *secret_len = n;
@@ -7058,7 +7070,13 @@ static void ddp__shm_abort(ddp_context *ctx, const char *why) {
 /* The context is broken: only ddp_destroy() is allowed. The first code wins;
    callers write their message first, so whoever sees the flag sees it. */
 static void ddp__set_broken(ddp_context *ctx, ddp_result code) {
-    ddp__atomic_cas_int(&ctx->broken, 0, (int)(code ? code : DDP_ERROR_INVALID_STATE));
+    if (ddp__atomic_cas_int(&ctx->broken, 0, (int)(code ? code : DDP_ERROR_INVALID_STATE))) {
+        /* keep the cause: later calls' messages must name it, not the
+           last refusal (which would nest "broken by ... broken by ...") */
+        ddp__mutex_lock(&ctx->err_mu);
+        ddp__copy_str(ctx->broke_why, sizeof ctx->broke_why, ddp__errbuf(ctx));
+        ddp__mutex_unlock(&ctx->err_mu);
+    }
 }
 
 /* Mark the context broken after a failed collective and let the peers know. */
@@ -7733,7 +7751,10 @@ static ddp_result ddp__check_usable(ddp_context *ctx, const char *fn) {
         if (ddp__atomic_load_int(&ctx->hook_broke)) code = DDP_ERROR_USER; /* a communication hook failed */
         if (ddp__atomic_load_int(&ctx->desync)) code = DDP_ERROR_MISMATCH; /* DDP_DEBUG=detail found collectives out of step */
         char why[DDP__ERRLEN];
-        ddp__comm_error(ctx, why, sizeof why);
+        ddp__mutex_lock(&ctx->err_mu);
+        ddp__copy_str(why, sizeof why, ctx->broke_why);
+        ddp__mutex_unlock(&ctx->err_mu);
+        if (!why[0]) ddp__comm_error(ctx, why, sizeof why);
         if (!why[0]) memcpy(why, ctx->err, sizeof why);
         return ddp__fail(ctx, code, "%s: the context is broken by an earlier error (%s); only ddp_destroy() is allowed", fn, why);
     }
@@ -11501,8 +11522,10 @@ static ddp_result ddp__ck_check_state(ddp_context *ctx, const char *path, const 
         return ddp__fail(ctx, DDP_ERROR_MISMATCH, "checkpoint '%s' holds no optimizer state (saved without an optimizer), and this context has one; "
                          "ddp_load_checkpoint_ex(ctx, path, DDP_LOAD_RESET_OPTIMIZER) loads its weights with a fresh optimizer", path);
     if (h->optimizer != (uint32_t)mine)
-        return ddp__fail(ctx, DDP_ERROR_MISMATCH, "checkpoint '%s' holds state of optimizer %u, this context uses %d "
-                         "(DDP_LOAD_RESET_OPTIMIZER loads the weights alone)", path, h->optimizer, (int)mine);
+        return ddp__fail(ctx, DDP_ERROR_MISMATCH, "checkpoint '%s' holds the state of optimizer %s, this context uses %s "
+                         "(DDP_LOAD_RESET_OPTIMIZER loads the weights alone)", path,
+                         h->optimizer == DDP_OPTIM_SGD ? "SGD" : h->optimizer == DDP_OPTIM_ADAMW ? "AdamW" : "(unknown)",
+                         mine == DDP_OPTIM_SGD ? "SGD" : "AdamW");
     if (h->steps == 0) return DDP_SUCCESS;
     ddp__state_needed(ctx, need);
     for (k = 0; k < 3; k++)

@@ -37,8 +37,9 @@
        dp_set_param_options(dp, bias_id, &no_decay);  // optional: parameter groups
        dp_finalize(dp);
        for each step:
-           dp_batch b = { x, row_bytes, rows, y, y_row_bytes };
-           dp_step(dp, &b, my_forward_backward, my_state, &loss);
+           dp_batch b = { x, row_bytes, rows, y, y_row_bytes };  // rows >= 1
+           dp_step(dp, &b, my_forward_backward, my_state, &loss, NULL);
+       w = ddp_param_data(dp_replica_context(dp, 0), id);  // the weights
        dp_destroy(dp);
 
    my_forward_backward(const dp_replica *r, void *user, float *loss) runs on
@@ -50,7 +51,16 @@
    the gradient of your per-replica mean loss by r->grad_scale
    (= K * rows_r / rows) makes the average over replicas the mean over the
    whole batch. *loss is your per-replica mean loss; dp_step returns the mean
-   over the whole batch (weighted by rows).
+   over the whole batch (weighted by rows), and each replica's in its last
+   argument (an array of K floats, or NULL). With b.output (a host buffer
+   of rows x b.output_row_bytes) your callback writes its r->rows rows of
+   output at r->output, which points into it.
+
+   The weights: every replica holds the same; read them through replica
+   0's context, dp_replica_context(dp, 0), between dp_step calls:
+   ddp_param_data gives host memory on the CPU, device memory of replica
+   0's GPU otherwise. (ddp.h's collective calls, checkpoints among them,
+   need every replica's thread: not through this context.)
 
    Or pass a NULL batch: each replica loads its own shard (r->input NULL,
    r->grad_scale 1).
@@ -73,7 +83,10 @@
    dp_* calls return ddp_result. A failure on one device (your callback
    returned non-zero, a CUDA error, a timeout) stops the step on every device
    and dp_step returns one error; dp_last_error() says which replica and why.
-   After that only dp_destroy() is allowed. No thread is left hanging.
+   After that only dp_destroy() is allowed: later calls answer
+   DDP_ERROR_INVALID_STATE with that first message. No thread is left
+   hanging. Bad arguments (a NULL function, a batch of 0 or fewer rows, a
+   batch without input) are refused and change nothing.
 
    THREAD SAFETY
 
@@ -227,6 +240,7 @@ struct dp_context {
     int first_failed;           /* which one failed first */
     int broken;
     char err[DDP__ERRLEN];
+    char broke_why[DDP__ERRLEN]; /* the message of the error that broke the context */
     dp__param *params;
     int num_params, cap_params, finalized;
     /* the current step */
@@ -243,6 +257,19 @@ static ddp_result dp__fail(dp_context *dp, ddp_result code, const char *fmt, ...
     va_end(ap);
     if (dp->cfg.ddp.logger.func) dp->cfg.ddp.logger.func(DDP_LOG_ERROR, 0, dp->err, dp->cfg.ddp.logger.user);
     return code;
+}
+
+/* The context is broken by the error just written to dp->err: keep that
+   message, which later refusals name (not the last refusal). */
+static ddp_result dp__break(dp_context *dp, ddp_result code) {
+    if (!dp->broken) memcpy(dp->broke_why, dp->err, sizeof dp->broke_why);
+    dp->broken = 1;
+    return code;
+}
+
+static ddp_result dp__refuse_broken(dp_context *dp, const char *fn) {
+    return dp__fail(dp, DDP_ERROR_INVALID_STATE, "%s: the context is broken by an earlier error (%s); only dp_destroy() is allowed", fn,
+                    dp->broke_why);
 }
 
 /* A failure on one replica: stop the others wherever they wait. */
@@ -408,10 +435,9 @@ static ddp_result dp__broadcast_cmd(dp_context *dp, int cmd, const char *what) {
     first = dp->first_failed;
     for (i = 0; i < dp->K; i++)
         if (dp->w[i].result != DDP_SUCCESS && dp->w[i].result != DDP_ERROR_PEER) { first = i; break; }
-    if (cmd != DP__CMD_CREATE) dp->broken = 1;
-    return dp__fail(dp, dp->w[first].result, "%s failed on replica %d (%s %d): %s", what, first,
-                    dp->devices[first] >= 0 ? "GPU" : "CPU", dp->devices[first] >= 0 ? dp->devices[first] : first,
-                    dp->w[first].err);
+    dp__fail(dp, dp->w[first].result, "%s failed on replica %d (%s %d): %s", what, first,
+             dp->devices[first] >= 0 ? "GPU" : "CPU", dp->devices[first] >= 0 ? dp->devices[first] : first, dp->w[first].err);
+    return cmd != DP__CMD_CREATE ? dp__break(dp, dp->w[first].result) : dp->w[first].result;
 }
 
 static int dp__free_port(void) {
@@ -579,14 +605,14 @@ DP_API ddp_result dp_set_param_options(dp_context *dp, int id, const ddp_param_o
 
 DP_API ddp_result dp_zero_grad(dp_context *dp) {
     if (!dp) return DDP_ERROR_INVALID_ARGUMENT;
-    if (dp->broken) return dp__fail(dp, DDP_ERROR_INVALID_STATE, "dp_zero_grad: the context is broken by an earlier error");
+    if (dp->broken) return dp__refuse_broken(dp, "dp_zero_grad");
     if (!dp->finalized) return dp__fail(dp, DDP_ERROR_INVALID_STATE, "dp_zero_grad: call dp_finalize() first");
     return dp__broadcast_cmd(dp, DP__CMD_ZERO, "zeroing the gradients");
 }
 
 DP_API ddp_result dp_finalize(dp_context *dp) {
     if (!dp) return DDP_ERROR_INVALID_ARGUMENT;
-    if (dp->broken) return dp__fail(dp, DDP_ERROR_INVALID_STATE, "dp_finalize: the context is broken by an earlier error");
+    if (dp->broken) return dp__refuse_broken(dp, "dp_finalize");
     if (dp->finalized) return dp__fail(dp, DDP_ERROR_INVALID_STATE, "dp_finalize: called twice");
     if (dp->num_params == 0) return dp__fail(dp, DDP_ERROR_INVALID_STATE, "dp_finalize: no parameters registered");
     DDP__TRY(dp__broadcast_cmd(dp, DP__CMD_FINALIZE, "finalizing"));
@@ -609,10 +635,12 @@ DP_API ddp_result dp_step(dp_context *dp, const dp_batch *batch, dp_forward_back
     int i;
     double sum = 0;
     if (!dp) return DDP_ERROR_INVALID_ARGUMENT;
-    if (dp->broken) return dp__fail(dp, DDP_ERROR_INVALID_STATE, "dp_step: the context is broken by an earlier error: %s", dp->err);
+    if (dp->broken) return dp__refuse_broken(dp, "dp_step");
     if (!dp->finalized) return dp__fail(dp, DDP_ERROR_INVALID_STATE, "dp_step: call dp_finalize() first");
     if (!fn) return dp__fail(dp, DDP_ERROR_INVALID_ARGUMENT, "dp_step: fn is NULL");
-    if (batch && (batch->rows < 0 || (batch->rows > 0 && (!batch->input || !batch->input_row_bytes))))
+    if (batch && batch->rows == 0)
+        return dp__fail(dp, DDP_ERROR_INVALID_ARGUMENT, "dp_step: the batch has 0 rows (pass a NULL batch when each replica loads its own shard)");
+    if (batch && (batch->rows < 0 || !batch->input || !batch->input_row_bytes))
         return dp__fail(dp, DDP_ERROR_INVALID_ARGUMENT, "dp_step: the batch has %d rows, input %p, input_row_bytes %" DDP__PRIzu "",
                         batch->rows, batch->input, batch->input_row_bytes);
     dp->batch = batch;
@@ -628,7 +656,10 @@ DP_API ddp_result dp_step(dp_context *dp, const dp_batch *batch, dp_forward_back
     if (dp->cfg.check_replicas) {
         int same = 0;
         DDP__TRY(dp_check_replicas(dp, &same));
-        if (!same) { dp->broken = 1; return dp__fail(dp, DDP_ERROR_MISMATCH, "dp_step: the replicas differ after the optimizer step"); }
+        if (!same) {
+            dp__fail(dp, DDP_ERROR_MISMATCH, "dp_step: the replicas differ after the optimizer step");
+            return dp__break(dp, DDP_ERROR_MISMATCH);
+        }
     }
     return DDP_SUCCESS;
 }

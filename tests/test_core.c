@@ -65,7 +65,7 @@ static void clear_env(void) {
     static const char *vars[] = { "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                                   "DDP_BACKEND", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_RANK", "PMI_SIZE",
                                   "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE",
-                                  "TORCHELASTIC_USE_AGENT_STORE", "DDP_TIMEOUT" };
+                                  "TORCHELASTIC_USE_AGENT_STORE", "DDP_TIMEOUT", "DDP_JOB_SECRET" };
     size_t i;
     for (i = 0; i < sizeof vars / sizeof vars[0]; i++) t_unsetenv(vars[i]);
 }
@@ -97,6 +97,24 @@ static void test_bad_environment(void) {
       CHECK_ERR(create_env(kv, &ctx), DDP_ERROR_ENVIRONMENT, NULL, "RANK=-1"); }
     { const char *kv[] = { "RANK", "0", NULL };
       CHECK_ERR(create_env(kv, &ctx), DDP_ERROR_ENVIRONMENT, NULL, "WORLD_SIZE is not"); }
+    { const char *kv[] = { "RANK", "0", "WORLD_SIZE", "1", "DDP_JOB_SECRET", "too-short", NULL };
+      CHECK_ERR(create_env(kv, &ctx), DDP_ERROR_ENVIRONMENT, NULL, "environment variable DDP_JOB_SECRET has 9 characters"); }
+    {   /* the same mistake in the config is a bad argument */
+        ddp_config c;
+        clear_env();
+        memset(&c, 0, sizeof c);
+        c.world_size = 1;
+        c.job_secret = "too-short";
+        CHECK_ERR(ddp_create(&c, &ctx), DDP_ERROR_INVALID_ARGUMENT, NULL, "config.job_secret has 9 characters");
+    }
+    {   /* a NULL config is a zeroed one: defaults, identity from the environment */
+        clear_env();
+        CHECK_OK(ddp_create(NULL, &ctx), NULL);
+        CHECK(ctx && ddp_world_size(ctx) == 1 && ddp_rank(ctx) == 0, "ddp_create(NULL): world 1, rank 0");
+        if (ctx) CHECK(ddp_query_config(ctx).backend == DDP_BACKEND_SHM, "ddp_create(NULL): the default backend");
+        ddp_destroy(ctx);
+        ctx = NULL;
+    }
 #if defined(_WIN32) /* Windows' C library removes a variable set to "": a blank value instead */
     { const char *kv[] = { "RANK", "0", "WORLD_SIZE", "2", "LOCAL_RANK", " ", NULL };
       CHECK_ERR(create_env(kv, &ctx), DDP_ERROR_ENVIRONMENT, NULL, "LOCAL_RANK=' '"); }
@@ -203,6 +221,15 @@ static void test_bad_params(void) {
     CHECK_OK(ddp_mark_ready(ctx, 0), ctx);
     CHECK_ERR(ddp_mark_ready(ctx, 0), DDP_ERROR_INVALID_STATE, ctx, "parameter 0 'w' was marked ready twice");
     CHECK_ERR(ddp_step_end(ctx), DDP_ERROR_INVALID_STATE, ctx, "broken");
+    /* later refusals name the error that broke the context, not the last
+       refusal: no "broken by ... broken by ..." growing with each call */
+    (void)ddp_set_lr(ctx, -1);
+    CHECK_ERR(ddp_step_end(ctx), DDP_ERROR_INVALID_STATE, ctx, "parameter 0 'w' was marked ready twice");
+    CHECK_ERR(ddp_step_end(ctx), DDP_ERROR_INVALID_STATE, ctx, "parameter 0 'w' was marked ready twice");
+    {
+        const char *m = ddp_last_error(ctx), *first = strstr(m, "broken");
+        CHECK(first && !strstr(first + 1, "broken") && !strstr(m, "ddp_set_lr"), "one cause, the first: %s", m);
+    }
     ddp_destroy(ctx);
     ddp_destroy(NULL);
 }
@@ -1114,6 +1141,7 @@ static void test_checkpoint_reset(void) {
     sgd = ck_model(0, DDP_OPTIM_SGD);
     train_some(sgd, 3);
     CHECK_OK(ddp_save_checkpoint(sgd, path), sgd);
+    CHECK_ERR(ddp_load_checkpoint(adam, path), DDP_ERROR_MISMATCH, adam, "holds the state of optimizer SGD, this context uses AdamW");
     c.optimizer = ddp_optimizer_defaults(DDP_OPTIM_SGD);
     c.optimizer.momentum = 0.9;
     mom = make(&c);

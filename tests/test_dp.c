@@ -150,6 +150,14 @@ static void check_failure(void) {
     m.fail_replica = -1;
     r = dp_step(dp, &b, fb, &m, NULL, NULL);
     CHECK(r == DDP_ERROR_INVALID_STATE && strstr(dp_last_error(dp), "broken"), "after a failure: %s: %s", ddp_result_string(r), dp_last_error(dp));
+    /* every later refusal names the failure that broke it, once */
+    (void)dp_zero_grad(dp);
+    r = dp_step(dp, &b, fb, &m, NULL, NULL);
+    {
+        const char *e = dp_last_error(dp), *first = strstr(e, "broken");
+        CHECK(r == DDP_ERROR_INVALID_STATE && strstr(e, "replica 1") && strstr(e, "returned 42") && first && !strstr(first + 1, "broken"),
+              "the cause, once: %s", e);
+    }
     dp_destroy(dp);
     for (i = 0; i < 3; i++) mlp_workspace_free(&m.ws[i]);
     for (p = 0; p < mlp_num_params(&shape); p++) free(init[p]);
@@ -226,6 +234,17 @@ static void check_bad_input(void) {
     dp_register_param(dp, "w", 4, DDP_F32, NULL, &id);
     CHECK_OK(dp_finalize(dp), NULL);
     CHECK(dp_step(dp, NULL, NULL, NULL, NULL, NULL) == DDP_ERROR_INVALID_ARGUMENT, "NULL fn");
+    {   /* an empty batch is a mistake, not a step that only decays the weights */
+        static const float x[4] = { 1, 2, 3, 4 };
+        dp_batch b;
+        memset(&b, 0, sizeof b);
+        b.input = x; b.input_row_bytes = sizeof x; b.rows = 0;
+        CHECK(dp_step(dp, &b, fb, NULL, NULL, NULL) == DDP_ERROR_INVALID_ARGUMENT && strstr(dp_last_error(dp), "0 rows"),
+              "a batch of 0 rows: %s", dp_last_error(dp));
+        b.rows = -2;
+        CHECK(dp_step(dp, &b, fb, NULL, NULL, NULL) == DDP_ERROR_INVALID_ARGUMENT && strstr(dp_last_error(dp), "-2 rows"),
+              "a batch of -2 rows: %s", dp_last_error(dp));
+    }
     dp_destroy(dp);
 }
 
