@@ -443,8 +443,15 @@
            wait for the stream first.
        Built-in hooks: ddp_comm_hook_allreduce (the built-in average, the
        same bits), ddp_comm_hook_bf16 and ddp_comm_hook_fp16 (f32 buckets:
-       multiplied by scale, rounded to bf16 / fp16, summed in that type,
-       widened back; PyTorch's bf16_compress_hook and fp16_compress_hook).
+       multiplied by scale in f32, rounded to bf16 / fp16, all-reduced in
+       that type, widened back). Between the ranks they send what PyTorch's
+       bf16_compress_hook and fp16_compress_hook send, half the bytes, but
+       not always the same bits: PyTorch rounds first and divides in the
+       narrow type (so a gradient beyond fp16's 65504 becomes inf there
+       even when gradient / world fits, and is finite here), and the shm
+       and staged all-reduce of bf16 / fp16 adds in f32 and rounds each sum
+       once (NCCL adds in the narrow type, hop by hop). Expect differences
+       of an ulp of the narrow type.
        On the CPU the compression happens in place in the first half of the
        bucket's span, so the all-reduce moves half the bytes through shared
        memory; it is also the reference of the GPU's compression.
@@ -472,7 +479,11 @@
          wait for buckets   your thread waiting for the communication thread
          optimizer          ddp_optimizer_step() (args: step, 0 if skipped)
          parameter all-gather   ZeRO-1's, inside the optimizer step
-         checkpoint save / load, ddp_allreduce ... (args: bytes)
+         checkpoint save / load, ddp_allreduce ... (args: bytes: the
+                            bytes of the buffers involved, not of a file:
+                            a checkpoint's is the flat parameters plus the
+                            optimizer state; the optimizer's the flat
+                            parameters)
        Timestamps are the monotonic clock in microseconds, so the files of
        the ranks of one host line up. Memory is bounded: events wait in a
        ring of config.trace_events (default 65536, about 3 MB) until
@@ -486,9 +497,13 @@
        totals: compute_s (your forward/backward), comm_s (the bucket
        reductions, wherever they ran), exposed_s (communication your thread
        waited for or ran itself: ddp_step_end() and the buckets reduced
-       inside ddp_mark_ready), optimizer_s and bytes. The share of the
-       communication hidden behind your backward is 1 - exposed_s /
-       comm_s; examples/fashion_mlp prints it per epoch (overlap=...%).
+       inside ddp_mark_ready), optimizer_s and bytes (what the reductions
+       moved, buckets counted with their alignment padding, see BUCKETS).
+       The share of the communication hidden behind your backward is
+       1 - exposed_s / comm_s, taken as 0 when negative: a bucket reduced
+       on your thread counts in both, and exposed_s also holds the hand-off
+       around it, so it can exceed comm_s by microseconds when nothing
+       overlapped; examples/fashion_mlp prints it per epoch (overlap=...%).
        On the nccl backend the reductions run on the GPU and comm_s stays
        0 (exposed_s is the host's wait).
 
