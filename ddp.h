@@ -2165,6 +2165,26 @@ static int ddp__sock_name(int fd, struct sockaddr *sa, socklen_t *len) {
 #endif
 }
 
+/* A free TCP port on the loopback interface, 0 if none (dp.h's store, the
+   tests): bound, read and released, so another may take it first. */
+DDP__UNUSED static int ddp__free_loopback_port(void) {
+    struct sockaddr_in a;
+    socklen_t len = sizeof a;
+    int fd, port = 0;
+    if (ddp__net_start() != 0) return 0;
+    fd = ddp__sock_open(AF_INET, SOCK_STREAM, 0);
+    if (fd >= 0) {
+        memset(&a, 0, sizeof a);
+        a.sin_family = AF_INET;
+        a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        if (ddp__sock_bind(fd, (struct sockaddr *)&a, sizeof a) == 0 && ddp__sock_name(fd, (struct sockaddr *)&a, &len) == 0)
+            port = ntohs(a.sin_port);
+        ddp__sock_close(fd);
+    }
+    ddp__net_stop();
+    return port;
+}
+
 static int ddp__sock_setopt(int fd, int level, int name, const void *val, socklen_t len) {
 #if defined(_WIN32)
     return setsockopt(ddp__s(fd), level, name, (const char *)val, len) == 0 ? 0 : -1;
@@ -6512,12 +6532,9 @@ static int ddp__store_open(ddp__store *s, int proto, double timeout_s, char *err
     return r;
 }
 
-/* Connect to the store at host:port, retrying until timeout_s (<= 0: forever);
- * proto is DDP__STORE_PROTO_AUTO, _V1 or _V2. timeout_s also bounds every
- * later call (change s->timeout_s to adjust). */
-static DDP__STORE_UNUSED int ddp__store_connect_proto(ddp__store *s, const char *host, int port,
-                                                      double timeout_s, int proto, char *err,
-                                                      size_t errlen) {
+/* A closed connection to host:port, its arguments checked: 0, or -1 with
+ * the message in err. */
+static DDP__STORE_UNUSED int ddp__store_target(ddp__store *s, const char *host, int port, double timeout_s, char *err, size_t errlen) {
     memset(s, 0, sizeof *s);
     s->fd = -1;
     s->broken = 1;
@@ -6527,10 +6544,20 @@ static DDP__STORE_UNUSED int ddp__store_connect_proto(ddp__store *s, const char 
         return ddp__store_fail(err, errlen, "cannot connect to store: host name longer than %d bytes", (int)sizeof s->host - 1);
     if (port <= 0 || port > 65535)
         return ddp__store_fail(err, errlen, "cannot connect to store at %s:%d: not a TCP port (1..65535)", host, port);
-    if (proto < DDP__STORE_PROTO_AUTO || proto > DDP__STORE_PROTO_V2)
-        return ddp__store_fail(err, errlen, "cannot connect to store at %s:%d: unknown protocol %d", host, port, proto);
     strcpy(s->host, host);
     s->port = port;
+    return 0;
+}
+
+/* Connect to the store at host:port, retrying until timeout_s (<= 0: forever);
+ * proto is DDP__STORE_PROTO_AUTO, _V1 or _V2. timeout_s also bounds every
+ * later call (change s->timeout_s to adjust). */
+static DDP__STORE_UNUSED int ddp__store_connect_proto(ddp__store *s, const char *host, int port,
+                                                      double timeout_s, int proto, char *err,
+                                                      size_t errlen) {
+    if (ddp__store_target(s, host, port, timeout_s, err, errlen) != 0) return -1;
+    if (proto < DDP__STORE_PROTO_AUTO || proto > DDP__STORE_PROTO_V2)
+        return ddp__store_fail(err, errlen, "cannot connect to store at %s:%d: unknown protocol %d", host, port, proto);
     return ddp__store_open(s, proto, timeout_s, err, errlen);
 }
 
@@ -6572,17 +6599,7 @@ static DDP__STORE_UNUSED int ddp__store_set_hello(ddp__store *s, const char *ide
 static DDP__STORE_UNUSED int ddp__store_connect_hello(ddp__store *s, const char *host, int port, double timeout_s,
                                                       const char *ident, const void *secret, size_t secret_len,
                                                       char *err, size_t errlen) {
-    memset(s, 0, sizeof *s);
-    s->fd = -1;
-    s->broken = 1;
-    s->timeout_s = timeout_s;
-    if (!host || !*host) return ddp__store_fail(err, errlen, "cannot connect to store: no host given");
-    if (strlen(host) >= sizeof s->host)
-        return ddp__store_fail(err, errlen, "cannot connect to store: host name longer than %d bytes", (int)sizeof s->host - 1);
-    if (port <= 0 || port > 65535)
-        return ddp__store_fail(err, errlen, "cannot connect to store at %s:%d: not a TCP port (1..65535)", host, port);
-    strcpy(s->host, host);
-    s->port = port;
+    if (ddp__store_target(s, host, port, timeout_s, err, errlen) != 0) return -1;
     if (ddp__store_set_hello(s, ident, secret, secret_len, err, errlen) != 0) return -1;
     return ddp__store_open(s, DDP__STORE_PROTO_V1, timeout_s, err, errlen);
 }

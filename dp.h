@@ -440,24 +440,6 @@ static ddp_result dp__broadcast_cmd(dp_context *dp, int cmd, const char *what) {
     return cmd != DP__CMD_CREATE ? dp__break(dp, dp->w[first].result) : dp->w[first].result;
 }
 
-static int dp__free_port(void) {
-    struct sockaddr_in a;
-    socklen_t len = sizeof a;
-    int fd, port = 0;
-    if (ddp__net_start() != 0) return 0;
-    fd = ddp__sock_open(AF_INET, SOCK_STREAM, 0);
-    if (fd >= 0) {
-        memset(&a, 0, sizeof a);
-        a.sin_family = AF_INET;
-        a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-        if (ddp__sock_bind(fd, (struct sockaddr *)&a, sizeof a) == 0 && ddp__sock_name(fd, (struct sockaddr *)&a, &len) == 0)
-            port = ntohs(a.sin_port);
-        ddp__sock_close(fd);
-    }
-    ddp__net_stop();
-    return port;
-}
-
 DP_API ddp_result dp_create(const dp_config *config, dp_context **out) {
     dp_context *dp;
     int i, gpus = 0;
@@ -503,7 +485,7 @@ DP_API ddp_result dp_create(const dp_config *config, dp_context **out) {
         if (ddp__sys_random(rnd, sizeof rnd) != 0) { free(dp); return ddp__fail(NULL, DDP_ERROR_SYSTEM, "dp_create: cannot read random bytes"); }
         ddp__hex(rnd, sizeof rnd, dp->secret);
     }
-    dp->port = dp__free_port();
+    dp->port = ddp__free_loopback_port();
     if (!dp->port) { free(dp); return ddp__fail(NULL, DDP_ERROR_NETWORK, "dp_create: no free TCP port on 127.0.0.1 for the replicas' rendezvous"); }
     ddp__mutex_init(&dp->mu);
     ddp__cond_init(&dp->cv_cmd);
