@@ -63,20 +63,6 @@ static void path_in(char *out, size_t cap, const char *dir, const char *name) {
 #endif
 }
 
-static char *slurp(const char *path) {
-    FILE *f = fopen(path, "rb");
-    char *s;
-    long n;
-    if (!f) return NULL;
-    fseek(f, 0, SEEK_END);
-    n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    s = (char *)malloc((size_t)n + 1);
-    n = (long)fread(s, 1, (size_t)n, f);
-    s[n] = 0;
-    fclose(f);
-    return s;
-}
 
 /* The last phase a rank wrote at or before time t ("" if none). */
 static void phase_at(const char *dir, int r, double t, char *out, size_t cap) {
@@ -254,7 +240,7 @@ static int trial(int i, stats *st) {
             char *s, name[32];
             snprintf(name, sizeof name, "pid.%d", r);
             path_in(path, sizeof path, dir, name);
-            s = slurp(path);
+            s = t_slurp(path);
             if (s) { pids[r] = atoi(s); free(s); }
             else sleep_s(0.002);
         }
@@ -300,7 +286,7 @@ static int trial(int i, stats *st) {
     if (with_ddprun) {
         char *err;
         path_in(path, sizeof path, dir, "ddprun.err");
-        err = slurp(path);
+        err = t_slurp(path);
         if (exited_ok(&launcher)) {
             if (strcmp(ph, "done") != 0 && strcmp(ph, "save") != 0)
                 bad += fail_line("trial %d: ddprun exited 0 although rank %d was killed in phase '%s'", i, victim, ph);
@@ -327,7 +313,7 @@ static int trial(int i, stats *st) {
             if (r == victim) continue;
             snprintf(name, sizeof name, "err.%d", r);
             path_in(path, sizeof path, dir, name);
-            err = slurp(path);
+            err = t_slurp(path);
             snprintf(want, sizeof want, "rank %d", victim);
             phase_at(dir, r, 1e300, rph, sizeof rph);
             if (exited_ok(&direct[r])) {
@@ -367,7 +353,7 @@ static int trial(int i, stats *st) {
             path_in(ve, sizeof ve, dir, "verify.err");
             if (t_run_capture(argv, vo, ve, 60, &vs) != 0) vs = -1;
             if (vs != 0) {
-                char *v = slurp(ve);
+                char *v = t_slurp(ve);
                 bad += fail_line("trial %d: the checkpoint is not a complete saved state (%d): %s", i, vs, v ? v : "");
                 free(v);
             } else if (had_tmp) {

@@ -143,18 +143,7 @@ int main(void) {
     if (g_world < 2) { printf("test_agree needs 2 or more ranks\n"); return 77; }
     t_unsetenv("DDP_ZERO_STAGE");
     t_unsetenv("DDP_DEBUG");
-    {
-        ddp_config c;
-        memset(&c, 0, sizeof c);
-        c.debug = DDP_DEBUG_OFF;
-        c.connect_timeout_s = 60;
-        if (ddp_create(&c, &g_control) != DDP_SUCCESS) { fprintf(stderr, "ddp_create: %s\n", ddp_create_error()); exit(2); }
-        {
-            double port = g_rank == 0 ? (double)t_free_port() : 0.0;
-            if (ddp_broadcast(g_control, &port, 1, DDP_F64, 0) != DDP_SUCCESS) { fprintf(stderr, "port broadcast: %s\n", ddp_last_error(g_control)); exit(2); }
-            g_case_port = (int)port;
-        }
-    }
+    g_control = t_control_context(&g_case_port);
     equal();
     mismatch("zero_stage", d_zero, NULL, NULL, 0, "config.zero_stage", "0", "1");
     mismatch("DDP_ZERO_STAGE", NULL, "DDP_ZERO_STAGE", "1", 0, "DDP_ZERO_STAGE", "0", "1");

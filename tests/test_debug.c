@@ -213,18 +213,7 @@ int main(int argc, char **argv) {
     if (argc != 2 || (strcmp(argv[1], "detail") && strcmp(argv[1], "off"))) { fprintf(stderr, "usage: test_debug detail|off\n"); return 2; }
     g_detail = !strcmp(argv[1], "detail");
     if (g_world < 2) { printf("test_debug needs 2 or more ranks\n"); return 77; }
-    {
-        ddp_config c;
-        memset(&c, 0, sizeof c);
-        c.debug = DDP_DEBUG_OFF;
-        c.connect_timeout_s = 60;
-        if (ddp_create(&c, &g_control) != DDP_SUCCESS) { fprintf(stderr, "ddp_create: %s\n", ddp_create_error()); exit(2); }
-        {
-            double port = g_rank == 0 ? (double)t_free_port() : 0.0;
-            if (ddp_broadcast(g_control, &port, 1, DDP_F64, 0) != DDP_SUCCESS) { fprintf(stderr, "port broadcast: %s\n", ddp_last_error(g_control)); exit(2); }
-            g_case_port = (int)port;
-        }
-    }
+    g_control = t_control_context(&g_case_port);
     if (g_detail) case_skipped(0);
     if (g_detail) case_propagate();
     case_kinds();

@@ -11,20 +11,6 @@
 #include "../ddp.h"
 #include "testing.h"
 
-/* Under AddressSanitizer a process's memory includes the sanitizer's
-   quarantine of freed blocks and its shadow: the resident-size checks then
-   say nothing about the library, and only the store's own count is held to
-   its cap. */
-#if defined(__SANITIZE_ADDRESS__)
-#  define UNDER_ASAN 1
-#elif defined(__has_feature)
-#  if __has_feature(address_sanitizer)
-#    define UNDER_ASAN 1
-#  endif
-#endif
-#ifndef UNDER_ASAN
-#  define UNDER_ASAN 0
-#endif
 #include <sys/wait.h>
 
 #define SECRET "hostile-test-secret-0123456789abcdef"
@@ -51,26 +37,6 @@ static int raw_connect(int port) {
     a.sin_port = htons((uint16_t)port);
     if (connect(fd, (struct sockaddr *)&a, sizeof a) != 0) { close(fd); return -1; }
     return fd;
-}
-
-static void raw_send(int fd, const void *p, size_t n) {
-    const unsigned char *b = (const unsigned char *)p;
-    while (n > 0) {
-        ssize_t w = send(fd, b, n, MSG_NOSIGNAL);
-        if (w <= 0) return;
-        b += w;
-        n -= (size_t)w;
-    }
-}
-
-static void send_set(int fd, const char *key, uint64_t vlen, const void *val, size_t n) {
-    unsigned char op = 0;
-    uint64_t kl = strlen(key);
-    raw_send(fd, &op, 1);
-    raw_send(fd, &kl, 8);
-    raw_send(fd, key, kl);
-    raw_send(fd, &vlen, 8);
-    if (val) raw_send(fd, val, n);
 }
 
 static void touch(const char *path) { FILE *f = fopen(path, "w"); if (f) fclose(f); }
@@ -212,19 +178,10 @@ static void run_job(const job *j, int *codes, void (*attack)(const job *), doubl
     }
 }
 
+/* a file's text, "" when it is missing */
 static char *slurp(const char *path) {
-    FILE *f = fopen(path, "rb");
-    char *s;
-    long n;
-    if (!f) return calloc(1, 1);
-    fseek(f, 0, SEEK_END);
-    n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    s = (char *)malloc((size_t)n + 1);
-    n = (long)fread(s, 1, (size_t)n, f);
-    s[n] = 0;
-    fclose(f);
-    return s;
+    char *s = t_slurp(path);
+    return s ? s : (char *)calloc(1, 1);
 }
 
 static char *rank_file(const job *j, const char *what, int r) {
@@ -272,27 +229,27 @@ static void flood(const job *j) {
         }
     }
     /* garbage, a huge length, truncated requests, a slow writer */
-    fd = raw_connect(j->port); g[0] = 0xEE; raw_send(fd, g, sizeof g); close(fd);
-    fd = raw_connect(j->port); send_set(fd, "junk/huge", (uint64_t)1 << 62, NULL, 0); close(fd);
-    for (i = 0; i < 10; i++) { fd = raw_connect(j->port); send_set(fd, "junk/t", 1000, big, (size_t)i * 30); close(fd); }
+    fd = raw_connect(j->port); g[0] = 0xEE; t_raw_send(fd, g, sizeof g); close(fd);
+    fd = raw_connect(j->port); t_send_set(fd, "junk/huge", (uint64_t)1 << 62, NULL, 0); close(fd);
+    for (i = 0; i < 10; i++) { fd = raw_connect(j->port); t_send_set(fd, "junk/t", 1000, big, (size_t)i * 30); close(fd); }
     idle_fds[nidle++] = raw_connect(j->port);
-    send_set(idle_fds[nidle - 1], "junk/slow", 100, "s", 1);
+    t_send_set(idle_fds[nidle - 1], "junk/slow", 100, "s", 1);
     /* hello-less requests: without a secret a bare TCPStore client is served
        (torch's own keys would look like this); with one, it is dropped */
     for (n = 0; n < 4; n++) {
         unsigned char q = 2;
         uint64_t kl = 10;
         fd = raw_connect(j->port);
-        send_set(fd, "junk/big/0", (uint64_t)1 << 20, big, (size_t)1 << 20);
-        for (i = 0; i < 150; i++) { raw_send(fd, &q, 1); raw_send(fd, &kl, 8); raw_send(fd, "junk/big/0", 10); }
+        t_send_set(fd, "junk/big/0", (uint64_t)1 << 20, big, (size_t)1 << 20);
+        for (i = 0; i < 150; i++) { t_raw_send(fd, &q, 1); t_raw_send(fd, &kl, 8); t_raw_send(fd, "junk/big/0", 10); }
         idle_fds[nidle++] = fd; /* never read */
     }
     for (n = 0; n < 8; n++) { /* values that would pass the memory cap */
         char key[32];
         fd = raw_connect(j->port);
         snprintf(key, sizeof key, "junk/m%d", n);
-        send_set(fd, key, (uint64_t)12 << 20, NULL, 0);
-        for (i = 0; i < 12; i++) raw_send(fd, big, (size_t)1 << 20);
+        t_send_set(fd, key, (uint64_t)12 << 20, NULL, 0);
+        for (i = 0; i < 12; i++) t_raw_send(fd, big, (size_t)1 << 20);
         idle_fds[nidle++] = fd;
     }
     /* and hundreds of connections that say nothing, left open */

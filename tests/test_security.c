@@ -12,20 +12,6 @@
 #include "../ddp.h"
 #include "testing.h"
 
-/* Under AddressSanitizer a process's memory includes the sanitizer's
-   quarantine of freed blocks and its shadow: the resident-size checks then
-   say nothing about the library, and only the store's own count is held to
-   its cap. */
-#if defined(__SANITIZE_ADDRESS__)
-#  define UNDER_ASAN 1
-#elif defined(__has_feature)
-#  if __has_feature(address_sanitizer)
-#    define UNDER_ASAN 1
-#  endif
-#endif
-#ifndef UNDER_ASAN
-#  define UNDER_ASAN 0
-#endif
 #if defined(_WIN32)
 #  include <psapi.h>
 #endif
@@ -112,16 +98,6 @@ static int raw_connect(int port) {
 }
 
 static void raw_close(int fd) { if (fd >= 0) ddp__sock_close(fd); }
-
-static void raw_send(int fd, const void *p, size_t n) {
-    const unsigned char *b = (const unsigned char *)p;
-    while (n > 0 && fd >= 0) {
-        ddp__ssize w = ddp__sock_send(fd, b, n, DDP__SOCK_NOSIGNAL);
-        if (w <= 0) return;
-        b += w;
-        n -= (size_t)w;
-    }
-}
 
 /* What is there to read on fd within ms (-1 none, 0 closed, > 0 bytes). */
 static long raw_recv(int fd, void *buf, size_t n, int ms) {
@@ -337,7 +313,7 @@ static void test_secret(void) {
     fd = raw_connect(ddp__store_server_port(sv));
     {   /* V1 GETNUMKEYS, then a SET */
         unsigned char q = 6;
-        raw_send(fd, &q, 1);
+        t_raw_send(fd, &q, 1);
     }
     CHECK(closed_within(fd, 2.0), "dropped");
     raw_close(fd);
@@ -384,7 +360,7 @@ static void test_secret(void) {
             memcpy(reply + 5, &z, 4);
             memcpy(reply + 9, &z, 4);
             memset(reply + 13, 0x5a, 64);
-            raw_send(afd, reply, 13 + 64);
+            t_raw_send(afd, reply, 13 + 64);
             CHECK(ddp__store_hello(&st, cfd, ddp__now() + 2, &again, err, sizeof err) != 0, "a store that cannot prove the secret is refused");
             CHECK(strstr(err, "does not know this rank's job secret") != NULL, "message: %s", err);
         }
@@ -612,16 +588,6 @@ static int legit_roundtrip(ddp__store_server *sv, const char *secret, const char
     return ok;
 }
 
-static void send_set(int fd, const char *key, uint64_t vlen, const void *val, size_t send_bytes) {
-    unsigned char op = 0;
-    uint64_t kl = strlen(key);
-    raw_send(fd, &op, 1);
-    raw_send(fd, &kl, 8);
-    raw_send(fd, key, kl);
-    raw_send(fd, &vlen, 8);
-    if (val) raw_send(fd, val, send_bytes);
-}
-
 static void test_limits(void) {
     size_t cap = (size_t)64 << 20;
     ddp__store_server *sv = start_store(NULL, "j", 2, cap, 0.5, 0.5);
@@ -633,21 +599,21 @@ static void test_limits(void) {
 
     TEST("limits: a value over the cap");
     fds[0] = raw_connect(port);
-    send_set(fds[0], "ddp/9/huge", (uint64_t)DDP__STORE_MAX_VALUE_LEN + 1, NULL, 0);
+    t_send_set(fds[0], "ddp/9/huge", (uint64_t)DDP__STORE_MAX_VALUE_LEN + 1, NULL, 0);
     CHECK(closed_within(fds[0], 2.0), "dropped at once");
     raw_close(fds[0]);
 
     TEST("limits: a huge length field");
     fds[0] = raw_connect(port);
-    send_set(fds[0], "ddp/9/x", (uint64_t)1 << 62, NULL, 0);
+    t_send_set(fds[0], "ddp/9/x", (uint64_t)1 << 62, NULL, 0);
     CHECK(closed_within(fds[0], 2.0), "dropped");
     raw_close(fds[0]);
     fds[0] = raw_connect(port);
     {
         unsigned char q = 0;
         uint64_t kl = (uint64_t)1 << 40;
-        raw_send(fds[0], &q, 1);
-        raw_send(fds[0], &kl, 8);
+        t_raw_send(fds[0], &q, 1);
+        t_raw_send(fds[0], &kl, 8);
     }
     CHECK(closed_within(fds[0], 2.0), "a huge key length: dropped");
     raw_close(fds[0]);
@@ -659,7 +625,7 @@ static void test_limits(void) {
         unsigned s = 12345;
         for (i = 0; i < 4096; i++) { s = s * 1103515245u + 12345u; g[i] = (unsigned char)(s >> 16); }
         g[0] = 0xEE;
-        raw_send(fds[0], g, sizeof g);
+        t_raw_send(fds[0], g, sizeof g);
     }
     CHECK(closed_within(fds[0], 2.0), "dropped");
     raw_close(fds[0]);
@@ -667,7 +633,7 @@ static void test_limits(void) {
     TEST("limits: truncated requests");
     for (i = 0; i < 20; i++) {
         fds[0] = raw_connect(port);
-        send_set(fds[0], "ddp/9/t", 1000, big, (size_t)(i * 40));
+        t_send_set(fds[0], "ddp/9/t", 1000, big, (size_t)(i * 40));
         raw_close(fds[0]);
     }
     ddp__sleep_us(100000);
@@ -684,7 +650,7 @@ static void test_limits(void) {
         ddp__store_set(&st, "ddp/9/big", big, (size_t)1 << 20, err, sizeof err);
         ddp__store_close(&st);
         fds[0] = raw_connect(port);
-        for (i = 0; i < 300; i++) { raw_send(fds[0], &q, 1); raw_send(fds[0], &kl, 8); raw_send(fds[0], "ddp/9/big", 9); }
+        for (i = 0; i < 300; i++) { t_raw_send(fds[0], &q, 1); t_raw_send(fds[0], &kl, 8); t_raw_send(fds[0], "ddp/9/big", 9); }
         /* read nothing for a second: the server must drop us, not buffer 300 MiB */
         for (i = 0; i < 50; i++) {
             long r = rss_kib();
@@ -702,8 +668,8 @@ static void test_limits(void) {
         char key[32];
         fds[i] = raw_connect(port);
         snprintf(key, sizeof key, "ddp/9/m%d", i);
-        send_set(fds[i], key, (uint64_t)8 << 20, NULL, 0);
-        for (n = 0; n < 8; n++) raw_send(fds[i], big, (size_t)1 << 20);
+        t_send_set(fds[i], key, (uint64_t)8 << 20, NULL, 0);
+        for (n = 0; n < 8; n++) t_raw_send(fds[i], big, (size_t)1 << 20);
     }
     ddp__sleep_us(300000);
     {
@@ -720,15 +686,15 @@ static void test_limits(void) {
         uint64_t cnt = 1024, kl = 4000;
         int k;
         fds[i] = raw_connect(port);
-        raw_send(fds[i], &q, 1);
-        raw_send(fds[i], &cnt, 8);
+        t_raw_send(fds[i], &q, 1);
+        t_raw_send(fds[i], &cnt, 8);
         for (k = 0; k < 1024; k++) {
             char key[4000];
             memset(key, 'w', sizeof key);
             snprintf(key, 32, "ddp/9/w%d/%d", i, k);
             key[strlen(key)] = 'w';
-            raw_send(fds[i], &kl, 8);
-            raw_send(fds[i], key, kl);
+            t_raw_send(fds[i], &kl, 8);
+            t_raw_send(fds[i], key, kl);
         }
     }
     ddp__sleep_us(300000);
@@ -742,8 +708,8 @@ static void test_limits(void) {
     TEST("limits: a slow writer");
     fds[0] = raw_connect(port);
     t0 = ddp__now();
-    send_set(fds[0], "ddp/9/slow", 100, NULL, 0);
-    for (i = 0; i < 40 && !closed_within(fds[0], 0.05); i++) raw_send(fds[0], "s", 1);
+    t_send_set(fds[0], "ddp/9/slow", 100, NULL, 0);
+    for (i = 0; i < 40 && !closed_within(fds[0], 0.05); i++) t_raw_send(fds[0], "s", 1);
     CHECK(ddp__now() - t0 < 1.6, "dropped %.2f s after its request started (slow timeout 0.5 s)", ddp__now() - t0);
     raw_close(fds[0]);
 
@@ -764,7 +730,7 @@ static void test_limits(void) {
     sv = start_store(SECRET, "j", 2, cap, 0, 0);
     port = ddp__store_server_port(sv);
     for (i = 0; i < 60; i++) fds[i] = raw_connect(port);
-    for (i = 60; i < 120; i++) { fds[i] = raw_connect(port); send_set(fds[i], "ddp/9/p", 1000, big, 10); }
+    for (i = 60; i < 120; i++) { fds[i] = raw_connect(port); t_send_set(fds[i], "ddp/9/p", 1000, big, 10); }
     CHECK(legit_roundtrip(sv, SECRET, "ddp/1/while-attacked"), "a rank with the secret is served");
     t0 = ddp__now();
     ddp__store_server_stop(sv);

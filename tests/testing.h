@@ -22,9 +22,39 @@
 #  define T_UNUSED
 #endif
 
+/* UNDER_ASAN: 1 in an AddressSanitizer build, where a process's memory
+   includes the sanitizer's quarantine of freed blocks and its shadow:
+   resident-size checks then say nothing about the library. */
+#if defined(__SANITIZE_ADDRESS__)
+#  define UNDER_ASAN 1
+#elif defined(__has_feature)
+#  if __has_feature(address_sanitizer)
+#    define UNDER_ASAN 1
+#  endif
+#endif
+#ifndef UNDER_ASAN
+#  define UNDER_ASAN 0
+#endif
+
 /* (unused in the programs that only borrow the helpers below, as tests/fault.c) */
 T_UNUSED static int t_pass = 0, t_fail = 0;
 T_UNUSED static const char *t_name = "";
+
+/* A file's bytes with a 0 after them (malloc'd), NULL when it cannot be opened. */
+T_UNUSED static char *t_slurp(const char *path) {
+    FILE *f = fopen(path, "rb");
+    char *s;
+    long n;
+    if (!f) return NULL;
+    fseek(f, 0, SEEK_END);
+    n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    s = (char *)malloc((size_t)n + 1);
+    n = s ? (long)fread(s, 1, (size_t)n, f) : 0;
+    fclose(f);
+    if (s) s[n] = 0;
+    return s;
+}
 
 #define CHECK(cond, ...) do { \
     if (cond) t_pass++; \
@@ -148,20 +178,52 @@ T_UNUSED static int t_remove_dir(const char *dir, const char *const *names) {
 }
 
 #if defined(DDP_IMPLEMENTATION)
-/* A free TCP port on the loopback interface (0 if none), through the library's socket
-   vocabulary (only where the implementation is compiled in; the socket
-   layer is ready once a context exists, or on POSIX always). */
-T_UNUSED static int t_free_port(void) {
-    struct sockaddr_in a;
-    socklen_t len = sizeof a;
-    int fd = ddp__sock_open(AF_INET, SOCK_STREAM, 0), port = 0;
-    memset(&a, 0, sizeof a);
-    a.sin_family = AF_INET;
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    if (ddp__sock_bind(fd, (struct sockaddr *)&a, sizeof a) == 0 && ddp__sock_name(fd, (struct sockaddr *)&a, &len) == 0)
-        port = ntohs(a.sin_port);
-    ddp__sock_close(fd);
-    return port;
+/* A free TCP port on the loopback interface (0 if none): the library's
+   (only where the implementation is compiled in). */
+T_UNUSED static int t_free_port(void) { return ddp__free_loopback_port(); }
+
+/* Raw bytes to a socket, for the suites that speak the store's wire
+   protocol by hand (test_security, test_hostile): all of them, or up to
+   the first error (fd < 0: nothing). */
+T_UNUSED static void t_raw_send(int fd, const void *p, size_t n) {
+    const unsigned char *b = (const unsigned char *)p;
+    while (n > 0 && fd >= 0) {
+        ddp__ssize w = ddp__sock_send(fd, b, n, DDP__SOCK_NOSIGNAL);
+        if (w <= 0) return;
+        b += w;
+        n -= (size_t)w;
+    }
+}
+
+/* A SET request whose value length field says vlen, followed by send_bytes
+   of val (fewer than vlen: a request cut short). */
+T_UNUSED static void t_send_set(int fd, const char *key, uint64_t vlen, const void *val, size_t send_bytes) {
+    unsigned char op = 0;
+    uint64_t kl = strlen(key);
+    t_raw_send(fd, &op, 1);
+    t_raw_send(fd, &kl, 8);
+    t_raw_send(fd, key, kl);
+    t_raw_send(fd, &vlen, 8);
+    if (val) t_raw_send(fd, val, send_bytes);
+}
+
+/* The suites of per-case contexts (test_debug, test_agree): a control
+   context on MASTER_PORT that is never mismatched (the barrier between the
+   cases), and the cases' port: a free one rank 0 took and broadcast on it
+   (not MASTER_PORT + 1, which a client socket may hold as its local port).
+   Exits 2 when either fails. */
+T_UNUSED static ddp_context *t_control_context(int *case_port) {
+    ddp_config c;
+    ddp_context *ctl = NULL;
+    double port;
+    memset(&c, 0, sizeof c);
+    c.debug = DDP_DEBUG_OFF;
+    c.connect_timeout_s = 60;
+    if (ddp_create(&c, &ctl) != DDP_SUCCESS) { fprintf(stderr, "ddp_create: %s\n", ddp_create_error()); exit(2); }
+    port = ddp_rank(ctl) == 0 ? (double)t_free_port() : 0.0;
+    if (ddp_broadcast(ctl, &port, 1, DDP_F64, 0) != DDP_SUCCESS) { fprintf(stderr, "port broadcast: %s\n", ddp_last_error(ctl)); exit(2); }
+    *case_port = (int)port;
+    return ctl;
 }
 #endif
 
